@@ -1,0 +1,289 @@
+// The compiled ops `fused_rnn::layer_forward` and `fused_rnn::layer_backward`: argument checks, the
+// once-per-sequence GEMMs (input projection, weight and input gradients) and the hand-off to the
+// device's step loop. Nothing here depends on the device beyond choosing the loop.
+#include "layer.h"
+
+#include <torch/library.h>
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+int64_t gates_of(CellKind cell) {
+  switch (cell) {
+    case CellKind::LSTM: return LSTMCell<float>::kGates;
+    case CellKind::GRU: return GRUCell<float>::kGates;
+    default: return RNNTanhCell<float>::kGates;
+  }
+}
+
+int64_t saved_per_unit_of(CellKind cell) {
+  switch (cell) {
+    case CellKind::LSTM: return LSTMCell<float>::kSaved;
+    case CellKind::GRU: return GRUCell<float>::kSaved;
+    default: return RNNTanhCell<float>::kSaved;
+  }
+}
+
+bool is_low_precision(const Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+// The CPU path computes half types in float32, as torch.nn's CPU path does.
+bool compute_in_float(const Tensor& x) { return x.device().is_cpu() && is_low_precision(x); }
+
+Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+optional<Tensor> to_float(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? optional<Tensor>(t->to(at::kFloat)) : t;
+}
+Tensor to_type(const Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
+
+Tensor contiguous_or_undefined(const optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+}
+
+void check_matrix(const Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fused_rnn: ", name,
+              " must have shape [", rows, ", ", cols, "], got ", t.sizes());
+}
+
+void check_same_kind(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "fused_rnn: ", name, " has dtype ", t.scalar_type(),
+              " but the input has dtype ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "fused_rnn: ", name, " is on ", t.device(),
+              " but the input is on ", x.device());
+}
+
+LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& w_ih,
+                            const Tensor& w_hh, const optional<Tensor>& w_hr) {
+  TORCH_CHECK(cell >= 0 && cell <= 3, "fused_rnn: unknown cell kind ", cell);
+  LayerShape s;
+  s.cell = static_cast<CellKind>(cell);
+  TORCH_CHECK(x.dim() == 2, "fused_rnn: the layer input must be 2-D [rows, input_size], got ", x.dim(), "-D");
+  TORCH_CHECK(x.is_floating_point() || x.is_complex(),
+              "fused_rnn: the input must be a floating point or complex tensor, got ", x.scalar_type());
+  TORCH_CHECK(!(x.is_complex() && s.cell == CellKind::RNN_RELU),
+              "fused_rnn: nonlinearity 'relu' is not defined for complex inputs");
+  s.N = x.size(0);
+  s.I = x.size(1);
+  s.gates = gates_of(s.cell);
+  s.saved_per_unit = saved_per_unit_of(s.cell);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % s.gates == 0,
+              "fused_rnn: weight_ih must be 2-D with a multiple of ", s.gates, " rows, got ", w_ih.sizes());
+  s.H = w_ih.size(0) / s.gates;
+  s.proj = w_hr.has_value() && w_hr->defined();
+  TORCH_CHECK(!s.proj || s.cell == CellKind::LSTM, "fused_rnn: only LSTM has a projection (weight_hr)");
+  s.P = s.proj ? w_hr->size(0) : s.H;
+  check_matrix(w_ih, "weight_ih", s.gates * s.H, s.I);
+  check_matrix(w_hh, "weight_hh", s.gates * s.H, s.P);
+  check_same_kind(w_ih, x, "weight_ih");
+  check_same_kind(w_hh, x, "weight_hh");
+  if (s.proj) {
+    check_matrix(*w_hr, "weight_hr", s.P, s.H);
+    check_same_kind(*w_hr, x, "weight_hr");
+  }
+
+  s.T = static_cast<int64_t>(batch_sizes.size());
+  s.B = s.T > 0 ? batch_sizes[0] : 0;
+  s.batch_sizes.assign(batch_sizes.begin(), batch_sizes.end());
+  s.offsets.resize(s.T);
+  int64_t rows = 0;
+  for (int64_t t = 0; t < s.T; ++t) {
+    const int64_t n = batch_sizes[t];
+    TORCH_CHECK(n >= 0 && (t == 0 || n <= batch_sizes[t - 1]),
+                "fused_rnn: batch_sizes must be non-negative and non-increasing, got ", batch_sizes);
+    s.offsets[t] = rows;
+    rows += n;
+  }
+  TORCH_CHECK(rows == s.N, "fused_rnn: batch_sizes sum to ", rows, " but the input has ", s.N, " rows");
+  return s;
+}
+
+}  // namespace
+
+LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,
+                          const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                          const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+                          const optional<Tensor>& w_hr) {
+  LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr);
+  check_matrix(h0, "h0", s.B, s.P);
+  check_same_kind(h0, x, "h0");
+  if (s.cell == CellKind::LSTM) {
+    TORCH_CHECK(c0.has_value() && c0->defined(), "fused_rnn: LSTM needs the initial cell state c0");
+    check_matrix(*c0, "c0", s.B, s.H);
+    check_same_kind(*c0, x, "c0");
+  }
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (b->has_value() && (*b)->defined()) {
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == s.gates * s.H, "fused_rnn: biases must have shape [",
+                  s.gates * s.H, "], got ", (*b)->sizes());
+      check_same_kind(**b, x, "bias");
+    }
+  }
+  return s;
+}
+
+namespace {
+
+// x·W_ihᵀ plus every bias that only adds: both biases, except GRU's b_hn (it is scaled by r).
+Tensor input_projection(const LayerShape& s, const Tensor& x, const Tensor& w_ih, const Tensor& b_ih,
+                        const Tensor& b_hh) {
+  Tensor bias;
+  if (b_ih.defined()) bias = b_ih.clone();
+  if (b_hh.defined()) {
+    const int64_t additive = s.cell == CellKind::GRU ? 2 * s.H : s.gates * s.H;
+    if (!bias.defined()) bias = at::zeros({s.gates * s.H}, x.options());
+    bias.narrow(0, 0, additive).add_(b_hh.narrow(0, 0, additive));
+  }
+  return bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_impl(
+    int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+    const optional<Tensor>& c0, const Tensor& w_ih_in, const Tensor& w_hh_in, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, bool need_saved) {
+  LayerShape s = describe_layer(cell, x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr);
+  const Tensor x = x_in.contiguous();
+  const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
+  const Tensor w_proj = contiguous_or_undefined(w_hr);
+
+  const Tensor gx = input_projection(s, x, w_ih, bias_ih, bias_hh);
+  const Tensor b_hn = s.cell == CellKind::GRU && bias_hh.defined() ? bias_hh.narrow(0, 2 * s.H, s.H) : Tensor();
+  Tensor y = at::empty({s.N, s.P}, x.options());
+  Tensor h = h0.contiguous().clone();
+  Tensor c = s.cell == CellKind::LSTM ? c0->contiguous().clone() : Tensor();
+  Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, x.options()) : Tensor();
+
+  if (x.is_cuda()) {
+#ifdef FUSED_RNN_WITH_CUDA
+    forward_loop_cuda(s, reverse, gx, w_hh, b_hn, w_proj, y, h, c, saved);
+#else
+    TORCH_CHECK(false, "fused_rnn was built without CUDA");
+#endif
+  } else {
+    forward_loop_cpu(s, reverse, gx, w_hh, b_hn, w_proj, y, h, c, saved);
+  }
+  if (!c.defined()) c = at::empty({0}, x.options());
+  if (!saved.defined()) saved = at::empty({0}, x.options());
+  return {y, h, c, saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
+    int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+    const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, bool need_saved) {
+  if (!compute_in_float(x)) {
+    return layer_forward_impl(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
+  }
+  // Check in the caller's dtypes first, so that a mismatch is reported as such.
+  describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  auto [y, h, c, saved] = layer_forward_impl(cell, to_float(x), batch_sizes, reverse, to_float(h0), to_float(c0),
+                                             to_float(w_ih), to_float(w_hh), to_float(b_ih), to_float(b_hh),
+                                             to_float(w_hr), need_saved);
+  const auto type = x.scalar_type();
+  return {y.to(type), h.to(type), c.to(type), saved};  // saved stays in float32 for backward
+}
+
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse,
+                          const Tensor& w_ih_in, const Tensor& w_hh_in, const optional<Tensor>& w_hr,
+                          bool has_bias, const Tensor& saved_in, const optional<Tensor>& dy_in,
+                          const optional<Tensor>& dh_n, const optional<Tensor>& dc_n, bool need_input_grad) {
+  LayerShape s = describe_weights(cell, x_in, batch_sizes, w_ih_in, w_hh_in, w_hr);
+  check_matrix(saved_in, "saved", s.N, s.saved_cols());
+  const Tensor x = x_in.contiguous(), saved = saved_in.contiguous();
+  const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor w_proj = contiguous_or_undefined(w_hr);
+  const auto opts = x.options();
+
+  Tensor dy = contiguous_or_undefined(dy_in);
+  if (dy.defined()) check_matrix(dy, "grad_output", s.N, s.P);
+  Tensor dh = dh_n.has_value() && dh_n->defined() ? dh_n->contiguous().clone() : at::zeros({s.B, s.P}, opts);
+  check_matrix(dh, "grad_h_n", s.B, s.P);
+  Tensor dc;
+  if (s.cell == CellKind::LSTM) {
+    dc = dc_n.has_value() && dc_n->defined() ? dc_n->contiguous().clone() : at::zeros({s.B, s.H}, opts);
+    check_matrix(dc, "grad_c_n", s.B, s.H);
+  }
+  const int64_t GH = s.gates * s.H;
+  Tensor dgx = at::empty({s.N, GH}, opts);
+  Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
+  Tensor dh_total = s.proj ? at::empty({s.N, s.P}, opts) : Tensor();
+  // resolve_conj makes a real copy for complex types and is free for real ones.
+  const Tensor w_hh_conj = w_hh.conj().resolve_conj();
+  const Tensor w_proj_conj = s.proj ? w_proj.conj().resolve_conj() : Tensor();
+
+  if (x.is_cuda()) {
+#ifdef FUSED_RNN_WITH_CUDA
+    backward_loop_cuda(s, reverse, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dgx, dgh, dh_total);
+#else
+    TORCH_CHECK(false, "fused_rnn was built without CUDA");
+#endif
+  } else {
+    backward_loop_cpu(s, reverse, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dgx, dgh, dh_total);
+  }
+
+  // The once-per-sequence GEMMs and sums; plain reductions, so results are reproducible.
+  const Tensor h_prev = saved.narrow(1, s.hprev_col(), s.P);
+  Tensor dx = need_input_grad ? at::mm(dgx, w_ih.conj()) : Tensor();
+  Tensor dw_ih = at::mm(dgx.t(), x.conj());
+  Tensor dw_hh = at::mm(dgh.t(), h_prev.conj());
+  Tensor db_ih, db_hh;
+  if (has_bias) {
+    db_ih = dgx.sum(0);
+    db_hh = s.cell == CellKind::GRU ? dgh.sum(0) : db_ih.clone();
+  }
+  Tensor dw_hr;
+  if (s.proj) dw_hr = at::mm(dh_total.t(), saved.narrow(1, s.proj_input_col(), s.H).conj());
+  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& w_ih,
+                     const Tensor& w_hh, const optional<Tensor>& w_hr, bool has_bias, const Tensor& saved,
+                     const optional<Tensor>& dy, const optional<Tensor>& dh_n, const optional<Tensor>& dc_n,
+                     bool need_input_grad) {
+  if (!compute_in_float(x)) {
+    return layer_backward_impl(cell, x, batch_sizes, reverse, w_ih, w_hh, w_hr, has_bias, saved, dy, dh_n, dc_n,
+                               need_input_grad);
+  }
+  Grads g = layer_backward_impl(cell, to_float(x), batch_sizes, reverse, to_float(w_ih), to_float(w_hh),
+                                to_float(w_hr), has_bias, saved, to_float(dy), to_float(dh_n), to_float(dc_n),
+                                need_input_grad);
+  const auto type = x.scalar_type();
+  auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] = g;
+  return {to_type(dx, type), to_type(dh, type), to_type(dc, type), to_type(dw_ih, type),
+          to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(fused_rnn, m) {
+  m.def(
+      "layer_forward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool need_saved) "
+      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor saved)");
+  m.def(
+      "layer_backward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor w_ih, Tensor w_hh, "
+      "Tensor? w_hr, bool has_bias, Tensor saved, Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
+      "bool need_input_grad) "
+      "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");  // undefined where not applicable
+}
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("layer_forward", &layer_forward);
+  m.impl("layer_backward", &layer_backward);
+}
+
+#ifdef FUSED_RNN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fused_rnn, CUDA, m) {
+  m.impl("layer_forward", &layer_forward);
+  m.impl("layer_backward", &layer_backward);
+}
+#endif
+
+}  // namespace fused_rnn

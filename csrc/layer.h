@@ -1,0 +1,77 @@
+// One layer, one direction of a recurrent network over a whole (possibly packed) sequence.
+//
+// Every sequence is handled in packed layout: `x` is [N, I] and `batch_sizes[t]` rows of it belong
+// to step t, so step t works on rows [offset_t, offset_t + batch_sizes[t]) and on the first
+// batch_sizes[t] rows of the state. A padded [T, B, I] input is the special case batch_sizes = B
+// everywhere. The reverse direction walks t downwards, so a sequence starts at its own last step.
+//
+// This header is what the device-independent op code (layer.cpp) needs from the device loops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "cells.h"
+
+namespace fused_rnn {
+
+struct LayerShape {
+  CellKind cell;
+  int64_t N;       // rows of x (sum of batch_sizes)
+  int64_t T;       // steps
+  int64_t B;       // batch (batch_sizes[0])
+  int64_t I;       // input features
+  int64_t H;       // hidden units
+  int64_t P;       // output features: proj_size, or H without projection
+  int64_t gates;   // G: gate blocks in W_ih / W_hh
+  int64_t saved_per_unit;  // the cell's kSaved
+  bool proj;       // LSTM with proj_size
+  std::vector<int64_t> batch_sizes;
+  std::vector<int64_t> offsets;  // first row of each step
+
+  // Columns of the [N, saved_cols] tensor that forward keeps for backward:
+  // [cell's saved values (kSaved*H) | h_{t-1} (P) | LSTM with projection: o*tanh(c_t) (H)].
+  int64_t hprev_col() const { return saved_per_unit * H; }
+  int64_t proj_input_col() const { return saved_per_unit * H + P; }
+  int64_t saved_cols() const { return saved_per_unit * H + P + (proj ? H : 0); }
+};
+
+// Validates the op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
+LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,
+                          const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                          const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                          const c10::optional<at::Tensor>& w_hr);
+
+// The step loops, one per device. All tensors are contiguous except the documented views.
+//   gx     [N, G*H]  x·W_ihᵀ plus the folded biases
+//   b_hn   [H]       GRU's n-gate hidden bias, or undefined
+//   y      [N, P]    output, written
+//   h, c   [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
+//   saved  [N, saved_cols] written when defined (a gradient is wanted)
+void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,
+                      const at::Tensor& b_hn, const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h,
+                      at::Tensor& c, at::Tensor& saved);
+
+//   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)
+//   dy       [N, P] or undefined
+//   dh, dc   [B, P], [B, H]  gradient at h_n, c_n in; at h_0, c_0 out
+//   dgx      [N, G*H] written;  dgh [N, G*H] written for GRU, else the same tensor as dgx
+//   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
+void backward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& w_hh_conj,
+                       const at::Tensor& w_hr_conj, const at::Tensor& saved, const at::Tensor& dy,
+                       at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx, at::Tensor& dgh,
+                       at::Tensor& dh_total);
+
+#ifdef FUSED_RNN_WITH_CUDA
+void forward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,
+                       const at::Tensor& b_hn, const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h,
+                       at::Tensor& c, at::Tensor& saved);
+void backward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& w_hh_conj,
+                        const at::Tensor& w_hr_conj, const at::Tensor& saved, const at::Tensor& dy,
+                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx, at::Tensor& dgh,
+                        at::Tensor& dh_total);
+#endif
+
+}  // namespace fused_rnn
