@@ -1,0 +1,1 @@
+"""The fused_rnn benchmark harness: `python -m bench` (see bench/run.py)."""
