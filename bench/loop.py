@@ -1,0 +1,61 @@
+"""The plain PyTorch reference: the same cells as a Python loop of torch ops over time, layers and
+directions, reading the parameters of a torch.nn module (so all contenders share weights)."""
+import torch
+from torch import nn
+
+
+def _cell_step(mode, x_proj, h, c, w_hh, b_hh):
+    """One step from the input projection x_proj (with b_ih) and the previous state."""
+    gh = h @ w_hh.t()
+    if b_hh is not None:
+        gh = gh + b_hh
+    if mode == "LSTM":
+        i, f, g, o = (x_proj + gh).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        xr, xz, xn = x_proj.chunk(3, dim=1)
+        hr, hz, hn = gh.chunk(3, dim=1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, c
+    pre = x_proj + gh
+    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), c
+
+
+class LoopRNN(nn.Module):
+    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection) in a plain loop."""
+
+    def __init__(self, ref: nn.RNNBase):
+        super().__init__()
+        if ref.proj_size:
+            raise ValueError("LoopRNN: proj_size is not supported")
+        self.ref = ref
+
+    def forward(self, x):
+        ref = self.ref
+        if ref.batch_first:
+            x = x.transpose(0, 1)
+        steps, batch = x.shape[:2]
+        directions = 2 if ref.bidirectional else 1
+        zeros = x.new_zeros(batch, ref.hidden_size)
+        layer_input, finals = x, []
+        for layer in range(ref.num_layers):
+            outputs = []
+            for d in range(directions):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                w_ih, w_hh = getattr(ref, "weight_ih" + sfx), getattr(ref, "weight_hh" + sfx)
+                b_ih = getattr(ref, "bias_ih" + sfx) if ref.bias else None
+                b_hh = getattr(ref, "bias_hh" + sfx) if ref.bias else None
+                x_proj = layer_input @ w_ih.t()
+                if b_ih is not None:
+                    x_proj = x_proj + b_ih
+                h, c, ys = zeros, zeros, [None] * steps
+                for t in (range(steps - 1, -1, -1) if d else range(steps)):
+                    h, c = _cell_step(ref.mode, x_proj[t], h, c, w_hh, b_hh)
+                    ys[t] = h
+                outputs.append(torch.stack(ys))
+                finals.append(h)
+            layer_input = torch.cat(outputs, dim=2) if directions == 2 else outputs[0]
+        out = layer_input.transpose(0, 1) if ref.batch_first else layer_input
+        return out, torch.stack(finals)
