@@ -58,13 +58,15 @@ def cuda_include_dirs():
 
 def make_extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std flag: cpp_extension adds the standard the installed torch needs (C++17 up to torch
+    # 2.12 or so, C++20 for torch 2.14, whose ATen.h refuses anything older); nvcc takes only one.
+    cxx_flags = ["-O3"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # With no GPU to ask, cpp_extension needs the list: A100 (8.0) and H100/H200 (9.0).
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo",
+        nvcc_flags = ["-O3", "-lineinfo",
                       "-DFUSED_RNN_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             name="fused_rnn._C",

@@ -31,8 +31,10 @@ bool is_low_precision(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// The CPU path computes half types in float32, as torch.nn's CPU path does.
-bool compute_in_float(const Tensor& x) { return x.device().is_cpu() && is_low_precision(x); }
+// Half types are computed in float32 on both devices: upcast on the way in, cast back on the way
+// out (`saved` stays float32 for backward). On the CPU this is what torch.nn does; on CUDA it is the
+// simple correct first version. Future work: half/bf16 CUDA kernels on the tensor cores.
+bool compute_in_float(const Tensor& x) { return is_low_precision(x); }
 
 Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
 optional<Tensor> to_float(const optional<Tensor>& t) {
@@ -66,6 +68,9 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
               "fused_rnn: the input must be a floating point or complex tensor, got ", x.scalar_type());
   TORCH_CHECK(!(x.is_complex() && s.cell == CellKind::RNN_RELU),
               "fused_rnn: nonlinearity 'relu' is not defined for complex inputs");
+  TORCH_CHECK(!(x.is_complex() && x.is_cuda()),
+              "fused_rnn: complex inputs are not supported on CUDA (the CUDA kernels handle float32, "
+              "float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
   s.N = x.size(0);
   s.I = x.size(1);
   s.gates = gates_of(s.cell);

@@ -1,0 +1,310 @@
+"""The CUDA path against torch.nn (cuDNN) on the same GPU, with the same state_dict.
+
+Every test skips without a GPU (or with a CPU-only build). What is covered: parity of outputs, final
+states and every gradient in float32 (TF32 off on both sides), half types against a float32
+reference, float64 gradcheck on the GPU, bitwise reproducibility, packed input, projection,
+bidirectional stacks, and hidden sizes that are not multiples of the kernel's 32-unit tile; plus the
+two forward kernel variants (one and four batch rows per thread, chosen by the grid's size).
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import fused_rnn
+from fused_rnn import functional
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fused_rnn.built_with_cuda,
+    reason="needs a CUDA GPU and a CUDA build of fused_rnn")
+
+DEV = "cuda"
+F32_TOL = dict(rtol=1e-5, atol=1e-5)
+
+PAIRS = {
+    "LSTM": (fused_rnn.LSTM, nn.LSTM, {}),
+    "GRU": (fused_rnn.GRU, nn.GRU, {}),
+    "RNN_TANH": (fused_rnn.RNN, nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (fused_rnn.RNN, nn.RNN, {"nonlinearity": "relu"}),
+    "LSTMCell": (fused_rnn.LSTMCell, nn.LSTMCell, {}),
+    "GRUCell": (fused_rnn.GRUCell, nn.GRUCell, {}),
+    "RNNCell": (fused_rnn.RNNCell, nn.RNNCell, {}),
+}
+LAYERS = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Exact float32 matrix products on both sides (cuDNN and cuBLAS would otherwise use TF32)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def make_pair(kind, *args, dtype=torch.float32, ref_dtype=None, seed=0, **kwargs):
+    """A fused module and its torch.nn twin on the GPU, the twin loaded from the fused state_dict
+    (converted to ref_dtype when given)."""
+    fused_cls, ref_cls, extra = PAIRS[kind]
+    torch.manual_seed(seed)
+    fused = fused_cls(*args, **extra, **kwargs, dtype=dtype, device=DEV)
+    ref = ref_cls(*args, **extra, **kwargs, dtype=ref_dtype or dtype, device=DEV)
+    ref.load_state_dict({k: v.to(ref_dtype or dtype) for k, v in fused.state_dict().items()})
+    return fused, ref
+
+
+def leaves(obj):
+    if obj is None:
+        return []
+    if isinstance(obj, PackedSequence):
+        return [obj.data]
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    out = []
+    for item in obj:
+        out.extend(leaves(item))
+    return out
+
+
+def to_leaf(x, dtype=None):
+    if x is None:
+        return None
+    if isinstance(x, PackedSequence):
+        return PackedSequence(to_leaf(x.data, dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(dtype or x.dtype).clone().requires_grad_()
+    return tuple(to_leaf(t, dtype) for t in x)
+
+
+def run(module, x, hx=None, dtype=None, seed=0, loss_dtype=None):
+    """Forward, then backward of a fixed random linear functional of every output. Inputs are cast
+    to `dtype` (the loss weights are rounded through `loss_dtype` first, so that a half run and its
+    float32 reference see the same numbers). Returns (outputs, grads of input, state, parameters)."""
+    x, hx = to_leaf(x, dtype), to_leaf(hx, dtype)
+    out = module(x) if hx is None else module(x, hx)
+    outputs = leaves(out)
+    gen = torch.Generator().manual_seed(seed)
+    loss = 0
+    for o in outputs:
+        w = torch.randn(o.shape, generator=gen, dtype=torch.float32)
+        if loss_dtype is not None:
+            w = w.to(loss_dtype)
+        loss = loss + (o * w.to(device=o.device, dtype=o.dtype)).sum()
+    loss.backward()
+    grads = [t.grad for t in leaves(x) + leaves(hx)] + [p.grad for p in module.parameters()]
+    return [o.detach() for o in outputs], grads
+
+
+def assert_all_close(actual, expected, what, **tol):
+    assert len(actual) == len(expected), f"{what}: {len(actual)} vs {len(expected)} tensors"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert (a is None) == (e is None), f"{what}[{i}]: one side has no gradient"
+        if a is None:
+            continue
+        assert a.device.type == "cuda", f"{what}[{i}] is on {a.device}"
+        torch.testing.assert_close(a, e, msg=lambda m: f"{what}[{i}]: {m}", **tol)
+
+
+def compare(fused, ref, x, hx=None, **tol):
+    tol = tol or F32_TOL
+    out_f, grad_f = run(fused, x, hx)
+    out_r, grad_r = run(ref, x, hx)
+    assert_all_close(out_f, out_r, "output", **tol)
+    assert_all_close(grad_f, grad_r, "grad", **tol)
+
+
+def state_for(kind, layers_dirs, batch, hidden, proj=0, scale=1.0):
+    out = proj or hidden
+    h = torch.randn(layers_dirs, batch, out, device=DEV) * scale
+    if kind == "LSTM":
+        return h, torch.randn(layers_dirs, batch, hidden, device=DEV) * scale
+    return h
+
+
+# --- float32 parity -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_parity_float32(kind, batch_first, with_state):
+    T, B, I, H = 5, 3, 4, 6
+    fused, ref = make_pair(kind, I, H, batch_first=batch_first)
+    x = torch.randn(B, T, I, device=DEV) if batch_first else torch.randn(T, B, I, device=DEV)
+    hx = state_for(kind, 1, B, H) if with_state else None
+    compare(fused, ref, x, hx)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("hidden", [1, 7, 33, 100, 257])
+def test_hidden_size_sweep(kind, hidden):
+    """Sizes around the 32-unit tile and the 32-wide k chunk (P = H), partial tiles included."""
+    T, B, I = 3, 5, 6
+    fused, ref = make_pair(kind, I, hidden)
+    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for(kind, 1, B, hidden))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
+def test_large_batch_four_rows_per_thread(kind):
+    """Enough unit tiles x row tiles to fill the GPU: the kernel variant with four rows per thread,
+    with a batch that is not a multiple of its 16-row tile."""
+    T, B, I, H = 3, 261, 8, 600  # 19 unit tiles x 17 row tiles > SM count of an H100
+    fused, ref = make_pair(kind, I, H)
+    compare(fused, ref, torch.randn(T, B, I, device=DEV) * 0.5, state_for(kind, 1, B, H, scale=0.5),
+            rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells(kind):
+    fused, ref = make_pair(kind, 4, 9)
+    x = torch.randn(3, 4, device=DEV)
+    hx = (torch.randn(3, 9, device=DEV), torch.randn(3, 9, device=DEV)) if kind == "LSTMCell" \
+        else torch.randn(3, 9, device=DEV)
+    compare(fused, ref, x, hx)
+
+
+@pytest.mark.parametrize("hidden,proj", [(6, 3), (33, 7), (40, 39)])
+def test_projection(hidden, proj):
+    T, B, I = 4, 3, 5
+    fused, ref = make_pair("LSTM", I, hidden, proj_size=proj)
+    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for("LSTM", 1, B, hidden, proj))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_bidirectional_two_layers(kind):
+    T, B, I, H = 4, 3, 5, 7
+    fused, ref = make_pair(kind, I, H, num_layers=2, bidirectional=True)
+    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for(kind, 4, B, H))
+
+
+def test_projection_bidirectional_two_layers():
+    T, B, I, H, P = 4, 3, 5, 8, 3
+    fused, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, proj_size=P)
+    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for("LSTM", 4, B, H, P))
+
+
+def packed_input(features, lengths=(5, 2, 4, 1, 4), dtype=torch.float32):
+    seqs = [torch.randn(n, features, dtype=dtype, device=DEV) for n in lengths]
+    return pack_sequence(seqs, enforce_sorted=False)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_unsorted(kind, bidirectional):
+    I, H = 4, 6
+    fused, ref = make_pair(kind, I, H, bidirectional=bidirectional)
+    x = packed_input(I)
+    hx = state_for(kind, 2 if bidirectional else 1, 5, H)
+    compare(fused, ref, x, hx)
+
+
+def test_packed_projection_bidirectional():
+    I, H, P = 4, 9, 5
+    fused, ref = make_pair("LSTM", I, H, proj_size=P, bidirectional=True, num_layers=2)
+    compare(fused, ref, packed_input(I), state_for("LSTM", 4, 5, H, P))
+
+
+@pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 3), ("GRU", 0), ("RNN_RELU", 0)])
+def test_inference_without_saved(kind, proj):
+    """No gradient wanted: the loop runs without `saved` (the projection input goes to scratch)."""
+    kwargs = dict(proj_size=proj) if proj else {}
+    fused, ref = make_pair(kind, 4, 6, num_layers=2, **kwargs)
+    x = torch.randn(5, 3, 4, device=DEV)
+    with torch.no_grad():
+        out_f, out_r = fused(x), ref(x)
+    assert_all_close(leaves(out_f), leaves(out_r), "output", **F32_TOL)
+
+
+# --- half types against a float32 reference ---------------------------------------------------------
+
+def rel_err(a, e):
+    a, e = a.double(), e.double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,kwargs", [
+    ("LSTM", {}), ("GRU", {}), ("RNN_TANH", {}), ("RNN_RELU", {}),
+    ("LSTM", dict(proj_size=4, bidirectional=True)),
+])
+def test_half_types(dtype, kind, kwargs):
+    """Half-type modules (computed in float32 inside) within 1e-2 relative (in norm) of a float32
+    torch.nn run on the same rounded weights, inputs and loss weights."""
+    T, B, I, H = 6, 4, 5, 12
+    fused, ref = make_pair(kind, I, H, dtype=dtype, ref_dtype=torch.float32, **kwargs)
+    x = torch.randn(T, B, I, device=DEV).to(dtype)
+    out_f, grad_f = run(fused, x, loss_dtype=dtype)
+    out_r, grad_r = run(ref, x, dtype=torch.float32, loss_dtype=dtype)
+    for what, fs, rs in (("output", out_f, out_r), ("grad", grad_f, grad_r)):
+        assert len(fs) == len(rs)
+        for i, (f, r) in enumerate(zip(fs, rs)):
+            assert f.dtype == dtype, f"{what}[{i}] has dtype {f.dtype}"
+            assert rel_err(f, r) < 1e-2, f"{what}[{i}]: relative error {rel_err(f, r):.3g}"
+
+
+# --- float64 gradcheck on the GPU ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,reverse,proj,batch_sizes", [
+    ("LSTM", False, 0, [3, 3, 3]),
+    ("LSTM", True, 0, [3, 2, 2, 1]),
+    ("LSTM", False, 2, [3, 2, 1]),
+    ("LSTM", True, 2, [3, 3, 1]),
+    ("GRU", False, 0, [3, 2, 2, 1]),
+    ("GRU", True, 0, [3, 2, 1]),
+    ("RNN_TANH", False, 0, [3, 2, 1]),
+    ("RNN_TANH", True, 0, [2, 2, 1]),
+    ("RNN_RELU", False, 0, [3, 2, 1]),
+])
+def test_gradcheck_float64(kind, reverse, proj, batch_sizes):
+    cell = functional.CELL_IDS[kind]
+    G = {"LSTM": 4, "GRU": 3}.get(kind, 1)
+    I, H, B, N = 3, 4, batch_sizes[0], sum(batch_sizes)
+    P = proj or H
+    gen = torch.Generator(device=DEV).manual_seed(0)
+
+    def rand(*shape):
+        return (torch.rand(*shape, dtype=torch.float64, device=DEV, generator=gen) - 0.5).requires_grad_()
+
+    x, h0 = rand(N, I), rand(B, P)
+    c0 = rand(B, H) if kind == "LSTM" else None
+    w_ih, w_hh, b_ih, b_hh = rand(G * H, I), rand(G * H, P), rand(G * H), rand(G * H)
+    w_hr = rand(P, H) if proj else None
+    if kind == "RNN_RELU":  # keep pre-activations away from the kink for finite differences
+        with torch.no_grad():
+            b_ih.add_(0.6)
+
+    def fn(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+        y, h, c = functional.layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        return (y, h, c) if kind == "LSTM" else (y, h)
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+
+
+# --- reproducibility ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,kwargs,shape", [
+    ("LSTM", dict(num_layers=2, bidirectional=True), (6, 8, 10, 40)),
+    ("LSTM", dict(proj_size=17), (4, 5, 10, 70)),
+    ("GRU", {}, (5, 261, 16, 600)),   # the four-rows-per-thread kernel
+    ("RNN_TANH", dict(bidirectional=True), (6, 8, 10, 33)),
+])
+def test_bitwise_reproducible(kind, kwargs, shape):
+    T, B, I, H = shape
+    fused, _ = make_pair(kind, I, H, **kwargs)
+    x = torch.randn(T, B, I, device=DEV) * 0.5
+    runs = []
+    for _ in range(2):
+        fused.zero_grad(set_to_none=True)
+        runs.append(run(fused, x))
+    (out1, grad1), (out2, grad2) = runs
+    for what, a, b in (("output", out1, out2), ("grad", grad1, grad2)):
+        for i, (u, v) in enumerate(zip(a, b)):
+            assert torch.equal(u, v), f"{what}[{i}] differs between two identical runs"
+
+
+# --- what the CUDA path does not do ------------------------------------------------------------------
+
+def test_complex_rejected_on_cuda():
+    m = fused_rnn.LSTM(3, 4, dtype=torch.complex64, device=DEV)
+    with pytest.raises(RuntimeError, match="complex inputs are not supported on CUDA"):
+        m(torch.randn(2, 1, 3, dtype=torch.complex64, device=DEV))
