@@ -31,15 +31,17 @@ def make_pair(kind, *args, dtype=torch.float64, **kwargs):
     return fused, ref
 
 
-def _leaves(obj):
-    """Tensors of a nested output (tuples, PackedSequence) in a fixed order."""
+def leaves(obj):
+    """Tensors of a nested output (tuples, PackedSequence, None) in a fixed order."""
+    if obj is None:
+        return []
     if isinstance(obj, PackedSequence):
         return [obj.data]
     if isinstance(obj, torch.Tensor):
         return [obj]
     out = []
     for item in obj:
-        out.extend(_leaves(item))
+        out.extend(leaves(item))
     return out
 
 
@@ -64,14 +66,14 @@ def run(module, x, hx, seed=0):
     x = _clone_input(x)
     hx = _clone_hidden(hx)
     out = module(x, hx) if hx is not None else module(x)
-    outputs = _leaves(out)
+    outputs = leaves(out)
     gen = torch.Generator().manual_seed(seed)
     loss = 0
     for o in outputs:
         weight = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
         loss = loss + (o * weight).sum().real if o.is_complex() else loss + (o * weight).sum()
     loss.backward()
-    grads = _leaves(x) + (_leaves(hx) if hx is not None else [])
+    grads = leaves(x) + (leaves(hx) if hx is not None else [])
     grads = [g.grad for g in grads] + [p.grad for p in module.parameters()]
     return [o.detach() for o in outputs], grads
 

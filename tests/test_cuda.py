@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import fused_rnn
 from fused_rnn import functional
+from helpers import leaves
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not fused_rnn.built_with_cuda,
@@ -52,19 +53,6 @@ def make_pair(kind, *args, dtype=torch.float32, ref_dtype=None, seed=0, **kwargs
     ref = ref_cls(*args, **extra, **kwargs, dtype=ref_dtype or dtype, device=DEV)
     ref.load_state_dict({k: v.to(ref_dtype or dtype) for k, v in fused.state_dict().items()})
     return fused, ref
-
-
-def leaves(obj):
-    if obj is None:
-        return []
-    if isinstance(obj, PackedSequence):
-        return [obj.data]
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    out = []
-    for item in obj:
-        out.extend(leaves(item))
-    return out
 
 
 def to_leaf(x, dtype=None):
