@@ -1,5 +1,10 @@
-"""Loads the compiled extension, which registers torch.ops.fused_rnn.layer_forward/_backward."""
-import torch  # noqa: F401  (torch first: the extension finds libc10 through it)
+"""Loads the compiled extension, which registers torch.ops.fused_rnn.layer_forward/_backward, and
+gives the ops fake (meta) implementations so that torch.compile can trace them without running them.
+
+The fake implementations state only output shapes and dtypes; they must agree with the ops in
+csrc/layer.cpp (tests/test_compile.py checks them with torch.library.opcheck).
+"""
+import torch  # first: the extension finds libc10 through it
 
 try:
     from . import _C
@@ -11,3 +16,47 @@ except ImportError as exc:  # pragma: no cover - the message is the point
     ) from exc
 
 built_with_cuda: bool = _C.built_with_cuda
+
+# The `cell` argument of the compiled ops; the same numbering as CellKind in csrc/cells.h.
+CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+LSTM = CELL_IDS["LSTM"]
+
+# Per cell id: gates per hidden unit (kGates) and values saved per hidden unit (kSaved), as in cells.h.
+_GATES = {0: 4, 1: 3, 2: 1, 3: 1}
+_SAVED_PER_UNIT = {0: 6, 1: 4, 2: 1, 3: 1}
+
+
+def _computes_in_float(x: torch.Tensor) -> bool:
+    """Half types run in float32 inside the ops; what they save for backward stays float32."""
+    return x.dtype in (torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("fused_rnn::layer_forward")
+def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+    hidden = w_ih.size(0) // _GATES[cell]
+    out_size = w_hr.size(0) if w_hr is not None else hidden
+    y = x.new_empty(x.size(0), out_size)
+    h_n = x.new_empty(h0.shape)
+    c_n = x.new_empty(c0.shape) if cell == LSTM else x.new_empty(0)
+    if not need_saved:
+        return y, h_n, c_n, x.new_empty(0)
+    # Columns as LayerShape::saved_cols in csrc/layer.h: cell values | h_{t-1} | projection input.
+    saved_cols = _SAVED_PER_UNIT[cell] * hidden + out_size + (hidden if w_hr is not None else 0)
+    saved_dtype = torch.float32 if _computes_in_float(x) else x.dtype
+    return y, h_n, c_n, x.new_empty(x.size(0), saved_cols, dtype=saved_dtype)
+
+
+@torch.library.register_fake("fused_rnn::layer_backward")
+def _layer_backward_fake(cell, x, batch_sizes, reverse, w_ih, w_hh, w_hr, has_bias, saved, grad_y,
+                         grad_h_n, grad_c_n, need_input_grad):
+    # None where the op returns an undefined tensor, as the op itself does.
+    batch = batch_sizes[0] if len(batch_sizes) > 0 else 0
+    hidden = w_ih.size(0) // _GATES[cell]
+    out_size = w_hr.size(0) if w_hr is not None else hidden
+    bias = x.new_empty(w_ih.size(0)) if has_bias else None
+    return (torch.empty_like(x) if need_input_grad else None,
+            x.new_empty(batch, out_size),
+            x.new_empty(batch, hidden) if cell == LSTM else None,
+            torch.empty_like(w_ih), torch.empty_like(w_hh), bias,
+            None if bias is None else torch.empty_like(bias),
+            None if w_hr is None else torch.empty_like(w_hr))

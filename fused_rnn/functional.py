@@ -1,9 +1,13 @@
-"""Autograd over the compiled ops, and the stacking of layers and directions.
+"""Autograd and autocast over the compiled ops, and the stacking of layers and directions.
 
 Every sequence reaches the compiled ops in packed layout: a [N, features] tensor whose first
 batch_sizes[0] rows are step 0, the next batch_sizes[1] rows step 1, and so on. A padded
 [T, B, features] input is the same thing with batch_sizes = [B] * T, so one code path serves
 padded and packed input alike.
+
+The layer path calls torch.ops.fused_rnn.layer_forward directly; its gradient is registered with
+torch.library.register_autograd (below) and its shapes with register_fake (_ops.py), so that
+torch.compile traces a whole model, forward and backward, without graph breaks.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -11,49 +15,163 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _ops  # noqa: F401  (loads the compiled ops into torch.ops.fused_rnn)
+from ._ops import CELL_IDS, LSTM
 
-# The `cell` argument of the compiled ops; the same numbering as CellKind in csrc/cells.h.
-CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+_TORCH_CELLS = {  # torch's own cell ops, differentiable any number of times
+    CELL_IDS["LSTM"]: torch._VF.lstm_cell,
+    CELL_IDS["GRU"]: torch._VF.gru_cell,
+    CELL_IDS["RNN_TANH"]: torch._VF.rnn_tanh_cell,
+    CELL_IDS["RNN_RELU"]: torch._VF.rnn_relu_cell,
+}
 
 
 def _wants_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _Layer(torch.autograd.Function):
-    """One layer, one direction, the whole sequence: (x, h0, c0, weights) -> (y, h_n, c_n)."""
+def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """The layer of layer_forward, recomputed step by step with torch's cell ops (differentiable
+    to any order) over the same packed layout: the forward direction drops the rows whose
+    sequences have ended, the reverse direction adds each row at its sequence's last step."""
+    step = _TORCH_CELLS[cell]
+    proj_pad = (0, 0)
+    if w_hr is not None:
+        # lstm_cell wants h as wide as c. proj_size < hidden_size, so give h and w_hh zero columns
+        # up to hidden_size: they add exact zeros to h·w_hhᵀ.
+        proj_pad = (0, w_hr.size(1) - w_hr.size(0))
+        w_hh = F.pad(w_hh, proj_pad)
+    starts = [0]
+    for n in batch_sizes[:-1]:
+        starts.append(starts[-1] + n)
+    steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
+    rows = 0 if reverse else h0.size(0)
+    h, c = h0[:rows], (c0[:rows] if cell == LSTM else None)
+    ended_h, ended_c, ys = [], [], [None] * len(batch_sizes)
+    for t in steps:
+        n = batch_sizes[t]
+        if n > rows:  # reverse direction: these sequences start here, from their initial state
+            h = torch.cat([h, h0[rows:n]])
+            c = torch.cat([c, c0[rows:n]]) if c is not None else None
+        elif n < rows:  # forward direction: these sequences have ended; keep their final state
+            ended_h.append(h[n:])
+            ended_c.append(c[n:] if c is not None else None)
+            h, c = h[:n], (c[:n] if c is not None else None)
+        rows = n
+        x_t = x[starts[t]:starts[t] + n]
+        if cell == LSTM:
+            h, c = step(x_t, (F.pad(h, proj_pad), c), w_ih, w_hh, b_ih, b_hh)
+            if w_hr is not None:
+                h = F.linear(h, w_hr)
+        else:
+            h = step(x_t, h, w_ih, w_hh, b_ih, b_hh)
+        ys[t] = h
+    y = torch.cat(ys) if ys else x.new_empty(0, h0.size(1))
+    h_n = torch.cat([h] + ended_h[::-1])
+    c_n = torch.cat([c] + ended_c[::-1]) if cell == LSTM else None
+    return y, h_n, c_n
 
-    @staticmethod
-    def forward(ctx, cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-        y, h_n, c_n, saved = torch.ops.fused_rnn.layer_forward(
-            cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True)
-        ctx.set_materialize_grads(False)
-        ctx.cell, ctx.batch_sizes, ctx.reverse = cell, batch_sizes, reverse
-        ctx.has_bias = b_ih is not None
-        ctx.save_for_backward(x, w_ih, w_hh, w_hr, saved)
-        return y, h_n, c_n
 
-    @staticmethod
-    def backward(ctx, grad_y, grad_h_n, grad_c_n):
-        x, w_ih, w_hh, w_hr, saved = ctx.saved_tensors
-        if ctx.cell != CELL_IDS["LSTM"]:
-            grad_c_n = None  # c_n is an empty placeholder for the other cells
-        dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = torch.ops.fused_rnn.layer_backward(
-            ctx.cell, x, ctx.batch_sizes, ctx.reverse, w_ih, w_hh, w_hr, ctx.has_bias, saved,
-            grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
-        return None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr
+def _setup_layer_context(ctx, inputs, output):
+    cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved = inputs
+    ctx.cell, ctx.batch_sizes, ctx.reverse = cell, batch_sizes, reverse
+    # h0, c0 and the biases are needed only by the double-backward recomputation: kept as references.
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[3])
+
+
+def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
+    """Gradients of layer_forward.
+
+    Plain backward (create_graph=False) runs our fused backward op, whose result is not itself
+    differentiable. For a differentiable backward (create_graph=True: double backward, gradient
+    penalties), the layer is recomputed with torch's own cell ops (torch._VF.lstm_cell, gru_cell,
+    rnn_tanh_cell, rnn_relu_cell; LSTM's projection by F.linear) and differentiated by autograd, so
+    higher derivatives come from torch and no third copy of the gate equations exists. That path
+    is step by step, hence slow: meant for gradient penalties and gradgradcheck, not for training.
+    """
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, saved = ctx.saved_tensors
+    if ctx.cell != LSTM:
+        grad_c_n = None  # c_n is an empty placeholder for the other cells
+    with torch.autocast(x.device.type, enabled=False):  # as the forward ran
+        if torch.is_grad_enabled():
+            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+            needs = ctx.needs_input_grad[1:2] + ctx.needs_input_grad[4:11]  # those of `inputs`
+            grads = _differentiable_grads(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, needs,
+                                          grad_y, grad_h_n, grad_c_n)
+        else:
+            grads = torch.ops.fused_rnn.layer_backward(
+                ctx.cell, x, ctx.batch_sizes, ctx.reverse, w_ih, w_hh, w_hr, b_ih is not None, saved,
+                grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
+    return None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
+
+
+def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n):
+    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as a graph, None where
+    not needed."""
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
+    x, *states_and_weights = inputs
+    with torch.enable_grad():
+        y, h_n, c_n = _layer_with_torch_cells(cell, x, batch_sizes, reverse, *states_and_weights)
+    outputs, grad_outputs = (y, h_n), (grad_y, grad_h_n)
+    if c_n is not None:
+        outputs, grad_outputs = outputs + (c_n,), grad_outputs + (grad_c_n,)
+    found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs,
+                                create_graph=True, allow_unused=True)
+    grads = [None] * len(inputs)
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return grads
+
+
+torch.library.register_autograd("fused_rnn::layer_forward", _layer_backward, setup_context=_setup_layer_context)
+
+
+def _autocast_dtypes(cell: int, device_type: str, h0: Tensor, has_proj: bool) -> Tuple[torch.dtype, torch.dtype]:
+    """(dtype the op runs in, dtype of y and h_n) under autocast, as torch.nn's layers give them.
+
+    CUDA: torch.nn's recurrent ops are on autocast's low-precision list, so everything runs in the
+    autocast dtype. CPU: they have no autocast rule of their own; only their matrix products run
+    in the low dtype and each output's dtype follows type promotion with the state's dtype: RNN ->
+    low; GRU and LSTM -> the state's dtype (the cell state keeps LSTM's h there); LSTM with
+    proj_size -> y and h_n low (the projection is a matrix product), c_n the state's dtype.
+    (torch.nn's oneDNN LSTM path, on CPUs that have it, returns the low dtype throughout.)
+    """
+    low = torch.get_autocast_dtype(device_type)
+    if device_type != "cpu" or cell not in (CELL_IDS["LSTM"], CELL_IDS["GRU"]):
+        return low, low
+    return h0.dtype, (low if has_proj else h0.dtype)
+
+
+def _autocast_eligible(t: Optional[Tensor]) -> bool:
+    """The tensors autocast itself would cast: floating point, other than float64."""
+    return t is not None and t.is_floating_point() and t.dtype != torch.float64
+
+
+def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+    y, h_n, c_n, _ = torch.ops.fused_rnn.layer_forward(
+        cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
+    return y, h_n, c_n
 
 
 def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tensor,
           c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
           b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """One layer and direction; records autograd only when a gradient can flow."""
-    args = (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    if _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
-        return _Layer.apply(*args)
-    y, h_n, c_n, _ = torch.ops.fused_rnn.layer_forward(*args, False)
-    return y, h_n, c_n
+    """One layer and direction through the compiled op (differentiable through its registration).
+
+    Under autocast the inputs are cast as torch.nn's layers would be (see _autocast_dtypes) and the
+    op runs with autocast off: the op computes half types in float32 itself, and its own matrix
+    products must not be recast.
+    """
+    device_type = x.device.type
+    if not (_autocast_eligible(x) and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        return _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    compute, out = _autocast_dtypes(cell, device_type, h0, w_hr is not None)
+    tensors = [t.to(compute) if _autocast_eligible(t) else t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+    with torch.autocast(device_type, enabled=False):
+        y, h_n, c_n = _run_layer(cell, tensors[0], batch_sizes, reverse, *tensors[1:])
+    return y.to(out), h_n.to(out), c_n
 
 
 def group_weights(flat_weights: Sequence[Optional[Tensor]], num_layers: int, num_directions: int,

@@ -27,6 +27,10 @@ def _check_state(name: str, state, input: Tensor) -> None:
 class _FusedRNNBase(nn.RNNBase):
     """The forward shared by LSTM, GRU and RNN: torch.nn's argument handling, our kernels."""
 
+    def flatten_parameters(self) -> None:
+        """A no-op, kept for torch.nn's interface: our kernels read each weight where it lies, so
+        there is no cuDNN weight buffer to pack (nn.RNNBase would pack one on every .to(cuda))."""
+
     def _state_names(self):
         return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
 

@@ -1,0 +1,38 @@
+"""Swap torch.nn's recurrent layers in an existing model for fused_rnn's, and back (for export)."""
+from torch import nn
+
+from . import modules
+
+_TO_FUSED = {
+    nn.LSTM: modules.LSTM,
+    nn.GRU: modules.GRU,
+    nn.RNN: modules.RNN,
+    nn.LSTMCell: modules.LSTMCell,
+    nn.GRUCell: modules.GRUCell,
+    nn.RNNCell: modules.RNNCell,
+}
+_TO_TORCH = {fused: torch_cls for torch_cls, fused in _TO_FUSED.items()}
+
+
+def convert(model: nn.Module, to: str = "fused") -> nn.Module:
+    """Turn every nn.LSTM, GRU, RNN, LSTMCell, GRUCell and RNNCell in `model` (the model itself
+    included) into its fused_rnn twin, in place, and return `model`. `to="torch"` goes back.
+
+    Each layer keeps its identity: only its class changes. So it keeps its parameters (the same
+    Parameter objects: an optimizer made before still holds them), device, dtype, training mode,
+    hooks and any attribute set on it, and its state_dict keys. This is sound because each fused
+    class subclasses the same torch base (nn.RNNBase, nn.RNNCellBase) and keeps no instance state
+    of its own. Only the exact torch.nn classes are converted: a user's subclass of nn.LSTM has its
+    own behaviour, so it is left alone.
+    """
+    if to not in ("fused", "torch"):
+        raise ValueError(f"convert: to must be 'fused' or 'torch', got {to!r}")
+    twins = _TO_FUSED if to == "fused" else _TO_TORCH
+    for module in model.modules():
+        twin = twins.get(type(module))
+        if twin is None:
+            continue
+        module.__class__ = twin
+        if to == "torch" and isinstance(module, nn.RNNBase):
+            module.flatten_parameters()  # cuDNN's packed weights, as torch.nn keeps them on a GPU
+    return model
