@@ -129,12 +129,14 @@ torch.library.register_autograd("fused_rnn::layer_forward", _layer_backward, set
 def _autocast_dtypes(cell: int, device_type: str, h0: Tensor, has_proj: bool) -> Tuple[torch.dtype, torch.dtype]:
     """(dtype the op runs in, dtype of y and h_n) under autocast, as torch.nn's layers give them.
 
-    CUDA: torch.nn's recurrent ops are on autocast's low-precision list, so everything runs in the
-    autocast dtype. CPU: they have no autocast rule of their own; only their matrix products run
-    in the low dtype and each output's dtype follows type promotion with the state's dtype: RNN ->
-    low; GRU and LSTM -> the state's dtype (the cell state keeps LSTM's h there); LSTM with
-    proj_size -> y and h_n low (the projection is a matrix product), c_n the state's dtype.
-    (torch.nn's oneDNN LSTM path, on CPUs that have it, returns the low dtype throughout.)
+    CUDA: torch.nn's cells are on autocast's low-precision list, so everything runs in the
+    autocast dtype (torch.nn's cuDNN layers are cast to float16 even under bfloat16 autocast; we
+    keep the dtype asked for). CPU: torch.nn's recurrent ops have no autocast rule of their own;
+    only their matrix products run in the low dtype and each output's dtype follows type promotion
+    with the state's dtype: RNN -> low; GRU and LSTM -> the state's dtype (the cell state keeps
+    LSTM's h there), computed in it; LSTM with proj_size -> y and h_n low (the projection is a
+    matrix product), c_n the state's dtype. (torch.nn's oneDNN LSTM path, on CPUs with bfloat16
+    support, returns the low dtype throughout; we follow its portable path.)
     """
     low = torch.get_autocast_dtype(device_type)
     if device_type != "cpu" or cell not in (CELL_IDS["LSTM"], CELL_IDS["GRU"]):
