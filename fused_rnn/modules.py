@@ -4,7 +4,8 @@ The layers subclass nn.RNNBase and the cells nn.RNNCellBase, so parameter names,
 initialisation, repr, state_dict and the constructor checks are torch.nn's own. What differs is the
 forward: it puts the input in packed layout and runs functional.stacked_rnn over our compiled ops.
 """
-from typing import Optional, Tuple, Union
+import operator
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,86 @@ def _check_state(name: str, state, input: Tensor) -> None:
         raise ValueError(f"{name} is on {state.device} but the input is on {input.device}")
 
 
+def _check_int_arg(owner: str, arg: str, value, minimum: Optional[int]) -> int:
+    """A constructor size argument: an integer (anything with __index__) of at least `minimum`."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{owner}: {arg} should be of type int, got: {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        bound = "greater than zero" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{owner}: {arg} must be {bound}, got {value}")
+    return value
+
+
+def _check_dtype_arg(owner: str, dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype)
+                              or not (dtype.is_floating_point or dtype.is_complex)):
+        raise TypeError(f"{owner}: dtype must be a floating point or complex torch.dtype, got {dtype!r}")
+
+
+def _check_input_dtype(name: str, input: Tensor) -> None:
+    if not (input.is_floating_point() or input.is_complex()):
+        raise TypeError(f"{name}: input must be a floating point or complex tensor, got {input.dtype} "
+                        f"(convert it, e.g. input.float())")
+
+
+def _check_weights(name: str, weight_names: Sequence[str], weights: Sequence[Optional[Tensor]],
+                   input: Tensor) -> None:
+    """Every parameter a Tensor on the input's device with the input's dtype, named when it is not."""
+    for weight_name, weight in zip(weight_names, weights):
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"{name}: parameter {weight_name} must be a Tensor, got {type(weight).__name__}")
+        if weight.device != input.device:
+            raise RuntimeError(f"{name}: the input is on {input.device} but parameter {weight_name} is on "
+                               f"{weight.device}; expected them on one device (move the input or the module "
+                               f"with .to(device))")
+        if weight.dtype != input.dtype:
+            raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
+                             f"({weight.dtype}) of parameter {weight_name}; expected one dtype for the "
+                             f"input and every parameter")
+
+
+def _check_packed(name: str, data, batch_sizes, sorted_indices, unsorted_indices) -> List[int]:
+    """A PackedSequence's parts, checked (batch_sizes is on the CPU); returns batch_sizes as a list."""
+    if not isinstance(data, Tensor):
+        raise TypeError(f"{name}: PackedSequence data must be a Tensor, got {type(data).__name__}")
+    if data.dim() != 2:
+        raise ValueError(f"{name}: PackedSequence data must be 2-D (sum(batch_sizes), input_size), "
+                         f"got a {data.dim()}-D tensor of shape {tuple(data.shape)}")
+    if (not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.is_floating_point()
+            or batch_sizes.is_complex() or batch_sizes.dtype == torch.bool):
+        got = (f"a {batch_sizes.dim()}-D {batch_sizes.dtype} tensor" if isinstance(batch_sizes, Tensor)
+               else type(batch_sizes).__name__)
+        raise TypeError(f"{name}: PackedSequence batch_sizes must be a 1-D integer tensor, got {got}")
+    if batch_sizes.numel() == 0:
+        raise ValueError(f"{name}: PackedSequence batch_sizes is empty; expected at least one time step")
+    sizes = batch_sizes.tolist()
+    _check_batch_sizes(name, sizes, data.size(0))
+    batch = sizes[0]
+    for index_name, index in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
+        if index is None:
+            continue
+        if (not isinstance(index, Tensor) or index.dim() != 1
+                or index.dtype not in (torch.int64, torch.int32) or index.numel() != batch):
+            got = (f"a {index.dtype} tensor of shape {tuple(index.shape)}" if isinstance(index, Tensor)
+                   else type(index).__name__)
+            raise ValueError(f"{name}: PackedSequence {index_name} must be a 1-D integer tensor of length "
+                             f"batch_sizes[0] = {batch}, got {got}")
+        # Values are checked where that is free of device syncs and of tracing (CPU, eager).
+        if index.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not torch.equal(torch.sort(index).values, torch.arange(batch, dtype=index.dtype)):
+                raise ValueError(f"{name}: PackedSequence {index_name} must be a permutation of "
+                                 f"range({batch}), got {index.tolist()}")
+    if (sorted_indices is not None and unsorted_indices is not None and sorted_indices.device.type == "cpu"
+            and not torch.compiler.is_compiling()):
+        if not torch.equal(sorted_indices[unsorted_indices], torch.arange(batch, dtype=sorted_indices.dtype)):
+            raise ValueError(f"{name}: PackedSequence unsorted_indices must be the inverse permutation of "
+                             f"sorted_indices, got sorted_indices={sorted_indices.tolist()} and "
+                             f"unsorted_indices={unsorted_indices.tolist()}")
+    return sizes
+
+
 class _FusedRNNBase(nn.RNNBase):
     """The forward shared by LSTM, GRU and RNN: torch.nn's argument handling, our kernels."""
 
@@ -34,19 +115,24 @@ class _FusedRNNBase(nn.RNNBase):
     def _state_names(self):
         return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
 
-    def _normalize_hx(self, hx, input: Tensor, is_batched: bool, sorted_indices):
-        """hx as given -> a tuple of [L*D, B, *] tensors in sorted order, checked."""
+    def _normalize_hx(self, hx, input: Tensor, is_batched: bool, sorted_indices, batch: Optional[int] = None):
+        """hx as given -> a tuple of [L*D, B, *] tensors in sorted order, checked (shapes too when
+        `batch` is given)."""
         name = type(self).__name__
         names = self._state_names()
         if self.mode == "LSTM":
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, "
-                                f"got {type(hx).__name__}")
+                got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
+                    else type(hx).__name__
+                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
             states = tuple(hx)
         else:
             if not isinstance(hx, Tensor):
-                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}")
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
+                                + (" (only LSTM takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
             states = (hx,)
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        layers = self.num_layers * (2 if self.bidirectional else 1)
         for state_name, state in zip(names, states):
             _check_state(f"{name}: {state_name}", state, input)
             want = 3 if is_batched else 2
@@ -54,6 +140,15 @@ class _FusedRNNBase(nn.RNNBase):
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
                 raise RuntimeError(f"{name}: for {kind} input, {state_name} should be {want}-D "
                                    f"but got a {state.dim()}-D tensor")
+            if batch is not None:
+                width, width_name = ((self.hidden_size, "hidden_size") if state_name == "c_0" else
+                                     (out_size, "proj_size" if self.proj_size > 0 else "hidden_size"))
+                expected = (layers, batch, width) if is_batched else (layers, width)
+                if tuple(state.shape) != expected:
+                    layout = ("num_layers * num_directions, " + ("batch, " if is_batched else "")
+                              + width_name)
+                    raise RuntimeError(f"{name}: Expected {state_name} of size {expected} ({layout}), "
+                                       f"got {tuple(state.shape)}")
         if not is_batched:
             states = tuple(s.unsqueeze(1) for s in states)
         if sorted_indices is not None:
@@ -70,7 +165,8 @@ class _FusedRNNBase(nn.RNNBase):
         if isinstance(input, PackedSequence):
             data, batch_sizes_t, sorted_indices, unsorted_indices = input
             is_batched, is_packed = True, True
-            batch = int(batch_sizes_t[0]) if batch_sizes_t.numel() > 0 else 0
+            batch_sizes = _check_packed(name, data, batch_sizes_t, sorted_indices, unsorted_indices)
+            batch = batch_sizes[0]
         elif isinstance(input, Tensor):
             is_packed = False
             if input.dim() not in (2, 3):
@@ -80,8 +176,13 @@ class _FusedRNNBase(nn.RNNBase):
             data = input if is_batched else input.unsqueeze(batch_dim)
             batch_sizes_t = sorted_indices = unsorted_indices = None
             batch = data.size(batch_dim)
+            if data.size(1 - batch_dim) == 0:
+                raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN, got an "
+                                   f"input of shape {tuple(input.shape)} with no time steps")
         else:
             raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        _check_input_dtype(name, data)
+        _check_weights(name, self._flat_weights_names, self._flat_weights, data)
 
         if hx is None:
             shape = (self.num_layers * num_directions, batch)
@@ -89,14 +190,11 @@ class _FusedRNNBase(nn.RNNBase):
             if is_lstm:
                 states += (torch.zeros(*shape, self.hidden_size, dtype=data.dtype, device=data.device),)
         else:
-            states = self._normalize_hx(hx, data, is_batched, sorted_indices)
+            states = self._normalize_hx(hx, data, is_batched, sorted_indices, batch)
         self.check_forward_args(data, states if is_lstm else states[0], batch_sizes_t)
-        if not data.is_floating_point() and not data.is_complex():
-            raise TypeError(f"{name}: input must be a floating point or complex tensor, got {data.dtype}")
 
         if is_packed:
-            x, batch_sizes = data, batch_sizes_t.tolist()
-            _check_batch_sizes(name, batch_sizes, x.size(0))
+            x = data
         else:
             time_major = data.transpose(0, 1) if self.batch_first else data
             steps = time_major.size(0)
@@ -137,6 +235,9 @@ class LSTM(_FusedRNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None) -> None:
+        _check_int_arg("LSTM", "num_layers", num_layers, 1)
+        _check_dtype_arg("LSTM", dtype)
+        _check_int_arg("LSTM", "proj_size", proj_size, None)  # range: torch.nn's checks
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
@@ -151,6 +252,8 @@ class GRU(_FusedRNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None) -> None:
+        _check_int_arg("GRU", "num_layers", num_layers, 1)
+        _check_dtype_arg("GRU", dtype)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
@@ -162,8 +265,10 @@ class RNN(_FusedRNNBase):
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None) -> None:
         modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if nonlinearity not in modes:
+        if not isinstance(nonlinearity, str) or nonlinearity not in modes:
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _check_int_arg("RNN", "num_layers", num_layers, 1)
+        _check_dtype_arg("RNN", dtype)
         self.nonlinearity = nonlinearity
         super().__init__(modes[nonlinearity], input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
@@ -174,15 +279,23 @@ class _FusedCellBase(nn.RNNCellBase):
 
     mode = ""
 
+    def _check_args(self, input_size, hidden_size, dtype) -> None:
+        """torch.nn's cells accept zero sizes; negative or non-integer sizes and non-float dtypes get
+        a named error here (torch.nn fails inside torch.empty or requires_grad)."""
+        _check_int_arg(type(self).__name__, "input_size", input_size, 0)
+        _check_int_arg(type(self).__name__, "hidden_size", hidden_size, 0)
+        _check_dtype_arg(type(self).__name__, dtype)
+
     def _step(self, input: Tensor, hx, num_states: int):
         name = type(self).__name__
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if input.dtype != self.weight_ih.dtype:
-            raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
-                             f"({self.weight_ih.dtype})")
+        _check_input_dtype(name, input)
+        _check_weights(name, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
+                       (self.weight_ih, self.weight_hh) + ((self.bias_ih, self.bias_hh) if self.bias else ()),
+                       input)
         if input.size(-1) != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
                                f"Expected {self.input_size}, got {input.size(-1)}")
@@ -195,18 +308,24 @@ class _FusedCellBase(nn.RNNCellBase):
                       for _ in range(num_states)]
         else:
             if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-                raise TypeError(f"{name}: hx must be a tuple (h, c) of two tensors, got {type(hx).__name__}")
+                got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
+                    else type(hx).__name__
+                raise TypeError(f"{name}: hx must be a tuple (h, c) of two tensors, got {got}")
+            if num_states == 1 and not isinstance(hx, Tensor):
+                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
+                                + (" (only LSTMCell takes a tuple (h, c))" if isinstance(hx, (tuple, list)) else ""))
             states = list(hx) if num_states == 2 else [hx]
             for i, (state_name, state) in enumerate(zip(names, states)):
                 _check_state(f"{name}: {state_name}", state, x)
                 if state.dim() != input.dim():
                     raise ValueError(f"{name}: {state_name} must be {input.dim()}-D like the input, "
                                      f"got {state.dim()}-D")
-                state = state if is_batched else state.unsqueeze(0)
-                if tuple(state.shape) != (batch, self.hidden_size):
-                    raise RuntimeError(f"{name}: {state_name} must have shape {(batch, self.hidden_size)}, "
+                expected = (batch, self.hidden_size) if is_batched else (self.hidden_size,)
+                if tuple(state.shape) != expected:
+                    layout = "batch, hidden_size" if is_batched else "hidden_size"
+                    raise RuntimeError(f"{name}: {state_name} must have shape {expected} ({layout}), "
                                        f"got {tuple(state.shape)}")
-                states[i] = state
+                states[i] = state if is_batched else state.unsqueeze(0)
         h, _, c = functional.layer(
             functional.CELL_IDS[self.mode], x, [batch], False, states[0],
             states[1] if num_states == 2 else None, self.weight_ih, self.weight_hh,
@@ -222,6 +341,7 @@ class LSTMCell(_FusedCellBase):
     mode = "LSTM"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        self._check_args(input_size, hidden_size, dtype)
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
@@ -234,6 +354,7 @@ class GRUCell(_FusedCellBase):
     mode = "GRU"
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        self._check_args(input_size, hidden_size, dtype)
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
@@ -247,12 +368,17 @@ class RNNCell(_FusedCellBase):
                  device=None, dtype=None) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self._check_args(input_size, hidden_size, dtype)
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
 
     @property
     def mode(self) -> str:
-        return "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
+        # Read at every call: an attribute changed after construction is honoured, or rejected.
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if not isinstance(self.nonlinearity, str) or self.nonlinearity not in modes:
+            raise ValueError(f"RNNCell: Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        return modes[self.nonlinearity]
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, hx, 1)

@@ -1,91 +1,462 @@
-"""Bad input gets a Python exception that names what is wrong; never a crash or a wrong answer."""
+"""Bad input gets a Python exception that names what is wrong; never a crash, a hang or a wrong answer.
+
+The matrix below has, for every module and cell, each kind of hostile input: wrong ranks, feature
+sizes, hidden-state shapes (batch, layers, directions, width), hx of the wrong kind, dtype and device
+mismatches (devices as "meta" tensors), integer and bool inputs, malformed PackedSequences and
+invalid constructor arguments. Each case asserts the exception class and that the message names the
+argument and what was expected. Where torch.nn itself fails with an IndexError/AttributeError or an
+internal error (noted per case), ours has to be clearer, which the `match=` shows.
+"""
+import collections
+import re
+
 import pytest
 import torch
+from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import fused_rnn
 
 D = torch.float64
+I, H = 4, 3
+X = torch.randn(5, 2, I, dtype=D)           # [T, B, I]
+X_UNBATCHED = torch.randn(5, I, dtype=D)    # [T, I]
+XC = torch.randn(2, I, dtype=D)             # cell input [B, I]
+
+LAYERS = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU, "RNN": fused_rnn.RNN}
+CELLS = {"LSTMCell": fused_rnn.LSTMCell, "GRUCell": fused_rnn.GRUCell, "RNNCell": fused_rnn.RNNCell}
 
 
-def lstm(**kw):
-    return fused_rnn.LSTM(4, 3, dtype=D, **kw)
+def z(*shape, dtype=D, device="cpu"):
+    return torch.zeros(*shape, dtype=dtype, device=device)
 
 
-X = torch.randn(5, 2, 4, dtype=D)
+def packed(rows, batch_sizes, sorted_indices=None, unsorted_indices=None, features=I, dtype=D):
+    data = torch.randn(rows, features, dtype=dtype) if isinstance(rows, int) else rows
+    return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
 
 
-@pytest.mark.parametrize("make,args,exc,match", [
-    (lstm, (torch.randn(5, 2, 6, dtype=D),), RuntimeError, "input_size. Expected 4, got 6"),
-    (lstm, (torch.randn(5, 2, 4, 1, dtype=D),), ValueError, "Expected input to be 2D or 3D, got 4D"),
-    (lstm, (torch.randn(4, dtype=D),), ValueError, "Expected input to be 2D or 3D, got 1D"),
-    (lstm, (X, (torch.zeros(1, 3, 3, dtype=D), torch.zeros(1, 2, 3, dtype=D))), RuntimeError,
-     r"Expected hidden\[0\] size \(1, 2, 3\), got \[1, 3, 3\]"),
-    (lstm, (X, (torch.zeros(1, 2, 3, dtype=D), torch.zeros(2, 2, 3, dtype=D))), RuntimeError,
-     r"Expected hidden\[1\] size \(1, 2, 3\), got \[2, 2, 3\]"),
-    (lstm, (X, torch.zeros(1, 2, 3, dtype=D)), TypeError, r"hx must be a tuple \(h_0, c_0\)"),
-    (lstm, (X, (torch.zeros(1, 2, 3, dtype=D),)), TypeError, r"hx must be a tuple \(h_0, c_0\)"),
-    (lstm, (X, (torch.zeros(1, 2, 3, dtype=D), None)), TypeError, "c_0 must be a Tensor, got NoneType"),
-    (lstm, (X, (torch.zeros(2, 3, dtype=D), torch.zeros(2, 3, dtype=D))), RuntimeError,
-     "batched 3-D input, h_0 should be 3-D"),
-    (lstm, (X.float(),), ValueError, r"input dtype \(torch.float32\) does not match weight dtype"),
-    (lstm, (X, (torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, dtype=D))), ValueError,
-     "h_0 has dtype torch.float32 but the input has dtype torch.float64"),
-    (lstm, (torch.ones(5, 2, 4, dtype=torch.int64),), ValueError, "does not match weight dtype"),
-    (lambda: fused_rnn.LSTM(4, 3, dtype=torch.float32), (torch.ones(5, 2, 4, dtype=torch.bool),),
-     ValueError, "does not match weight dtype"),
-    (lstm, ([1.0, 2.0],), TypeError, "input must be a Tensor or a PackedSequence, got list"),
-    (lambda: fused_rnn.GRU(4, 3, dtype=D), (X, (torch.zeros(1, 2, 3, dtype=D),)), TypeError,
-     "hx must be a Tensor, got tuple"),
-    (lambda: fused_rnn.RNN(4, 3, num_layers=2, dtype=D), (X, torch.zeros(1, 2, 3, dtype=D)), RuntimeError,
-     r"Expected hidden size \(2, 2, 3\), got \[1, 2, 3\]"),
-    (lambda: fused_rnn.LSTMCell(4, 3, dtype=D), (torch.randn(2, 5, dtype=D),), RuntimeError,
-     "Expected 4, got 5"),
-    (lambda: fused_rnn.LSTMCell(4, 3, dtype=D), (torch.randn(2, 4, dtype=D), torch.zeros(2, 3, dtype=D)),
-     TypeError, r"hx must be a tuple \(h, c\)"),
-    (lambda: fused_rnn.GRUCell(4, 3, dtype=D), (torch.randn(2, 4, dtype=D), torch.zeros(3, 3, dtype=D)),
-     RuntimeError, r"hx must have shape \(2, 3\), got \(3, 3\)"),
-    (lambda: fused_rnn.RNNCell(4, 3, dtype=D), (torch.randn(2, 4, dtype=D), torch.zeros(3, dtype=D)),
-     ValueError, "hx must be 2-D like the input, got 1-D"),
-    (lambda: fused_rnn.RNNCell(4, 3, dtype=D), (torch.randn(2, 2, 4, dtype=D),), ValueError,
-     "Expected input to be 1D or 2D, got 3D"),
-])
-def test_forward_rejects(make, args, exc, match):
-    with pytest.raises(exc, match=match):
-        make()(*args)
+# ---------------------------------------------------------------------------------------------------
+# The layers: LSTM, GRU, RNN
+# ---------------------------------------------------------------------------------------------------
+
+def _layer_cases(kind):
+    cls = LAYERS[kind]
+    lstm = kind == "LSTM"
+    st = "h_0" if lstm else "hx"  # the name of the (first) state in messages
+
+    def make(**kw):
+        return cls(I, H, dtype=D, **kw)
+
+    def state(*shape, c_shape=None, **kw):
+        """hx of the right kind for this module, of the given shape."""
+        return (z(*shape, **kw), z(*(c_shape or shape))) if lstm else z(*shape, **kw)
+
+    def call(args, **kw):
+        return lambda: make(**kw)(*args)
+
+    def with_param(param, value):
+        def run():
+            m = make()
+            setattr(m, param, value(getattr(m, param)))
+            return m(X)
+        return run
+
+    size = r"\(num_layers \* num_directions, batch, hidden_size\)"
+    cases = [
+        # --- input rank and kind ---
+        ("input_0d", call((torch.tensor(1.0, dtype=D),)), ValueError, "Expected input to be 2D or 3D, got 0D"),
+        ("input_1d", call((torch.randn(I, dtype=D),)), ValueError, "Expected input to be 2D or 3D, got 1D"),
+        ("input_4d", call((torch.randn(5, 2, I, 1, dtype=D),)), ValueError,
+         "Expected input to be 2D or 3D, got 4D"),
+        # torch.nn: AttributeError 'list' object has no attribute 'dim'
+        ("input_list", call(([[1.0] * I],)), TypeError, "input must be a Tensor or a PackedSequence, got list"),
+        ("input_none", call((None,)), TypeError, "input must be a Tensor or a PackedSequence, got NoneType"),
+        ("input_tuple", call(((X, None),)), TypeError, "input must be a Tensor or a PackedSequence, got tuple"),
+        # --- feature size ---
+        ("features_batched", call((torch.randn(5, 2, 6, dtype=D),)), RuntimeError,
+         "input.size\\(-1\\) must be equal to input_size. Expected 4, got 6"),
+        ("features_unbatched", call((torch.randn(5, 6, dtype=D),)), RuntimeError,
+         "input_size. Expected 4, got 6"),
+        ("features_batch_first", call((torch.randn(2, 5, 1, dtype=D),), batch_first=True), RuntimeError,
+         "input_size. Expected 4, got 1"),
+        # --- no time steps (torch.nn: "Expected sequence length to be larger than 0") ---
+        ("seq_len_0", call((torch.randn(0, 2, I, dtype=D),)), RuntimeError,
+         r"Expected sequence length to be larger than 0 .* shape \(0, 2, 4\)"),
+        ("seq_len_0_batch_first", call((torch.randn(2, 0, I, dtype=D),), batch_first=True), RuntimeError,
+         "Expected sequence length to be larger than 0"),
+        ("seq_len_0_unbatched", call((torch.randn(0, I, dtype=D),)), RuntimeError,
+         "Expected sequence length to be larger than 0"),
+        # --- dtypes ---
+        ("input_int64", call((torch.ones(5, 2, I, dtype=torch.int64),)), TypeError,
+         "input must be a floating point or complex tensor, got torch.int64"),
+        ("input_bool", call((torch.ones(5, 2, I, dtype=torch.bool),)), TypeError,
+         "input must be a floating point or complex tensor, got torch.bool"),
+        ("input_float32", call((X.float(),)), ValueError,
+         r"input dtype \(torch.float32\) does not match weight dtype \(torch.float64\) of parameter weight_ih_l0"),
+        ("input_complex", call((X.to(torch.complex128),)), ValueError,
+         r"input dtype \(torch.complex128\) does not match weight dtype \(torch.float64\)"),
+        # torch.nn: "mat1 and mat2 must have the same dtype" (no name)
+        ("param_dtype", with_param("weight_hh_l0", lambda w: nn.Parameter(w.detach().float())), ValueError,
+         r"weight dtype \(torch.float32\) of parameter weight_hh_l0"),
+        ("param_none", with_param("weight_hh_l0", lambda w: None), TypeError,
+         "parameter weight_hh_l0 must be a Tensor, got NoneType"),
+        # --- devices ("meta" stands in for another device) ---
+        # torch.nn raises too; before the fix ours silently returned meta tensors.
+        ("input_meta", call((torch.randn(5, 2, I, dtype=D, device="meta"),)), RuntimeError,
+         "the input is on meta but parameter weight_ih_l0 is on cpu"),
+        ("param_meta", with_param("weight_hh_l0", lambda w: nn.Parameter(w.detach().to("meta"))), RuntimeError,
+         "the input is on cpu but parameter weight_hh_l0 is on meta"),
+        ("hx_meta", call((X, state(1, 2, H, device="meta"))), ValueError, f"{st} is on meta but the input is on cpu"),
+        # --- hx: dtype ---
+        # torch.nn: "mat1 and mat2 must have the same dtype" (no name)
+        ("hx_float32", call((X, state(1, 2, H, dtype=torch.float32))), ValueError,
+         f"{st} has dtype torch.float32 but the input has dtype torch.float64"),
+        ("hx_int64", call((X, state(1, 2, H, dtype=torch.int64))), ValueError,
+         f"{st} has dtype torch.int64 but the input has dtype torch.float64"),
+        # --- hx: rank ---
+        ("hx_2d_for_batched", call((X, state(2, H))), RuntimeError,
+         f"for batched 3-D input, {st} should be 3-D but got a 2-D tensor"),
+        ("hx_3d_for_unbatched", call((X_UNBATCHED, state(1, 1, H))), RuntimeError,
+         f"for unbatched 2-D input, {st} should be 2-D but got a 3-D tensor"),
+        ("hx_4d", call((X, state(1, 1, 2, H))), RuntimeError, f"{st} should be 3-D but got a 4-D tensor"),
+        # --- hx: shape ---
+        ("hx_batch", call((X, state(1, 3, H))), RuntimeError,
+         rf"Expected {st} of size \(1, 2, 3\) {size}, got \(1, 3, 3\)"),
+        ("hx_batch_first", call((torch.randn(2, 5, I, dtype=D), state(1, 5, H)), batch_first=True),
+         RuntimeError, rf"Expected {st} of size \(1, 2, 3\) {size}, got \(1, 5, 3\)"),
+        ("hx_layers", call((X, state(1, 2, H)), num_layers=2), RuntimeError,
+         rf"Expected {st} of size \(2, 2, 3\) {size}, got \(1, 2, 3\)"),
+        ("hx_directions", call((X, state(1, 2, H)), bidirectional=True), RuntimeError,
+         rf"Expected {st} of size \(2, 2, 3\) {size}, got \(1, 2, 3\)"),
+        ("hx_width", call((X, state(1, 2, 5))), RuntimeError,
+         rf"Expected {st} of size \(1, 2, 3\) {size}, got \(1, 2, 5\)"),
+        ("hx_unbatched_width", call((X_UNBATCHED, state(1, 5))), RuntimeError,
+         rf"Expected {st} of size \(1, 3\) \(num_layers \* num_directions, hidden_size\), got \(1, 5\)"),
+        # --- hx of the wrong kind ---
+        # torch.nn: AttributeError "'int' object has no attribute 'dim'" / TypeError not subscriptable
+        ("hx_int", call((X, 3)), TypeError,
+         r"hx must be a tuple \(h_0, c_0\) of two tensors, got int" if lstm else "hx must be a Tensor, got int"),
+        ("hx_nested_list", call((X, [[0.0] * H] * 2)), TypeError,
+         "h_0 must be a Tensor, got list" if lstm else "hx must be a Tensor, got list"),
+        # --- malformed PackedSequences ---
+        # torch.nn: "The size of tensor a (2) must match the size of tensor b (3)"
+        ("packed_increasing", call((packed(6, torch.tensor([2, 3, 1])),)), ValueError,
+         r"batch_sizes must be positive and non-increasing, got \[2, 3, 1\]"),
+        # torch.nn: runs and returns a result (silently)
+        ("packed_zero_length", call((packed(4, torch.tensor([2, 2, 0])),)), ValueError,
+         r"batch_sizes must be positive and non-increasing, got \[2, 2, 0\]"),
+        ("packed_negative_length", call((packed(4, torch.tensor([3, 2, -1])),)), ValueError,
+         r"batch_sizes must be positive and non-increasing, got \[3, 2, -1\]"),
+        # torch.nn: runs on the first 5 rows and ignores the sixth (silently)
+        ("packed_rows_extra", call((packed(6, torch.tensor([3, 2])),)), ValueError,
+         "batch_sizes sum to 5 but its data has 6 rows"),
+        ("packed_rows_missing", call((packed(4, torch.tensor([3, 2])),)), ValueError,
+         "batch_sizes sum to 5 but its data has 4 rows"),
+        # torch.nn: IndexError "index 0 is out of bounds for dimension 0 with size 0"
+        ("packed_empty", call((packed(0, torch.tensor([], dtype=torch.int64)),)), ValueError,
+         "batch_sizes is empty; expected at least one time step"),
+        # torch.nn: TypeError from torch.zeros about 'size'
+        ("packed_float_batch_sizes", call((packed(5, torch.tensor([3.0, 2.0])),)), TypeError,
+         "batch_sizes must be a 1-D integer tensor, got a 1-D torch.float32 tensor"),
+        ("packed_2d_batch_sizes", call((packed(5, torch.tensor([[3, 2]])),)), TypeError,
+         "batch_sizes must be a 1-D integer tensor, got a 2-D torch.int64 tensor"),
+        ("packed_data_3d", call((packed(torch.randn(5, 1, I, dtype=D), torch.tensor([3, 2])),)), ValueError,
+         r"PackedSequence data must be 2-D \(sum\(batch_sizes\), input_size\), got a 3-D tensor"),
+        ("packed_data_1d", call((packed(torch.randn(5, dtype=D), torch.tensor([3, 2])),)), ValueError,
+         "PackedSequence data must be 2-D .* got a 1-D tensor"),
+        ("packed_features", call((packed(5, torch.tensor([3, 2]), features=6),)), RuntimeError,
+         "input_size. Expected 4, got 6"),
+        ("packed_int_data", call((packed(torch.ones(5, I, dtype=torch.int64), torch.tensor([3, 2])),)),
+         TypeError, "input must be a floating point or complex tensor, got torch.int64"),
+        ("packed_hx_batch", call((packed(5, torch.tensor([3, 2])), state(1, 2, H))), RuntimeError,
+         rf"Expected {st} of size \(1, 3, 3\) {size}, got \(1, 2, 3\)"),
+        # torch.nn: h_n silently loses a sequence
+        ("packed_sorted_indices_length",
+         call((packed(5, torch.tensor([3, 2]), torch.tensor([0, 1]), torch.tensor([0, 1])),)), ValueError,
+         r"sorted_indices must be a 1-D integer tensor of length batch_sizes\[0\] = 3"),
+        # torch.nn: h_n silently holds one sequence twice
+        ("packed_sorted_indices_duplicate",
+         call((packed(5, torch.tensor([3, 2]), torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1])),)),
+         ValueError, r"sorted_indices must be a permutation of range\(3\), got \[0, 0, 1\]"),
+        # torch.nn: "INDICES element is out of DATA bounds" (internal)
+        ("packed_sorted_indices_out_of_range",
+         call((packed(5, torch.tensor([3, 2]), torch.tensor([0, 1, 7]), torch.tensor([0, 1, 7])),)),
+         ValueError, r"sorted_indices must be a permutation of range\(3\), got \[0, 1, 7\]"),
+        ("packed_unsorted_not_inverse",
+         call((packed(5, torch.tensor([3, 2]), torch.tensor([1, 2, 0]), torch.tensor([1, 2, 0])),)),
+         ValueError, "unsorted_indices must be the inverse permutation of sorted_indices"),
+        ("packed_float_sorted_indices",
+         call((packed(5, torch.tensor([3, 2]), torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0, 1, 2])),)),
+         ValueError, "sorted_indices must be a 1-D integer tensor .* got a torch.float32 tensor"),
+        # --- constructor arguments ---
+        ("ctor_input_size_0", lambda: cls(0, H), ValueError, "input_size must be greater than zero"),
+        ("ctor_input_size_negative", lambda: cls(-1, H), ValueError, "input_size must be greater than zero"),
+        ("ctor_hidden_size_0", lambda: cls(I, 0), ValueError, "hidden_size must be greater than zero"),
+        ("ctor_hidden_size_negative", lambda: cls(I, -3), ValueError, "hidden_size must be greater than zero"),
+        ("ctor_hidden_size_float", lambda: cls(I, 3.5), TypeError, "hidden_size should be of type int, got: float"),
+        ("ctor_input_size_str", lambda: cls("4", H), TypeError, "input_size should be of type int, got: str"),
+        ("ctor_num_layers_0", lambda: cls(I, H, num_layers=0), ValueError, "num_layers must be greater than zero"),
+        ("ctor_num_layers_negative", lambda: cls(I, H, num_layers=-2), ValueError,
+         "num_layers must be greater than zero"),
+        # torch.nn: "'float' object cannot be interpreted as an integer"
+        ("ctor_num_layers_float", lambda: cls(I, H, num_layers=2.0), TypeError,
+         "num_layers should be of type int, got: float"),
+        ("ctor_num_layers_none", lambda: cls(I, H, num_layers=None), TypeError,
+         "num_layers should be of type int, got: NoneType"),
+        ("ctor_dropout_negative", lambda: cls(I, H, num_layers=2, dropout=-0.1), ValueError,
+         r"dropout should be a number in range \[0, 1\]"),
+        ("ctor_dropout_above_1", lambda: cls(I, H, num_layers=2, dropout=1.5), ValueError,
+         r"dropout should be a number in range \[0, 1\]"),
+        ("ctor_dropout_nan", lambda: cls(I, H, num_layers=2, dropout=float("nan")), ValueError,
+         r"dropout should be a number in range \[0, 1\]"),
+        ("ctor_dropout_str", lambda: cls(I, H, num_layers=2, dropout="0.5"), ValueError,
+         r"dropout should be a number in range \[0, 1\]"),
+        ("ctor_bias_str", lambda: cls(I, H, bias="no"), TypeError, "bias should be of type bool, got: str"),
+        ("ctor_batch_first_int", lambda: cls(I, H, batch_first=1), TypeError,
+         "batch_first should be of type bool, got: int"),
+        # torch.nn: "Only Tensors of floating point and complex dtype can require gradients"
+        ("ctor_dtype_int", lambda: cls(I, H, dtype=torch.int64), TypeError,
+         "dtype must be a floating point or complex torch.dtype, got torch.int64"),
+    ]
+    if lstm:
+        psize = r"\(num_layers \* num_directions, batch, proj_size\)"
+        cases += [
+            # torch.nn: IndexError "index 1 is out of bounds for dimension 0 with size 1"
+            ("hx_tensor_for_lstm", call((X, z(1, 2, H))), TypeError,
+             r"hx must be a tuple \(h_0, c_0\) of two tensors, got Tensor"),
+            # torch.nn: IndexError "tuple index out of range"
+            ("hx_tuple_of_1", call((X, (z(1, 2, H),))), TypeError,
+             r"hx must be a tuple \(h_0, c_0\) of two tensors, got tuple of length 1"),
+            ("hx_tuple_of_3", call((X, (z(1, 2, H),) * 3)), TypeError,
+             r"hx must be a tuple \(h_0, c_0\) of two tensors, got tuple of length 3"),
+            # torch.nn: AttributeError "'NoneType' object has no attribute 'dim'"
+            ("c_0_none", call((X, (z(1, 2, H), None))), TypeError, "c_0 must be a Tensor, got NoneType"),
+            ("c_0_width", call((X, (z(1, 2, H), z(1, 2, 5)))), RuntimeError,
+             rf"Expected c_0 of size \(1, 2, 3\) {size}, got \(1, 2, 5\)"),
+            ("c_0_batch", call((X, (z(1, 2, H), z(1, 3, H)))), RuntimeError,
+             rf"Expected c_0 of size \(1, 2, 3\) {size}, got \(1, 3, 3\)"),
+            # torch.nn: runs (silently mixes float32 into a float64 computation)
+            ("c_0_float32", call((X, (z(1, 2, H), z(1, 2, H, dtype=torch.float32)))), ValueError,
+             "c_0 has dtype torch.float32 but the input has dtype torch.float64"),
+            ("c_0_meta", call((X, (z(1, 2, H), z(1, 2, H, device="meta")))), ValueError,
+             "c_0 is on meta but the input is on cpu"),
+            ("h_0_width_with_proj", call((X, (z(1, 2, H), z(1, 2, H))), proj_size=2), RuntimeError,
+             rf"Expected h_0 of size \(1, 2, 2\) {psize}, got \(1, 2, 3\)"),
+            ("c_0_width_with_proj", call((X, (z(1, 2, 2), z(1, 2, 2))), proj_size=2), RuntimeError,
+             rf"Expected c_0 of size \(1, 2, 3\) {size}, got \(1, 2, 2\)"),
+            ("ctor_proj_size_equal", lambda: cls(I, H, proj_size=H), ValueError,
+             "proj_size has to be smaller than hidden_size"),
+            ("ctor_proj_size_larger", lambda: cls(I, H, proj_size=5), ValueError,
+             "proj_size has to be smaller than hidden_size"),
+            ("ctor_proj_size_negative", lambda: cls(I, H, proj_size=-1), ValueError,
+             "proj_size should be a positive integer or zero"),
+            # torch.nn: TypeError from torch.empty about 'size'
+            ("ctor_proj_size_float", lambda: cls(I, H, proj_size=1.5), TypeError,
+             "proj_size should be of type int, got: float"),
+        ]
+    else:
+        cases += [
+            # torch.nn: AttributeError "'tuple' object has no attribute 'dim'"
+            ("hx_tuple", call((X, (z(1, 2, H), z(1, 2, H)))), TypeError,
+             r"hx must be a Tensor, got tuple \(only LSTM takes a tuple"),
+            ("hx_tuple_of_1", call((X, (z(1, 2, H),))), TypeError, "hx must be a Tensor, got tuple"),
+            ("hx_none_in_tuple", call((X, (z(1, 2, H), None))), TypeError, "hx must be a Tensor, got tuple"),
+            ("hx_bidirectional_layers", call((X, z(2, 2, H)), num_layers=2, bidirectional=True), RuntimeError,
+             rf"Expected hx of size \(4, 2, 3\) {size}, got \(2, 2, 3\)"),
+            ("ctor_proj_size", lambda: cls(I, H, proj_size=2), TypeError, "unexpected keyword argument 'proj_size'"),
+        ]
+    if kind == "RNN":
+        cases += [
+            ("ctor_nonlinearity_unknown", lambda: cls(I, H, nonlinearity="gelu"), ValueError,
+             "Unknown nonlinearity 'gelu'. Select from 'tanh' or 'relu'"),
+            ("ctor_nonlinearity_case", lambda: cls(I, H, nonlinearity="TANH"), ValueError,
+             "Unknown nonlinearity 'TANH'"),
+            ("ctor_nonlinearity_none", lambda: cls(I, H, nonlinearity=None), ValueError,
+             "Unknown nonlinearity 'None'"),
+            ("complex_relu", lambda: cls(I, H, nonlinearity="relu", dtype=torch.complex128)(
+                X.to(torch.complex128)), RuntimeError, "nonlinearity 'relu' is not defined for complex inputs"),
+        ]
+    return [(kind,) + case for case in cases]
 
 
-@pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(proj_size=3), ValueError, "proj_size has to be smaller than hidden_size"),
-    (dict(proj_size=-1), ValueError, "proj_size should be a positive integer"),
-    (dict(dropout=1.5), ValueError, "dropout should be a number in range"),
-    (dict(num_layers=0), ValueError, "num_layers must be greater than zero"),
-])
-def test_constructor_rejects(kwargs, exc, match):
-    with pytest.raises(exc, match=match):
-        fused_rnn.LSTM(4, 3, **kwargs)
+# ---------------------------------------------------------------------------------------------------
+# The cells: LSTMCell, GRUCell, RNNCell
+# ---------------------------------------------------------------------------------------------------
+
+def _cell_cases(kind):
+    cls = CELLS[kind]
+    lstm = kind == "LSTMCell"
+    st = re.escape("hx[0]") if lstm else "hx"
+
+    def make(**kw):
+        return cls(I, H, dtype=D, **kw)
+
+    def state(*shape, c_shape=None, **kw):
+        return (z(*shape, **kw), z(*(c_shape or shape))) if lstm else z(*shape, **kw)
+
+    def call(args, **kw):
+        return lambda: make(**kw)(*args)
+
+    def with_param(param, value):
+        def run():
+            m = make()
+            setattr(m, param, value(getattr(m, param)))
+            return m(XC)
+        return run
+
+    cases = [
+        ("input_0d", call((torch.tensor(1.0, dtype=D),)), ValueError, "Expected input to be 1D or 2D, got 0D"),
+        ("input_3d", call((torch.randn(1, 2, I, dtype=D),)), ValueError, "Expected input to be 1D or 2D, got 3D"),
+        # torch.nn: AttributeError "'list' object has no attribute 'dim'"
+        ("input_list", call(([[1.0] * I],)), TypeError, "input must be a Tensor, got list"),
+        ("input_none", call((None,)), TypeError, "input must be a Tensor, got NoneType"),
+        ("features_batched", call((torch.randn(2, 6, dtype=D),)), RuntimeError,
+         r"input.size\(-1\) must be equal to input_size. Expected 4, got 6"),
+        ("features_unbatched", call((torch.randn(1, dtype=D),)), RuntimeError, "input_size. Expected 4, got 1"),
+        # torch.nn: "mat1 and mat2 must have the same dtype, but got Long and Double"
+        ("input_int64", call((torch.ones(2, I, dtype=torch.int64),)), TypeError,
+         "input must be a floating point or complex tensor, got torch.int64"),
+        ("input_bool", call((torch.ones(2, I, dtype=torch.bool),)), TypeError,
+         "input must be a floating point or complex tensor, got torch.bool"),
+        ("input_float32", call((XC.float(),)), ValueError,
+         r"input dtype \(torch.float32\) does not match weight dtype \(torch.float64\) of parameter weight_ih"),
+        ("input_complex", call((XC.to(torch.complex128),)), ValueError,
+         r"input dtype \(torch.complex128\) does not match weight dtype"),
+        ("param_dtype", with_param("weight_hh", lambda w: nn.Parameter(w.detach().float())), ValueError,
+         r"weight dtype \(torch.float32\) of parameter weight_hh"),
+        ("param_none", with_param("bias_hh", lambda w: None), TypeError,
+         "parameter bias_hh must be a Tensor, got NoneType"),
+        # before the fix ours silently returned meta tensors
+        ("input_meta", call((torch.randn(2, I, dtype=D, device="meta"),)), RuntimeError,
+         "the input is on meta but parameter weight_ih is on cpu"),
+        ("param_meta", with_param("weight_hh", lambda w: nn.Parameter(w.detach().to("meta"))), RuntimeError,
+         "the input is on cpu but parameter weight_hh is on meta"),
+        ("hx_meta", call((XC, state(2, H, device="meta"))), ValueError, f"{st} is on meta but the input is on cpu"),
+        ("hx_float32", call((XC, state(2, H, dtype=torch.float32))), ValueError,
+         rf"{st} has dtype torch.float32 but the input has dtype torch.float64"),
+        ("hx_int64", call((XC, state(2, H, dtype=torch.int64))), ValueError, rf"{st} has dtype torch.int64"),
+        # torch.nn: "Input batch size 2 doesn't match hidden0 batch size 3" (the width taken as batch)
+        ("hx_1d_for_batched", call((XC, state(H))), ValueError, rf"{st} must be 2-D like the input, got 1-D"),
+        # torch.nn: "hidden0 has inconsistent hidden_size: got 1, expected 3"
+        ("hx_2d_for_unbatched", call((torch.randn(I, dtype=D), state(1, H))), ValueError,
+         rf"{st} must be 1-D like the input, got 2-D"),
+        ("hx_3d", call((XC, state(1, 2, H))), ValueError, rf"{st} must be 2-D like the input, got 3-D"),
+        ("hx_batch", call((XC, state(3, H))), RuntimeError,
+         rf"{st} must have shape \(2, 3\) \(batch, hidden_size\), got \(3, 3\)"),
+        ("hx_width", call((XC, state(2, 5))), RuntimeError,
+         rf"{st} must have shape \(2, 3\) \(batch, hidden_size\), got \(2, 5\)"),
+        ("hx_unbatched_width", call((torch.randn(I, dtype=D), state(5))), RuntimeError,
+         rf"{st} must have shape \(3,\) \(hidden_size\), got \(5,\)"),
+        ("hx_for_empty_batch", call((torch.randn(0, I, dtype=D), state(2, H))), RuntimeError,
+         rf"{st} must have shape \(0, 3\)"),
+        ("hx_int", call((XC, 3)), TypeError,
+         r"hx must be a tuple \(h, c\) of two tensors, got int" if lstm else "hx must be a Tensor, got int"),
+        ("hx_nested_list", call((XC, [[0.0] * H] * 2)), TypeError,
+         "hx\\[0\\] must be a Tensor, got list" if lstm else "hx must be a Tensor, got list"),
+        # --- constructor ---
+        # torch.nn: "Trying to create tensor with negative dimension -1"
+        ("ctor_input_size_negative", lambda: cls(-1, H), ValueError, "input_size must be at least 0, got -1"),
+        ("ctor_hidden_size_negative", lambda: cls(I, -3), ValueError, "hidden_size must be at least 0, got -3"),
+        # torch.nn: TypeError from torch.empty about 'size'
+        ("ctor_input_size_float", lambda: cls(4.0, H), TypeError, "input_size should be of type int, got: float"),
+        ("ctor_hidden_size_str", lambda: cls(I, "3"), TypeError, "hidden_size should be of type int, got: str"),
+        ("ctor_dtype_int", lambda: cls(I, H, dtype=torch.int32), TypeError,
+         "dtype must be a floating point or complex torch.dtype, got torch.int32"),
+        ("ctor_num_layers", lambda: cls(I, H, num_layers=2), TypeError, "unexpected keyword argument 'num_layers'"),
+    ]
+    if lstm:
+        cases += [
+            # torch.nn: TypeError "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors"
+            ("hx_tensor_for_lstm", call((XC, z(2, H))), TypeError,
+             r"hx must be a tuple \(h, c\) of two tensors, got Tensor"),
+            ("hx_tuple_of_1", call((XC, (z(2, H),))), TypeError,
+             r"hx must be a tuple \(h, c\) of two tensors, got tuple of length 1"),
+            ("hx_tuple_of_3", call((XC, (z(2, H),) * 3)), TypeError, "got tuple of length 3"),
+            # torch.nn: AttributeError "'NoneType' object has no attribute 'dim'"
+            ("c_none", call((XC, (z(2, H), None))), TypeError, r"hx\[1\] must be a Tensor, got NoneType"),
+            ("c_batch", call((XC, (z(2, H), z(3, H)))), RuntimeError, r"hx\[1\] must have shape \(2, 3\)"),
+            ("c_width", call((XC, (z(2, H), z(2, 5)))), RuntimeError, r"hx\[1\] must have shape \(2, 3\)"),
+            # torch.nn: runs (silently)
+            ("c_float32", call((XC, (z(2, H), z(2, H, dtype=torch.float32)))), ValueError,
+             r"hx\[1\] has dtype torch.float32"),
+            ("c_rank", call((XC, (z(2, H), z(H)))), ValueError, r"hx\[1\] must be 2-D like the input, got 1-D"),
+        ]
+    else:
+        cases += [
+            # torch.nn: AttributeError "'tuple' object has no attribute 'dim'"
+            ("hx_tuple", call((XC, (z(2, H), z(2, H)))), TypeError,
+             rf"hx must be a Tensor, got tuple \(only LSTMCell takes a tuple"),
+            ("hx_none_in_tuple", call((XC, (z(2, H), None))), TypeError, "hx must be a Tensor, got tuple"),
+            ("hx_list_of_tensors", call((XC, [z(2, H)])), TypeError, "hx must be a Tensor, got list"),
+        ]
+    if kind == "RNNCell":
+        def changed_nonlinearity():
+            m = make()
+            m.nonlinearity = "gelu"  # torch.nn: rejected at forward; ours used to compute relu here
+            return m(XC)
+        cases += [
+            # torch.nn accepts it and fails only at forward
+            ("ctor_nonlinearity_unknown", lambda: cls(I, H, nonlinearity="gelu"), ValueError,
+             "Unknown nonlinearity 'gelu'. Select from 'tanh' or 'relu'"),
+            ("nonlinearity_changed", changed_nonlinearity, ValueError, "Unknown nonlinearity 'gelu'"),
+            ("complex_relu", lambda: cls(I, H, nonlinearity="relu", dtype=torch.complex128)(
+                XC.to(torch.complex128)), RuntimeError, "nonlinearity 'relu' is not defined for complex inputs"),
+        ]
+    return [(kind,) + case for case in cases]
 
 
-def test_constructor_rejects_other_cells():
-    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
-        fused_rnn.RNN(4, 3, nonlinearity="gelu")
-    with pytest.raises(ValueError, match="Unknown nonlinearity 'gelu'"):
-        fused_rnn.RNNCell(4, 3, nonlinearity="gelu")
-    with pytest.raises(TypeError):
-        fused_rnn.GRU(4, 3, proj_size=2)
-    with pytest.raises(ValueError, match="hidden_size must be greater than zero"):
-        fused_rnn.GRU(4, 0)
+CASES = [c for kind in LAYERS for c in _layer_cases(kind)] + [c for kind in CELLS for c in _cell_cases(kind)]
 
 
-def test_bad_packed_sequence():
-    m = fused_rnn.GRU(4, 3, dtype=D)
-    data = torch.randn(6, 4, dtype=D)
-    bad = PackedSequence(data, torch.tensor([2, 3, 1]), None, None)  # increasing
-    with pytest.raises(ValueError, match="batch_sizes must be positive and non-increasing"):
-        m(bad)
-    short = PackedSequence(data, torch.tensor([3, 2]), None, None)  # sums to 5, data has 6 rows
-    with pytest.raises(ValueError, match="batch_sizes sum to 5 but its data has 6 rows"):
-        m(short)
+@pytest.mark.parametrize("kind,case,action,exc,match", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_rejects(kind, case, action, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        action()
+    # The message starts with or contains the argument's owner where ours wrote it.
+    assert str(info.value).strip(), "an empty message"
+
+
+def test_matrix_covers_every_module():
+    """At least 25 bad-input cases per module and cell, and no id twice."""
+    per_kind = collections.Counter(c[0] for c in CASES)
+    assert set(per_kind) == set(LAYERS) | set(CELLS)
+    assert min(per_kind.values()) >= 25, per_kind
+    ids = [(c[0], c[1]) for c in CASES]
+    assert len(ids) == len(set(ids))
+
+
+@pytest.mark.parametrize("kind", list(LAYERS) + list(CELLS))
+def test_a_rejected_call_leaves_the_module_usable(kind):
+    """After any error the module still works, and gives torch.nn's numbers."""
+    cls, ref_cls = (LAYERS.get(kind) or CELLS[kind]), getattr(nn, kind)
+    m = cls(I, H, dtype=D)
+    ref = ref_cls(I, H, dtype=D)
+    ref.load_state_dict(m.state_dict())
+    x = X if kind in LAYERS else XC
+    for bad in (x.float(), x[..., :2], torch.ones_like(x, dtype=torch.int64)):
+        with pytest.raises((ValueError, TypeError, RuntimeError)):
+            m(bad)
+    for a, b in zip(torch.utils._pytree.tree_leaves(m(x)), torch.utils._pytree.tree_leaves(ref(x))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_constructor_warning_like_torch():
+    """dropout with one layer: torch.nn warns and builds the module; so do we."""
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        fused_rnn.GRU(I, H, dropout=0.5)
+
+
+def test_cells_accept_zero_sizes_like_torch():
+    """torch.nn's cells accept input_size or hidden_size 0; so do ours, with the same results."""
+    for kind in CELLS:
+        for i, h in ((0, 3), (4, 0)):
+            m, ref = CELLS[kind](i, h, dtype=D), getattr(nn, kind)(i, h, dtype=D)
+            ref.load_state_dict(m.state_dict())
+            x = torch.randn(2, i, dtype=D)
+            for a, b in zip(torch.utils._pytree.tree_leaves(m(x)), torch.utils._pytree.tree_leaves(ref(x))):
+                assert a.shape == b.shape
+                torch.testing.assert_close(a, b)
 
 
 def test_compiled_op_checks_shapes():
@@ -104,3 +475,7 @@ def test_compiled_op_checks_shapes():
         op(0, x, [2, 2], False, h0, None, w_ih, w_hh, None, None, None, False)
     with pytest.raises(RuntimeError, match="h0 has dtype Float"):
         op(0, x, [2, 2], False, h0.float(), c0, w_ih, w_hh, None, None, None, False)
+    with pytest.raises(RuntimeError, match="unknown cell kind 7"):
+        op(7, x, [2, 2], False, h0, c0, w_ih, w_hh, None, None, None, False)
+    with pytest.raises(RuntimeError, match="the input must be a floating point or complex tensor"):
+        op(0, x.long(), [2, 2], False, h0, c0, w_ih, w_hh, None, None, None, False)
