@@ -19,7 +19,7 @@ built_with_cuda: bool = _C.built_with_cuda
 
 # The `cell` argument of the compiled ops; the same numbering as CellKind in csrc/cells.h.
 CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-LSTM = CELL_IDS["LSTM"]
+LSTM_ID = CELL_IDS["LSTM"]
 
 # Per cell id: gates per hidden unit (kGates) and values saved per hidden unit (kSaved), as in cells.h.
 _GATES = {0: 4, 1: 3, 2: 1, 3: 1}
@@ -37,7 +37,7 @@ def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
     out_size = w_hr.size(0) if w_hr is not None else hidden
     y = x.new_empty(x.size(0), out_size)
     h_n = x.new_empty(h0.shape)
-    c_n = x.new_empty(c0.shape) if cell == LSTM else x.new_empty(0)
+    c_n = x.new_empty(c0.shape) if cell == LSTM_ID else x.new_empty(0)
     if not need_saved:
         return y, h_n, c_n, x.new_empty(0)
     # Columns as LayerShape::saved_cols in csrc/layer.h: cell values | h_{t-1} | projection input.
@@ -56,7 +56,7 @@ def _layer_backward_fake(cell, x, batch_sizes, reverse, w_ih, w_hh, w_hr, has_bi
     bias = x.new_empty(w_ih.size(0)) if has_bias else None
     return (torch.empty_like(x) if need_input_grad else None,
             x.new_empty(batch, out_size),
-            x.new_empty(batch, hidden) if cell == LSTM else None,
+            x.new_empty(batch, hidden) if cell == LSTM_ID else None,
             torch.empty_like(w_ih), torch.empty_like(w_hh), bias,
             None if bias is None else torch.empty_like(bias),
             None if w_hr is None else torch.empty_like(w_hr))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._ops import CELL_IDS, LSTM
+from ._ops import CELL_IDS, LSTM_ID
 
 _TORCH_CELLS = {  # torch's own cell ops, differentiable any number of times
     CELL_IDS["LSTM"]: torch._VF.lstm_cell,
@@ -45,7 +45,7 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
         starts.append(starts[-1] + n)
     steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
     rows = 0 if reverse else h0.size(0)
-    h, c = h0[:rows], (c0[:rows] if cell == LSTM else None)
+    h, c = h0[:rows], (c0[:rows] if cell == LSTM_ID else None)
     ended_h, ended_c, ys = [], [], [None] * len(batch_sizes)
     for t in steps:
         n = batch_sizes[t]
@@ -58,7 +58,7 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
             h, c = h[:n], (c[:n] if c is not None else None)
         rows = n
         x_t = x[starts[t]:starts[t] + n]
-        if cell == LSTM:
+        if cell == LSTM_ID:
             h, c = step(x_t, (F.pad(h, proj_pad), c), w_ih, w_hh, b_ih, b_hh)
             if w_hr is not None:
                 h = F.linear(h, w_hr)
@@ -67,7 +67,7 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
         ys[t] = h
     y = torch.cat(ys) if ys else x.new_empty(0, h0.size(1))
     h_n = torch.cat([h] + ended_h[::-1])
-    c_n = torch.cat([c] + ended_c[::-1]) if cell == LSTM else None
+    c_n = torch.cat([c] + ended_c[::-1]) if cell == LSTM_ID else None
     return y, h_n, c_n
 
 
@@ -89,7 +89,7 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
     is step by step, hence slow: meant for gradient penalties and gradgradcheck, not for training.
     """
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, saved = ctx.saved_tensors
-    if ctx.cell != LSTM:
+    if ctx.cell != LSTM_ID:
         grad_c_n = None  # c_n is an empty placeholder for the other cells
     with torch.autocast(x.device.type, enabled=False):  # as the forward ran
         if torch.is_grad_enabled():
@@ -110,8 +110,7 @@ def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, gra
     not needed."""
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
     x, *states_and_weights = inputs
-    with torch.enable_grad():
-        y, h_n, c_n = _layer_with_torch_cells(cell, x, batch_sizes, reverse, *states_and_weights)
+    y, h_n, c_n = _layer_with_torch_cells(cell, x, batch_sizes, reverse, *states_and_weights)
     outputs, grad_outputs = (y, h_n), (grad_y, grad_h_n)
     if c_n is not None:
         outputs, grad_outputs = outputs + (c_n,), grad_outputs + (grad_c_n,)
@@ -139,7 +138,7 @@ def _autocast_dtypes(cell: int, device_type: str, h0: Tensor, has_proj: bool) ->
     support, returns the low dtype throughout; we follow its portable path.)
     """
     low = torch.get_autocast_dtype(device_type)
-    if device_type != "cpu" or cell not in (CELL_IDS["LSTM"], CELL_IDS["GRU"]):
+    if device_type != "cpu" or cell not in (LSTM_ID, CELL_IDS["GRU"]):
         return low, low
     return h0.dtype, (low if has_proj else h0.dtype)
 
