@@ -17,12 +17,15 @@ _HiddenState = Union[Tensor, Tuple[Tensor, Tensor]]
 
 
 def _check_state(name: str, state, input: Tensor) -> None:
+    # RuntimeError for dtype and device, as torch.nn raises for the same hx
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
     if state.dtype != input.dtype:
-        raise ValueError(f"{name} has dtype {state.dtype} but the input has dtype {input.dtype}")
+        raise RuntimeError(f"{name} has dtype {state.dtype} but the input has dtype {input.dtype}; "
+                           f"expected the input's dtype")
     if state.device != input.device:
-        raise ValueError(f"{name} is on {state.device} but the input is on {input.device}")
+        raise RuntimeError(f"{name} is on {state.device} but the input is on {input.device}; "
+                           f"expected the input's device")
 
 
 def _check_int_arg(owner: str, arg: str, value, minimum: Optional[int]) -> int:
@@ -44,9 +47,10 @@ def _check_dtype_arg(owner: str, dtype) -> None:
 
 
 def _check_input_dtype(name: str, input: Tensor) -> None:
+    # ValueError, as torch.nn's layers raise for an integer or bool input
     if not (input.is_floating_point() or input.is_complex()):
-        raise TypeError(f"{name}: input must be a floating point or complex tensor, got {input.dtype} "
-                        f"(convert it, e.g. input.float())")
+        raise ValueError(f"{name}: input must be a floating point or complex tensor, got {input.dtype} "
+                         f"(convert it, e.g. input.float())")
 
 
 def _check_weights(name: str, weight_names: Sequence[str], weights: Sequence[Optional[Tensor]],

@@ -88,9 +88,9 @@ def _layer_cases(kind):
         ("seq_len_0_unbatched", call((torch.randn(0, I, dtype=D),)), RuntimeError,
          "Expected sequence length to be larger than 0"),
         # --- dtypes ---
-        ("input_int64", call((torch.ones(5, 2, I, dtype=torch.int64),)), TypeError,
+        ("input_int64", call((torch.ones(5, 2, I, dtype=torch.int64),)), ValueError,
          "input must be a floating point or complex tensor, got torch.int64"),
-        ("input_bool", call((torch.ones(5, 2, I, dtype=torch.bool),)), TypeError,
+        ("input_bool", call((torch.ones(5, 2, I, dtype=torch.bool),)), ValueError,
          "input must be a floating point or complex tensor, got torch.bool"),
         ("input_float32", call((X.float(),)), ValueError,
          r"input dtype \(torch.float32\) does not match weight dtype \(torch.float64\) of parameter weight_ih_l0"),
@@ -107,12 +107,12 @@ def _layer_cases(kind):
          "the input is on meta but parameter weight_ih_l0 is on cpu"),
         ("param_meta", with_param("weight_hh_l0", lambda w: nn.Parameter(w.detach().to("meta"))), RuntimeError,
          "the input is on cpu but parameter weight_hh_l0 is on meta"),
-        ("hx_meta", call((X, state(1, 2, H, device="meta"))), ValueError, f"{st} is on meta but the input is on cpu"),
+        ("hx_meta", call((X, state(1, 2, H, device="meta"))), RuntimeError, f"{st} is on meta but the input is on cpu"),
         # --- hx: dtype ---
         # torch.nn: "mat1 and mat2 must have the same dtype" (no name)
-        ("hx_float32", call((X, state(1, 2, H, dtype=torch.float32))), ValueError,
+        ("hx_float32", call((X, state(1, 2, H, dtype=torch.float32))), RuntimeError,
          f"{st} has dtype torch.float32 but the input has dtype torch.float64"),
-        ("hx_int64", call((X, state(1, 2, H, dtype=torch.int64))), ValueError,
+        ("hx_int64", call((X, state(1, 2, H, dtype=torch.int64))), RuntimeError,
          f"{st} has dtype torch.int64 but the input has dtype torch.float64"),
         # --- hx: rank ---
         ("hx_2d_for_batched", call((X, state(2, H))), RuntimeError,
@@ -168,7 +168,7 @@ def _layer_cases(kind):
         ("packed_features", call((packed(5, torch.tensor([3, 2]), features=6),)), RuntimeError,
          "input_size. Expected 4, got 6"),
         ("packed_int_data", call((packed(torch.ones(5, I, dtype=torch.int64), torch.tensor([3, 2])),)),
-         TypeError, "input must be a floating point or complex tensor, got torch.int64"),
+         ValueError, "input must be a floating point or complex tensor, got torch.int64"),
         ("packed_hx_batch", call((packed(5, torch.tensor([3, 2])), state(1, 2, H))), RuntimeError,
          rf"Expected {st} of size \(1, 3, 3\) {size}, got \(1, 2, 3\)"),
         # torch.nn: h_n silently loses a sequence
@@ -237,9 +237,9 @@ def _layer_cases(kind):
             ("c_0_batch", call((X, (z(1, 2, H), z(1, 3, H)))), RuntimeError,
              rf"Expected c_0 of size \(1, 2, 3\) {size}, got \(1, 3, 3\)"),
             # torch.nn: runs (silently mixes float32 into a float64 computation)
-            ("c_0_float32", call((X, (z(1, 2, H), z(1, 2, H, dtype=torch.float32)))), ValueError,
+            ("c_0_float32", call((X, (z(1, 2, H), z(1, 2, H, dtype=torch.float32)))), RuntimeError,
              "c_0 has dtype torch.float32 but the input has dtype torch.float64"),
-            ("c_0_meta", call((X, (z(1, 2, H), z(1, 2, H, device="meta")))), ValueError,
+            ("c_0_meta", call((X, (z(1, 2, H), z(1, 2, H, device="meta")))), RuntimeError,
              "c_0 is on meta but the input is on cpu"),
             ("h_0_width_with_proj", call((X, (z(1, 2, H), z(1, 2, H))), proj_size=2), RuntimeError,
              rf"Expected h_0 of size \(1, 2, 2\) {psize}, got \(1, 2, 3\)"),
@@ -315,9 +315,9 @@ def _cell_cases(kind):
          r"input.size\(-1\) must be equal to input_size. Expected 4, got 6"),
         ("features_unbatched", call((torch.randn(1, dtype=D),)), RuntimeError, "input_size. Expected 4, got 1"),
         # torch.nn: "mat1 and mat2 must have the same dtype, but got Long and Double"
-        ("input_int64", call((torch.ones(2, I, dtype=torch.int64),)), TypeError,
+        ("input_int64", call((torch.ones(2, I, dtype=torch.int64),)), ValueError,
          "input must be a floating point or complex tensor, got torch.int64"),
-        ("input_bool", call((torch.ones(2, I, dtype=torch.bool),)), TypeError,
+        ("input_bool", call((torch.ones(2, I, dtype=torch.bool),)), ValueError,
          "input must be a floating point or complex tensor, got torch.bool"),
         ("input_float32", call((XC.float(),)), ValueError,
          r"input dtype \(torch.float32\) does not match weight dtype \(torch.float64\) of parameter weight_ih"),
@@ -332,10 +332,10 @@ def _cell_cases(kind):
          "the input is on meta but parameter weight_ih is on cpu"),
         ("param_meta", with_param("weight_hh", lambda w: nn.Parameter(w.detach().to("meta"))), RuntimeError,
          "the input is on cpu but parameter weight_hh is on meta"),
-        ("hx_meta", call((XC, state(2, H, device="meta"))), ValueError, f"{st} is on meta but the input is on cpu"),
-        ("hx_float32", call((XC, state(2, H, dtype=torch.float32))), ValueError,
+        ("hx_meta", call((XC, state(2, H, device="meta"))), RuntimeError, f"{st} is on meta but the input is on cpu"),
+        ("hx_float32", call((XC, state(2, H, dtype=torch.float32))), RuntimeError,
          rf"{st} has dtype torch.float32 but the input has dtype torch.float64"),
-        ("hx_int64", call((XC, state(2, H, dtype=torch.int64))), ValueError, rf"{st} has dtype torch.int64"),
+        ("hx_int64", call((XC, state(2, H, dtype=torch.int64))), RuntimeError, rf"{st} has dtype torch.int64"),
         # torch.nn: "Input batch size 2 doesn't match hidden0 batch size 3" (the width taken as batch)
         ("hx_1d_for_batched", call((XC, state(H))), ValueError, rf"{st} must be 2-D like the input, got 1-D"),
         # torch.nn: "hidden0 has inconsistent hidden_size: got 1, expected 3"
@@ -378,7 +378,7 @@ def _cell_cases(kind):
             ("c_batch", call((XC, (z(2, H), z(3, H)))), RuntimeError, r"hx\[1\] must have shape \(2, 3\)"),
             ("c_width", call((XC, (z(2, H), z(2, 5)))), RuntimeError, r"hx\[1\] must have shape \(2, 3\)"),
             # torch.nn: runs (silently)
-            ("c_float32", call((XC, (z(2, H), z(2, H, dtype=torch.float32)))), ValueError,
+            ("c_float32", call((XC, (z(2, H), z(2, H, dtype=torch.float32)))), RuntimeError,
              r"hx\[1\] has dtype torch.float32"),
             ("c_rank", call((XC, (z(2, H), z(H)))), ValueError, r"hx\[1\] must be 2-D like the input, got 1-D"),
         ]
@@ -439,6 +439,25 @@ def test_a_rejected_call_leaves_the_module_usable(kind):
             m(bad)
     for a, b in zip(torch.utils._pytree.tree_leaves(m(x)), torch.utils._pytree.tree_leaves(ref(x))):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fused_rnn.built_with_cuda,
+                    reason="needs a CUDA GPU and a CUDA build of fused_rnn")
+@pytest.mark.parametrize("kind", list(LAYERS) + list(CELLS))
+def test_cuda_device_mismatches(kind):
+    """The same device checks with a real second device: CUDA input, CPU module, and CPU hx."""
+    lstm = kind.startswith("LSTM")
+    cls = LAYERS.get(kind) or CELLS[kind]
+    x = (X if kind in LAYERS else XC).cuda()
+    with pytest.raises(RuntimeError, match="the input is on cuda:0 but parameter weight_ih.* is on cpu"):
+        cls(I, H, dtype=D)(x)
+    m = cls(I, H, dtype=D, device="cuda")
+    shape = (1, 2, H) if kind in LAYERS else (2, H)
+    hx = (z(*shape), z(*shape).cuda()) if lstm else z(*shape)
+    with pytest.raises(RuntimeError, match=r"(h_0|hx\[0\]|hx) is on cpu but the input is on cuda:0"):
+        m(x, hx)
+    with pytest.raises(RuntimeError, match="the input is on cpu but parameter weight_ih.* is on cuda:0"):
+        m(x.cpu())
 
 
 def test_constructor_warning_like_torch():
