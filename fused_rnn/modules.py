@@ -86,6 +86,7 @@ def _check_packed(name: str, data, batch_sizes, sorted_indices, unsorted_indices
     sizes = batch_sizes.tolist()
     _check_batch_sizes(name, sizes, data.size(0))
     batch = sizes[0]
+    values = {}
     for index_name, index in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
         if index is None:
             continue
@@ -95,17 +96,18 @@ def _check_packed(name: str, data, batch_sizes, sorted_indices, unsorted_indices
                    else type(index).__name__)
             raise ValueError(f"{name}: PackedSequence {index_name} must be a 1-D integer tensor of length "
                              f"batch_sizes[0] = {batch}, got {got}")
-        # Values are checked where that is free of device syncs and of tracing (CPU, eager).
+        # Values are checked where that is free of device syncs and of tracing (CPU, eager): on CUDA
+        # a bad index fails inside index_select, as in torch.nn.
         if index.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not torch.equal(torch.sort(index).values, torch.arange(batch, dtype=index.dtype)):
+            values[index_name] = index.tolist()
+            if sorted(values[index_name]) != list(range(batch)):
                 raise ValueError(f"{name}: PackedSequence {index_name} must be a permutation of "
-                                 f"range({batch}), got {index.tolist()}")
-    if (sorted_indices is not None and unsorted_indices is not None and sorted_indices.device.type == "cpu"
-            and not torch.compiler.is_compiling()):
-        if not torch.equal(sorted_indices[unsorted_indices], torch.arange(batch, dtype=sorted_indices.dtype)):
+                                 f"range({batch}), got {values[index_name]}")
+    if len(values) == 2:
+        order, inverse = values["sorted_indices"], values["unsorted_indices"]
+        if any(order[inverse[i]] != i for i in range(batch)):
             raise ValueError(f"{name}: PackedSequence unsorted_indices must be the inverse permutation of "
-                             f"sorted_indices, got sorted_indices={sorted_indices.tolist()} and "
-                             f"unsorted_indices={unsorted_indices.tolist()}")
+                             f"sorted_indices, got sorted_indices={order} and unsorted_indices={inverse}")
     return sizes
 
 
