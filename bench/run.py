@@ -193,7 +193,7 @@ def main(argv=None):
     p.add_argument("--bidirectional", action="store_true", help="with --shapes")
     p.add_argument("--modes", default="inference,training")
     p.add_argument("--dtypes", default=None, help="default: float32 (plus bfloat16,float16 on a GPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 on the CPU, 25 on a GPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 on the CPU, 25 on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--results-dir", default=RESULTS_DIR)
     p.add_argument("--no-save", action="store_true", help="neither records nor plot")
@@ -205,7 +205,7 @@ def main(argv=None):
     else:
         cases = FULL_CASES if args.full else QUICK_CASES
     dtypes = args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")
-    repeats = args.repeats or (25 if device.type == "cuda" else 7)
+    repeats = args.repeats or (25 if device.type == "cuda" else 5)
     grid = [(c, s, d, m) for c in args.cells.split(",") for s in cases
             for d in dtypes.split(",") for m in args.modes.split(",")]
 

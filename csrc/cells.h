@@ -1,7 +1,7 @@
 // The one home of the recurrent cells' equations, forward and backward.
 //
-// Everything here works on one hidden unit j of one batch row, so the CPU loop (under
-// at::parallel_for) and a CUDA thread call the very same code. `T` is the type the math runs in:
+// Everything here works on hidden unit j of one batch row (units j .. j+Width-1 with a vector
+// Math), so the CPU loop and a CUDA thread call the very same code. `T` is the type the math runs in:
 // float or double, or c10::complex of them; half types are loaded into float by the caller.
 //
 // Gate layouts follow torch.nn: LSTM (i, f, g, o), GRU (r, z, n), RNN a single gate.
@@ -43,6 +43,22 @@ struct is_complex<c10::complex<T>> { static constexpr bool value = true; };
 
 }  // namespace detail
 
+// How the cell code reads, writes and activates values. ScalarMath does one unit, on the host and
+// on the device; the CPU loop also passes a vector Math that does Width units at once
+// (csrc/cpu/vec_math.h). The equations below are written once, against this interface.
+template <typename T>
+struct ScalarMath {
+  using V = T;
+  C10_HOST_DEVICE static V load(const T* p) { return *p; }
+  C10_HOST_DEVICE static void store(T* p, V v) { *p = v; }
+  C10_HOST_DEVICE static V sigmoid(V x) { return detail::sigmoid(x); }
+  C10_HOST_DEVICE static V tanh(V x) { return detail::tanh_(x); }
+  // NaN passes through, as torch.relu; the gradient is torch's threshold_backward (h <= 0 -> 0).
+  C10_HOST_DEVICE static V relu(V x) { return x < V(0) ? V(0) : x; }
+  C10_HOST_DEVICE static V relu_grad(V h, V dh) { return h <= V(0) ? V(0) : dh; }
+  C10_HOST_DEVICE static V cj(V x) { return detail::cj(x); }
+};
+
 // Pointers into one batch row of one timestep. Rows are [G*H] for gate tensors, [H] otherwise.
 template <typename T>
 struct StepForward {
@@ -74,41 +90,44 @@ struct LSTMCell {
   static constexpr int kSaved = 6;  // i, f, g, o, c_t, c_{t-1}
   static constexpr bool kSeparateRecurrentGrad = false;
 
+  template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void forward(const StepForward<T>& s, int64_t H, int64_t j) {
-    using namespace detail;
-    const T i = sigmoid(s.gx[j] + s.gh[j]);
-    const T f = sigmoid(s.gx[H + j] + s.gh[H + j]);
-    const T g = tanh_(s.gx[2 * H + j] + s.gh[2 * H + j]);
-    const T o = sigmoid(s.gx[3 * H + j] + s.gh[3 * H + j]);
-    const T c_prev = s.c[j];
-    const T c = f * c_prev + i * g;
-    s.c[j] = c;
-    s.h[j] = o * tanh_(c);
+    using V = typename M::V;
+    const V i = M::sigmoid(M::load(s.gx + j) + M::load(s.gh + j));
+    const V f = M::sigmoid(M::load(s.gx + H + j) + M::load(s.gh + H + j));
+    const V g = M::tanh(M::load(s.gx + 2 * H + j) + M::load(s.gh + 2 * H + j));
+    const V o = M::sigmoid(M::load(s.gx + 3 * H + j) + M::load(s.gh + 3 * H + j));
+    const V c_prev = M::load(s.c + j);
+    const V c = f * c_prev + i * g;
+    M::store(s.c + j, c);
+    M::store(s.h + j, o * M::tanh(c));
     if (s.saved) {
-      s.saved[j] = i;
-      s.saved[H + j] = f;
-      s.saved[2 * H + j] = g;
-      s.saved[3 * H + j] = o;
-      s.saved[4 * H + j] = c;
-      s.saved[5 * H + j] = c_prev;
+      M::store(s.saved + j, i);
+      M::store(s.saved + H + j, f);
+      M::store(s.saved + 2 * H + j, g);
+      M::store(s.saved + 3 * H + j, o);
+      M::store(s.saved + 4 * H + j, c);
+      M::store(s.saved + 5 * H + j, c_prev);
     }
   }
 
   // dh_carry[j] is the full gradient at h_t (the caller has added dy and applied the projection).
+  template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t H, int64_t j) {
-    using namespace detail;
-    const T i = s.saved[j], f = s.saved[H + j], g = s.saved[2 * H + j], o = s.saved[3 * H + j];
-    const T c = s.saved[4 * H + j], c_prev = s.saved[5 * H + j];
-    const T dh = s.dh_carry[j] + (s.dy ? s.dy[j] : T(0));
-    const T tc = tanh_(c);
-    const T dc = s.dc_carry[j] + dh * cj(o * (T(1) - tc * tc));
-    const T d_o = dh * cj(tc);
-    const T d_i = dc * cj(g), d_f = dc * cj(c_prev), d_g = dc * cj(i);
-    s.dc_carry[j] = dc * cj(f);
-    s.dgx[j] = d_i * cj(i * (T(1) - i));
-    s.dgx[H + j] = d_f * cj(f * (T(1) - f));
-    s.dgx[2 * H + j] = d_g * cj(T(1) - g * g);
-    s.dgx[3 * H + j] = d_o * cj(o * (T(1) - o));
+    using V = typename M::V;
+    const V i = M::load(s.saved + j), f = M::load(s.saved + H + j);
+    const V g = M::load(s.saved + 2 * H + j), o = M::load(s.saved + 3 * H + j);
+    const V c = M::load(s.saved + 4 * H + j), c_prev = M::load(s.saved + 5 * H + j);
+    const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    const V tc = M::tanh(c);
+    const V dc = M::load(s.dc_carry + j) + dh * M::cj(o * (V(1) - tc * tc));
+    const V d_o = dh * M::cj(tc);
+    const V d_i = dc * M::cj(g), d_f = dc * M::cj(c_prev), d_g = dc * M::cj(i);
+    M::store(s.dc_carry + j, dc * M::cj(f));
+    M::store(s.dgx + j, d_i * M::cj(i * (V(1) - i)));
+    M::store(s.dgx + H + j, d_f * M::cj(f * (V(1) - f)));
+    M::store(s.dgx + 2 * H + j, d_g * M::cj(V(1) - g * g));
+    M::store(s.dgx + 3 * H + j, d_o * M::cj(o * (V(1) - o)));
   }
 };
 
@@ -120,35 +139,38 @@ struct GRUCell {
   static constexpr int kSaved = 4;  // r, z, n, gh_n + b_hn
   static constexpr bool kSeparateRecurrentGrad = true;
 
+  template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void forward(const StepForward<T>& s, int64_t H, int64_t j) {
-    using namespace detail;
-    const T r = sigmoid(s.gx[j] + s.gh[j]);
-    const T z = sigmoid(s.gx[H + j] + s.gh[H + j]);
-    const T hn = s.gh[2 * H + j] + (s.b_hn ? s.b_hn[j] : T(0));
-    const T n = tanh_(s.gx[2 * H + j] + r * hn);
-    s.h[j] = (T(1) - z) * n + z * s.h_prev[j];
+    using V = typename M::V;
+    const V r = M::sigmoid(M::load(s.gx + j) + M::load(s.gh + j));
+    const V z = M::sigmoid(M::load(s.gx + H + j) + M::load(s.gh + H + j));
+    const V hn = M::load(s.gh + 2 * H + j) + (s.b_hn ? M::load(s.b_hn + j) : V(0));
+    const V n = M::tanh(M::load(s.gx + 2 * H + j) + r * hn);
+    M::store(s.h + j, (V(1) - z) * n + z * M::load(s.h_prev + j));
     if (s.saved) {
-      s.saved[j] = r;
-      s.saved[H + j] = z;
-      s.saved[2 * H + j] = n;
-      s.saved[3 * H + j] = hn;
+      M::store(s.saved + j, r);
+      M::store(s.saved + H + j, z);
+      M::store(s.saved + 2 * H + j, n);
+      M::store(s.saved + 3 * H + j, hn);
     }
   }
 
+  template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t H, int64_t j) {
-    using namespace detail;
-    const T r = s.saved[j], z = s.saved[H + j], n = s.saved[2 * H + j], hn = s.saved[3 * H + j];
-    const T dh = s.dh_carry[j] + (s.dy ? s.dy[j] : T(0));
-    const T dn = dh * cj(T(1) - z) * cj(T(1) - n * n);
-    const T dz = dh * cj(s.h_prev[j] - n) * cj(z * (T(1) - z));
-    const T dr = dn * cj(hn) * cj(r * (T(1) - r));
-    s.dh_carry[j] = dh * cj(z);
-    s.dgx[j] = dr;
-    s.dgx[H + j] = dz;
-    s.dgx[2 * H + j] = dn;
-    s.dgh[j] = dr;
-    s.dgh[H + j] = dz;
-    s.dgh[2 * H + j] = dn * cj(r);
+    using V = typename M::V;
+    const V r = M::load(s.saved + j), z = M::load(s.saved + H + j);
+    const V n = M::load(s.saved + 2 * H + j), hn = M::load(s.saved + 3 * H + j);
+    const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    const V dn = dh * M::cj(V(1) - z) * M::cj(V(1) - n * n);
+    const V dz = dh * M::cj(M::load(s.h_prev + j) - n) * M::cj(z * (V(1) - z));
+    const V dr = dn * M::cj(hn) * M::cj(r * (V(1) - r));
+    M::store(s.dh_carry + j, dh * M::cj(z));
+    M::store(s.dgx + j, dr);
+    M::store(s.dgx + H + j, dz);
+    M::store(s.dgx + 2 * H + j, dn);
+    M::store(s.dgh + j, dr);
+    M::store(s.dgh + H + j, dz);
+    M::store(s.dgh + 2 * H + j, dn * M::cj(r));
   }
 };
 
@@ -160,27 +182,29 @@ struct ElmanCell {
   static constexpr int kSaved = 1;  // h_t
   static constexpr bool kSeparateRecurrentGrad = false;
 
-  C10_HOST_DEVICE static T activate(T x) {
-    if constexpr (kRelu) {
-      return x > T(0) ? x : T(0);
-    } else {
-      return detail::tanh_(x);
-    }
-  }
-
+  template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void forward(const StepForward<T>& s, int64_t H, int64_t j) {
-    const T h = activate(s.gx[j] + s.gh[j]);
-    s.h[j] = h;
-    if (s.saved) s.saved[j] = h;
+    using V = typename M::V;
+    const V pre = M::load(s.gx + j) + M::load(s.gh + j);
+    V h;
+    if constexpr (kRelu) {
+      h = M::relu(pre);
+    } else {
+      h = M::tanh(pre);
+    }
+    M::store(s.h + j, h);
+    if (s.saved) M::store(s.saved + j, h);
   }
 
+  template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t H, int64_t j) {
-    const T h = s.saved[j];
-    const T dh = s.dh_carry[j] + (s.dy ? s.dy[j] : T(0));
+    using V = typename M::V;
+    const V h = M::load(s.saved + j);
+    const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
     if constexpr (kRelu) {
-      s.dgx[j] = h > T(0) ? dh : T(0);
+      M::store(s.dgx + j, M::relu_grad(h, dh));
     } else {
-      s.dgx[j] = dh * detail::cj(T(1) - h * h);
+      M::store(s.dgx + j, dh * M::cj(V(1) - h * h));
     }
   }
 };

@@ -1,83 +1,315 @@
-// The step loops on the CPU: per step one recurrent GEMM into a preallocated buffer, then the cell
-// math from cells.h over (row, unit) pairs under at::parallel_for.
+// The step loops on the CPU.
+//
+// The recurrent weights are packed once per call into panels that a register-blocked kernel
+// streams: for a block of Width hidden units (8 floats with AVX2), all G gates' weights side by
+// side for each k. Per step, one parallel region: each thread takes a range of unit blocks and,
+// block by block, computes h_{t-1}·W_hhᵀ for all gates of the block and runs the cells.h math on
+// it while it is in cache, Width units at a time. Backward has the same shape: a thread first
+// propagates the previous step's gate gradients to its block of dh (dG·W_hh, restricted to those
+// columns), then runs the cell backward on the block. A projection (LSTM proj_size) needs every
+// unit first, so it takes a second region, with BLAS.
+//
+// Blocks are aligned to the vector width, so which units take the scalar tail does not depend on
+// the number of threads, and nothing is accumulated across threads: results are reproducible.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
+#include <type_traits>
 
 #include "../layer.h"
+#include "vec_math.h"
+
+// The Fortran BLAS that torch's CPU build carries (MKL or OpenBLAS), when it exports it. Declared
+// weak: where it is missing the pointers are null and gemm_rows() falls back to at::mm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
 
 namespace fused_rnn {
 namespace {
 
 using at::Tensor;
 
-// Enough work per task that thread start-up does not dominate small steps.
-constexpr int64_t kGrainElements = 16384;
-
-// Calls body(row, j_begin, j_end) over rows [0, rows) x units [0, H), split across threads.
-template <typename F>
-void for_each_unit(int64_t rows, int64_t H, int64_t work_per_unit, const F& body) {
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_unit));
-  at::parallel_for(0, rows * H, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end;) {
-      const int64_t row = idx / H, j0 = idx % H;
-      const int64_t j1 = std::min(H, j0 + (end - idx));
-      body(row, j0, j1);
-      idx += j1 - j0;
+// Row-major C[m, n] = A[m, k] · op(B) + beta·C, op(B) = B[k, n], or B[n, k]ᵀ when b_transposed;
+// lda, ldb, ldc are row strides. BLAS is column-major, so it computes Cᵀ = op(B)ᵀ · Aᵀ.
+template <typename T>
+void gemm_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+               bool b_transposed, bool accumulate, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const bool fits = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
+  const char trans_b = b_transposed ? 'T' : 'N', no_trans = 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ && fits) {
+      const float one = 1, beta = accumulate ? 1 : 0;
+      sgemm_(&trans_b, &no_trans, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
     }
-  });
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (dgemm_ && fits) {
+      const double one = 1, beta = accumulate ? 1 : 0;
+      dgemm_(&trans_b, &no_trans, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const Tensor A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
+  const Tensor Bm = b_transposed ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
+                                 : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (accumulate) {
+    C.addmm_(A, Bm);
+  } else {
+    at::mm_out(C, A, Bm);
+  }
+}
+
+// [0, size) cut into one range per thread; a single range when the step is too small for a second
+// thread to pay for its wake-up.
+struct Tiles {
+  int64_t size, step, count;
+
+  Tiles(int64_t size_, double flops_per_step) : size(size_) {
+    constexpr double kFlopsWorthAThread = 1 << 17;
+    const int64_t threads = flops_per_step < kFlopsWorthAThread ? 1 : std::max<int64_t>(1, at::get_num_threads());
+    step = std::max<int64_t>(1, (size + threads - 1) / threads);
+    count = size == 0 ? 0 : (size + step - 1) / step;
+  }
+
+  // body(begin, end) for every range, one range per task.
+  template <typename F>
+  void for_each(const F& body) const {
+    if (count == 1) return body(int64_t{0}, size);
+    at::parallel_for(0, count, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) body(k * step, std::min(size, (k + 1) * step));
+    });
+  }
+};
+
+// Weights in the kernel's order. A panel block covers C vectors of Width output columns for each
+// of G gates (G = 1 for dG·W_hh); for each k, its G*C groups of Width weights lie side by side, so
+// the kernel streams one block with unit stride. Columns past the end are zero.
+template <typename T>
+struct Panels {
+  static constexpr int64_t kWidth = KernelMath<T>::kWidth;
+  Tensor storage;
+  int64_t K = 0, G = 1, C = 1, cols = 0, blocks = 0;
+
+  int64_t groups() const { return G * C; }
+  const T* block(int64_t u) const { return storage.data_ptr<T>() + u * K * groups() * kWidth; }
+  int64_t first_column(int64_t u, int64_t c) const { return (u * C + c) * kWidth; }
+  // How many of the Width columns of vector c of block u exist (0 past the end).
+  int64_t lanes(int64_t u, int64_t c) const {
+    return std::clamp<int64_t>(cols - first_column(u, c), 0, kWidth);
+  }
+
+  // Column j of gate g is row g*cols + j of w [G*cols, K]: for the forward product h·W_hhᵀ.
+  static Panels of_rows(const Tensor& w, int64_t G, int64_t C, int64_t cols) {
+    Panels p = make(w, w.size(1), G, C, cols);
+    const T* src = w.data_ptr<T>();
+    T* dst = p.storage.template data_ptr<T>();
+    for (int64_t u = 0; u < p.blocks; ++u)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t l = 0; l < p.lanes(u, c); ++l) {
+            const T* row = src + (g * cols + p.first_column(u, c) + l) * p.K;
+            T* out = dst + (u * p.K * p.groups() + g * C + c) * kWidth + l;
+            for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * kWidth] = row[k];
+          }
+    return p;
+  }
+
+  // Column j is column j of w [K, cols]: for the backward product dG·W_hh.
+  static Panels of_columns(const Tensor& w, int64_t C) {
+    Panels p = make(w, w.size(0), 1, C, w.size(1));
+    const T* src = w.data_ptr<T>();
+    T* dst = p.storage.template data_ptr<T>();
+    for (int64_t u = 0; u < p.blocks; ++u)
+      for (int64_t k = 0; k < p.K; ++k)
+        for (int64_t c = 0; c < C; ++c) {
+          std::memcpy(dst + ((u * p.K + k) * C + c) * kWidth, src + k * p.cols + p.first_column(u, c),
+                      p.lanes(u, c) * sizeof(T));
+        }
+    return p;
+  }
+
+ private:
+  static Panels make(const Tensor& w, int64_t K, int64_t G, int64_t C, int64_t cols) {
+    Panels p;
+    p.K = K;
+    p.G = G;
+    p.C = C;
+    p.cols = cols;
+    p.blocks = (cols + C * kWidth - 1) / (C * kWidth);
+    p.storage = at::zeros({std::max<int64_t>(1, p.blocks * K * p.groups() * kWidth)}, w.options());
+    return p;
+  }
+};
+
+// About 12 accumulators fit AVX2's 16 vector registers next to the weights: 3 or 4 groups per block.
+template <int G>
+constexpr int kVectorsPerGate = G >= 3 ? 1 : (G == 2 ? 2 : 3);
+template <int NG>
+constexpr int kRowsPerBlock = NG >= 12 ? 1 : 12 / NG;
+
+// For MR rows and the NG = G*C groups of one panel block, in registers:
+// out[r] + offset[q] (lanes[q] values) (+)= Σ_k rows[r][k] · panel[k][q].
+template <typename T, int MR, int NG>
+void block_product(const T* const* rows, int64_t K, const T* panel, T* const* out, const int64_t* offset,
+                   const int64_t* lanes, bool accumulate) {
+  using M = KernelMath<T>;
+  using V = typename M::V;
+  constexpr int64_t W = M::kWidth;
+  V acc[MR][NG];
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NG; ++q) acc[r][q] = M::broadcast(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    V w[NG];
+    for (int q = 0; q < NG; ++q) w[q] = M::load(panel + (k * NG + q) * W);
+    for (int r = 0; r < MR; ++r) {
+      const V a = M::broadcast(rows[r][k]);
+      for (int q = 0; q < NG; ++q) acc[r][q] = M::fmadd(a, w[q], acc[r][q]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < NG; ++q) {
+      if (lanes[q] == 0) continue;
+      T* dst = out[r] + offset[q];
+      M::store_n(dst, accumulate ? acc[r][q] + M::load_n(dst, lanes[q]) : acc[r][q], lanes[q]);
+    }
+}
+
+// Rows [0, n) times panel block u: block_product over kRowsPerBlock rows at a time, then the rest.
+// row(r) gives row r of the left factor, out(r) where row r of block u's output starts; within it,
+// gate g's vector c lies at g*gate_stride + c*Width.
+template <typename T, int NG, int MR = kRowsPerBlock<NG>, typename RowFn, typename OutFn>
+void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& row, const OutFn& out,
+                  int64_t gate_stride, bool accumulate) {
+  int64_t offset[NG], lanes[NG];
+  for (int64_t g = 0; g < panels.G; ++g)
+    for (int64_t c = 0; c < panels.C; ++c) {
+      offset[g * panels.C + c] = g * gate_stride + c * Panels<T>::kWidth;
+      lanes[g * panels.C + c] = panels.lanes(u, c);
+    }
+  int64_t r0 = 0;
+  for (; r0 + MR <= n; r0 += MR) {
+    const T* in[MR];
+    T* dst[MR];
+    for (int r = 0; r < MR; ++r) in[r] = row(r0 + r), dst[r] = out(r0 + r);
+    block_product<T, MR, NG>(in, panels.K, panels.block(u), dst, offset, lanes, accumulate);
+  }
+  if constexpr (MR > 1) {
+    if (r0 < n) {
+      rows_product<T, NG, MR - 1>(panels, u, n - r0, [&](int64_t r) { return row(r0 + r); },
+                                  [&](int64_t r) { return out(r0 + r); }, gate_stride, accumulate);
+    }
+  }
+}
+
+// The cell's forward or backward over units [j, j + lanes) of one row: a vector, or unit by unit.
+template <typename Cell, typename Io>
+void forward_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
+  if (lanes == KernelMath<typename Cell::scalar_t>::kWidth) {
+    Cell::template forward<KernelMath<typename Cell::scalar_t>>(io, H, j);
+  } else {
+    for (int64_t l = 0; l < lanes; ++l) Cell::forward(io, H, j + l);
+  }
+}
+
+template <typename Cell, typename Io>
+void backward_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
+  if (lanes == KernelMath<typename Cell::scalar_t>::kWidth) {
+    Cell::template backward<KernelMath<typename Cell::scalar_t>>(io, H, j);
+  } else {
+    for (int64_t l = 0; l < lanes; ++l) Cell::backward(io, H, j + l);
+  }
 }
 
 template <typename Cell>
 struct ForwardLoop {
   using T = typename Cell::scalar_t;
+  static constexpr int64_t W = KernelMath<T>::kWidth;
+  static constexpr int G = Cell::kGates, C = kVectorsPerGate<G>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
                   const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-    const int64_t H = s.H, P = s.P, GH = s.gates * H;
+    const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
+    const Panels<T> panels = Panels<T>::of_rows(w_hh, G, C, H);
     Tensor gh = at::empty({s.B, GH}, gx.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
-    Tensor proj_input = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
-    const Tensor w_hh_t = w_hh.t(), w_hr_t = s.proj ? w_hr.t() : Tensor();
+    Tensor proj_buffer = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
 
     const T* gx_p = gx.data_ptr<T>();
-    const T* gh_p = gh.data_ptr<T>();
+    const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
+    T* gh_p = gh.data_ptr<T>();
     T* y_p = y.data_ptr<T>();
-    T* h_p = h.data_ptr<T>();
+    T* h_p = h.data_ptr<T>();  // h_0 until the end, when it becomes h_n
     T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
     T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
+    T* proj_buffer_p = proj_buffer.defined() ? proj_buffer.data_ptr<T>() : nullptr;
 
+    // h_{t-1} of row b is the previous step's output where that step had row b, else h_0.
+    const T* prev_out = nullptr;
+    int64_t prev_rows = 0;
     for (int64_t step = 0; step < s.T; ++step) {
       const int64_t t = reverse ? s.T - 1 - step : step;
       const int64_t n = s.batch_sizes[t], off = s.offsets[t];
       if (n == 0) continue;
-      Tensor gh_rows = gh.narrow(0, 0, n);
-      at::mm_out(gh_rows, h.narrow(0, 0, n), w_hh_t);
+      const int64_t carried = std::min(n, prev_rows);
+      const auto h_prev_row = [&](int64_t b) {
+        return b < carried ? prev_out + b * P : h_p + b * P;
+      };
+      T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
+      const int64_t proj_in_stride = saved_p ? K : H;
 
-      for_each_unit(n, H, GH, [&](int64_t b, int64_t j0, int64_t j1) {
-        T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
-        if (saved_row) {  // h_{t-1}, before the state moves on
-          const int64_t p1 = std::min(j1, P);
-          if (p1 > j0) std::memcpy(saved_row + s.hprev_col() + j0, h_p + b * P + j0, (p1 - j0) * sizeof(T));
+      Tiles(panels.blocks, 2.0 * n * GH * P).for_each([&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t j0 = panels.first_column(u, 0);
+          rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H, false);
+          for (int64_t c = 0; c < C; ++c) {
+          const int64_t j = panels.first_column(u, c), lanes = panels.lanes(u, c);
+          for (int64_t b = 0; b < n && lanes > 0; ++b) {
+            const T* h_prev = h_prev_row(b);
+            T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
+            if (saved_row && j < P) {  // h_{t-1} for backward (P <= H, so the blocks cover it)
+              std::memcpy(saved_row + s.hprev_col() + j, h_prev + j, (std::min(j + lanes, P) - j) * sizeof(T));
+            }
+            T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
+            const StepForward<T> io{gx_p + (off + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
+                                    c_p ? c_p + b * H : nullptr, out_row, saved_row};
+            forward_units<Cell>(io, H, j, lanes);
+          }
+          }
         }
-        T* out_row = !s.proj ? y_p + (off + b) * P
-                     : saved_row ? saved_row + s.proj_input_col()
-                                 : proj_input.data_ptr<T>() + b * H;
-        StepForward<T> io{gx_p + (off + b) * GH, gh_p + b * GH, b_hn_p, h_p + b * P,
-                          c_p ? c_p + b * H : nullptr, out_row, saved_row};
-        for (int64_t j = j0; j < j1; ++j) Cell::forward(io, H, j);
       });
 
-      Tensor y_rows = y.narrow(0, off, n);
-      if (s.proj) {
-        const Tensor r = saved_p ? saved.narrow(0, off, n).narrow(1, s.proj_input_col(), H) : proj_input.narrow(0, 0, n);
-        at::mm_out(y_rows, r, w_hr_t);
+      if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ, a range of output features per thread
+        Tiles(P, 2.0 * n * H * P).for_each([&](int64_t p0, int64_t p1) {
+          gemm_rows(n, p1 - p0, H, proj_in, proj_in_stride, w_hr_p + p0 * H, H, true, false, y_p + off * P + p0, P);
+        });
       }
-      h.narrow(0, 0, n).copy_(y_rows);
+      prev_out = y_p + off * P;
+      prev_rows = n;
+    }
+
+    // h_n: a row's output at its sequence's last step (for the reverse direction, step 0).
+    for (int64_t t = 0; t < s.T; ++t) {
+      const int64_t ends_from = reverse ? 0 : (t + 1 < s.T ? s.batch_sizes[t + 1] : 0);
+      const int64_t ends_to = reverse ? (t == 0 ? s.batch_sizes[0] : 0) : s.batch_sizes[t];
+      if (ends_to > ends_from) {
+        std::memcpy(h_p + ends_from * P, y_p + (s.offsets[t] + ends_from) * P, (ends_to - ends_from) * P * sizeof(T));
+      }
     }
   }
 };
@@ -85,60 +317,84 @@ struct ForwardLoop {
 template <typename Cell>
 struct BackwardLoop {
   using T = typename Cell::scalar_t;
+  static constexpr int64_t W = KernelMath<T>::kWidth;
+  static constexpr int C = kVectorsPerGate<1>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
                   const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
                   Tensor& dh_total) {
     const int64_t H = s.H, P = s.P, GH = s.gates * H, K = s.saved_cols();
+    const Panels<T> panels = Panels<T>::of_columns(w_hh_conj, C);  // blocks of dh's P columns
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
 
     const T* saved_p = saved.data_ptr<T>();
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
+    const T* w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
     T* dh_p = dh.data_ptr<T>();
     T* dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
     T* dgx_p = dgx.data_ptr<T>();
     T* dgh_p = dgh.data_ptr<T>();
+    T* dh_total_p = s.proj ? dh_total.data_ptr<T>() : nullptr;
+    T* d_proj_p = s.proj ? d_proj_input.data_ptr<T>() : nullptr;
+
+    // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients are
+    // pending (GRU's cell has already written its direct z-path into dh, hence the accumulation).
+    const T* pending_dg = nullptr;
+    int64_t pending_rows = 0;
+    const auto propagate = [&](int64_t u) {
+      const int64_t j0 = panels.first_column(u, 0);
+      rows_product<T, C>(panels, u, pending_rows, [&](int64_t r) { return pending_dg + r * GH; },
+                         [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
+    };
 
     for (int64_t step = 0; step < s.T; ++step) {
       const int64_t t = reverse ? step : s.T - 1 - step;  // forward's order, backwards
       const int64_t n = s.batch_sizes[t], off = s.offsets[t];
       if (n == 0) continue;
-      Tensor dh_rows = dh.narrow(0, 0, n);
-
-      // With a projection, the gradient at h_t is mapped back through W_hr first.
-      const T* step_dy = dy_p ? dy_p + off * P : nullptr;
-      T* cell_dh = dh_p;
-      int64_t cell_dh_stride = P;
-      if (s.proj) {
-        Tensor total = dh_total.narrow(0, off, n);
-        if (dy.defined()) {
-          at::add_out(total, dh_rows, dy.narrow(0, off, n));
-        } else {
-          total.copy_(dh_rows);
+      // The cell backward on rows [0, n), units [j, j + lanes), reading the gradient at h_t from cell_dh.
+      const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
+        for (int64_t b = 0; b < n && lanes > 0; ++b) {
+          const T* saved_row = saved_p + (off + b) * K;
+          const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
+                                   dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
+                                   dgx_p + (off + b) * GH, dgh_p + (off + b) * GH};
+          backward_units<Cell>(io, H, j, lanes);
         }
-        Tensor d_proj_rows = d_proj_input.narrow(0, 0, n);
-        at::mm_out(d_proj_rows, total, w_hr_conj);
-        step_dy = nullptr;
-        cell_dh = d_proj_input.data_ptr<T>();
-        cell_dh_stride = H;
-      }
+      };
 
-      for_each_unit(n, H, GH, [&](int64_t b, int64_t j0, int64_t j1) {
-        const T* saved_row = saved_p + (off + b) * K;
-        StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * cell_dh_stride,
-                           dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
-                           dgx_p + (off + b) * GH, dgh_p + (off + b) * GH};
-        for (int64_t j = j0; j < j1; ++j) Cell::backward(io, H, j);
-      });
-
-      // dL/dh_{t-1} += dG_h · W_hh (GRU already wrote its direct z-path into dh).
-      const Tensor dg_rows = dgh.narrow(0, off, n);
-      if (Cell::kSeparateRecurrentGrad) {
-        at::addmm_out(dh_rows, dh_rows, dg_rows, w_hh_conj);
-      } else {
-        at::mm_out(dh_rows, dg_rows, w_hh_conj);
+      if (!s.proj) {  // one region: finish dh on a block, then the cell on it
+        Tiles(panels.blocks, 2.0 * std::max(n, pending_rows) * GH * P).for_each([&](int64_t u0, int64_t u1) {
+          for (int64_t u = u0; u < u1; ++u) {
+            propagate(u);
+            for (int64_t c = 0; c < C; ++c) {
+              cell_rows(panels.first_column(u, c), panels.lanes(u, c), dy_p ? dy_p + off * P : nullptr, dh_p, P);
+            }
+          }
+        });
+      } else {  // dh over output features first; the projection's backward needs all of them
+        Tiles(panels.blocks, 2.0 * pending_rows * GH * P).for_each([&](int64_t u0, int64_t u1) {
+          for (int64_t u = u0; u < u1; ++u) {
+            propagate(u);
+            const int64_t p0 = panels.first_column(u, 0), p1 = std::min(P, panels.first_column(u + 1, 0));
+            for (int64_t b = 0; b < n; ++b) {  // the full gradient at h_t, kept for dW_hr
+              T* total = dh_total_p + (off + b) * P;
+              for (int64_t p = p0; p < p1; ++p) total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+            }
+          }
+        });
+        Tiles((H + W - 1) / W, 2.0 * n * H * P).for_each([&](int64_t u0, int64_t u1) {
+          const int64_t j0 = u0 * W, j1 = std::min(H, u1 * W);
+          gemm_rows(n, j1 - j0, P, dh_total_p + off * P, P, w_hr_p + j0, H, false, false, d_proj_p + j0, H);
+          for (int64_t u = u0; u < u1; ++u) cell_rows(u * W, std::min(W, H - u * W), nullptr, d_proj_p, H);
+        });
       }
+      pending_dg = dgh_p + off * GH;
+      pending_rows = n;
     }
+    // The first step's gate gradients reach h_0.
+    Tiles(panels.blocks, 2.0 * pending_rows * GH * P).for_each([&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) propagate(u);
+    });
   }
 };
 
