@@ -16,11 +16,19 @@ from . import functional
 _HiddenState = Union[Tensor, Tuple[Tensor, Tensor]]
 
 
+def _autocast_casts(input: Tensor) -> bool:
+    """Under autocast, functional.layer casts input, states and weights itself, so their dtypes may
+    differ (a bfloat16 activation into float32 weights), as torch.nn's layers allow there."""
+    return (input.is_floating_point() and input.dtype != torch.float64
+            and torch.amp.is_autocast_available(input.device.type)
+            and torch.is_autocast_enabled(input.device.type))
+
+
 def _check_state(name: str, state, input: Tensor) -> None:
     # RuntimeError for dtype and device, as torch.nn raises for the same hx
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
-    if state.dtype != input.dtype:
+    if state.dtype != input.dtype and not _autocast_casts(input):
         raise RuntimeError(f"{name} has dtype {state.dtype} but the input has dtype {input.dtype}; "
                            f"expected the input's dtype")
     if state.device != input.device:
@@ -63,7 +71,7 @@ def _check_weights(name: str, weight_names: Sequence[str], weights: Sequence[Opt
             raise RuntimeError(f"{name}: the input is on {input.device} but parameter {weight_name} is on "
                                f"{weight.device}; expected them on one device (move the input or the module "
                                f"with .to(device))")
-        if weight.dtype != input.dtype:
+        if weight.dtype != input.dtype and not _autocast_casts(input):
             raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
                              f"({weight.dtype}) of parameter {weight_name}; expected one dtype for the "
                              f"input and every parameter")

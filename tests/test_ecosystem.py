@@ -131,6 +131,22 @@ def test_cpu_autocast_gives_torch_nn_dtypes(kind, kwargs):
         torch.testing.assert_close(actual.float(), expected.detach(), rtol=2e-2, atol=2e-2 * scale)
 
 
+@pytest.mark.parametrize("kind,kwargs", KINDS)
+def test_cpu_autocast_takes_a_low_precision_input_into_float32_weights(kind, kwargs):
+    """A bfloat16 activation (the output of an autocast Linear, say) into a float32 layer: accepted
+    under autocast with torch.nn's output dtypes and values, refused with a clear error outside it."""
+    torch.manual_seed(0)
+    fused, ref = make_pair(kind, 5, 4, dtype=torch.float32, **kwargs)
+    x = _x(kind, torch.float32).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.backends.mkldnn.flags(enabled=False):
+        out, expected = leaves(fused(x)), leaves(ref(x))
+    assert [o.dtype for o in out] == [e.dtype for e in expected]
+    for actual, e in zip(out, expected):
+        torch.testing.assert_close(actual.float(), e.float(), rtol=2e-2, atol=2e-2 * max(1.0, e.abs().max().item()))
+    with pytest.raises(ValueError, match="does not match weight dtype"):
+        fused(x)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind,kwargs", KINDS)

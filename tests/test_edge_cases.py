@@ -20,7 +20,6 @@ LAYER_KINDS = [("LSTM", {}), ("LSTM", {"proj_size": 1}), ("GRU", {}), ("RNN", {"
 CELL_KINDS = [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "tanh"}),
               ("RNNCell", {"nonlinearity": "relu"})]
 ALL_KINDS = LAYER_KINDS + CELL_KINDS
-RELU_NAN_FIX = "needs csrc relu NaN fix (cells.h: relu(NaN) must be NaN, and its backward pass the gradient)"
 
 
 def kind_id(kind_extra):
@@ -153,15 +152,7 @@ def _nonfinite_cases():
     for kind_extra in ALL_KINDS:
         for fill in ("nan", "inf", "-inf"):
             for where in ("input", "hx"):
-                marks = []
-                relu = kind_extra[1].get("nonlinearity") == "relu"
-                # relu(NaN) is NaN in torch.nn, 0 in ours; Inf reaches NaN through inf - inf.
-                # The Inf cases listed are the ones that produce a NaN before a relu at these seeds.
-                fails = relu and (fill == "nan" or (not is_cell(kind_extra[0]) and
-                                                    (fill, where) in (("inf", "input"), ("-inf", "hx"))))
-                if fails:
-                    marks = [pytest.mark.xfail(strict=True, reason=RELU_NAN_FIX)]
-                cases.append(pytest.param(kind_extra, fill, where, marks=marks,
+                cases.append(pytest.param(kind_extra, fill, where,
                                           id=f"{kind_id(kind_extra)}-{fill}-{where}"))
     return cases
 
