@@ -77,6 +77,12 @@ def make_extension():
     # No -std flag: cpp_extension adds the standard the installed torch needs (C++17 up to torch
     # 2.12 or so, C++20 for torch 2.14, whose ATen.h refuses anything older); nvcc takes only one.
     cxx_flags = ["-O3"] + cpu_vector_flags()
+    link_flags = []
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is a header template over `#pragma omp parallel`: without -fopenmp it
+        # compiles to a serial loop in our code. libgomp resolves to the copy torch has loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -89,12 +95,14 @@ def make_extension():
             sources=cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
             include_dirs=include_dirs + cuda_include_dirs(),
             extra_compile_args={"cxx": cxx_flags + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(
         name="fused_rnn._C",
         sources=cpp_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 
