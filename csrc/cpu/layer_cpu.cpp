@@ -188,30 +188,44 @@ void block_product(const T* const* rows, int64_t K, const T* panel, T* const* ou
     }
 }
 
-// Rows [0, n) times panel block u: block_product over kRowsPerBlock rows at a time, then the rest.
-// row(r) gives row r of the left factor, out(r) where row r of block u's output starts; within it,
-// gate g's vector c lies at g*gate_stride + c*Width.
+// One pass over k in [k0, k0 + depth) for rows [0, n): kRowsPerBlock rows at a time, then the rest.
 template <typename T, int NG, int MR = kRowsPerBlock<NG>, typename RowFn, typename OutFn>
-void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& row, const OutFn& out,
-                  int64_t gate_stride, bool accumulate) {
-  int64_t offset[NG], lanes[NG];
-  for (int64_t g = 0; g < panels.G; ++g)
-    for (int64_t c = 0; c < panels.C; ++c) {
-      offset[g * panels.C + c] = g * gate_stride + c * Panels<T>::kWidth;
-      lanes[g * panels.C + c] = panels.lanes(u, c);
-    }
+void row_blocks(int64_t n, const RowFn& row, const OutFn& out, int64_t k0, int64_t depth, const T* panel_chunk,
+                const int64_t* offset, const int64_t* lanes, bool accumulate) {
   int64_t r0 = 0;
   for (; r0 + MR <= n; r0 += MR) {
     const T* in[MR];
     T* dst[MR];
-    for (int r = 0; r < MR; ++r) in[r] = row(r0 + r), dst[r] = out(r0 + r);
-    block_product<T, MR, NG>(in, panels.K, panels.block(u), dst, offset, lanes, accumulate);
+    for (int r = 0; r < MR; ++r) in[r] = row(r0 + r) + k0, dst[r] = out(r0 + r);
+    block_product<T, MR, NG>(in, depth, panel_chunk, dst, offset, lanes, accumulate);
   }
   if constexpr (MR > 1) {
     if (r0 < n) {
-      rows_product<T, NG, MR - 1>(panels, u, n - r0, [&](int64_t r) { return row(r0 + r); },
-                                  [&](int64_t r) { return out(r0 + r); }, gate_stride, accumulate);
+      row_blocks<T, NG, MR - 1>(n - r0, [&](int64_t r) { return row(r0 + r); }, [&](int64_t r) { return out(r0 + r); },
+                                k0, depth, panel_chunk, offset, lanes, accumulate);
     }
+  }
+}
+
+// Rows [0, n) times panel block u. row(r) gives row r of the left factor, out(r) where row r of
+// block u's output starts; within it, gate g's vector c lies at g*gate_stride + c*Width. k is
+// walked in chunks that keep a chunk of the panel (16 KB) in L1 while every row block uses it,
+// the partial sums added chunk after chunk in a fixed order.
+template <typename T, int NG, typename RowFn, typename OutFn>
+void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& row, const OutFn& out,
+                  int64_t gate_stride, bool accumulate) {
+  constexpr int64_t W = Panels<T>::kWidth;
+  constexpr int64_t kDepth = std::max<int64_t>(16, 16384 / (NG * W * sizeof(T)));
+  int64_t offset[NG], lanes[NG];
+  for (int64_t g = 0; g < panels.G; ++g)
+    for (int64_t c = 0; c < panels.C; ++c) {
+      offset[g * panels.C + c] = g * gate_stride + c * W;
+      lanes[g * panels.C + c] = panels.lanes(u, c);
+    }
+  const T* panel = panels.block(u);
+  for (int64_t k0 = 0; k0 < panels.K; k0 += kDepth) {
+    row_blocks<T, NG>(n, row, out, k0, std::min(kDepth, panels.K - k0), panel + k0 * NG * W, offset, lanes,
+                      accumulate || k0 > 0);
   }
 }
 
