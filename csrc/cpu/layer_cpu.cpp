@@ -163,9 +163,11 @@ constexpr int kRowsPerBlock = NG >= 12 ? 1 : 12 / NG;
 
 // For MR rows and the NG = G*C groups of one panel block, in registers:
 // out[r] + offset[q] (lanes[q] values) (+)= Σ_k rows[r][k] · panel[k][q].
+// Kept out of line (one call per row block and k chunk, so the call is cheap): profiles then show
+// the matrix product apart from the gate math.
 template <typename T, int MR, int NG>
-void block_product(const T* const* rows, int64_t K, const T* panel, T* const* out, const int64_t* offset,
-                   const int64_t* lanes, bool accumulate) {
+__attribute__((noinline)) void block_product(const T* const* rows, int64_t K, const T* panel, T* const* out,
+                                             const int64_t* offset, const int64_t* lanes, bool accumulate) {
   using M = KernelMath<T>;
   using V = typename M::V;
   constexpr int64_t W = M::kWidth;
