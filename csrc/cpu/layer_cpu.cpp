@@ -117,7 +117,7 @@ struct Panels {
     Panels p = make(w, w.size(1), G, C, cols);
     const T* src = w.data_ptr<T>();
     T* dst = p.storage.template data_ptr<T>();
-    for (int64_t u = 0; u < p.blocks; ++u)
+    p.for_each_block([&](int64_t u) {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t l = 0; l < p.lanes(u, c); ++l) {
@@ -125,6 +125,7 @@ struct Panels {
             T* out = dst + (u * p.K * p.groups() + g * C + c) * kWidth + l;
             for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * kWidth] = row[k];
           }
+    });
     return p;
   }
 
@@ -133,16 +134,26 @@ struct Panels {
     Panels p = make(w, w.size(0), 1, C, w.size(1));
     const T* src = w.data_ptr<T>();
     T* dst = p.storage.template data_ptr<T>();
-    for (int64_t u = 0; u < p.blocks; ++u)
+    p.for_each_block([&](int64_t u) {
       for (int64_t k = 0; k < p.K; ++k)
         for (int64_t c = 0; c < C; ++c) {
           std::memcpy(dst + ((u * p.K + k) * C + c) * kWidth, src + k * p.cols + p.first_column(u, c),
                       p.lanes(u, c) * sizeof(T));
         }
+    });
     return p;
   }
 
  private:
+  // Packing is a copy of the weights: worth both threads once a block holds enough of them.
+  template <typename F>
+  void for_each_block(const F& pack_block) const {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * groups() * kWidth));
+    at::parallel_for(0, blocks, grain, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) pack_block(u);
+    });
+  }
+
   static Panels make(const Tensor& w, int64_t K, int64_t G, int64_t C, int64_t cols) {
     Panels p;
     p.K = K;
