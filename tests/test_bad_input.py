@@ -36,20 +36,13 @@ def packed(rows, batch_sizes, sorted_indices=None, unsorted_indices=None, featur
     return PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The layers: LSTM, GRU, RNN
-# ---------------------------------------------------------------------------------------------------
-
-def _layer_cases(kind):
-    cls = LAYERS[kind]
-    lstm = kind == "LSTM"
-    st = "h_0" if lstm else "hx"  # the name of the (first) state in messages
-
+def _builders(cls, lstm, x):
+    """The vocabulary of the case lists: make(**ctor_kwargs), state(*shape) (hx of the module's
+    kind), call(args, **ctor_kwargs) and with_param(name, new_value_fn), which runs on x."""
     def make(**kw):
         return cls(I, H, dtype=D, **kw)
 
     def state(*shape, c_shape=None, **kw):
-        """hx of the right kind for this module, of the given shape."""
         return (z(*shape, **kw), z(*(c_shape or shape))) if lstm else z(*shape, **kw)
 
     def call(args, **kw):
@@ -59,8 +52,22 @@ def _layer_cases(kind):
         def run():
             m = make()
             setattr(m, param, value(getattr(m, param)))
-            return m(X)
+            return m(x)
         return run
+
+    return make, state, call, with_param
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layers: LSTM, GRU, RNN
+# ---------------------------------------------------------------------------------------------------
+
+def _layer_cases(kind):
+    cls = LAYERS[kind]
+    lstm = kind == "LSTM"
+    st = "h_0" if lstm else "hx"  # the name of the (first) state in messages
+
+    make, state, call, with_param = _builders(cls, lstm, X)
 
     size = r"\(num_layers \* num_directions, batch, hidden_size\)"
     cases = [
@@ -289,21 +296,7 @@ def _cell_cases(kind):
     lstm = kind == "LSTMCell"
     st = re.escape("hx[0]") if lstm else "hx"
 
-    def make(**kw):
-        return cls(I, H, dtype=D, **kw)
-
-    def state(*shape, c_shape=None, **kw):
-        return (z(*shape, **kw), z(*(c_shape or shape))) if lstm else z(*shape, **kw)
-
-    def call(args, **kw):
-        return lambda: make(**kw)(*args)
-
-    def with_param(param, value):
-        def run():
-            m = make()
-            setattr(m, param, value(getattr(m, param)))
-            return m(XC)
-        return run
+    make, state, call, with_param = _builders(cls, lstm, XC)
 
     cases = [
         ("input_0d", call((torch.tensor(1.0, dtype=D),)), ValueError, "Expected input to be 1D or 2D, got 0D"),

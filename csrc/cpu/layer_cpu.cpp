@@ -243,21 +243,20 @@ void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& ro
 }
 
 // The cell's forward or backward over units [j, j + lanes) of one row: a vector, or unit by unit.
-template <typename Cell, typename Io>
-void forward_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
-  if (lanes == KernelMath<typename Cell::scalar_t>::kWidth) {
-    Cell::template forward<KernelMath<typename Cell::scalar_t>>(io, H, j);
+template <typename Cell, bool kForward, typename Io>
+void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
+  using T = typename Cell::scalar_t;
+  const auto apply = [&](auto math, int64_t unit) {
+    if constexpr (kForward) {
+      Cell::template forward<decltype(math)>(io, H, unit);
+    } else {
+      Cell::template backward<decltype(math)>(io, H, unit);
+    }
+  };
+  if (lanes == KernelMath<T>::kWidth) {
+    apply(KernelMath<T>{}, j);
   } else {
-    for (int64_t l = 0; l < lanes; ++l) Cell::forward(io, H, j + l);
-  }
-}
-
-template <typename Cell, typename Io>
-void backward_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
-  if (lanes == KernelMath<typename Cell::scalar_t>::kWidth) {
-    Cell::template backward<KernelMath<typename Cell::scalar_t>>(io, H, j);
-  } else {
-    for (int64_t l = 0; l < lanes; ++l) Cell::backward(io, H, j + l);
+    for (int64_t l = 0; l < lanes; ++l) apply(ScalarMath<T>{}, j + l);
   }
 }
 
@@ -315,7 +314,7 @@ struct ForwardLoop {
             T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
             const StepForward<T> io{gx_p + (off + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
                                     c_p ? c_p + b * H : nullptr, out_row, saved_row};
-            forward_units<Cell>(io, H, j, lanes);
+            cell_units<Cell, true>(io, H, j, lanes);
           }
           }
         }
@@ -385,7 +384,7 @@ struct BackwardLoop {
           const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
                                    dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
                                    dgx_p + (off + b) * GH, dgh_p + (off + b) * GH};
-          backward_units<Cell>(io, H, j, lanes);
+          cell_units<Cell, false>(io, H, j, lanes);
         }
       };
 
