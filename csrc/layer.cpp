@@ -132,17 +132,16 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
 
 namespace {
 
-// x·W_ihᵀ plus every bias that only adds: both biases, except GRU's b_hn (it is scaled by r).
-Tensor input_projection(const LayerShape& s, const Tensor& x, const Tensor& w_ih, const Tensor& b_ih,
-                        const Tensor& b_hh) {
+// The biases that only add to x·W_ihᵀ, summed: both, except GRU's b_hn (it is scaled by r).
+Tensor folded_bias(const LayerShape& s, const Tensor& b_ih, const Tensor& b_hh) {
   Tensor bias;
   if (b_ih.defined()) bias = b_ih.clone();
   if (b_hh.defined()) {
     const int64_t additive = s.cell == CellKind::GRU ? 2 * s.H : s.gates * s.H;
-    if (!bias.defined()) bias = at::zeros({s.gates * s.H}, x.options());
+    if (!bias.defined()) bias = at::zeros({s.gates * s.H}, b_hh.options());
     bias.narrow(0, 0, additive).add_(b_hh.narrow(0, 0, additive));
   }
-  return bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+  return bias;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_impl(
@@ -155,7 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_impl(
   const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
   const Tensor w_proj = contiguous_or_undefined(w_hr);
 
-  const Tensor gx = input_projection(s, x, w_ih, bias_ih, bias_hh);
+  const Tensor bias = folded_bias(s, bias_ih, bias_hh);
   const Tensor b_hn = s.cell == CellKind::GRU && bias_hh.defined() ? bias_hh.narrow(0, 2 * s.H, s.H) : Tensor();
   Tensor y = at::empty({s.N, s.P}, x.options());
   Tensor h = h0.contiguous().clone();
@@ -164,12 +163,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_impl(
 
   if (x.is_cuda()) {
 #ifdef FUSED_RNN_WITH_CUDA
+    const Tensor gx = bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
     forward_loop_cuda(s, reverse, gx, w_hh, b_hn, w_proj, y, h, c, saved);
 #else
     TORCH_CHECK(false, "fused_rnn was built without CUDA");
 #endif
   } else {
-    forward_loop_cpu(s, reverse, gx, w_hh, b_hn, w_proj, y, h, c, saved);
+    forward_loop_cpu(s, reverse, x, w_ih, bias, w_hh, b_hn, w_proj, y, h, c, saved);
   }
   if (!c.defined()) c = at::empty({0}, x.options());
   if (!saved.defined()) saved = at::empty({0}, x.options());

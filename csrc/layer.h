@@ -45,14 +45,16 @@ LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef bat
                           const c10::optional<at::Tensor>& w_hr);
 
 // The step loops, one per device. All tensors are contiguous except the documented views.
-//   gx     [N, G*H]  x·W_ihᵀ plus the folded biases
+//   gx     [N, G*H]  x·W_ihᵀ plus the folded biases (CUDA); the CPU loop computes it a chunk of
+//                    steps at a time from x [N, I], w_ih [G*H, I] and the folded bias [G*H] (or
+//                    undefined)
 //   b_hn   [H]       GRU's n-gate hidden bias, or undefined
 //   y      [N, P]    output, written
 //   h, c   [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
 //   saved  [N, saved_cols] written when defined (a gradient is wanted)
-void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,
-                      const at::Tensor& b_hn, const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h,
-                      at::Tensor& c, at::Tensor& saved);
+void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
+                      const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
+                      const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
 
 //   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)
 //   dy       [N, P] or undefined

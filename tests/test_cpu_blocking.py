@@ -56,3 +56,20 @@ def test_results_do_not_depend_on_thread_count(kind):
         torch.set_num_threads(threads)
     for a, b in zip(out_1 + grads_1, out_n + grads_n):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_input_projection_in_chunks_of_steps(kind, packed):
+    """x·W_ihᵀ is computed a chunk of whole steps at a time, up to 2^20 gate values: with G*H = 1200
+    that is 873 rows, so these inputs (up to 1,200 rows) take two chunks, in both directions."""
+    torch.manual_seed(3)
+    hidden = 300 if kind == "LSTM" else 400
+    fused, ref = make_pair(kind, 3, hidden, bidirectional=True)
+    if packed:
+        lengths = [30] * 10 + [29, 25, 17] * 10
+        lengths = lengths[:40]
+        x = pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in sorted(lengths, reverse=True)])
+    else:
+        x = torch.randn(30, 40, 3, dtype=torch.float64)
+    check_parity(fused, ref, x)

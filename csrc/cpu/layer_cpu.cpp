@@ -260,22 +260,30 @@ void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
   }
 }
 
+// Elements of x·W_ihᵀ computed per chunk of steps (4 MB of floats): large enough for an efficient
+// GEMM, small enough to stay in cache until the steps read it.
+constexpr int64_t kProjectionChunkElements = int64_t{1} << 20;
+
 template <typename Cell>
 struct ForwardLoop {
   using T = typename Cell::scalar_t;
   static constexpr int64_t W = KernelMath<T>::kWidth;
   static constexpr int G = Cell::kGates, C = kVectorsPerGate<G>;
 
-  static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+  static void run(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
+                  const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c,
+                  Tensor& saved) {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     const Panels<T> panels = Panels<T>::of_rows(w_hh, G, C, H);
-    Tensor gh = at::empty({s.B, GH}, gx.options());
+    // x·W_ihᵀ + bias is computed a chunk of steps at a time into this buffer, which stays in the
+    // last-level cache, instead of all at once into [N, G*H] (faulted in page by page each call).
+    const int64_t chunk_cap = std::max<int64_t>(1, kProjectionChunkElements / GH);
+    Tensor gx = at::empty({std::min(s.N, std::max(chunk_cap, s.B)), GH}, x.options());
+    Tensor gh = at::empty({s.B, GH}, x.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
-    Tensor proj_buffer = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
+    Tensor proj_buffer = s.proj && !saved.defined() ? at::empty({s.B, H}, x.options()) : Tensor();
 
-    const T* gx_p = gx.data_ptr<T>();
     const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
     T* gh_p = gh.data_ptr<T>();
@@ -288,45 +296,64 @@ struct ForwardLoop {
     // h_{t-1} of row b is the previous step's output where that step had row b, else h_0.
     const T* prev_out = nullptr;
     int64_t prev_rows = 0;
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = reverse ? s.T - 1 - step : step;
-      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
-      if (n == 0) continue;
-      const int64_t carried = std::min(n, prev_rows);
-      const auto h_prev_row = [&](int64_t b) {
-        return b < carried ? prev_out + b * P : h_p + b * P;
-      };
-      T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
-      const int64_t proj_in_stride = saved_p ? K : H;
-
-      Tiles(panels.blocks, 2.0 * n * GH * P).for_each([&](int64_t u0, int64_t u1) {
-        for (int64_t u = u0; u < u1; ++u) {
-          const int64_t j0 = panels.first_column(u, 0);
-          rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H, false);
-          for (int64_t c = 0; c < C; ++c) {
-          const int64_t j = panels.first_column(u, c), lanes = panels.lanes(u, c);
-          for (int64_t b = 0; b < n && lanes > 0; ++b) {
-            const T* h_prev = h_prev_row(b);
-            T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
-            if (saved_row && j < P) {  // h_{t-1} for backward (P <= H, so the blocks cover it)
-              std::memcpy(saved_row + s.hprev_col() + j, h_prev + j, (std::min(j + lanes, P) - j) * sizeof(T));
-            }
-            T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
-            const StepForward<T> io{gx_p + (off + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
-                                    c_p ? c_p + b * H : nullptr, out_row, saved_row};
-            cell_units<Cell, true>(io, H, j, lanes);
-          }
-          }
-        }
-      });
-
-      if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ, a range of output features per thread
-        Tiles(P, 2.0 * n * H * P).for_each([&](int64_t p0, int64_t p1) {
-          gemm_rows(n, p1 - p0, H, proj_in, proj_in_stride, w_hr_p + p0 * H, H, true, false, y_p + off * P + p0, P);
-        });
+    for (int64_t step = 0; step < s.T;) {
+      // The next chunk: steps [step, chunk_end) in processing order, rows [row0, row0 + rows) of x.
+      int64_t chunk_end = step, rows = 0;
+      while (chunk_end < s.T) {
+        const int64_t n = s.batch_sizes[reverse ? s.T - 1 - chunk_end : chunk_end];
+        if (chunk_end > step && rows + n > chunk_cap) break;
+        rows += n;
+        ++chunk_end;
       }
-      prev_out = y_p + off * P;
-      prev_rows = n;
+      const int64_t row0 = s.offsets[reverse ? s.T - chunk_end : step];
+      Tensor gx_rows = gx.narrow(0, 0, rows);
+      if (bias.defined()) {
+        at::addmm_out(gx_rows, bias, x.narrow(0, row0, rows), w_ih.t());
+      } else {
+        at::mm_out(gx_rows, x.narrow(0, row0, rows), w_ih.t());
+      }
+      const T* gx_p = gx.data_ptr<T>() - row0 * GH;  // indexed by rows of x
+
+      for (; step < chunk_end; ++step) {
+        const int64_t t = reverse ? s.T - 1 - step : step;
+        const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+        if (n == 0) continue;
+        const int64_t carried = std::min(n, prev_rows);
+        const auto h_prev_row = [&](int64_t b) { return b < carried ? prev_out + b * P : h_p + b * P; };
+        T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
+        const int64_t proj_in_stride = saved_p ? K : H;
+
+        Tiles(panels.blocks, 2.0 * n * GH * P).for_each([&](int64_t u0, int64_t u1) {
+          for (int64_t u = u0; u < u1; ++u) {
+            const int64_t j0 = panels.first_column(u, 0);
+            rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
+                                   false);
+            for (int64_t v = 0; v < C; ++v) {
+              const int64_t j = panels.first_column(u, v), lanes = panels.lanes(u, v);
+              for (int64_t b = 0; b < n && lanes > 0; ++b) {
+                const T* h_prev = h_prev_row(b);
+                T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
+                if (saved_row && j < P) {  // h_{t-1} for backward (P <= H, so the blocks cover it)
+                  std::memcpy(saved_row + s.hprev_col() + j, h_prev + j, (std::min(j + lanes, P) - j) * sizeof(T));
+                }
+                T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
+                const StepForward<T> io{gx_p + (off + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
+                                        c_p ? c_p + b * H : nullptr, out_row, saved_row};
+                cell_units<Cell, true>(io, H, j, lanes);
+              }
+            }
+          }
+        });
+
+        if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ, a range of output features per thread
+          Tiles(P, 2.0 * n * H * P).for_each([&](int64_t p0, int64_t p1) {
+            gemm_rows(n, p1 - p0, H, proj_in, proj_in_stride, w_hr_p + p0 * H, H, true, false, y_p + off * P + p0,
+                      P);
+          });
+        }
+        prev_out = y_p + off * P;
+        prev_rows = n;
+      }
     }
 
     // h_n: a row's output at its sequence's last step (for the reverse direction, step 0).
@@ -426,10 +453,11 @@ struct BackwardLoop {
 
 }  // namespace
 
-void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                      const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(gx.scalar_type(), "fused_rnn_forward_cpu", [&] {
-    dispatch_cell<ForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
+                      const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c,
+                      Tensor& saved) {
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(x.scalar_type(), "fused_rnn_forward_cpu", [&] {
+    dispatch_cell<ForwardLoop, scalar_t>(s.cell, s, reverse, x, w_ih, bias, w_hh, b_hn, w_hr, y, h, c, saved);
   });
 }
 
