@@ -81,6 +81,8 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
   s.proj = w_hr.has_value() && w_hr->defined();
   TORCH_CHECK(!s.proj || s.cell == CellKind::LSTM, "fused_rnn: only LSTM has a projection (weight_hr)");
   s.P = s.proj ? w_hr->size(0) : s.H;
+  TORCH_CHECK(!s.proj || s.P < s.H, "fused_rnn: weight_hr must have fewer rows (proj_size) than hidden_size ",
+              s.H, ", got ", s.P);
   check_matrix(w_ih, "weight_ih", s.gates * s.H, s.I);
   check_matrix(w_hh, "weight_hh", s.gates * s.H, s.P);
   check_same_kind(w_ih, x, "weight_ih");

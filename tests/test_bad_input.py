@@ -491,3 +491,14 @@ def test_compiled_op_checks_shapes():
         op(7, x, [2, 2], False, h0, c0, w_ih, w_hh, None, None, None, False)
     with pytest.raises(RuntimeError, match="the input must be a floating point or complex tensor"):
         op(0, x.long(), [2, 2], False, h0, c0, w_ih, w_hh, None, None, None, False)
+
+
+def test_compiled_op_refuses_a_projection_as_wide_as_the_hidden_state():
+    """The op itself checks proj_size < hidden_size (the modules inherit torch.nn's check): a wider
+    weight_hr would leave columns of the saved state unwritten."""
+    H, P, B = 5, 12, 3
+    x = torch.randn(4 * B, I, dtype=D)
+    args = (0, x, [B] * 4, False, z(B, P), z(B, H), torch.randn(4 * H, I, dtype=D),
+            torch.randn(4 * H, P, dtype=D), None, None, torch.randn(P, H, dtype=D), True)
+    with pytest.raises(RuntimeError, match="fewer rows \\(proj_size\\) than hidden_size"):
+        torch.ops.fused_rnn.layer_forward(*args)

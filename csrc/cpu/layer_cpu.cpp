@@ -2,17 +2,24 @@
 //
 // The recurrent weights are packed once per call into panels that a register-blocked kernel
 // streams: for a block of Width hidden units (8 floats with AVX2), all G gates' weights side by
-// side for each k. Per step, one parallel region: each thread takes a range of unit blocks and,
-// block by block, computes h_{t-1}·W_hhᵀ for all gates of the block and runs the cells.h math on
-// it while it is in cache, Width units at a time. Backward has the same shape: a thread first
-// propagates the previous step's gate gradients to its block of dh (dG·W_hh, restricted to those
-// columns), then runs the cell backward on the block. A projection (LSTM proj_size) needs every
-// unit first, so it takes a second region, with BLAS.
+// side for each k. A sequence runs in one parallel region (a Team): each thread keeps a range of
+// unit blocks for every step. Per step it computes h_{t-1}·W_hhᵀ for all gates of a block and runs
+// the cells.h math on it while it is in cache, Width units at a time; a barrier ends the step.
+// x·W_ihᵀ is computed in chunks of steps, each thread for its own units. Backward has the same
+// shape: a thread first propagates the previous step's gate gradients to its block of dh (dG·W_hh,
+// restricted to those columns), then runs the cell backward on the block. A projection (LSTM
+// proj_size) needs every unit first, so it takes one more barrier per step, and BLAS.
 //
 // Blocks are aligned to the vector width, so which units take the scalar tail does not depend on
-// the number of threads, and nothing is accumulated across threads: results are reproducible.
+// the number of threads, and nothing is accumulated across threads: results are reproducible, and
+// without a projection the same for any number of threads. (The projection's BLAS calls may block
+// differently with the number of threads, so its last bits can differ between thread counts.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <climits>
@@ -73,25 +80,47 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T
   }
 }
 
-// [0, size) cut into one range per thread; a single range when the step is too small for a second
-// thread to pay for its wake-up.
-struct Tiles {
-  int64_t size, step, count;
+// One thread of a Team: its index and the team's size.
+struct Member {
+  int64_t index, threads;
 
-  Tiles(int64_t size_, double flops_per_step) : size(size_) {
-    constexpr double kFlopsWorthAThread = 1 << 17;
-    const int64_t threads = flops_per_step < kFlopsWorthAThread ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    step = std::max<int64_t>(1, (size + threads - 1) / threads);
-    count = size == 0 ? 0 : (size + step - 1) / step;
+  // This thread's part of [0, size): the same part at every step.
+  std::pair<int64_t, int64_t> share(int64_t size) const {
+    return {size * index / threads, size * (index + 1) / threads};
   }
 
-  // body(begin, end) for every range, one range per task.
+  // Between steps: what one thread wrote is read by all at the next step.
+  void barrier() const {
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+};
+
+// A whole sequence in one parallel region: each thread keeps the same share of the hidden units
+// for every step, and steps are separated by barriers, cheaper than a fork and a join per step.
+// One thread when a step is too small for a second to pay for the barrier. Nothing in the region
+// may throw (an exception cannot leave an OpenMP region): it runs raw BLAS and cells.h only.
+struct Team {
+  int64_t threads;
+
+  explicit Team(double flops_per_step) {
+    constexpr double kFlopsWorthAThread = 1 << 17;
+    threads = flops_per_step < kFlopsWorthAThread ? 1 : std::max<int64_t>(1, at::get_num_threads());
+  }
+
   template <typename F>
-  void for_each(const F& body) const {
-    if (count == 1) return body(int64_t{0}, size);
-    at::parallel_for(0, count, 1, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) body(k * step, std::min(size, (k + 1) * step));
-    });
+  void run(const F& body) const {
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+      body(Member{omp_get_thread_num(), omp_get_num_threads()});
+      return;
+    }
+#endif
+    body(Member{0, 1});
   }
 };
 
@@ -278,14 +307,18 @@ struct ForwardLoop {
     const Panels<T> panels = Panels<T>::of_rows(w_hh, G, C, H);
     // x·W_ihᵀ + bias is computed a chunk of steps at a time into this buffer, which stays in the
     // last-level cache, instead of all at once into [N, G*H] (faulted in page by page each call).
-    const int64_t chunk_cap = std::max<int64_t>(1, kProjectionChunkElements / GH);
-    Tensor gx = at::empty({std::min(s.N, std::max(chunk_cap, s.B)), GH}, x.options());
+    const int64_t chunk_cap = std::max<int64_t>(1, kProjectionChunkElements / std::max<int64_t>(1, GH));
+    Tensor gx_buffer = at::empty({std::min(s.N, std::max(chunk_cap, s.B)), GH}, x.options());
     Tensor gh = at::empty({s.B, GH}, x.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
     Tensor proj_buffer = s.proj && !saved.defined() ? at::empty({s.B, H}, x.options()) : Tensor();
 
+    const T* x_p = x.data_ptr<T>();
+    const T* w_ih_p = w_ih.data_ptr<T>();
+    const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
+    T* gx_buffer_p = gx_buffer.data_ptr<T>();
     T* gh_p = gh.data_ptr<T>();
     T* y_p = y.data_ptr<T>();
     T* h_p = h.data_ptr<T>();  // h_0 until the end, when it becomes h_n
@@ -293,37 +326,42 @@ struct ForwardLoop {
     T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
     T* proj_buffer_p = proj_buffer.defined() ? proj_buffer.data_ptr<T>() : nullptr;
 
-    // h_{t-1} of row b is the previous step's output where that step had row b, else h_0.
-    const T* prev_out = nullptr;
-    int64_t prev_rows = 0;
-    for (int64_t step = 0; step < s.T;) {
-      // The next chunk: steps [step, chunk_end) in processing order, rows [row0, row0 + rows) of x.
-      int64_t chunk_end = step, rows = 0;
-      while (chunk_end < s.T) {
-        const int64_t n = s.batch_sizes[reverse ? s.T - 1 - chunk_end : chunk_end];
-        if (chunk_end > step && rows + n > chunk_cap) break;
-        rows += n;
-        ++chunk_end;
-      }
-      const int64_t row0 = s.offsets[reverse ? s.T - chunk_end : step];
-      Tensor gx_rows = gx.narrow(0, 0, rows);
-      if (bias.defined()) {
-        at::addmm_out(gx_rows, bias, x.narrow(0, row0, rows), w_ih.t());
-      } else {
-        at::mm_out(gx_rows, x.narrow(0, row0, rows), w_ih.t());
-      }
-      const T* gx_p = gx.data_ptr<T>() - row0 * GH;  // indexed by rows of x
+    Team(2.0 * s.B * GH * (P + s.I)).run([&](const Member& me) {
+      const auto [u0, u1] = me.share(panels.blocks);  // this thread's hidden units, [j_begin, j_end)
+      const int64_t j_begin = std::min(H, panels.first_column(u0, 0)), j_end = std::min(H, panels.first_column(u1, 0));
+      const auto [p0, p1] = me.share(P);               // and output features of the projection
+      // h_{t-1} of row b is the previous step's output where that step had row b, else h_0.
+      const T* prev_out = nullptr;
+      int64_t prev_rows = 0;
+      for (int64_t step = 0; step < s.T;) {
+        // The next chunk: steps [step, chunk_end) in processing order, rows [row0, row0 + rows) of x.
+        int64_t chunk_end = step, rows = 0;
+        while (chunk_end < s.T) {
+          const int64_t n = s.batch_sizes[reverse ? s.T - 1 - chunk_end : chunk_end];
+          if (chunk_end > step && rows + n > chunk_cap) break;
+          rows += n;
+          ++chunk_end;
+        }
+        const int64_t row0 = s.offsets[reverse ? s.T - chunk_end : step];
+        // This thread's gates of x·W_ihᵀ + bias for the chunk: only it reads them.
+        for (int64_t g = 0; g < G && j_end > j_begin; ++g) {
+          T* out = gx_buffer_p + g * H + j_begin;
+          if (bias_p) {
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * GH, bias_p + g * H + j_begin, (j_end - j_begin) * sizeof(T));
+          }
+          gemm_rows(rows, j_end - j_begin, s.I, x_p + row0 * s.I, s.I, w_ih_p + (g * H + j_begin) * s.I, s.I, true,
+                    bias_p != nullptr, out, GH);
+        }
 
-      for (; step < chunk_end; ++step) {
-        const int64_t t = reverse ? s.T - 1 - step : step;
-        const int64_t n = s.batch_sizes[t], off = s.offsets[t];
-        if (n == 0) continue;
-        const int64_t carried = std::min(n, prev_rows);
-        const auto h_prev_row = [&](int64_t b) { return b < carried ? prev_out + b * P : h_p + b * P; };
-        T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
-        const int64_t proj_in_stride = saved_p ? K : H;
+        for (; step < chunk_end; ++step) {
+          const int64_t t = reverse ? s.T - 1 - step : step;
+          const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+          if (n == 0) continue;
+          const int64_t carried = std::min(n, prev_rows);
+          const auto h_prev_row = [&](int64_t b) { return b < carried ? prev_out + b * P : h_p + b * P; };
+          T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
+          const int64_t proj_in_stride = saved_p ? K : H;
 
-        Tiles(panels.blocks, 2.0 * n * GH * P).for_each([&](int64_t u0, int64_t u1) {
           for (int64_t u = u0; u < u1; ++u) {
             const int64_t j0 = panels.first_column(u, 0);
             rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
@@ -337,24 +375,22 @@ struct ForwardLoop {
                   std::memcpy(saved_row + s.hprev_col() + j, h_prev + j, (std::min(j + lanes, P) - j) * sizeof(T));
                 }
                 T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
-                const StepForward<T> io{gx_p + (off + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
+                const StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
                                         c_p ? c_p + b * H : nullptr, out_row, saved_row};
                 cell_units<Cell, true>(io, H, j, lanes);
               }
             }
           }
-        });
-
-        if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ, a range of output features per thread
-          Tiles(P, 2.0 * n * H * P).for_each([&](int64_t p0, int64_t p1) {
-            gemm_rows(n, p1 - p0, H, proj_in, proj_in_stride, w_hr_p + p0 * H, H, true, false, y_p + off * P + p0,
-                      P);
-          });
+          if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ once every unit is done, by output features
+            me.barrier();
+            gemm_rows(n, p1 - p0, H, proj_in, proj_in_stride, w_hr_p + p0 * H, H, true, false, y_p + off * P + p0, P);
+          }
+          me.barrier();  // h_t complete before anyone starts step t+1
+          prev_out = y_p + off * P;
+          prev_rows = n;
         }
-        prev_out = y_p + off * P;
-        prev_rows = n;
       }
-    }
+    });
 
     // h_n: a row's output at its sequence's last step (for the reverse direction, step 0).
     for (int64_t t = 0; t < s.T; ++t) {
@@ -390,63 +426,62 @@ struct BackwardLoop {
     T* dh_total_p = s.proj ? dh_total.data_ptr<T>() : nullptr;
     T* d_proj_p = s.proj ? d_proj_input.data_ptr<T>() : nullptr;
 
-    // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients are
-    // pending (GRU's cell has already written its direct z-path into dh, hence the accumulation).
-    const T* pending_dg = nullptr;
-    int64_t pending_rows = 0;
-    const auto propagate = [&](int64_t u) {
-      const int64_t j0 = panels.first_column(u, 0);
-      rows_product<T, C>(panels, u, pending_rows, [&](int64_t r) { return pending_dg + r * GH; },
-                         [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
-    };
-
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = reverse ? step : s.T - 1 - step;  // forward's order, backwards
-      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
-      if (n == 0) continue;
-      // The cell backward on rows [0, n), units [j, j + lanes), reading the gradient at h_t from cell_dh.
-      const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
-        for (int64_t b = 0; b < n && lanes > 0; ++b) {
-          const T* saved_row = saved_p + (off + b) * K;
-          const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
-                                   dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
-                                   dgx_p + (off + b) * GH, dgh_p + (off + b) * GH};
-          cell_units<Cell, false>(io, H, j, lanes);
-        }
+    Team(2.0 * s.B * GH * P).run([&](const Member& me) {
+      const auto [u0, u1] = me.share(panels.blocks);  // this thread's columns of dh (blocks of P)
+      const auto [v0, v1] = me.share((H + W - 1) / W);  // with a projection: its hidden units, in vectors
+      const T* pending_dg = nullptr;  // the gate gradients of the step before, and their rows
+      int64_t pending_rows = 0;
+      // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients
+      // are pending (GRU's cell has already written its direct z-path into dh: accumulate).
+      const auto propagate = [&](int64_t u) {
+        const int64_t j0 = panels.first_column(u, 0);
+        rows_product<T, C>(panels, u, pending_rows, [&](int64_t r) { return pending_dg + r * GH; },
+                           [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
       };
 
-      if (!s.proj) {  // one region: finish dh on a block, then the cell on it
-        Tiles(panels.blocks, 2.0 * std::max(n, pending_rows) * GH * P).for_each([&](int64_t u0, int64_t u1) {
+      for (int64_t step = 0; step < s.T; ++step) {
+        const int64_t t = reverse ? step : s.T - 1 - step;  // forward's order, backwards
+        const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+        if (n == 0) continue;
+        // The cell backward on rows [0, n), units [j, j + lanes), the gradient at h_t read from cell_dh.
+        const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
+          for (int64_t b = 0; b < n && lanes > 0; ++b) {
+            const T* saved_row = saved_p + (off + b) * K;
+            const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
+                                     dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
+                                     dgx_p + (off + b) * GH, dgh_p + (off + b) * GH};
+            cell_units<Cell, false>(io, H, j, lanes);
+          }
+        };
+
+        if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
           for (int64_t u = u0; u < u1; ++u) {
             propagate(u);
-            for (int64_t c = 0; c < C; ++c) {
-              cell_rows(panels.first_column(u, c), panels.lanes(u, c), dy_p ? dy_p + off * P : nullptr, dh_p, P);
+            for (int64_t v = 0; v < C; ++v) {
+              cell_rows(panels.first_column(u, v), panels.lanes(u, v), dy_p ? dy_p + off * P : nullptr, dh_p, P);
             }
           }
-        });
-      } else {  // dh over output features first; the projection's backward needs all of them
-        Tiles(panels.blocks, 2.0 * pending_rows * GH * P).for_each([&](int64_t u0, int64_t u1) {
+        } else {  // dh over output features first; the projection's backward needs all of them
           for (int64_t u = u0; u < u1; ++u) {
             propagate(u);
-            const int64_t p0 = panels.first_column(u, 0), p1 = std::min(P, panels.first_column(u + 1, 0));
+            const int64_t p_begin = panels.first_column(u, 0), p_end = std::min(P, panels.first_column(u + 1, 0));
             for (int64_t b = 0; b < n; ++b) {  // the full gradient at h_t, kept for dW_hr
               T* total = dh_total_p + (off + b) * P;
-              for (int64_t p = p0; p < p1; ++p) total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+              for (int64_t p = p_begin; p < p_end; ++p) {
+                total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+              }
             }
           }
-        });
-        Tiles((H + W - 1) / W, 2.0 * n * H * P).for_each([&](int64_t u0, int64_t u1) {
-          const int64_t j0 = u0 * W, j1 = std::min(H, u1 * W);
+          me.barrier();
+          const int64_t j0 = std::min(H, v0 * W), j1 = std::min(H, v1 * W);
           gemm_rows(n, j1 - j0, P, dh_total_p + off * P, P, w_hr_p + j0, H, false, false, d_proj_p + j0, H);
-          for (int64_t u = u0; u < u1; ++u) cell_rows(u * W, std::min(W, H - u * W), nullptr, d_proj_p, H);
-        });
+          for (int64_t v = v0; v < v1; ++v) cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
+        }
+        me.barrier();  // dG_t complete before anyone propagates it
+        pending_dg = dgh_p + off * GH;
+        pending_rows = n;
       }
-      pending_dg = dgh_p + off * GH;
-      pending_rows = n;
-    }
-    // The first step's gate gradients reach h_0.
-    Tiles(panels.blocks, 2.0 * pending_rows * GH * P).for_each([&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) propagate(u);
+      for (int64_t u = u0; u < u1; ++u) propagate(u);  // the first step's gate gradients reach h_0
     });
   }
 };
