@@ -459,13 +459,17 @@ def test_constructor_warning_like_torch():
         fused_rnn.GRU(I, H, dropout=0.5)
 
 
-def test_cells_accept_zero_sizes_like_torch():
-    """torch.nn's cells accept input_size or hidden_size 0; so do ours, with the same results."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cells_accept_zero_sizes_like_torch(bias, dtype):
+    """torch.nn's cells accept input_size or hidden_size 0; so do ours, with the same results
+    (input_size 0 without a bias: the input projection is an empty sum, zero)."""
     for kind in CELLS:
         for i, h in ((0, 3), (4, 0)):
-            m, ref = CELLS[kind](i, h, dtype=D), getattr(nn, kind)(i, h, dtype=D)
+            m, ref = CELLS[kind](i, h, bias=bias, dtype=dtype), getattr(nn, kind)(i, h, bias=bias, dtype=dtype)
             ref.load_state_dict(m.state_dict())
-            x = torch.randn(2, i, dtype=D)
+            x = torch.randn(2, i, dtype=dtype)
+            torch.full((2, 4 * h), float("nan"), dtype=dtype)  # freed at once: NaN where buffers will be
             for a, b in zip(torch.utils._pytree.tree_leaves(m(x)), torch.utils._pytree.tree_leaves(ref(x))):
                 assert a.shape == b.shape
                 torch.testing.assert_close(a, b)

@@ -51,6 +51,12 @@ template <typename T>
 void gemm_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
                bool b_transposed, bool accumulate, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty sum (input_size 0); BLAS would refuse the zero leading dimensions
+    if (!accumulate) {
+      for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
+    }
+    return;
+  }
   const bool fits = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
   const char trans_b = b_transposed ? 'T' : 'N', no_trans = 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
@@ -102,7 +108,8 @@ struct Member {
 // A whole sequence in one parallel region: each thread keeps the same share of the hidden units
 // for every step, and steps are separated by barriers, cheaper than a fork and a join per step.
 // One thread when a step is too small for a second to pay for the barrier. Nothing in the region
-// may throw (an exception cannot leave an OpenMP region): it runs raw BLAS and cells.h only.
+// may throw (an exception cannot leave an OpenMP region): it runs cells.h and raw BLAS (for complex
+// types, ATen's mm on memory that exists already, which has nothing left to check).
 struct Team {
   int64_t threads;
 
