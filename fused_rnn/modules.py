@@ -36,6 +36,30 @@ def _check_state(name: str, state, input: Tensor) -> None:
                            f"expected the input's device")
 
 
+_ELMAN_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+
+
+def _elman_mode(nonlinearity, owner: str = "") -> str:
+    """The mode (cell id name) of an Elman nonlinearity; torch.nn's error for an unknown one."""
+    if not isinstance(nonlinearity, str) or nonlinearity not in _ELMAN_MODES:
+        raise ValueError(f"{owner}Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+    return _ELMAN_MODES[nonlinearity]
+
+
+def _split_hx(name: str, hx, is_pair: bool, pair: str, pair_owner: str) -> tuple:
+    """hx as its states, of the kind the module takes: a pair `pair` of two tensors (LSTM, LSTMCell)
+    or one Tensor, else a TypeError that says which (`pair_owner` is the module that takes pairs)."""
+    if is_pair:
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise TypeError(f"{name}: hx must be a tuple {pair} of two tensors, got {got}")
+        return tuple(hx)
+    if not isinstance(hx, Tensor):
+        hint = f" (only {pair_owner} takes a tuple {pair})" if isinstance(hx, (tuple, list)) else ""
+        raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}{hint}")
+    return (hx,)
+
+
 def _check_int_arg(owner: str, arg: str, value, minimum: Optional[int]) -> int:
     """A constructor size argument: an integer (anything with __index__) of at least `minimum`."""
     try:
@@ -134,17 +158,7 @@ class _FusedRNNBase(nn.RNNBase):
         `batch` is given)."""
         name = type(self).__name__
         names = self._state_names()
-        if self.mode == "LSTM":
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
-                    else type(hx).__name__
-                raise TypeError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
-            states = tuple(hx)
-        else:
-            if not isinstance(hx, Tensor):
-                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
-                                + (" (only LSTM takes a tuple (h_0, c_0))" if isinstance(hx, (tuple, list)) else ""))
-            states = (hx,)
+        states = _split_hx(name, hx, self.mode == "LSTM", "(h_0, c_0)", "LSTM")
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         layers = self.num_layers * (2 if self.bidirectional else 1)
         for state_name, state in zip(names, states):
@@ -278,13 +292,11 @@ class RNN(_FusedRNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None) -> None:
-        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if not isinstance(nonlinearity, str) or nonlinearity not in modes:
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        mode = _elman_mode(nonlinearity)
         _check_int_arg("RNN", "num_layers", num_layers, 1)
         _check_dtype_arg("RNN", dtype)
         self.nonlinearity = nonlinearity
-        super().__init__(modes[nonlinearity], input_size, hidden_size, num_layers, bias, batch_first,
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
 
 
@@ -321,14 +333,7 @@ class _FusedCellBase(nn.RNNCellBase):
             states = [torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
                       for _ in range(num_states)]
         else:
-            if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-                got = f"{type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
-                    else type(hx).__name__
-                raise TypeError(f"{name}: hx must be a tuple (h, c) of two tensors, got {got}")
-            if num_states == 1 and not isinstance(hx, Tensor):
-                raise TypeError(f"{name}: hx must be a Tensor, got {type(hx).__name__}"
-                                + (" (only LSTMCell takes a tuple (h, c))" if isinstance(hx, (tuple, list)) else ""))
-            states = list(hx) if num_states == 2 else [hx]
+            states = list(_split_hx(name, hx, num_states == 2, "(h, c)", "LSTMCell"))
             for i, (state_name, state) in enumerate(zip(names, states)):
                 _check_state(f"{name}: {state_name}", state, x)
                 if state.dim() != input.dim():
@@ -380,8 +385,7 @@ class RNNCell(_FusedCellBase):
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None) -> None:
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _elman_mode(nonlinearity)
         self._check_args(input_size, hidden_size, dtype)
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
@@ -389,10 +393,7 @@ class RNNCell(_FusedCellBase):
     @property
     def mode(self) -> str:
         # Read at every call: an attribute changed after construction is honoured, or rejected.
-        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if not isinstance(self.nonlinearity, str) or self.nonlinearity not in modes:
-            raise ValueError(f"RNNCell: Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
-        return modes[self.nonlinearity]
+        return _elman_mode(self.nonlinearity, "RNNCell: ")
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, hx, 1)

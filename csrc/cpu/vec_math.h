@@ -7,14 +7,16 @@
 #include <c10/util/complex.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "../cells.h"
 
 namespace fused_rnn {
 
+// What the CPU loops use: the cells' Math over at::vec::Vectorized<T> (kWidth units per call),
+// plus what the blocked matrix product needs (broadcast, fused multiply-add, partial loads and
+// stores), for float and double; complex numbers go one unit at a time through ScalarMath.
 template <typename T>
-struct VecMath {
+struct KernelMath {
   using V = at::vec::Vectorized<T>;
   static constexpr int64_t kWidth = V::size();
 
@@ -26,14 +28,7 @@ struct VecMath {
   static V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }
   static V relu_grad(const V& h, const V& dh) { return V::blendv(dh, V(T(0)), h <= V(T(0))); }
   static V cj(const V& x) { return x; }  // real types only
-};
 
-// What the CPU loops use: VecMath plus what the blocked matrix product needs (broadcast, fused
-// multiply-add, partial loads and stores), for float and double; complex numbers go one unit at a
-// time through ScalarMath.
-template <typename T>
-struct KernelMath : VecMath<T> {
-  using V = typename VecMath<T>::V;
   static V broadcast(T x) { return V(x); }
   static V fmadd(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
   static V load_n(const T* p, int64_t n) { return V::loadu(p, n); }
