@@ -1,9 +1,14 @@
 // The compiled ops `fused_rnn::layer_forward` and `fused_rnn::layer_backward`: argument checks, the
-// once-per-sequence GEMMs (input projection, weight and input gradients) and the hand-off to the
-// device's step loop. Nothing here depends on the device beyond choosing the loop.
+// outputs' allocation and the hand-off to the device's step loop. The CPU loops compute the input
+// projection and the weight and input gradients themselves, a chunk of steps at a time; for CUDA
+// they are once-per-sequence cuBLAS calls here.
 #include "layer.h"
 
 #include <torch/library.h>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fused_rnn {
 namespace {
@@ -110,6 +115,22 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
 
 }  // namespace
 
+Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  if (t.device().is_cpu()) {
+    // The whole huge pages inside the tensor's own memory; the advice is only a hint, and where
+    // the kernel does not take it (THP off) nothing changes.
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return t;
+}
+
 LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
@@ -158,10 +179,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_impl(
 
   const Tensor bias = folded_bias(s, bias_ih, bias_hh);
   const Tensor b_hn = s.cell == CellKind::GRU && bias_hh.defined() ? bias_hh.narrow(0, 2 * s.H, s.H) : Tensor();
-  Tensor y = at::empty({s.N, s.P}, x.options());
+  Tensor y = empty_large({s.N, s.P}, x.options());
   Tensor h = h0.contiguous().clone();
   Tensor c = s.cell == CellKind::LSTM ? c0->contiguous().clone() : Tensor();
-  Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, x.options()) : Tensor();
+  Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, x.options()) : Tensor();
 
   if (x.is_cuda()) {
 #ifdef FUSED_RNN_WITH_CUDA
@@ -217,36 +238,42 @@ Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batc
     check_matrix(dc, "grad_c_n", s.B, s.H);
   }
   const int64_t GH = s.gates * s.H;
-  Tensor dgx = at::empty({s.N, GH}, opts);
-  Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
-  Tensor dh_total = s.proj ? at::empty({s.N, s.P}, opts) : Tensor();
+  LayerGrads g;
+  g.dx = need_input_grad ? empty_large({s.N, s.I}, opts) : Tensor();
+  g.dw_ih = at::zeros({GH, s.I}, opts);
+  g.dw_hh = at::zeros({GH, s.P}, opts);
+  if (has_bias) {
+    g.db_ih = at::zeros({GH}, opts);
+    g.db_hh = at::zeros({GH}, opts);
+  }
+  Tensor dh_total = s.proj ? empty_large({s.N, s.P}, opts) : Tensor();
   // resolve_conj makes a real copy for complex types and is free for real ones.
   const Tensor w_hh_conj = w_hh.conj().resolve_conj();
   const Tensor w_proj_conj = s.proj ? w_proj.conj().resolve_conj() : Tensor();
 
   if (x.is_cuda()) {
 #ifdef FUSED_RNN_WITH_CUDA
+    Tensor dgx = at::empty({s.N, GH}, opts);
+    Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
     backward_loop_cuda(s, reverse, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dgx, dgh, dh_total);
+    // The once-per-sequence GEMMs and sums; plain reductions, so results are reproducible.
+    const Tensor h_prev = saved.narrow(1, s.hprev_col(), s.P);
+    if (need_input_grad) at::mm_out(g.dx, dgx, w_ih.conj());
+    at::mm_out(g.dw_ih, dgx.t(), x.conj());
+    at::mm_out(g.dw_hh, dgh.t(), h_prev.conj());
+    if (has_bias) {
+      at::sum_out(g.db_ih, dgx, 0);
+      at::sum_out(g.db_hh, dgh, 0);
+    }
 #else
     TORCH_CHECK(false, "fused_rnn was built without CUDA");
 #endif
   } else {
-    backward_loop_cpu(s, reverse, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dgx, dgh, dh_total);
-  }
-
-  // The once-per-sequence GEMMs and sums; plain reductions, so results are reproducible.
-  const Tensor h_prev = saved.narrow(1, s.hprev_col(), s.P);
-  Tensor dx = need_input_grad ? at::mm(dgx, w_ih.conj()) : Tensor();
-  Tensor dw_ih = at::mm(dgx.t(), x.conj());
-  Tensor dw_hh = at::mm(dgh.t(), h_prev.conj());
-  Tensor db_ih, db_hh;
-  if (has_bias) {
-    db_ih = dgx.sum(0);
-    db_hh = s.cell == CellKind::GRU ? dgh.sum(0) : db_ih.clone();
+    backward_loop_cpu(s, reverse, x, w_ih, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dh_total, g);
   }
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), saved.narrow(1, s.proj_input_col(), s.H).conj());
-  return {dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+  return {g.dx, dh, dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr};
 }
 
 Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& w_ih,

@@ -45,44 +45,56 @@ namespace {
 
 using at::Tensor;
 
-// Row-major C[m, n] = A[m, k] · op(B) + beta·C, op(B) = B[k, n], or B[n, k]ᵀ when b_transposed;
-// lda, ldb, ldc are row strides. BLAS is column-major, so it computes Cᵀ = op(B)ᵀ · Aᵀ.
+// A row-major matrix operand: element (r, c) at data[r * ld + c], or at data[c * ld + r] when
+// transposed; conj for the complex fallback (real types ignore it).
 template <typename T>
-void gemm_rows(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-               bool b_transposed, bool accumulate, T* c, int64_t ldc) {
+struct MatrixRef {
+  const T* data;
+  int64_t ld;
+  bool transposed = false;
+  bool conj = false;
+};
+
+// Row-major C[m, n] (+)= op(A)[m, k] · op(B)[k, n], with ldc the row stride of C. BLAS is
+// column-major, so it computes Cᵀ = op(B)ᵀ · op(A)ᵀ.
+template <typename T>
+void gemm_rows(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, bool accumulate, T* c,
+               int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (k == 0) {  // an empty sum (input_size 0); BLAS would refuse the zero leading dimensions
+  if (k == 0) {  // an empty sum (input_size 0, or no rows); BLAS would refuse the zero leading dimensions
     if (!accumulate) {
       for (int64_t r = 0; r < m; ++r) std::fill(c + r * ldc, c + r * ldc + n, T(0));
     }
     return;
   }
-  const bool fits = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
-  const char trans_b = b_transposed ? 'T' : 'N', no_trans = 'N';
+  const bool fits = std::max({m, n, k, a.ld, b.ld, ldc}) <= INT_MAX;
+  const char trans_b = b.transposed ? 'T' : 'N', trans_a = a.transposed ? 'T' : 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-  const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+  const int LDA = static_cast<int>(b.ld), LDB = static_cast<int>(a.ld), LDC = static_cast<int>(ldc);
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ && fits) {
       const float one = 1, beta = accumulate ? 1 : 0;
-      sgemm_(&trans_b, &no_trans, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+      sgemm_(&trans_b, &trans_a, &M, &N, &K, &one, b.data, &LDA, a.data, &LDB, &beta, c, &LDC);
       return;
     }
   } else if constexpr (std::is_same_v<T, double>) {
     if (dgemm_ && fits) {
       const double one = 1, beta = accumulate ? 1 : 0;
-      dgemm_(&trans_b, &no_trans, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+      dgemm_(&trans_b, &trans_a, &M, &N, &K, &one, b.data, &LDA, a.data, &LDB, &beta, c, &LDC);
       return;
     }
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const Tensor A = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opts);
-  const Tensor Bm = b_transposed ? at::from_blob(const_cast<T*>(b), {n, k}, {ldb, 1}, opts).t()
-                                 : at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opts);
+  const auto view = [&](MatrixRef<T> x, int64_t rows, int64_t cols) {
+    Tensor t = x.transposed ? at::from_blob(const_cast<T*>(x.data), {cols, rows}, {x.ld, 1}, opts).t()
+                            : at::from_blob(const_cast<T*>(x.data), {rows, cols}, {x.ld, 1}, opts);
+    return x.conj ? t.conj() : t;
+  };
   Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
   if (accumulate) {
-    C.addmm_(A, Bm);
+    C.addmm_(view(a, m, k), view(b, k, n));
   } else {
-    at::mm_out(C, A, Bm);
+    at::mm_out(C, view(a, m, k), view(b, k, n));
   }
 }
 
@@ -296,9 +308,35 @@ void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
   }
 }
 
-// Elements of x·W_ihᵀ computed per chunk of steps (4 MB of floats): large enough for an efficient
-// GEMM, small enough to stay in cache until the steps read it.
-constexpr int64_t kProjectionChunkElements = int64_t{1} << 20;
+// Gate values per chunk of steps (4 MB of floats): the forward's x·W_ihᵀ and the backward's gate
+// gradients are produced and consumed a chunk at a time, large enough for efficient GEMMs, small
+// enough to stay in cache in between (instead of [N, G*H] tensors faulted in page by page per call).
+constexpr int64_t kChunkElements = int64_t{1} << 20;
+
+// Consecutive steps of a loop, in the order it walks them: steps [begin, end) of that order hold
+// rows [row0, row0 + rows) of the packed sequence (steps are contiguous in memory in either order).
+struct StepChunk {
+  int64_t begin, end, row0, rows;
+};
+
+// Rows per chunk for G*H values per row: at least one step's worth (batch_sizes[0] = B).
+int64_t chunk_rows(const LayerShape& s, int64_t values_per_row) {
+  return std::max(s.B, kChunkElements / std::max<int64_t>(1, values_per_row));
+}
+
+// The chunk that starts at step `begin` of a walk over t = T-1, T-2, ... (descending) or 0, 1, ...:
+// whole steps while their rows fit in `cap` rows.
+StepChunk next_chunk(const LayerShape& s, bool descending, int64_t begin, int64_t cap) {
+  StepChunk chunk{begin, begin, 0, 0};
+  while (chunk.end < s.T) {
+    const int64_t n = s.batch_sizes[descending ? s.T - 1 - chunk.end : chunk.end];
+    if (chunk.end > begin && chunk.rows + n > cap) break;
+    chunk.rows += n;
+    ++chunk.end;
+  }
+  chunk.row0 = s.offsets[descending ? s.T - chunk.end : begin];
+  return chunk;
+}
 
 template <typename Cell>
 struct ForwardLoop {
@@ -312,10 +350,9 @@ struct ForwardLoop {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     const Panels<T> panels = Panels<T>::of_rows(w_hh, G, C, H);
-    // x·W_ihᵀ + bias is computed a chunk of steps at a time into this buffer, which stays in the
-    // last-level cache, instead of all at once into [N, G*H] (faulted in page by page each call).
-    const int64_t chunk_cap = std::max<int64_t>(1, kProjectionChunkElements / std::max<int64_t>(1, GH));
-    Tensor gx_buffer = at::empty({std::min(s.N, std::max(chunk_cap, s.B)), GH}, x.options());
+    // x·W_ihᵀ + bias, a chunk of steps at a time (see kChunkElements).
+    const int64_t chunk_cap = chunk_rows(s, GH);
+    Tensor gx_buffer = empty_large({std::min(s.N, chunk_cap), GH}, x.options());
     Tensor gh = at::empty({s.B, GH}, x.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
     Tensor proj_buffer = s.proj && !saved.defined() ? at::empty({s.B, H}, x.options()) : Tensor();
@@ -341,26 +378,19 @@ struct ForwardLoop {
       const T* prev_out = nullptr;
       int64_t prev_rows = 0;
       for (int64_t step = 0; step < s.T;) {
-        // The next chunk: steps [step, chunk_end) in processing order, rows [row0, row0 + rows) of x.
-        int64_t chunk_end = step, rows = 0;
-        while (chunk_end < s.T) {
-          const int64_t n = s.batch_sizes[reverse ? s.T - 1 - chunk_end : chunk_end];
-          if (chunk_end > step && rows + n > chunk_cap) break;
-          rows += n;
-          ++chunk_end;
-        }
-        const int64_t row0 = s.offsets[reverse ? s.T - chunk_end : step];
+        const StepChunk chunk = next_chunk(s, reverse, step, chunk_cap);
+        const int64_t row0 = chunk.row0, rows = chunk.rows;
         // This thread's gates of x·W_ihᵀ + bias for the chunk: only it reads them.
         for (int64_t g = 0; g < G && j_end > j_begin; ++g) {
           T* out = gx_buffer_p + g * H + j_begin;
           if (bias_p) {
             for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * GH, bias_p + g * H + j_begin, (j_end - j_begin) * sizeof(T));
           }
-          gemm_rows(rows, j_end - j_begin, s.I, x_p + row0 * s.I, s.I, w_ih_p + (g * H + j_begin) * s.I, s.I, true,
-                    bias_p != nullptr, out, GH);
+          gemm_rows<T>(rows, j_end - j_begin, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + (g * H + j_begin) * s.I, s.I, true},
+                       bias_p != nullptr, out, GH);
         }
 
-        for (; step < chunk_end; ++step) {
+        for (; step < chunk.end; ++step) {
           const int64_t t = reverse ? s.T - 1 - step : step;
           const int64_t n = s.batch_sizes[t], off = s.offsets[t];
           if (n == 0) continue;
@@ -390,7 +420,8 @@ struct ForwardLoop {
           }
           if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ once every unit is done, by output features
             me.barrier();
-            gemm_rows(n, p1 - p0, H, proj_in, proj_in_stride, w_hr_p + p0 * H, H, true, false, y_p + off * P + p0, P);
+            gemm_rows<T>(n, p1 - p0, H, {proj_in, proj_in_stride}, {w_hr_p + p0 * H, H, true}, false, y_p + off * P + p0,
+                         P);
           }
           me.barrier();  // h_t complete before anyone starts step t+1
           prev_out = y_p + off * P;
@@ -416,26 +447,41 @@ struct BackwardLoop {
   static constexpr int64_t W = KernelMath<T>::kWidth;
   static constexpr int C = kVectorsPerGate<1>;
 
-  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                  Tensor& dh_total) {
-    const int64_t H = s.H, P = s.P, GH = s.gates * H, K = s.saved_cols();
+  static void run(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh_conj,
+                  const Tensor& w_hr_conj, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
+                  Tensor& dh_total, LayerGrads& grads) {
+    const int64_t H = s.H, P = s.P, I = s.I, GH = s.gates * H, K = s.saved_cols();
     const Panels<T> panels = Panels<T>::of_columns(w_hh_conj, C);  // blocks of dh's P columns
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
+    // The gate gradients, a chunk of steps at a time (see kChunkElements), in two buffers taken in
+    // turn: a chunk's first step still propagates the last step of the chunk before.
+    const int64_t chunk_cap = chunk_rows(s, GH), buffer_rows = std::min(s.N, chunk_cap);
+    Tensor dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
+    Tensor dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
 
+    const T* x_p = x.data_ptr<T>();
+    const T* w_ih_p = w_ih.data_ptr<T>();
     const T* saved_p = saved.data_ptr<T>();
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     const T* w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
     T* dh_p = dh.data_ptr<T>();
     T* dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
-    T* dgx_p = dgx.data_ptr<T>();
-    T* dgh_p = dgh.data_ptr<T>();
+    T* dgx_buffers_p = dgx_buffers.data_ptr<T>();
+    T* dgh_buffers_p = dgh_buffers.data_ptr<T>();
     T* dh_total_p = s.proj ? dh_total.data_ptr<T>() : nullptr;
     T* d_proj_p = s.proj ? d_proj_input.data_ptr<T>() : nullptr;
+    T* dx_p = grads.dx.defined() ? grads.dx.data_ptr<T>() : nullptr;
+    T* dw_ih_p = grads.dw_ih.data_ptr<T>();
+    T* dw_hh_p = grads.dw_hh.data_ptr<T>();
+    T* db_ih_p = grads.db_ih.defined() ? grads.db_ih.data_ptr<T>() : nullptr;
+    T* db_hh_p = grads.db_hh.defined() && Cell::kSeparateRecurrentGrad ? grads.db_hh.data_ptr<T>() : nullptr;
 
-    Team(2.0 * s.B * GH * P).run([&](const Member& me) {
+    Team(2.0 * s.B * GH * (2 * P + 2 * I)).run([&](const Member& me) {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's columns of dh (blocks of P)
       const auto [v0, v1] = me.share((H + W - 1) / W);  // with a projection: its hidden units, in vectors
+      // The hidden units whose cell backward this thread runs: it alone writes their gate gradients.
+      const int64_t j_begin = std::min(H, s.proj ? v0 * W : panels.first_column(u0, 0));
+      const int64_t j_end = std::min(H, s.proj ? v1 * W : panels.first_column(u1, 0));
       const T* pending_dg = nullptr;  // the gate gradients of the step before, and their rows
       int64_t pending_rows = 0;
       // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients
@@ -445,51 +491,83 @@ struct BackwardLoop {
         rows_product<T, C>(panels, u, pending_rows, [&](int64_t r) { return pending_dg + r * GH; },
                            [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
       };
-
-      for (int64_t step = 0; step < s.T; ++step) {
-        const int64_t t = reverse ? step : s.T - 1 - step;  // forward's order, backwards
-        const int64_t n = s.batch_sizes[t], off = s.offsets[t];
-        if (n == 0) continue;
-        // The cell backward on rows [0, n), units [j, j + lanes), the gradient at h_t read from cell_dh.
-        const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
-          for (int64_t b = 0; b < n && lanes > 0; ++b) {
-            const T* saved_row = saved_p + (off + b) * K;
-            const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
-                                     dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
-                                     dgx_p + (off + b) * GH, dgh_p + (off + b) * GH};
-            cell_units<Cell, false>(io, H, j, lanes);
+      // What a chunk's gate gradients contribute once complete: this thread's rows of dW_ih, dW_hh
+      // (gates g*H + its units) and of the bias gradients, added chunk after chunk; and its share
+      // of the chunk's rows of dx = dG·W_ih, which reads every unit's gates.
+      const auto chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
+        const int64_t units = j_end - j_begin;
+        for (int64_t g = 0; g < s.gates && units > 0; ++g) {
+          const int64_t col = g * H + j_begin;
+          gemm_rows<T>(units, I, chunk.rows, {dgx_chunk + col, GH, true}, {x_p + chunk.row0 * I, I, false, true},
+                       true, dw_ih_p + col * I, I);
+          gemm_rows<T>(units, P, chunk.rows, {dgh_chunk + col, GH, true},
+                       {saved_p + chunk.row0 * K + s.hprev_col(), K, false, true}, true, dw_hh_p + col * P, P);
+          for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
+            for (int64_t j = col; j < col + units; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
           }
-        };
+          for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
+            for (int64_t j = col; j < col + units; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
+          }
+        }
+        if (dx_p) {
+          const auto [r0, r1] = me.share(chunk.rows);
+          gemm_rows<T>(r1 - r0, I, GH, {dgx_chunk + r0 * GH, GH}, {w_ih_p, I, false, true}, false,
+                       dx_p + (chunk.row0 + r0) * I, I);
+        }
+      };
 
-        if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
-          for (int64_t u = u0; u < u1; ++u) {
-            propagate(u);
-            for (int64_t v = 0; v < C; ++v) {
-              cell_rows(panels.first_column(u, v), panels.lanes(u, v), dy_p ? dy_p + off * P : nullptr, dh_p, P);
+      for (int64_t step = 0, chunk_index = 0; step < s.T; ++chunk_index) {
+        const StepChunk chunk = next_chunk(s, !reverse, step, chunk_cap);  // forward's order, backwards
+        T* dgx_chunk = dgx_buffers_p + (chunk_index % 2) * buffer_rows * GH;
+        T* dgh_chunk = dgh_buffers_p + (chunk_index % 2) * buffer_rows * GH;
+        for (; step < chunk.end; ++step) {
+          const int64_t t = reverse ? step : s.T - 1 - step;
+          const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+          if (n == 0) continue;
+          const int64_t first = off - chunk.row0;  // the step's first row in the chunk buffers
+          // The cell backward on rows [0, n), units [j, j + lanes), the gradient at h_t read from cell_dh.
+          const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
+            for (int64_t b = 0; b < n && lanes > 0; ++b) {
+              const T* saved_row = saved_p + (off + b) * K;
+              const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
+                                       dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
+                                       dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH};
+              cell_units<Cell, false>(io, H, j, lanes);
             }
-          }
-        } else {  // dh over output features first; the projection's backward needs all of them
-          for (int64_t u = u0; u < u1; ++u) {
-            propagate(u);
-            const int64_t p_begin = panels.first_column(u, 0), p_end = std::min(P, panels.first_column(u + 1, 0));
-            for (int64_t b = 0; b < n; ++b) {  // the full gradient at h_t, kept for dW_hr
-              T* total = dh_total_p + (off + b) * P;
-              for (int64_t p = p_begin; p < p_end; ++p) {
-                total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+          };
+
+          if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
+            for (int64_t u = u0; u < u1; ++u) {
+              propagate(u);
+              for (int64_t v = 0; v < C; ++v) {
+                cell_rows(panels.first_column(u, v), panels.lanes(u, v), dy_p ? dy_p + off * P : nullptr, dh_p, P);
               }
             }
+          } else {  // dh over output features first; the projection's backward needs all of them
+            for (int64_t u = u0; u < u1; ++u) {
+              propagate(u);
+              const int64_t p_begin = panels.first_column(u, 0), p_end = std::min(P, panels.first_column(u + 1, 0));
+              for (int64_t b = 0; b < n; ++b) {  // the full gradient at h_t, kept for dW_hr
+                T* total = dh_total_p + (off + b) * P;
+                for (int64_t p = p_begin; p < p_end; ++p) {
+                  total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+                }
+              }
+            }
+            me.barrier();
+            gemm_rows<T>(n, j_end - j_begin, P, {dh_total_p + off * P, P}, {w_hr_p + j_begin, H}, false,
+                         d_proj_p + j_begin, H);
+            for (int64_t v = v0; v < v1; ++v) cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
           }
-          me.barrier();
-          const int64_t j0 = std::min(H, v0 * W), j1 = std::min(H, v1 * W);
-          gemm_rows(n, j1 - j0, P, dh_total_p + off * P, P, w_hr_p + j0, H, false, false, d_proj_p + j0, H);
-          for (int64_t v = v0; v < v1; ++v) cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
+          me.barrier();  // dG_t complete before anyone propagates it
+          pending_dg = dgh_chunk + first * GH;
+          pending_rows = n;
         }
-        me.barrier();  // dG_t complete before anyone propagates it
-        pending_dg = dgh_p + off * GH;
-        pending_rows = n;
+        chunk_products(chunk, dgx_chunk, dgh_chunk);
       }
       for (int64_t u = u0; u < u1; ++u) propagate(u);  // the first step's gate gradients reach h_0
     });
+    if (grads.db_hh.defined() && !Cell::kSeparateRecurrentGrad) grads.db_hh.copy_(grads.db_ih);
   }
 };
 
@@ -503,12 +581,12 @@ void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const 
   });
 }
 
-void backward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                       const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                       Tensor& dh_total) {
+void backward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
+                       const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& saved, const Tensor& dy,
+                       Tensor& dh, Tensor& dc, Tensor& dh_total, LayerGrads& grads) {
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
-    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh_conj, w_hr_conj, saved, dy, dh, dc, dgx, dgh,
-                                          dh_total);
+    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, saved, dy, dh, dc,
+                                          dh_total, grads);
   });
 }
 
