@@ -36,10 +36,23 @@ bool is_low_precision(const Tensor& t) {
   return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
 }
 
-// Half types are computed in float32 on both devices: upcast on the way in, cast back on the way
-// out (`saved` stays float32 for backward). On the CPU this is what torch.nn does; on CUDA it is the
-// simple correct first version. Future work: half/bf16 CUDA kernels on the tensor cores.
+// Half types compute in float32: the state (h, c), the gate math and `saved` (which backward
+// reads) are float32, and y, h_n, c_n are cast back at the end. On the CPU the whole op is upcast,
+// as torch.nn does there. On CUDA the big operands stay in the half type for the matrix products:
+// x·W_ihᵀ on cuBLAS with float32 accumulation and output, h_{t-1}·W_hhᵀ on the tensor cores
+// (csrc/cuda/layer_cuda.cu). Its kernel zero-pads every tile, so no shape falls back; only a GPU
+// below compute capability 8.0 takes the CPU's route. Backward upcasts on both devices.
 bool compute_in_float(const Tensor& x) { return is_low_precision(x); }
+
+// Whether x, W_ih and W_hh keep their half type (see compute_in_float).
+bool half_operands_on_tensor_cores(const Tensor& x) {
+#ifdef FUSED_RNN_WITH_CUDA
+  return x.is_cuda() && cuda_tensor_cores_take_half_types(x.device());
+#else
+  (void)x;
+  return false;
+#endif
+}
 
 Tensor to_float(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
 optional<Tensor> to_float(const optional<Tensor>& t) {
@@ -167,35 +180,49 @@ Tensor folded_bias(const LayerShape& s, const Tensor& b_ih, const Tensor& b_hh) 
   return bias;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward_impl(
-    int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
-    const optional<Tensor>& c0, const Tensor& w_ih_in, const Tensor& w_hh_in, const optional<Tensor>& b_ih,
-    const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, bool need_saved) {
-  LayerShape s = describe_layer(cell, x_in, batch_sizes, h0, c0, w_ih_in, w_hh_in, b_ih, b_hh, w_hr);
+#ifdef FUSED_RNN_WITH_CUDA
+// Gx = x·W_ihᵀ + the folded bias (in the compute type); half operands accumulate and come out in
+// float32.
+Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
+  if (is_low_precision(x)) {
+    Tensor gx = at::mm(x, w_ih.t(), at::kFloat);
+    return bias.defined() ? gx.add_(bias) : gx;
+  }
+  return bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+}
+#endif
+
+// The forward op once its arguments are checked. x, w_ih and w_hh are the matrix products'
+// operands (a half type on the tensor-core path); h0, c0, the biases and w_hr are in the type the
+// op computes in, which y, h_n, c_n and `saved` come out in.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_checked(
+    const LayerShape& s, bool reverse, const Tensor& x_in, const Tensor& h0, const optional<Tensor>& c0,
+    const Tensor& w_ih_in, const Tensor& w_hh_in, const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
+    const optional<Tensor>& w_hr, bool need_saved) {
   const Tensor x = x_in.contiguous();
   const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
   const Tensor w_proj = contiguous_or_undefined(w_hr);
+  const auto opts = h0.options();
 
   const Tensor bias = folded_bias(s, bias_ih, bias_hh);
   const Tensor b_hn = s.cell == CellKind::GRU && bias_hh.defined() ? bias_hh.narrow(0, 2 * s.H, s.H) : Tensor();
-  Tensor y = empty_large({s.N, s.P}, x.options());
+  Tensor y = empty_large({s.N, s.P}, opts);
   Tensor h = h0.contiguous().clone();
   Tensor c = s.cell == CellKind::LSTM ? c0->contiguous().clone() : Tensor();
-  Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, x.options()) : Tensor();
+  Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, opts) : Tensor();
 
   if (x.is_cuda()) {
 #ifdef FUSED_RNN_WITH_CUDA
-    const Tensor gx = bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
-    forward_loop_cuda(s, reverse, gx, w_hh, b_hn, w_proj, y, h, c, saved);
+    forward_loop_cuda(s, reverse, input_projection(x, w_ih, bias), w_hh, b_hn, w_proj, y, h, c, saved);
 #else
     TORCH_CHECK(false, "fused_rnn was built without CUDA");
 #endif
   } else {
     forward_loop_cpu(s, reverse, x, w_ih, bias, w_hh, b_hn, w_proj, y, h, c, saved);
   }
-  if (!c.defined()) c = at::empty({0}, x.options());
-  if (!saved.defined()) saved = at::empty({0}, x.options());
+  if (!c.defined()) c = at::empty({0}, opts);
+  if (!saved.defined()) saved = at::empty({0}, opts);
   return {y, h, c, saved};
 }
 
@@ -203,14 +230,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
     int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
     const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
     const optional<Tensor>& b_hh, const optional<Tensor>& w_hr, bool need_saved) {
-  if (!compute_in_float(x)) {
-    return layer_forward_impl(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
-  }
-  // Check in the caller's dtypes first, so that a mismatch is reported as such.
-  describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  auto [y, h, c, saved] = layer_forward_impl(cell, to_float(x), batch_sizes, reverse, to_float(h0), to_float(c0),
-                                             to_float(w_ih), to_float(w_hh), to_float(b_ih), to_float(b_hh),
-                                             to_float(w_hr), need_saved);
+  // Checked in the caller's dtypes, so that a mismatch is reported as such.
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  if (!compute_in_float(x)) return forward_checked(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
+  const bool keep_half = half_operands_on_tensor_cores(x);
+  const auto operand = [&](const Tensor& t) { return keep_half ? t : to_float(t); };
+  auto [y, h, c, saved] = forward_checked(s, reverse, operand(x), to_float(h0), to_float(c0), operand(w_ih),
+                                          operand(w_hh), to_float(b_ih), to_float(b_hh), to_float(w_hr), need_saved);
   const auto type = x.scalar_type();
   return {y.to(type), h.to(type), c.to(type), saved};  // saved stays in float32 for backward
 }

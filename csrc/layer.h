@@ -81,6 +81,12 @@ void backward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, c
                        LayerGrads& grads);
 
 #ifdef FUSED_RNN_WITH_CUDA
+// Whether forward_loop_cuda takes W_hh in float16/bfloat16 on this device (its tensor-core kernel
+// needs compute capability 8.0).
+bool cuda_tensor_cores_take_half_types(const at::Device& device);
+
+// As forward_loop_cpu with gx precomputed; w_hh is in gx's dtype, or float16/bfloat16 with every
+// other tensor float32 (the tensor-core kernel).
 void forward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,
                        const at::Tensor& b_hn, const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h,
                        at::Tensor& c, at::Tensor& saved);

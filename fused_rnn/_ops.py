@@ -27,7 +27,8 @@ _SAVED_PER_UNIT = {0: 6, 1: 4, 2: 1, 3: 1}
 
 
 def _computes_in_float(x: torch.Tensor) -> bool:
-    """Half types run in float32 inside the ops; what they save for backward stays float32."""
+    """Half types keep their state and gate math in float32 inside the ops (on CUDA the matrix
+    products take the half type); what they save for backward is float32."""
     return x.dtype in (torch.float16, torch.bfloat16)
 
 

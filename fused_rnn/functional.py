@@ -161,8 +161,8 @@ def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tenso
     """One layer and direction through the compiled op (differentiable through its registration).
 
     Under autocast the inputs are cast as torch.nn's layers would be (see _autocast_dtypes) and the
-    op runs with autocast off: the op computes half types in float32 itself, and its own matrix
-    products must not be recast.
+    op runs with autocast off: the op handles half types itself (float32 state and gate math), and
+    its own matrix products must not be recast.
     """
     device_type = x.device.type
     if not (_autocast_eligible(x) and torch.amp.is_autocast_available(device_type)

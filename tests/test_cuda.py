@@ -4,7 +4,9 @@ Every test skips without a GPU (or with a CPU-only build). What is covered: pari
 states and every gradient in float32 (TF32 off on both sides), half types against a float32
 reference, float64 gradcheck on the GPU, bitwise reproducibility, packed input, projection,
 bidirectional stacks, and hidden sizes that are not multiples of the kernel's 32-unit tile; plus the
-two forward kernel variants (one and four batch rows per thread, chosen by the grid's size).
+two forward kernel variants (one and four batch rows per thread, chosen by the grid's size), weights
+changed in place between calls (the gate-interleaved copy of W_hh must follow), and the half types'
+tensor-core kernel (16-unit, 16-row and 64-wide k tiles; one and four row tiles per block).
 """
 import pytest
 import torch
@@ -203,11 +205,62 @@ def test_inference_without_saved(kind, proj):
     assert_all_close(leaves(out_f), leaves(out_r), "output", **F32_TOL)
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+def test_weights_changed_in_place_between_calls(kind):
+    """The kernel reads a gate-interleaved copy of W_hh made on every call: after in-place updates
+    (under no_grad, through .data, by an optimizer step) the outputs and gradients follow the new
+    weights, as cuDNN's do."""
+    T, B, I, H = 4, 3, 5, 40
+    fused, ref = make_pair(kind, I, H)
+    x = torch.randn(T, B, I, device=DEV)
+
+    def check_against_reloaded_reference():
+        ref.load_state_dict(fused.state_dict())
+        fused.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+        compare(fused, ref, x)
+
+    check_against_reloaded_reference()
+    w_hh = fused.weight_hh_l0
+    before = w_hh.detach().clone()
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    check_against_reloaded_reference()
+    for p in fused.parameters():
+        p.data.copy_(torch.randn_like(p) * 0.1)
+    check_against_reloaded_reference()
+    optimizer = torch.optim.SGD(fused.parameters(), lr=0.01)  # gradients from the last check
+    optimizer.step()
+    check_against_reloaded_reference()
+    assert not torch.equal(w_hh.detach(), before), "the test must change W_hh"
+
+
 # --- half types against a float32 reference ---------------------------------------------------------
 
 def rel_err(a, e):
     a, e = a.double(), e.double()
     return ((a - e).norm() / e.norm().clamp_min(1e-12)).item()
+
+
+def compare_half_with_float32(kind, dtype, x, hx, *args, **kwargs):
+    """A half-type module within 1e-2 relative (in norm) of a float32 torch.nn run on the same
+    rounded weights, inputs (x, hx: given in the half type) and loss weights; every output and
+    gradient in the half type.
+
+    The recurrent product runs on the tensor cores with h_{t-1} rounded to the half type, so a
+    pre-activation within that rounding of 0 can flip relu's gradient (a whole dL/dh element):
+    for RNN_RELU only the outputs are compared (as test_ecosystem does for torch.nn's bfloat16)."""
+    fused, ref = make_pair(kind, *args, dtype=dtype, ref_dtype=torch.float32, **kwargs)
+    out_f, grad_f = run(fused, x, hx, loss_dtype=dtype)
+    out_r, grad_r = run(ref, x, hx, dtype=torch.float32, loss_dtype=dtype)
+    for what, fs, rs in (("output", out_f, out_r), ("grad", grad_f, grad_r)):
+        assert len(fs) == len(rs)
+        for i, (f, r) in enumerate(zip(fs, rs)):
+            assert f.dtype == dtype, f"{what}[{i}] has dtype {f.dtype}"
+            if what == "grad" and kind == "RNN_RELU":
+                continue
+            assert rel_err(f, r) < 1e-2, f"{what}[{i}]: relative error {rel_err(f, r):.3g}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -216,18 +269,45 @@ def rel_err(a, e):
     ("LSTM", dict(proj_size=4, bidirectional=True)),
 ])
 def test_half_types(dtype, kind, kwargs):
-    """Half-type modules (computed in float32 inside) within 1e-2 relative (in norm) of a float32
-    torch.nn run on the same rounded weights, inputs and loss weights."""
     T, B, I, H = 6, 4, 5, 12
-    fused, ref = make_pair(kind, I, H, dtype=dtype, ref_dtype=torch.float32, **kwargs)
-    x = torch.randn(T, B, I, device=DEV).to(dtype)
-    out_f, grad_f = run(fused, x, loss_dtype=dtype)
-    out_r, grad_r = run(ref, x, dtype=torch.float32, loss_dtype=dtype)
-    for what, fs, rs in (("output", out_f, out_r), ("grad", grad_f, grad_r)):
-        assert len(fs) == len(rs)
-        for i, (f, r) in enumerate(zip(fs, rs)):
-            assert f.dtype == dtype, f"{what}[{i}] has dtype {f.dtype}"
-            assert rel_err(f, r) < 1e-2, f"{what}[{i}]: relative error {rel_err(f, r):.3g}"
+    compare_half_with_float32(kind, dtype, torch.randn(T, B, I, device=DEV).to(dtype), None, I, H, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("batch", [1, 8, 33])
+@pytest.mark.parametrize("hidden", [16, 128, 12, 70])
+def test_half_tensor_core_tiles(dtype, kind, batch, hidden):
+    """The tensor-core kernel's tiles (16 units, 16 rows, k in chunks of 64) with hidden sizes that
+    are multiples of 16 (one k chunk, two) and that are not (a partial unit tile; two k chunks, the
+    second partial), batches of one row, a partial row tile and three row tiles; initial state given."""
+    T, I = 4, 10
+    x = torch.randn(T, batch, I, device=DEV).to(dtype)
+    hx = to_leaf(state_for(kind, 1, batch, hidden), dtype)
+    compare_half_with_float32(kind, dtype, x, hx, I, hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind,kwargs,shape", [
+    ("LSTM", dict(proj_size=20), (4, 9, 6, 33)),            # P = 20: a partial k chunk, P != H
+    ("GRU", dict(bidirectional=True, num_layers=2), (5, 8, 6, 24)),
+    ("LSTM", {}, (3, 261, 8, 600)),      # 38 unit tiles x 5 row tiles of 64: four row tiles per block
+    ("GRU", {}, (3, 261, 8, 600)),
+    ("RNN_TANH", {}, (3, 261, 8, 600)),
+])
+def test_half_tensor_core_layers(dtype, kind, kwargs, shape):
+    T, B, I, H = shape
+    x = (torch.randn(T, B, I, device=DEV) * 0.5).to(dtype)
+    compare_half_with_float32(kind, dtype, x, None, I, H, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_half_packed(dtype, kind):
+    I, H = 4, 20
+    x = packed_input(I, dtype=dtype)
+    hx = to_leaf(state_for(kind, 2, 5, H), dtype)
+    compare_half_with_float32(kind, dtype, x, hx, I, H, bidirectional=True)
 
 
 # --- float64 gradcheck on the GPU ----------------------------------------------------------------------
@@ -270,16 +350,17 @@ def test_gradcheck_float64(kind, reverse, proj, batch_sizes):
 
 # --- reproducibility ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind,kwargs,shape", [
     ("LSTM", dict(num_layers=2, bidirectional=True), (6, 8, 10, 40)),
     ("LSTM", dict(proj_size=17), (4, 5, 10, 70)),
-    ("GRU", {}, (5, 261, 16, 600)),   # the four-rows-per-thread kernel
+    ("GRU", {}, (5, 261, 16, 600)),   # four rows per thread (float32), four row tiles per block (half)
     ("RNN_TANH", dict(bidirectional=True), (6, 8, 10, 33)),
 ])
-def test_bitwise_reproducible(kind, kwargs, shape):
+def test_bitwise_reproducible(kind, kwargs, shape, dtype):
     T, B, I, H = shape
-    fused, _ = make_pair(kind, I, H, **kwargs)
-    x = torch.randn(T, B, I, device=DEV) * 0.5
+    fused, _ = make_pair(kind, I, H, dtype=dtype, **kwargs)
+    x = (torch.randn(T, B, I, device=DEV) * 0.5).to(dtype)
     runs = []
     for _ in range(2):
         fused.zero_grad(set_to_none=True)

@@ -3,25 +3,44 @@
 // x / y / saved and on the first batch_sizes[t] rows of the state; reverse walks t downwards).
 //
 // Forward: one kernel launch per step fuses the recurrent product h_{t-1}·W_hhᵀ with the gate math.
-// A block owns a tile of kTileUnits hidden units and a tile of batch rows; it computes all G gate
-// pre-activations of its units for its rows (h_{t-1} and W_hh tiles staged in shared memory, a fixed
-// k order, no atomics), then each thread runs the cell from cells.h on its (row, unit) pairs.
+// A block owns a tile of hidden units and a tile of batch rows; it computes all G gate
+// pre-activations of its units for its rows (a fixed k order, no atomics), then runs the cell from
+// cells.h on each of its (row, unit) pairs. W_hh is first reordered into a gate-interleaved layout,
+// [unit tiles][P][G * units per tile], so that a block's weights for one k are one contiguous row
+// and a k chunk one contiguous slab, staged in shared memory with coalesced 16-byte loads. The
+// reorder runs on every call (ATen copies on the current stream), never cached: an optimizer step
+// or a `p.data.copy_()` between calls cannot leave it stale.
+// Two step kernels share that layout, the loop and the epilogue:
+//  - float32/float64 on the CUDA cores: 32 units per block, one thread per unit, 1 or 4 batch rows
+//    per thread;
+//  - float16/bfloat16 on the tensor cores (nvcuda::wmma 16x16x16, float32 accumulators), compute
+//    capability 8.0 and up: 16 units per block, one warp per gate, 16 or 64 batch rows per block.
+//    W_hh comes in the half type; h_{t-1} is kept in float32 and rounded to the half type as it is
+//    staged for the product. Everything else is float32: gx (cuBLAS, half inputs, float32
+//    accumulation and output: layer.cpp), c, the gate math (Cell<float>), y, h and `saved`;
+//    layer.cpp casts y, h_n and c_n back to the half type.
 // Backward: per step one kernel runs the cell backward over (row, unit), then dh_{t-1} = dG_h·W_hh
-// through cuBLAS (at::mm_out / at::addmm_out), exactly as the CPU loop.
+// through cuBLAS (at::mm_out / at::addmm_out), exactly as the CPU loop. Half types reach it as
+// float32 (layer.cpp upcasts).
 //
 // Every output element is written by exactly one thread and every sum runs in a fixed order, so
 // results are bitwise reproducible run to run.
 //
-// Dtypes: float and double. Half/BFloat16 reach this file as float32 (layer.cpp upcasts); complex is
-// rejected in layer.cpp.
+// Dtypes: float, double, and (forward) Half/BFloat16 weights with float32 everything else; complex
+// is rejected in layer.cpp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../layer.h"
 
@@ -32,22 +51,24 @@ using at::Tensor;
 
 // ---------------------------------------------------------------------------------------------
 // Forward: fused recurrent GEMM + cell, one launch per step.
-//
-// Block: dim3(kTileUnits, kWarps) threads. threadIdx.x = unit within the tile (one warp spans the
-// tile's 32 units, so gate loads from shared memory are conflict-free and global writes coalesce);
-// threadIdx.y = warp, which owns kRows consecutive batch rows (kRows accumulators per gate per thread).
-// Grid: dim3(ceil(n / (kWarps*kRows)), ceil(H / kTileUnits)): x over row tiles, y over unit tiles.
-// Shared memory per block (static): w_s[kTileK][G*kTileUnits + 1] and h_s[kWarps*kRows][kTileK].
-//   float, LSTM, kRows=4: 16.5 KB + 2 KB; double: 33 KB + 4 KB (under the 48 KB static limit).
 // ---------------------------------------------------------------------------------------------
-constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
-constexpr int kWarps = 4;       // warps per block
-constexpr int kThreads = kTileUnits * kWarps;
-constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
 
-template <typename T>
+// W_hh [G*H, P] -> [ceil(H / units)][P][G * units]: element (tile, k, g * units + u) is
+// W_hh[g*H + tile*units + u, k], zero for units past H. Rebuilt on every call (see the top), always
+// into a fresh allocation (the caching allocator's blocks are 512-byte aligned; contiguous() could
+// return a view of W_hh itself, at any offset): the kernels read it in 16-byte pieces.
+Tensor gate_interleaved(const Tensor& w_hh, int64_t G, int64_t H, int64_t P, int64_t units) {
+  const int64_t tiles = (H + units - 1) / units, padded_units = tiles * units;
+  Tensor w = w_hh.view({G, H, P});
+  if (padded_units != H) w = at::constant_pad_nd(w, {0, 0, 0, padded_units - H});  // [G, padded, P]
+  Tensor out = at::empty({tiles, P, G * units}, w_hh.options());
+  out.view({tiles, P, G, units}).copy_(w.view({G, tiles, units, P}).permute({1, 3, 0, 2}));
+  return out;
+}
+
+template <typename T, typename W>
 struct ForwardArgs {
-  const T* w_hh;    // [G*H, P], torch.nn layout
+  const W* w_tiles; // W_hh gate-interleaved (gate_interleaved), in T or, on the tensor cores, a half type
   const T* h;       // state h_{t-1}, [B, P] (rows [0, n) are this step's)
   const T* gx;      // this step's first row of gx, rows of G*H
   const T* b_hn;    // GRU: [H] or null
@@ -60,22 +81,91 @@ struct ForwardArgs {
   int64_t n, H, P, hprev_col;
 };
 
+// Copies rows [k0, k0 + kRows) of one block's [P][kCols] slab of the gate-interleaved W_hh into
+// shared memory (row pitch kPitch elements), 16 bytes per thread and load: consecutive threads read
+// consecutive 16 bytes of one contiguous slab. Rows at or past P become zeros, which add exact zeros.
+template <int kRows, int kCols, int kPitch, int kThreads, typename W>
+__device__ __forceinline__ void stage_weight_rows(W* dst, const W* slab, int64_t k0, int64_t P, int tid) {
+  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(W));
+  static_assert(kCols % kPerPiece == 0 && kPitch % kPerPiece == 0, "rows must be whole 16-byte pieces");
+  constexpr int kPiecesPerRow = kCols / kPerPiece;
+  for (int e = tid; e < kRows * kPiecesPerRow; e += kThreads) {
+    const int r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
+    const int64_t k = k0 + r;
+    uint4 bits = make_uint4(0u, 0u, 0u, 0u);  // all bits zero: +0 in every floating type
+    if (k < P) bits = *reinterpret_cast<const uint4*>(slab + k * kCols + piece * kPerPiece);
+    *reinterpret_cast<uint4*>(dst + r * kPitch + piece * kPerPiece) = bits;
+  }
+}
+
+// The epilogue for row b, unit j, given its G gate sums: the sums go through this row's `gh`
+// scratch row, which the same thread reads back in Cell::forward (no other thread touches those
+// elements, so no synchronisation is needed). h_{t-1} is saved first, before the state moves on.
+template <typename Cell, typename W>
+__device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::scalar_t, W>& a, int64_t b, int64_t j,
+                                            const typename Cell::scalar_t (&sum)[Cell::kGates]) {
+  using T = typename Cell::scalar_t;
+  const int64_t H = a.H, P = a.P, GH = Cell::kGates * H;
+  T* gh_row = a.gh + b * GH;
+#pragma unroll
+  for (int g = 0; g < Cell::kGates; ++g) gh_row[g * H + j] = sum[g];
+  T* saved_row = a.saved ? a.saved + b * a.saved_stride : nullptr;
+  const T* h_row = a.h + b * P;
+  if (saved_row) {  // P <= H, but do not rely on it
+    for (int64_t p = j; p < P; p += H) saved_row[a.hprev_col + p] = h_row[p];
+  }
+  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, h_row, a.c ? a.c + b * H : nullptr,
+                    a.out + b * a.out_stride, saved_row};
+  Cell::forward(io, H, j);
+}
+
+// Grid: x over row tiles, y over unit tiles.
+dim3 step_grid(int64_t n, int64_t H, int rows_per_block, int units_per_block) {
+  const int64_t row_tiles = (n + rows_per_block - 1) / rows_per_block;
+  const int64_t unit_tiles = (H + units_per_block - 1) / units_per_block;
+  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && unit_tiles <= 65535,
+              "fused_rnn: step too large for the CUDA kernel's grid (rows ", n, ", hidden ", H, ")");
+  return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(unit_tiles));
+}
+
+// The larger row tile reuses each staged W_hh element more; take it only while it still gives
+// every SM a block (small batches would otherwise leave SMs idle).
+bool fills_the_gpu(int64_t n, int64_t H, int rows_per_block, int units_per_block, int sms) {
+  const int64_t blocks = ((H + units_per_block - 1) / units_per_block) * ((n + rows_per_block - 1) / rows_per_block);
+  return blocks >= sms;
+}
+
+// --- float32/float64 on the CUDA cores ---------------------------------------------------------
+//
+// Block: dim3(kTileUnits, kWarps) threads. threadIdx.x = unit within the tile (one warp spans the
+// tile's 32 units, so gate loads from shared memory are conflict-free and global writes coalesce);
+// threadIdx.y = warp, which owns kRows consecutive batch rows (kRows accumulators per gate per thread).
+// Shared memory per block (static): w_s[kTileK][G*kTileUnits] and h_s[kWarps*kRows][kTileK].
+//   float, LSTM, kRows=4: 16 KB + 2 KB; double: 32 KB + 4 KB (under the 48 KB static limit).
+constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
+constexpr int kWarps = 4;       // warps per block
+constexpr int kThreads = kTileUnits * kWarps;
+constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
+
 template <typename Cell, int kRows>
-__global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardArgs<typename Cell::scalar_t> a) {
+__global__ void __launch_bounds__(kThreads)
+    forward_step_kernel(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t> a) {
   using T = typename Cell::scalar_t;
   constexpr int G = Cell::kGates;
   constexpr int kTileRows = kWarps * kRows;
   constexpr int kWCols = G * kTileUnits;  // tile row r = g * kTileUnits + unit
 
-  // +1 column: the transposing stores below (consecutive threads walk k) hit distinct banks.
-  __shared__ T w_s[kTileK][kWCols + 1];
+  // Rows are written as they lie in global memory (no transpose), so they need no padding; the
+  // 16-byte stores need 16-byte alignment.
+  __shared__ __align__(16) T w_s[kTileK][kWCols];
   __shared__ T h_s[kTileRows][kTileK];
 
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tid = ty * kTileUnits + tx;
-  const int64_t H = a.H, P = a.P, n = a.n, GH = G * H;
+  const int64_t P = a.P, n = a.n;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kTileUnits;
+  const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kWCols;
 
   T acc[kRows][G];
 #pragma unroll
@@ -85,14 +175,7 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardArg
   }
 
   for (int64_t k0 = 0; k0 < P; k0 += kTileK) {
-    // W_hh tile: rows g*H + unit0 + u for every gate g, columns [k0, k0 + kTileK); global reads run
-    // along k (coalesced), the shared copy is transposed so that the inner loop reads along units.
-    for (int e = tid; e < kWCols * kTileK; e += kThreads) {
-      const int r = e / kTileK, kk = e % kTileK;
-      const int g = r / kTileUnits, u = r % kTileUnits;
-      const int64_t j = unit0 + u, k = k0 + kk;
-      w_s[kk][r] = (j < H && k < P) ? a.w_hh[(static_cast<int64_t>(g) * H + j) * P + k] : T(0);
-    }
+    stage_weight_rows<kTileK, kWCols, kWCols, kThreads>(&w_s[0][0], slab, k0, P, tid);
     for (int e = tid; e < kTileRows * kTileK; e += kThreads) {
       const int rr = e / kTileK, kk = e % kTileK;
       const int64_t b = row0 + rr, k = k0 + kk;
@@ -115,45 +198,153 @@ __global__ void __launch_bounds__(kThreads) forward_step_kernel(const ForwardArg
     __syncthreads();
   }
 
-  // Epilogue: the cell math of cells.h on (row, unit). The gate sums go through this row's `gh`
-  // scratch row, which the same thread reads back at once (io.gh[g*H + j]); no other thread touches
-  // those elements, so no synchronisation is needed.
   const int64_t j = unit0 + tx;
-  if (j >= H) return;
+  if (j >= a.H) return;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int64_t b = row0 + ty * kRows + r;
     if (b >= n) break;
-    T* gh_row = a.gh + b * GH;
-#pragma unroll
-    for (int g = 0; g < G; ++g) gh_row[g * H + j] = acc[r][g];
-    T* saved_row = a.saved ? a.saved + b * a.saved_stride : nullptr;
-    const T* h_row = a.h + b * P;
-    if (saved_row) {  // h_{t-1}, before the state moves on (P <= H, but do not rely on it)
-      for (int64_t p = j; p < P; p += H) saved_row[a.hprev_col + p] = h_row[p];
-    }
-    StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, h_row, a.c ? a.c + b * H : nullptr,
-                      a.out + b * a.out_stride, saved_row};
-    Cell::forward(io, H, j);
+    finish_unit<Cell>(a, b, j, acc[r]);
   }
 }
 
 template <typename Cell, int kRows>
-void launch_forward_step(const ForwardArgs<typename Cell::scalar_t>& a, cudaStream_t stream) {
-  constexpr int kTileRows = kWarps * kRows;
-  const int64_t row_tiles = (a.n + kTileRows - 1) / kTileRows;
-  const int64_t unit_tiles = (a.H + kTileUnits - 1) / kTileUnits;
-  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && unit_tiles <= 65535,
-              "fused_rnn: step too large for the CUDA kernel's grid (rows ", a.n, ", hidden ", a.H, ")");
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(unit_tiles));
-  const dim3 block(kTileUnits, kWarps);
-  forward_step_kernel<Cell, kRows><<<grid, block, 0, stream>>>(a);
+void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a,
+                           cudaStream_t stream) {
+  const dim3 grid = step_grid(a.n, a.H, kWarps * kRows, kTileUnits);
+  forward_step_kernel<Cell, kRows><<<grid, dim3(kTileUnits, kWarps), 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Cell>
+void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms,
+                           cudaStream_t stream) {
+  if (fills_the_gpu(a.n, a.H, kWarps * 4, kTileUnits, sms)) {
+    launch_cuda_core_step<Cell, 4>(a, stream);
+  } else {
+    launch_cuda_core_step<Cell, 1>(a, stream);
+  }
+}
+
+// --- float16/bfloat16 on the tensor cores --------------------------------------------------------
+//
+// Block: G warps; warp g computes gate g of the block's kMmaUnits units for kRowTiles * 16 batch
+// rows, as kRowTiles 16x16 float32 accumulator fragments. Per k chunk the block stages, in shared
+// memory, the W_hh slab [kMmaK][G*kMmaUnits] (the wmma B operand, row-major: element (k, column)) and
+// h_{t-1} [rows][kMmaK] (the A operand, row-major, rounded to the half type), zero-padded past n, P
+// and H, so any n, H and P work. Then the accumulators go to shared memory and each thread runs the
+// float32 epilogue on (row, unit) pairs.
+// Shared rows carry kMmaPad extra elements (16 bytes), which keeps them 16-byte aligned, wmma's ldm a
+// multiple of 8 (16-bit) or 4 (float), every fragment pointer 32-byte aligned (row offsets of 16 rows
+// and column offsets of 16 elements), and moves successive rows to other banks.
+// Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) + 17 KB (sums), under the 48 KB static limit.
+namespace wmma = nvcuda::wmma;
+
+constexpr int kMmaUnits = 16;  // hidden units per block: one 16-wide fragment per gate
+constexpr int kMmaK = 64;      // reduction chunk staged per iteration: 4 fragment steps
+constexpr int kMmaPad = 8;     // elements of padding per shared row of 16-bit values (16 bytes)
+constexpr int kSumPad = 4;     // and of float sums (16 bytes)
+
+template <typename W>
+__device__ __forceinline__ W round_to(float v);
+template <>
+__device__ __forceinline__ __half round_to<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename Cell, typename W, int kRowTiles>
+__global__ void __launch_bounds__(32 * Cell::kGates)
+    forward_step_tensor_core_kernel(const ForwardArgs<float, W> a) {
+  static_assert(std::is_same_v<typename Cell::scalar_t, float>, "half types run the gate math in float32");
+// bfloat16 fragments need compute capability 8.0; the host launches this only there
+// (cuda_tensor_cores_take_half_types), so older targets compile an empty body.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int G = Cell::kGates;
+  constexpr int kBlockThreads = 32 * G;
+  constexpr int kRows = 16 * kRowTiles;
+  constexpr int kCols = G * kMmaUnits;  // column g * kMmaUnits + unit
+  constexpr int kWPitch = kCols + kMmaPad, kHPitch = kMmaK + kMmaPad, kSumPitch = kCols + kSumPad;
+
+  __shared__ __align__(32) W w_s[kMmaK * kWPitch];
+  __shared__ __align__(32) W h_s[kRows * kHPitch];
+  __shared__ __align__(32) float sum_s[kRows * kSumPitch];
+
+  const int tid = threadIdx.x, gate = tid / 32;
+  const int64_t P = a.P, n = a.n;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kMmaUnits;
+  const W* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kCols;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kRowTiles];
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) wmma::fill_fragment(acc[m], 0.0f);
+
+  for (int64_t k0 = 0; k0 < P; k0 += kMmaK) {
+    stage_weight_rows<kMmaK, kCols, kWPitch, kBlockThreads>(w_s, slab, k0, P, tid);
+    for (int e = tid; e < kRows * kMmaK; e += kBlockThreads) {
+      const int r = e / kMmaK, kk = e % kMmaK;
+      const int64_t b = row0 + r, k = k0 + kk;
+      h_s[r * kHPitch + kk] = round_to<W>((b < n && k < P) ? a.h[b * P + k] : 0.0f);
+    }
+    __syncthreads();
+    // Zero padding past P in both operands adds exact zeros; the k order is fixed.
+#pragma unroll
+    for (int kk = 0; kk < kMmaK; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> w_frag;
+      wmma::load_matrix_sync(w_frag, w_s + kk * kWPitch + gate * kMmaUnits, kWPitch);
+#pragma unroll
+      for (int m = 0; m < kRowTiles; ++m) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> h_frag;
+        wmma::load_matrix_sync(h_frag, h_s + m * 16 * kHPitch + kk, kHPitch);
+        wmma::mma_sync(acc[m], h_frag, w_frag, acc[m]);
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites the tiles
+  }
+
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    wmma::store_matrix_sync(sum_s + m * 16 * kSumPitch + gate * kMmaUnits, acc[m], kSumPitch, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  for (int e = tid; e < kRows * kMmaUnits; e += kBlockThreads) {
+    const int r = e / kMmaUnits, u = e % kMmaUnits;
+    const int64_t b = row0 + r, j = unit0 + u;
+    if (b >= n || j >= a.H) continue;
+    float sum[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) sum[g] = sum_s[r * kSumPitch + g * kMmaUnits + u];
+    finish_unit<Cell>(a, b, j, sum);
+  }
+#endif
+}
+
+template <typename Cell, typename W, int kRowTiles>
+void launch_tensor_core_step(const ForwardArgs<float, W>& a, cudaStream_t stream) {
+  const dim3 grid = step_grid(a.n, a.H, 16 * kRowTiles, kMmaUnits);
+  forward_step_tensor_core_kernel<Cell, W, kRowTiles><<<grid, 32 * Cell::kGates, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Cell, typename W>
+void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms, cudaStream_t stream) {
+  if (fills_the_gpu(a.n, a.H, 16 * 4, kMmaUnits, sms)) {
+    launch_tensor_core_step<Cell, W, 4>(a, stream);
+  } else {
+    launch_tensor_core_step<Cell, W, 1>(a, stream);
+  }
+}
+
+// --- the step loop ----------------------------------------------------------------------------------
+
+// W: the type of W_hh. The cell's own type: the CUDA-core kernel. A half type (the cell in float):
+// the tensor-core kernel.
+template <typename Cell, typename W>
 struct ForwardLoop {
   using T = typename Cell::scalar_t;
+  static constexpr bool kTensorCores = !std::is_same_v<W, T>;
+  static constexpr int kUnitsPerBlock = kTensorCores ? kMmaUnits : kTileUnits;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
                   const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
@@ -164,13 +355,15 @@ struct ForwardLoop {
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
     Tensor proj_input = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
     const Tensor w_hr_t = s.proj ? w_hr.t() : Tensor();
+    const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnitsPerBlock);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
     const T* gx_p = gx.data_ptr<T>();
     T* gh_p = gh.data_ptr<T>();
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
-    const T* w_hh_p = w_hh.data_ptr<T>();
+    const W* w_tiles_p = static_cast<const W*>(w_tiles.const_data_ptr());
+    TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles_p) % 16 == 0, "fused_rnn: W_hh tiles misaligned");
     T* y_p = y.data_ptr<T>();
     T* h_p = h.data_ptr<T>();
     T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
@@ -182,8 +375,8 @@ struct ForwardLoop {
       if (n == 0) continue;
 
       if (H > 0) {
-        ForwardArgs<T> a;
-        a.w_hh = w_hh_p;
+        ForwardArgs<T, W> a;
+        a.w_tiles = w_tiles_p;
         a.h = h_p;
         a.gx = gx_p + off * GH;
         a.b_hn = b_hn_p;
@@ -205,14 +398,10 @@ struct ForwardLoop {
         a.H = H;
         a.P = P;
         a.hprev_col = s.hprev_col();
-        // Four rows per thread reuse each W_hh element four times; fall back to one row per thread
-        // when that would leave SMs idle (small batches).
-        const int64_t unit_tiles = (H + kTileUnits - 1) / kTileUnits;
-        const int64_t blocks_wide = unit_tiles * ((n + kWarps * 4 - 1) / (kWarps * 4));
-        if (blocks_wide >= sms) {
-          launch_forward_step<Cell, 4>(a, stream);
+        if constexpr (kTensorCores) {
+          launch_tensor_core_step<Cell, W>(a, sms, stream);
         } else {
-          launch_forward_step<Cell, 1>(a, stream);
+          launch_cuda_core_step<Cell>(a, sms, stream);
         }
       }
 
@@ -227,6 +416,13 @@ struct ForwardLoop {
     }
   }
 };
+
+template <typename Cell>
+using CudaCoreForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;
+template <typename Cell>
+using HalfTensorCoreForwardLoop = ForwardLoop<Cell, __half>;
+template <typename Cell>
+using BFloat16TensorCoreForwardLoop = ForwardLoop<Cell, __nv_bfloat16>;
 
 // ---------------------------------------------------------------------------------------------
 // Backward: the cell backward over (row, unit), one thread per element (grid-stride), then cuBLAS.
@@ -343,9 +539,26 @@ void forward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& gx, cons
   TORCH_CHECK(gx.is_cuda(), "fused_rnn: forward_loop_cuda needs CUDA tensors");
   TORCH_CHECK(!gx.is_complex(), "fused_rnn: complex inputs are not supported on CUDA");
   const c10::cuda::CUDAGuard guard(gx.device());
+  const auto w_type = w_hh.scalar_type();
+  if (w_type == at::kHalf || w_type == at::kBFloat16) {
+    TORCH_CHECK(gx.scalar_type() == at::kFloat, "fused_rnn: half-type weights need a float32 gx, got ",
+                gx.scalar_type());
+    if (w_type == at::kHalf) {
+      dispatch_cell<HalfTensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    } else {
+      dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c,
+                                                          saved);
+    }
+    return;
+  }
+  TORCH_CHECK(w_type == gx.scalar_type(), "fused_rnn: weight_hh has dtype ", w_type, " but gx ", gx.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fused_rnn_forward_cuda", [&] {
-    dispatch_cell<ForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    dispatch_cell<CudaCoreForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
   });
+}
+
+bool cuda_tensor_cores_take_half_types(const at::Device& device) {
+  return at::cuda::getDeviceProperties(device.index())->major >= 8;  // see forward_step_tensor_core_kernel
 }
 
 void backward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
