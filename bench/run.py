@@ -10,7 +10,8 @@ bench/results/<device>.json and draws the speedups to bench/results/<device>.png
 
 Timing: warm-up first; on a GPU CUDA events around each call, on the CPU perf_counter. The
 contenders run interleaved, round after round, and each reports its median, so that a drift of the
-machine hits all alike. Inputs rotate among a few tensors so that caches do not flatter.
+machine hits all alike, and the order of the contenders rotates from round to round. Inputs rotate
+among a few tensors so that caches do not flatter.
 """
 import argparse
 import json
@@ -116,9 +117,12 @@ def bench_one(cell, case, dtype, mode, device, repeats):
     _sync(device)
     memory = {name: peak_megabytes(fn, device) for name, fn in contenders.items()}
     samples = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            samples[name].append(time_call(fn, device))
+    names = list(contenders)
+    for round_ in range(repeats):
+        # The order rotates, so that no contender always runs right after the same other one (after
+        # the slow loop, say, whose allocations leave the allocator and the caches in another state).
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            samples[name].append(time_call(contenders[name], device))
     ms = {name: statistics.median(v) for name, v in samples.items()}
     return {
         "device": device_name(device), "torch": torch.__version__, "cell": cell,

@@ -87,7 +87,7 @@ template <typename T>
 struct LSTMCell {
   using scalar_t = T;
   static constexpr int kGates = 4;
-  static constexpr int kSaved = 6;  // i, f, g, o, c_t, c_{t-1}
+  static constexpr int kSaved = 6;  // i, f, g, o, tanh(c_t), c_{t-1}
   static constexpr bool kSeparateRecurrentGrad = false;
 
   template <typename M = ScalarMath<T>>
@@ -99,14 +99,15 @@ struct LSTMCell {
     const V o = M::sigmoid(M::load(s.gx + 3 * H + j) + M::load(s.gh + 3 * H + j));
     const V c_prev = M::load(s.c + j);
     const V c = f * c_prev + i * g;
+    const V tc = M::tanh(c);
     M::store(s.c + j, c);
-    M::store(s.h + j, o * M::tanh(c));
+    M::store(s.h + j, o * tc);
     if (s.saved) {
       M::store(s.saved + j, i);
       M::store(s.saved + H + j, f);
       M::store(s.saved + 2 * H + j, g);
       M::store(s.saved + 3 * H + j, o);
-      M::store(s.saved + 4 * H + j, c);
+      M::store(s.saved + 4 * H + j, tc);  // c_t enters backward only through tanh(c_t)
       M::store(s.saved + 5 * H + j, c_prev);
     }
   }
@@ -117,9 +118,8 @@ struct LSTMCell {
     using V = typename M::V;
     const V i = M::load(s.saved + j), f = M::load(s.saved + H + j);
     const V g = M::load(s.saved + 2 * H + j), o = M::load(s.saved + 3 * H + j);
-    const V c = M::load(s.saved + 4 * H + j), c_prev = M::load(s.saved + 5 * H + j);
+    const V tc = M::load(s.saved + 4 * H + j), c_prev = M::load(s.saved + 5 * H + j);
     const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
-    const V tc = M::tanh(c);
     const V dc = M::load(s.dc_carry + j) + dh * M::cj(o * (V(1) - tc * tc));
     const V d_o = dh * M::cj(tc);
     const V d_i = dc * M::cj(g), d_f = dc * M::cj(c_prev), d_g = dc * M::cj(i);
