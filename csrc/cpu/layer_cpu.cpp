@@ -7,13 +7,18 @@
 // the cells.h math on it while it is in cache, Width units at a time; a barrier ends the step.
 // x·W_ihᵀ is computed in chunks of steps, each thread for its own units. Backward has the same
 // shape: a thread first propagates the previous step's gate gradients to its block of dh (dG·W_hh,
-// restricted to those columns), then runs the cell backward on the block. A projection (LSTM
-// proj_size) needs every unit first, so it takes one more barrier per step, and BLAS.
+// restricted to those columns), then runs the cell backward on the block. Once a chunk of steps
+// is done, each thread adds its units' rows of dW_ih, dW_hh and the bias gradients (BLAS on the
+// chunk's gate gradients while they are in cache) and computes its share of the chunk's rows of
+// dX. A projection (LSTM proj_size) needs every unit first, so it takes one more barrier per step,
+// and BLAS.
 //
 // Blocks are aligned to the vector width, so which units take the scalar tail does not depend on
-// the number of threads, and nothing is accumulated across threads: results are reproducible, and
-// without a projection the same for any number of threads. (The projection's BLAS calls may block
-// differently with the number of threads, so its last bits can differ between thread counts.)
+// the number of threads; nothing is accumulated across threads, and chunks are added in a fixed
+// order: results are reproducible. Between thread counts they are the same as long as BLAS gives
+// an element the same bits whatever share of rows or columns a call covers, which MKL does for the
+// weight and input gradients (tests/test_cpu_blocking.py checks it) but not always for the
+// projection, whose last bits can differ.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
