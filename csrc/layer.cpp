@@ -289,7 +289,7 @@ Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batc
     at::mm_out(g.dw_hh, dgh.t(), h_prev.conj());
     if (has_bias) {
       at::sum_out(g.db_ih, dgx, 0);
-      at::sum_out(g.db_hh, dgh, 0);
+      if (s.cell == CellKind::GRU) at::sum_out(g.db_hh, dgh, 0);
     }
 #else
     TORCH_CHECK(false, "fused_rnn was built without CUDA");
@@ -297,6 +297,8 @@ Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batc
   } else {
     backward_loop_cpu(s, reverse, x, w_ih, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dh_total, g);
   }
+  // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.
+  if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), saved.narrow(1, s.proj_input_col(), s.H).conj());
   return {g.dx, dh, dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr};

@@ -66,7 +66,7 @@ void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, co
 struct LayerGrads {
   at::Tensor dx;            // [N, I]
   at::Tensor dw_ih, dw_hh;  // [G*H, I], [G*H, P]
-  at::Tensor db_ih, db_hh;  // [G*H]; undefined without biases
+  at::Tensor db_ih, db_hh;  // [G*H]; undefined without biases; db_hh written by the loops for GRU only
 };
 
 //   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)

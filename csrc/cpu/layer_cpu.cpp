@@ -459,7 +459,9 @@ struct BackwardLoop {
     const Panels<T> panels = Panels<T>::of_columns(w_hh_conj, C);  // blocks of dh's P columns
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     // The gate gradients, a chunk of steps at a time (see kChunkElements), in two buffers taken in
-    // turn: a chunk's first step still propagates the last step of the chunk before.
+    // turn: a chunk's first step still propagates the last step of the chunk before. A buffer is
+    // written again two chunks later, past the step barriers of the chunk between, so every thread
+    // has finished its dX rows from it by then.
     const int64_t chunk_cap = chunk_rows(s, GH), buffer_rows = std::min(s.N, chunk_cap);
     Tensor dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
     Tensor dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
@@ -572,7 +574,6 @@ struct BackwardLoop {
       }
       for (int64_t u = u0; u < u1; ++u) propagate(u);  // the first step's gate gradients reach h_0
     });
-    if (grads.db_hh.defined() && !Cell::kSeparateRecurrentGrad) grads.db_hh.copy_(grads.db_ih);
   }
 };
 
