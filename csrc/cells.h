@@ -78,6 +78,7 @@ struct StepBackward {
   T* dc_carry;      // LSTM: dL/dc_t in, dL/dc_{t-1} out (in place)
   const T* saved;   // as written by forward, [kSaved*H]
   const T* h_prev;  // GRU: h_{t-1}, [H]
+  const T* c_prev;  // LSTM: c_{t-1}, [H] (the previous step's saved c_t, or c_0)
   T* dgx;           // gradient of the pre-activations, input side, [G*H]
   T* dgh;           // recurrent side, [G*H]; differs from dgx only for GRU's n gate
 };
@@ -87,7 +88,10 @@ template <typename T>
 struct LSTMCell {
   using scalar_t = T;
   static constexpr int kGates = 4;
-  static constexpr int kSaved = 6;  // i, f, g, o, tanh(c_t), c_{t-1}
+  // i, f, g, o, c_t. c_{t-1} is the step before's c_t (or c_0), so it is not saved again; tanh(c_t)
+  // is computed again in backward, cheaper than writing and reading one more value per unit.
+  static constexpr int kSaved = 5;
+  static constexpr int kCellStateSlot = 4;
   static constexpr bool kSeparateRecurrentGrad = false;
 
   template <typename M = ScalarMath<T>>
@@ -107,8 +111,7 @@ struct LSTMCell {
       M::store(s.saved + H + j, f);
       M::store(s.saved + 2 * H + j, g);
       M::store(s.saved + 3 * H + j, o);
-      M::store(s.saved + 4 * H + j, tc);  // c_t enters backward only through tanh(c_t)
-      M::store(s.saved + 5 * H + j, c_prev);
+      M::store(s.saved + kCellStateSlot * H + j, c);
     }
   }
 
@@ -118,7 +121,7 @@ struct LSTMCell {
     using V = typename M::V;
     const V i = M::load(s.saved + j), f = M::load(s.saved + H + j);
     const V g = M::load(s.saved + 2 * H + j), o = M::load(s.saved + 3 * H + j);
-    const V tc = M::load(s.saved + 4 * H + j), c_prev = M::load(s.saved + 5 * H + j);
+    const V tc = M::tanh(M::load(s.saved + kCellStateSlot * H + j)), c_prev = M::load(s.c_prev + j);
     const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
     const V dc = M::load(s.dc_carry + j) + dh * M::cj(o * (V(1) - tc * tc));
     const V d_o = dh * M::cj(tc);

@@ -97,6 +97,7 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
               "fused_rnn: weight_ih must be 2-D with a multiple of ", s.gates, " rows, got ", w_ih.sizes());
   s.H = w_ih.size(0) / s.gates;
   s.proj = w_hr.has_value() && w_hr->defined();
+  s.outputs_in_saved = compute_in_float(x);
   TORCH_CHECK(!s.proj || s.cell == CellKind::LSTM, "fused_rnn: only LSTM has a projection (weight_hr)");
   s.P = s.proj ? w_hr->size(0) : s.H;
   TORCH_CHECK(!s.proj || s.P < s.H, "fused_rnn: weight_hr must have fewer rows (proj_size) than hidden_size ",
@@ -127,6 +128,12 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
 }
 
 }  // namespace
+
+Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) {
+  const int64_t before = reverse ? t + 1 : t - 1;
+  if (before < 0 || before >= s.T) return {0, 0};
+  return {std::min(s.batch_sizes[t], s.batch_sizes[before]), s.offsets[before]};
+}
 
 Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Tensor t = at::empty(sizes, options);
@@ -190,6 +197,20 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& bias)
   }
   return bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
 }
+
+// h_{t-1} of every row, [N, P], gathered from the outputs and h_0 (see predecessor()): the right
+// factor of dW_hh in one GEMM.
+Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs, const Tensor& h0) {
+  std::vector<int64_t> source(s.N);  // a row of [outputs; h0]
+  for (int64_t t = 0; t < s.T; ++t) {
+    const Predecessor before = predecessor(s, reverse, t);
+    for (int64_t b = 0; b < s.batch_sizes[t]; ++b) {
+      source[s.offsets[t] + b] = b < before.carried ? before.first + b : s.N + b;
+    }
+  }
+  const Tensor index = at::tensor(source, at::TensorOptions().dtype(at::kLong)).to(outputs.device());
+  return at::cat({outputs, h0}).index_select(0, index);
+}
 #endif
 
 // The forward op once its arguments are checked. x, w_ih and w_hh are the matrix products'
@@ -221,6 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_checked(
   } else {
     forward_loop_cpu(s, reverse, x, w_ih, bias, w_hh, b_hn, w_proj, y, h, c, saved);
   }
+  if (saved.defined() && s.outputs_in_saved) saved.narrow(1, s.outputs_col(), s.P).copy_(y);
   if (!c.defined()) c = at::empty({0}, opts);
   if (!saved.defined()) saved = at::empty({0}, opts);
   return {y, h, c, saved};
@@ -243,25 +265,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse,
-                          const Tensor& w_ih_in, const Tensor& w_hh_in, const optional<Tensor>& w_hr,
-                          bool has_bias, const Tensor& saved_in, const optional<Tensor>& dy_in,
-                          const optional<Tensor>& dh_n, const optional<Tensor>& dc_n, bool need_input_grad) {
-  LayerShape s = describe_weights(cell, x_in, batch_sizes, w_ih_in, w_hh_in, w_hr);
-  check_matrix(saved_in, "saved", s.N, s.saved_cols());
+// The backward op once its arguments are checked, in the type it computes in (x, the weights, the
+// state and the incoming gradients; `saved` already is).
+Grads backward_checked(const LayerShape& s, bool reverse, const Tensor& x_in, const Tensor& h0_in,
+                       const optional<Tensor>& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+                       const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved_in,
+                       const optional<Tensor>& dy_in, const optional<Tensor>& dh_n, const optional<Tensor>& dc_n,
+                       bool need_input_grad) {
   const Tensor x = x_in.contiguous(), saved = saved_in.contiguous();
   const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const Tensor w_proj = contiguous_or_undefined(w_hr);
+  const Tensor h0 = h0_in.contiguous(), c0 = contiguous_or_undefined(c0_in);
+  // h_t of every row, where backward reads h_{t-1}: y, or its float32 copy for half types.
+  const Tensor outputs = s.outputs_in_saved ? saved.narrow(1, s.outputs_col(), s.P) : y.contiguous();
   const auto opts = x.options();
 
-  Tensor dy = contiguous_or_undefined(dy_in);
-  if (dy.defined()) check_matrix(dy, "grad_output", s.N, s.P);
+  const Tensor dy = contiguous_or_undefined(dy_in);
   Tensor dh = dh_n.has_value() && dh_n->defined() ? dh_n->contiguous().clone() : at::zeros({s.B, s.P}, opts);
-  check_matrix(dh, "grad_h_n", s.B, s.P);
   Tensor dc;
   if (s.cell == CellKind::LSTM) {
     dc = dc_n.has_value() && dc_n->defined() ? dc_n->contiguous().clone() : at::zeros({s.B, s.H}, opts);
-    check_matrix(dc, "grad_c_n", s.B, s.H);
   }
   const int64_t GH = s.gates * s.H;
   LayerGrads g;
@@ -281,12 +304,11 @@ Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batc
 #ifdef FUSED_RNN_WITH_CUDA
     Tensor dgx = at::empty({s.N, GH}, opts);
     Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
-    backward_loop_cuda(s, reverse, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dgx, dgh, dh_total);
+    backward_loop_cuda(s, reverse, w_hh_conj, w_proj_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total);
     // The once-per-sequence GEMMs and sums; plain reductions, so results are reproducible.
-    const Tensor h_prev = saved.narrow(1, s.hprev_col(), s.P);
     if (need_input_grad) at::mm_out(g.dx, dgx, w_ih.conj());
     at::mm_out(g.dw_ih, dgx.t(), x.conj());
-    at::mm_out(g.dw_hh, dgh.t(), h_prev.conj());
+    at::mm_out(g.dw_hh, dgh.t(), previous_outputs(s, reverse, outputs, h0).conj());
     if (has_bias) {
       at::sum_out(g.db_ih, dgx, 0);
       if (s.cell == CellKind::GRU) at::sum_out(g.db_hh, dgh, 0);
@@ -295,7 +317,7 @@ Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batc
     TORCH_CHECK(false, "fused_rnn was built without CUDA");
 #endif
   } else {
-    backward_loop_cpu(s, reverse, x, w_ih, w_hh_conj, w_proj_conj, saved, dy, dh, dc, dh_total, g);
+    backward_loop_cpu(s, reverse, x, w_ih, w_hh_conj, w_proj_conj, outputs, h0, c0, saved, dy, dh, dc, dh_total, g);
   }
   // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.
   if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);
@@ -304,17 +326,36 @@ Grads layer_backward_impl(int64_t cell, const Tensor& x_in, at::IntArrayRef batc
   return {g.dx, dh, dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr};
 }
 
-Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& w_ih,
-                     const Tensor& w_hh, const optional<Tensor>& w_hr, bool has_bias, const Tensor& saved,
-                     const optional<Tensor>& dy, const optional<Tensor>& dh_n, const optional<Tensor>& dc_n,
-                     bool need_input_grad) {
+Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+                     const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& w_hr,
+                     bool has_bias, const Tensor& y, const Tensor& saved, const optional<Tensor>& dy,
+                     const optional<Tensor>& dh_n, const optional<Tensor>& dc_n, bool need_input_grad) {
+  // Checked in the caller's dtypes, as forward: the same shape, hence the same layout of `saved`.
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, optional<Tensor>(),
+                                      optional<Tensor>(), w_hr);
+  check_matrix(y, "y", s.N, s.P);
+  check_same_kind(y, x, "y");
+  check_matrix(saved, "saved", s.N, s.saved_cols());
+  TORCH_CHECK(saved.scalar_type() == (compute_in_float(x) ? at::kFloat : x.scalar_type()) &&
+                  saved.device() == x.device(),
+              "fused_rnn: saved must be what layer_forward returned for this input, got dtype ",
+              saved.scalar_type(), " on ", saved.device());
+  const auto check_grad = [&](const optional<Tensor>& grad, const char* name, int64_t rows, int64_t cols) {
+    if (grad.has_value() && grad->defined()) {
+      check_matrix(*grad, name, rows, cols);
+      check_same_kind(*grad, x, name);
+    }
+  };
+  check_grad(dy, "grad_y", s.N, s.P);
+  check_grad(dh_n, "grad_h_n", s.B, s.P);
+  if (s.cell == CellKind::LSTM) check_grad(dc_n, "grad_c_n", s.B, s.H);
   if (!compute_in_float(x)) {
-    return layer_backward_impl(cell, x, batch_sizes, reverse, w_ih, w_hh, w_hr, has_bias, saved, dy, dh_n, dc_n,
-                               need_input_grad);
+    return backward_checked(s, reverse, x, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, dy, dh_n, dc_n,
+                            need_input_grad);
   }
-  Grads g = layer_backward_impl(cell, to_float(x), batch_sizes, reverse, to_float(w_ih), to_float(w_hh),
-                                to_float(w_hr), has_bias, saved, to_float(dy), to_float(dh_n), to_float(dc_n),
-                                need_input_grad);
+  Grads g = backward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih), to_float(w_hh),
+                             to_float(w_hr), has_bias, y, saved, to_float(dy), to_float(dh_n), to_float(dc_n),
+                             need_input_grad);
   const auto type = x.scalar_type();
   auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] = g;
   return {to_type(dx, type), to_type(dh, type), to_type(dc, type), to_type(dw_ih, type),
@@ -329,9 +370,9 @@ TORCH_LIBRARY(fused_rnn, m) {
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool need_saved) "
       "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor saved)");
   m.def(
-      "layer_backward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor w_ih, Tensor w_hh, "
-      "Tensor? w_hr, bool has_bias, Tensor saved, Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, "
-      "bool need_input_grad) "
+      "layer_backward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
+      "Tensor w_ih, Tensor w_hh, Tensor? w_hr, bool has_bias, Tensor y, Tensor saved, Tensor? grad_y, "
+      "Tensor? grad_h_n, Tensor? grad_c_n, bool need_input_grad) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");  // undefined where not applicable
 }

@@ -27,15 +27,27 @@ struct LayerShape {
   int64_t gates;   // G: gate blocks in W_ih / W_hh
   int64_t saved_per_unit;  // the cell's kSaved
   bool proj;       // LSTM with proj_size
+  bool outputs_in_saved;  // half types: a float32 copy of y is kept in `saved` (y itself is rounded)
   std::vector<int64_t> batch_sizes;
   std::vector<int64_t> offsets;  // first row of each step
 
   // Columns of the [N, saved_cols] tensor that forward keeps for backward:
-  // [cell's saved values (kSaved*H) | h_{t-1} (P) | LSTM with projection: o*tanh(c_t) (H)].
-  int64_t hprev_col() const { return saved_per_unit * H; }
-  int64_t proj_input_col() const { return saved_per_unit * H + P; }
-  int64_t saved_cols() const { return saved_per_unit * H + P + (proj ? H : 0); }
+  // [cell's saved values (kSaved*H) | LSTM with projection: o*tanh(c_t) (H) | half types: y (P)].
+  // h_{t-1} is not among them: it is the step before's output (or h_0), which backward reads there.
+  int64_t proj_input_col() const { return saved_per_unit * H; }
+  int64_t outputs_col() const { return saved_per_unit * H + (proj ? H : 0); }
+  int64_t saved_cols() const { return outputs_col() + (outputs_in_saved ? P : 0); }
+  int64_t cell_state_col() const { return LSTMCell<float>::kCellStateSlot * H; }  // LSTM's c_t
 };
+
+// Where a step's h_{t-1} and c_{t-1} come from: its rows [0, carried) continue the sequences of
+// the step before in the walk, whose rows start at row `first`; rows [carried, n) start from h_0
+// and c_0 (the first step; in the reverse direction of a packed sequence, the rows whose sequences
+// begin at this step).
+struct Predecessor {
+  int64_t carried, first;
+};
+Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t);
 
 // at::empty, for the large per-call tensors (outputs, saved values, chunk buffers). On Linux CPUs
 // it asks for transparent huge pages before anything touches the memory: a fresh 92 MB tensor
@@ -70,15 +82,17 @@ struct LayerGrads {
 };
 
 //   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)
+//   outputs  [N, P] the forward's outputs, h_t of every row (a view with row stride ≥ P)
+//   h0, c0   [B, P], [B, H] the initial state (c0 undefined unless LSTM)
 //   dy       [N, P] or undefined
 //   dh, dc   [B, P], [B, H]  gradient at h_n, c_n in; at h_0, c_0 out
 //   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
 // The CPU loop also delivers `grads`, from x [N, I] and w_ih [G*H, I]: it multiplies the gate
 // gradients out a chunk of steps at a time, while they are in cache.
 void backward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
-                       const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, const at::Tensor& saved,
-                       const at::Tensor& dy, at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total,
-                       LayerGrads& grads);
+                       const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, const at::Tensor& outputs,
+                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
+                       at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads);
 
 #ifdef FUSED_RNN_WITH_CUDA
 // Whether forward_loop_cuda takes W_hh in float16/bfloat16 on this device (its tensor-core kernel
@@ -93,7 +107,8 @@ void forward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& gx, 
 // The CUDA loop writes the gate gradients instead: dgx [N, G*H], and dgh [N, G*H] for GRU (else the
 // same tensor as dgx); the op multiplies them out after the loop, with cuBLAS.
 void backward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& w_hh_conj,
-                        const at::Tensor& w_hr_conj, const at::Tensor& saved, const at::Tensor& dy,
+                        const at::Tensor& w_hr_conj, const at::Tensor& outputs, const at::Tensor& h0,
+                        const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
                         at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx, at::Tensor& dgh,
                         at::Tensor& dh_total);
 #endif

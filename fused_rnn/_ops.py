@@ -23,7 +23,7 @@ LSTM_ID = CELL_IDS["LSTM"]
 
 # Per cell id: gates per hidden unit (kGates) and values saved per hidden unit (kSaved), as in cells.h.
 _GATES = {0: 4, 1: 3, 2: 1, 3: 1}
-_SAVED_PER_UNIT = {0: 6, 1: 4, 2: 1, 3: 1}
+_SAVED_PER_UNIT = {0: 5, 1: 4, 2: 1, 3: 1}
 
 
 def _computes_in_float(x: torch.Tensor) -> bool:
@@ -41,14 +41,18 @@ def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
     c_n = x.new_empty(c0.shape) if cell == LSTM_ID else x.new_empty(0)
     if not need_saved:
         return y, h_n, c_n, x.new_empty(0)
-    # Columns as LayerShape::saved_cols in csrc/layer.h: cell values | h_{t-1} | projection input.
-    saved_cols = _SAVED_PER_UNIT[cell] * hidden + out_size + (hidden if w_hr is not None else 0)
-    saved_dtype = torch.float32 if _computes_in_float(x) else x.dtype
-    return y, h_n, c_n, x.new_empty(x.size(0), saved_cols, dtype=saved_dtype)
+    return y, h_n, c_n, x.new_empty(x.size(0), _saved_cols(cell, x, hidden, out_size, w_hr is not None),
+                                    dtype=torch.float32 if _computes_in_float(x) else x.dtype)
+
+
+def _saved_cols(cell, x, hidden, out_size, has_proj):
+    """As LayerShape::saved_cols in csrc/layer.h: cell values | projection input | half types: y."""
+    return (_SAVED_PER_UNIT[cell] * hidden + (hidden if has_proj else 0)
+            + (out_size if _computes_in_float(x) else 0))
 
 
 @torch.library.register_fake("fused_rnn::layer_backward")
-def _layer_backward_fake(cell, x, batch_sizes, reverse, w_ih, w_hh, w_hr, has_bias, saved, grad_y,
+def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y,
                          grad_h_n, grad_c_n, need_input_grad):
     # None where the op returns an undefined tensor, as the op itself does.
     batch = batch_sizes[0] if len(batch_sizes) > 0 else 0

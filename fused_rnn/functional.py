@@ -74,8 +74,10 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
 def _setup_layer_context(ctx, inputs, output):
     cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved = inputs
     ctx.cell, ctx.batch_sizes, ctx.reverse = cell, batch_sizes, reverse
-    # h0, c0 and the biases are needed only by the double-backward recomputation: kept as references.
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[3])
+    # All references, no copies. Backward reads h_{t-1} from y (the step before's output) or h0, and
+    # c_{t-1} from saved or c0; the biases serve the double-backward recomputation. Saving y means
+    # that changing it in place before backward is an error, as with torch.nn on cuDNN.
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[0], output[3])
 
 
 def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
@@ -88,7 +90,7 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
     higher derivatives come from torch and no third copy of the gate equations exists. That path
     is step by step, hence slow: meant for gradient penalties and gradgradcheck, not for training.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, saved = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, saved = ctx.saved_tensors
     if ctx.cell != LSTM_ID:
         grad_c_n = None  # c_n is an empty placeholder for the other cells
     with torch.autocast(x.device.type, enabled=False):  # as the forward ran
@@ -99,8 +101,8 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
                                           grad_y, grad_h_n, grad_c_n)
         else:
             grads = torch.ops.fused_rnn.layer_backward(
-                ctx.cell, x, ctx.batch_sizes, ctx.reverse, w_ih, w_hh, w_hr, b_ih is not None, saved,
-                grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
+                ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
+                saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
     return None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
 

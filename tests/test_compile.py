@@ -46,8 +46,9 @@ def test_opcheck_layer_backward(cell, proj, bias, need_input_grad):
     cell_id, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _ = args
     y, h_n, c_n, saved = torch.ops.fused_rnn.layer_forward(*args)
     grads = (torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(c_n) if cell == "LSTM" else None)
-    backward_args = (cell_id, x.detach(), batch_sizes, reverse, w_ih.detach(), w_hh.detach(),
-                     None if w_hr is None else w_hr.detach(), bias, saved.detach(), *grads, need_input_grad)
+    backward_args = (cell_id, x.detach(), batch_sizes, reverse, h0.detach(), None if c0 is None else c0.detach(),
+                     w_ih.detach(), w_hh.detach(), None if w_hr is None else w_hr.detach(), bias, y.detach(),
+                     saved.detach(), *grads, need_input_grad)
     torch.library.opcheck(torch.ops.fused_rnn.layer_backward.default, backward_args)
 
 

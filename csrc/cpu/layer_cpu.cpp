@@ -343,6 +343,40 @@ StepChunk next_chunk(const LayerShape& s, bool descending, int64_t begin, int64_
   return chunk;
 }
 
+// Calls f(row, rows, h_prev, ld) over a chunk's rows in runs whose h_{t-1} lie at h_prev with row
+// stride ld: rows [row, row + rows) of the chunk (counted from chunk.row0), taken from the outputs
+// (row stride out_ld) or from h_0. A chunk of a padded sequence is one run, plus its first step's
+// rows from h_0 when it holds step 0 (in the reverse direction, step T-1); a packed one breaks
+// where the batch size changes. The runs depend on the shape alone, so sums over them are
+// reproducible.
+template <typename T, typename F>
+void for_each_previous_run(const LayerShape& s, bool reverse, const StepChunk& chunk, const T* out_p, int64_t out_ld,
+                           const T* h0_p, const F& f) {
+  // The chunk's steps in memory order (ascending t), whichever way the loop walks them.
+  const int64_t t_begin = reverse ? chunk.begin : s.T - chunk.end, t_end = reverse ? chunk.end : s.T - chunk.begin;
+  int64_t run_row = 0, run_rows = 0;
+  const T* run_src = nullptr;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t n = s.batch_sizes[t], row = s.offsets[t] - chunk.row0;
+    const Predecessor before = predecessor(s, reverse, t);
+    if (before.carried > 0) {
+      const T* src = out_p + before.first * out_ld;
+      if (run_rows > 0 && run_row + run_rows == row && run_src + run_rows * out_ld == src) {
+        run_rows += before.carried;
+      } else {
+        if (run_rows > 0) f(run_row, run_rows, run_src, out_ld);
+        run_row = row, run_rows = before.carried, run_src = src;
+      }
+    }
+    if (n > before.carried) {  // rows that start from h_0 end the run
+      if (run_rows > 0) f(run_row, run_rows, run_src, out_ld);
+      run_rows = 0;
+      f(row + before.carried, n - before.carried, h0_p + before.carried * s.P, s.P);
+    }
+  }
+  if (run_rows > 0) f(run_row, run_rows, run_src, out_ld);
+}
+
 template <typename Cell>
 struct ForwardLoop {
   using T = typename Cell::scalar_t;
@@ -413,9 +447,6 @@ struct ForwardLoop {
               for (int64_t b = 0; b < n && lanes > 0; ++b) {
                 const T* h_prev = h_prev_row(b);
                 T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
-                if (saved_row && j < P) {  // h_{t-1} for backward (P <= H, so the blocks cover it)
-                  std::memcpy(saved_row + s.hprev_col() + j, h_prev + j, (std::min(j + lanes, P) - j) * sizeof(T));
-                }
                 T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
                 const StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
                                         c_p ? c_p + b * H : nullptr, out_row, saved_row};
@@ -453,8 +484,9 @@ struct BackwardLoop {
   static constexpr int C = kVectorsPerGate<1>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& w_hh_conj,
-                  const Tensor& w_hr_conj, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
-                  Tensor& dh_total, LayerGrads& grads) {
+                  const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
+                  LayerGrads& grads) {
     const int64_t H = s.H, P = s.P, I = s.I, GH = s.gates * H, K = s.saved_cols();
     const Panels<T> panels = Panels<T>::of_columns(w_hh_conj, C);  // blocks of dh's P columns
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
@@ -469,6 +501,10 @@ struct BackwardLoop {
     const T* x_p = x.data_ptr<T>();
     const T* w_ih_p = w_ih.data_ptr<T>();
     const T* saved_p = saved.data_ptr<T>();
+    const T* out_p = outputs.data_ptr<T>();
+    const int64_t out_ld = outputs.stride(0);
+    const T* h0_p = h0.data_ptr<T>();
+    const T* c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     const T* w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
     T* dh_p = dh.data_ptr<T>();
@@ -507,8 +543,10 @@ struct BackwardLoop {
           const int64_t col = g * H + j_begin;
           gemm_rows<T>(units, I, chunk.rows, {dgx_chunk + col, GH, true}, {x_p + chunk.row0 * I, I, false, true},
                        true, dw_ih_p + col * I, I);
-          gemm_rows<T>(units, P, chunk.rows, {dgh_chunk + col, GH, true},
-                       {saved_p + chunk.row0 * K + s.hprev_col(), K, false, true}, true, dw_hh_p + col * P, P);
+          for_each_previous_run(s, reverse, chunk, out_p, out_ld, h0_p, [&](int64_t row, int64_t rows, const T* h_prev, int64_t ld) {
+            gemm_rows<T>(units, P, rows, {dgh_chunk + row * GH + col, GH, true}, {h_prev, ld, false, true}, true,
+                         dw_hh_p + col * P, P);
+          });
           for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
             for (int64_t j = col; j < col + units; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
           }
@@ -532,12 +570,17 @@ struct BackwardLoop {
           const int64_t n = s.batch_sizes[t], off = s.offsets[t];
           if (n == 0) continue;
           const int64_t first = off - chunk.row0;  // the step's first row in the chunk buffers
+          const Predecessor before = predecessor(s, reverse, t);
           // The cell backward on rows [0, n), units [j, j + lanes), the gradient at h_t read from cell_dh.
           const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
             for (int64_t b = 0; b < n && lanes > 0; ++b) {
-              const T* saved_row = saved_p + (off + b) * K;
+              const bool carried = b < before.carried;
+              const T* h_prev = carried ? out_p + (before.first + b) * out_ld : h0_p + b * P;
+              const T* c_prev = !c0_p ? nullptr
+                                : carried ? saved_p + (before.first + b) * K + s.cell_state_col()
+                                          : c0_p + b * H;
               const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
-                                       dc_p ? dc_p + b * H : nullptr, saved_row, saved_row + s.hprev_col(),
+                                       dc_p ? dc_p + b * H : nullptr, saved_p + (off + b) * K, h_prev, c_prev,
                                        dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH};
               cell_units<Cell, false>(io, H, j, lanes);
             }
@@ -588,11 +631,12 @@ void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const 
 }
 
 void backward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-                       const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& saved, const Tensor& dy,
-                       Tensor& dh, Tensor& dc, Tensor& dh_total, LayerGrads& grads) {
+                       const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0,
+                       const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
+                       Tensor& dh_total, LayerGrads& grads) {
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
-    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, saved, dy, dh, dc,
-                                          dh_total, grads);
+    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, outputs, h0, c0, saved,
+                                          dy, dh, dc, dh_total, grads);
   });
 }
 

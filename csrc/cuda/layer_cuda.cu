@@ -78,7 +78,7 @@ struct ForwardArgs {
   int64_t out_stride;
   T* saved;         // this step's first row of saved, or null
   int64_t saved_stride;
-  int64_t n, H, P, hprev_col;
+  int64_t n, H, P;
 };
 
 // Copies rows [k0, k0 + kRows) of one block's [P][kCols] slab of the gate-interleaved W_hh into
@@ -100,7 +100,7 @@ __device__ __forceinline__ void stage_weight_rows(W* dst, const W* slab, int64_t
 
 // The epilogue for row b, unit j, given its G gate sums: the sums go through this row's `gh`
 // scratch row, which the same thread reads back in Cell::forward (no other thread touches those
-// elements, so no synchronisation is needed). h_{t-1} is saved first, before the state moves on.
+// elements, so no synchronisation is needed).
 template <typename Cell, typename W>
 __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::scalar_t, W>& a, int64_t b, int64_t j,
                                             const typename Cell::scalar_t (&sum)[Cell::kGates]) {
@@ -109,13 +109,8 @@ __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::sca
   T* gh_row = a.gh + b * GH;
 #pragma unroll
   for (int g = 0; g < Cell::kGates; ++g) gh_row[g * H + j] = sum[g];
-  T* saved_row = a.saved ? a.saved + b * a.saved_stride : nullptr;
-  const T* h_row = a.h + b * P;
-  if (saved_row) {  // P <= H, but do not rely on it
-    for (int64_t p = j; p < P; p += H) saved_row[a.hprev_col + p] = h_row[p];
-  }
-  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, h_row, a.c ? a.c + b * H : nullptr,
-                    a.out + b * a.out_stride, saved_row};
+  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, a.h + b * P, a.c ? a.c + b * H : nullptr,
+                    a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
   Cell::forward(io, H, j);
 }
 
@@ -397,7 +392,6 @@ struct ForwardLoop {
         a.n = n;
         a.H = H;
         a.P = P;
-        a.hprev_col = s.hprev_col();
         if constexpr (kTensorCores) {
           launch_tensor_core_step<Cell, W>(a, sms, stream);
         } else {
@@ -436,9 +430,17 @@ struct BackwardArgs {
   int64_t dh_stride;
   T* dc;             // LSTM: [B, H] in place, else null
   const T* saved;    // this step's first row of saved
+  // h_{t-1} and c_{t-1} (see predecessor() in layer.h): rows [0, carried) from the step before's
+  // outputs (row stride out_stride) and saved c_t; the rest from h0 [B, P] and c0 [B, H].
+  const T* prev_out;
+  int64_t out_stride;
+  const T* prev_saved;
+  int64_t carried;
+  const T* h0;
+  const T* c0;       // LSTM, else null
   T* dgx;            // this step's first row of dgx
   T* dgh;            // this step's first row of dgh (the same as dgx except for GRU)
-  int64_t n, H, P, K, hprev_col;
+  int64_t n, H, P, K, c_col;
 };
 
 template <typename Cell>
@@ -449,9 +451,11 @@ __global__ void __launch_bounds__(kBackwardThreads) backward_step_kernel(const B
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t b = idx / H, j = idx % H;
-    const T* saved_row = a.saved + b * a.K;
+    const bool carried = b < a.carried;
+    const T* h_prev = carried ? a.prev_out + b * a.out_stride : a.h0 + b * a.P;
+    const T* c_prev = !a.c0 ? nullptr : carried ? a.prev_saved + b * a.K + a.c_col : a.c0 + b * H;
     StepBackward<T> io{a.dy ? a.dy + b * a.P : nullptr, a.dh + b * a.dh_stride, a.dc ? a.dc + b * H : nullptr,
-                       saved_row, saved_row + a.hprev_col, a.dgx + b * GH, a.dgh + b * GH};
+                       a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH};
     Cell::backward(io, H, j);
   }
 }
@@ -461,8 +465,8 @@ struct BackwardLoop {
   using T = typename Cell::scalar_t;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                  Tensor& dh_total) {
+                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
     const int64_t H = s.H, P = s.P, GH = s.gates * H, K = s.saved_cols();
     if (s.T == 0 || s.B == 0) return;
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
@@ -470,6 +474,9 @@ struct BackwardLoop {
     const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 
     const T* saved_p = saved.data_ptr<T>();
+    const T* out_p = outputs.data_ptr<T>();
+    const T* h0_p = h0.data_ptr<T>();
+    const T* c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     T* dh_p = dh.data_ptr<T>();
     T* dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
@@ -507,13 +514,20 @@ struct BackwardLoop {
         a.dh_stride = cell_dh_stride;
         a.dc = dc_p;
         a.saved = saved_p + off * K;
+        const Predecessor before = predecessor(s, reverse, t);
+        a.prev_out = out_p + before.first * outputs.stride(0);
+        a.out_stride = outputs.stride(0);
+        a.prev_saved = saved_p + before.first * K;
+        a.carried = before.carried;
+        a.h0 = h0_p;
+        a.c0 = c0_p;
         a.dgx = dgx_p + off * GH;
         a.dgh = dgh_p + off * GH;
         a.n = n;
         a.H = H;
         a.P = P;
         a.K = K;
-        a.hprev_col = s.hprev_col();
+        a.c_col = s.cell_state_col();
         const int64_t total = n * H;
         const int64_t blocks = std::min<int64_t>((total + kBackwardThreads - 1) / kBackwardThreads,
                                                  static_cast<int64_t>(sms) * 32);
@@ -562,14 +576,14 @@ bool cuda_tensor_cores_take_half_types(const at::Device& device) {
 }
 
 void backward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                        const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                        Tensor& dh_total) {
+                        const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
+                        const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
   TORCH_CHECK(saved.is_cuda(), "fused_rnn: backward_loop_cuda needs CUDA tensors");
   TORCH_CHECK(!saved.is_complex(), "fused_rnn: complex inputs are not supported on CUDA");
   const c10::cuda::CUDAGuard guard(saved.device());
   AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "fused_rnn_backward_cuda", [&] {
-    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh_conj, w_hr_conj, saved, dy, dh, dc, dgx, dgh,
-                                          dh_total);
+    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh,
+                                          dc, dgx, dgh, dh_total);
   });
 }
 
