@@ -1,7 +1,9 @@
 // The Python module fused_rnn._C. The ops themselves are registered with the dispatcher in
 // layer.cpp (torch.ops.fused_rnn.*), which routes them to the CPU or CUDA loop; importing this
-// module loads them. What it adds is the build's own description.
+// module loads them. What it adds is the build's own description and the CPU block cache's controls.
 #include <torch/extension.h>
+
+#include "layer.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn compiled ops (registered as torch.ops.fused_rnn)";
@@ -10,4 +12,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_cuda") = false;
 #endif
+  m.def("cpu_cache_bytes", &fused_rnn::cpu_cache_bytes, "bytes of freed CPU blocks kept for reuse");
+  m.def("empty_cpu_cache", &fused_rnn::empty_cpu_cache, "gives the kept CPU blocks back to the system");
 }

@@ -6,10 +6,6 @@
 
 #include <torch/library.h>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 namespace fused_rnn {
 namespace {
 
@@ -133,22 +129,6 @@ Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) {
   const int64_t before = reverse ? t + 1 : t - 1;
   if (before < 0 || before >= s.T) return {0, 0};
   return {std::min(s.batch_sizes[t], s.batch_sizes[before]), s.offsets[before]};
-}
-
-Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
-  if (t.device().is_cpu()) {
-    // The whole huge pages inside the tensor's own memory; the advice is only a hint, and where
-    // the kernel does not take it (THP off) nothing changes.
-    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t last = (begin + t.nbytes()) & ~(kHugePage - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return t;
 }
 
 LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,

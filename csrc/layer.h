@@ -49,10 +49,13 @@ struct Predecessor {
 };
 Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t);
 
-// at::empty, for the large per-call tensors (outputs, saved values, chunk buffers). On Linux CPUs
-// it asks for transparent huge pages before anything touches the memory: a fresh 92 MB tensor
-// otherwise costs one page fault per 4 KB at its first write, 68 ms against 16 ms measured here.
+// at::empty, for the large per-call tensors (outputs, saved values, chunk buffers, input
+// gradients). On the CPU their memory comes from a cache of freed blocks, which spares each call
+// the page faults of fresh memory (csrc/cpu/block_cache.cpp).
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
+// The bytes of free blocks the cache holds, and giving them all back (fused_rnn.empty_cache()).
+size_t cpu_cache_bytes();
+void empty_cpu_cache();
 
 // Validates the op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
 LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,

@@ -1,7 +1,8 @@
 """fused_rnn: fused LSTM, GRU and RNN layers, drop-ins for their torch.nn namesakes."""
-from ._ops import built_with_cuda
+from ._ops import built_with_cuda, cpu_cache_bytes, empty_cache
 from .convert import convert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "built_with_cuda"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "built_with_cuda", "empty_cache",
+           "cpu_cache_bytes"]
 __version__ = "0.1.0"

@@ -17,6 +17,23 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 built_with_cuda: bool = _C.built_with_cuda
 
+
+def empty_cache() -> None:
+    """Gives back to the system the CPU memory that fused_rnn keeps for reuse.
+
+    On the CPU, the large buffers of a call (outputs, values saved for backward, input gradients)
+    come from a cache of freed blocks, which spares the next call the page faults of fresh memory.
+    It holds at most FUSED_RNN_CPU_CACHE_MB megabytes (environment, read at the first call;
+    default 1024, 0 turns the cache off). Like torch.cuda.empty_cache, this frees only blocks no
+    tensor uses.
+    """
+    _C.empty_cpu_cache()
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes of freed CPU blocks the cache holds now (see empty_cache)."""
+    return _C.cpu_cache_bytes()
+
 # The `cell` argument of the compiled ops; the same numbering as CellKind in csrc/cells.h.
 CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 LSTM_ID = CELL_IDS["LSTM"]

@@ -1,0 +1,87 @@
+"""The CPU block cache behind the large per-call buffers (csrc/cpu/block_cache.cpp): kept blocks are
+reused, what they held before never reaches a result, the cache is bounded and can be emptied.
+
+The shapes are chosen so that the buffers pass the cache's 1 MB threshold (smaller ones go to the
+ordinary allocator)."""
+import os
+import subprocess
+import sys
+
+import torch
+from torch.nn.utils.rnn import pack_sequence
+
+import fused_rnn
+from helpers import check_parity, make_pair
+
+T, B, H = 40, 32, 128  # float64: saved values of one LSTM layer and direction 6.5 MB, y 1.3 MB
+
+
+def _training_step(module, x):
+    y, _ = module(x)
+    y.sum().backward()
+
+
+def test_reused_blocks_give_torch_nn_results():
+    fused_rnn.empty_cache()
+    torch.manual_seed(0)
+    for kind in ("LSTM", "GRU", "RNN"):
+        fused, ref = make_pair(kind, H, H, num_layers=2, bidirectional=True)
+        for _ in range(3):  # every call after the first runs on blocks that held the call before's values
+            check_parity(fused, ref, torch.randn(T, B, H, dtype=torch.float64))
+    assert fused_rnn.cpu_cache_bytes() > 0
+
+
+def test_packed_sequences_of_varying_length_reuse_blocks():
+    torch.manual_seed(1)
+    fused, ref = make_pair("LSTM", H, H, proj_size=48)
+    for longest in (40, 36, 38, 31):  # sizes within the 5/4 that a kept block may serve
+        lengths = torch.randint(longest // 2, longest + 1, (B,)).tolist()
+        lengths[0] = longest
+        seqs = [torch.randn(n, H, dtype=torch.float64) for n in sorted(lengths, reverse=True)]
+        check_parity(fused, ref, pack_sequence(seqs))
+
+
+def test_repeated_steps_reuse_instead_of_growing():
+    torch.manual_seed(2)
+    fused_rnn.empty_cache()
+    module = fused_rnn.LSTM(H, H, num_layers=2, dtype=torch.float64)
+    x = torch.randn(T, B, H, dtype=torch.float64)
+    kept = []
+    for _ in range(4):
+        _training_step(module, x)
+        kept.append(fused_rnn.cpu_cache_bytes())
+    assert kept[0] > 0
+    assert kept[1] == kept[2] == kept[3], kept  # the same blocks go round
+
+
+def test_empty_cache_gives_everything_back():
+    torch.manual_seed(3)
+    _training_step(fused_rnn.GRU(H, H, dtype=torch.float64), torch.randn(T, B, H, dtype=torch.float64))
+    assert fused_rnn.cpu_cache_bytes() > 0
+    fused_rnn.empty_cache()
+    assert fused_rnn.cpu_cache_bytes() == 0
+
+
+def _cache_bytes_under(limit_mb):
+    """cpu_cache_bytes() after a training step in a fresh process with FUSED_RNN_CPU_CACHE_MB set;
+    the step's outputs are checked against torch.nn there."""
+    script = (
+        "import sys, torch, fused_rnn\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from helpers import check_parity, make_pair\n"
+        "torch.manual_seed(0)\n"
+        f"fused, ref = make_pair('LSTM', {H}, {H})\n"
+        f"for _ in range(2): check_parity(fused, ref, torch.randn({T}, {B}, {H}, dtype=torch.float64))\n"
+        "print(fused_rnn.cpu_cache_bytes())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FUSED_RNN_CPU_CACHE_MB=str(limit_mb))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+def test_limit_from_the_environment():
+    assert _cache_bytes_under(0) == 0  # off
+    assert 0 < _cache_bytes_under(8) <= 8 << 20
