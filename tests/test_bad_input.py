@@ -506,3 +506,29 @@ def test_compiled_op_refuses_a_projection_as_wide_as_the_hidden_state():
             torch.randn(4 * H, P, dtype=D), None, None, torch.randn(P, H, dtype=D), True)
     with pytest.raises(RuntimeError, match="fewer rows \\(proj_size\\) than hidden_size"):
         torch.ops.fused_rnn.layer_forward(*args)
+
+
+def test_compiled_backward_op_checks_its_arguments():
+    """layer_backward reads h_{t-1} from y and c_{t-1} from saved: a y or saved that do not belong
+    to the call are refused by name, not read out of bounds."""
+    x = torch.randn(4, 3, dtype=D)
+    w_ih, w_hh = torch.randn(16, 3, dtype=D), torch.randn(16, 4, dtype=D)
+    h0, c0 = torch.zeros(2, 4, dtype=D), torch.zeros(2, 4, dtype=D)
+    y, _, _, saved = torch.ops.fused_rnn.layer_forward(0, x, [2, 2], False, h0, c0, w_ih, w_hh, None, None, None,
+                                                       True)
+    op = torch.ops.fused_rnn.layer_backward
+
+    def call(y=y, saved=saved, c0=c0, grad_y=torch.ones_like(y)):
+        return op(0, x, [2, 2], False, h0, c0, w_ih, w_hh, None, False, y, saved, grad_y, None, None, True)
+
+    call()  # the right arguments pass
+    with pytest.raises(RuntimeError, match=r"y must have shape \[4, 4\]"):
+        call(y=y[:3])
+    with pytest.raises(RuntimeError, match="y has dtype Float"):
+        call(y=y.float())
+    with pytest.raises(RuntimeError, match=r"saved must have shape \[4, 20\]"):
+        call(saved=saved[:, :-1])
+    with pytest.raises(RuntimeError, match="LSTM needs the initial cell state c0"):
+        call(c0=None)
+    with pytest.raises(RuntimeError, match=r"grad_y must have shape \[4, 4\]"):
+        call(grad_y=torch.ones(4, 3, dtype=D))

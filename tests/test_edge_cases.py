@@ -3,13 +3,15 @@
 Edge shapes: batch 0 (whatever torch.nn does, we do: the same shapes, or the same kind of error),
 sequence length 1, hidden size 1, input size 1, T = 10,000 on the CPU; NaN and Inf propagating as in
 torch.nn. Unusual inputs: transposed, expanded and strided input and hx, parameters that are views,
-tied parameters, parameters changed in place between calls, requires_grad on only some parameters.
+tied parameters, parameters changed in place between calls, requires_grad on only some parameters;
+the output changed in place before backward (an error).
 """
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
+import fused_rnn
 from helpers import TOLERANCE, check_parity, leaves, make_pair, run
 
 D = torch.float64
@@ -410,3 +412,14 @@ def test_nothing_requires_grad(kind_extra):
     with torch.no_grad():  # and under no_grad with parameters that do require it
         fused.requires_grad_(True)
         assert not any(o.requires_grad for o in leaves(fused(x)))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_output_changed_in_place_before_backward_is_refused(kind):
+    """Backward reads h_{t-1} from the layer's output (as cuDNN's backward does), so changing the
+    output in place before backward is autograd's error, never a wrong gradient."""
+    module = getattr(fused_rnn, kind)(3, 4, dtype=torch.float64)
+    y, _ = module(torch.randn(5, 2, 3, dtype=torch.float64))
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -5,13 +5,14 @@
 // side for each k. A sequence runs in one parallel region (a Team): each thread keeps a range of
 // unit blocks for every step. Per step it computes h_{t-1}·W_hhᵀ for all gates of a block and runs
 // the cells.h math on it while it is in cache, Width units at a time; a barrier ends the step.
-// x·W_ihᵀ is computed in chunks of steps, each thread for its own units. Backward has the same
-// shape: a thread first propagates the previous step's gate gradients to its block of dh (dG·W_hh,
-// restricted to those columns), then runs the cell backward on the block. Once a chunk of steps
-// is done, each thread adds its units' rows of dW_ih, dW_hh and the bias gradients (BLAS on the
-// chunk's gate gradients while they are in cache) and computes its share of the chunk's rows of
-// dX. A projection (LSTM proj_size) needs every unit first, so it takes one more barrier per step,
-// and BLAS.
+// x·W_ihᵀ is computed in chunks of steps, each thread one GEMM for its share of the columns.
+// Backward has the same shape: a thread first propagates the previous step's gate gradients to its
+// block of dh (dG·W_hh, restricted to those columns), then runs the cell backward on the block.
+// Once a chunk of steps is done, each thread adds its share of the rows of dW_ih, dW_hh and the
+// bias gradients (BLAS on the chunk's gate gradients while they are in cache) and computes its
+// share of the chunk's rows of dX. h_{t-1} is read from the outputs (or h_0), c_{t-1} from the
+// step before's saved c_t (or c_0): neither is saved twice. A projection (LSTM proj_size) needs
+// every unit first, so it takes one more barrier per step, and BLAS.
 //
 // Blocks are aligned to the vector width, so which units take the scalar tail does not depend on
 // the number of threads; nothing is accumulated across threads, and chunks are added in a fixed
@@ -110,6 +111,11 @@ struct Member {
   // This thread's part of [0, size): the same part at every step.
   std::pair<int64_t, int64_t> share(int64_t size) const {
     return {size * index / threads, size * (index + 1) / threads};
+  }
+  // The same in whole pieces of `align` (only the last part may end in a partial piece).
+  std::pair<int64_t, int64_t> share(int64_t size, int64_t align) const {
+    const auto [first, last] = share((size + align - 1) / align);
+    return {std::min(size, first * align), std::min(size, last * align)};
   }
 
   // Between steps: what one thread wrote is read by all at the next step.
@@ -318,6 +324,9 @@ void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
 // enough to stay in cache in between (instead of [N, G*H] tensors faulted in page by page per call).
 constexpr int64_t kChunkElements = int64_t{1} << 20;
 
+// Threads split the rows of a chunk's GEMM outputs in multiples of this.
+constexpr int64_t kGemmRowAlignment = 16;
+
 // Consecutive steps of a loop, in the order it walks them: steps [begin, end) of that order hold
 // rows [row0, row0 + rows) of the packed sequence (steps are contiguous in memory in either order).
 struct StepChunk {
@@ -419,15 +428,19 @@ struct ForwardLoop {
       for (int64_t step = 0; step < s.T;) {
         const StepChunk chunk = next_chunk(s, reverse, step, chunk_cap);
         const int64_t row0 = chunk.row0, rows = chunk.rows;
-        // This thread's gates of x·W_ihᵀ + bias for the chunk: only it reads them.
-        for (int64_t g = 0; g < G && j_end > j_begin; ++g) {
-          T* out = gx_buffer_p + g * H + j_begin;
+        // x·W_ihᵀ + bias for the chunk: one GEMM per thread over its share of the G*H columns, so
+        // that BLAS packs the chunk's x once. The previous chunk's last step ended with a barrier,
+        // so nobody still reads the buffer; a barrier after it, as a thread's steps read every gate
+        // of its units.
+        const auto [c0, c1] = me.share(GH, kGemmRowAlignment);
+        if (c1 > c0) {
           if (bias_p) {
-            for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * GH, bias_p + g * H + j_begin, (j_end - j_begin) * sizeof(T));
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + c0, bias_p + c0, (c1 - c0) * sizeof(T));
           }
-          gemm_rows<T>(rows, j_end - j_begin, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + (g * H + j_begin) * s.I, s.I, true},
-                       bias_p != nullptr, out, GH);
+          gemm_rows<T>(rows, c1 - c0, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + c0 * s.I, s.I, true}, bias_p != nullptr,
+                       gx_buffer_p + c0, GH);
         }
+        me.barrier();
 
         for (; step < chunk.end; ++step) {
           const int64_t t = reverse ? s.T - 1 - step : step;
@@ -534,24 +547,25 @@ struct BackwardLoop {
         rows_product<T, C>(panels, u, pending_rows, [&](int64_t r) { return pending_dg + r * GH; },
                            [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
       };
-      // What a chunk's gate gradients contribute once complete: this thread's rows of dW_ih, dW_hh
-      // (gates g*H + its units) and of the bias gradients, added chunk after chunk; and its share
-      // of the chunk's rows of dx = dG·W_ih, which reads every unit's gates.
+      // What a chunk's gate gradients contribute once complete (after its last step's barrier):
+      // this thread's share of the rows of dW_ih, dW_hh and the bias gradients, added chunk after
+      // chunk, each a single GEMM (per run of h_{t-1} for dW_hh) so that BLAS packs the chunk's x
+      // once; and its share of the chunk's rows of dx = dG·W_ih.
       const auto chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
-        const int64_t units = j_end - j_begin;
-        for (int64_t g = 0; g < s.gates && units > 0; ++g) {
-          const int64_t col = g * H + j_begin;
-          gemm_rows<T>(units, I, chunk.rows, {dgx_chunk + col, GH, true}, {x_p + chunk.row0 * I, I, false, true},
-                       true, dw_ih_p + col * I, I);
-          for_each_previous_run(s, reverse, chunk, out_p, out_ld, h0_p, [&](int64_t row, int64_t rows, const T* h_prev, int64_t ld) {
-            gemm_rows<T>(units, P, rows, {dgh_chunk + row * GH + col, GH, true}, {h_prev, ld, false, true}, true,
-                         dw_hh_p + col * P, P);
-          });
+        const auto [g0, g1] = me.share(GH, kGemmRowAlignment);
+        if (g1 > g0) {
+          gemm_rows<T>(g1 - g0, I, chunk.rows, {dgx_chunk + g0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
+                       true, dw_ih_p + g0 * I, I);
+          for_each_previous_run(s, reverse, chunk, out_p, out_ld, h0_p,
+                                [&](int64_t row, int64_t rows, const T* h_prev, int64_t ld) {
+                                  gemm_rows<T>(g1 - g0, P, rows, {dgh_chunk + row * GH + g0, GH, true},
+                                               {h_prev, ld, false, true}, true, dw_hh_p + g0 * P, P);
+                                });
           for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
-            for (int64_t j = col; j < col + units; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
+            for (int64_t j = g0; j < g1; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
           }
           for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
-            for (int64_t j = col; j < col + units; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
+            for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
           }
         }
         if (dx_p) {
