@@ -46,6 +46,15 @@ struct LayerShape {
 // begin at this step).
 struct Predecessor {
   int64_t carried, first;
+
+  // Where row b of the step finds h_{t-1} (or c_{t-1}): row first + b of `before` (the outputs, or
+  // LSTM's saved c_t; row stride before_ld), or row b of `initial` (h_0 or c_0). The one place
+  // that says so, for the CPU loops and the CUDA kernels alike.
+  template <typename T>
+  C10_HOST_DEVICE const T* row(int64_t b, const T* before, int64_t before_ld, const T* initial,
+                               int64_t initial_ld) const {
+    return b < carried ? before + (first + b) * before_ld : initial + b * initial_ld;
+  }
 };
 Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t);
 

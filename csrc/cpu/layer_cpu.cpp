@@ -422,9 +422,6 @@ struct ForwardLoop {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's hidden units, [j_begin, j_end)
       const int64_t j_begin = std::min(H, panels.first_column(u0, 0)), j_end = std::min(H, panels.first_column(u1, 0));
       const auto [p0, p1] = me.share(P);               // and output features of the projection
-      // h_{t-1} of row b is the previous step's output where that step had row b, else h_0.
-      const T* prev_out = nullptr;
-      int64_t prev_rows = 0;
       for (int64_t step = 0; step < s.T;) {
         const StepChunk chunk = next_chunk(s, reverse, step, chunk_cap);
         const int64_t row0 = chunk.row0, rows = chunk.rows;
@@ -446,8 +443,9 @@ struct ForwardLoop {
           const int64_t t = reverse ? s.T - 1 - step : step;
           const int64_t n = s.batch_sizes[t], off = s.offsets[t];
           if (n == 0) continue;
-          const int64_t carried = std::min(n, prev_rows);
-          const auto h_prev_row = [&](int64_t b) { return b < carried ? prev_out + b * P : h_p + b * P; };
+          // h_{t-1}: the step before's output, or h_0, which h keeps until the end.
+          const Predecessor before = predecessor(s, reverse, t);
+          const auto h_prev_row = [&](int64_t b) { return before.row<T>(b, y_p, P, h_p, P); };
           T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
           const int64_t proj_in_stride = saved_p ? K : H;
 
@@ -473,8 +471,6 @@ struct ForwardLoop {
                          P);
           }
           me.barrier();  // h_t complete before anyone starts step t+1
-          prev_out = y_p + off * P;
-          prev_rows = n;
         }
       }
     });
@@ -588,11 +584,8 @@ struct BackwardLoop {
           // The cell backward on rows [0, n), units [j, j + lanes), the gradient at h_t read from cell_dh.
           const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
             for (int64_t b = 0; b < n && lanes > 0; ++b) {
-              const bool carried = b < before.carried;
-              const T* h_prev = carried ? out_p + (before.first + b) * out_ld : h0_p + b * P;
-              const T* c_prev = !c0_p ? nullptr
-                                : carried ? saved_p + (before.first + b) * K + s.cell_state_col()
-                                          : c0_p + b * H;
+              const T* h_prev = before.row(b, out_p, out_ld, h0_p, P);
+              const T* c_prev = c0_p ? before.row(b, saved_p + s.cell_state_col(), K, c0_p, H) : nullptr;
               const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
                                        dc_p ? dc_p + b * H : nullptr, saved_p + (off + b) * K, h_prev, c_prev,
                                        dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH};

@@ -430,17 +430,17 @@ struct BackwardArgs {
   int64_t dh_stride;
   T* dc;             // LSTM: [B, H] in place, else null
   const T* saved;    // this step's first row of saved
-  // h_{t-1} and c_{t-1} (see predecessor() in layer.h): rows [0, carried) from the step before's
-  // outputs (row stride out_stride) and saved c_t; the rest from h0 [B, P] and c0 [B, H].
-  const T* prev_out;
+  // h_{t-1} and c_{t-1} of a row (Predecessor::row in layer.h): the step before's outputs and
+  // saved c_t, or h0 [B, P] and c0 [B, H].
+  Predecessor before;
+  const T* outputs;  // row 0 of the outputs, row stride out_stride
   int64_t out_stride;
-  const T* prev_saved;
-  int64_t carried;
+  const T* saved_c;  // row 0 of saved at LSTM's c_t column (row stride K)
   const T* h0;
   const T* c0;       // LSTM, else null
   T* dgx;            // this step's first row of dgx
   T* dgh;            // this step's first row of dgh (the same as dgx except for GRU)
-  int64_t n, H, P, K, c_col;
+  int64_t n, H, P, K;
 };
 
 template <typename Cell>
@@ -451,9 +451,8 @@ __global__ void __launch_bounds__(kBackwardThreads) backward_step_kernel(const B
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
     const int64_t b = idx / H, j = idx % H;
-    const bool carried = b < a.carried;
-    const T* h_prev = carried ? a.prev_out + b * a.out_stride : a.h0 + b * a.P;
-    const T* c_prev = !a.c0 ? nullptr : carried ? a.prev_saved + b * a.K + a.c_col : a.c0 + b * H;
+    const T* h_prev = a.before.row(b, a.outputs, a.out_stride, a.h0, a.P);
+    const T* c_prev = a.c0 ? a.before.row(b, a.saved_c, a.K, a.c0, H) : nullptr;
     StepBackward<T> io{a.dy ? a.dy + b * a.P : nullptr, a.dh + b * a.dh_stride, a.dc ? a.dc + b * H : nullptr,
                        a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH};
     Cell::backward(io, H, j);
@@ -514,11 +513,10 @@ struct BackwardLoop {
         a.dh_stride = cell_dh_stride;
         a.dc = dc_p;
         a.saved = saved_p + off * K;
-        const Predecessor before = predecessor(s, reverse, t);
-        a.prev_out = out_p + before.first * outputs.stride(0);
+        a.before = predecessor(s, reverse, t);
+        a.outputs = out_p;
         a.out_stride = outputs.stride(0);
-        a.prev_saved = saved_p + before.first * K;
-        a.carried = before.carried;
+        a.saved_c = saved_p + s.cell_state_col();
         a.h0 = h0_p;
         a.c0 = c0_p;
         a.dgx = dgx_p + off * GH;
@@ -527,7 +525,6 @@ struct BackwardLoop {
         a.H = H;
         a.P = P;
         a.K = K;
-        a.c_col = s.cell_state_col();
         const int64_t total = n * H;
         const int64_t blocks = std::min<int64_t>((total + kBackwardThreads - 1) / kBackwardThreads,
                                                  static_cast<int64_t>(sms) * 32);
