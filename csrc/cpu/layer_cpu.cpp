@@ -419,8 +419,7 @@ struct ForwardLoop {
     T* proj_buffer_p = proj_buffer.defined() ? proj_buffer.data_ptr<T>() : nullptr;
 
     Team(2.0 * s.B * GH * (P + s.I)).run([&](const Member& me) {
-      const auto [u0, u1] = me.share(panels.blocks);  // this thread's hidden units, [j_begin, j_end)
-      const int64_t j_begin = std::min(H, panels.first_column(u0, 0)), j_end = std::min(H, panels.first_column(u1, 0));
+      const auto [u0, u1] = me.share(panels.blocks);  // this thread's blocks of hidden units
       const auto [p0, p1] = me.share(P);               // and output features of the projection
       for (int64_t step = 0; step < s.T;) {
         const StepChunk chunk = next_chunk(s, reverse, step, chunk_cap);
