@@ -131,6 +131,25 @@ Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) {
   return {std::min(s.batch_sizes[t], s.batch_sizes[before]), s.offsets[before]};
 }
 
+std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
+  std::vector<PreviousRun> runs;
+  const auto add = [&](int64_t row, int64_t rows, int64_t source, bool from_h0) {
+    if (rows == 0) return;
+    PreviousRun* last = runs.empty() ? nullptr : &runs.back();
+    if (last && last->from_h0 == from_h0 && last->row + last->rows == row && last->source + last->rows == source) {
+      last->rows += rows;
+    } else {
+      runs.push_back({row, rows, source, from_h0});
+    }
+  };
+  for (int64_t t = 0; t < s.T; ++t) {  // rows in ascending order, whichever way the layer walks
+    const Predecessor before = predecessor(s, reverse, t);
+    add(s.offsets[t], before.carried, before.first, false);
+    add(s.offsets[t] + before.carried, s.batch_sizes[t] - before.carried, before.carried, true);
+  }
+  return runs;
+}
+
 LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
@@ -178,18 +197,14 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& bias)
   return bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
 }
 
-// h_{t-1} of every row, [N, P], gathered from the outputs and h_0 (see predecessor()): the right
-// factor of dW_hh in one GEMM.
+// h_{t-1} of every row, [N, P], copied from the outputs and h_0 run by run (device to device, so
+// that a CUDA graph can capture it): the right factor of dW_hh in one GEMM.
 Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs, const Tensor& h0) {
-  std::vector<int64_t> source(s.N);  // a row of [outputs; h0]
-  for (int64_t t = 0; t < s.T; ++t) {
-    const Predecessor before = predecessor(s, reverse, t);
-    for (int64_t b = 0; b < s.batch_sizes[t]; ++b) {
-      source[s.offsets[t] + b] = b < before.carried ? before.first + b : s.N + b;
-    }
+  Tensor h_prev = at::empty({s.N, s.P}, outputs.options());
+  for (const PreviousRun& run : previous_runs(s, reverse)) {
+    h_prev.narrow(0, run.row, run.rows).copy_((run.from_h0 ? h0 : outputs).narrow(0, run.source, run.rows));
   }
-  const Tensor index = at::tensor(source, at::TensorOptions().dtype(at::kLong)).to(outputs.device());
-  return at::cat({outputs, h0}).index_select(0, index);
+  return h_prev;
 }
 #endif
 

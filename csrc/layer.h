@@ -58,6 +58,17 @@ struct Predecessor {
 };
 Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t);
 
+// Rows whose h_{t-1} lie in one block: rows [row, row + rows) of the packed sequence take theirs
+// from rows [source, source + rows) of the outputs, or of h_0 when from_h0. previous_runs() lists
+// them in the order of the rows, each as long as it can be: a padded sequence is two runs (its
+// first step's rows from h_0, the others from the outputs one step away); a packed one breaks
+// where the batch size changes. They depend on the shape alone, so sums over them are reproducible.
+struct PreviousRun {
+  int64_t row, rows, source;
+  bool from_h0;
+};
+std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse);
+
 // at::empty, for the large per-call tensors (outputs, saved values, chunk buffers, input
 // gradients). On the CPU their memory comes from a cache of freed blocks, which spares each call
 // the page faults of fresh memory (csrc/cpu/block_cache.cpp).

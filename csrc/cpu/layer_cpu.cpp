@@ -352,40 +352,6 @@ StepChunk next_chunk(const LayerShape& s, bool descending, int64_t begin, int64_
   return chunk;
 }
 
-// Calls f(row, rows, h_prev, ld) over a chunk's rows in runs whose h_{t-1} lie at h_prev with row
-// stride ld: rows [row, row + rows) of the chunk (counted from chunk.row0), taken from the outputs
-// (row stride out_ld) or from h_0. A chunk of a padded sequence is one run, plus its first step's
-// rows from h_0 when it holds step 0 (in the reverse direction, step T-1); a packed one breaks
-// where the batch size changes. The runs depend on the shape alone, so sums over them are
-// reproducible.
-template <typename T, typename F>
-void for_each_previous_run(const LayerShape& s, bool reverse, const StepChunk& chunk, const T* out_p, int64_t out_ld,
-                           const T* h0_p, const F& f) {
-  // The chunk's steps in memory order (ascending t), whichever way the loop walks them.
-  const int64_t t_begin = reverse ? chunk.begin : s.T - chunk.end, t_end = reverse ? chunk.end : s.T - chunk.begin;
-  int64_t run_row = 0, run_rows = 0;
-  const T* run_src = nullptr;
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t n = s.batch_sizes[t], row = s.offsets[t] - chunk.row0;
-    const Predecessor before = predecessor(s, reverse, t);
-    if (before.carried > 0) {
-      const T* src = out_p + before.first * out_ld;
-      if (run_rows > 0 && run_row + run_rows == row && run_src + run_rows * out_ld == src) {
-        run_rows += before.carried;
-      } else {
-        if (run_rows > 0) f(run_row, run_rows, run_src, out_ld);
-        run_row = row, run_rows = before.carried, run_src = src;
-      }
-    }
-    if (n > before.carried) {  // rows that start from h_0 end the run
-      if (run_rows > 0) f(run_row, run_rows, run_src, out_ld);
-      run_rows = 0;
-      f(row + before.carried, n - before.carried, h0_p + before.carried * s.P, s.P);
-    }
-  }
-  if (run_rows > 0) f(run_row, run_rows, run_src, out_ld);
-}
-
 template <typename Cell>
 struct ForwardLoop {
   using T = typename Cell::scalar_t;
@@ -513,6 +479,7 @@ struct BackwardLoop {
     const int64_t out_ld = outputs.stride(0);
     const T* h0_p = h0.data_ptr<T>();
     const T* c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
+    const std::vector<PreviousRun> runs = previous_runs(s, reverse);  // for dW_hh
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     const T* w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
     T* dh_p = dh.data_ptr<T>();
@@ -551,11 +518,14 @@ struct BackwardLoop {
         if (g1 > g0) {
           gemm_rows<T>(g1 - g0, I, chunk.rows, {dgx_chunk + g0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
                        true, dw_ih_p + g0 * I, I);
-          for_each_previous_run(s, reverse, chunk, out_p, out_ld, h0_p,
-                                [&](int64_t row, int64_t rows, const T* h_prev, int64_t ld) {
-                                  gemm_rows<T>(g1 - g0, P, rows, {dgh_chunk + row * GH + g0, GH, true},
-                                               {h_prev, ld, false, true}, true, dw_hh_p + g0 * P, P);
-                                });
+          for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
+            const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
+            if (lo >= hi) continue;
+            const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P
+                                          : out_p + (run.source + lo - run.row) * out_ld;
+            gemm_rows<T>(g1 - g0, P, hi - lo, {dgh_chunk + (lo - chunk.row0) * GH + g0, GH, true},
+                         {h_prev, run.from_h0 ? P : out_ld, false, true}, true, dw_hh_p + g0 * P, P);
+          }
           for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
             for (int64_t j = g0; j < g1; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
           }
