@@ -1,5 +1,6 @@
 """Loads the compiled extension, which registers torch.ops.fused_rnn.layer_forward/_backward, and
-gives the ops fake (meta) implementations so that torch.compile can trace them without running them.
+gives the ops fake (meta) implementations so that torch.compile can trace them without running them;
+also the controls of the extension's CPU block cache (empty_cache, cpu_cache_bytes).
 
 The fake implementations state only output shapes and dtypes; they must agree with the ops in
 csrc/layer.cpp (tests/test_compile.py checks them with torch.library.opcheck).
@@ -33,6 +34,7 @@ def empty_cache() -> None:
 def cpu_cache_bytes() -> int:
     """Bytes of freed CPU blocks the cache holds now (see empty_cache)."""
     return _C.cpu_cache_bytes()
+
 
 # The `cell` argument of the compiled ops; the same numbering as CellKind in csrc/cells.h.
 CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}

@@ -62,9 +62,9 @@ def test_empty_cache_gives_everything_back():
     assert fused_rnn.cpu_cache_bytes() == 0
 
 
-def _cache_bytes_under(limit_mb):
-    """cpu_cache_bytes() after a training step in a fresh process with FUSED_RNN_CPU_CACHE_MB set;
-    the step's outputs are checked against torch.nn there."""
+def _run_with_limit(limit_mb):
+    """A fresh process with FUSED_RNN_CPU_CACHE_MB set: two calls checked against torch.nn, then
+    cpu_cache_bytes() printed."""
     script = (
         "import sys, torch, fused_rnn\n"
         "sys.path.insert(0, 'tests')\n"
@@ -76,8 +76,12 @@ def _cache_bytes_under(limit_mb):
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, FUSED_RNN_CPU_CACHE_MB=str(limit_mb))
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def _cache_bytes_under(limit_mb):
+    done = _run_with_limit(limit_mb)
     assert done.returncode == 0, done.stderr
     return int(done.stdout.split()[-1])
 
@@ -85,3 +89,9 @@ def _cache_bytes_under(limit_mb):
 def test_limit_from_the_environment():
     assert _cache_bytes_under(0) == 0  # off
     assert 0 < _cache_bytes_under(8) <= 8 << 20
+
+
+def test_a_limit_that_is_not_a_number_is_refused():
+    done = _run_with_limit("lots")
+    assert done.returncode != 0
+    assert "FUSED_RNN_CPU_CACHE_MB must be a whole number of megabytes" in done.stderr

@@ -16,6 +16,7 @@
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/Exception.h>
 
 #include <cstdlib>
 #include <map>
@@ -38,7 +39,16 @@ class BlockCache final : public c10::Allocator {
  public:
   BlockCache() {
     const char* limit = std::getenv("FUSED_RNN_CPU_CACHE_MB");
-    limit_ = (limit ? std::strtoull(limit, nullptr, 10) : 1024) << 20;
+    if (!limit) {
+      limit_ = size_t{1024} << 20;
+      return;
+    }
+    char* end = nullptr;
+    const unsigned long long megabytes = std::strtoull(limit, &end, 10);
+    TORCH_CHECK(*limit != '\0' && *end == '\0' && *limit != '-' && megabytes < (1ull << 40),
+                "fused_rnn: FUSED_RNN_CPU_CACHE_MB must be a whole number of megabytes (0 turns the CPU block "
+                "cache off), got '", limit, "'");
+    limit_ = static_cast<size_t>(megabytes) << 20;
   }
 
   bool enabled() const { return limit_ > 0; }
@@ -89,6 +99,7 @@ class BlockCache final : public c10::Allocator {
   }
 
   void keep_or_free(void* data, size_t size) {
+    if (!data) return;  // a zero-byte request (a tensor resized to nothing)
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (cached_ + size <= limit_) {
