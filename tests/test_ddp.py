@@ -56,6 +56,9 @@ def _worker(rank, init_file, result_file):
         grads, params = _train(model, x[:, shard], target[:, shard])
         if rank == 0:
             torch.save({"grads": grads, "params": params}, result_file)
+        # Neither process tears its process group down while the other may still talk to it (gloo
+        # can abort a process whose peer went away mid-exchange).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
