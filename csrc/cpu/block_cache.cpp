@@ -55,7 +55,14 @@ class BlockCache final : public c10::Allocator {
 
   c10::DataPtr allocate(size_t bytes) override {
     Block block = take(bytes);
-    if (!block.data) block = {c10::alloc_cpu(bytes), bytes};
+    if (!block.data) {
+      try {
+        block = {c10::alloc_cpu(bytes), bytes};
+      } catch (const c10::Error&) {  // out of memory: give the kept blocks back and try once more
+        clear();
+        block = {c10::alloc_cpu(bytes), bytes};
+      }
+    }
     return {block.data, new Block(block), &BlockCache::release, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -119,9 +126,10 @@ class BlockCache final : public c10::Allocator {
 }  // namespace
 
 at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty(sizes, options);
   BlockCache& cache = BlockCache::get();
   const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-  if (!options.device().is_cpu() || !cache.enabled() || bytes < kMinBytes) return at::empty(sizes, options);
+  if (!cache.enabled() || bytes < kMinBytes) return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &cache, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                    c10::typeMetaToScalarType(options.dtype()), c10::nullopt);
 }
