@@ -497,9 +497,6 @@ struct BackwardLoop {
     Team(2.0 * s.B * GH * (2 * P + 2 * I)).run([&](const Member& me) {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's columns of dh (blocks of P)
       const auto [v0, v1] = me.share((H + W - 1) / W);  // with a projection: its hidden units, in vectors
-      // The hidden units whose cell backward this thread runs: it alone writes their gate gradients.
-      const int64_t j_begin = std::min(H, s.proj ? v0 * W : panels.first_column(u0, 0));
-      const int64_t j_end = std::min(H, s.proj ? v1 * W : panels.first_column(u1, 0));
       const T* pending_dg = nullptr;  // the gate gradients of the step before, and their rows
       int64_t pending_rows = 0;
       // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients
@@ -581,8 +578,8 @@ struct BackwardLoop {
               }
             }
             me.barrier();
-            gemm_rows<T>(n, j_end - j_begin, P, {dh_total_p + off * P, P}, {w_hr_p + j_begin, H}, false,
-                         d_proj_p + j_begin, H);
+            const int64_t j0 = std::min(H, v0 * W), j1 = std::min(H, v1 * W);
+            gemm_rows<T>(n, j1 - j0, P, {dh_total_p + off * P, P}, {w_hr_p + j0, H}, false, d_proj_p + j0, H);
             for (int64_t v = v0; v < v1; ++v) cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
           }
           me.barrier();  // dG_t complete before anyone propagates it
