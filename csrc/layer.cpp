@@ -125,12 +125,6 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
 
 }  // namespace
 
-Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) {
-  const int64_t before = reverse ? t + 1 : t - 1;
-  if (before < 0 || before >= s.T) return {0, 0};
-  return {std::min(s.batch_sizes[t], s.batch_sizes[before]), s.offsets[before]};
-}
-
 std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
   std::vector<PreviousRun> runs;
   const auto add = [&](int64_t row, int64_t rows, int64_t source, bool from_h0) {

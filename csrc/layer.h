@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cells.h"
@@ -56,7 +57,11 @@ struct Predecessor {
     return b < carried ? before + (first + b) * before_ld : initial + b * initial_ld;
   }
 };
-Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t);
+inline Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) {
+  const int64_t before = reverse ? t + 1 : t - 1;
+  if (before < 0 || before >= s.T) return {0, 0};
+  return {std::min(s.batch_sizes[t], s.batch_sizes[before]), s.offsets[before]};
+}
 
 // Rows whose h_{t-1} lie in one block: rows [row, row + rows) of the packed sequence take theirs
 // from rows [source, source + rows) of the outputs, or of h_0 when from_h0. previous_runs() lists

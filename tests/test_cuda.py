@@ -4,7 +4,9 @@ Every test skips without a GPU (or with a CPU-only build). What is covered: pari
 states and every gradient in float32 (TF32 off on both sides), half types against a float32
 reference, float64 gradcheck on the GPU, bitwise reproducibility, packed input, projection,
 bidirectional stacks, and hidden sizes that are not multiples of the kernel's 32-unit tile; plus the
-two forward kernel variants (one and four batch rows per thread, chosen by the grid's size), weights
+two variants of the forward and the fused backward step kernels (one and four batch rows per thread,
+chosen by the grid's size; the backward's fused step runs without a projection, with one the
+projection's pointwise kernel and cuBLAS products), weights
 changed in place between calls (the gate-interleaved copy of W_hh must follow), and the half types'
 tensor-core kernel (16-unit, 16-row and 64-wide k tiles; one and four row tiles per block).
 """

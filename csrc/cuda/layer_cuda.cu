@@ -1,30 +1,13 @@
-// The step loops on CUDA: the same two functions as csrc/cpu/layer_cpu.cpp, with the same buffers
-// and packed-sequence semantics (step t works on rows [offsets[t], offsets[t] + batch_sizes[t]) of
-// x / y / saved and on the first batch_sizes[t] rows of the state; reverse walks t downwards).
+// The GPU side of csrc/cuda/step_loops.cuh (the step loops and their CUDA-core kernels, described
+// there): kernel launches on the current stream, the half types' forward step on the tensor cores,
+// and the entry points that layer.cpp calls.
 //
-// Forward: one kernel launch per step fuses the recurrent product h_{t-1}·W_hhᵀ with the gate math.
-// A block owns a tile of hidden units and a tile of batch rows; it computes all G gate
-// pre-activations of its units for its rows (a fixed k order, no atomics), then runs the cell from
-// cells.h on each of its (row, unit) pairs. W_hh is first reordered into a gate-interleaved layout,
-// [unit tiles][P][G * units per tile], so that a block's weights for one k are one contiguous row
-// and a k chunk one contiguous slab, staged in shared memory with coalesced 16-byte loads. The
-// reorder runs on every call (ATen copies on the current stream), never cached: an optimizer step
-// or a `p.data.copy_()` between calls cannot leave it stale.
-// Two step kernels share that layout, the loop and the epilogue:
-//  - float32/float64 on the CUDA cores: 32 units per block, one thread per unit, 1 or 4 batch rows
-//    per thread;
-//  - float16/bfloat16 on the tensor cores (nvcuda::wmma 16x16x16, float32 accumulators), compute
-//    capability 8.0 and up: 16 units per block, one warp per gate, 16 or 64 batch rows per block.
-//    W_hh comes in the half type; h_{t-1} is kept in float32 and rounded to the half type as it is
-//    staged for the product. Everything else is float32: gx (cuBLAS, half inputs, float32
-//    accumulation and output: layer.cpp), c, the gate math (Cell<float>), y, h and `saved`;
-//    layer.cpp casts y, h_n and c_n back to the half type.
-// Backward: per step one kernel runs the cell backward over (row, unit), then dh_{t-1} = dG_h·W_hh
-// through cuBLAS (at::mm_out / at::addmm_out), exactly as the CPU loop. Half types reach it as
-// float32 (layer.cpp upcasts).
-//
-// Every output element is written by exactly one thread and every sum runs in a fixed order, so
-// results are bitwise reproducible run to run.
+// Tensor cores: float16/bfloat16 W_hh (nvcuda::wmma 16x16x16, float32 accumulators), compute
+// capability 8.0 and up: 16 units per block, one warp per gate, 16 or 64 batch rows per block.
+// h_{t-1} is kept in float32 and rounded to the half type as it is staged for the product.
+// Everything else is float32: gx (cuBLAS, half inputs, float32 accumulation and output: layer.cpp),
+// c, the gate math (Cell<float>), y, h and `saved`; layer.cpp casts y, h_n and c_n back to the half
+// type. Backward: half types reach it as float32 (layer.cpp upcasts).
 //
 // Dtypes: float, double, and (forward) Half/BFloat16 weights with float32 everything else; complex
 // is rejected in layer.cpp.
@@ -37,189 +20,18 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <limits>
-#include <type_traits>
-
-#include "../layer.h"
+#include "step_loops.cuh"
 
 namespace fused_rnn {
 namespace {
 
-using at::Tensor;
-
-// ---------------------------------------------------------------------------------------------
-// Forward: fused recurrent GEMM + cell, one launch per step.
-// ---------------------------------------------------------------------------------------------
-
-// W_hh [G*H, P] -> [ceil(H / units)][P][G * units]: element (tile, k, g * units + u) is
-// W_hh[g*H + tile*units + u, k], zero for units past H. Rebuilt on every call (see the top), always
-// into a fresh allocation (the caching allocator's blocks are 512-byte aligned; contiguous() could
-// return a view of W_hh itself, at any offset): the kernels read it in 16-byte pieces.
-Tensor gate_interleaved(const Tensor& w_hh, int64_t G, int64_t H, int64_t P, int64_t units) {
-  const int64_t tiles = (H + units - 1) / units, padded_units = tiles * units;
-  Tensor w = w_hh.view({G, H, P});
-  if (padded_units != H) w = at::constant_pad_nd(w, {0, 0, 0, padded_units - H});  // [G, padded, P]
-  Tensor out = at::empty({tiles, P, G * units}, w_hh.options());
-  out.view({tiles, P, G, units}).copy_(w.view({G, tiles, units, P}).permute({1, 3, 0, 2}));
-  return out;
-}
-
-template <typename T, typename W>
-struct ForwardArgs {
-  const W* w_tiles; // W_hh gate-interleaved (gate_interleaved), in T or, on the tensor cores, a half type
-  const T* h;       // state h_{t-1}, [B, P] (rows [0, n) are this step's)
-  const T* gx;      // this step's first row of gx, rows of G*H
-  const T* b_hn;    // GRU: [H] or null
-  T* gh;            // scratch [B, G*H]: each thread stores its gate sums here and reads them back
-  T* c;             // LSTM: [B, H] in place, else null
-  T* out;           // where the cell writes h_t for row 0 of the step (y, saved proj column, scratch)
-  int64_t out_stride;
-  T* saved;         // this step's first row of saved, or null
-  int64_t saved_stride;
-  int64_t n, H, P;
-};
-
-// Copies rows [k0, k0 + kRows) of one block's [P][kCols] slab of the gate-interleaved W_hh into
-// shared memory (row pitch kPitch elements), 16 bytes per thread and load: consecutive threads read
-// consecutive 16 bytes of one contiguous slab. Rows at or past P become zeros, which add exact zeros.
-template <int kRows, int kCols, int kPitch, int kThreads, typename W>
-__device__ __forceinline__ void stage_weight_rows(W* dst, const W* slab, int64_t k0, int64_t P, int tid) {
-  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(W));
-  static_assert(kCols % kPerPiece == 0 && kPitch % kPerPiece == 0, "rows must be whole 16-byte pieces");
-  constexpr int kPiecesPerRow = kCols / kPerPiece;
-  for (int e = tid; e < kRows * kPiecesPerRow; e += kThreads) {
-    const int r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
-    const int64_t k = k0 + r;
-    uint4 bits = make_uint4(0u, 0u, 0u, 0u);  // all bits zero: +0 in every floating type
-    if (k < P) bits = *reinterpret_cast<const uint4*>(slab + k * kCols + piece * kPerPiece);
-    *reinterpret_cast<uint4*>(dst + r * kPitch + piece * kPerPiece) = bits;
-  }
-}
-
-// The epilogue for row b, unit j, given its G gate sums: the sums go through this row's `gh`
-// scratch row, which the same thread reads back in Cell::forward (no other thread touches those
-// elements, so no synchronisation is needed).
-template <typename Cell, typename W>
-__device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::scalar_t, W>& a, int64_t b, int64_t j,
-                                            const typename Cell::scalar_t (&sum)[Cell::kGates]) {
-  using T = typename Cell::scalar_t;
-  const int64_t H = a.H, P = a.P, GH = Cell::kGates * H;
-  T* gh_row = a.gh + b * GH;
-#pragma unroll
-  for (int g = 0; g < Cell::kGates; ++g) gh_row[g * H + j] = sum[g];
-  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, a.h + b * P, a.c ? a.c + b * H : nullptr,
-                    a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
-  Cell::forward(io, H, j);
-}
-
-// Grid: x over row tiles, y over unit tiles.
-dim3 step_grid(int64_t n, int64_t H, int rows_per_block, int units_per_block) {
-  const int64_t row_tiles = (n + rows_per_block - 1) / rows_per_block;
-  const int64_t unit_tiles = (H + units_per_block - 1) / units_per_block;
-  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && unit_tiles <= 65535,
-              "fused_rnn: step too large for the CUDA kernel's grid (rows ", n, ", hidden ", H, ")");
-  return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(unit_tiles));
-}
-
-// The larger row tile reuses each staged W_hh element more; take it only while it still gives
-// every SM a block (small batches would otherwise leave SMs idle).
-bool fills_the_gpu(int64_t n, int64_t H, int rows_per_block, int units_per_block, int sms) {
-  const int64_t blocks = ((H + units_per_block - 1) / units_per_block) * ((n + rows_per_block - 1) / rows_per_block);
-  return blocks >= sms;
-}
-
-// --- float32/float64 on the CUDA cores ---------------------------------------------------------
-//
-// Block: dim3(kTileUnits, kWarps) threads. threadIdx.x = unit within the tile (one warp spans the
-// tile's 32 units, so gate loads from shared memory are conflict-free and global writes coalesce);
-// threadIdx.y = warp, which owns kRows consecutive batch rows (kRows accumulators per gate per thread).
-// Shared memory per block (static): w_s[kTileK][G*kTileUnits] and h_s[kWarps*kRows][kTileK].
-//   float, LSTM, kRows=4: 16 KB + 2 KB; double: 32 KB + 4 KB (under the 48 KB static limit).
-constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
-constexpr int kWarps = 4;       // warps per block
-constexpr int kThreads = kTileUnits * kWarps;
-constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
-
-template <typename Cell, int kRows>
-__global__ void __launch_bounds__(kThreads)
-    forward_step_kernel(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t> a) {
-  using T = typename Cell::scalar_t;
-  constexpr int G = Cell::kGates;
-  constexpr int kTileRows = kWarps * kRows;
-  constexpr int kWCols = G * kTileUnits;  // tile row r = g * kTileUnits + unit
-
-  // Rows are written as they lie in global memory (no transpose), so they need no padding; the
-  // 16-byte stores need 16-byte alignment.
-  __shared__ __align__(16) T w_s[kTileK][kWCols];
-  __shared__ T h_s[kTileRows][kTileK];
-
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int tid = ty * kTileUnits + tx;
-  const int64_t P = a.P, n = a.n;
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kTileUnits;
-  const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kWCols;
-
-  T acc[kRows][G];
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-    for (int g = 0; g < G; ++g) acc[r][g] = T(0);
-  }
-
-  for (int64_t k0 = 0; k0 < P; k0 += kTileK) {
-    stage_weight_rows<kTileK, kWCols, kWCols, kThreads>(&w_s[0][0], slab, k0, P, tid);
-    for (int e = tid; e < kTileRows * kTileK; e += kThreads) {
-      const int rr = e / kTileK, kk = e % kTileK;
-      const int64_t b = row0 + rr, k = k0 + kk;
-      h_s[rr][kk] = (b < n && k < P) ? a.h[b * P + k] : T(0);
-    }
-    __syncthreads();
-    // Padding beyond P is 0 in both tiles, so it adds exact zeros; the k order is fixed.
-#pragma unroll 4
-    for (int kk = 0; kk < kTileK; ++kk) {
-      T w[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) w[g] = w_s[kk][g * kTileUnits + tx];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const T hv = h_s[ty * kRows + r][kk];  // the same address across the warp: a broadcast
-#pragma unroll
-        for (int g = 0; g < G; ++g) acc[r][g] += hv * w[g];
-      }
-    }
-    __syncthreads();
-  }
-
-  const int64_t j = unit0 + tx;
-  if (j >= a.H) return;
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int64_t b = row0 + ty * kRows + r;
-    if (b >= n) break;
-    finish_unit<Cell>(a, b, j, acc[r]);
-  }
-}
-
-template <typename Cell, int kRows>
-void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a,
-                           cudaStream_t stream) {
-  const dim3 grid = step_grid(a.n, a.H, kWarps * kRows, kTileUnits);
-  forward_step_kernel<Cell, kRows><<<grid, dim3(kTileUnits, kWarps), 0, stream>>>(a);
+template <typename Args>
+void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
+  kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename Cell>
-void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms,
-                           cudaStream_t stream) {
-  if (fills_the_gpu(a.n, a.H, kWarps * 4, kTileUnits, sms)) {
-    launch_cuda_core_step<Cell, 4>(a, stream);
-  } else {
-    launch_cuda_core_step<Cell, 1>(a, stream);
-  }
-}
+int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // --- float16/bfloat16 on the tensor cores --------------------------------------------------------
 //
@@ -235,7 +47,6 @@ void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename C
 // Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) + 17 KB (sums), under the 48 KB static limit.
 namespace wmma = nvcuda::wmma;
 
-constexpr int kMmaUnits = 16;  // hidden units per block: one 16-wide fragment per gate
 constexpr int kMmaK = 64;      // reduction chunk staged per iteration: 4 fragment steps
 constexpr int kMmaPad = 8;     // elements of padding per shared row of 16-bit values (16 bytes)
 constexpr int kSumPad = 4;     // and of float sums (16 bytes)
@@ -315,233 +126,21 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
 #endif
 }
 
-template <typename Cell, typename W, int kRowTiles>
-void launch_tensor_core_step(const ForwardArgs<float, W>& a, cudaStream_t stream) {
-  const dim3 grid = step_grid(a.n, a.H, 16 * kRowTiles, kMmaUnits);
-  forward_step_tensor_core_kernel<Cell, W, kRowTiles><<<grid, 32 * Cell::kGates, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
+// Declared in step_loops.cuh, for ForwardLoop.
 template <typename Cell, typename W>
-void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms, cudaStream_t stream) {
+void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms) {
+  const dim3 block(32 * Cell::kGates);
   if (fills_the_gpu(a.n, a.H, 16 * 4, kMmaUnits, sms)) {
-    launch_tensor_core_step<Cell, W, 4>(a, stream);
+    launch(&forward_step_tensor_core_kernel<Cell, W, 4>, step_grid(a.n, a.H, 16 * 4, kMmaUnits), block, a);
   } else {
-    launch_tensor_core_step<Cell, W, 1>(a, stream);
+    launch(&forward_step_tensor_core_kernel<Cell, W, 1>, step_grid(a.n, a.H, 16, kMmaUnits), block, a);
   }
 }
 
-// --- the step loop ----------------------------------------------------------------------------------
-
-// W: the type of W_hh. The cell's own type: the CUDA-core kernel. A half type (the cell in float):
-// the tensor-core kernel.
-template <typename Cell, typename W>
-struct ForwardLoop {
-  using T = typename Cell::scalar_t;
-  static constexpr bool kTensorCores = !std::is_same_v<W, T>;
-  static constexpr int kUnitsPerBlock = kTensorCores ? kMmaUnits : kTileUnits;
-
-  static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-    const int64_t H = s.H, P = s.P, GH = s.gates * H;
-    const int64_t K = saved.defined() ? s.saved_cols() : 0;
-    if (s.T == 0 || s.B == 0) return;
-    Tensor gh = at::empty({s.B, GH}, gx.options());
-    // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
-    Tensor proj_input = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
-    const Tensor w_hr_t = s.proj ? w_hr.t() : Tensor();
-    const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnitsPerBlock);
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-
-    const T* gx_p = gx.data_ptr<T>();
-    T* gh_p = gh.data_ptr<T>();
-    const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
-    const W* w_tiles_p = static_cast<const W*>(w_tiles.const_data_ptr());
-    TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles_p) % 16 == 0, "fused_rnn: W_hh tiles misaligned");
-    T* y_p = y.data_ptr<T>();
-    T* h_p = h.data_ptr<T>();
-    T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
-    T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
-
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = reverse ? s.T - 1 - step : step;
-      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
-      if (n == 0) continue;
-
-      if (H > 0) {
-        ForwardArgs<T, W> a;
-        a.w_tiles = w_tiles_p;
-        a.h = h_p;
-        a.gx = gx_p + off * GH;
-        a.b_hn = b_hn_p;
-        a.gh = gh_p;
-        a.c = c_p;
-        if (!s.proj) {
-          a.out = y_p + off * P;
-          a.out_stride = P;
-        } else if (saved_p) {
-          a.out = saved_p + off * K + s.proj_input_col();
-          a.out_stride = K;
-        } else {
-          a.out = proj_input.data_ptr<T>();
-          a.out_stride = H;
-        }
-        a.saved = saved_p ? saved_p + off * K : nullptr;
-        a.saved_stride = K;
-        a.n = n;
-        a.H = H;
-        a.P = P;
-        if constexpr (kTensorCores) {
-          launch_tensor_core_step<Cell, W>(a, sms, stream);
-        } else {
-          launch_cuda_core_step<Cell>(a, sms, stream);
-        }
-      }
-
-      Tensor y_rows = y.narrow(0, off, n);
-      if (s.proj) {
-        const Tensor r = saved_p ? saved.narrow(0, off, n).narrow(1, s.proj_input_col(), H)
-                                 : proj_input.narrow(0, 0, n);
-        at::mm_out(y_rows, r, w_hr_t);
-      }
-      // The state moves on only after the step's kernel has read all of h_{t-1} (stream order).
-      h.narrow(0, 0, n).copy_(y_rows);
-    }
-  }
-};
-
-template <typename Cell>
-using CudaCoreForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;
 template <typename Cell>
 using HalfTensorCoreForwardLoop = ForwardLoop<Cell, __half>;
 template <typename Cell>
 using BFloat16TensorCoreForwardLoop = ForwardLoop<Cell, __nv_bfloat16>;
-
-// ---------------------------------------------------------------------------------------------
-// Backward: the cell backward over (row, unit), one thread per element (grid-stride), then cuBLAS.
-// ---------------------------------------------------------------------------------------------
-constexpr int kBackwardThreads = 256;
-
-template <typename T>
-struct BackwardArgs {
-  const T* dy;       // this step's first row of dy ([P] rows), or null
-  T* dh;             // gradient at h_t for row 0 (state dh, or d_proj_input with a projection)
-  int64_t dh_stride;
-  T* dc;             // LSTM: [B, H] in place, else null
-  const T* saved;    // this step's first row of saved
-  // h_{t-1} and c_{t-1} of a row (Predecessor::row in layer.h): the step before's outputs and
-  // saved c_t, or h0 [B, P] and c0 [B, H].
-  Predecessor before;
-  const T* outputs;  // row 0 of the outputs, row stride out_stride
-  int64_t out_stride;
-  const T* saved_c;  // row 0 of saved at LSTM's c_t column (row stride K)
-  const T* h0;
-  const T* c0;       // LSTM, else null
-  T* dgx;            // this step's first row of dgx
-  T* dgh;            // this step's first row of dgh (the same as dgx except for GRU)
-  int64_t n, H, P, K;
-};
-
-template <typename Cell>
-__global__ void __launch_bounds__(kBackwardThreads) backward_step_kernel(const BackwardArgs<typename Cell::scalar_t> a) {
-  using T = typename Cell::scalar_t;
-  const int64_t H = a.H, GH = Cell::kGates * H;
-  const int64_t total = a.n * H;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
-    const int64_t b = idx / H, j = idx % H;
-    const T* h_prev = a.before.row(b, a.outputs, a.out_stride, a.h0, a.P);
-    const T* c_prev = a.c0 ? a.before.row(b, a.saved_c, a.K, a.c0, H) : nullptr;
-    StepBackward<T> io{a.dy ? a.dy + b * a.P : nullptr, a.dh + b * a.dh_stride, a.dc ? a.dc + b * H : nullptr,
-                       a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH};
-    Cell::backward(io, H, j);
-  }
-}
-
-template <typename Cell>
-struct BackwardLoop {
-  using T = typename Cell::scalar_t;
-
-  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
-                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
-    const int64_t H = s.H, P = s.P, GH = s.gates * H, K = s.saved_cols();
-    if (s.T == 0 || s.B == 0) return;
-    Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-
-    const T* saved_p = saved.data_ptr<T>();
-    const T* out_p = outputs.data_ptr<T>();
-    const T* h0_p = h0.data_ptr<T>();
-    const T* c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
-    const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
-    T* dh_p = dh.data_ptr<T>();
-    T* dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
-    T* dgx_p = dgx.data_ptr<T>();
-    T* dgh_p = dgh.data_ptr<T>();
-
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = reverse ? step : s.T - 1 - step;  // forward's order, backwards
-      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
-      if (n == 0) continue;
-      Tensor dh_rows = dh.narrow(0, 0, n);
-
-      // With a projection, the gradient at h_t is mapped back through W_hr first.
-      const T* step_dy = dy_p ? dy_p + off * P : nullptr;
-      T* cell_dh = dh_p;
-      int64_t cell_dh_stride = P;
-      if (s.proj) {
-        Tensor total = dh_total.narrow(0, off, n);
-        if (dy.defined()) {
-          at::add_out(total, dh_rows, dy.narrow(0, off, n));
-        } else {
-          total.copy_(dh_rows);
-        }
-        Tensor d_proj_rows = d_proj_input.narrow(0, 0, n);
-        at::mm_out(d_proj_rows, total, w_hr_conj);
-        step_dy = nullptr;
-        cell_dh = d_proj_input.data_ptr<T>();
-        cell_dh_stride = H;
-      }
-
-      if (H > 0) {
-        BackwardArgs<T> a;
-        a.dy = step_dy;
-        a.dh = cell_dh;
-        a.dh_stride = cell_dh_stride;
-        a.dc = dc_p;
-        a.saved = saved_p + off * K;
-        a.before = predecessor(s, reverse, t);
-        a.outputs = out_p;
-        a.out_stride = outputs.stride(0);
-        a.saved_c = saved_p + s.cell_state_col();
-        a.h0 = h0_p;
-        a.c0 = c0_p;
-        a.dgx = dgx_p + off * GH;
-        a.dgh = dgh_p + off * GH;
-        a.n = n;
-        a.H = H;
-        a.P = P;
-        a.K = K;
-        const int64_t total = n * H;
-        const int64_t blocks = std::min<int64_t>((total + kBackwardThreads - 1) / kBackwardThreads,
-                                                 static_cast<int64_t>(sms) * 32);
-        backward_step_kernel<Cell><<<static_cast<unsigned>(blocks), kBackwardThreads, 0, stream>>>(a);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-
-      // dL/dh_{t-1} += dG_h · W_hh (GRU already wrote its direct z-path into dh).
-      const Tensor dg_rows = dgh.narrow(0, off, n);
-      if (Cell::kSeparateRecurrentGrad) {
-        at::addmm_out(dh_rows, dh_rows, dg_rows, w_hh_conj);
-      } else {
-        at::mm_out(dh_rows, dg_rows, w_hh_conj);
-      }
-    }
-  }
-};
 
 }  // namespace
 

@@ -1,0 +1,568 @@
+// The step loops on CUDA and their CUDA-core kernels: the same two functions as
+// csrc/cpu/layer_cpu.cpp, with the same buffers and packed-sequence semantics (step t works on rows
+// [offsets[t], offsets[t] + batch_sizes[t]) of x / y / saved and on the first batch_sizes[t] rows
+// of the state; reverse walks t downwards).
+//
+// Forward: one kernel launch per step fuses the recurrent product h_{t-1}·W_hhᵀ with the gate math.
+// A block owns a tile of hidden units and a tile of batch rows; it computes all G gate
+// pre-activations of its units for its rows (a fixed k order, no atomics), then runs the cell from
+// cells.h on each of its (row, unit) pairs. W_hh is first reordered into a gate-interleaved layout,
+// [unit tiles][P][G * units per tile], so that a block's weights for one k are one contiguous row
+// and a k chunk one contiguous slab, staged in shared memory with coalesced 16-byte loads.
+// float32/float64 run on the CUDA cores (here); float16/bfloat16 on the tensor cores
+// (layer_cuda.cu), with the same layout, loop and epilogue.
+//
+// Backward, without a projection: one launch per step as well, the mirror image. A block owns a
+// tile of units j; it computes dh_{t-1}[b, j] = Σ_m dG_t[b, m]·W_hh[m, j] (the step before in the
+// walk's gate gradients, m over all G*H gate rows, a fixed order) and at once runs the cell's
+// backward of step t-1 on its (row, unit) pairs, which writes dG_{t-1}. W_hh is reordered into
+// column tiles, [unit tiles][G*H][units per tile], for the same contiguous slabs. After the walk
+// one cuBLAS product gives dh_0. With a projection dh_{t-1} lives in P dimensions and reaches the
+// cell only through W_hr (a second reduction), so that path keeps a pointwise kernel per step and
+// cuBLAS products.
+// The weight copies are rebuilt on every call (ATen copies on the current stream), never cached: an
+// optimizer step or a `p.data.copy_()` between calls cannot leave them stale.
+//
+// Every output element is written by exactly one thread and every sum runs in a fixed order, so
+// results are bitwise reproducible run to run.
+//
+// Included by exactly one translation unit per build: csrc/cuda/layer_cuda.cu, which runs the kernels
+// on the GPU, and the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on
+// host threads. The includer defines launch() and multiprocessor_count() (declared below), and
+// dim3, __shared__, __syncthreads and the other CUDA names.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../layer.h"
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+
+// Runs kernel<<<grid, block>>>(args) on the current stream and checks the launch.
+template <typename Args>
+void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args);
+int multiprocessor_count();
+
+// ---------------------------------------------------------------------------------------------
+// Weight layouts and tiles shared by the kernels.
+// ---------------------------------------------------------------------------------------------
+
+// W_hh [G*H, P] -> [ceil(H / units)][P][G * units]: element (tile, k, g * units + u) is
+// W_hh[g*H + tile*units + u, k], zero for units past H. Always a fresh allocation (the caching
+// allocator's blocks are 512-byte aligned; contiguous() could return a view of W_hh itself, at any
+// offset): the kernels read it in 16-byte pieces.
+Tensor gate_interleaved(const Tensor& w_hh, int64_t G, int64_t H, int64_t P, int64_t units) {
+  const int64_t tiles = (H + units - 1) / units, padded_units = tiles * units;
+  Tensor w = w_hh.view({G, H, P});
+  if (padded_units != H) w = at::constant_pad_nd(w, {0, 0, 0, padded_units - H});  // [G, padded, P]
+  Tensor out = at::empty({tiles, P, G * units}, w_hh.options());
+  out.view({tiles, P, G, units}).copy_(w.view({G, tiles, units, P}).permute({1, 3, 0, 2}));
+  return out;
+}
+
+// W_hh [G*H, P] -> [ceil(P / units)][G*H][units]: element (tile, m, u) is W_hh[m, tile*units + u],
+// zero for columns past P. The fused backward's right operand; a fresh allocation, as above.
+Tensor column_tiles(const Tensor& w_hh, int64_t P, int64_t units) {
+  const int64_t GH = w_hh.size(0), tiles = (P + units - 1) / units, padded = tiles * units;
+  const Tensor w = padded != P ? at::constant_pad_nd(w_hh, {0, padded - P}) : w_hh;  // [G*H, padded]
+  Tensor out = at::empty({tiles, GH, units}, w_hh.options());
+  out.copy_(w.view({GH, tiles, units}).permute({1, 0, 2}));
+  return out;
+}
+
+// Copies rows [k0, k0 + kRows) of one block's [rows][kCols] slab of a tiled weight into shared
+// memory (row pitch kPitch elements), 16 bytes per thread and load: consecutive threads read
+// consecutive 16 bytes of one contiguous slab. Rows at or past `rows` become zeros, which add
+// exact zeros.
+template <int kRows, int kCols, int kPitch, int kThreads, typename W>
+__device__ __forceinline__ void stage_weight_rows(W* dst, const W* slab, int64_t k0, int64_t rows, int tid) {
+  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(W));
+  static_assert(kCols % kPerPiece == 0 && kPitch % kPerPiece == 0, "rows must be whole 16-byte pieces");
+  constexpr int kPiecesPerRow = kCols / kPerPiece;
+  for (int e = tid; e < kRows * kPiecesPerRow; e += kThreads) {
+    const int r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
+    const int64_t k = k0 + r;
+    uint4 bits = make_uint4(0u, 0u, 0u, 0u);  // all bits zero: +0 in every floating type
+    if (k < rows) bits = *reinterpret_cast<const uint4*>(slab + k * kCols + piece * kPerPiece);
+    *reinterpret_cast<uint4*>(dst + r * kPitch + piece * kPerPiece) = bits;
+  }
+}
+
+// Copies the [kRows][kCols] tile at (row0, col0) of a row-major [rows, cols] matrix into shared
+// memory, zeros past its edges (which add exact zeros to the products).
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void stage_matrix_tile(T* dst, const T* src, int64_t row0, int64_t rows, int64_t col0,
+                                                  int64_t cols, int tid) {
+  for (int e = tid; e < kRows * kCols; e += kThreads) {
+    const int r = e / kCols, c = e % kCols;
+    const int64_t row = row0 + r, col = col0 + c;
+    dst[e] = (row < rows && col < cols) ? src[row * cols + col] : T(0);
+  }
+}
+
+// Grid: x over row tiles, y over unit tiles.
+dim3 step_grid(int64_t n, int64_t H, int rows_per_block, int units_per_block) {
+  const int64_t row_tiles = (n + rows_per_block - 1) / rows_per_block;
+  const int64_t unit_tiles = (H + units_per_block - 1) / units_per_block;
+  TORCH_CHECK(row_tiles <= std::numeric_limits<int>::max() && unit_tiles <= 65535,
+              "fused_rnn: step too large for the CUDA kernel's grid (rows ", n, ", hidden ", H, ")");
+  return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(unit_tiles));
+}
+
+// The larger row tile reuses each staged W_hh element more; take it only while it still gives
+// every SM a block (small batches would otherwise leave SMs idle).
+bool fills_the_gpu(int64_t n, int64_t H, int rows_per_block, int units_per_block, int sms) {
+  const int64_t blocks = ((H + units_per_block - 1) / units_per_block) * ((n + rows_per_block - 1) / rows_per_block);
+  return blocks >= sms;
+}
+
+// The CUDA-core kernels' block: dim3(kTileUnits, kWarps) threads. threadIdx.x = unit within the
+// tile (one warp spans the tile's 32 units, so weight loads from shared memory are conflict-free and
+// global writes coalesce); threadIdx.y = warp, which owns kRows consecutive batch rows.
+constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
+constexpr int kWarps = 4;       // warps per block
+constexpr int kThreads = kTileUnits * kWarps;
+constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
+// The tensor-core kernel's (layer_cuda.cu): one 16-wide wmma fragment per gate.
+constexpr int kMmaUnits = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Forward: fused recurrent GEMM + cell, one launch per step.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, typename W>
+struct ForwardArgs {
+  const W* w_tiles; // W_hh gate-interleaved (gate_interleaved), in T or, on the tensor cores, a half type
+  const T* h;       // state h_{t-1}, [B, P] (rows [0, n) are this step's)
+  const T* gx;      // this step's first row of gx, rows of G*H
+  const T* b_hn;    // GRU: [H] or null
+  T* gh;            // scratch [B, G*H]: each thread stores its gate sums here and reads them back
+  T* c;             // LSTM: [B, H] in place, else null
+  T* out;           // where the cell writes h_t for row 0 of the step (y, saved proj column, scratch)
+  int64_t out_stride;
+  T* saved;         // this step's first row of saved, or null
+  int64_t saved_stride;
+  int64_t n, H, P;
+};
+
+// The epilogue for row b, unit j, given its G gate sums: the sums go through this row's `gh`
+// scratch row, which the same thread reads back in Cell::forward (no other thread touches those
+// elements, so no synchronisation is needed).
+template <typename Cell, typename W>
+__device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::scalar_t, W>& a, int64_t b, int64_t j,
+                                            const typename Cell::scalar_t (&sum)[Cell::kGates]) {
+  using T = typename Cell::scalar_t;
+  const int64_t H = a.H, P = a.P, GH = Cell::kGates * H;
+  T* gh_row = a.gh + b * GH;
+#pragma unroll
+  for (int g = 0; g < Cell::kGates; ++g) gh_row[g * H + j] = sum[g];
+  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, a.h + b * P, a.c ? a.c + b * H : nullptr,
+                    a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
+  Cell::forward(io, H, j);
+}
+
+// float32/float64: each thread keeps kRows accumulators per gate.
+// Shared memory per block (static): w_s[kTileK][G*kTileUnits] and h_s[kWarps*kRows][kTileK].
+//   float, LSTM, kRows=4: 16 KB + 2 KB; double: 32 KB + 4 KB (under the 48 KB static limit).
+template <typename Cell, int kRows>
+__global__ void __launch_bounds__(kThreads)
+    forward_step_kernel(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t> a) {
+  using T = typename Cell::scalar_t;
+  constexpr int G = Cell::kGates;
+  constexpr int kTileRows = kWarps * kRows;
+  constexpr int kWCols = G * kTileUnits;  // tile row r = g * kTileUnits + unit
+
+  // Rows are written as they lie in global memory (no transpose), so they need no padding; the
+  // 16-byte stores need 16-byte alignment.
+  __shared__ __align__(16) T w_s[kTileK][kWCols];
+  __shared__ T h_s[kTileRows][kTileK];
+
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kTileUnits + tx;
+  const int64_t P = a.P, n = a.n;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kTileUnits;
+  const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kWCols;
+
+  T acc[kRows][G];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[r][g] = T(0);
+  }
+
+  for (int64_t k0 = 0; k0 < P; k0 += kTileK) {
+    stage_weight_rows<kTileK, kWCols, kWCols, kThreads>(&w_s[0][0], slab, k0, P, tid);
+    stage_matrix_tile<kTileRows, kTileK, kThreads>(&h_s[0][0], a.h, row0, n, k0, P, tid);
+    __syncthreads();
+    // Padding beyond P is 0 in both tiles, so it adds exact zeros; the k order is fixed.
+#pragma unroll 4
+    for (int kk = 0; kk < kTileK; ++kk) {
+      T w[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) w[g] = w_s[kk][g * kTileUnits + tx];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const T hv = h_s[ty * kRows + r][kk];  // the same address across the warp: a broadcast
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[r][g] += hv * w[g];
+      }
+    }
+    __syncthreads();
+  }
+
+  const int64_t j = unit0 + tx;
+  if (j >= a.H) return;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t b = row0 + ty * kRows + r;
+    if (b >= n) break;
+    finish_unit<Cell>(a, b, j, acc[r]);
+  }
+}
+
+template <typename Cell>
+void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms) {
+  const dim3 block(kTileUnits, kWarps);
+  if (fills_the_gpu(a.n, a.H, kWarps * 4, kTileUnits, sms)) {
+    launch(&forward_step_kernel<Cell, 4>, step_grid(a.n, a.H, kWarps * 4, kTileUnits), block, a);
+  } else {
+    launch(&forward_step_kernel<Cell, 1>, step_grid(a.n, a.H, kWarps, kTileUnits), block, a);
+  }
+}
+
+// The half types' step on the tensor cores (layer_cuda.cu; never instantiated by the emulation).
+template <typename Cell, typename W>
+void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms);
+
+// W: the type of W_hh. The cell's own type: the CUDA-core kernel. A half type (the cell in float):
+// the tensor-core kernel.
+template <typename Cell, typename W>
+struct ForwardLoop {
+  using T = typename Cell::scalar_t;
+  static constexpr bool kTensorCores = !std::is_same_v<W, T>;
+  static constexpr int kUnitsPerBlock = kTensorCores ? kMmaUnits : kTileUnits;
+
+  static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
+                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+    const int64_t H = s.H, P = s.P, GH = s.gates * H;
+    const int64_t K = saved.defined() ? s.saved_cols() : 0;
+    if (s.T == 0 || s.B == 0) return;
+    Tensor gh = at::empty({s.B, GH}, gx.options());
+    // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
+    Tensor proj_input = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
+    const Tensor w_hr_t = s.proj ? w_hr.t() : Tensor();
+    const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnitsPerBlock);
+    const int sms = multiprocessor_count();
+
+    const T* gx_p = gx.data_ptr<T>();
+    T* gh_p = gh.data_ptr<T>();
+    const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
+    const W* w_tiles_p = static_cast<const W*>(w_tiles.const_data_ptr());
+    TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles_p) % 16 == 0, "fused_rnn: W_hh tiles misaligned");
+    T* y_p = y.data_ptr<T>();
+    T* h_p = h.data_ptr<T>();
+    T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
+    T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
+
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = reverse ? s.T - 1 - step : step;
+      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+      if (n == 0) continue;
+
+      if (H > 0) {
+        ForwardArgs<T, W> a;
+        a.w_tiles = w_tiles_p;
+        a.h = h_p;
+        a.gx = gx_p + off * GH;
+        a.b_hn = b_hn_p;
+        a.gh = gh_p;
+        a.c = c_p;
+        if (!s.proj) {
+          a.out = y_p + off * P;
+          a.out_stride = P;
+        } else if (saved_p) {
+          a.out = saved_p + off * K + s.proj_input_col();
+          a.out_stride = K;
+        } else {
+          a.out = proj_input.data_ptr<T>();
+          a.out_stride = H;
+        }
+        a.saved = saved_p ? saved_p + off * K : nullptr;
+        a.saved_stride = K;
+        a.n = n;
+        a.H = H;
+        a.P = P;
+        if constexpr (kTensorCores) {
+          launch_tensor_core_step<Cell, W>(a, sms);
+        } else {
+          launch_cuda_core_step<Cell>(a, sms);
+        }
+      }
+
+      Tensor y_rows = y.narrow(0, off, n);
+      if (s.proj) {
+        const Tensor r = saved_p ? saved.narrow(0, off, n).narrow(1, s.proj_input_col(), H)
+                                 : proj_input.narrow(0, 0, n);
+        at::mm_out(y_rows, r, w_hr_t);
+      }
+      // The state moves on only after the step's kernel has read all of h_{t-1} (stream order).
+      h.narrow(0, 0, n).copy_(y_rows);
+    }
+  }
+};
+
+template <typename Cell>
+using CudaCoreForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+// ---------------------------------------------------------------------------------------------
+
+// One step's cell backward.
+template <typename T>
+struct BackwardArgs {
+  const T* dy;       // this step's first row of dy ([P] rows), or null
+  T* dh;             // gradient at h_t for row 0 (state dh, or d_proj_input with a projection)
+  int64_t dh_stride;
+  T* dc;             // LSTM: [B, H] in place, else null
+  const T* saved;    // this step's first row of saved
+  // h_{t-1} and c_{t-1} of a row (Predecessor::row in layer.h): the step before's outputs and
+  // saved c_t, or h0 [B, P] and c0 [B, H].
+  Predecessor before;
+  const T* outputs;  // row 0 of the outputs, row stride out_stride
+  int64_t out_stride;
+  const T* saved_c;  // row 0 of saved at LSTM's c_t column (row stride K)
+  const T* h0;
+  const T* c0;       // LSTM, else null
+  T* dgx;            // this step's first row of dgx
+  T* dgh;            // this step's first row of dgh (the same as dgx except for GRU)
+  int64_t n, H, P, K;
+};
+
+// The cell's backward for row b, unit j of the step.
+template <typename Cell>
+__device__ __forceinline__ void backward_unit(const BackwardArgs<typename Cell::scalar_t>& a, int64_t b, int64_t j) {
+  using T = typename Cell::scalar_t;
+  const int64_t H = a.H, GH = Cell::kGates * H;
+  const T* h_prev = a.before.row(b, a.outputs, a.out_stride, a.h0, a.P);
+  const T* c_prev = a.c0 ? a.before.row(b, a.saved_c, a.K, a.c0, H) : nullptr;
+  StepBackward<T> io{a.dy ? a.dy + b * a.P : nullptr, a.dh + b * a.dh_stride, a.dc ? a.dc + b * H : nullptr,
+                     a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH};
+  Cell::backward(io, H, j);
+}
+
+// --- with a projection: the cell backward over (row, unit), one thread per element (grid-stride);
+// the products around it are cuBLAS calls in the loop.
+constexpr int kBackwardThreads = 256;
+
+template <typename Cell>
+__global__ void __launch_bounds__(kBackwardThreads) backward_step_kernel(const BackwardArgs<typename Cell::scalar_t> a) {
+  const int64_t H = a.H, total = a.n * H;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total; idx += stride) {
+    backward_unit<Cell>(a, idx / H, idx % H);
+  }
+}
+
+// --- without a projection: dh propagation fused with the cell backward, one launch per step.
+template <typename T>
+struct FusedBackwardArgs {
+  const T* w_tiles;      // W_hh in column tiles (column_tiles), conjugated
+  const T* dg_before;    // the step before in the walk: its first row of dgh, [rows_before, G*H]
+  int64_t rows_before;   // its rows; 0 at the walk's first step (dh is then the state's, dh_n)
+  BackwardArgs<T> cell;  // this step: dh is the [B, H] state, which the kernel also writes
+};
+
+// Block: as the forward kernel, threadIdx.x = unit, warp = kRows batch rows. It covers the rows of
+// both steps, max(n, rows_before):
+//  - b < rows_before: dh[b, j] = Σ_m dG_before[b, m]·W_hh[m, j] (+ for GRU the direct z-path that
+//    the step before's cell backward left in dh[b, j]);
+//  - b >= rows_before (a longer step, forward direction of a packed sequence): dh[b, j] is still
+//    the state's dh_n of a sequence that ends here;
+//  - b < n: the cell backward of this step reads dh[b, j] (and writes GRU's direct path there);
+//    rows in [n, rows_before) (reverse direction: sequences that began at the step before) keep
+//    dh[b, j] as their gradient at h_0.
+// Shared memory per block: w_s[kTileK][kTileUnits] and g_s[kWarps*kRows][kTileK]: 4 + 2 KB in
+// float with kRows=4, twice that in double.
+template <typename Cell, int kRows>
+__global__ void __launch_bounds__(kThreads)
+    fused_backward_step_kernel(const FusedBackwardArgs<typename Cell::scalar_t> a) {
+  using T = typename Cell::scalar_t;
+  constexpr int kTileRows = kWarps * kRows;
+  __shared__ __align__(16) T w_s[kTileK][kTileUnits];
+  __shared__ T g_s[kTileRows][kTileK];
+
+  const BackwardArgs<T>& cell = a.cell;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kTileUnits + tx;
+  const int64_t H = cell.H, GH = Cell::kGates * H, before = a.rows_before;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kTileUnits;
+  const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * GH * kTileUnits;
+
+  T acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = T(0);
+
+  if (row0 < before) {  // the same for every thread of the block, so all of them reach the barriers
+    for (int64_t m0 = 0; m0 < GH; m0 += kTileK) {
+      stage_weight_rows<kTileK, kTileUnits, kTileUnits, kThreads>(&w_s[0][0], slab, m0, GH, tid);
+      stage_matrix_tile<kTileRows, kTileK, kThreads>(&g_s[0][0], a.dg_before, row0, before, m0, GH, tid);
+      __syncthreads();
+      // Padding past G*H is 0 in both tiles, so it adds exact zeros; the m order is fixed.
+#pragma unroll 4
+      for (int kk = 0; kk < kTileK; ++kk) {
+        const T w = w_s[kk][tx];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) acc[r] += g_s[ty * kRows + r][kk] * w;  // g_s: a broadcast
+      }
+      __syncthreads();
+    }
+  }
+
+  const int64_t j = unit0 + tx, rows = cell.n > before ? cell.n : before;
+  if (j >= H) return;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t b = row0 + ty * kRows + r;
+    if (b >= rows) break;
+    T* dh = cell.dh + b * cell.dh_stride + j;
+    if (b < before) *dh = Cell::kSeparateRecurrentGrad ? *dh + acc[r] : acc[r];
+    if (b < cell.n) backward_unit<Cell>(cell, b, j);
+  }
+}
+
+template <typename Cell>
+void launch_fused_backward_step(const FusedBackwardArgs<typename Cell::scalar_t>& a, int sms) {
+  const int64_t rows = std::max(a.cell.n, a.rows_before), H = a.cell.H;
+  const dim3 block(kTileUnits, kWarps);
+  if (fills_the_gpu(rows, H, kWarps * 4, kTileUnits, sms)) {
+    launch(&fused_backward_step_kernel<Cell, 4>, step_grid(rows, H, kWarps * 4, kTileUnits), block, a);
+  } else {
+    launch(&fused_backward_step_kernel<Cell, 1>, step_grid(rows, H, kWarps, kTileUnits), block, a);
+  }
+}
+
+template <typename Cell>
+struct BackwardLoop {
+  using T = typename Cell::scalar_t;
+
+  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
+                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
+    if (s.T == 0 || s.B == 0 || s.H == 0) return;  // H = 0: every gradient is empty or stays as it is
+    if (s.proj) {
+      run_with_projection(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total);
+    } else {
+      run_fused(s, reverse, w_hh_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
+    }
+  }
+
+  // The cell backward's arguments for step t (n rows from row `off`), reading the gradient at h_t
+  // from `cell_dh` (row stride cell_dh_stride) plus `step_dy` when given.
+  static BackwardArgs<T> cell_args(const LayerShape& s, bool reverse, int64_t t, const Tensor& outputs,
+                                   const Tensor& h0, const Tensor& c0, const Tensor& saved, const T* step_dy,
+                                   T* cell_dh, int64_t cell_dh_stride, Tensor& dc, Tensor& dgx, Tensor& dgh) {
+    const int64_t off = s.offsets[t], GH = s.gates * s.H, K = s.saved_cols();
+    const T* saved_p = saved.data_ptr<T>();
+    BackwardArgs<T> a;
+    a.dy = step_dy;
+    a.dh = cell_dh;
+    a.dh_stride = cell_dh_stride;
+    a.dc = dc.defined() ? dc.data_ptr<T>() : nullptr;
+    a.saved = saved_p + off * K;
+    a.before = predecessor(s, reverse, t);
+    a.outputs = outputs.data_ptr<T>();
+    a.out_stride = outputs.stride(0);
+    a.saved_c = saved_p + s.cell_state_col();
+    a.h0 = h0.data_ptr<T>();
+    a.c0 = c0.defined() ? c0.data_ptr<T>() : nullptr;
+    a.dgx = dgx.data_ptr<T>() + off * GH;
+    a.dgh = dgh.data_ptr<T>() + off * GH;
+    a.n = s.batch_sizes[t];
+    a.H = s.H;
+    a.P = s.P;
+    a.K = K;
+    return a;
+  }
+
+  // dh[0:n) = dG_h·W_hh of the n rows from row `off` (GRU: added to the direct path already in dh).
+  static void propagate(const Tensor& w_hh_conj, const Tensor& dgh, int64_t off, int64_t n, Tensor& dh) {
+    Tensor dh_rows = dh.narrow(0, 0, n);
+    const Tensor dg_rows = dgh.narrow(0, off, n);
+    if (Cell::kSeparateRecurrentGrad) {
+      at::addmm_out(dh_rows, dh_rows, dg_rows, w_hh_conj);
+    } else {
+      at::mm_out(dh_rows, dg_rows, w_hh_conj);
+    }
+  }
+
+  static void run_fused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& outputs,
+                        const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh,
+                        Tensor& dc, Tensor& dgx, Tensor& dgh) {
+    const int64_t GH = s.gates * s.H, P = s.P;
+    const Tensor w_tiles = column_tiles(w_hh_conj, P, kTileUnits);
+    TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles.const_data_ptr()) % 16 == 0,
+                          "fused_rnn: W_hh tiles misaligned");
+    const int sms = multiprocessor_count();
+    const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
+    int64_t rows_before = 0, off_before = 0;  // the last step walked that had rows
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = reverse ? step : s.T - 1 - step;  // forward's order, backwards
+      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+      if (n == 0) continue;
+      FusedBackwardArgs<T> a;
+      a.w_tiles = w_tiles.const_data_ptr<T>();
+      a.dg_before = rows_before > 0 ? dgh.const_data_ptr<T>() + off_before * GH : nullptr;
+      a.rows_before = rows_before;
+      a.cell = cell_args(s, reverse, t, outputs, h0, c0, saved, dy_p ? dy_p + off * P : nullptr, dh.data_ptr<T>(), P,
+                         dc, dgx, dgh);
+      launch_fused_backward_step<Cell>(a, sms);
+      rows_before = n;
+      off_before = off;
+    }
+    if (rows_before > 0) propagate(w_hh_conj, dgh, off_before, rows_before, dh);  // to h_0
+  }
+
+  static void run_with_projection(const LayerShape& s, bool reverse, const Tensor& w_hh_conj,
+                                  const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
+                                  Tensor& dgh, Tensor& dh_total) {
+    const int64_t H = s.H;
+    Tensor d_proj_input = at::empty({s.B, H}, dh.options());
+    const int sms = multiprocessor_count();
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = reverse ? step : s.T - 1 - step;
+      const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+      if (n == 0) continue;
+      // The gradient at h_t is mapped back through W_hr first.
+      Tensor total = dh_total.narrow(0, off, n);
+      if (dy.defined()) {
+        at::add_out(total, dh.narrow(0, 0, n), dy.narrow(0, off, n));
+      } else {
+        total.copy_(dh.narrow(0, 0, n));
+      }
+      Tensor d_proj_rows = d_proj_input.narrow(0, 0, n);
+      at::mm_out(d_proj_rows, total, w_hr_conj);
+
+      const BackwardArgs<T> a = cell_args(s, reverse, t, outputs, h0, c0, saved, nullptr,
+                                          d_proj_input.data_ptr<T>(), H, dc, dgx, dgh);
+      const int64_t blocks = std::min<int64_t>((n * H + kBackwardThreads - 1) / kBackwardThreads,
+                                               static_cast<int64_t>(sms) * 32);
+      launch(&backward_step_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kBackwardThreads), a);
+      propagate(w_hh_conj, dgh, off, n, dh);  // dL/dh_{t-1}
+    }
+  }
+};
+
+}  // namespace
+}  // namespace fused_rnn

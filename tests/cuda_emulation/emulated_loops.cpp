@@ -1,0 +1,108 @@
+// csrc/cuda/step_loops.cuh (the CUDA step loops and their CUDA-core kernels) compiled for the CPU on
+// top of emulated_cuda.h, for tests/test_cuda_emulated.py. It exposes the two loops with the
+// buffers that layer.cpp gives them on CUDA; the test does the once-per-sequence products itself
+// and compares everything with the CPU op. `sms` stands in for the GPU's multiprocessor count,
+// which picks the kernels' rows per thread.
+#include <torch/extension.h>
+
+#include "emulated_cuda.h"
+// After the shim: the kernels need its CUDA names.
+#include "cuda/step_loops.cuh"
+
+namespace fused_rnn {
+namespace {
+
+int emulated_multiprocessors = 1;
+
+template <typename Args>
+void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
+  emulated_cuda::run_grid(grid, block, [&] { kernel(args); });
+}
+
+int multiprocessor_count() { return emulated_multiprocessors; }
+
+template <typename Cell>
+struct SavedPerUnit {
+  static void run(int64_t& out) { out = Cell::kSaved; }
+};
+
+LayerShape shape_of(int64_t cell, const std::vector<int64_t>& batch_sizes, int64_t H, int64_t P, bool proj) {
+  LayerShape s;
+  s.cell = static_cast<CellKind>(cell);
+  s.T = static_cast<int64_t>(batch_sizes.size());
+  s.B = s.T > 0 ? batch_sizes[0] : 0;
+  s.I = 0;  // the loops never read it
+  s.H = H;
+  s.P = P;
+  s.proj = proj;
+  s.outputs_in_saved = false;
+  s.gates = s.cell == CellKind::LSTM ? 4 : s.cell == CellKind::GRU ? 3 : 1;
+  dispatch_cell<SavedPerUnit, float>(s.cell, s.saved_per_unit);
+  s.batch_sizes = batch_sizes;
+  s.offsets.clear();
+  int64_t rows = 0;
+  for (int64_t n : batch_sizes) {
+    s.offsets.push_back(rows);
+    rows += n;
+  }
+  s.N = rows;
+  return s;
+}
+
+Tensor or_undefined(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+// NaN where nothing is written: an element a kernel misses shows in the comparison.
+Tensor unwritten(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+}
+
+std::vector<Tensor> forward(int64_t cell, const Tensor& gx, std::vector<int64_t> batch_sizes, bool reverse,
+                            const Tensor& h0, const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                            const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& w_hr, bool need_saved,
+                            int64_t sms) {
+  const bool proj = w_hr.has_value();
+  const LayerShape s = shape_of(cell, batch_sizes, w_hh.size(0) / (cell == 0 ? 4 : cell == 1 ? 3 : 1),
+                                h0.size(1), proj);
+  emulated_multiprocessors = static_cast<int>(sms);
+  Tensor y = unwritten({s.N, s.P}, gx.options());
+  Tensor h = h0.clone();
+  Tensor c = s.cell == CellKind::LSTM ? c0->clone() : Tensor();
+  Tensor saved = need_saved ? unwritten({s.N, s.saved_cols()}, gx.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "emulated_forward", [&] {
+    dispatch_cell<CudaCoreForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, or_undefined(b_hn),
+                                                 or_undefined(w_hr), y, h, c, saved);
+  });
+  return {y, h, c.defined() ? c : at::empty({0}, gx.options()), saved.defined() ? saved : at::empty({0}, gx.options())};
+}
+
+// Returns dgx, dgh, dh (at h_0), dc (at c_0) and, with a projection, dh_total.
+std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, bool reverse, const Tensor& w_hh,
+                             const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& h0,
+                             const c10::optional<Tensor>& c0, const Tensor& saved, const c10::optional<Tensor>& dy,
+                             const Tensor& dh_n, const c10::optional<Tensor>& dc_n, int64_t sms) {
+  const bool proj = w_hr.has_value();
+  const int64_t H = w_hh.size(0) / (cell == 0 ? 4 : cell == 1 ? 3 : 1);
+  const LayerShape s = shape_of(cell, batch_sizes, H, h0.size(1), proj);
+  emulated_multiprocessors = static_cast<int>(sms);
+  const auto opts = y.options();
+  const int64_t GH = s.gates * s.H;
+  Tensor dh = dh_n.clone();
+  Tensor dc = s.cell == CellKind::LSTM ? dc_n->clone() : Tensor();
+  Tensor dgx = unwritten({s.N, GH}, opts);
+  Tensor dgh = s.cell == CellKind::GRU ? unwritten({s.N, GH}, opts) : dgx;
+  Tensor dh_total = proj ? unwritten({s.N, s.P}, opts) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "emulated_backward", [&] {
+    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh, or_undefined(w_hr), y, h0, or_undefined(c0),
+                                          saved, or_undefined(dy), dh, dc, dgx, dgh, dh_total);
+  });
+  const Tensor none = at::empty({0}, opts);
+  return {dgx, dgh, dh, dc.defined() ? dc : none, dh_total.defined() ? dh_total : none};
+}
+
+}  // namespace
+}  // namespace fused_rnn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &fused_rnn::forward);
+  m.def("backward", &fused_rnn::backward);
+}

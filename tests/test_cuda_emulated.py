@@ -1,0 +1,201 @@
+"""The CUDA step loops and their CUDA-core kernels (csrc/cuda/step_loops.cuh), run on the CPU.
+
+No GPU needs to be at hand: tests/cuda_emulation/ compiles the very source that nvcc compiles over a
+small emulation of CUDA's threads, blocks, shared memory and barriers. These tests compare the two
+loops with the CPU op (itself checked against torch.nn in test_parity.py): outputs, final states and
+saved values of the forward; every gradient of the backward, once the test has done the products
+that layer.cpp does with cuBLAS after the CUDA loop. The shapes cover partial unit tiles, several
+row tiles, both row counts per thread (picked by the multiprocessor count), more than one reduction
+chunk, packed sequences in both directions (steps that grow, shrink and empty), the projection and
+missing output gradients.
+
+Not covered here: the half types' tensor-core kernel, speed, and everything the GPU itself adds;
+tests/test_cuda.py runs on a GPU against cuDNN.
+"""
+import os
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+import fused_rnn  # noqa: F401  (registers torch.ops.fused_rnn)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # the cells' kSaved (csrc/cells.h)
+LAYOUTS = {
+    "padded": [18, 18, 18, 18],
+    "packed": [18, 13, 13, 5, 1],
+    "trailing_empty_steps": [6, 3, 0, 0],
+}
+FEW_SMS, MANY_SMS = 1, 1 << 20  # four batch rows per thread, and one
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """Built fresh for each session, so that it always matches the sources."""
+    return cpp_extension.load(
+        name="fused_rnn_emulated_cuda",
+        sources=[os.path.join(HERE, "cuda_emulation", "emulated_loops.cpp")],
+        extra_include_paths=[os.path.join(os.path.dirname(HERE), "csrc")],
+        extra_cflags=["-O1"],
+        build_directory=str(tmp_path_factory.mktemp("emulated_cuda")),
+    )
+
+
+class Layer:
+    """Random weights, inputs, state and output gradients of one layer and direction."""
+
+    def __init__(self, kind, batch_sizes, hidden=37, proj=0, inputs=5, dtype=torch.float64, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):
+            return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+
+        G, H, P = GATES[kind], hidden, proj or hidden
+        N, B = sum(batch_sizes), batch_sizes[0]
+        self.kind, self.cell, self.batch_sizes, self.H, self.P = kind, CELLS[kind], batch_sizes, H, P
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = rand(G * H, inputs), rand(G * H, P), rand(G * H), rand(G * H)
+        self.w_hr = rand(P, H) if proj else None
+        self.x, self.h0 = rand(N, inputs), rand(B, P)
+        self.c0 = rand(B, H) if kind == "LSTM" else None
+        self.dy, self.dh_n = rand(N, P), rand(B, P)
+        self.dc_n = rand(B, H) if kind == "LSTM" else None
+
+    def reference_forward(self, reverse, need_saved=True):
+        return torch.ops.fused_rnn.layer_forward(self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0,
+                                                 self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr, need_saved)
+
+    def emulated_forward(self, emulated, reverse, sms, need_saved=True):
+        """As layer.cpp on CUDA: x·W_ihᵀ plus the biases that only add (all but GRU's b_hn), then the loop."""
+        H = self.H
+        bias = self.b_ih + self.b_hh
+        b_hn = None
+        if self.kind == "GRU":
+            bias[2 * H:] = self.b_ih[2 * H:]
+            b_hn = self.b_hh[2 * H:]
+        gx = self.x @ self.w_ih.t() + bias
+        return emulated.forward(self.cell, gx, self.batch_sizes, reverse, self.h0, self.c0, self.w_hh, b_hn,
+                                self.w_hr, need_saved, sms)
+
+    def reference_backward(self, reverse, y, saved, with_dy=True):
+        return torch.ops.fused_rnn.layer_backward(
+            self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0, self.w_ih, self.w_hh, self.w_hr, True,
+            y, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, True)
+
+    def emulated_backward(self, emulated, reverse, y, saved, sms, with_dy=True):
+        """The loop, then layer.cpp's products on CUDA, in the reference's order of results."""
+        dgx, dgh, dh0, dc0, dh_total = emulated.backward(
+            self.cell, self.batch_sizes, reverse, self.w_hh, self.w_hr, y, self.h0, self.c0, saved,
+            self.dy if with_dy else None, self.dh_n, self.dc_n, sms)
+        db_ih = dgx.sum(0)
+        db_hh = dgh.sum(0) if self.kind == "GRU" else db_ih
+        dw_hr = None
+        if self.w_hr is not None:
+            proj_input = saved[:, SAVED[self.kind] * self.H:][:, :self.H]
+            dw_hr = dh_total.t() @ proj_input
+        h_prev = previous_outputs(y, self.h0, self.batch_sizes, reverse)
+        return [dgx @ self.w_ih, dh0, dc0 if self.c0 is not None else None, dgx.t() @ self.x, dgh.t() @ h_prev,
+                db_ih, db_hh, dw_hr]
+
+
+def previous_outputs(y, h0, batch_sizes, reverse):
+    """h_{t-1} of every row of a packed sequence: the step before's output, or h0 where a sequence starts."""
+    offsets = [sum(batch_sizes[:t]) for t in range(len(batch_sizes))]
+    rows = []
+    for t, n in enumerate(batch_sizes):
+        before = t + 1 if reverse else t - 1
+        if 0 <= before < len(batch_sizes):
+            carried = min(n, batch_sizes[before])
+            rows.append(y[offsets[before]:offsets[before] + carried])
+        else:
+            carried = 0
+        rows.append(h0[carried:n])
+    return torch.cat(rows)
+
+
+def assert_close_all(actual, expected, dtype, names):
+    for name, a, e in zip(names, actual, expected):
+        if e is None or e.numel() == 0:
+            assert a is None or a.numel() == 0, f"{name}: expected nothing"
+            continue
+        torch.testing.assert_close(a, e, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
+GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
+
+
+def check_layer(emulated, layer, reverse, sms, dtype=torch.float64, with_dy=True):
+    expected = layer.reference_forward(reverse)
+    actual = layer.emulated_forward(emulated, reverse, sms)
+    assert_close_all(actual, expected, dtype, FORWARD_NAMES)
+    y, saved = expected[0], expected[3]
+    grads = layer.emulated_backward(emulated, reverse, y, saved, sms, with_dy)
+    assert_close_all(grads, layer.reference_backward(reverse, y, saved, with_dy), dtype, GRAD_NAMES)
+
+
+@pytest.mark.parametrize("sms", [FEW_SMS, MANY_SMS], ids=["4_rows_per_thread", "1_row_per_thread"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_loops_match_the_cpu_op(emulated, kind, layout, reverse, sms):
+    check_layer(emulated, Layer(kind, LAYOUTS[layout]), reverse, sms)
+
+
+@pytest.mark.parametrize("hidden", [1, 32, 70])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_hidden_sizes_around_the_tiles(emulated, kind, hidden):
+    """One unit, exactly one 32-unit tile, and three tiles with more than eight 32-row chunks of G*H."""
+    for reverse in (False, True):
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=hidden), reverse, FEW_SMS)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_float32(emulated, kind):
+    for reverse in (False, True):
+        layer = Layer(kind, LAYOUTS["packed"], dtype=torch.float32, seed=3)
+        check_layer(emulated, layer, reverse, FEW_SMS, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_lstm_projection(emulated, layout, reverse):
+    """proj_size: the forward kernel writes o*tanh(c_t) for W_hr; backward takes the unfused path."""
+    check_layer(emulated, Layer("LSTM", LAYOUTS[layout], hidden=37, proj=6, seed=5), reverse, FEW_SMS)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_gradient_of_the_final_state_only(emulated, kind):
+    """No gradient of the outputs (dy undefined): only h_n (and c_n) carry one."""
+    for reverse in (False, True):
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=7), reverse, MANY_SMS, with_dy=False)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_inference_without_saved_values(emulated, kind):
+    """need_saved=False: nothing saved; with a projection o*tanh(c_t) goes to a scratch buffer."""
+    for proj in (0, 4):
+        if proj and kind != "LSTM":
+            continue
+        layer = Layer(kind, LAYOUTS["packed"], proj=proj, seed=11)
+        expected = layer.reference_forward(True, need_saved=False)
+        actual = layer.emulated_forward(emulated, True, FEW_SMS, need_saved=False)
+        assert_close_all(actual[:3], expected[:3], torch.float64, FORWARD_NAMES)
+        assert actual[3].numel() == 0
+
+
+def test_repeated_runs_are_bitwise_identical(emulated):
+    """Each element written by one thread, each sum in a fixed order: a race between the emulated
+    threads (a missing barrier) would show as a difference between runs."""
+    layer = Layer("LSTM", LAYOUTS["packed"], hidden=70, seed=13)
+    runs = []
+    for _ in range(3):
+        y, h, c, saved = layer.emulated_forward(emulated, False, FEW_SMS)
+        grads = layer.emulated_backward(emulated, False, y, saved, FEW_SMS)
+        runs.append([y, h, c, saved] + grads)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert (a is None and b is None) or torch.equal(a, b)
