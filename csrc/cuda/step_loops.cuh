@@ -9,10 +9,15 @@
 // cells.h on each of its (row, unit) pairs. W_hh is first reordered into a gate-interleaved layout,
 // [unit tiles][P][G * units per tile], so that a block's weights for one k are one contiguous row
 // and a k chunk one contiguous slab, staged in shared memory with coalesced 16-byte loads.
-// float32/float64 run on the CUDA cores (here); float16/bfloat16 on the tensor cores
-// (layer_cuda.cu), with the same layout, loop and epilogue.
+// float32/float64 run on the CUDA cores; float16/bfloat16 W_hh on the tensor cores (nvcuda::wmma
+// 16x16x16, float32 accumulators, compute capability 8.0 and up), with the same layout, loop and
+// epilogue: h_{t-1} is kept in float32 and rounded to the half type as it is staged for the
+// product, and everything else is float32: gx (cuBLAS, half inputs, float32 accumulation and
+// output: layer.cpp), c, the gate math (Cell<float>), y, h and `saved`; layer.cpp casts y, h_n and
+// c_n back to the half type.
 //
-// Backward, without a projection: one launch per step as well, the mirror image. A block owns a
+// Backward (half types reach it as float32: layer.cpp upcasts), without a projection: one launch
+// per step as well, the mirror image. A block owns a
 // tile of units j; it computes dh_{t-1}[b, j] = Σ_m dG_t[b, m]·W_hh[m, j] (the step before in the
 // walk's gate gradients, m over all G*H gate rows, a fixed order) and at once runs the cell's
 // backward of step t-1 on its (row, unit) pairs, which writes dG_{t-1}. W_hh is reordered into
@@ -29,7 +34,8 @@
 // Included by exactly one translation unit per build: csrc/cuda/layer_cuda.cu, which runs the kernels
 // on the GPU, and the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on
 // host threads. The includer defines launch() and multiprocessor_count() (declared below), and
-// dim3, __shared__, __syncthreads and the other CUDA names.
+// the CUDA names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their
+// roundings from float, nvcuda::wmma.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -131,8 +137,6 @@ constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
 constexpr int kWarps = 4;       // warps per block
 constexpr int kThreads = kTileUnits * kWarps;
 constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
-// The tensor-core kernel's (layer_cuda.cu): one 16-wide wmma fragment per gate.
-constexpr int kMmaUnits = 16;
 
 // ---------------------------------------------------------------------------------------------
 // Forward: fused recurrent GEMM + cell, one launch per step.
@@ -239,9 +243,109 @@ void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename C
   }
 }
 
-// The half types' step on the tensor cores (layer_cuda.cu; never instantiated by the emulation).
+// --- float16/bfloat16 on the tensor cores --------------------------------------------------------
+//
+// Block: G warps; warp g computes gate g of the block's kMmaUnits units for kRowTiles * 16 batch
+// rows, as kRowTiles 16x16 float32 accumulator fragments. Per k chunk the block stages, in shared
+// memory, the W_hh slab [kMmaK][G*kMmaUnits] (the wmma B operand, row-major: element (k, column)) and
+// h_{t-1} [rows][kMmaK] (the A operand, row-major, rounded to the half type), zero-padded past n, P
+// and H, so any n, H and P work. Then the accumulators go to shared memory and each thread runs the
+// float32 epilogue on (row, unit) pairs.
+// Shared rows carry kMmaPad extra elements (16 bytes), which keeps them 16-byte aligned, wmma's ldm a
+// multiple of 8 (16-bit) or 4 (float), every fragment pointer 32-byte aligned (row offsets of 16 rows
+// and column offsets of 16 elements), and moves successive rows to other banks.
+// Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) + 17 KB (sums), under the 48 KB static limit.
+namespace wmma = nvcuda::wmma;
+
+constexpr int kMmaUnits = 16;  // hidden units per block: one 16-wide fragment per gate
+constexpr int kMmaK = 64;      // reduction chunk staged per iteration: 4 fragment steps
+constexpr int kMmaPad = 8;     // elements of padding per shared row of 16-bit values (16 bytes)
+constexpr int kSumPad = 4;     // and of float sums (16 bytes)
+
+template <typename W>
+__device__ __forceinline__ W round_to(float v);
+template <>
+__device__ __forceinline__ __half round_to<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename Cell, typename W, int kRowTiles>
+__global__ void __launch_bounds__(32 * Cell::kGates)
+    forward_step_tensor_core_kernel(const ForwardArgs<float, W> a) {
+  static_assert(std::is_same_v<typename Cell::scalar_t, float>, "half types run the gate math in float32");
+// bfloat16 fragments need compute capability 8.0; the host launches this only there
+// (cuda_tensor_cores_take_half_types), so older targets compile an empty body.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int G = Cell::kGates;
+  constexpr int kBlockThreads = 32 * G;
+  constexpr int kRows = 16 * kRowTiles;
+  constexpr int kCols = G * kMmaUnits;  // column g * kMmaUnits + unit
+  constexpr int kWPitch = kCols + kMmaPad, kHPitch = kMmaK + kMmaPad, kSumPitch = kCols + kSumPad;
+
+  __shared__ __align__(32) W w_s[kMmaK * kWPitch];
+  __shared__ __align__(32) W h_s[kRows * kHPitch];
+  __shared__ __align__(32) float sum_s[kRows * kSumPitch];
+
+  const int tid = threadIdx.x, gate = tid / 32;
+  const int64_t P = a.P, n = a.n;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kMmaUnits;
+  const W* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kCols;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kRowTiles];
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) wmma::fill_fragment(acc[m], 0.0f);
+
+  for (int64_t k0 = 0; k0 < P; k0 += kMmaK) {
+    stage_weight_rows<kMmaK, kCols, kWPitch, kBlockThreads>(w_s, slab, k0, P, tid);
+    for (int e = tid; e < kRows * kMmaK; e += kBlockThreads) {
+      const int r = e / kMmaK, kk = e % kMmaK;
+      const int64_t b = row0 + r, k = k0 + kk;
+      h_s[r * kHPitch + kk] = round_to<W>((b < n && k < P) ? a.h[b * P + k] : 0.0f);
+    }
+    __syncthreads();
+    // Zero padding past P in both operands adds exact zeros; the k order is fixed.
+#pragma unroll
+    for (int kk = 0; kk < kMmaK; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> w_frag;
+      wmma::load_matrix_sync(w_frag, w_s + kk * kWPitch + gate * kMmaUnits, kWPitch);
+#pragma unroll
+      for (int m = 0; m < kRowTiles; ++m) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> h_frag;
+        wmma::load_matrix_sync(h_frag, h_s + m * 16 * kHPitch + kk, kHPitch);
+        wmma::mma_sync(acc[m], h_frag, w_frag, acc[m]);
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites the tiles
+  }
+
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+    wmma::store_matrix_sync(sum_s + m * 16 * kSumPitch + gate * kMmaUnits, acc[m], kSumPitch, wmma::mem_row_major);
+  }
+  __syncthreads();
+
+  for (int e = tid; e < kRows * kMmaUnits; e += kBlockThreads) {
+    const int r = e / kMmaUnits, u = e % kMmaUnits;
+    const int64_t b = row0 + r, j = unit0 + u;
+    if (b >= n || j >= a.H) continue;
+    float sum[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) sum[g] = sum_s[r * kSumPitch + g * kMmaUnits + u];
+    finish_unit<Cell>(a, b, j, sum);
+  }
+#endif
+}
+
 template <typename Cell, typename W>
-void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms);
+void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms) {
+  const dim3 block(32 * Cell::kGates);
+  if (fills_the_gpu(a.n, a.H, 16 * 4, kMmaUnits, sms)) {
+    launch(&forward_step_tensor_core_kernel<Cell, W, 4>, step_grid(a.n, a.H, 16 * 4, kMmaUnits), block, a);
+  } else {
+    launch(&forward_step_tensor_core_kernel<Cell, W, 1>, step_grid(a.n, a.H, 16, kMmaUnits), block, a);
+  }
+}
 
 // W: the type of W_hh. The cell's own type: the CUDA-core kernel. A half type (the cell in float):
 // the tensor-core kernel.
@@ -322,6 +426,10 @@ struct ForwardLoop {
 
 template <typename Cell>
 using CudaCoreForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;
+template <typename Cell>
+using HalfTensorCoreForwardLoop = ForwardLoop<Cell, __half>;
+template <typename Cell>
+using BFloat16TensorCoreForwardLoop = ForwardLoop<Cell, __nv_bfloat16>;
 
 // ---------------------------------------------------------------------------------------------
 // Backward.

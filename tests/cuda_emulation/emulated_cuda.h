@@ -6,11 +6,20 @@
 //  - __syncthreads() is a barrier over the block's threads. Reaching one after another thread of
 //    the block has returned is an error (undefined behaviour on a GPU), reported as an exception
 //    from the launch instead of a hang.
+//  - __half / __nv_bfloat16 are c10::Half / c10::BFloat16 (the same bits, and the same rounding to
+//    nearest even from float);
+//  - nvcuda::wmma's 16x16x16 fragments hold whole tiles: lane 0 of each warp does the warp's
+//    product and store (float32 sums of exact products), and every load and store checks what the
+//    hardware requires (256-bit aligned pointers, ldm a multiple of 16 bytes).
 // What it cannot show: the speed, the memory model's weaker orderings, warp-level behaviour, and
-// anything of the tensor-core kernel (wmma), which stays in layer_cuda.cu.
+// the tensor cores' own order of summation.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <condition_variable>
+#include <cstdint>
 #include <exception>
 #include <mutex>
 #include <stdexcept>
@@ -120,3 +129,78 @@ void run_grid(dim3 grid, dim3 block, const Body& body) {
 }  // namespace emulated_cuda
 
 inline void __syncthreads() { emulated_cuda::block_barrier->arrive_and_wait(); }
+
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline __half __float2half_rn(float v) { return __half(v); }
+inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
+
+namespace emulated_cuda {
+inline int lane() {
+  return static_cast<int>((threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x) % 32;
+}
+}  // namespace emulated_cuda
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+enum layout_t { mem_row_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "emulated wmma: 16x16x16 only");
+  T x[16][16];
+};
+
+template <typename T>
+void check_operand(const T* p, unsigned ldm, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) {
+    throw std::runtime_error(std::string("emulated wmma: ") + what + " pointer not 256-bit aligned");
+  }
+  if (ldm % (16 / sizeof(T)) != 0) {
+    throw std::runtime_error(std::string("emulated wmma: ") + what + " ldm not a multiple of 16 bytes");
+  }
+}
+
+template <typename Use, typename T>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  check_operand(p, ldm, "load_matrix_sync");
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 16; ++c) f.x[r][c] = p[r * ldm + c];
+  }
+}
+
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (auto& row : f.x) {
+    for (float& e : row) e = v;
+  }
+}
+
+template <typename T>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+              const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (emulated_cuda::lane() != 0) return;  // lane 0 holds the warp's result
+  for (int i = 0; i < 16; ++i) {
+    for (int j = 0; j < 16; ++j) {
+      float sum = c.x[i][j];
+      for (int k = 0; k < 16; ++k) sum += static_cast<float>(a.x[i][k]) * static_cast<float>(b.x[k][j]);
+      d.x[i][j] = sum;
+    }
+  }
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+  check_operand(p, ldm, "store_matrix_sync");
+  if (emulated_cuda::lane() != 0) return;
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r][c];
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

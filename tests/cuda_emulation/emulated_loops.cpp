@@ -1,8 +1,9 @@
-// csrc/cuda/step_loops.cuh (the CUDA step loops and their CUDA-core kernels) compiled for the CPU on
+// csrc/cuda/step_loops.cuh (the CUDA step loops and their kernels) compiled for the CPU on
 // top of emulated_cuda.h, for tests/test_cuda_emulated.py. It exposes the two loops with the
 // buffers that layer.cpp gives them on CUDA; the test does the once-per-sequence products itself
 // and compares everything with the CPU op. `sms` stands in for the GPU's multiprocessor count,
-// which picks the kernels' rows per thread.
+// which picks the kernels' rows per thread. A float16/bfloat16 W_hh (with everything else float32)
+// takes the tensor-core kernel, as on the GPU.
 #include <torch/extension.h>
 
 #include "emulated_cuda.h"
@@ -68,10 +69,17 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& gx, std::vector<int64_t>
   Tensor h = h0.clone();
   Tensor c = s.cell == CellKind::LSTM ? c0->clone() : Tensor();
   Tensor saved = need_saved ? unwritten({s.N, s.saved_cols()}, gx.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "emulated_forward", [&] {
-    dispatch_cell<CudaCoreForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, or_undefined(b_hn),
-                                                 or_undefined(w_hr), y, h, c, saved);
-  });
+  const Tensor bias_hn = or_undefined(b_hn), w_proj = or_undefined(w_hr);
+  if (w_hh.scalar_type() == at::kHalf) {  // the tensor-core kernel: everything else in float32
+    dispatch_cell<HalfTensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, bias_hn, w_proj, y, h, c, saved);
+  } else if (w_hh.scalar_type() == at::kBFloat16) {
+    dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, bias_hn, w_proj, y, h, c,
+                                                        saved);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "emulated_forward", [&] {
+      dispatch_cell<CudaCoreForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, bias_hn, w_proj, y, h, c, saved);
+    });
+  }
   return {y, h, c.defined() ? c : at::empty({0}, gx.options()), saved.defined() ? saved : at::empty({0}, gx.options())};
 }
 
