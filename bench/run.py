@@ -30,6 +30,9 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 # Cases (T, B, I, H, layers, bidirectional). The quick grid finishes in a few minutes on a 2-core CPU.
 QUICK_CASES = [(100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False), (100, 1, 256, 256, 1, False)]
+# On a GPU the quick grid also takes the large batch and B=1/8 at the default size (seconds there).
+QUICK_CASES_GPU = QUICK_CASES + [(100, 256, 512, 512, 1, False), (100, 8, 512, 512, 1, False),
+                                 (100, 1, 512, 512, 1, False)]
 FULL_CASES = [
     (100, 64, 512, 512, 1, False),  # the fastrnns default
     (100, 1, 256, 256, 1, False), (100, 1, 512, 512, 1, False), (100, 1, 1024, 1024, 1, False),
@@ -178,6 +181,10 @@ def print_table(records):
               f"(min {min(speedups):.2f}x, max {max(speedups):.2f}x)")
 
 
+def quick_cases(device):
+    return QUICK_CASES_GPU if device.type == "cuda" else QUICK_CASES
+
+
 def parse_case(text):
     """TxBxH or TxBxIxH."""
     parts = [int(p) for p in text.lower().split("x")]
@@ -207,7 +214,7 @@ def main(argv=None):
     if args.shapes:
         cases = [s + (args.layers, args.bidirectional) for s in args.shapes]
     else:
-        cases = FULL_CASES if args.full else QUICK_CASES
+        cases = FULL_CASES if args.full else quick_cases(device)
     dtypes = args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")
     repeats = args.repeats or (25 if device.type == "cuda" else 5)
     grid = [(c, s, d, m) for c in args.cells.split(",") for s in cases

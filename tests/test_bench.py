@@ -44,3 +44,11 @@ def test_loop_reference_matches_torch_nn():
         out_loop, h_loop = LoopRNN(ref)(x)
         torch.testing.assert_close(out_loop, out)
         torch.testing.assert_close(h_loop, h if not isinstance(h, tuple) else h[0])
+
+
+def test_quick_grid_on_a_gpu_has_the_issue_shapes():
+    """T=100, I=H=512 at B=1, 8, 64 and 256 on a GPU; the CPU's quick grid stays small."""
+    import torch
+    gpu = {(c[1], c[3]) for c in run.quick_cases(torch.device("cuda")) if c[0] == 100 and c[2] == c[3]}
+    assert {(1, 512), (8, 512), (64, 512), (256, 512)} <= gpu
+    assert run.quick_cases(torch.device("cpu")) == run.QUICK_CASES
