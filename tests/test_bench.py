@@ -52,3 +52,9 @@ def test_quick_grid_on_a_gpu_has_the_issue_shapes():
     gpu = {(c[1], c[3]) for c in run.quick_cases(torch.device("cuda")) if c[0] == 100 and c[2] == c[3]}
     assert {(1, 512), (8, 512), (64, 512), (256, 512)} <= gpu
     assert run.quick_cases(torch.device("cpu")) == run.QUICK_CASES
+
+
+def test_gpu_smoke_script_runs_on_the_cpu():
+    """bench/gpu_smoke.py (every kernel once, for compute-sanitizer on a GPU) must not rot between GPU sessions."""
+    from bench import gpu_smoke
+    assert gpu_smoke.main(["--device", "cpu"]) == 0
