@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One device call on a lent GPU machine (see the device tool's METHOD.md), from the repository root:
 #
-#   bash bench/gpu_session.sh [STAGE ...]     stages: build tests sanitize bench (default: all four)
+#   bash bench/gpu_session.sh [STAGE ...]     stages: build tests sanitize bench ab
+#                                             (default: the first four)
 #
 # build: fused_rnn against the torch there (pip install --no-build-isolation -e .); tests: the CUDA
 # tests against cuDNN and the emulated ones; sanitize: bench/gpu_smoke.py under compute-sanitizer's
-# memcheck and racecheck; bench: `python -m bench` (the GPU's quick grid; BENCH_ARGS adds arguments).
+# memcheck and racecheck; bench: `python -m bench` (the GPU's quick grid; BENCH_ARGS adds arguments);
+# ab: the training half of that grid in float32 with the fused backward step and again with
+# FUSED_RNN_CUDA_UNFUSED_BACKWARD=1 (cell kernel + cuBLAS per step), tables only, to see where
+# fusing pays.
 # Logs and benchmark records go under $OUT (the device tool's output folder; /tmp/fused_rnn_gpu
 # elsewhere): copy $OUT/results/*.json to bench/results/ to commit them. A summary is printed last.
 set -uo pipefail
@@ -44,6 +48,15 @@ for stage in $stages; do
       $PY -m bench --results-dir "$OUT/results" ${BENCH_ARGS:-} > "$OUT/bench.md" 2> "$OUT/bench.log"
       note bench "exit $? (bench.md)"
       tail -n 60 "$OUT/bench.md" ;;
+    ab)
+      for variant in fused unfused; do
+        flag=0; [ "$variant" = unfused ] && flag=1
+        FUSED_RNN_CUDA_UNFUSED_BACKWARD=$flag $PY -m bench --modes training --dtypes float32 --no-save \
+          > "$OUT/ab_$variant.md" 2> "$OUT/ab_$variant.log"
+        note "ab" "$variant: $(grep -E '^geometric' "$OUT/ab_$variant.md")"
+      done
+      paste -d '\n' <(grep -E '^\| [A-Z]' "$OUT/ab_fused.md" | sed 's/^/fused   /') \
+                     <(grep -E '^\| [A-Z]' "$OUT/ab_unfused.md" | sed 's/^/unfused /') ;;
     *) note "$stage" "unknown stage" ;;
   esac
   note "" "$stage took $((SECONDS - start)) s"

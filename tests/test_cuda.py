@@ -196,6 +196,19 @@ def test_packed_projection_bidirectional():
     compare(fused, ref, packed_input(I), state_for("LSTM", 4, 5, H, P))
 
 
+@pytest.mark.parametrize("kind", LAYERS)
+def test_unfused_backward_on_request(kind, monkeypatch):
+    """FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: the cell kernel and cuBLAS per step give the same
+    gradients, packed and bidirectional (and the fused path again once it is unset)."""
+    I, H = 4, 40
+    fused, ref = make_pair(kind, I, H, bidirectional=True)
+    x, hx = packed_input(I), state_for(kind, 2, 5, H)
+    monkeypatch.setenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD", "1")
+    compare(fused, ref, x, hx)
+    monkeypatch.delenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD")
+    compare(fused, ref, x, hx)
+
+
 @pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 3), ("GRU", 0), ("RNN_RELU", 0)])
 def test_inference_without_saved(kind, proj):
     """No gradient wanted: the loop runs without `saved` (the projection input goes to scratch)."""

@@ -1,4 +1,4 @@
-"""The CUDA step loops and their CUDA-core kernels (csrc/cuda/step_loops.cuh), run on the CPU.
+"""The CUDA step loops and their kernels (csrc/cuda/step_loops.cuh), run on the CPU.
 
 No GPU needs to be at hand: tests/cuda_emulation/ compiles the very source that nvcc compiles over a
 small emulation of CUDA's threads, blocks, shared memory and barriers. These tests compare the two
@@ -6,8 +6,10 @@ loops with the CPU op (itself checked against torch.nn in test_parity.py): outpu
 saved values of the forward; every gradient of the backward, once the test has done the products
 that layer.cpp does with cuBLAS after the CUDA loop. The shapes cover partial unit tiles, several
 row tiles, both row counts per thread (picked by the multiprocessor count), more than one reduction
-chunk, packed sequences in both directions (steps that grow, shrink and empty), the projection and
-missing output gradients.
+chunk, packed sequences in both directions (steps that grow, shrink and empty), the projection,
+missing output gradients, the unfused backward (FUSED_RNN_CUDA_UNFUSED_BACKWARD=1), and outputs read
+through a row stride (as the half types' backward reads them). Every result must also be bitwise
+the same across runs and with the grid's blocks run in the opposite order.
 
 The half types' forward kernel on the tensor cores runs here too, over an emulation of wmma that
 checks the hardware's alignment rules, against the CPU op in float32 with the same rounded weights.
@@ -90,11 +92,12 @@ class Layer:
             self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0, self.w_ih, self.w_hh, self.w_hr, True,
             y, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, True)
 
-    def emulated_backward(self, emulated, reverse, y, saved, sms, with_dy=True):
-        """The loop, then layer.cpp's products on CUDA, in the reference's order of results."""
+    def emulated_backward(self, emulated, reverse, y, saved, sms, with_dy=True, fuse=True, outputs=None):
+        """The loop, then layer.cpp's products on CUDA, in the reference's order of results. The loop
+        reads h_{t-1} from `outputs` (y unless given: a view of y with another row stride)."""
         dgx, dgh, dh0, dc0, dh_total = emulated.backward(
-            self.cell, self.batch_sizes, reverse, self.w_hh, self.w_hr, y, self.h0, self.c0, saved,
-            self.dy if with_dy else None, self.dh_n, self.dc_n, sms)
+            self.cell, self.batch_sizes, reverse, self.w_hh, self.w_hr, y if outputs is None else outputs, self.h0,
+            self.c0, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, sms, fuse)
         db_ih = dgx.sum(0)
         db_hh = dgh.sum(0) if self.kind == "GRU" else db_ih
         dw_hr = None
@@ -133,12 +136,17 @@ FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
 GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
 
 
-def check_layer(emulated, layer, reverse, sms, dtype=torch.float64, with_dy=True):
+def check_layer(emulated, layer, reverse, sms, dtype=torch.float64, with_dy=True, fuse=True, outputs_stride=None):
     expected = layer.reference_forward(reverse)
     actual = layer.emulated_forward(emulated, reverse, sms)
     assert_close_all(actual, expected, dtype, FORWARD_NAMES)
     y, saved = expected[0], expected[3]
-    grads = layer.emulated_backward(emulated, reverse, y, saved, sms, with_dy)
+    outputs = None
+    if outputs_stride is not None:  # y inside wider rows, as the half types' float32 copy in `saved`
+        wide = torch.full((y.shape[0], outputs_stride), float("nan"), dtype=y.dtype)
+        outputs = wide[:, 2:2 + y.shape[1]]
+        outputs.copy_(y)
+    grads = layer.emulated_backward(emulated, reverse, y, saved, sms, with_dy, fuse, outputs)
     assert_close_all(grads, layer.reference_backward(reverse, y, saved, with_dy), dtype, GRAD_NAMES)
 
 
@@ -158,11 +166,29 @@ def test_hidden_sizes_around_the_tiles(emulated, kind, hidden):
         check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=hidden), reverse, FEW_SMS)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_float32(emulated, kind):
+def test_float32(emulated, kind, layout):
     for reverse in (False, True):
-        layer = Layer(kind, LAYOUTS["packed"], dtype=torch.float32, seed=3)
+        layer = Layer(kind, LAYOUTS[layout], dtype=torch.float32, seed=3)
         check_layer(emulated, layer, reverse, FEW_SMS, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_unfused_backward(emulated, kind, layout, reverse):
+    """FUSED_RNN_CUDA_UNFUSED_BACKWARD's path: the cell backward kernel and the dh product apart."""
+    check_layer(emulated, Layer(kind, LAYOUTS[layout], seed=19), reverse, FEW_SMS, fuse=False)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_backward_reads_outputs_through_a_row_stride(emulated, kind, fuse):
+    """Half types keep y's float32 copy inside `saved`, which backward reads with saved's row stride."""
+    for reverse in (False, True):
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=23), reverse, FEW_SMS, fuse=fuse,
+                    outputs_stride=37 + 9)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -192,18 +218,36 @@ def test_inference_without_saved_values(emulated, kind):
         assert actual[3].numel() == 0
 
 
-def test_repeated_runs_are_bitwise_identical(emulated):
-    """Each element written by one thread, each sum in a fixed order: a race between the emulated
-    threads (a missing barrier) would show as a difference between runs."""
-    layer = Layer("LSTM", LAYOUTS["packed"], hidden=70, seed=13)
-    runs = []
-    for _ in range(3):
-        y, h, c, saved = layer.emulated_forward(emulated, False, FEW_SMS)
-        grads = layer.emulated_backward(emulated, False, y, saved, FEW_SMS)
-        runs.append([y, h, c, saved] + grads)
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert (a is None and b is None) or torch.equal(a, b)
+def every_kernel(emulated, kind, reverse):
+    """The results of every kernel on one layer: forward, fused and unfused backward, and (but for
+    the float64 layer's own dtype) the tensor-core forward."""
+    layer = Layer(kind, LAYOUTS["packed"], hidden=70, seed=13)
+    y, h, c, saved = layer.emulated_forward(emulated, reverse, FEW_SMS)
+    results = [y, h, c, saved]
+    for fuse in (True, False):
+        results += layer.emulated_backward(emulated, reverse, y, saved, FEW_SMS, fuse=fuse)
+    half = Layer(kind, LAYOUTS["packed"], hidden=70, dtype=torch.float32, seed=13)
+    half.w_hh = half.w_hh.to(torch.bfloat16)
+    return results + list(half.emulated_forward(emulated, reverse, FEW_SMS))
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_bitwise_identical_across_runs_and_block_orders(emulated, kind):
+    """Each element is written by one thread and each sum runs in a fixed order, so repeated runs
+    agree bit for bit (a missing barrier would make the emulated threads race), and so do runs
+    whose blocks go in the opposite order (a block that read what another block of the same
+    launch writes would see other values)."""
+    for reverse in (False, True):
+        first = every_kernel(emulated, kind, reverse)
+        again = every_kernel(emulated, kind, reverse)
+        emulated.set_blocks_descending(True)
+        try:
+            flipped = every_kernel(emulated, kind, reverse)
+        finally:
+            emulated.set_blocks_descending(False)
+        for other in (again, flipped):
+            for a, b in zip(first, other):
+                assert (a is None and b is None) or torch.equal(a, b)
 
 
 # The tensor-core kernel rounds h_{t-1} to the half type for the product; nothing else differs from
@@ -212,22 +256,24 @@ def test_repeated_runs_are_bitwise_identical(emulated):
 HALF_TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.5e-2, atol=1.5e-2)}
 
 
+TENSOR_CORE_SHAPES = [pytest.param(kind, hidden, proj, id=f"{kind}-H{hidden}" + (f"-proj{proj}" if proj else ""))
+                      for kind in CELLS for hidden, proj in [(37, 0), (70, 0), (37, 6)]
+                      if not proj or kind == "LSTM"]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("sms", [FEW_SMS, MANY_SMS], ids=["4_row_tiles", "1_row_tile"])
-@pytest.mark.parametrize("shape", [(37, 0), (70, 0), (37, 6)], ids=["H37", "H70", "H37_proj6"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
-@pytest.mark.parametrize("kind", list(CELLS))
-def test_tensor_core_forward(emulated, kind, dtype, shape, sms):
+@pytest.mark.parametrize("kind,hidden,proj", TENSOR_CORE_SHAPES)
+def test_tensor_core_forward(emulated, kind, hidden, proj, dtype, sms, reverse):
     """Partial 16-unit tiles, one and two 64-wide k chunks, row counts that are not multiples of
     16 or 64, both row tilings, the projection; the reference takes the same rounded W_hh."""
-    hidden, proj = shape
-    if proj and kind != "LSTM":
-        pytest.skip("only LSTM has a projection")
     layer = Layer(kind, [70, 70, 41, 3], hidden=hidden, proj=proj, dtype=torch.float32, seed=17)
     w_hh_half = layer.w_hh.to(dtype)
     layer.w_hh = w_hh_half.float()
-    expected = layer.reference_forward(reverse=False)
+    expected = layer.reference_forward(reverse)
     layer.w_hh = w_hh_half
-    actual = layer.emulated_forward(emulated, False, sms)
+    actual = layer.emulated_forward(emulated, reverse, sms)
     for name, a, e in zip(FORWARD_NAMES, actual, expected):
         if e.numel():
             torch.testing.assert_close(a, e, **HALF_TOL[dtype], msg=lambda m: f"{name}: {m}")

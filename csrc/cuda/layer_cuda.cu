@@ -12,6 +12,9 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "step_loops.cuh"
 
 namespace fused_rnn {
@@ -24,6 +27,12 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
 }
 
 int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: two launches per backward step (step_loops.cuh), read per call.
+bool fused_backward_wanted() {
+  const char* value = std::getenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD");
+  return value == nullptr || std::string(value).empty() || std::string(value) == "0";
+}
 
 }  // namespace
 
@@ -62,7 +71,7 @@ void backward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& w_hh_co
   const c10::cuda::CUDAGuard guard(saved.device());
   AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "fused_rnn_backward_cuda", [&] {
     dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh,
-                                          dc, dgx, dgh, dh_total);
+                                          dc, dgx, dgh, dh_total, fused_backward_wanted());
   });
 }
 

@@ -1,4 +1,4 @@
-// The step loops on CUDA and their CUDA-core kernels: the same two functions as
+// The step loops on CUDA and their kernels: the same two functions as
 // csrc/cpu/layer_cpu.cpp, with the same buffers and packed-sequence semantics (step t works on rows
 // [offsets[t], offsets[t] + batch_sizes[t]) of x / y / saved and on the first batch_sizes[t] rows
 // of the state; reverse walks t downwards).
@@ -24,7 +24,8 @@
 // column tiles, [unit tiles][G*H][units per tile], for the same contiguous slabs. After the walk
 // one cuBLAS product gives dh_0. With a projection dh_{t-1} lives in P dimensions and reaches the
 // cell only through W_hr (a second reduction), so that path keeps a pointwise kernel per step and
-// cuBLAS products.
+// cuBLAS products; FUSED_RNN_CUDA_UNFUSED_BACKWARD=1 takes it for every layer (to compare the two
+// on a GPU, or as a fallback).
 // The weight copies are rebuilt on every call (ATen copies on the current stream), never cached: an
 // optimizer step or a `p.data.copy_()` between calls cannot leave them stale.
 //
@@ -468,8 +469,8 @@ __device__ __forceinline__ void backward_unit(const BackwardArgs<typename Cell::
   Cell::backward(io, H, j);
 }
 
-// --- with a projection: the cell backward over (row, unit), one thread per element (grid-stride);
-// the products around it are cuBLAS calls in the loop.
+// --- unfused (with a projection, or on request): the cell backward over (row, unit), one thread per
+// element (grid-stride); the products around it are cuBLAS calls in the loop.
 constexpr int kBackwardThreads = 256;
 
 template <typename Cell>
@@ -564,14 +565,16 @@ template <typename Cell>
 struct BackwardLoop {
   using T = typename Cell::scalar_t;
 
+  // fuse: one launch per step where the shape allows (no projection); else the cell backward and
+  // cuBLAS's dh product as two launches per step.
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
-                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total, bool fuse) {
     if (s.T == 0 || s.B == 0 || s.H == 0) return;  // H = 0: every gradient is empty or stays as it is
-    if (s.proj) {
-      run_with_projection(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total);
-    } else {
+    if (fuse && !s.proj) {
       run_fused(s, reverse, w_hh_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
+    } else {
+      run_unfused(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total);
     }
   }
 
@@ -641,29 +644,35 @@ struct BackwardLoop {
     if (rows_before > 0) propagate(w_hh_conj, dgh, off_before, rows_before, dh);  // to h_0
   }
 
-  static void run_with_projection(const LayerShape& s, bool reverse, const Tensor& w_hh_conj,
-                                  const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
-                                  Tensor& dgh, Tensor& dh_total) {
-    const int64_t H = s.H;
-    Tensor d_proj_input = at::empty({s.B, H}, dh.options());
+  static void run_unfused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
+                          const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
+                          const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
+    const int64_t H = s.H, P = s.P;
+    Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
+    const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     const int sms = multiprocessor_count();
     for (int64_t step = 0; step < s.T; ++step) {
       const int64_t t = reverse ? step : s.T - 1 - step;
       const int64_t n = s.batch_sizes[t], off = s.offsets[t];
       if (n == 0) continue;
-      // The gradient at h_t is mapped back through W_hr first.
-      Tensor total = dh_total.narrow(0, off, n);
-      if (dy.defined()) {
-        at::add_out(total, dh.narrow(0, 0, n), dy.narrow(0, off, n));
-      } else {
-        total.copy_(dh.narrow(0, 0, n));
+      const T* step_dy = dy_p ? dy_p + off * P : nullptr;
+      T* cell_dh = dh.data_ptr<T>();
+      int64_t cell_dh_stride = P;
+      if (s.proj) {  // the gradient at h_t is mapped back through W_hr first
+        Tensor total = dh_total.narrow(0, off, n);
+        if (dy.defined()) {
+          at::add_out(total, dh.narrow(0, 0, n), dy.narrow(0, off, n));
+        } else {
+          total.copy_(dh.narrow(0, 0, n));
+        }
+        Tensor d_proj_rows = d_proj_input.narrow(0, 0, n);
+        at::mm_out(d_proj_rows, total, w_hr_conj);
+        step_dy = nullptr;
+        cell_dh = d_proj_input.data_ptr<T>();
+        cell_dh_stride = H;
       }
-      Tensor d_proj_rows = d_proj_input.narrow(0, 0, n);
-      at::mm_out(d_proj_rows, total, w_hr_conj);
-
-      const BackwardArgs<T> a = cell_args(s, reverse, t, outputs, h0, c0, saved, nullptr,
-                                          d_proj_input.data_ptr<T>(), H, dc, dgx, dgh);
+      const BackwardArgs<T> a =
+          cell_args(s, reverse, t, outputs, h0, c0, saved, step_dy, cell_dh, cell_dh_stride, dc, dgx, dgh);
       const int64_t blocks = std::min<int64_t>((n * H + kBackwardThreads - 1) / kBackwardThreads,
                                                static_cast<int64_t>(sms) * 32);
       launch(&backward_step_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kBackwardThreads), a);

@@ -1,7 +1,9 @@
 // Just enough of CUDA's programming model to run csrc/cuda/step_loops.cuh on the CPU, so that the
-// CUDA-core kernels and the step loops around them are tested where no GPU is (CI, most machines):
-//  - a launch runs the grid's blocks one after another, each block as one host thread per CUDA
-//    thread, with threadIdx / blockIdx / blockDim / gridDim as thread-locals;
+// kernels and the step loops around them are tested where no GPU is (CI, most machines):
+//  - a launch runs the grid's blocks one after another, in ascending order or (blocks_descending)
+//    the other way round, each block as one host thread per CUDA thread, with threadIdx /
+//    blockIdx / blockDim / gridDim as thread-locals. Blocks of one launch must not depend on each
+//    other: the two orders give the same results only when they don't;
 //  - __shared__ arrays are function statics: one copy, which the block that runs uses alone;
 //  - __syncthreads() is a barrier over the block's threads. Reaching one after another thread of
 //    the block has returned is an error (undefined behaviour on a GPU), reported as an exception
@@ -86,43 +88,43 @@ class BlockBarrier {
 };
 
 inline thread_local BlockBarrier* block_barrier = nullptr;
+inline bool blocks_descending = false;
 
 // Runs body() as every thread of every block of the grid; rethrows the first exception of any thread.
 template <typename Body>
 void run_grid(dim3 grid, dim3 block, const Body& body) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
-  for (unsigned bz = 0; bz < grid.z; ++bz) {
-    for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        BlockBarrier barrier(threads);
-        std::mutex error_mutex;
-        std::exception_ptr error;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned tz = 0; tz < block.z; ++tz) {
-          for (unsigned ty = 0; ty < block.y; ++ty) {
-            for (unsigned tx = 0; tx < block.x; ++tx) {
-              pool.emplace_back([&, tx, ty, tz, bx, by, bz] {
-                threadIdx = dim3(tx, ty, tz);
-                blockIdx = dim3(bx, by, bz);
-                blockDim = block;
-                gridDim = grid;
-                block_barrier = &barrier;
-                try {
-                  body();
-                } catch (...) {
-                  const std::lock_guard<std::mutex> lock(error_mutex);
-                  if (!error) error = std::current_exception();
-                }
-                barrier.thread_returned();
-              });
+  const unsigned long blocks = static_cast<unsigned long>(grid.x) * grid.y * grid.z;
+  for (unsigned long k = 0; k < blocks; ++k) {
+    const unsigned long linear = blocks_descending ? blocks - 1 - k : k;
+    const unsigned bx = linear % grid.x, by = linear / grid.x % grid.y, bz = linear / grid.x / grid.y;
+    BlockBarrier barrier(threads);
+    std::mutex error_mutex;
+    std::exception_ptr error;
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned tz = 0; tz < block.z; ++tz) {
+      for (unsigned ty = 0; ty < block.y; ++ty) {
+        for (unsigned tx = 0; tx < block.x; ++tx) {
+          pool.emplace_back([&, tx, ty, tz] {
+            threadIdx = dim3(tx, ty, tz);
+            blockIdx = dim3(bx, by, bz);
+            blockDim = block;
+            gridDim = grid;
+            block_barrier = &barrier;
+            try {
+              body();
+            } catch (...) {
+              const std::lock_guard<std::mutex> lock(error_mutex);
+              if (!error) error = std::current_exception();
             }
-          }
+            barrier.thread_returned();
+          });
         }
-        for (std::thread& t : pool) t.join();
-        if (error) std::rethrow_exception(error);
       }
     }
+    for (std::thread& t : pool) t.join();
+    if (error) std::rethrow_exception(error);
   }
 }
 

@@ -87,7 +87,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& gx, std::vector<int64_t>
 std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, bool reverse, const Tensor& w_hh,
                              const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& h0,
                              const c10::optional<Tensor>& c0, const Tensor& saved, const c10::optional<Tensor>& dy,
-                             const Tensor& dh_n, const c10::optional<Tensor>& dc_n, int64_t sms) {
+                             const Tensor& dh_n, const c10::optional<Tensor>& dc_n, int64_t sms, bool fuse) {
   const bool proj = w_hr.has_value();
   const int64_t H = w_hh.size(0) / (cell == 0 ? 4 : cell == 1 ? 3 : 1);
   const LayerShape s = shape_of(cell, batch_sizes, H, h0.size(1), proj);
@@ -101,7 +101,7 @@ std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, boo
   Tensor dh_total = proj ? unwritten({s.N, s.P}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "emulated_backward", [&] {
     dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh, or_undefined(w_hr), y, h0, or_undefined(c0),
-                                          saved, or_undefined(dy), dh, dc, dgx, dgh, dh_total);
+                                          saved, or_undefined(dy), dh, dc, dgx, dgh, dh_total, fuse);
   });
   const Tensor none = at::empty({0}, opts);
   return {dgx, dgh, dh, dc.defined() ? dc : none, dh_total.defined() ? dh_total : none};
@@ -113,4 +113,5 @@ std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, boo
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fused_rnn::forward);
   m.def("backward", &fused_rnn::backward);
+  m.def("set_blocks_descending", [](bool descending) { emulated_cuda::blocks_descending = descending; });
 }
