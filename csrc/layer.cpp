@@ -36,8 +36,9 @@ bool is_low_precision(const Tensor& t) {
 // reads) are float32, and y, h_n, c_n are cast back at the end. On the CPU the whole op is upcast,
 // as torch.nn does there. On CUDA the big operands stay in the half type for the matrix products:
 // x·W_ihᵀ on cuBLAS with float32 accumulation and output, h_{t-1}·W_hhᵀ on the tensor cores
-// (csrc/cuda/layer_cuda.cu). Its kernel zero-pads every tile, so no shape falls back; only a GPU
-// below compute capability 8.0 takes the CPU's route. Backward upcasts on both devices.
+// (csrc/cuda/step_loops.cuh). Its kernel zero-pads every tile, so no shape falls back; only a GPU
+// below compute capability 8.0 takes the CPU's route. Backward's step loop runs in float32 on both
+// devices; on CUDA its once-per-sequence products (dX, dW_ih, dW_hh) take half operands again.
 bool compute_in_float(const Tensor& x) { return is_low_precision(x); }
 
 // Whether x, W_ih and W_hh keep their half type (see compute_in_float).
@@ -255,12 +256,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_forward(
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // The backward op once its arguments are checked, in the type it computes in (x, the weights, the
-// state and the incoming gradients; `saved` already is).
+// state and the incoming gradients; `saved` already is). product_type: the operands' type for the
+// CUDA path's once-per-sequence products (a half type on the tensor cores, else x's).
 Grads backward_checked(const LayerShape& s, bool reverse, const Tensor& x_in, const Tensor& h0_in,
                        const optional<Tensor>& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
                        const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved_in,
                        const optional<Tensor>& dy_in, const optional<Tensor>& dh_n, const optional<Tensor>& dc_n,
-                       bool need_input_grad) {
+                       bool need_input_grad, at::ScalarType product_type) {
   const Tensor x = x_in.contiguous(), saved = saved_in.contiguous();
   const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
   const Tensor w_proj = contiguous_or_undefined(w_hr);
@@ -295,9 +297,21 @@ Grads backward_checked(const LayerShape& s, bool reverse, const Tensor& x_in, co
     Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
     backward_loop_cuda(s, reverse, w_hh_conj, w_proj_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total);
     // The once-per-sequence GEMMs and sums; plain reductions, so results are reproducible.
-    if (need_input_grad) at::mm_out(g.dx, dgx, w_ih.conj());
-    at::mm_out(g.dw_ih, dgx.t(), x.conj());
-    at::mm_out(g.dw_hh, dgh.t(), previous_outputs(s, reverse, outputs, h0).conj());
+    const Tensor h_prev = previous_outputs(s, reverse, outputs, h0);
+    if (product_type == x.scalar_type()) {
+      if (need_input_grad) at::mm_out(g.dx, dgx, w_ih.conj());
+      at::mm_out(g.dw_ih, dgx.t(), x.conj());
+      at::mm_out(g.dw_hh, dgh.t(), h_prev.conj());
+    } else {
+      // Half types, as the forward's products: half operands on the tensor cores, float32
+      // accumulation; the results come out rounded to the half type, which they are returned in
+      // anyway. The gate gradients lose their float32 precision here only.
+      const auto operand = [&](const Tensor& t) { return t.to(product_type); };
+      const Tensor dgx_op = operand(dgx), dgh_op = s.cell == CellKind::GRU ? operand(dgh) : dgx_op;
+      if (need_input_grad) g.dx.copy_(at::mm(dgx_op, operand(w_ih)));
+      g.dw_ih.copy_(at::mm(dgx_op.t(), operand(x)));
+      g.dw_hh.copy_(at::mm(dgh_op.t(), operand(h_prev)));
+    }
     if (has_bias) {
       at::sum_out(g.db_ih, dgx, 0);
       if (s.cell == CellKind::GRU) at::sum_out(g.db_hh, dgh, 0);
@@ -338,14 +352,14 @@ Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes,
   check_grad(dy, "grad_y", s.N, s.P);
   check_grad(dh_n, "grad_h_n", s.B, s.P);
   if (s.cell == CellKind::LSTM) check_grad(dc_n, "grad_c_n", s.B, s.H);
+  const auto type = x.scalar_type();
   if (!compute_in_float(x)) {
     return backward_checked(s, reverse, x, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, dy, dh_n, dc_n,
-                            need_input_grad);
+                            need_input_grad, type);
   }
   Grads g = backward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih), to_float(w_hh),
                              to_float(w_hr), has_bias, y, saved, to_float(dy), to_float(dh_n), to_float(dc_n),
-                             need_input_grad);
-  const auto type = x.scalar_type();
+                             need_input_grad, half_operands_on_tensor_cores(x) ? type : at::kFloat);
   auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] = g;
   return {to_type(dx, type), to_type(dh, type), to_type(dc, type), to_type(dw_ih, type),
           to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type)};
