@@ -51,8 +51,9 @@ for stage in $stages; do
     ab)
       for variant in fused unfused; do
         flag=0; [ "$variant" = unfused ] && flag=1
+        # shellcheck disable=SC2086
         FUSED_RNN_CUDA_UNFUSED_BACKWARD=$flag $PY -m bench --modes training --dtypes float32 --no-save \
-          > "$OUT/ab_$variant.md" 2> "$OUT/ab_$variant.log"
+          ${BENCH_ARGS:-} > "$OUT/ab_$variant.md" 2> "$OUT/ab_$variant.log"
         note "ab" "$variant: $(grep -E '^geometric' "$OUT/ab_$variant.md")"
       done
       paste -d '\n' <(grep -E '^\| [A-Z]' "$OUT/ab_fused.md" | sed 's/^/fused   /') \
