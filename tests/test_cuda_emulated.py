@@ -23,12 +23,10 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-import fused_rnn  # noqa: F401  (registers torch.ops.fused_rnn)
+from fused_rnn import _ops  # loads the extension, which registers torch.ops.fused_rnn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CELLS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
-SAVED = {"LSTM": 5, "GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}  # the cells' kSaved (csrc/cells.h)
+CELLS = _ops.CELL_IDS  # the ops' cell ids, and per id the cells' kGates and kSaved (csrc/cells.h)
 LAYOUTS = {
     "padded": [18, 18, 18, 18],
     "packed": [18, 13, 13, 5, 1],
@@ -59,7 +57,7 @@ class Layer:
         def rand(*shape, scale=0.5):
             return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-        G, H, P = GATES[kind], hidden, proj or hidden
+        G, H, P = _ops._GATES[CELLS[kind]], hidden, proj or hidden
         N, B = sum(batch_sizes), batch_sizes[0]
         self.kind, self.cell, self.batch_sizes, self.H, self.P = kind, CELLS[kind], batch_sizes, H, P
         k = H ** -0.5  # torch.nn's scale: the recurrence neither explodes nor amplifies roundings
@@ -102,7 +100,7 @@ class Layer:
         db_hh = dgh.sum(0) if self.kind == "GRU" else db_ih
         dw_hr = None
         if self.w_hr is not None:
-            proj_input = saved[:, SAVED[self.kind] * self.H:][:, :self.H]
+            proj_input = saved[:, _ops._SAVED_PER_UNIT[self.cell] * self.H:][:, :self.H]
             dw_hr = dh_total.t() @ proj_input
         h_prev = previous_outputs(y, self.h0, self.batch_sizes, reverse)
         return [dgx @ self.w_ih, dh0, dc0 if self.c0 is not None else None, dgx.t() @ self.x, dgh.t() @ h_prev,

@@ -131,6 +131,18 @@ bool fills_the_gpu(int64_t n, int64_t H, int rows_per_block, int units_per_block
   return blocks >= sms;
 }
 
+// Launches a step kernel over n rows and H units: its variant with many rows per block while
+// that still fills the GPU, else the one with few.
+template <typename Args>
+void launch_row_variant(void (*many_rows)(Args), int many, void (*few_rows)(Args), int few, int units, dim3 block,
+                        int64_t n, int64_t H, int sms, const Args& args) {
+  if (fills_the_gpu(n, H, many, units, sms)) {
+    launch(many_rows, step_grid(n, H, many, units), block, args);
+  } else {
+    launch(few_rows, step_grid(n, H, few, units), block, args);
+  }
+}
+
 // The CUDA-core kernels' block: dim3(kTileUnits, kWarps) threads. threadIdx.x = unit within the
 // tile (one warp spans the tile's 32 units, so weight loads from shared memory are conflict-free and
 // global writes coalesce); threadIdx.y = warp, which owns kRows consecutive batch rows.
@@ -138,6 +150,37 @@ constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
 constexpr int kWarps = 4;       // warps per block
 constexpr int kThreads = kTileUnits * kWarps;
 constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
+
+// The product behind both CUDA-core kernels: acc[r][g] += Σ_k left[row0 + ty*kRows + r, k] ·
+// W[k, g*kTileUnits + tx] for k in [0, K), over a block's slab of a tiled weight ([K][kG*kTileUnits],
+// 16-byte aligned) and rows [0, rows) of the row-major [rows, K] left operand. Each k chunk is
+// staged in shared memory (w_s: [kTileK][kG*kTileUnits], l_s: [kWarps*kRows][kTileK], declared by
+// the kernel); padding past K and past `rows` is 0 in both tiles, so it adds exact zeros, and the k
+// order is fixed. Every thread of the block must call it (it holds barriers).
+template <int kG, int kRows, typename T>
+__device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* w_s, T* l_s, const T* slab,
+                                                        const T* left, int64_t row0, int64_t rows, int64_t K) {
+  constexpr int kTileRows = kWarps * kRows, kWCols = kG * kTileUnits;
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileUnits + tx;
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    stage_weight_rows<kTileK, kWCols, kWCols, kThreads>(w_s, slab, k0, K, tid);
+    stage_matrix_tile<kTileRows, kTileK, kThreads>(l_s, left, row0, rows, k0, K, tid);
+    __syncthreads();
+#pragma unroll 4
+    for (int kk = 0; kk < kTileK; ++kk) {
+      T w[kG];
+#pragma unroll
+      for (int g = 0; g < kG; ++g) w[g] = w_s[kk * kWCols + g * kTileUnits + tx];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const T lv = l_s[(ty * kRows + r) * kTileK + kk];  // the same address across the warp: a broadcast
+#pragma unroll
+        for (int g = 0; g < kG; ++g) acc[r][g] += lv * w[g];
+      }
+    }
+    __syncthreads();  // before the next chunk overwrites the tiles
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward: fused recurrent GEMM + cell, one launch per step.
@@ -191,7 +234,6 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ T h_s[kTileRows][kTileK];
 
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int tid = ty * kTileUnits + tx;
   const int64_t P = a.P, n = a.n;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kTileUnits;
@@ -203,26 +245,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int g = 0; g < G; ++g) acc[r][g] = T(0);
   }
-
-  for (int64_t k0 = 0; k0 < P; k0 += kTileK) {
-    stage_weight_rows<kTileK, kWCols, kWCols, kThreads>(&w_s[0][0], slab, k0, P, tid);
-    stage_matrix_tile<kTileRows, kTileK, kThreads>(&h_s[0][0], a.h, row0, n, k0, P, tid);
-    __syncthreads();
-    // Padding beyond P is 0 in both tiles, so it adds exact zeros; the k order is fixed.
-#pragma unroll 4
-    for (int kk = 0; kk < kTileK; ++kk) {
-      T w[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) w[g] = w_s[kk][g * kTileUnits + tx];
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const T hv = h_s[ty * kRows + r][kk];  // the same address across the warp: a broadcast
-#pragma unroll
-        for (int g = 0; g < G; ++g) acc[r][g] += hv * w[g];
-      }
-    }
-    __syncthreads();
-  }
+  accumulate_tile_product(acc, &w_s[0][0], &h_s[0][0], slab, a.h, row0, n, P);
 
   const int64_t j = unit0 + tx;
   if (j >= a.H) return;
@@ -236,12 +259,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename Cell>
 void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms) {
-  const dim3 block(kTileUnits, kWarps);
-  if (fills_the_gpu(a.n, a.H, kWarps * 4, kTileUnits, sms)) {
-    launch(&forward_step_kernel<Cell, 4>, step_grid(a.n, a.H, kWarps * 4, kTileUnits), block, a);
-  } else {
-    launch(&forward_step_kernel<Cell, 1>, step_grid(a.n, a.H, kWarps, kTileUnits), block, a);
-  }
+  launch_row_variant(&forward_step_kernel<Cell, 4>, kWarps * 4, &forward_step_kernel<Cell, 1>, kWarps, kTileUnits,
+                     dim3(kTileUnits, kWarps), a.n, a.H, sms, a);
 }
 
 // --- float16/bfloat16 on the tensor cores --------------------------------------------------------
@@ -340,12 +359,8 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
 
 template <typename Cell, typename W>
 void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms) {
-  const dim3 block(32 * Cell::kGates);
-  if (fills_the_gpu(a.n, a.H, 16 * 4, kMmaUnits, sms)) {
-    launch(&forward_step_tensor_core_kernel<Cell, W, 4>, step_grid(a.n, a.H, 16 * 4, kMmaUnits), block, a);
-  } else {
-    launch(&forward_step_tensor_core_kernel<Cell, W, 1>, step_grid(a.n, a.H, 16, kMmaUnits), block, a);
-  }
+  launch_row_variant(&forward_step_tensor_core_kernel<Cell, W, 4>, 16 * 4, &forward_step_tensor_core_kernel<Cell, W, 1>,
+                     16, kMmaUnits, dim3(32 * Cell::kGates), a.n, a.H, sms, a);
 }
 
 // W: the type of W_hh. The cell's own type: the CUDA-core kernel. A half type (the cell in float):
@@ -512,30 +527,16 @@ __global__ void __launch_bounds__(kThreads)
 
   const BackwardArgs<T>& cell = a.cell;
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int tid = ty * kTileUnits + tx;
   const int64_t H = cell.H, GH = Cell::kGates * H, before = a.rows_before;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
   const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kTileUnits;
   const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * GH * kTileUnits;
 
-  T acc[kRows];
+  T acc[kRows][1];  // one "gate": the block's columns of dh
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) acc[r] = T(0);
-
+  for (int r = 0; r < kRows; ++r) acc[r][0] = T(0);
   if (row0 < before) {  // the same for every thread of the block, so all of them reach the barriers
-    for (int64_t m0 = 0; m0 < GH; m0 += kTileK) {
-      stage_weight_rows<kTileK, kTileUnits, kTileUnits, kThreads>(&w_s[0][0], slab, m0, GH, tid);
-      stage_matrix_tile<kTileRows, kTileK, kThreads>(&g_s[0][0], a.dg_before, row0, before, m0, GH, tid);
-      __syncthreads();
-      // Padding past G*H is 0 in both tiles, so it adds exact zeros; the m order is fixed.
-#pragma unroll 4
-      for (int kk = 0; kk < kTileK; ++kk) {
-        const T w = w_s[kk][tx];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += g_s[ty * kRows + r][kk] * w;  // g_s: a broadcast
-      }
-      __syncthreads();
-    }
+    accumulate_tile_product(acc, &w_s[0][0], &g_s[0][0], slab, a.dg_before, row0, before, GH);
   }
 
   const int64_t j = unit0 + tx, rows = cell.n > before ? cell.n : before;
@@ -545,20 +546,15 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row0 + ty * kRows + r;
     if (b >= rows) break;
     T* dh = cell.dh + b * cell.dh_stride + j;
-    if (b < before) *dh = Cell::kSeparateRecurrentGrad ? *dh + acc[r] : acc[r];
+    if (b < before) *dh = Cell::kSeparateRecurrentGrad ? *dh + acc[r][0] : acc[r][0];
     if (b < cell.n) backward_unit<Cell>(cell, b, j);
   }
 }
 
 template <typename Cell>
 void launch_fused_backward_step(const FusedBackwardArgs<typename Cell::scalar_t>& a, int sms) {
-  const int64_t rows = std::max(a.cell.n, a.rows_before), H = a.cell.H;
-  const dim3 block(kTileUnits, kWarps);
-  if (fills_the_gpu(rows, H, kWarps * 4, kTileUnits, sms)) {
-    launch(&fused_backward_step_kernel<Cell, 4>, step_grid(rows, H, kWarps * 4, kTileUnits), block, a);
-  } else {
-    launch(&fused_backward_step_kernel<Cell, 1>, step_grid(rows, H, kWarps, kTileUnits), block, a);
-  }
+  launch_row_variant(&fused_backward_step_kernel<Cell, 4>, kWarps * 4, &fused_backward_step_kernel<Cell, 1>, kWarps,
+                     kTileUnits, dim3(kTileUnits, kWarps), std::max(a.cell.n, a.rows_before), a.cell.H, sms, a);
 }
 
 template <typename Cell>

@@ -22,25 +22,29 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
 
 int multiprocessor_count() { return emulated_multiprocessors; }
 
+// The cell's kGates and kSaved, named by its id.
 template <typename Cell>
-struct SavedPerUnit {
-  static void run(int64_t& out) { out = Cell::kSaved; }
+struct CellConstants {
+  static void run(int64_t& gates, int64_t& saved_per_unit) {
+    gates = Cell::kGates;
+    saved_per_unit = Cell::kSaved;
+  }
 };
 
-LayerShape shape_of(int64_t cell, const std::vector<int64_t>& batch_sizes, int64_t H, int64_t P, bool proj) {
+// What describe_layer (layer.cpp) gives the loops, from W_hh [G*H, P] and h0 [B, P].
+LayerShape shape_of(int64_t cell, const std::vector<int64_t>& batch_sizes, const Tensor& w_hh, const Tensor& h0,
+                    bool proj) {
   LayerShape s;
   s.cell = static_cast<CellKind>(cell);
+  dispatch_cell<CellConstants, float>(s.cell, s.gates, s.saved_per_unit);
   s.T = static_cast<int64_t>(batch_sizes.size());
   s.B = s.T > 0 ? batch_sizes[0] : 0;
   s.I = 0;  // the loops never read it
-  s.H = H;
-  s.P = P;
+  s.H = w_hh.size(0) / s.gates;
+  s.P = h0.size(1);
   s.proj = proj;
   s.outputs_in_saved = false;
-  s.gates = s.cell == CellKind::LSTM ? 4 : s.cell == CellKind::GRU ? 3 : 1;
-  dispatch_cell<SavedPerUnit, float>(s.cell, s.saved_per_unit);
   s.batch_sizes = batch_sizes;
-  s.offsets.clear();
   int64_t rows = 0;
   for (int64_t n : batch_sizes) {
     s.offsets.push_back(rows);
@@ -61,9 +65,7 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& gx, std::vector<int64_t>
                             const Tensor& h0, const c10::optional<Tensor>& c0, const Tensor& w_hh,
                             const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& w_hr, bool need_saved,
                             int64_t sms) {
-  const bool proj = w_hr.has_value();
-  const LayerShape s = shape_of(cell, batch_sizes, w_hh.size(0) / (cell == 0 ? 4 : cell == 1 ? 3 : 1),
-                                h0.size(1), proj);
+  const LayerShape s = shape_of(cell, batch_sizes, w_hh, h0, w_hr.has_value());
   emulated_multiprocessors = static_cast<int>(sms);
   Tensor y = unwritten({s.N, s.P}, gx.options());
   Tensor h = h0.clone();
@@ -88,9 +90,7 @@ std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, boo
                              const c10::optional<Tensor>& w_hr, const Tensor& y, const Tensor& h0,
                              const c10::optional<Tensor>& c0, const Tensor& saved, const c10::optional<Tensor>& dy,
                              const Tensor& dh_n, const c10::optional<Tensor>& dc_n, int64_t sms, bool fuse) {
-  const bool proj = w_hr.has_value();
-  const int64_t H = w_hh.size(0) / (cell == 0 ? 4 : cell == 1 ? 3 : 1);
-  const LayerShape s = shape_of(cell, batch_sizes, H, h0.size(1), proj);
+  const LayerShape s = shape_of(cell, batch_sizes, w_hh, h0, w_hr.has_value());
   emulated_multiprocessors = static_cast<int>(sms);
   const auto opts = y.options();
   const int64_t GH = s.gates * s.H;
@@ -98,7 +98,7 @@ std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, boo
   Tensor dc = s.cell == CellKind::LSTM ? dc_n->clone() : Tensor();
   Tensor dgx = unwritten({s.N, GH}, opts);
   Tensor dgh = s.cell == CellKind::GRU ? unwritten({s.N, GH}, opts) : dgx;
-  Tensor dh_total = proj ? unwritten({s.N, s.P}, opts) : Tensor();
+  Tensor dh_total = s.proj ? unwritten({s.N, s.P}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "emulated_backward", [&] {
     dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh, or_undefined(w_hr), y, h0, or_undefined(c0),
                                           saved, or_undefined(dy), dh, dc, dgx, dgh, dh_total, fuse);
