@@ -14,15 +14,20 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._decomp import decompositions as _torch_cells
 
 from ._ops import CELL_IDS, LSTM_ID
 
-_TORCH_CELLS = {  # torch's own cell ops, differentiable any number of times
-    CELL_IDS["LSTM"]: torch._VF.lstm_cell,
-    CELL_IDS["GRU"]: torch._VF.gru_cell,
-    CELL_IDS["RNN_TANH"]: torch._VF.rnn_tanh_cell,
-    CELL_IDS["RNN_RELU"]: torch._VF.rnn_relu_cell,
-}
+def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """One step of the cell by torch's own out-of-place formulas (the decompositions that
+    torch.compile uses for its recurrent layers): differentiable to any order and in forward mode,
+    and safe under vmap, which torch._VF's cells are not (they add the gates in place)."""
+    if cell == LSTM_ID:
+        return _torch_cells.lstm_cell(F.linear(x_t, w_ih, b_ih), h, c, w_hh, b_hh, w_hr, 1)
+    if cell == CELL_IDS["GRU"]:
+        return _torch_cells.gru_cell_data(x_t, h, w_ih, b_ih, w_hh, b_hh), None
+    nonlinearity = torch.tanh if cell == CELL_IDS["RNN_TANH"] else torch.relu
+    return _torch_cells.rnn_cell_data(nonlinearity)(x_t, h, w_ih, b_ih, w_hh, b_hh), None
 
 
 def _wants_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -30,16 +35,9 @@ def _wants_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
 
 
 def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """The layer of layer_forward, recomputed step by step with torch's cell ops (differentiable
-    to any order) over the same packed layout: the forward direction drops the rows whose
-    sequences have ended, the reverse direction adds each row at its sequence's last step."""
-    step = _TORCH_CELLS[cell]
-    proj_pad = (0, 0)
-    if w_hr is not None:
-        # lstm_cell wants h as wide as c. proj_size < hidden_size, so give h and w_hh zero columns
-        # up to hidden_size: they add exact zeros to h·w_hhᵀ.
-        proj_pad = (0, w_hr.size(1) - w_hr.size(0))
-        w_hh = F.pad(w_hh, proj_pad)
+    """The layer of layer_forward, recomputed step by step with torch's cell formulas over the
+    same packed layout: the forward direction drops the rows whose sequences have ended, the
+    reverse direction adds each row at its sequence's last step."""
     starts = [0]
     for n in batch_sizes[:-1]:
         starts.append(starts[-1] + n)
@@ -57,13 +55,7 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
             ended_c.append(c[n:] if c is not None else None)
             h, c = h[:n], (c[:n] if c is not None else None)
         rows = n
-        x_t = x[starts[t]:starts[t] + n]
-        if cell == LSTM_ID:
-            h, c = step(x_t, (F.pad(h, proj_pad), c), w_ih, w_hh, b_ih, b_hh)
-            if w_hr is not None:
-                h = F.linear(h, w_hr)
-        else:
-            h = step(x_t, h, w_ih, w_hh, b_ih, b_hh)
+        h, c = _torch_cell_step(cell, x[starts[t]:starts[t] + n], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
         ys[t] = h
     y = torch.cat(ys) if ys else x.new_empty(0, h0.size(1))
     h_n = torch.cat([h] + ended_h[::-1])
@@ -75,7 +67,7 @@ def _setup_layer_context(ctx, inputs, output):
     cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved = inputs
     ctx.cell, ctx.batch_sizes, ctx.reverse = cell, batch_sizes, reverse
     # All references, no copies. Backward reads h_{t-1} from y (the step before's output) or h0, and
-    # c_{t-1} from saved or c0; the biases serve the double-backward recomputation. Saving y means
+    # c_{t-1} from saved or c0; the biases serve the differentiable recomputation. Saving y means
     # that changing it in place before backward is an error, as with torch.nn on cuDNN.
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[0], output[3])
 
@@ -85,10 +77,11 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
 
     Plain backward (create_graph=False) runs our fused backward op, whose result is not itself
     differentiable. For a differentiable backward (create_graph=True: double backward, gradient
-    penalties), the layer is recomputed with torch's own cell ops (torch._VF.lstm_cell, gru_cell,
-    rnn_tanh_cell, rnn_relu_cell; LSTM's projection by F.linear) and differentiated by autograd, so
-    higher derivatives come from torch and no third copy of the gate equations exists. That path
-    is step by step, hence slow: meant for gradient penalties and gradgradcheck, not for training.
+    penalties; and always under torch.func's transforms, which differentiate their backward), the
+    layer is recomputed with torch's own cell formulas (_torch_cell_step) and differentiated by
+    torch.func.vjp, so higher derivatives come from torch and no third copy of the gate equations
+    exists. That path is step by step, hence slow: meant for gradient penalties, gradgradcheck and
+    torch.func, not for training.
     """
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, saved = ctx.saved_tensors
     if ctx.cell != LSTM_ID:
@@ -107,21 +100,82 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
     return None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
 
 
+def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted):
+    """(the layer as a function of inputs[i] for i in wanted, those inputs): for torch.func."""
+    def layer_of(*chosen):
+        args = list(inputs)
+        for i, t in zip(wanted, chosen):
+            args[i] = t
+        y, h_n, c_n = _layer_with_torch_cells(cell, args[0], batch_sizes, reverse, *args[1:])
+        return (y, h_n) if c_n is None else (y, h_n, c_n)
+    return layer_of, tuple(inputs[i] for i in wanted)
+
+
 def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n):
     """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as a graph, None where
-    not needed."""
+    not needed. torch.func.vjp rather than autograd.grad: under torch.func's transforms the saved
+    inputs are not autograd leaves of this level, and vjp differentiates them all the same."""
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
-    x, *states_and_weights = inputs
-    y, h_n, c_n = _layer_with_torch_cells(cell, x, batch_sizes, reverse, *states_and_weights)
-    outputs, grad_outputs = (y, h_n), (grad_y, grad_h_n)
-    if c_n is not None:
-        outputs, grad_outputs = outputs + (c_n,), grad_outputs + (grad_c_n,)
-    found = torch.autograd.grad(outputs, [inputs[i] for i in wanted], grad_outputs,
-                                create_graph=True, allow_unused=True)
     grads = [None] * len(inputs)
-    for i, g in zip(wanted, found):
+    if not wanted:
+        return grads
+    layer_of, primals = _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted)
+    outputs, pullback = torch.func.vjp(layer_of, *primals)
+    cotangents = [g if g is not None else torch.zeros_like(o)
+                  for g, o in zip((grad_y, grad_h_n, grad_c_n), outputs)]
+    for i, g in zip(wanted, pullback(tuple(cotangents))):
         grads[i] = g
     return grads
+
+
+def _layer_tangents(ctx, *input_tangents):
+    """Forward mode: the tangents of (y, h_n, c_n) for the inputs' tangents, J·t, as the transpose
+    of the differentiable backward: the pullback u -> Jᵀu is linear in u, so its own vjp with the
+    cotangent t is J·t. Reverse mode only, so it works under torch.autograd.forward_ad (where a
+    nested forward-mode level is refused) and under every torch.func transform alike; step by step,
+    hence slow, as the differentiable backward."""
+    tangents = [input_tangents[1]] + list(input_tangents[4:11])  # those of (x, h0, c0, w_ih, ..., w_hr)
+    present = iter(ctx.saved_tensors)
+    inputs = [next(present) if here else None for here in ctx.present]
+    wanted = [i for i, (t, d) in enumerate(zip(inputs, tangents)) if t is not None and d is not None]
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        layer_of, primals = _recomputed_layer(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, wanted)
+        outputs, pullback = torch.func.vjp(layer_of, *primals)
+        _, transpose = torch.func.vjp(pullback, tuple(torch.zeros_like(o) for o in outputs))
+        (out_tangents,) = transpose(tuple(tangents[i] for i in wanted))
+    d_y, d_h_n = out_tangents[:2]
+    d_c_n = out_tangents[2] if ctx.cell == LSTM_ID else None
+    return d_y, d_h_n, d_c_n, None
+
+
+class _Layer(torch.autograd.Function):
+    """layer_forward with every autograd mode eager PyTorch has: backward (ours, fused), double
+    backward, forward mode (jvp) and torch.func's transforms (setup_context apart from forward;
+    vmap from the generated rule, which runs the compiled op once per vmapped element).
+
+    The op's own registration (register_autograd, below) has backward only: torch.func's grad and
+    jacrev refuse it (no setup_context), and forward mode through it gives zero tangents,
+    silently. It serves torch.compile, which cannot trace an autograd.Function with a jvp."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+        return torch.ops.fused_rnn.layer_forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                 w_hr, need_saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_layer_context(ctx, inputs, output)
+        # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr for jvp; save_for_forward takes no None (an absent
+        # c0, bias or w_hr), so the absent ones are remembered by position.
+        primals = inputs[1:2] + inputs[4:11]
+        ctx.present = [t is not None for t in primals]
+        ctx.save_for_forward(*(t for t in primals if t is not None))
+        # saved, and c_n of the cells without one (an empty placeholder), carry no derivative.
+        ctx.mark_non_differentiable(*output[2 if inputs[0] != LSTM_ID else 3:])
+
+    backward = staticmethod(_layer_backward)
+    jvp = staticmethod(_layer_tangents)
 
 
 torch.library.register_autograd("fused_rnn::layer_forward", _layer_backward, setup_context=_setup_layer_context)
@@ -152,8 +206,10 @@ def _autocast_eligible(t: Optional[Tensor]) -> bool:
 
 def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    y, h_n, c_n, _ = torch.ops.fused_rnn.layer_forward(
-        cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
+    # Compiled graphs hold the op itself (its registered backward); eager runs go through _Layer,
+    # which adds forward mode and torch.func's transforms.
+    run = torch.ops.fused_rnn.layer_forward if torch.compiler.is_compiling() else _Layer.apply
+    y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
     return y, h_n, c_n
 
 
