@@ -206,8 +206,10 @@ def _autocast_eligible(t: Optional[Tensor]) -> bool:
 
 def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    # Compiled graphs hold the op itself (its registered backward); eager runs go through _Layer,
-    # which adds forward mode and torch.func's transforms.
+    # Eager runs go through _Layer, which adds forward mode and torch.func's transforms. Compiled
+    # graphs hold the op itself, with its registered backward (Dynamo cannot trace a jvp), so a
+    # forward-mode transform traced inside torch.compile would see zero tangents: the README says
+    # to apply torch.func outside torch.compile.
     run = torch.ops.fused_rnn.layer_forward if torch.compiler.is_compiling() else _Layer.apply
     y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
     return y, h_n, c_n
