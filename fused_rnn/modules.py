@@ -5,6 +5,7 @@ initialisation, repr, state_dict and the constructor checks are torch.nn's own. 
 forward: it puts the input in packed layout and runs functional.stacked_rnn over our compiled ops.
 """
 import operator
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,16 +25,49 @@ def _autocast_casts(input: Tensor) -> bool:
             and torch.is_autocast_enabled(input.device.type))
 
 
-def _check_state(name: str, state, input: Tensor) -> None:
-    # RuntimeError for dtype and device, as torch.nn raises for the same hx
+def _check_state_type(name: str, state) -> None:
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
-    if state.dtype != input.dtype and not _autocast_casts(input):
-        raise RuntimeError(f"{name} has dtype {state.dtype} but the input has dtype {input.dtype}; "
-                           f"expected the input's dtype")
+
+
+def _check_state_device(name: str, state: Tensor, input: Tensor) -> None:
     if state.device != input.device:
         raise RuntimeError(f"{name} is on {state.device} but the input is on {input.device}; "
                            f"expected the input's device")
+
+
+def _check_state_dtype(name: str, state: Tensor, input: Tensor) -> None:
+    if state.dtype != input.dtype and not _autocast_casts(input):
+        raise RuntimeError(f"{name} has dtype {state.dtype} but the input has dtype {input.dtype}; "
+                           f"expected the input's dtype")
+
+
+# The exceptions a caller of torch.nn's recurrent modules catches for bad input.
+_ORDINARY_ERRORS = (TypeError, ValueError, RuntimeError)
+
+
+def _as_torch_nn_would(ours: Exception, torch_nn_call, device: torch.device) -> Exception:
+    """The exception to raise for input we reject, so that code written against torch.nn's errors
+    keeps working: when torch.nn rejects the same input with a TypeError, ValueError or
+    RuntimeError, its type, with its message first and ours after it; where torch.nn fails
+    unhelpfully (AttributeError, IndexError) or accepts the input, ours as it is.
+
+    torch.nn runs only here, on input already known to be bad: it fails at its checks, or, where it
+    accepts the input, computes it once (gradients off, the random state restored for dropout)."""
+    if torch.compiler.is_compiling():
+        return ours
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), \
+                torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            warnings.simplefilter("ignore")
+            torch_nn_call()
+    except _ORDINARY_ERRORS as theirs:
+        if type(theirs) is type(ours) and str(theirs) in str(ours):
+            return ours
+        return type(theirs)(f"{theirs}\n{ours}")
+    except Exception:  # noqa: BLE001 - torch.nn's own failure (AttributeError, IndexError) helps no one
+        pass
+    return ours
 
 
 _ELMAN_MODES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
@@ -85,16 +119,45 @@ def _check_input_dtype(name: str, input: Tensor) -> None:
                          f"(convert it, e.g. input.float())")
 
 
-def _check_weights(name: str, weight_names: Sequence[str], weights: Sequence[Optional[Tensor]],
-                   input: Tensor) -> None:
-    """Every parameter a Tensor on the input's device with the input's dtype, named when it is not."""
+def _checked_constructor(torch_nn_class, checks, *args, **kwargs) -> None:
+    """Runs our constructor checks; a rejection is raised as torch.nn's constructor raises it for the
+    same arguments (see _as_torch_nn_would), asked on the meta device so that it allocates nothing."""
+    try:
+        checks()
+    except _ORDINARY_ERRORS as ours:
+        raise _as_torch_nn_would(ours, lambda: torch_nn_class(*args, **{**kwargs, "device": "meta"}),
+                                 torch.device("cpu")) from None
+
+
+def _refuse_extra_arguments(owner: str, kwargs) -> None:
+    """GRU and RNN take no proj_size (torch.nn refuses it with a ValueError), nor anything else."""
+    if "proj_size" in kwargs:
+        raise ValueError(f"{owner}: proj_size (a projection of the hidden state) is an argument of LSTM only")
+    if kwargs:
+        raise TypeError(f"{owner}.__init__() got an unexpected keyword argument '{next(iter(kwargs))}'")
+
+
+def _check_nonlinearity_dtype(name: str, mode: str, input: Tensor) -> None:
+    if mode == "RNN_RELU" and input.is_complex():
+        raise RuntimeError(f"{name}: nonlinearity 'relu' is not defined for complex inputs (use 'tanh')")
+
+
+def _check_weight_types(name: str, weight_names: Sequence[str], weights: Sequence[Optional[Tensor]]) -> None:
     for weight_name, weight in zip(weight_names, weights):
         if not isinstance(weight, Tensor):
             raise TypeError(f"{name}: parameter {weight_name} must be a Tensor, got {type(weight).__name__}")
+
+
+def _check_weight_devices(name: str, weight_names: Sequence[str], weights: Sequence[Tensor], input: Tensor) -> None:
+    for weight_name, weight in zip(weight_names, weights):
         if weight.device != input.device:
             raise RuntimeError(f"{name}: the input is on {input.device} but parameter {weight_name} is on "
                                f"{weight.device}; expected them on one device (move the input or the module "
                                f"with .to(device))")
+
+
+def _check_weight_dtypes(name: str, weight_names: Sequence[str], weights: Sequence[Tensor], input: Tensor) -> None:
+    for weight_name, weight in zip(weight_names, weights):
         if weight.dtype != input.dtype and not _autocast_casts(input):
             raise ValueError(f"{name}: input dtype ({input.dtype}) does not match weight dtype "
                              f"({weight.dtype}) of parameter {weight_name}; expected one dtype for the "
@@ -102,12 +165,13 @@ def _check_weights(name: str, weight_names: Sequence[str], weights: Sequence[Opt
 
 
 def _check_packed(name: str, data, batch_sizes, sorted_indices, unsorted_indices) -> List[int]:
-    """A PackedSequence's parts, checked (batch_sizes is on the CPU); returns batch_sizes as a list."""
-    if not isinstance(data, Tensor):
-        raise TypeError(f"{name}: PackedSequence data must be a Tensor, got {type(data).__name__}")
-    if data.dim() != 2:
-        raise ValueError(f"{name}: PackedSequence data must be 2-D (sum(batch_sizes), input_size), "
-                         f"got a {data.dim()}-D tensor of shape {tuple(data.shape)}")
+    """A PackedSequence's sizes and indices, checked (batch_sizes is on the CPU); returns batch_sizes
+    as a list. torch.nn checks none of this: it fails inside its kernels or runs silently, and is
+    not asked what it would say (see _as_torch_nn_would) about a PackedSequence that may not
+    describe its data."""
+    if not isinstance(data, Tensor) or data.dim() == 0:
+        got = "a 0-D tensor" if isinstance(data, Tensor) else type(data).__name__
+        raise TypeError(f"{name}: PackedSequence data must be a Tensor (sum(batch_sizes), input_size), got {got}")
     if (not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.is_floating_point()
             or batch_sizes.is_complex() or batch_sizes.dtype == torch.bool):
         got = (f"a {batch_sizes.dim()}-D {batch_sizes.dtype} tensor" if isinstance(batch_sizes, Tensor)
@@ -153,35 +217,81 @@ class _FusedRNNBase(nn.RNNBase):
     def _state_names(self):
         return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
 
-    def _normalize_hx(self, hx, input: Tensor, is_batched: bool, sorted_indices, batch: Optional[int] = None):
-        """hx as given -> a tuple of [L*D, B, *] tensors in sorted order, checked (shapes too when
-        `batch` is given)."""
+    def _checked_states(self, hx, is_batched: bool):
+        """hx as given -> a tuple of [L*D, B, *] tensors (unsorted order), checked in torch.nn's order:
+        kind, rank, then (after the input's dtype and width) shape, device and dtype."""
         name = type(self).__name__
         names = self._state_names()
         states = _split_hx(name, hx, self.mode == "LSTM", "(h_0, c_0)", "LSTM")
-        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        layers = self.num_layers * (2 if self.bidirectional else 1)
         for state_name, state in zip(names, states):
-            _check_state(f"{name}: {state_name}", state, input)
-            want = 3 if is_batched else 2
+            _check_state_type(f"{name}: {state_name}", state)
+        want = 3 if is_batched else 2
+        for state_name, state in zip(names, states):
             if state.dim() != want:
                 kind = "batched 3-D" if is_batched else "unbatched 2-D"
                 raise RuntimeError(f"{name}: for {kind} input, {state_name} should be {want}-D "
                                    f"but got a {state.dim()}-D tensor")
-            if batch is not None:
-                width, width_name = ((self.hidden_size, "hidden_size") if state_name == "c_0" else
-                                     (out_size, "proj_size" if self.proj_size > 0 else "hidden_size"))
-                expected = (layers, batch, width) if is_batched else (layers, width)
-                if tuple(state.shape) != expected:
-                    layout = ("num_layers * num_directions, " + ("batch, " if is_batched else "")
-                              + width_name)
-                    raise RuntimeError(f"{name}: Expected {state_name} of size {expected} ({layout}), "
-                                       f"got {tuple(state.shape)}")
-        if not is_batched:
-            states = tuple(s.unsqueeze(1) for s in states)
-        if sorted_indices is not None:
-            states = tuple(s.index_select(1, sorted_indices) for s in states)
         return states
+
+    def _check_state_shapes(self, states, names, is_batched: bool, batch: int) -> None:
+        name = type(self).__name__
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        for state_name, state in zip(names, states):
+            width, width_name = ((self.hidden_size, "hidden_size") if state_name == "c_0" else
+                                 (out_size, "proj_size" if self.proj_size > 0 else "hidden_size"))
+            expected = (layers, batch, width) if is_batched else (layers, width)
+            if tuple(state.shape) != expected:
+                layout = "num_layers * num_directions, " + ("batch, " if is_batched else "") + width_name
+                raise RuntimeError(f"{name}: Expected {state_name} of size {expected} ({layout}), "
+                                   f"got {tuple(state.shape)}")
+
+    def _checked_input(self, input, hx, packed_sizes: Optional[List[int]]):
+        """Every check of a call, in torch.nn's order (so that an input with two faults gets the
+        exception torch.nn gives it): input kind and rank, the states' kind and rank, the input's
+        dtype and width, the states' shapes, devices, the other dtypes.
+
+        Returns (data [T, B, I] or packed rows, batch, is_batched, states as [L*D, B, *])."""
+        name = type(self).__name__
+        if isinstance(input, PackedSequence):
+            data, is_batched, batch = input.data, True, packed_sizes[0]
+            if data.dim() != 2:
+                raise RuntimeError(f"{name}: PackedSequence data must be 2-D (sum(batch_sizes), input_size), "
+                                   f"got a {data.dim()}-D tensor of shape {tuple(data.shape)}")
+        elif isinstance(input, Tensor):
+            if input.dim() not in (2, 3):
+                layout = "(batch, seq_len, input_size)" if self.batch_first else "(seq_len, batch, input_size)"
+                raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (seq_len, input_size) for one "
+                                 f"sequence, got a {input.dim()}-D tensor of shape {tuple(input.shape)}")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            data = input if is_batched else input.unsqueeze(batch_dim)
+            batch = data.size(batch_dim)
+            if data.size(1 - batch_dim) == 0:
+                raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN, got an "
+                                   f"input of shape {tuple(input.shape)} with no time steps")
+        else:
+            raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        weight_names, weights = self._flat_weights_names, self._flat_weights
+        _check_weight_types(name, weight_names, weights)
+        states = None if hx is None else self._checked_states(hx, is_batched)
+        _check_input_dtype(name, data)
+        _check_weight_dtypes(name, weight_names[:1], weights[:1], data)  # torch.nn's check_input
+        _check_nonlinearity_dtype(name, self.mode, data)
+        self.check_input(data, None if isinstance(input, Tensor) else input.batch_sizes)  # its width check
+        names = self._state_names()
+        if states is not None:
+            self._check_state_shapes(states, names, is_batched, batch)
+            for state_name, state in zip(names, states):
+                _check_state_device(f"{name}: {state_name}", state, data)
+        _check_weight_devices(name, weight_names, weights, data)
+        _check_weight_dtypes(name, weight_names, weights, data)
+        if states is not None:
+            for state_name, state in zip(names, states):
+                _check_state_dtype(f"{name}: {state_name}", state, data)
+        if not is_batched and states is not None:
+            states = tuple(s.unsqueeze(1) for s in states)
+        return data, batch, is_batched, states
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         self._update_flat_weights()
@@ -190,36 +300,22 @@ class _FusedRNNBase(nn.RNNBase):
         num_directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
 
-        if isinstance(input, PackedSequence):
-            data, batch_sizes_t, sorted_indices, unsorted_indices = input
-            is_batched, is_packed = True, True
-            batch_sizes = _check_packed(name, data, batch_sizes_t, sorted_indices, unsorted_indices)
-            batch = batch_sizes[0]
-        elif isinstance(input, Tensor):
-            is_packed = False
-            if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            is_batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
-            data = input if is_batched else input.unsqueeze(batch_dim)
-            batch_sizes_t = sorted_indices = unsorted_indices = None
-            batch = data.size(batch_dim)
-            if data.size(1 - batch_dim) == 0:
-                raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN, got an "
-                                   f"input of shape {tuple(input.shape)} with no time steps")
-        else:
-            raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
-        _check_input_dtype(name, data)
-        _check_weights(name, self._flat_weights_names, self._flat_weights, data)
+        is_packed = isinstance(input, PackedSequence)
+        batch_sizes = _check_packed(name, *input) if is_packed else None
+        try:
+            data, batch, is_batched, states = self._checked_input(input, hx, batch_sizes)
+        except _ORDINARY_ERRORS as ours:
+            device = (input.data if is_packed else input).device if isinstance(input, (Tensor, PackedSequence)) \
+                else torch.device("cpu")
+            raise _as_torch_nn_would(ours, lambda: self._torch_nn_forward(input, hx), device) from None
 
-        if hx is None:
+        if states is None:
             shape = (self.num_layers * num_directions, batch)
             states = (torch.zeros(*shape, out_size, dtype=data.dtype, device=data.device),)
             if is_lstm:
                 states += (torch.zeros(*shape, self.hidden_size, dtype=data.dtype, device=data.device),)
-        else:
-            states = self._normalize_hx(hx, data, is_batched, sorted_indices, batch)
-        self.check_forward_args(data, states if is_lstm else states[0], batch_sizes_t)
+        elif is_packed and input.sorted_indices is not None:
+            states = tuple(s.index_select(1, input.sorted_indices) for s in states)
 
         if is_packed:
             x = data
@@ -235,17 +331,17 @@ class _FusedRNNBase(nn.RNNBase):
             self.proj_size > 0)
 
         if is_packed:
-            output = PackedSequence(y, batch_sizes_t, sorted_indices, unsorted_indices)
+            output = PackedSequence(y, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
         else:
             output = y.view(steps, batch, num_directions * out_size)
             if self.batch_first:
                 output = output.transpose(0, 1)
             if not is_batched:
-                output = output.squeeze(batch_dim)
+                output = output.squeeze(0 if self.batch_first else 1)
         hidden = (h_n, c_n) if is_lstm else h_n
         if not is_batched:
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
-        return output, self.permute_hidden(hidden, unsorted_indices)
+        return output, self.permute_hidden(hidden, input.unsorted_indices if is_packed else None)
 
 
 def _check_batch_sizes(name: str, batch_sizes, rows: int) -> None:
@@ -263,12 +359,17 @@ class LSTM(_FusedRNNBase):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None) -> None:
-        _check_int_arg("LSTM", "num_layers", num_layers, 1)
-        _check_dtype_arg("LSTM", dtype)
-        _check_int_arg("LSTM", "proj_size", proj_size, None)  # range: torch.nn's checks
+        def checks():
+            _check_int_arg("LSTM", "num_layers", num_layers, 1)
+            _check_dtype_arg("LSTM", dtype)
+            _check_int_arg("LSTM", "proj_size", proj_size, None)  # range: torch.nn's checks
+
+        _checked_constructor(nn.LSTM, checks, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                             bidirectional, proj_size, dtype=dtype)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
+    _torch_nn_forward = nn.LSTM.forward  # asked what torch.nn says of input we reject
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
@@ -279,11 +380,18 @@ class GRU(_FusedRNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None) -> None:
-        _check_int_arg("GRU", "num_layers", num_layers, 1)
-        _check_dtype_arg("GRU", dtype)
+                 device=None, dtype=None, **kwargs) -> None:
+        def checks():
+            _refuse_extra_arguments("GRU", kwargs)
+            _check_int_arg("GRU", "num_layers", num_layers, 1)
+            _check_dtype_arg("GRU", dtype)
+
+        _checked_constructor(nn.GRU, checks, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                             bidirectional, dtype=dtype, **kwargs)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+
+    _torch_nn_forward = nn.GRU.forward
 
 
 class RNN(_FusedRNNBase):
@@ -291,13 +399,20 @@ class RNN(_FusedRNNBase):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None) -> None:
-        mode = _elman_mode(nonlinearity)
-        _check_int_arg("RNN", "num_layers", num_layers, 1)
-        _check_dtype_arg("RNN", dtype)
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        def checks():
+            _refuse_extra_arguments("RNN", kwargs)
+            _elman_mode(nonlinearity)
+            _check_int_arg("RNN", "num_layers", num_layers, 1)
+            _check_dtype_arg("RNN", dtype)
+
+        _checked_constructor(nn.RNN, checks, input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
+                             dropout, bidirectional, dtype=dtype, **kwargs)
         self.nonlinearity = nonlinearity
-        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first,
+        super().__init__(_elman_mode(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
+
+    _torch_nn_forward = nn.RNN.forward
 
 
 class _FusedCellBase(nn.RNNCellBase):
@@ -305,51 +420,79 @@ class _FusedCellBase(nn.RNNCellBase):
 
     mode = ""
 
-    def _check_args(self, input_size, hidden_size, dtype) -> None:
+    def _check_args(self, input_size, hidden_size, bias, dtype, *torch_nn_args) -> None:
         """torch.nn's cells accept zero sizes; negative or non-integer sizes and non-float dtypes get
-        a named error here (torch.nn fails inside torch.empty or requires_grad)."""
-        _check_int_arg(type(self).__name__, "input_size", input_size, 0)
-        _check_int_arg(type(self).__name__, "hidden_size", hidden_size, 0)
-        _check_dtype_arg(type(self).__name__, dtype)
+        a named error here (torch.nn fails inside torch.empty or requires_grad, whose exception
+        type and message ours then carries)."""
+        def checks():
+            _check_int_arg(type(self).__name__, "input_size", input_size, 0)
+            _check_int_arg(type(self).__name__, "hidden_size", hidden_size, 0)
+            _check_dtype_arg(type(self).__name__, dtype)
 
-    def _step(self, input: Tensor, hx, num_states: int):
+        _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, bias, *torch_nn_args,
+                             dtype=dtype)
+
+    def _checked_step_input(self, input, hx, num_states: int):
+        """Every check of a call, in torch.nn's order (input rank, states' kinds and ranks, the
+        input's width, the states' shapes, then dtypes and devices). Returns (x [B, I], states
+        as [B, H] each, or None when hx is None)."""
         name = type(self).__name__
         if not isinstance(input, Tensor):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        _check_input_dtype(name, input)
-        _check_weights(name, ("weight_ih", "weight_hh", "bias_ih", "bias_hh"),
-                       (self.weight_ih, self.weight_hh) + ((self.bias_ih, self.bias_hh) if self.bias else ()),
-                       input)
-        if input.size(-1) != self.input_size:
-            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
-                               f"Expected {self.input_size}, got {input.size(-1)}")
+        weight_names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[:4 if self.bias else 2]
+        weights = [getattr(self, weight_name) for weight_name in weight_names]
+        _check_weight_types(name, weight_names, weights)
+        mode = self.mode  # RNNCell: its nonlinearity, checked at every call
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
         batch = x.size(0)
         names = ("hx[0]", "hx[1]") if num_states == 2 else ("hx",)
-        if hx is None:
-            states = [torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
-                      for _ in range(num_states)]
-        else:
-            states = list(_split_hx(name, hx, num_states == 2, "(h, c)", "LSTMCell"))
-            for i, (state_name, state) in enumerate(zip(names, states)):
-                _check_state(f"{name}: {state_name}", state, x)
+        states = None
+        if hx is not None:
+            states = _split_hx(name, hx, num_states == 2, "(h, c)", "LSTMCell")
+            for state_name, state in zip(names, states):
+                _check_state_type(f"{name}: {state_name}", state)
+            for state_name, state in zip(names, states):
                 if state.dim() != input.dim():
                     raise ValueError(f"{name}: {state_name} must be {input.dim()}-D like the input, "
                                      f"got {state.dim()}-D")
-                expected = (batch, self.hidden_size) if is_batched else (self.hidden_size,)
+        if input.size(-1) != self.input_size:
+            raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. "
+                               f"Expected {self.input_size}, got {input.size(-1)}")
+        if states is not None:
+            expected = (batch, self.hidden_size) if is_batched else (self.hidden_size,)
+            for state_name, state in zip(names, states):
                 if tuple(state.shape) != expected:
                     layout = "batch, hidden_size" if is_batched else "hidden_size"
                     raise RuntimeError(f"{name}: {state_name} must have shape {expected} ({layout}), "
                                        f"got {tuple(state.shape)}")
-                states[i] = state if is_batched else state.unsqueeze(0)
+        _check_input_dtype(name, x)
+        _check_nonlinearity_dtype(name, mode, x)
+        _check_weight_devices(name, weight_names, weights, x)
+        _check_weight_dtypes(name, weight_names, weights, x)
+        if states is not None:
+            for state_name, state in zip(names, states):
+                _check_state_device(f"{name}: {state_name}", state, x)
+                _check_state_dtype(f"{name}: {state_name}", state, x)
+            states = [state if is_batched else state.unsqueeze(0) for state in states]
+        return mode, x, states
+
+    def _step(self, input: Tensor, hx, num_states: int):
+        try:
+            mode, x, states = self._checked_step_input(input, hx, num_states)
+        except _ORDINARY_ERRORS as ours:
+            device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+            raise _as_torch_nn_would(ours, lambda: self._torch_nn_forward(input, hx), device) from None
+        if states is None:
+            states = [torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+                      for _ in range(num_states)]
         h, _, c = functional.layer(
-            functional.CELL_IDS[self.mode], x, [batch], False, states[0],
+            functional.CELL_IDS[mode], x, [x.size(0)], False, states[0],
             states[1] if num_states == 2 else None, self.weight_ih, self.weight_hh,
             self.bias_ih, self.bias_hh, None)
-        if not is_batched:
+        if input.dim() == 1:
             h, c = h.squeeze(0), c.squeeze(0)
         return (h, c) if num_states == 2 else h
 
@@ -358,9 +501,10 @@ class LSTMCell(_FusedCellBase):
     """Drop-in for torch.nn.LSTMCell."""
 
     mode = "LSTM"
+    _torch_nn_class, _torch_nn_forward = nn.LSTMCell, nn.LSTMCell.forward
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
-        self._check_args(input_size, hidden_size, dtype)
+        self._check_args(input_size, hidden_size, bias, dtype)
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
@@ -371,9 +515,10 @@ class GRUCell(_FusedCellBase):
     """Drop-in for torch.nn.GRUCell."""
 
     mode = "GRU"
+    _torch_nn_class, _torch_nn_forward = nn.GRUCell, nn.GRUCell.forward
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
-        self._check_args(input_size, hidden_size, dtype)
+        self._check_args(input_size, hidden_size, bias, dtype)
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
@@ -383,10 +528,12 @@ class GRUCell(_FusedCellBase):
 class RNNCell(_FusedCellBase):
     """Drop-in for torch.nn.RNNCell (nonlinearity 'tanh' or 'relu')."""
 
+    _torch_nn_class, _torch_nn_forward = nn.RNNCell, nn.RNNCell.forward
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None) -> None:
-        _elman_mode(nonlinearity)
-        self._check_args(input_size, hidden_size, dtype)
+        _elman_mode(nonlinearity)  # torch.nn accepts any string here and fails at the first call
+        self._check_args(input_size, hidden_size, bias, dtype, nonlinearity)
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
 

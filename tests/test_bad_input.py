@@ -1,14 +1,20 @@
-"""Bad input gets a Python exception that names what is wrong; never a crash, a hang or a wrong answer.
+"""Bad input gets the exception torch.nn raises for it, with torch.nn's message inside ours; never a
+crash, a hang or a wrong answer.
 
 The matrix below has, for every module and cell, each kind of hostile input: wrong ranks, feature
 sizes, hidden-state shapes (batch, layers, directions, width), hx of the wrong kind, dtype and device
 mismatches (devices as "meta" tensors), integer and bool inputs, malformed PackedSequences and
-invalid constructor arguments. Each case asserts the exception class and that the message names the
-argument and what was expected. Where torch.nn itself fails with an IndexError/AttributeError or an
-internal error (noted per case), ours has to be clearer, which the `match=` shows.
+invalid constructor arguments. Each case asserts our exception class and that the message names the
+argument and what was expected (`match`), and is differential: the same input goes through torch.nn,
+and where torch.nn raises a TypeError, ValueError or RuntimeError ours must be of its type and carry
+its message verbatim (code written against torch.nn's errors keeps working). Where torch.nn fails
+unhelpfully (AttributeError, IndexError), runs silently, or fails inside a kernel on a PackedSequence
+it does not check, ours stands alone: TORCH_NN_UNHELPFUL and PACKED_UNCHECKED_BY_TORCH_NN list those
+cases, and the test checks that torch.nn still behaves as they say.
 """
 import collections
 import re
+import warnings
 
 import pytest
 import torch
@@ -62,8 +68,7 @@ def _builders(cls, lstm, x):
 # The layers: LSTM, GRU, RNN
 # ---------------------------------------------------------------------------------------------------
 
-def _layer_cases(kind):
-    cls = LAYERS[kind]
+def _layer_cases(kind, cls):
     lstm = kind == "LSTM"
     st = "h_0" if lstm else "hx"  # the name of the (first) state in messages
 
@@ -104,7 +109,7 @@ def _layer_cases(kind):
         ("input_complex", call((X.to(torch.complex128),)), ValueError,
          r"input dtype \(torch.complex128\) does not match weight dtype \(torch.float64\)"),
         # torch.nn: "mat1 and mat2 must have the same dtype" (no name)
-        ("param_dtype", with_param("weight_hh_l0", lambda w: nn.Parameter(w.detach().float())), ValueError,
+        ("param_dtype", with_param("weight_hh_l0", lambda w: nn.Parameter(w.detach().float())), RuntimeError,
          r"weight dtype \(torch.float32\) of parameter weight_hh_l0"),
         ("param_none", with_param("weight_hh_l0", lambda w: None), TypeError,
          "parameter weight_hh_l0 must be a Tensor, got NoneType"),
@@ -168,14 +173,15 @@ def _layer_cases(kind):
          "batch_sizes must be a 1-D integer tensor, got a 1-D torch.float32 tensor"),
         ("packed_2d_batch_sizes", call((packed(5, torch.tensor([[3, 2]])),)), TypeError,
          "batch_sizes must be a 1-D integer tensor, got a 2-D torch.int64 tensor"),
-        ("packed_data_3d", call((packed(torch.randn(5, 1, I, dtype=D), torch.tensor([3, 2])),)), ValueError,
+        ("packed_data_3d", call((packed(torch.randn(5, 1, I, dtype=D), torch.tensor([3, 2])),)), RuntimeError,
          r"PackedSequence data must be 2-D \(sum\(batch_sizes\), input_size\), got a 3-D tensor"),
-        ("packed_data_1d", call((packed(torch.randn(5, dtype=D), torch.tensor([3, 2])),)), ValueError,
+        ("packed_data_1d", call((packed(torch.randn(5, dtype=D), torch.tensor([3, 2])),)), RuntimeError,
          "PackedSequence data must be 2-D .* got a 1-D tensor"),
         ("packed_features", call((packed(5, torch.tensor([3, 2]), features=6),)), RuntimeError,
          "input_size. Expected 4, got 6"),
+        # torch.nn's LSTM skips its checks for packed input and fails in its matrix product (RuntimeError)
         ("packed_int_data", call((packed(torch.ones(5, I, dtype=torch.int64), torch.tensor([3, 2])),)),
-         ValueError, "input must be a floating point or complex tensor, got torch.int64"),
+         RuntimeError if lstm else ValueError, "input must be a floating point or complex tensor, got torch.int64"),
         ("packed_hx_batch", call((packed(5, torch.tensor([3, 2])), state(1, 2, H))), RuntimeError,
          rf"Expected {st} of size \(1, 3, 3\) {size}, got \(1, 2, 3\)"),
         # torch.nn: h_n silently loses a sequence
@@ -223,7 +229,7 @@ def _layer_cases(kind):
         ("ctor_batch_first_int", lambda: cls(I, H, batch_first=1), TypeError,
          "batch_first should be of type bool, got: int"),
         # torch.nn: "Only Tensors of floating point and complex dtype can require gradients"
-        ("ctor_dtype_int", lambda: cls(I, H, dtype=torch.int64), TypeError,
+        ("ctor_dtype_int", lambda: cls(I, H, dtype=torch.int64), RuntimeError,
          "dtype must be a floating point or complex torch.dtype, got torch.int64"),
     ]
     if lstm:
@@ -235,7 +241,7 @@ def _layer_cases(kind):
             # torch.nn: IndexError "tuple index out of range"
             ("hx_tuple_of_1", call((X, (z(1, 2, H),))), TypeError,
              r"hx must be a tuple \(h_0, c_0\) of two tensors, got tuple of length 1"),
-            ("hx_tuple_of_3", call((X, (z(1, 2, H),) * 3)), TypeError,
+            ("hx_tuple_of_3", call((X, (z(1, 2, H),) * 3)), RuntimeError,
              r"hx must be a tuple \(h_0, c_0\) of two tensors, got tuple of length 3"),
             # torch.nn: AttributeError "'NoneType' object has no attribute 'dim'"
             ("c_0_none", call((X, (z(1, 2, H), None))), TypeError, "c_0 must be a Tensor, got NoneType"),
@@ -271,7 +277,11 @@ def _layer_cases(kind):
             ("hx_none_in_tuple", call((X, (z(1, 2, H), None))), TypeError, "hx must be a Tensor, got tuple"),
             ("hx_bidirectional_layers", call((X, z(2, 2, H)), num_layers=2, bidirectional=True), RuntimeError,
              rf"Expected hx of size \(4, 2, 3\) {size}, got \(2, 2, 3\)"),
-            ("ctor_proj_size", lambda: cls(I, H, proj_size=2), TypeError, "unexpected keyword argument 'proj_size'"),
+            ("ctor_proj_size", lambda: cls(I, H, proj_size=2), ValueError,
+             "proj_size argument is only supported for LSTM, not RNN or GRU"),
+            ("ctor_proj_size_0", lambda: cls(I, H, 2, proj_size=0), ValueError, "is an argument of LSTM only"),
+            ("ctor_unknown_keyword", lambda: cls(I, H, projection=2), TypeError,
+             "unexpected keyword argument 'projection'"),
         ]
     if kind == "RNN":
         cases += [
@@ -282,7 +292,7 @@ def _layer_cases(kind):
             ("ctor_nonlinearity_none", lambda: cls(I, H, nonlinearity=None), ValueError,
              "Unknown nonlinearity 'None'"),
             ("complex_relu", lambda: cls(I, H, nonlinearity="relu", dtype=torch.complex128)(
-                X.to(torch.complex128)), RuntimeError, "nonlinearity 'relu' is not defined for complex inputs"),
+                X.to(torch.complex128)), NotImplementedError, "nonlinearity 'relu' is not defined for complex inputs"),
         ]
     return [(kind,) + case for case in cases]
 
@@ -291,8 +301,7 @@ def _layer_cases(kind):
 # The cells: LSTMCell, GRUCell, RNNCell
 # ---------------------------------------------------------------------------------------------------
 
-def _cell_cases(kind):
-    cls = CELLS[kind]
+def _cell_cases(kind, cls):
     lstm = kind == "LSTMCell"
     st = re.escape("hx[0]") if lstm else "hx"
 
@@ -308,15 +317,15 @@ def _cell_cases(kind):
          r"input.size\(-1\) must be equal to input_size. Expected 4, got 6"),
         ("features_unbatched", call((torch.randn(1, dtype=D),)), RuntimeError, "input_size. Expected 4, got 1"),
         # torch.nn: "mat1 and mat2 must have the same dtype, but got Long and Double"
-        ("input_int64", call((torch.ones(2, I, dtype=torch.int64),)), ValueError,
+        ("input_int64", call((torch.ones(2, I, dtype=torch.int64),)), RuntimeError,
          "input must be a floating point or complex tensor, got torch.int64"),
-        ("input_bool", call((torch.ones(2, I, dtype=torch.bool),)), ValueError,
+        ("input_bool", call((torch.ones(2, I, dtype=torch.bool),)), RuntimeError,
          "input must be a floating point or complex tensor, got torch.bool"),
-        ("input_float32", call((XC.float(),)), ValueError,
+        ("input_float32", call((XC.float(),)), RuntimeError,
          r"input dtype \(torch.float32\) does not match weight dtype \(torch.float64\) of parameter weight_ih"),
-        ("input_complex", call((XC.to(torch.complex128),)), ValueError,
+        ("input_complex", call((XC.to(torch.complex128),)), RuntimeError,
          r"input dtype \(torch.complex128\) does not match weight dtype"),
-        ("param_dtype", with_param("weight_hh", lambda w: nn.Parameter(w.detach().float())), ValueError,
+        ("param_dtype", with_param("weight_hh", lambda w: nn.Parameter(w.detach().float())), RuntimeError,
          r"weight dtype \(torch.float32\) of parameter weight_hh"),
         ("param_none", with_param("bias_hh", lambda w: None), TypeError,
          "parameter bias_hh must be a Tensor, got NoneType"),
@@ -330,9 +339,9 @@ def _cell_cases(kind):
          rf"{st} has dtype torch.float32 but the input has dtype torch.float64"),
         ("hx_int64", call((XC, state(2, H, dtype=torch.int64))), RuntimeError, rf"{st} has dtype torch.int64"),
         # torch.nn: "Input batch size 2 doesn't match hidden0 batch size 3" (the width taken as batch)
-        ("hx_1d_for_batched", call((XC, state(H))), ValueError, rf"{st} must be 2-D like the input, got 1-D"),
+        ("hx_1d_for_batched", call((XC, state(H))), RuntimeError, rf"{st} must be 2-D like the input, got 1-D"),
         # torch.nn: "hidden0 has inconsistent hidden_size: got 1, expected 3"
-        ("hx_2d_for_unbatched", call((torch.randn(I, dtype=D), state(1, H))), ValueError,
+        ("hx_2d_for_unbatched", call((torch.randn(I, dtype=D), state(1, H))), RuntimeError,
          rf"{st} must be 1-D like the input, got 2-D"),
         ("hx_3d", call((XC, state(1, 2, H))), ValueError, rf"{st} must be 2-D like the input, got 3-D"),
         ("hx_batch", call((XC, state(3, H))), RuntimeError,
@@ -349,12 +358,12 @@ def _cell_cases(kind):
          "hx\\[0\\] must be a Tensor, got list" if lstm else "hx must be a Tensor, got list"),
         # --- constructor ---
         # torch.nn: "Trying to create tensor with negative dimension -1"
-        ("ctor_input_size_negative", lambda: cls(-1, H), ValueError, "input_size must be at least 0, got -1"),
-        ("ctor_hidden_size_negative", lambda: cls(I, -3), ValueError, "hidden_size must be at least 0, got -3"),
+        ("ctor_input_size_negative", lambda: cls(-1, H), RuntimeError, "input_size must be at least 0, got -1"),
+        ("ctor_hidden_size_negative", lambda: cls(I, -3), RuntimeError, "hidden_size must be at least 0, got -3"),
         # torch.nn: TypeError from torch.empty about 'size'
         ("ctor_input_size_float", lambda: cls(4.0, H), TypeError, "input_size should be of type int, got: float"),
         ("ctor_hidden_size_str", lambda: cls(I, "3"), TypeError, "hidden_size should be of type int, got: str"),
-        ("ctor_dtype_int", lambda: cls(I, H, dtype=torch.int32), TypeError,
+        ("ctor_dtype_int", lambda: cls(I, H, dtype=torch.int32), RuntimeError,
          "dtype must be a floating point or complex torch.dtype, got torch.int32"),
         ("ctor_num_layers", lambda: cls(I, H, num_layers=2), TypeError, "unexpected keyword argument 'num_layers'"),
     ]
@@ -363,9 +372,9 @@ def _cell_cases(kind):
             # torch.nn: TypeError "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors"
             ("hx_tensor_for_lstm", call((XC, z(2, H))), TypeError,
              r"hx must be a tuple \(h, c\) of two tensors, got Tensor"),
-            ("hx_tuple_of_1", call((XC, (z(2, H),))), TypeError,
+            ("hx_tuple_of_1", call((XC, (z(2, H),))), RuntimeError,
              r"hx must be a tuple \(h, c\) of two tensors, got tuple of length 1"),
-            ("hx_tuple_of_3", call((XC, (z(2, H),) * 3)), TypeError, "got tuple of length 3"),
+            ("hx_tuple_of_3", call((XC, (z(2, H),) * 3)), RuntimeError, "got tuple of length 3"),
             # torch.nn: AttributeError "'NoneType' object has no attribute 'dim'"
             ("c_none", call((XC, (z(2, H), None))), TypeError, r"hx\[1\] must be a Tensor, got NoneType"),
             ("c_batch", call((XC, (z(2, H), z(3, H)))), RuntimeError, r"hx\[1\] must have shape \(2, 3\)"),
@@ -373,7 +382,7 @@ def _cell_cases(kind):
             # torch.nn: runs (silently)
             ("c_float32", call((XC, (z(2, H), z(2, H, dtype=torch.float32)))), RuntimeError,
              r"hx\[1\] has dtype torch.float32"),
-            ("c_rank", call((XC, (z(2, H), z(H)))), ValueError, r"hx\[1\] must be 2-D like the input, got 1-D"),
+            ("c_rank", call((XC, (z(2, H), z(H)))), RuntimeError, r"hx\[1\] must be 2-D like the input, got 1-D"),
         ]
     else:
         cases += [
@@ -392,22 +401,108 @@ def _cell_cases(kind):
             # torch.nn accepts it and fails only at forward
             ("ctor_nonlinearity_unknown", lambda: cls(I, H, nonlinearity="gelu"), ValueError,
              "Unknown nonlinearity 'gelu'. Select from 'tanh' or 'relu'"),
-            ("nonlinearity_changed", changed_nonlinearity, ValueError, "Unknown nonlinearity 'gelu'"),
+            ("nonlinearity_changed", changed_nonlinearity, RuntimeError, "Unknown nonlinearity 'gelu'"),
             ("complex_relu", lambda: cls(I, H, nonlinearity="relu", dtype=torch.complex128)(
-                XC.to(torch.complex128)), RuntimeError, "nonlinearity 'relu' is not defined for complex inputs"),
+                XC.to(torch.complex128)), NotImplementedError, "nonlinearity 'relu' is not defined for complex inputs"),
         ]
     return [(kind,) + case for case in cases]
 
 
-CASES = [c for kind in LAYERS for c in _layer_cases(kind)] + [c for kind in CELLS for c in _cell_cases(kind)]
+def _all_cases(library):
+    """Every case, its actions on `library`'s classes (fused_rnn or torch.nn)."""
+    return ([c for kind in LAYERS for c in _layer_cases(kind, getattr(library, kind))]
+            + [c for kind in CELLS for c in _cell_cases(kind, getattr(library, kind))])
+
+
+CASES = _all_cases(fused_rnn)
+TORCH_NN_ACTIONS = {(c[0], c[1]): c[2] for c in _all_cases(nn)}
+
+
+# Where torch.nn gives no exception of its own to follow, ours stands alone. Each entry says what
+# torch.nn does; the test checks that it still does, so that a torch release that starts checking
+# one of these makes us follow it.
+TORCH_NN_UNHELPFUL = {  # case -> torch.nn's failure (an exception type's name), or "runs"
+    # input or hx of the wrong kind: torch.nn calls .dim() or indexes it
+    "input_list": "AttributeError", "input_none": "AttributeError", "input_tuple": "AttributeError",
+    "hx_int": "AttributeError", "hx_nested_list": "AttributeError", "hx_tuple": "AttributeError", "hx_none_in_tuple": "AttributeError",
+    "hx_list_of_tensors": "AttributeError", "c_0_none": "AttributeError", "c_none": "AttributeError",
+    "hx_tensor_for_lstm": "IndexError", "hx_tuple_of_1": "IndexError|AttributeError", "packed_empty": "IndexError",
+    # accepted silently: a float32 cell state in a float64 computation, a missing bias, a
+    # parameter on another device, malformed PackedSequences (h_n loses or repeats a sequence)
+    "c_0_float32": "runs", "c_float32": "runs", "param_none": "runs", "param_meta": "runs",
+    "packed_zero_length": "runs", "packed_rows_extra": "runs", "packed_sorted_indices_length": "runs",
+    "packed_sorted_indices_duplicate": "runs", "packed_unsorted_not_inverse": "runs",
+    "packed_float_sorted_indices": "runs",
+    # torch.nn's RNNCell takes any nonlinearity and fails at the first call
+    "ctor_nonlinearity_unknown": "runs",
+}
+# torch.nn does not check a PackedSequence's batch_sizes and indices: it fails inside a kernel
+# ("The size of tensor a (2) must match...", "start (3) + length (2) exceeds dimension size (4)",
+# "INDICES element is out of DATA bounds", "zeros(): argument 'size' failed to unpack"). Ours is
+# raised before torch.nn is asked (a PackedSequence that may not describe its data is never run)
+# and names the field: a ValueError for a bad value, a TypeError for a bad kind.
+PACKED_UNCHECKED_BY_TORCH_NN = {"packed_increasing", "packed_negative_length", "packed_rows_missing",
+                                "packed_float_batch_sizes", "packed_2d_batch_sizes",
+                                "packed_sorted_indices_out_of_range"}
+
+
+def _outcome(action):
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001 - every outcome is compared
+        return e
+    return None
 
 
 @pytest.mark.parametrize("kind,case,action,exc,match", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_rejects(kind, case, action, exc, match):
+def test_rejects_as_torch_nn_does(kind, case, action, exc, match):
+    """Differential: the same input through torch.nn. Where torch.nn raises a TypeError, ValueError
+    or RuntimeError, ours is of its type and carries its message verbatim, followed by ours (which
+    `match` checks)."""
     with pytest.raises(exc, match=match) as info:
         action()
-    # The message starts with or contains the argument's owner where ours wrote it.
-    assert str(info.value).strip(), "an empty message"
+    ours = info.value
+    assert str(ours).strip(), "an empty message"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _outcome(TORCH_NN_ACTIONS[(kind, case)])
+    if isinstance(theirs, (TypeError, ValueError, RuntimeError)):
+        if case in PACKED_UNCHECKED_BY_TORCH_NN:
+            return
+        assert type(ours) is type(theirs), f"torch.nn raises {type(theirs).__name__}: {theirs}"
+        assert str(theirs) in str(ours), f"torch.nn's message missing: {theirs!r} not in {str(ours)!r}"
+    else:
+        got = "runs" if theirs is None else type(theirs).__name__
+        assert case in TORCH_NN_UNHELPFUL, f"torch.nn: {got} ({theirs}); list it with the reason, or follow it"
+        assert got in TORCH_NN_UNHELPFUL[case].split("|"), f"torch.nn now: {got} ({theirs})"
+
+
+@pytest.mark.parametrize("fault", ["width", "hx_width"])
+def test_two_faults_get_the_exception_torch_nn_gives(fault):
+    """A float32 cell given float64 input with a second fault: torch.nn reports the size first (a
+    RuntimeError from its shape checks), not the dtype; so do we, in torch.nn's words and ours."""
+    for kind in CELLS:
+        m, ref = CELLS[kind](10, 20), getattr(nn, kind)(10, 20)
+        x = torch.randn(3, 11 if fault == "width" else 10, dtype=D)
+        hx = torch.randn(3, 21 if fault == "hx_width" else 20, dtype=D)
+        hx = (hx, hx) if kind == "LSTMCell" else hx
+        theirs = _outcome(lambda: ref(x, hx))
+        with pytest.raises(RuntimeError, match="inconsistent (input|hidden)_size") as info:
+            m(x, hx)
+        assert type(info.value) is type(theirs) and str(theirs) in str(info.value)
+        assert ("input.size(-1) must be equal to input_size" if fault == "width" else "must have shape") \
+            in str(info.value), "our words describe the same fault"
+
+
+def test_layer_dtype_message_as_torch_nn():
+    """A float64 input into a float32 layer: torch.nn's ValueError and its advice, then ours."""
+    for kind in LAYERS:
+        m, ref = LAYERS[kind](10, 20), getattr(nn, kind)(10, 20)
+        x = torch.randn(5, 2, 10, dtype=D)
+        with pytest.raises(ValueError, match=re.escape(
+                "RNN input dtype (torch.float64) does not match weight dtype (torch.float32). Convert input: ")) as info:
+            m(x)
+        assert str(_outcome(lambda: ref(x))) in str(info.value)
 
 
 def test_matrix_covers_every_module():

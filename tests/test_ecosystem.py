@@ -143,8 +143,11 @@ def test_cpu_autocast_takes_a_low_precision_input_into_float32_weights(kind, kwa
     assert [o.dtype for o in out] == [e.dtype for e in expected]
     for actual, e in zip(out, expected):
         torch.testing.assert_close(actual.float(), e.float(), rtol=2e-2, atol=2e-2 * max(1.0, e.abs().max().item()))
-    with pytest.raises(ValueError, match="does not match weight dtype"):
+    with pytest.raises((ValueError, RuntimeError), match="does not match weight dtype") as info:
         fused(x)
+    with pytest.raises(type(info.value)) as torch_nn_error:  # torch.nn's type (cells: its matrix product's)
+        ref(x)
+    assert str(torch_nn_error.value) in str(info.value)
 
 
 @needs_cuda
