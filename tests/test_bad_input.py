@@ -225,6 +225,8 @@ def _layer_cases(kind, cls):
          r"dropout should be a number in range \[0, 1\]"),
         ("ctor_dropout_str", lambda: cls(I, H, num_layers=2, dropout="0.5"), ValueError,
          r"dropout should be a number in range \[0, 1\]"),
+        ("ctor_dropout_bool", lambda: cls(I, H, num_layers=2, dropout=True), ValueError,
+         r"dropout should be a number in range \[0, 1\]"),
         ("ctor_bias_str", lambda: cls(I, H, bias="no"), TypeError, "bias should be of type bool, got: str"),
         ("ctor_batch_first_int", lambda: cls(I, H, batch_first=1), TypeError,
          "batch_first should be of type bool, got: int"),
