@@ -149,6 +149,16 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
                           const optional<Tensor>& w_hr) {
+  // An empty batch_sizes is a padded input: every step has h0's rows (the op's schema then holds
+  // no per-step list, so that torch.compile keeps T and B symbolic).
+  std::vector<int64_t> uniform;
+  if (batch_sizes.empty() && x.dim() == 2 && x.size(0) > 0) {
+    const int64_t batch = h0.dim() == 2 ? h0.size(0) : 0;
+    TORCH_CHECK(batch > 0 && x.size(0) % batch == 0, "fused_rnn: a padded input (empty batch_sizes) needs ",
+                "h0's rows to divide the input's ", x.size(0), " rows, got h0 of shape ", h0.sizes());
+    uniform.assign(x.size(0) / batch, batch);
+    batch_sizes = uniform;
+  }
   LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr);
   check_matrix(h0, "h0", s.B, s.P);
   check_same_kind(h0, x, "h0");
@@ -367,6 +377,8 @@ Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes,
 
 }  // namespace
 
+// batch_sizes: rows per step in packed layout (non-increasing), or empty for a padded input, whose
+// steps all have h0's rows.
 TORCH_LIBRARY(fused_rnn, m) {
   m.def(
       "layer_forward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "

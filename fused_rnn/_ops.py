@@ -74,13 +74,10 @@ def _saved_cols(cell, x, hidden, out_size, has_proj):
 def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y,
                          grad_h_n, grad_c_n, need_input_grad):
     # None where the op returns an undefined tensor, as the op itself does.
-    batch = batch_sizes[0] if len(batch_sizes) > 0 else 0
-    hidden = w_ih.size(0) // _GATES[cell]
-    out_size = w_hr.size(0) if w_hr is not None else hidden
     bias = x.new_empty(w_ih.size(0)) if has_bias else None
     return (torch.empty_like(x) if need_input_grad else None,
-            x.new_empty(batch, out_size),
-            x.new_empty(batch, hidden) if cell == LSTM_ID else None,
+            x.new_empty(h0.shape),
+            x.new_empty(c0.shape) if cell == LSTM_ID else None,
             torch.empty_like(w_ih), torch.empty_like(w_hh), bias,
             None if bias is None else torch.empty_like(bias),
             None if w_hr is None else torch.empty_like(w_hr))

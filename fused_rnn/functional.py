@@ -3,11 +3,13 @@
 Every sequence reaches the compiled ops in packed layout: a [N, features] tensor whose first
 batch_sizes[0] rows are step 0, the next batch_sizes[1] rows step 1, and so on. A padded
 [T, B, features] input is the same thing with batch_sizes = [B] * T, so one code path serves
-padded and packed input alike.
+padded and packed input alike; it is passed as an empty batch_sizes (every step has h0's rows), so
+that a compiled graph holds no per-step list and keeps T and B symbolic.
 
-The layer path calls torch.ops.fused_rnn.layer_forward directly; its gradient is registered with
-torch.library.register_autograd (below) and its shapes with register_fake (_ops.py), so that
-torch.compile traces a whole model, forward and backward, without graph breaks.
+Eager calls go through _Layer (an autograd.Function: backward, forward mode, torch.func). Compiled
+graphs hold torch.ops.fused_rnn.layer_forward itself, whose gradient is registered with
+torch.library.register_autograd and its shapes with register_fake (_ops.py), so that torch.compile
+traces a whole model, forward and backward, without graph breaks.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -38,6 +40,8 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
     """The layer of layer_forward, recomputed step by step with torch's cell formulas over the
     same packed layout: the forward direction drops the rows whose sequences have ended, the
     reverse direction adds each row at its sequence's last step."""
+    if not batch_sizes:  # padded: every step has h0's rows
+        batch_sizes = [h0.size(0)] * (x.size(0) // h0.size(0)) if h0.size(0) else []
     starts = [0]
     for n in batch_sizes[:-1]:
         starts.append(starts[-1] + n)

@@ -207,12 +207,34 @@ def _check_packed(name: str, data, batch_sizes, sorted_indices, unsorted_indices
     return sizes
 
 
+def _exports_through_torch_nn() -> bool:
+    """ONNX export (either exporter) and TorchScript tracing record torch.nn's forward for our
+    modules, with the same parameters: ONNX's LSTM, GRU and RNN operators are what torch's
+    exporters already make of torch.nn's layers (gates reordered, biases split), and a trace of
+    torch.nn's ops runs without fused_rnn and on any shape (ours would record a Python
+    autograd.Function and the shapes of the traced call)."""
+    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def _refuse_scripting(module):
+    """torch.jit.script (its __prepare_scriptable__ hook): TorchScript cannot compile our forward
+    (Python checks, an autograd.Function), and torch 2.14 scripts torch.nn's recurrent layers
+    without a callable forward; one clear error, with the ways that work."""
+    raise RuntimeError(
+        f"fused_rnn: torch.jit.script cannot compile fused_rnn.{type(module).__name__} (its forward is Python "
+        f"over custom ops). Use torch.jit.trace (it records torch.nn's ops), torch.export or torch.onnx.export, "
+        f"which are supported, or fused_rnn.convert(model, to='torch') to turn the model's fused layers back "
+        f"into torch.nn's first.")
+
+
 class _FusedRNNBase(nn.RNNBase):
     """The forward shared by LSTM, GRU and RNN: torch.nn's argument handling, our kernels."""
 
     def flatten_parameters(self) -> None:
         """A no-op, kept for torch.nn's interface: our kernels read each weight where it lies, so
         there is no cuDNN weight buffer to pack (nn.RNNBase would pack one on every .to(cuda))."""
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def _state_names(self):
         return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
@@ -294,6 +316,14 @@ class _FusedRNNBase(nn.RNNBase):
         return data, batch, is_batched, states
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
+        if _exports_through_torch_nn():
+            if self.proj_size > 0 and torch.onnx.is_in_onnx_export():
+                # torch's TorchScript-based exporter refuses it; its torch.export-based one writes an
+                # ONNX LSTM that ONNX Runtime rejects (initial_c of the projected width).
+                raise NotImplementedError(
+                    "fused_rnn: an LSTM with proj_size cannot be exported to ONNX: ONNX's LSTM operator has "
+                    "no projection of the hidden state (torch.nn.LSTM with proj_size does not export either)")
+            return self._torch_nn_forward(input, hx)
         self._update_flat_weights()
         name = type(self).__name__
         is_lstm = self.mode == "LSTM"
@@ -323,7 +353,7 @@ class _FusedRNNBase(nn.RNNBase):
             time_major = data.transpose(0, 1) if self.batch_first else data
             steps = time_major.size(0)
             x = time_major.reshape(steps * batch, self.input_size)
-            batch_sizes = [batch] * steps
+            batch_sizes = []  # every step has the batch's rows: no per-step list (see functional.py)
 
         y, h_n, c_n = functional.stacked_rnn(
             self.mode, x, batch_sizes, states[0], states[1] if is_lstm else None, self._flat_weights,
@@ -369,7 +399,7 @@ class LSTM(_FusedRNNBase):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
-    _torch_nn_forward = nn.LSTM.forward  # asked what torch.nn says of input we reject
+    _torch_nn_class, _torch_nn_forward = nn.LSTM, nn.LSTM.forward  # the twin, asked of input we reject
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
@@ -391,7 +421,7 @@ class GRU(_FusedRNNBase):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
-    _torch_nn_forward = nn.GRU.forward
+    _torch_nn_class, _torch_nn_forward = nn.GRU, nn.GRU.forward
 
 
 class RNN(_FusedRNNBase):
@@ -412,13 +442,14 @@ class RNN(_FusedRNNBase):
         super().__init__(_elman_mode(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
 
-    _torch_nn_forward = nn.RNN.forward
+    _torch_nn_class, _torch_nn_forward = nn.RNN, nn.RNN.forward
 
 
 class _FusedCellBase(nn.RNNCellBase):
     """One step of a layer: the same compiled op over a one-step sequence."""
 
     mode = ""
+    __prepare_scriptable__ = _refuse_scripting
 
     def _check_args(self, input_size, hidden_size, bias, dtype, *torch_nn_args) -> None:
         """torch.nn's cells accept zero sizes; negative or non-integer sizes and non-float dtypes get
@@ -480,6 +511,8 @@ class _FusedCellBase(nn.RNNCellBase):
         return mode, x, states
 
     def _step(self, input: Tensor, hx, num_states: int):
+        if _exports_through_torch_nn():
+            return self._torch_nn_forward(input, hx)
         try:
             mode, x, states = self._checked_step_input(input, hx, num_states)
         except _ORDINARY_ERRORS as ours:
@@ -489,7 +522,7 @@ class _FusedCellBase(nn.RNNCellBase):
             states = [torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
                       for _ in range(num_states)]
         h, _, c = functional.layer(
-            functional.CELL_IDS[mode], x, [x.size(0)], False, states[0],
+            functional.CELL_IDS[mode], x, [], False, states[0],
             states[1] if num_states == 2 else None, self.weight_ih, self.weight_hh,
             self.bias_ih, self.bias_hh, None)
         if input.dim() == 1:
@@ -544,3 +577,36 @@ class RNNCell(_FusedCellBase):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         return self._step(input, hx, 1)
+
+
+_WHAT_DIFFERS = """
+    What differs from torch.nn (fused_rnn):
+        Computed by fused_rnn's kernels, with torch.nn's parameters, initialisation, inputs,
+        outputs and exceptions (torch.nn's message first, then ours). Devices and dtypes: on the
+        CPU float32, float64, complex64 and complex128, and float16/bfloat16 with their state and
+        gate math in float32; on CUDA float32, float64, float16 and bfloat16 (tensor cores for the
+        half types). Deterministic: no atomics, the same inputs give bitwise the same outputs and
+        gradients, on the CPU and on CUDA. torch.func (jacrev, jacfwd, jvp, grad, hessian, vmap),
+        forward-mode AD and double backward work (the derivatives beyond a plain backward are
+        computed step by step with torch's own cell formulas; not inside torch.compile).
+        torch.compile(fullgraph=True) holds the compiled ops. On the CPU, large buffers come from
+        a cache of freed blocks (fused_rnn.empty_cache, FUSED_RNN_CPU_CACHE_MB). Export:
+        torch.export holds our ops (with dynamic batch and sequence length; loading the .pt2 needs
+        `import fused_rnn`); torch.onnx.export and torch.jit.trace record torch.nn's ops with the
+        same parameters (ONNX's LSTM, GRU and RNN operators); torch.jit.script is refused
+        (fused_rnn.convert(model, to="torch") turns the layers back into torch.nn's).
+        flatten_parameters() is a no-op (no cuDNN weight buffer).
+"""
+
+
+def _torch_nn_docstring(cls) -> str:
+    """torch.nn's docstring for cls's twin (arguments, inputs, outputs, equations), its examples
+    on fused_rnn's class, then what differs."""
+    doc = cls._torch_nn_class.__doc__ or ""
+    name = cls._torch_nn_class.__name__
+    return (cls.__doc__.strip() + "\n\n    " + doc.strip().replace(f"nn.{name}(", f"fused_rnn.{name}(")
+            + "\n" + _WHAT_DIFFERS)
+
+
+for _cls in (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell):
+    _cls.__doc__ = _torch_nn_docstring(_cls)
