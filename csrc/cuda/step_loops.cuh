@@ -85,35 +85,74 @@ Tensor column_tiles(const Tensor& w_hh, int64_t P, int64_t units) {
   return out;
 }
 
-// Copies rows [k0, k0 + kRows) of one block's [rows][kCols] slab of a tiled weight into shared
-// memory (row pitch kPitch elements), 16 bytes per thread and load: consecutive threads read
-// consecutive 16 bytes of one contiguous slab. Rows at or past `rows` become zeros, which add
-// exact zeros.
-template <int kRows, int kCols, int kPitch, int kThreads, typename W>
-__device__ __forceinline__ void stage_weight_rows(W* dst, const W* slab, int64_t k0, int64_t rows, int tid) {
-  constexpr int kPerPiece = 16 / static_cast<int>(sizeof(W));
-  static_assert(kCols % kPerPiece == 0 && kPitch % kPerPiece == 0, "rows must be whole 16-byte pieces");
-  constexpr int kPiecesPerRow = kCols / kPerPiece;
-  for (int e = tid; e < kRows * kPiecesPerRow; e += kThreads) {
-    const int r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
-    const int64_t k = k0 + r;
-    uint4 bits = make_uint4(0u, 0u, 0u, 0u);  // all bits zero: +0 in every floating type
-    if (k < rows) bits = *reinterpret_cast<const uint4*>(slab + k * kCols + piece * kPerPiece);
-    *reinterpret_cast<uint4*>(dst + r * kPitch + piece * kPerPiece) = bits;
-  }
-}
+// One k chunk of the operands on its way from global to shared memory, held in registers: each
+// thread loads all of its pieces before it stores any, so that its loads are in flight together
+// (one memory round trip per chunk instead of one per piece: a load followed at once by the store
+// of its registers waits out the whole trip before the next load issues). Chunks not yet needed
+// are loaded while the current one is multiplied (accumulate_tile_product).
 
-// Copies the [kRows][kCols] tile at (row0, col0) of a row-major [rows, cols] matrix into shared
-// memory, zeros past its edges (which add exact zeros to the products).
-template <int kRows, int kCols, int kThreads, typename T>
-__device__ __forceinline__ void stage_matrix_tile(T* dst, const T* src, int64_t row0, int64_t rows, int64_t col0,
-                                                  int64_t cols, int tid) {
-  for (int e = tid; e < kRows * kCols; e += kThreads) {
-    const int r = e / kCols, c = e % kCols;
-    const int64_t row = row0 + r, col = col0 + c;
-    dst[e] = (row < rows && col < cols) ? src[row * cols + col] : T(0);
+// Rows [k0, k0 + kRows) of one block's [rows][kCols] slab of a tiled weight, 16 bytes per thread
+// and load (consecutive threads read consecutive 16 bytes of one contiguous slab), stored with row
+// pitch kPitch elements. Rows at or past `rows` become zeros, which add exact zeros.
+template <int kRows, int kCols, int kPitch, int kThreads, typename W>
+struct WeightChunk {
+  static constexpr int kPerPiece = 16 / static_cast<int>(sizeof(W));
+  static_assert(kCols % kPerPiece == 0 && kPitch % kPerPiece == 0, "rows must be whole 16-byte pieces");
+  static constexpr int kPiecesPerRow = kCols / kPerPiece;
+  static constexpr int kPieces = kRows * kPiecesPerRow;
+  static constexpr int kPerThread = (kPieces + kThreads - 1) / kThreads;
+  uint4 bits[kPerThread];
+
+  __device__ __forceinline__ void load(const W* slab, int64_t k0, int64_t rows, int tid) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kThreads, r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
+      const int64_t k = k0 + r;
+      bits[i] = make_uint4(0u, 0u, 0u, 0u);  // all bits zero: +0 in every floating type
+      if ((kPieces % kThreads == 0 || e < kPieces) && k < rows) {
+        bits[i] = *reinterpret_cast<const uint4*>(slab + k * kCols + piece * kPerPiece);
+      }
+    }
   }
-}
+
+  __device__ __forceinline__ void store(W* dst, int tid) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kThreads, r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
+      if (kPieces % kThreads == 0 || e < kPieces) {
+        *reinterpret_cast<uint4*>(dst + r * kPitch + piece * kPerPiece) = bits[i];
+      }
+    }
+  }
+};
+
+// The [kRows][kCols] tile at (row0, col0) of a row-major [rows, cols] matrix, one element per
+// thread and load, zeros past its edges (which add exact zeros to the products).
+template <int kRows, int kCols, int kThreads, typename T>
+struct MatrixChunk {
+  static constexpr int kElems = kRows * kCols;
+  static constexpr int kPerThread = (kElems + kThreads - 1) / kThreads;
+  T values[kPerThread];
+
+  __device__ __forceinline__ void load(const T* src, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                       int tid) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kThreads;
+      const int64_t row = row0 + e / kCols, col = col0 + e % kCols;
+      values[i] = T(0);
+      if ((kElems % kThreads == 0 || e < kElems) && row < rows && col < cols) values[i] = src[row * cols + col];
+    }
+  }
+
+  __device__ __forceinline__ void store(T* dst, int tid) const {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int e = tid + i * kThreads;
+      if (kElems % kThreads == 0 || e < kElems) dst[e] = values[i];
+    }
+  }
+};
 
 // Grid: x over row tiles, y over unit tiles.
 dim3 step_grid(int64_t n, int64_t H, int rows_per_block, int units_per_block) {
@@ -157,15 +196,25 @@ constexpr int kTileK = 32;      // reduction chunk staged in shared memory per i
 // staged in shared memory (w_s: [kTileK][kG*kTileUnits], l_s: [kWarps*kRows][kTileK], declared by
 // the kernel); padding past K and past `rows` is 0 in both tiles, so it adds exact zeros, and the k
 // order is fixed. Every thread of the block must call it (it holds barriers).
+// Double buffered through registers: chunk k0 + kTileK is loaded while chunk k0 is multiplied, so
+// the memory latency of all but the first chunk hides behind arithmetic.
 template <int kG, int kRows, typename T>
 __device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* w_s, T* l_s, const T* slab,
                                                         const T* left, int64_t row0, int64_t rows, int64_t K) {
   constexpr int kTileRows = kWarps * kRows, kWCols = kG * kTileUnits;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileUnits + tx;
+  WeightChunk<kTileK, kWCols, kWCols, kThreads, T> w_next;
+  MatrixChunk<kTileRows, kTileK, kThreads, T> l_next;
+  w_next.load(slab, 0, K, tid);
+  l_next.load(left, row0, rows, 0, K, tid);
   for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
-    stage_weight_rows<kTileK, kWCols, kWCols, kThreads>(w_s, slab, k0, K, tid);
-    stage_matrix_tile<kTileRows, kTileK, kThreads>(l_s, left, row0, rows, k0, K, tid);
+    w_next.store(w_s, tid);
+    l_next.store(l_s, tid);
     __syncthreads();
+    if (k0 + kTileK < K) {  // the same for the whole block
+      w_next.load(slab, k0 + kTileK, K, tid);
+      l_next.load(left, row0, rows, k0 + kTileK, K, tid);
+    }
 #pragma unroll 4
     for (int kk = 0; kk < kTileK; ++kk) {
       T w[kG];
@@ -317,8 +366,10 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
   for (int m = 0; m < kRowTiles; ++m) wmma::fill_fragment(acc[m], 0.0f);
 
   for (int64_t k0 = 0; k0 < P; k0 += kMmaK) {
-    stage_weight_rows<kMmaK, kCols, kWPitch, kBlockThreads>(w_s, slab, k0, P, tid);
-    for (int e = tid; e < kRows * kMmaK; e += kBlockThreads) {
+    WeightChunk<kMmaK, kCols, kWPitch, kBlockThreads, W> w_chunk;
+    w_chunk.load(slab, k0, P, tid);  // every load of the chunk in flight before the first store
+    w_chunk.store(w_s, tid);
+    for (int e = tid; e < kRows * kMmaK; e += kBlockThreads) {  // h rounded to the half type as it is staged
       const int r = e / kMmaK, kk = e % kMmaK;
       const int64_t b = row0 + r, k = k0 + kk;
       h_s[r * kHPitch + kk] = round_to<W>((b < n && k < P) ? a.h[b * P + k] : 0.0f);
