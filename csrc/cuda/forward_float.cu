@@ -1,0 +1,11 @@
+// The float32 forward step loop (CUDA cores), every cell.
+#include "gpu_loops.cuh"
+#include "loops_by_dtype.h"
+
+namespace fused_rnn {
+
+FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_float) {
+  dispatch_cell<CudaCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+}
+
+}  // namespace fused_rnn
