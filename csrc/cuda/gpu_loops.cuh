@@ -1,8 +1,7 @@
 // The GPU includer of step_loops.cuh, shared by the translation units of csrc/cuda/: the CUDA
 // headers, step_loops.cuh itself, and the two names it asks its includer for (launch() on the current
-// stream, multiprocessor_count()). The kernels are instantiated in one translation unit per
-// (direction, dtype) (forward_*.cu, backward_*.cu) so that ninja compiles them in parallel;
-// layer_cuda.cpp dispatches to them through the declarations below.
+// stream, multiprocessor_count()). The kernels are instantiated in two translation units that
+// ninja compiles in parallel: forward.cu, and layer_cuda.cu (the backward and the entry points).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
-// The step loops of csrc/cuda/step_loops.cuh for one dtype each, one translation unit apiece
-// (forward_*.cu, backward_*.cu): layer_cuda.cpp picks one by dtype. Arguments as forward_loop_cuda's
+// The step loops of csrc/cuda/step_loops.cuh for one dtype each, defined in forward.cu and
+// layer_cuda.cu: the entry points in layer_cuda.cu pick one by dtype. Arguments as forward_loop_cuda's
 // and backward_loop_cuda's (csrc/layer.h); the half types' forward takes float32 gx, y, h, c, saved.
 #pragma once
 

@@ -1,6 +1,7 @@
-// The CUDA entry points that layer.cpp calls: checks, the device guard, and the pick of the step
-// loop by dtype. Host code only (no kernels), so c++ compiles it, not nvcc. The loops themselves (csrc/cuda/step_loops.cuh) are instantiated one dtype per
-// translation unit (forward_*.cu, backward_*.cu), which ninja compiles in parallel.
+// The CUDA entry points that layer.cpp calls (checks, the device guard, the pick of the step loop
+// by dtype) and the backward step loops of csrc/cuda/step_loops.cuh, every cell, float32 and float64
+// (the half types reach them as float32). The forward loops are in forward.cu, which ninja builds
+// in parallel with this file.
 //
 // Dtypes: float, double, and (forward) Half/BFloat16 weights with float32 everything else; complex
 // is rejected in layer.cpp.
@@ -11,11 +12,20 @@
 #include <cstdlib>
 #include <string>
 
+#include "gpu_loops.cuh"
 #include "loops_by_dtype.h"
 
 namespace fused_rnn {
 
-using at::Tensor;
+FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_float) {
+  dispatch_cell<BackwardLoop, float>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                                     dgh, dh_total, fuse);
+}
+
+FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_double) {
+  dispatch_cell<BackwardLoop, double>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                                      dgh, dh_total, fuse);
+}
 
 namespace {
 
