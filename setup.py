@@ -1,4 +1,4 @@
-"""Builds fused_rnn._C, CPU only or with the CUDA kernels (README "Build variables"):
+"""Builds fused_rnn._C, CPU only or with the CUDA kernels (README: "What the build builds"):
 
 - CUDA when torch has CUDA, nvcc is found and either a GPU is visible (built for that GPU's
   architecture only) or FUSED_RNN_CUDA=1 / TORCH_CUDA_ARCH_LIST asks for it (CI does, so the CUDA
