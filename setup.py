@@ -1,4 +1,12 @@
-"""Builds fused_rnn._C: a CUDA extension when torch has CUDA and nvcc is found, else CPU only.
+"""Builds fused_rnn._C, CPU only or with the CUDA kernels (README: "What the build builds"):
+
+- CUDA when torch has CUDA, nvcc is found and either a GPU is visible (built for that GPU's
+  architecture only) or FUSED_RNN_CUDA=1 / TORCH_CUDA_ARCH_LIST asks for it (CI does, so the CUDA
+  sources compile in every CI run; without a GPU the architectures default to 8.0 and 9.0+PTX).
+- CPU only otherwise, or with FUSED_RNN_FORCE_CPU=1 (or FUSED_RNN_CUDA=0).
+
+It says what it builds and about how long that takes before it starts, and prints a line every
+30 s while it runs (`pip install -v` shows them; pip hides a build's output without -v).
 
 Install with `pip install --no-build-isolation .` so that the extension is built against the torch
 that will import it (build isolation would fetch another torch into a temporary environment).
@@ -7,6 +15,8 @@ import glob
 import os
 import shutil
 import sys
+import threading
+import time
 
 from setuptools import setup
 
@@ -18,6 +28,9 @@ except ImportError:  # pragma: no cover - the message is the point
              "`pip install --no-build-isolation .` (see README.md).")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# Compile time of the sources, measured on the 2-core VM (torch 2.13/2.14): for the announcement.
+CPP_CORE_SECONDS = 150  # all of csrc/*.cpp and csrc/cpu/*.cpp together
+CU_CORE_SECONDS_PER_ARCH = 40  # one csrc/cuda/*.cu file for one architecture
 
 
 def find_cuda_home():
@@ -31,16 +44,39 @@ def find_cuda_home():
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
-def want_cuda():
-    if os.environ.get("FUSED_RNN_FORCE_CPU", "0") == "1" or torch.version.cuda is None:
-        return False
+def flag(name):
+    return os.environ.get(name, "").strip()
+
+
+def cuda_wanted():
+    """(build the CUDA kernels?, why): printed before the build starts."""
+    if flag("FUSED_RNN_FORCE_CPU") == "1" or flag("FUSED_RNN_CUDA") == "0":
+        return False, "FUSED_RNN_FORCE_CPU=1" if flag("FUSED_RNN_FORCE_CPU") == "1" else "FUSED_RNN_CUDA=0"
+    asked = flag("FUSED_RNN_CUDA") == "1" or bool(flag("TORCH_CUDA_ARCH_LIST"))
+    if torch.version.cuda is None:
+        if asked:
+            sys.exit(f"fused_rnn: a CUDA build was asked for, but torch {torch.__version__} has no CUDA")
+        return False, f"torch {torch.__version__} is a CPU build"
+    if not asked and not torch.cuda.is_available():
+        return False, "no GPU is visible (FUSED_RNN_CUDA=1 builds the CUDA kernels anyway)"
     cuda_home = find_cuda_home()
     if cuda_home is None:
-        print("fused_rnn: torch has CUDA but nvcc was not found: building the CPU-only extension")
-        return False
+        if asked:
+            sys.exit("fused_rnn: a CUDA build was asked for, but nvcc was not found (set CUDA_HOME)")
+        return False, "torch has CUDA but nvcc was not found (set CUDA_HOME)"
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home  # read at import time, so set it on the module too
-    return True
+    if not flag("TORCH_CUDA_ARCH_LIST"):
+        if torch.cuda.is_available():
+            # Only the visible GPUs' architectures: each one is a full nvcc pass over every kernel.
+            caps = sorted({torch.cuda.get_device_capability(d) for d in range(torch.cuda.device_count())})
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{major}.{minor}" for major, minor in caps)
+        else:
+            # With no GPU to ask, cpp_extension needs the list: A100 (8.0) and H100/H200 (9.0).
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    why = "FUSED_RNN_CUDA=1" if flag("FUSED_RNN_CUDA") == "1" else (
+        "TORCH_CUDA_ARCH_LIST is set" if asked else "a GPU is visible")
+    return True, why
 
 
 def cuda_include_dirs():
@@ -72,6 +108,56 @@ def cpu_vector_flags():
     return []
 
 
+def build_jobs():
+    """ninja's parallel jobs: MAX_JOBS, else ninja's own default (cores + 2)."""
+    return int(flag("MAX_JOBS")) if flag("MAX_JOBS").isdigit() else (os.cpu_count() or 1) + 2
+
+
+def announcement(cpp_sources, cuda_sources, why):
+    """What is built and about how long it takes (from the compile times measured on the 2-core VM)."""
+    cores = os.cpu_count() or 1
+    if cuda_sources:
+        arches = [a for a in flag("TORCH_CUDA_ARCH_LIST").replace(",", ";").replace(" ", ";").split(";") if a]
+        seconds = (CPP_CORE_SECONDS + CU_CORE_SECONDS_PER_ARCH * len(arches) * len(cuda_sources)) / min(
+            cores, build_jobs())
+        what = (f"the CUDA extension ({why}): {len(cpp_sources)} C++ and {len(cuda_sources)} CUDA files for "
+                f"compute capability {', '.join(arches)}")
+    else:
+        seconds = CPP_CORE_SECONDS / min(cores, build_jobs(), len(cpp_sources))
+        what = f"the CPU-only extension ({why}): {len(cpp_sources)} C++ files"
+    return f"fused_rnn: building {what}; about {max(1, round(seconds / 60))} min on {cores} cores"
+
+
+class Heartbeat:
+    """A line every 30 s while the compilers run, so that a long build is never silent."""
+
+    def __init__(self, period=30):
+        self.period, self.done = period, threading.Event()
+
+    def __enter__(self):
+        start = time.monotonic()
+
+        def beat():
+            while not self.done.wait(self.period):
+                print(f"fused_rnn: still compiling ({time.monotonic() - start:.0f} s)", flush=True)
+        threading.Thread(target=beat, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+
+class BuildWithProgress(cpp_extension.BuildExtension):
+    announcement = ""
+
+    def build_extensions(self):
+        print(self.announcement, flush=True)
+        start = time.monotonic()
+        with Heartbeat():
+            super().build_extensions()
+        print(f"fused_rnn: extension built in {time.monotonic() - start:.0f} s", flush=True)
+
+
 def make_extension():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: cpp_extension adds the standard the installed torch needs (C++17 up to torch
@@ -84,15 +170,15 @@ def make_extension():
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
-    if want_cuda():
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-            # With no GPU to ask, cpp_extension needs the list: A100 (8.0) and H100/H200 (9.0).
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+    with_cuda, why = cuda_wanted()
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
+    BuildWithProgress.announcement = announcement(cpp_sources, cuda_sources, why)
+    if with_cuda:
         nvcc_flags = ["-O3", "-lineinfo",
                       "-DFUSED_RNN_WITH_CUDA"]
         return cpp_extension.CUDAExtension(
             name="fused_rnn._C",
-            sources=cpp_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            sources=cpp_sources + cuda_sources,
             include_dirs=include_dirs + cuda_include_dirs(),
             extra_compile_args={"cxx": cxx_flags + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc_flags},
             extra_link_args=link_flags,
@@ -108,5 +194,5 @@ def make_extension():
 
 setup(
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithProgress.with_options(use_ninja=True)},
 )

@@ -11,7 +11,8 @@
 # FUSED_RNN_CUDA_UNFUSED_BACKWARD=1 (cell kernel + cuBLAS per step), tables only, to see where
 # fusing pays.
 # Logs and benchmark records go under $OUT (the device tool's output folder; /tmp/fused_rnn_gpu
-# elsewhere): copy $OUT/results/*.json to bench/results/ to commit them. A summary is printed last.
+# elsewhere): to commit a run, copy $OUT/results/<device>-<date>.json/.png to bench/results/<device>.json/.png
+# (what `python -m bench --update-reference` writes). A summary is printed last.
 set -uo pipefail
 OUT=${OUT:-/tmp/fused_rnn_gpu}
 PY=${PYTHON:-python3}

@@ -2,34 +2,49 @@
 
     python -m bench                 # quick grid on whatever device is present
     python -m bench --cells LSTM --shapes 100x64x512 --modes inference
+    python -m bench --update-reference   # also rewrite the committed bench/results/<device>.json/.png
 
-Contenders, in one run and with the same weights: fused_rnn, torch.nn (cuDNN on a GPU, oneDNN or
-the native path on the CPU) and a plain PyTorch loop of the same cell (bench/loop.py). Prints a
-markdown table (milliseconds, speedup = torch.nn time / fused time), appends JSON records to
-bench/results/<device>.json and draws the speedups to bench/results/<device>.png.
+Contenders, in one run and with the same weights: fused_rnn and torch.nn (the reference), and where
+they apply: a plain PyTorch loop of the same cell (bench/loop.py, --loop), ONNX Runtime running
+torch.nn's exported layer and torch's dynamic int8 LSTM/GRU (inference only; optional peers,
+skipped with a note when absent), and for packed input (lengths uniform in [T/4, T]) torch.nn on
+the same PackedSequence and torch.nn on the padded batch.
 
 Timing: warm-up first; on a GPU CUDA events around each call, on the CPU perf_counter. The
-contenders run interleaved, round after round, and each reports its median, so that a drift of the
-machine hits all alike, and the order of the contenders rotates from round to round. Inputs rotate
-among a few tensors so that caches do not flatter.
+contenders run interleaved, round after round (the order rotating), so that a drift of the machine
+hits all alike; each row reports every contender's median and quartiles, and each speedup is the
+median (and quartiles) of the per-round ratios. Rows whose spread is wide (`~`) or that ran while
+the load average exceeded the cores (`!`) are marked. Inputs rotate among a few tensors so that
+caches do not flatter.
+
+Records and plot go to bench/out/ (ignored by git), one file pair per run; --update-reference
+also replaces the committed reference results in bench/results/.
 """
 import argparse
+import datetime
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fused_rnn
 from bench.loop import LoopRNN
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+OUT_DIR = os.path.join(BENCH_DIR, "out")  # ignored by git: routine runs leave the tree clean
+REFERENCE_DIR = os.path.join(BENCH_DIR, "results")  # committed; written only by --update-reference
 
-# Cases (T, B, I, H, layers, bidirectional). The quick grid finishes in a few minutes on a 2-core CPU.
+# Cases (T, B, I, H, layers, bidirectional). The quick grid fits the README's main job on a 2-core CPU.
 QUICK_CASES = [(100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False), (100, 1, 256, 256, 1, False)]
+# Packed input: torch.nn leaves oneDNN/its fast path for a per-step loop there.
+QUICK_PACKED_CASES = [(100, 64, 256, 256, 1, False)]
 # On a GPU the quick grid also takes the large batch and B=1/8 at the default size (seconds there).
 QUICK_CASES_GPU = QUICK_CASES + [(100, 256, 512, 512, 1, False), (100, 8, 512, 512, 1, False),
                                  (100, 1, 512, 512, 1, False)]
@@ -42,18 +57,45 @@ FULL_CASES = [
     (100, 64, 512, 512, 2, False),  # stacked
     (100, 64, 512, 512, 1, True),  # bidirectional
 ]
-RECORD_FIELDS = ["device", "torch", "cell", "T", "B", "I", "H", "layers", "bidirectional", "dtype", "mode",
-                 "ms_fused", "ms_reference", "reference", "ms_loop", "mb_fused", "mb_reference", "mb_loop"]
+FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),
+                     (100, 64, 512, 512, 1, True)]
+RECORD_FIELDS = ["device", "torch", "threads", "cores", "date", "tf32", "load_average", "cell", "T", "B", "I",
+                 "H", "layers", "bidirectional", "dtype", "mode", "lengths", "reference", "rounds", "ms", "spread",
+                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb"]
 ROTATION = 3  # distinct inputs cycled through
+WIDE_SPREAD = 0.10  # a row is marked `~` when a timing's interquartile range exceeds this share of its median
+ROUND_BUDGET_S = {"cpu": 1.5, "cuda": 0.5}  # time per case for the timed rounds, when --repeats is not given
+MIN_ROUNDS, MAX_ROUNDS = 5, 25
 CELLS = {"LSTM": (fused_rnn.LSTM, torch.nn.LSTM), "GRU": (fused_rnn.GRU, torch.nn.GRU),
          "RNN": (fused_rnn.RNN, torch.nn.RNN)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REFERENCE = "torch.nn"
 
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
+
+
+def tf32_flags(device):
+    """The TF32 switches that change what a float32 product costs on a GPU (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+
+
+def load_average():
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_is_loaded(load):
+    """More runnable threads than cores (the benchmark's own threads fill the cores at most)."""
+    return load is not None and load > (os.cpu_count() or 1) + 0.5
 
 
 def _sync(device):
@@ -87,6 +129,14 @@ def peak_megabytes(fn, device):
     return round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 2)
 
 
+def quartiles(values):
+    """(q1, median, q3) of a list, interpolating (a single value is its own spread)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
 def make_step(module, inputs, mode):
     """A call that runs the next input through module: no_grad forward, or forward+backward."""
     state = {"k": 0}
@@ -99,11 +149,70 @@ def make_step(module, inputs, mode):
                 module(x)
         else:
             out, _ = module(x)
-            out.sum().backward()
+            (out.data if isinstance(out, PackedSequence) else out).sum().backward()
     return step
 
 
-def bench_one(cell, case, dtype, mode, device, repeats):
+# ------------------------------------------------------------------------------------------------
+# Optional peers (inference only): each returns a step function, or None with the reason it is absent.
+# ------------------------------------------------------------------------------------------------
+
+def onnxruntime_step(ref, xs, device):
+    """torch.nn's layer exported to ONNX and run by ONNX Runtime on the CPU."""
+    if device.type != "cpu":
+        return None, "ONNX Runtime: CPU runs only"
+    try:
+        import onnxruntime
+    except ImportError:
+        return None, "ONNX Runtime not installed (pip install onnxruntime onnx)"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "layer.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(ref, (xs[0].detach(),), path, input_names=["x"], dynamo=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # Without this its thread pool spins after each run and starves the other contenders.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    arrays = [x.detach().numpy() for x in xs]
+    state = {"k": 0}
+
+    def step():
+        session.run(None, {"x": arrays[state["k"] % len(arrays)]})
+        state["k"] += 1
+    return step, None
+
+
+def int8_step(ref, xs, device, cell):
+    """torch's dynamic int8 quantization of the torch.nn layer (weights int8, activations float)."""
+    if device.type != "cpu" or cell not in ("LSTM", "GRU"):
+        return None, None  # torch has dynamic int8 for CPU LSTM and GRU only: nothing to note per row
+    try:
+        from torch.ao.quantization import quantize_dynamic
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its deprecation notice
+            quantized = quantize_dynamic(ref, {type(ref)}, dtype=torch.qint8)
+    except Exception as error:  # noqa: BLE001 - an unavailable peer is a note, not a failure
+        return None, f"torch int8: {type(error).__name__}: {error}"
+    return make_step(quantized, xs, "inference"), None
+
+
+PEER_LABELS = {"onnxruntime": "ONNX Runtime", "int8": "torch int8 (dynamic)"}
+
+
+# ------------------------------------------------------------------------------------------------
+# One case: build the contenders, time them interleaved, summarise.
+# ------------------------------------------------------------------------------------------------
+
+def packed_lengths(steps, batch):
+    """Lengths uniform in [T/4, T], from a fixed seed (so every run sees the same batch)."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(max(1, steps // 4), steps + 1, (batch,), generator=g)
+
+
+def contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes):
     steps, batch, inputs, hidden, layers, bidirectional = case
     fused_cls, ref_cls = CELLS[cell]
     torch.manual_seed(0)
@@ -113,72 +222,225 @@ def bench_one(cell, case, dtype, mode, device, repeats):
     fused.load_state_dict(ref.state_dict())
     xs = [torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=(mode == "training"))
           for _ in range(ROTATION)]
-    contenders = {"fused": make_step(fused, xs, mode), "reference": make_step(ref, xs, mode),
-                  "loop": make_step(LoopRNN(ref), xs, mode)}
+    if lengths == "packed":
+        lens = packed_lengths(steps, batch)
+        # Packed from detached input, with the packed data as the leaf: each call's backward is its own.
+        packed = [pack_padded_sequence(x.detach(), lens, enforce_sorted=False) for x in xs]
+        packed = [PackedSequence(p.data.requires_grad_(mode == "training"), p.batch_sizes, p.sorted_indices,
+                                 p.unsorted_indices) for p in packed]
+        return {"fused": make_step(fused, packed, mode), REFERENCE: make_step(ref, packed, mode),
+                "torch.nn padded": make_step(ref, xs, mode)}
+    contenders = {"fused": make_step(fused, xs, mode), REFERENCE: make_step(ref, xs, mode)}
+    if with_loop:
+        contenders["loop"] = make_step(LoopRNN(ref), xs, mode)
+    if mode == "inference" and dtype == torch.float32:
+        for name, (step, note) in (("onnxruntime", onnxruntime_step(ref, xs, device)),
+                                   ("int8", int8_step(ref, xs, device, cell))):
+            if step is not None:
+                contenders[name] = step
+            elif note:
+                notes.add(note)
+    return contenders
+
+
+def time_interleaved(contenders, device, repeats):
+    """Per-contender lists of milliseconds, one per round; rounds fill the budget when repeats is None."""
     for fn in contenders.values():  # warm-up: first-call allocations, cuDNN plans, page faults
         fn()
     _sync(device)
-    memory = {name: peak_megabytes(fn, device) for name, fn in contenders.items()}
-    samples = {name: [] for name in contenders}
     names = list(contenders)
-    for round_ in range(repeats):
+    samples = {name: [] for name in names}
+    budget_ms = ROUND_BUDGET_S["cuda" if device.type == "cuda" else "cpu"] * 1e3
+    round_ = 0
+    while True:
         # The order rotates, so that no contender always runs right after the same other one (after
         # the slow loop, say, whose allocations leave the allocator and the caches in another state).
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
             samples[name].append(time_call(contenders[name], device))
-    ms = {name: statistics.median(v) for name, v in samples.items()}
+        round_ += 1
+        if repeats is not None:
+            if round_ >= repeats:
+                break
+        elif round_ >= MAX_ROUNDS or (round_ >= MIN_ROUNDS and
+                                      sum(map(sum, samples.values())) >= budget_ms):
+            break
+    return samples
+
+
+def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loop=False, notes=None):
+    notes = set() if notes is None else notes
+    load_before = load_average()
+    contenders = contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes)
+    memory = {name: peak_megabytes(fn, device) for name, fn in contenders.items()} if device.type == "cuda" else None
+    samples = time_interleaved(contenders, device, repeats)
+    load_after = load_average()
+    loads = [v for v in (load_before, load_after) if v is not None]
+
+    ms, spread, speedup = {}, {}, {}
+    for name, values in samples.items():
+        q1, median, q3 = quartiles(values)
+        ms[name] = round(median, 4)
+        spread[name] = {"min": round(min(values), 4), "q1": round(q1, 4), "q3": round(q3, 4),
+                        "max": round(max(values), 4)}
+        if name != "fused":
+            # How many times faster fused_rnn is than this contender, round by round.
+            q1, median, q3 = quartiles([other / mine for other, mine in zip(values, samples["fused"])])
+            speedup[name] = {"median": round(median, 3), "q1": round(q1, 3), "q3": round(q3, 3)}
+    wide = any((spread[n]["q3"] - spread[n]["q1"]) > WIDE_SPREAD * ms[n] for n in ("fused", REFERENCE))
+    steps, batch, inputs, hidden, layers, bidirectional = case
     return {
-        "device": device_name(device), "torch": torch.__version__, "cell": cell,
-        "T": steps, "B": batch, "I": inputs, "H": hidden, "layers": layers,
+        "device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tf32": tf32_flags(device), "load_average": max(loads) if loads else None,
+        "cell": cell, "T": steps, "B": batch, "I": inputs, "H": hidden, "layers": layers,
         "bidirectional": bidirectional, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
-        "ms_fused": round(ms["fused"], 4), "ms_reference": round(ms["reference"], 4),
+        "lengths": "packed U[T/4,T]" if lengths == "packed" else "full",
         "reference": "torch.nn (cuDNN)" if device.type == "cuda" else "torch.nn (CPU)",
-        "ms_loop": round(ms["loop"], 4),
-        "mb_fused": memory["fused"], "mb_reference": memory["reference"], "mb_loop": memory["loop"],
+        "rounds": len(samples["fused"]), "ms": ms, "spread": spread, "speedup": speedup,
+        "wide_spread": wide, "loaded": machine_is_loaded(max(loads)) if loads else False,
+        "ms_fused": ms["fused"], "ms_reference": ms[REFERENCE], "mb": memory,
     }
 
+
+# ------------------------------------------------------------------------------------------------
+# Output: markdown tables, plot, files.
+# ------------------------------------------------------------------------------------------------
 
 def case_label(r):
     return (f"{r['cell']} T{r['T']} B{r['B']} H{r['H']}" + (f" L{r['layers']}" if r["layers"] > 1 else "")
             + (" bi" if r["bidirectional"] else "") + f" {r['dtype']}")
 
 
+def marks(r):
+    return ("~" if r["wide_spread"] else "") + ("!" if r["loaded"] else "")
+
+
+def fmt_ms(r, name):
+    if name not in r["ms"]:
+        return "–"
+    s = r["spread"][name]
+    return f"{r['ms'][name]:.2f} ({s['q1']:.2f}–{s['q3']:.2f})"
+
+
+def fmt_speedup(r, name):
+    if name not in r["speedup"]:
+        return "–"
+    s = r["speedup"][name]
+    return f"{s['median']:.2f}x ({s['q1']:.2f}–{s['q3']:.2f})"
+
+
+def print_tables(records, out=None):
+    """One table for full-length input, one for packed; ms as median (quartiles)."""
+    out = out or sys.stdout
+    full = [r for r in records if r["lengths"] == "full"]
+    packed = [r for r in records if r["lengths"] != "full"]
+    if full:
+        peers = [n for n in ("loop", "onnxruntime", "int8") if any(n in r["ms"] for r in full)]
+        head = ["case", "mode", "fused ms", "torch.nn ms", "fused vs torch.nn"]
+        for n in peers:
+            head += [f"{PEER_LABELS.get(n, n)} ms", f"fused vs {PEER_LABELS.get(n, n)}"]
+        print("| " + " | ".join(head + ["flag"]) + " |", file=out)
+        print("|" + "---|" * (len(head) + 1), file=out)
+        for r in full:
+            cells = [case_label(r), r["mode"], fmt_ms(r, "fused"), fmt_ms(r, REFERENCE), fmt_speedup(r, REFERENCE)]
+            for n in peers:
+                cells += [fmt_ms(r, n), fmt_speedup(r, n)]
+            print("| " + " | ".join(cells + [marks(r)]) + " |", file=out)
+    if packed:
+        print(f"\nPacked input, lengths uniform in [T/4, T] (PackedSequence, enforce_sorted=False):\n", file=out)
+        print("| case | mode | fused packed ms | torch.nn packed ms | torch.nn padded ms | fused vs torch.nn packed "
+              "| fused vs torch.nn padded | flag |", file=out)
+        print("|" + "---|" * 8, file=out)
+        for r in packed:
+            print(f"| {case_label(r)} | {r['mode']} | {fmt_ms(r, 'fused')} | {fmt_ms(r, REFERENCE)} | "
+                  f"{fmt_ms(r, 'torch.nn padded')} | {fmt_speedup(r, REFERENCE)} | "
+                  f"{fmt_speedup(r, 'torch.nn padded')} | {marks(r)} |", file=out)
+    if records:
+        speedups = [r["speedup"][REFERENCE]["median"] for r in full]
+        if speedups:
+            print(f"\nfull-length input: geometric-mean speedup over torch.nn {statistics.geometric_mean(speedups):.2f}x "
+                  f"over {len(speedups)} rows (min {min(speedups):.2f}x, max {max(speedups):.2f}x)", file=out)
+        print("ms: median (first–third quartile) of the rounds; speedups: median (quartiles) of the per-round "
+              "ratios.", file=out)
+
+
+def warnings_for(records, notes):
+    """Lines that say how far to trust this run."""
+    lines = sorted(notes)
+    if any(r["wide_spread"] for r in records):
+        lines.append(f"rows marked ~ have a wide spread (an interquartile range over {WIDE_SPREAD:.0%} of the "
+                     "median): rerun them, or on a quieter machine, before quoting them")
+    loaded = [r["load_average"] for r in records if r["loaded"]]
+    if loaded:
+        lines.append(f"the machine was loaded: load average up to {max(loaded):.1f} on {os.cpu_count()} cores "
+                     "(rows marked !); other jobs shared the cores, so these timings and ratios are not "
+                     "the machine's")
+    return lines
+
+
 def plot(records, path):
-    """Speedups over torch.nn of fused_rnn and of the plain loop, one panel per mode."""
+    """Speedup over torch.nn of every contender, log scale with interquartile error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    modes = sorted({r["mode"] for r in records})
-    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 0.55 * len(records) + 2), 4 * len(modes)),
-                             squeeze=False)
-    for ax, mode in zip(axes[:, 0], modes):
-        rows = [r for r in records if r["mode"] == mode]
-        pos = range(len(rows))
-        ax.bar([p - 0.2 for p in pos], [r["ms_reference"] / r["ms_fused"] for r in rows], 0.4, label="fused_rnn")
-        ax.bar([p + 0.2 for p in pos], [r["ms_reference"] / r["ms_loop"] for r in rows], 0.4, label="plain loop")
+    panels = sorted({(r["lengths"], r["mode"]) for r in records})
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(7, 0.7 * max(sum(1 for r in records if (r["lengths"], r["mode"]) == p)
+                                                        for p in panels) + 3), 4 * len(panels)))
+    first = records[0]
+    for ax, (lengths, mode) in zip(axes[:, 0], panels):
+        rows = [r for r in records if (r["lengths"], r["mode"]) == (lengths, mode)]
+        # Everyone's speedup over torch.nn: fused's is its per-round ratio; another contender's is
+        # fused's over torch.nn divided by fused's over it.
+        names = ["fused"] + sorted({n for r in rows for n in r["speedup"]} - {REFERENCE})
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            pos, mid, low, high = [], [], [], []
+            for p, r in enumerate(rows):
+                ref = r["speedup"][REFERENCE]
+                if name == "fused":
+                    m, lo, hi = ref["median"], ref["q1"], ref["q3"]
+                elif name in r["speedup"]:
+                    own = r["speedup"][name]
+                    m, lo, hi = ref["median"] / own["median"], ref["q1"] / own["q3"], ref["q3"] / own["q1"]
+                else:
+                    continue
+                pos.append(p - 0.4 + width * (k + 0.5))
+                mid.append(m)
+                low.append(max(m - lo, 0))
+                high.append(max(hi - m, 0))
+            label = "fused_rnn" if name == "fused" else PEER_LABELS.get(name, name)
+            ax.bar(pos, mid, width, yerr=[low, high], capsize=2, label=label)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(list(pos))
-        ax.set_xticklabels([case_label(r) for r in rows], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("speedup over torch.nn")
-        ax.set_title(f"{records[0]['device']}, {mode}")
-        ax.legend()
+        ax.set_yscale("log")
+        ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+        ax.yaxis.set_major_formatter(ticks)
+        ax.yaxis.set_minor_formatter(ticks)
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set_xticks(list(range(len(rows))))
+        ax.set_xticklabels([case_label(r) + (" " + marks(r) if marks(r) else "") for r in rows],
+                           rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("speedup over torch.nn" + (" packed" if lengths != "full" else ""))
+        ax.set_title(f"{mode}, {'packed, lengths U[T/4, T]' if lengths != 'full' else 'full-length input'}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{first['device']}, torch {first['torch']}, {first['threads']} threads, {first['date'][:10]}\n"
+                 "bars: median of the rounds, whiskers: quartiles; ~ wide spread, ! loaded machine", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def print_table(records):
-    print("| case | mode | fused ms | torch.nn ms | loop ms | speedup vs torch.nn | loop vs torch.nn |")
-    print("|---|---|---|---|---|---|---|")
-    for r in records:
-        print(f"| {case_label(r)} | {r['mode']} | {r['ms_fused']:.2f} | {r['ms_reference']:.2f} | "
-              f"{r['ms_loop']:.2f} | {r['ms_reference'] / r['ms_fused']:.2f}x | "
-              f"{r['ms_reference'] / r['ms_loop']:.2f}x |")
-    if records:
-        speedups = [r["ms_reference"] / r["ms_fused"] for r in records]
-        print(f"\ngeometric-mean speedup {statistics.geometric_mean(speedups):.2f}x over {len(records)} cases "
-              f"(min {min(speedups):.2f}x, max {max(speedups):.2f}x)")
+def save(records, directory, stem):
+    """Writes stem.json and stem.png in directory (records replace what was there)."""
+    os.makedirs(directory, exist_ok=True)
+    base = os.path.join(directory, stem)
+    with open(base + ".json", "w") as f:
+        json.dump(records, f, indent=1)
+    plot(records, base + ".png")
+    return base
 
 
 def quick_cases(device):
@@ -200,43 +462,67 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="the whole grid instead of the quick one")
     p.add_argument("--cells", default="LSTM,GRU,RNN")
     p.add_argument("--shapes", type=parse_case, nargs="+", help="TxBxH or TxBxIxH (replaces the grid)")
+    p.add_argument("--packed-shapes", type=parse_case, nargs="*", default=None,
+                   help="shapes for packed input (default: the grid's; none with --shapes)")
     p.add_argument("--layers", type=int, default=1, help="with --shapes")
     p.add_argument("--bidirectional", action="store_true", help="with --shapes")
     p.add_argument("--modes", default="inference,training")
     p.add_argument("--dtypes", default=None, help="default: float32 (plus bfloat16,float16 on a GPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 on the CPU, 25 on a GPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed rounds (default: {MIN_ROUNDS} to {MAX_ROUNDS}, as many as fit "
+                        f"{ROUND_BUDGET_S['cpu']} s per row on the CPU, {ROUND_BUDGET_S['cuda']} s on a GPU)")
+    p.add_argument("--loop", action="store_true", help="also time the plain PyTorch loop (bench/loop.py)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--results-dir", default=OUT_DIR, help="where records and plot go (default bench/out/, ignored)")
+    p.add_argument("--update-reference", action="store_true",
+                   help="also replace the committed reference results, bench/results/<device>.json and .png")
     p.add_argument("--no-save", action="store_true", help="neither records nor plot")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     if args.shapes:
         cases = [s + (args.layers, args.bidirectional) for s in args.shapes]
+        packed_cases = []
     else:
         cases = FULL_CASES if args.full else quick_cases(device)
-    dtypes = args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")
-    repeats = args.repeats or (25 if device.type == "cuda" else 5)
-    grid = [(c, s, d, m) for c in args.cells.split(",") for s in cases
-            for d in dtypes.split(",") for m in args.modes.split(",")]
+        packed_cases = FULL_PACKED_CASES if args.full else QUICK_PACKED_CASES
+    if args.packed_shapes is not None:
+        packed_cases = [s + (args.layers, args.bidirectional) for s in args.packed_shapes]
+    dtypes = (args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")).split(",")
+    grid = [(c, s, d, m, "full") for c in args.cells.split(",") for s in cases for d in dtypes
+            for m in args.modes.split(",")]
+    grid += [(c, s, "float32", m, "packed") for c in args.cells.split(",") for s in packed_cases
+             for m in args.modes.split(",")]
 
-    records = []
-    print(f"# fused_rnn benchmark on {device_name(device)}, torch {torch.__version__}", file=sys.stderr)
+    records, notes = [], set()
+    load = load_average()
+    print(f"# fused_rnn benchmark on {device_name(device)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {load} on {os.cpu_count()} cores", file=sys.stderr)
+    if machine_is_loaded(load):
+        print(f"# the machine is loaded before the start (load average {load} > {os.cpu_count()} cores): "
+              "expect noisy, pessimistic ratios", file=sys.stderr)
     t0 = time.perf_counter()
-    for k, (cell, case, dtype, mode) in enumerate(grid, 1):
-        print(f"[{k}/{len(grid)} {time.perf_counter() - t0:6.0f}s] {cell} T,B,I,H,layers,bi={case} "
-              f"{dtype} {mode}", file=sys.stderr, flush=True)
-        records.append(bench_one(cell, case, DTYPES[dtype], mode, device, repeats))
-    print_table(records)
+    for k, (cell, case, dtype, mode, lengths) in enumerate(grid, 1):
+        print(f"[{k}/{len(grid)} {time.perf_counter() - t0:4.0f}s] {cell} T,B,I,H,layers,bi={case} "
+              f"{dtype} {mode}" + (" packed" if lengths == "packed" else ""), file=sys.stderr, flush=True)
+        records.append(bench_one(cell, case, DTYPES[dtype], mode, device, args.repeats, lengths=lengths,
+                                 with_loop=args.loop, notes=notes))
+    print_tables(records)
+    for line in warnings_for(records, notes):
+        print(f"note: {line}")
 
     if not args.no_save and records:
-        os.makedirs(args.results_dir, exist_ok=True)
-        stem = os.path.join(args.results_dir, device_name(device).replace(" ", "_"))
-        old = json.load(open(stem + ".json")) if os.path.exists(stem + ".json") else []
-        with open(stem + ".json", "w") as f:
-            json.dump(old + records, f, indent=1)
-        plot(records, stem + ".png")
-        print(f"records appended to {stem}.json, plot in {stem}.png", file=sys.stderr)
+        stem = device_name(device).replace(" ", "_")
+        date = records[0]["date"][:19].replace(":", "").replace("-", "")
+        name, n = f"{stem}-{date}", 1
+        while os.path.exists(os.path.join(args.results_dir, name + ".json")):  # two runs in one second
+            n += 1
+            name = f"{stem}-{date}-{n}"
+        base = save(records, args.results_dir, name)
+        print(f"records in {base}.json, plot in {base}.png", file=sys.stderr)
+        if args.update_reference:
+            base = save(records, REFERENCE_DIR, stem)
+            print(f"reference results replaced: {base}.json, {base}.png (commit them)", file=sys.stderr)
     return records
 
 

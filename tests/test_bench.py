@@ -1,41 +1,143 @@
-"""The benchmark harness itself, on a tiny shape: records with every field, a plot. No timings."""
+"""The benchmark harness itself, on tiny shapes: records with every field and their spread, a plot,
+files only where asked, optional peers skipped cleanly. Nothing here is timed."""
+import datetime
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 from bench import run  # noqa: E402
 
+TINY = ["--shapes", "3x2x4", "--repeats", "2", "--device", "cpu"]
 
-def test_harness_writes_records_and_plot(tmp_path, capsys):
-    records = run.main(["--shapes", "3x2x4", "--repeats", "1", "--device", "cpu",
-                        "--results-dir", str(tmp_path)])
-    table = capsys.readouterr().out
+
+def check_spread(r):
+    for name, median in r["ms"].items():
+        s = r["spread"][name]
+        assert 0 < s["min"] <= s["q1"] <= median <= s["q3"] <= s["max"], (name, s, median)
+    assert set(r["speedup"]) == set(r["ms"]) - {"fused"}
+    for s in r["speedup"].values():
+        assert 0 < s["q1"] <= s["median"] <= s["q3"]
+
+
+def test_harness_writes_records_with_spread_and_plot(tmp_path, capsys):
+    records = run.main(TINY + ["--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
     assert len(records) == 6  # 3 cells x 2 modes
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".png")
-    saved = json.load(open(tmp_path / files[0]))
-    assert saved == records
-    for r in saved:
+    assert json.load(open(tmp_path / files[0])) == records
+    assert os.path.getsize(tmp_path / files[1]) > 1000
+    for r in records:
         assert set(run.RECORD_FIELDS) <= set(r), set(run.RECORD_FIELDS) - set(r)
         assert (r["T"], r["B"], r["I"], r["H"], r["layers"], r["bidirectional"]) == (3, 2, 4, 4, 1, False)
-        assert r["ms_fused"] > 0 and r["ms_reference"] > 0 and r["ms_loop"] > 0
-        assert r["mb_fused"] is None  # peak memory is measured on a GPU only
-    assert {(r["cell"], r["mode"]) for r in saved} == {(c, m) for c in ("LSTM", "GRU", "RNN")
-                                                        for m in ("inference", "training")}
-    assert os.path.getsize(tmp_path / files[1]) > 1000
-    assert sum(line.startswith("|") for line in table.splitlines()) == 1 + 1 + 6  # header, rule, rows
+        assert r["torch"] == torch.__version__ and r["threads"] == torch.get_num_threads()
+        assert datetime.datetime.fromisoformat(r["date"]).tzinfo is not None
+        assert r["tf32"] is None and r["mb"] is None  # GPU only
+        assert r["rounds"] == 2 and r["lengths"] == "full"
+        assert {"fused", "torch.nn"} <= set(r["ms"]) and "loop" not in r["ms"]  # the loop only with --loop
+        check_spread(r)
+        assert isinstance(r["wide_spread"], bool) and isinstance(r["loaded"], bool)
+    assert {(r["cell"], r["mode"]) for r in records} == {(c, m) for c in ("LSTM", "GRU", "RNN")
+                                                         for m in ("inference", "training")}
+    rows = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 6  # header, rule, rows
+    assert all("(" in row and "–" in row for row in rows[2:])  # every timing with its quartiles
 
-    # A second run appends instead of overwriting.
-    run.main(["--shapes", "3x2x4", "--repeats", "1", "--device", "cpu", "--cells", "GRU",
-              "--modes", "inference", "--results-dir", str(tmp_path)])
-    assert len(json.load(open(tmp_path / files[0]))) == 7
+    # A second run writes its own pair of files: nothing is appended to the first run's records.
+    run.main(TINY + ["--cells", "GRU", "--modes", "inference", "--results-dir", str(tmp_path)])
+    assert len(os.listdir(tmp_path)) == 4
+    assert json.load(open(tmp_path / files[0])) == records
+
+
+def test_peers_and_packed_rows():
+    """int8 for LSTM/GRU inference only; packed rows time torch.nn packed and padded."""
+    lstm = run.bench_one("LSTM", (4, 3, 4, 4, 1, False), torch.float32, "inference", torch.device("cpu"), 2)
+    assert "int8" in lstm["ms"]
+    rnn = run.bench_one("RNN", (4, 3, 4, 4, 1, False), torch.float32, "inference", torch.device("cpu"), 2)
+    assert "int8" not in rnn["ms"]
+    training = run.bench_one("GRU", (4, 3, 4, 4, 1, False), torch.float32, "training", torch.device("cpu"), 2)
+    assert set(training["ms"]) == {"fused", "torch.nn"}  # the peers are inference-only
+    packed = run.bench_one("LSTM", (8, 5, 4, 4, 1, True), torch.float32, "training", torch.device("cpu"), 3,
+                           lengths="packed")
+    assert packed["lengths"].startswith("packed") and packed["rounds"] == 3
+    assert set(packed["ms"]) == {"fused", "torch.nn", "torch.nn padded"}
+    check_spread(packed)
+    lengths = run.packed_lengths(100, 64)
+    assert 25 <= lengths.min() and lengths.max() <= 100 and len(set(lengths.tolist())) > 10
+
+
+def test_absent_onnxruntime_is_a_note(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    notes = set()
+    r = run.bench_one("GRU", (4, 3, 4, 4, 1, False), torch.float32, "inference", torch.device("cpu"), 2,
+                      notes=notes)
+    assert "onnxruntime" not in r["ms"]
+    assert any("ONNX Runtime not installed" in n for n in notes)
+
+
+def test_onnxruntime_peer_when_installed():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    notes = set()
+    r = run.bench_one("LSTM", (4, 3, 4, 4, 1, False), torch.float32, "inference", torch.device("cpu"), 2,
+                      notes=notes)
+    assert "onnxruntime" in r["ms"], notes
+    check_spread(r)
+
+
+def test_loaded_machine_and_wide_spread_are_reported(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(run, "load_average", lambda: float(os.cpu_count() + 4))
+    records = run.main(TINY + ["--cells", "RNN", "--modes", "inference", "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert records[0]["loaded"] and records[0]["load_average"] == os.cpu_count() + 4
+    assert "the machine was loaded" in out and "!" in [line for line in out.splitlines() if line.startswith("| RNN")][0]
+    assert not run.machine_is_loaded(float(os.cpu_count())) and not run.machine_is_loaded(None)
+
+    wide = dict(records[0], wide_spread=True, loaded=False)
+    assert any("wide spread" in line for line in run.warnings_for([wide], set()))
+    assert run.marks(wide) == "~"
+
+
+def test_update_reference_writes_only_when_asked(monkeypatch, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    monkeypatch.setattr(run, "REFERENCE_DIR", str(reference))
+    run.main(TINY + ["--cells", "RNN", "--results-dir", str(out)])
+    assert not reference.exists()
+    records = run.main(TINY + ["--cells", "RNN", "--results-dir", str(out), "--update-reference"])
+    stem = run.device_name(torch.device("cpu")).replace(" ", "_")
+    assert json.load(open(reference / f"{stem}.json")) == records  # replaced, not appended
+    assert (reference / f"{stem}.png").exists()
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+def test_default_run_leaves_the_tree_clean():
+    """A run with the default folder writes into bench/out/, which git ignores."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if shutil.which("git") is None or not os.path.exists(os.path.join(root, ".git")):
+        pytest.skip("not a git checkout")
+    assert run.OUT_DIR == os.path.join(root, "bench", "out")
+    before = git("status", "--porcelain", "--untracked-files=all", cwd=root)
+    existing = set(os.listdir(run.OUT_DIR)) if os.path.isdir(run.OUT_DIR) else set()
+    try:
+        run.main(TINY + ["--cells", "RNN", "--modes", "inference"])
+        assert len(set(os.listdir(run.OUT_DIR)) - existing) == 2
+        assert git("status", "--porcelain", "--untracked-files=all", cwd=root) == before
+    finally:
+        for name in set(os.listdir(run.OUT_DIR)) - existing:
+            os.remove(os.path.join(run.OUT_DIR, name))
 
 
 def test_loop_reference_matches_torch_nn():
     """The plain-loop contender computes what torch.nn computes (else its timings mean nothing)."""
-    import torch
     from bench.loop import LoopRNN
     for cls, kw in ((torch.nn.LSTM, {}), (torch.nn.GRU, {}), (torch.nn.RNN, {"nonlinearity": "relu"})):
         ref = cls(4, 5, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64, **kw)
@@ -48,7 +150,6 @@ def test_loop_reference_matches_torch_nn():
 
 def test_quick_grid_on_a_gpu_has_the_issue_shapes():
     """T=100, I=H=512 at B=1, 8, 64 and 256 on a GPU; the CPU's quick grid stays small."""
-    import torch
     gpu = {(c[1], c[3]) for c in run.quick_cases(torch.device("cuda")) if c[0] == 100 and c[2] == c[3]}
     assert {(1, 512), (8, 512), (64, 512), (256, 512)} <= gpu
     assert run.quick_cases(torch.device("cpu")) == run.QUICK_CASES

@@ -1,32 +1,33 @@
-// The GPU side of csrc/cuda/step_loops.cuh (the step loops and their kernels, described there):
-// kernel launches on the current stream, and the entry points that layer.cpp calls.
+// The CUDA entry points that layer.cpp calls (checks, the device guard, the pick of the step loop
+// by dtype) and the backward step loops of csrc/cuda/step_loops.cuh, every cell, float32 and float64
+// (the half types reach them as float32). The forward loops are in forward.cu, which ninja builds
+// in parallel with this file.
 //
 // Dtypes: float, double, and (forward) Half/BFloat16 weights with float32 everything else; complex
 // is rejected in layer.cpp.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cstdlib>
 #include <string>
 
-#include "step_loops.cuh"
+#include "gpu_loops.cuh"
+#include "loops_by_dtype.h"
 
 namespace fused_rnn {
-namespace {
 
-template <typename Args>
-void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
-  kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_float) {
+  dispatch_cell<BackwardLoop, float>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                                     dgh, dh_total, fuse);
 }
 
-int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_double) {
+  dispatch_cell<BackwardLoop, double>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                                      dgh, dh_total, fuse);
+}
+
+namespace {
 
 // FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: two launches per backward step (step_loops.cuh), read per call.
 bool fused_backward_wanted() {
@@ -46,17 +47,20 @@ void forward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& gx, cons
     TORCH_CHECK(gx.scalar_type() == at::kFloat, "fused_rnn: half-type weights need a float32 gx, got ",
                 gx.scalar_type());
     if (w_type == at::kHalf) {
-      dispatch_cell<HalfTensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+      forward_loop_cuda_half(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
     } else {
-      dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c,
-                                                          saved);
+      forward_loop_cuda_bfloat16(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
     }
     return;
   }
   TORCH_CHECK(w_type == gx.scalar_type(), "fused_rnn: weight_hh has dtype ", w_type, " but gx ", gx.scalar_type());
-  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "fused_rnn_forward_cuda", [&] {
-    dispatch_cell<CudaCoreForwardLoop, scalar_t>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
-  });
+  if (gx.scalar_type() == at::kFloat) {
+    forward_loop_cuda_float(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+  } else if (gx.scalar_type() == at::kDouble) {
+    forward_loop_cuda_double(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+  } else {
+    TORCH_CHECK(false, "fused_rnn: forward_loop_cuda does not take dtype ", gx.scalar_type());
+  }
 }
 
 bool cuda_tensor_cores_take_half_types(const at::Device& device) {
@@ -69,10 +73,16 @@ void backward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& w_hh_co
   TORCH_CHECK(saved.is_cuda(), "fused_rnn: backward_loop_cuda needs CUDA tensors");
   TORCH_CHECK(!saved.is_complex(), "fused_rnn: complex inputs are not supported on CUDA");
   const c10::cuda::CUDAGuard guard(saved.device());
-  AT_DISPATCH_FLOATING_TYPES(saved.scalar_type(), "fused_rnn_backward_cuda", [&] {
-    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh,
-                                          dc, dgx, dgh, dh_total, fused_backward_wanted());
-  });
+  const bool fuse = fused_backward_wanted();
+  if (saved.scalar_type() == at::kFloat) {
+    backward_loop_cuda_float(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
+                             dh_total, fuse);
+  } else if (saved.scalar_type() == at::kDouble) {
+    backward_loop_cuda_double(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
+                              dh_total, fuse);
+  } else {
+    TORCH_CHECK(false, "fused_rnn: backward_loop_cuda does not take dtype ", saved.scalar_type());
+  }
 }
 
 }  // namespace fused_rnn

@@ -32,9 +32,10 @@
 // Every output element is written by exactly one thread and every sum runs in a fixed order, so
 // results are bitwise reproducible run to run.
 //
-// Included by exactly one translation unit per build: csrc/cuda/layer_cuda.cu, which runs the kernels
-// on the GPU, and the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on
-// host threads. The includer defines launch() and multiprocessor_count() (declared below), and
+// Included on the GPU by the translation units of csrc/cuda/ through gpu_loops.cuh (forward.cu and
+// layer_cuda.cu; everything here has internal linkage, so each compiles only what it instantiates), and
+// by the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on host threads.
+// The includer defines launch() and multiprocessor_count() (declared below), and
 // the CUDA names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their
 // roundings from float, nvcuda::wmma.
 #pragma once
