@@ -180,7 +180,10 @@ def make_extension():
             name="fused_rnn._C",
             sources=cpp_sources + cuda_sources,
             include_dirs=include_dirs + cuda_include_dirs(),
-            extra_compile_args={"cxx": cxx_flags + ["-DFUSED_RNN_WITH_CUDA"], "nvcc": nvcc_flags},
+            # The architectures as built, for `python -m fused_rnn` (bindings.cpp).
+            extra_compile_args={"cxx": cxx_flags + ["-DFUSED_RNN_WITH_CUDA",
+                                                    f'-DFUSED_RNN_CUDA_ARCHS="{flag("TORCH_CUDA_ARCH_LIST")}"'],
+                                "nvcc": nvcc_flags},
             extra_link_args=link_flags,
         )
     return cpp_extension.CppExtension(

@@ -1,4 +1,4 @@
-"""Every CUDA kernel of fused_rnn once, on small shapes, for compute-sanitizer (bench/gpu_session.sh).
+"""Every CUDA kernel of fused_rnn once, on small shapes, for compute-sanitizer (bench/gpu_check.sh).
 
 Forward and backward of LSTM, GRU and RNN (tanh, relu): float32 and float64 (the CUDA-core
 kernels, the fused backward step), bfloat16 and float16 (the tensor-core forward kernel), packed
@@ -6,7 +6,11 @@ and bidirectional input (steps that grow and shrink), LSTM with a projection (th
 hidden sizes with partial tiles, and a batch large enough for the four-rows-per-thread variants.
 Exits non-zero on a non-finite result; compute-sanitizer reports memory errors and races.
 
-    python bench/gpu_smoke.py [--device cuda]
+    python bench/gpu_smoke.py [--device cuda] [--reduced]
+
+--reduced keeps one case of each kernel family (LSTM and GRU; float32, float64 and bfloat16; the
+small shapes, packed and padded, and the large batch in float32 for the four-row variants), for
+racecheck, which runs each kernel tens of times slower.
 """
 import argparse
 import sys
@@ -41,13 +45,19 @@ def run(cls, kwargs, dtype, device, hidden, batch, packed):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--reduced", action="store_true", help="one case per kernel family (for racecheck)")
     args = p.parse_args(argv)
     failures = []
-    for cls, kwargs in CASES:
-        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    cases = CASES[:2] if args.reduced else CASES
+    dtypes = (torch.float32, torch.float64, torch.bfloat16) if args.reduced else (
+        torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for cls, kwargs in cases:
+        for dtype in dtypes:
             for hidden, batch, packed in ((37, 3, False), (37, 0, True), (600, 300, False)):
                 if dtype == torch.float64 and hidden > 100:
                     continue  # the large case is there for the float32 and half kernels' variants
+                if args.reduced and hidden > 100 and dtype != torch.float32:
+                    continue
                 if not run(cls, kwargs, dtype, args.device, hidden, batch, packed):
                     failures.append(f"{cls.__name__} {kwargs} {dtype} H{hidden} B{batch} packed={packed}")
     if args.device == "cuda":

@@ -64,7 +64,10 @@ def _as_torch_nn_would(ours: Exception, torch_nn_call, device: torch.device) -> 
     except _ORDINARY_ERRORS as theirs:
         if type(theirs) is type(ours) and str(theirs) in str(ours):
             return ours
-        return type(theirs)(f"{theirs}\n{ours}")
+        try:
+            return type(theirs)(f"{theirs}\n{ours}")
+        except Exception:  # noqa: BLE001 - an exception class that takes more than a message
+            return ours
     except Exception:  # noqa: BLE001 - torch.nn's own failure (AttributeError, IndexError) helps no one
         pass
     return ours

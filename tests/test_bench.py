@@ -159,3 +159,23 @@ def test_gpu_smoke_script_runs_on_the_cpu():
     """bench/gpu_smoke.py (every kernel once, for compute-sanitizer on a GPU) must not rot between GPU sessions."""
     from bench import gpu_smoke
     assert gpu_smoke.main(["--device", "cpu"]) == 0
+
+
+@pytest.mark.parametrize("call,files", [(1, {"summary.txt", "probe.md", "probe.json"}),
+                                        (2, {"summary.txt", "ab_fused.md", "ab_unfused.md", "bench.md", "bench.log",
+                                             "results"})])
+def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path, call, files):
+    """bench/gpu_check.sh must not rot between GPU sessions: each call runs dry here (installed
+    build, tests and sanitizers skipped, probe and benchmark on the CPU), every stage under its
+    timeout, and leaves no more files than come back from a device call (7)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable)
+    run = subprocess.run(["bash", "bench/gpu_check.sh", str(call)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"call {call} took" in run.stdout and "TIMED OUT" not in run.stdout
+    assert files <= set(os.listdir(tmp_path)), os.listdir(tmp_path)
+    count = sum(len(names) for _, _, names in os.walk(tmp_path))
+    assert count <= 7, sorted(os.listdir(tmp_path))

@@ -146,7 +146,12 @@ def test_onnx_export_runs_in_onnxruntime_as_torch_nn(kind, kwargs, dynamo):
     fused, ref = make_pair(kind, 3, 4, dtype=torch.float32, **kwargs)
     fused.eval(), ref.eval()
     model = _onnx_bytes(fused, torch.randn(5, 2, 3), dynamo)  # [T, B] = [5, 2], or [B, T] with batch_first
-    assert kind in {node.op_type for node in onnx.load_from_string(model).graph.node}
+    nodes = [node for node in onnx.load_from_string(model).graph.node if node.op_type == kind]
+    assert nodes, f"no ONNX {kind} operator"
+    if kind == "GRU":  # torch.nn's form: the reset gate scales (W_hn h + b_hn)
+        assert all(onnx.helper.get_attribute_value(a) == 1 for n in nodes for a in n.attribute
+                   if a.name == "linear_before_reset")
+        assert all(any(a.name == "linear_before_reset" for a in n.attribute) for n in nodes)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     if dynamo:
         x = torch.randn(3, 2, 3) if kwargs.get("batch_first") else torch.randn(5, 3, 3)
