@@ -6,10 +6,11 @@ batch_sizes[0] rows are step 0, the next batch_sizes[1] rows step 1, and so on. 
 padded and packed input alike; it is passed as an empty batch_sizes (every step has h0's rows), so
 that a compiled graph holds no per-step list and keeps T and B symbolic.
 
-Eager calls go through _Layer (an autograd.Function: backward, forward mode, torch.func). Compiled
-graphs hold torch.ops.fused_rnn.layer_forward itself, whose gradient is registered with
+Calls go to torch.ops.fused_rnn.layer_forward, whose gradient is registered with
 torch.library.register_autograd and its shapes with register_fake (_ops.py), so that torch.compile
-traces a whole model, forward and backward, without graph breaks.
+traces a whole model, forward and backward, without graph breaks; under torch.func's transforms
+and forward-mode AD (eager) they go through _Layer, an autograd.Function with a jvp and a
+functorch-ready setup_context, since the op's registration has neither.
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -159,7 +160,8 @@ class _Layer(torch.autograd.Function):
 
     The op's own registration (register_autograd, below) has backward only: torch.func's grad and
     jacrev refuse it (no setup_context), and forward mode through it gives zero tangents,
-    silently. It serves torch.compile, which cannot trace an autograd.Function with a jvp."""
+    silently. It serves every other call (see _run_layer) and torch.compile, which cannot trace
+    an autograd.Function with a jvp."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -208,13 +210,24 @@ def _autocast_eligible(t: Optional[Tensor]) -> bool:
     return t is not None and t.is_floating_point() and t.dtype != torch.float64
 
 
+def _transformed() -> bool:
+    """Is a torch.func transform (grad, vjp, jacrev, jvp, vmap, ...) or a forward-mode AD level
+    (torch.autograd.forward_ad.dual_level) active? Then only _Layer gives the right derivatives."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
+
+
 def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
-    # Eager runs go through _Layer, which adds forward mode and torch.func's transforms. Compiled
-    # graphs hold the op itself, with its registered backward (Dynamo cannot trace a jvp), so a
-    # forward-mode transform traced inside torch.compile would see zero tangents: the README says
-    # to apply torch.func outside torch.compile.
-    run = torch.ops.fused_rnn.layer_forward if torch.compiler.is_compiling() else _Layer.apply
+    # Under a torch.func transform or a forward-mode level, eager calls go through _Layer, which
+    # adds forward mode and torch.func's transforms. Everything else calls the op itself, with its
+    # registered backward: _Layer's apply costs about 0.5 ms a call (autograd.Function binds its
+    # arguments through inspect.signature when setup_context is defined). Compiled graphs always
+    # hold the op (Dynamo cannot trace a jvp), so a forward-mode transform traced inside
+    # torch.compile would see zero tangents: the README says to apply torch.func outside it.
+    run = torch.ops.fused_rnn.layer_forward
+    if not torch.compiler.is_compiling() and _transformed():
+        run = _Layer.apply
     y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
     return y, h_n, c_n
 
