@@ -326,7 +326,7 @@ class _FusedRNNBase(nn.RNNBase):
                 raise NotImplementedError(
                     "fused_rnn: an LSTM with proj_size cannot be exported to ONNX: ONNX's LSTM operator has "
                     "no projection of the hidden state (torch.nn.LSTM with proj_size does not export either)")
-            return self._torch_nn_forward(input, hx)
+            return self._torch_nn_class.forward(self, input, hx)
         self._update_flat_weights()
         name = type(self).__name__
         is_lstm = self.mode == "LSTM"
@@ -338,9 +338,8 @@ class _FusedRNNBase(nn.RNNBase):
         try:
             data, batch, is_batched, states = self._checked_input(input, hx, batch_sizes)
         except _ORDINARY_ERRORS as ours:
-            device = (input.data if is_packed else input).device if isinstance(input, (Tensor, PackedSequence)) \
-                else torch.device("cpu")
-            raise _as_torch_nn_would(ours, lambda: self._torch_nn_forward(input, hx), device) from None
+            device = input.data.device if isinstance(input, (Tensor, PackedSequence)) else torch.device("cpu")
+            raise _as_torch_nn_would(ours, lambda: self._torch_nn_class.forward(self, input, hx), device) from None
 
         if states is None:
             shape = (self.num_layers * num_directions, batch)
@@ -397,12 +396,12 @@ class LSTM(_FusedRNNBase):
             _check_dtype_arg("LSTM", dtype)
             _check_int_arg("LSTM", "proj_size", proj_size, None)  # range: torch.nn's checks
 
-        _checked_constructor(nn.LSTM, checks, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                             bidirectional, proj_size, dtype=dtype)
+        _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
+                             dropout, bidirectional, proj_size, dtype=dtype)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
 
-    _torch_nn_class, _torch_nn_forward = nn.LSTM, nn.LSTM.forward  # the twin, asked of input we reject
+    _torch_nn_class = nn.LSTM  # the twin: its forward is asked of input we reject, and records exports
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
@@ -419,12 +418,12 @@ class GRU(_FusedRNNBase):
             _check_int_arg("GRU", "num_layers", num_layers, 1)
             _check_dtype_arg("GRU", dtype)
 
-        _checked_constructor(nn.GRU, checks, input_size, hidden_size, num_layers, bias, batch_first, dropout,
-                             bidirectional, dtype=dtype, **kwargs)
+        _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
+                             dropout, bidirectional, dtype=dtype, **kwargs)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
 
-    _torch_nn_class, _torch_nn_forward = nn.GRU, nn.GRU.forward
+    _torch_nn_class = nn.GRU
 
 
 class RNN(_FusedRNNBase):
@@ -439,13 +438,13 @@ class RNN(_FusedRNNBase):
             _check_int_arg("RNN", "num_layers", num_layers, 1)
             _check_dtype_arg("RNN", dtype)
 
-        _checked_constructor(nn.RNN, checks, input_size, hidden_size, num_layers, nonlinearity, bias, batch_first,
-                             dropout, bidirectional, dtype=dtype, **kwargs)
+        _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, nonlinearity, bias,
+                             batch_first, dropout, bidirectional, dtype=dtype, **kwargs)
         self.nonlinearity = nonlinearity
         super().__init__(_elman_mode(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
 
-    _torch_nn_class, _torch_nn_forward = nn.RNN, nn.RNN.forward
+    _torch_nn_class = nn.RNN
 
 
 class _FusedCellBase(nn.RNNCellBase):
@@ -515,12 +514,12 @@ class _FusedCellBase(nn.RNNCellBase):
 
     def _step(self, input: Tensor, hx, num_states: int):
         if _exports_through_torch_nn():
-            return self._torch_nn_forward(input, hx)
+            return self._torch_nn_class.forward(self, input, hx)
         try:
             mode, x, states = self._checked_step_input(input, hx, num_states)
         except _ORDINARY_ERRORS as ours:
             device = input.device if isinstance(input, Tensor) else torch.device("cpu")
-            raise _as_torch_nn_would(ours, lambda: self._torch_nn_forward(input, hx), device) from None
+            raise _as_torch_nn_would(ours, lambda: self._torch_nn_class.forward(self, input, hx), device) from None
         if states is None:
             states = [torch.zeros(x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
                       for _ in range(num_states)]
@@ -537,7 +536,7 @@ class LSTMCell(_FusedCellBase):
     """Drop-in for torch.nn.LSTMCell."""
 
     mode = "LSTM"
-    _torch_nn_class, _torch_nn_forward = nn.LSTMCell, nn.LSTMCell.forward
+    _torch_nn_class = nn.LSTMCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         self._check_args(input_size, hidden_size, bias, dtype)
@@ -551,7 +550,7 @@ class GRUCell(_FusedCellBase):
     """Drop-in for torch.nn.GRUCell."""
 
     mode = "GRU"
-    _torch_nn_class, _torch_nn_forward = nn.GRUCell, nn.GRUCell.forward
+    _torch_nn_class = nn.GRUCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
         self._check_args(input_size, hidden_size, bias, dtype)
@@ -564,7 +563,7 @@ class GRUCell(_FusedCellBase):
 class RNNCell(_FusedCellBase):
     """Drop-in for torch.nn.RNNCell (nonlinearity 'tanh' or 'relu')."""
 
-    _torch_nn_class, _torch_nn_forward = nn.RNNCell, nn.RNNCell.forward
+    _torch_nn_class = nn.RNNCell
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, nonlinearity: str = "tanh",
                  device=None, dtype=None) -> None:
