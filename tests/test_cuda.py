@@ -4,11 +4,13 @@ Every test skips without a GPU (or with a CPU-only build). What is covered: pari
 states and every gradient in float32 (TF32 off on both sides), half types against a float32
 reference, float64 gradcheck on the GPU, bitwise reproducibility, packed input, projection,
 bidirectional stacks, and hidden sizes that are not multiples of the kernel's 32-unit tile; plus the
-two variants of the forward and the fused backward step kernels (one and four batch rows per thread,
-chosen by the grid's size; the backward's fused step runs without a projection, with one the
-projection's pointwise kernel and cuBLAS products), weights
-changed in place between calls (the gate-interleaved copy of W_hh must follow), and the half types'
-tensor-core kernel (16-unit, 16-row and 64-wide k tiles; one and four row tiles per block).
+three variants of the forward and the fused backward step kernels (16 rows per block, and 4 or 1
+with the reduction split across the warps; chosen by a cost model, forced here through
+FUSED_RNN_CUDA_ROWS_PER_BLOCK; the backward's fused step runs without a projection, with one the
+projection's pointwise kernel and cuBLAS products), weights changed in place between calls (the
+gate-interleaved copy of W_hh must follow), the half types' tensor-core kernel (16-unit, 16-row and
+64-wide k tiles; one and four row tiles per block), and float32 on the tensor cores in TF32 while
+torch.backends.cudnn.allow_tf32 is set.
 """
 import pytest
 import torch
@@ -138,8 +140,7 @@ def test_hidden_size_sweep(kind, hidden):
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_large_batch_four_rows_per_thread(kind):
-    """Enough unit tiles x row tiles to fill the GPU: the kernel variant with four rows per thread,
-    with a batch that is not a multiple of its 16-row tile."""
+    """A batch the cost model gives 16-row blocks (four rows per thread), not a multiple of 16."""
     T, B, I, H = 3, 261, 8, 600  # 19 unit tiles x 17 row tiles > SM count of an H100
     fused, ref = make_pair(kind, I, H)
     compare(fused, ref, torch.randn(T, B, I, device=DEV) * 0.5, state_for(kind, 1, B, H, scale=0.5),
@@ -207,6 +208,44 @@ def test_unfused_backward_on_request(kind, monkeypatch):
     compare(fused, ref, x, hx)
     monkeypatch.delenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD")
     compare(fused, ref, x, hx)
+
+
+@pytest.mark.parametrize("rows", [16, 4, 1], ids=["16_rows", "4_rows_split_k", "1_row_split_k"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_every_step_kernel_variant(kind, rows, monkeypatch):
+    """FUSED_RNN_CUDA_ROWS_PER_BLOCK forces each variant of the forward and the fused backward (the
+    split ones add the warps' partial sums in shared memory), packed and bidirectional, with more
+    than one k chunk; and the model's own pick again once it is unset."""
+    I, H = 4, 70
+    fused, ref = make_pair(kind, I, H, bidirectional=True)
+    x, hx = packed_input(I), state_for(kind, 2, 5, H)
+    monkeypatch.setenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK", str(rows))
+    compare(fused, ref, x, hx)
+    monkeypatch.delenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK")
+    compare(fused, ref, x, hx)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_tf32_as_cudnn(kind):
+    """torch.backends.cudnn.allow_tf32 set: float32's recurrent product runs on the tensor cores in
+    TF32, as cuDNN's does; its outputs then differ from the exact ones, by about TF32's rounding,
+    and come back bit for bit once the flag is off again."""
+    T, B, I, H = 20, 9, 16, 70
+    fused, _ = make_pair(kind, I, H)
+    x = torch.randn(T, B, I, device=DEV)
+    exact, _ = run(fused, x)
+    reference, _ = run(fused.to(torch.float64), x.double())
+    fused.float()
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        tf32, _ = run(fused, x)
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    again, _ = run(fused, x)
+    assert all(torch.equal(a, e) for a, e in zip(again, exact))
+    assert any(not torch.equal(a, e) for a, e in zip(tf32, exact)), "TF32 was not taken"
+    for a, r in zip(tf32, reference):
+        torch.testing.assert_close(a.double(), r, rtol=5e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 3), ("GRU", 0), ("RNN_RELU", 0)])

@@ -17,6 +17,7 @@ checks the hardware's alignment rules, against the CPU op in float32 with the sa
 Not covered here: speed, and everything the GPU itself adds; tests/test_cuda.py runs on a GPU
 against cuDNN.
 """
+import contextlib
 import os
 
 import pytest
@@ -32,7 +33,10 @@ LAYOUTS = {
     "packed": [18, 13, 13, 5, 1],
     "trailing_empty_steps": [6, 3, 0, 0],
 }
-FEW_SMS, MANY_SMS = 1, 1 << 20  # four batch rows per thread, and one
+SMS = 132  # an H100's multiprocessors, for the kernels' cost model
+# Rows per block of each variant (FUSED_RNN_CUDA_ROWS_PER_BLOCK), or 0: the cost model's choice.
+# CUDA cores: 16 rows (4 per warp), 4 and 1 row with the k chunks split across the warps.
+MODEL, CUDA_CORE_ROWS, TENSOR_CORE_ROWS = 0, [16, 4, 1], [64, 16]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
@@ -73,7 +77,7 @@ class Layer:
         return torch.ops.fused_rnn.layer_forward(self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0,
                                                  self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr, need_saved)
 
-    def emulated_forward(self, emulated, reverse, sms, need_saved=True):
+    def emulated_forward(self, emulated, reverse, rows=MODEL, need_saved=True, tf32=False):
         """As layer.cpp on CUDA: x·W_ihᵀ plus the biases that only add (all but GRU's b_hn), then the loop."""
         H = self.H
         bias = self.b_ih + self.b_hh
@@ -82,20 +86,22 @@ class Layer:
             bias[2 * H:] = self.b_ih[2 * H:]
             b_hn = self.b_hh[2 * H:]
         gx = self.x @ self.w_ih.t() + bias
-        return emulated.forward(self.cell, gx, self.batch_sizes, reverse, self.h0, self.c0, self.w_hh, b_hn,
-                                self.w_hr, need_saved, sms)
+        with forced_rows(emulated, rows):
+            return emulated.forward(self.cell, gx, self.batch_sizes, reverse, self.h0, self.c0, self.w_hh, b_hn,
+                                    self.w_hr, need_saved, SMS, tf32)
 
     def reference_backward(self, reverse, y, saved, with_dy=True):
         return torch.ops.fused_rnn.layer_backward(
             self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0, self.w_ih, self.w_hh, self.w_hr, True,
             y, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, True)
 
-    def emulated_backward(self, emulated, reverse, y, saved, sms, with_dy=True, fuse=True, outputs=None):
+    def emulated_backward(self, emulated, reverse, y, saved, rows=MODEL, with_dy=True, fuse=True, outputs=None):
         """The loop, then layer.cpp's products on CUDA, in the reference's order of results. The loop
         reads h_{t-1} from `outputs` (y unless given: a view of y with another row stride)."""
-        dgx, dgh, dh0, dc0, dh_total = emulated.backward(
-            self.cell, self.batch_sizes, reverse, self.w_hh, self.w_hr, y if outputs is None else outputs, self.h0,
-            self.c0, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, sms, fuse)
+        with forced_rows(emulated, rows):
+            dgx, dgh, dh0, dc0, dh_total = emulated.backward(
+                self.cell, self.batch_sizes, reverse, self.w_hh, self.w_hr, y if outputs is None else outputs,
+                self.h0, self.c0, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, SMS, fuse)
         db_ih = dgx.sum(0)
         db_hh = dgh.sum(0) if self.kind == "GRU" else db_ih
         dw_hr = None
@@ -105,6 +111,16 @@ class Layer:
         h_prev = previous_outputs(y, self.h0, self.batch_sizes, reverse)
         return [dgx @ self.w_ih, dh0, dc0 if self.c0 is not None else None, dgx.t() @ self.x, dgh.t() @ h_prev,
                 db_ih, db_hh, dw_hr]
+
+
+@contextlib.contextmanager
+def forced_rows(emulated, rows):
+    """The variant with `rows` rows per block runs (0: the cost model's choice)."""
+    emulated.set_rows_per_block(rows)
+    try:
+        yield
+    finally:
+        emulated.set_rows_per_block(0)
 
 
 def previous_outputs(y, h0, batch_sizes, reverse):
@@ -134,9 +150,10 @@ FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
 GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
 
 
-def check_layer(emulated, layer, reverse, sms, dtype=torch.float64, with_dy=True, fuse=True, outputs_stride=None):
+def check_layer(emulated, layer, reverse, rows=MODEL, dtype=torch.float64, with_dy=True, fuse=True,
+                outputs_stride=None):
     expected = layer.reference_forward(reverse)
-    actual = layer.emulated_forward(emulated, reverse, sms)
+    actual = layer.emulated_forward(emulated, reverse, rows)
     assert_close_all(actual, expected, dtype, FORWARD_NAMES)
     y, saved = expected[0], expected[3]
     outputs = None
@@ -144,24 +161,25 @@ def check_layer(emulated, layer, reverse, sms, dtype=torch.float64, with_dy=True
         wide = torch.full((y.shape[0], outputs_stride), float("nan"), dtype=y.dtype)
         outputs = wide[:, 2:2 + y.shape[1]]
         outputs.copy_(y)
-    grads = layer.emulated_backward(emulated, reverse, y, saved, sms, with_dy, fuse, outputs)
+    grads = layer.emulated_backward(emulated, reverse, y, saved, rows, with_dy, fuse, outputs)
     assert_close_all(grads, layer.reference_backward(reverse, y, saved, with_dy), dtype, GRAD_NAMES)
 
 
-@pytest.mark.parametrize("sms", [FEW_SMS, MANY_SMS], ids=["4_rows_per_thread", "1_row_per_thread"])
+@pytest.mark.parametrize("rows", [MODEL] + CUDA_CORE_ROWS, ids=["model"] + [f"{r}_rows" for r in CUDA_CORE_ROWS])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_loops_match_the_cpu_op(emulated, kind, layout, reverse, sms):
-    check_layer(emulated, Layer(kind, LAYOUTS[layout]), reverse, sms)
+def test_loops_match_the_cpu_op(emulated, kind, layout, reverse, rows):
+    check_layer(emulated, Layer(kind, LAYOUTS[layout]), reverse, rows)
 
 
+@pytest.mark.parametrize("rows", CUDA_CORE_ROWS, ids=[f"{r}_rows" for r in CUDA_CORE_ROWS])
 @pytest.mark.parametrize("hidden", [1, 32, 70])
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_hidden_sizes_around_the_tiles(emulated, kind, hidden):
+def test_hidden_sizes_around_the_tiles(emulated, kind, hidden, rows):
     """One unit, exactly one 32-unit tile, and three tiles with more than eight 32-row chunks of G*H."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=hidden), reverse, FEW_SMS)
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=hidden), reverse, rows)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -169,7 +187,8 @@ def test_hidden_sizes_around_the_tiles(emulated, kind, hidden):
 def test_float32(emulated, kind, layout):
     for reverse in (False, True):
         layer = Layer(kind, LAYOUTS[layout], dtype=torch.float32, seed=3)
-        check_layer(emulated, layer, reverse, FEW_SMS, dtype=torch.float32)
+        for rows in CUDA_CORE_ROWS:
+            check_layer(emulated, layer, reverse, rows, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -177,7 +196,7 @@ def test_float32(emulated, kind, layout):
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_unfused_backward(emulated, kind, layout, reverse):
     """FUSED_RNN_CUDA_UNFUSED_BACKWARD's path: the cell backward kernel and the dh product apart."""
-    check_layer(emulated, Layer(kind, LAYOUTS[layout], seed=19), reverse, FEW_SMS, fuse=False)
+    check_layer(emulated, Layer(kind, LAYOUTS[layout], seed=19), reverse, fuse=False)
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
@@ -185,7 +204,7 @@ def test_unfused_backward(emulated, kind, layout, reverse):
 def test_backward_reads_outputs_through_a_row_stride(emulated, kind, fuse):
     """Half types keep y's float32 copy inside `saved`, which backward reads with saved's row stride."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=23), reverse, FEW_SMS, fuse=fuse,
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=23), reverse, fuse=fuse,
                     outputs_stride=37 + 9)
 
 
@@ -193,14 +212,14 @@ def test_backward_reads_outputs_through_a_row_stride(emulated, kind, fuse):
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 def test_lstm_projection(emulated, layout, reverse):
     """proj_size: the forward kernel writes o*tanh(c_t) for W_hr; backward takes the unfused path."""
-    check_layer(emulated, Layer("LSTM", LAYOUTS[layout], hidden=37, proj=6, seed=5), reverse, FEW_SMS)
+    check_layer(emulated, Layer("LSTM", LAYOUTS[layout], hidden=37, proj=6, seed=5), reverse)
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_gradient_of_the_final_state_only(emulated, kind):
     """No gradient of the outputs (dy undefined): only h_n (and c_n) carry one."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=7), reverse, MANY_SMS, with_dy=False)
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=7), reverse, with_dy=False)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
@@ -211,22 +230,28 @@ def test_inference_without_saved_values(emulated, kind):
             continue
         layer = Layer(kind, LAYOUTS["packed"], proj=proj, seed=11)
         expected = layer.reference_forward(True, need_saved=False)
-        actual = layer.emulated_forward(emulated, True, FEW_SMS, need_saved=False)
+        actual = layer.emulated_forward(emulated, True, need_saved=False)
         assert_close_all(actual[:3], expected[:3], torch.float64, FORWARD_NAMES)
         assert actual[3].numel() == 0
 
 
 def every_kernel(emulated, kind, reverse):
-    """The results of every kernel on one layer: forward, fused and unfused backward, and (but for
-    the float64 layer's own dtype) the tensor-core forward."""
+    """The results of every kernel and variant on one layer: forward, fused and unfused backward,
+    and (but for the float64 layer's own dtype) the tensor-core forward."""
     layer = Layer(kind, LAYOUTS["packed"], hidden=70, seed=13)
-    y, h, c, saved = layer.emulated_forward(emulated, reverse, FEW_SMS)
-    results = [y, h, c, saved]
-    for fuse in (True, False):
-        results += layer.emulated_backward(emulated, reverse, y, saved, FEW_SMS, fuse=fuse)
+    results = []
+    for rows in CUDA_CORE_ROWS:
+        y, h, c, saved = layer.emulated_forward(emulated, reverse, rows)
+        results += [y, h, c, saved]
+        for fuse in (True, False):
+            results += layer.emulated_backward(emulated, reverse, y, saved, rows, fuse=fuse)
     half = Layer(kind, LAYOUTS["packed"], hidden=70, dtype=torch.float32, seed=13)
+    for rows in TENSOR_CORE_ROWS:
+        results += list(half.emulated_forward(emulated, reverse, rows, tf32=True))
     half.w_hh = half.w_hh.to(torch.bfloat16)
-    return results + list(half.emulated_forward(emulated, reverse, FEW_SMS))
+    for rows in TENSOR_CORE_ROWS:
+        results += list(half.emulated_forward(emulated, reverse, rows))
+    return results
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
@@ -248,10 +273,18 @@ def test_bitwise_identical_across_runs_and_block_orders(emulated, kind):
                 assert (a is None and b is None) or torch.equal(a, b)
 
 
-# The tensor-core kernel rounds h_{t-1} to the half type for the product; nothing else differs from
-# the float32 reference. Measured here: errors up to 5e-4 (float16) and 4e-3 (bfloat16) of 1 + |value|;
-# the bounds leave four times that. Errors of indexing are of the order of the values.
-HALF_TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.5e-2, atol=1.5e-2)}
+# The tensor-core kernel rounds h_{t-1} to the operand type for the product; nothing else differs
+# from the float32 reference. Measured here: errors up to 5e-4 (float16) and 4e-3 (bfloat16) of
+# 1 + |value|; the bounds leave four times that. TF32 has float16's 10-bit mantissa. Errors of
+# indexing are of the order of the values.
+HALF_TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.5e-2, atol=1.5e-2),
+            "tf32": dict(rtol=2e-3, atol=2e-3)}
+
+
+def to_tf32(t):
+    """float32 rounded to TF32's 10-bit mantissa, to nearest with ties away from zero (cvt.rna)."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
 
 
 TENSOR_CORE_SHAPES = [pytest.param(kind, hidden, proj, id=f"{kind}-H{hidden}" + (f"-proj{proj}" if proj else ""))
@@ -260,18 +293,47 @@ TENSOR_CORE_SHAPES = [pytest.param(kind, hidden, proj, id=f"{kind}-H{hidden}" + 
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("sms", [FEW_SMS, MANY_SMS], ids=["4_row_tiles", "1_row_tile"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("rows", TENSOR_CORE_ROWS, ids=["4_row_tiles", "1_row_tile"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"], ids=["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("kind,hidden,proj", TENSOR_CORE_SHAPES)
-def test_tensor_core_forward(emulated, kind, hidden, proj, dtype, sms, reverse):
-    """Partial 16-unit tiles, one and two 64-wide k chunks, row counts that are not multiples of
-    16 or 64, both row tilings, the projection; the reference takes the same rounded W_hh."""
+def test_tensor_core_forward(emulated, kind, hidden, proj, dtype, rows, reverse):
+    """Partial 16-unit tiles, one and two k chunks (64 wide for the 16-bit types, 32 for TF32), row
+    counts that are not multiples of 16 or 64, both row tilings, the projection; the reference takes
+    the same rounded W_hh."""
     layer = Layer(kind, [70, 70, 41, 3], hidden=hidden, proj=proj, dtype=torch.float32, seed=17)
-    w_hh_half = layer.w_hh.to(dtype)
-    layer.w_hh = w_hh_half.float()
+    w_hh = layer.w_hh
+    layer.w_hh = to_tf32(w_hh) if dtype == "tf32" else w_hh.to(dtype).float()
     expected = layer.reference_forward(reverse)
-    layer.w_hh = w_hh_half
-    actual = layer.emulated_forward(emulated, reverse, sms)
+    layer.w_hh = w_hh if dtype == "tf32" else w_hh.to(dtype)
+    actual = layer.emulated_forward(emulated, reverse, rows, tf32=dtype == "tf32")
     for name, a, e in zip(FORWARD_NAMES, actual, expected):
         if e.numel():
             torch.testing.assert_close(a, e, **HALF_TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+def test_tf32_rounds_as_the_hardware():
+    """The reference's rounding: to nearest, ties away from zero, 13 low bits cleared."""
+    one = torch.tensor([1.0], dtype=torch.float32)
+    ulp = 2.0 ** -10
+    below, tie, above = (one + ulp * f for f in (0.49, 0.5, 0.51))
+    assert to_tf32(below).item() == 1.0 and to_tf32(tie).item() == 1.0 + ulp and to_tf32(above).item() == 1.0 + ulp
+    assert to_tf32(-tie).item() == -(1.0 + ulp)
+
+
+def test_the_cost_model_picks_split_rows_for_small_batches(emulated):
+    """On an H100's 132 SMs at H = 512: one row per block at B = 1 (every warp takes a quarter of the
+    reduction instead of three of four multiplying padding), four at B = 8, and sixteen (the
+    weights cross from L2 once per 16 rows) once the batch gives every SM enough blocks; the same
+    for the fused backward. The tensor cores take one 16-row tile at B = 1 and four at B = 256."""
+    lstm = CELLS["LSTM"]
+    for kernel in ("forward", "backward"):
+        picks = [emulated.chosen_rows_per_block(kernel, lstm, b, 512, 512, False, SMS) for b in (1, 8, 256)]
+        assert picks == [1, 4, 16], (kernel, picks)
+    picks = [emulated.chosen_rows_per_block("tensor_core", lstm, b, 512, 512, False, SMS) for b in (1, 256)]
+    assert picks == [16, 64]
+    # FUSED_RNN_CUDA_ROWS_PER_BLOCK wins over the model; a count that no variant has leaves the model's pick
+    with forced_rows(emulated, 16):
+        assert emulated.chosen_rows_per_block("forward", lstm, 1, 512, 512, False, SMS) == 16
+        assert emulated.chosen_rows_per_block("tensor_core", lstm, 1, 512, 512, False, SMS) == 16
+    with forced_rows(emulated, 7):
+        assert emulated.chosen_rows_per_block("backward", lstm, 1, 512, 512, False, SMS) == 1

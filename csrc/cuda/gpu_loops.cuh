@@ -1,7 +1,8 @@
 // The GPU includer of step_loops.cuh, shared by the translation units of csrc/cuda/: the CUDA
-// headers, step_loops.cuh itself, and the two names it asks its includer for (launch() on the current
-// stream, multiprocessor_count()). The kernels are instantiated in two translation units that
-// ninja compiles in parallel: forward.cu, and layer_cuda.cu (the backward and the entry points).
+// headers, step_loops.cuh itself, and the names it asks its includer for (launch() on the current
+// stream, multiprocessor_count(), forced_rows_per_block()). The kernels are instantiated in two
+// translation units that ninja compiles in parallel: forward.cu, and layer_cuda.cu (the backward
+// and the entry points).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+
+#include <cstdlib>
 
 #include "step_loops.cuh"
 
@@ -23,6 +26,11 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
 }
 
 int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+int forced_rows_per_block() {  // read per call, so that a benchmark can switch it between runs
+  const char* value = std::getenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK");
+  return value == nullptr ? 0 : std::atoi(value);
+}
 
 }  // namespace
 }  // namespace fused_rnn

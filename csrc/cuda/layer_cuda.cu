@@ -3,11 +3,12 @@
 // (the half types reach them as float32). The forward loops are in forward.cu, which ninja builds
 // in parallel with this file.
 //
-// Dtypes: float, double, and (forward) Half/BFloat16 weights with float32 everything else; complex
-// is rejected in layer.cpp.
+// Dtypes: float (forward: on the tensor cores in TF32 when cuDNN would be), double, and (forward)
+// Half/BFloat16 weights with float32 everything else; complex is rejected in layer.cpp.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/version.h>
 
 #include <cstdlib>
 #include <string>
@@ -35,6 +36,20 @@ bool fused_backward_wanted() {
   return value == nullptr || std::string(value).empty() || std::string(value) == "0";
 }
 
+// float32's recurrent product on the tensor cores in TF32 where cuDNN's RNNs would use it: while
+// torch.backends.cudnn.allow_tf32 is set (its default; from torch 2.9 also
+// torch.backends.cudnn.rnn.fp32_precision = "tf32"), on compute capability 8.0 and up. The input
+// projection is cuBLAS's, which follows torch.backends.cuda.matmul.allow_tf32 (off by default).
+// The backward stays on the CUDA cores in float32.
+bool tf32_as_cudnn_would(const at::Device& device) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  const bool allowed = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+#else
+  const bool allowed = at::globalContext().allowTF32CuDNN();
+#endif
+  return allowed && cuda_tensor_cores_take_half_types(device);
+}
+
 }  // namespace
 
 void forward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
@@ -55,7 +70,11 @@ void forward_loop_cuda(const LayerShape& s, bool reverse, const Tensor& gx, cons
   }
   TORCH_CHECK(w_type == gx.scalar_type(), "fused_rnn: weight_hh has dtype ", w_type, " but gx ", gx.scalar_type());
   if (gx.scalar_type() == at::kFloat) {
-    forward_loop_cuda_float(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    if (tf32_as_cudnn_would(gx.device())) {
+      forward_loop_cuda_tf32(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    } else {
+      forward_loop_cuda_float(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    }
   } else if (gx.scalar_type() == at::kDouble) {
     forward_loop_cuda_double(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
   } else {

@@ -23,6 +23,7 @@ FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_float);
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_double);
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_half);      // float16 W_hh, tensor cores
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_bfloat16);  // bfloat16 W_hh, tensor cores
+FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_tf32);      // float32 W_hh, tensor cores in TF32
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_float);
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_double);
 

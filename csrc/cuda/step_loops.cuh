@@ -35,7 +35,7 @@
 // Included on the GPU by the translation units of csrc/cuda/ through gpu_loops.cuh (forward.cu and
 // layer_cuda.cu; everything here has internal linkage, so each compiles only what it instantiates), and
 // by the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on host threads.
-// The includer defines launch() and multiprocessor_count() (declared below), and
+// The includer defines launch(), multiprocessor_count() and forced_rows_per_block() (declared below), and
 // the CUDA names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their
 // roundings from float, nvcuda::wmma.
 #pragma once
@@ -58,6 +58,10 @@ using at::Tensor;
 template <typename Args>
 void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args);
 int multiprocessor_count();
+// The variant with this many rows per block runs instead of the model's pick (choose_variant), or
+// 0: FUSED_RNN_CUDA_ROWS_PER_BLOCK on a GPU, for A/B runs; set by the emulated tests. A kernel with
+// no such variant keeps the model's.
+int forced_rows_per_block();
 
 // ---------------------------------------------------------------------------------------------
 // Weight layouts and tiles shared by the kernels.
@@ -127,22 +131,45 @@ struct WeightChunk {
   }
 };
 
-// The [kRows][kCols] tile at (row0, col0) of a row-major [rows, cols] matrix, one element per
-// thread and load, zeros past its edges (which add exact zeros to the products).
+// Where the rows of a product's left operand lie: row r is at rows_of(r).
+// DenseRows: a row-major matrix (the fused backward's dG of the step before).
+template <typename T>
+struct DenseRows {
+  const T* data;
+  int64_t ld;
+  __device__ __forceinline__ const T* operator()(int64_t r) const { return data + r * ld; }
+};
+
+// StateRows: h_{t-1} of a forward step's rows, where the step before wrote it (its rows of the
+// outputs y) or h_0 (Predecessor::row in layer.h). Reading the state there spares every step a copy
+// of y into the state; the final state is copied once, after the walk.
+template <typename T>
+struct StateRows {
+  Predecessor before;
+  const T* outputs;  // row 0 of y, [N, P]
+  const T* h0;       // [B, P]
+  int64_t P;
+  __device__ __forceinline__ const T* operator()(int64_t b) const { return before.row(b, outputs, P, h0, P); }
+};
+
+// The [kRows][kCols] tile at (row0, col0) of a [rows, cols] matrix whose row r lies at
+// rows_of(r), one element per thread and load, zeros past its edges (which add exact zeros to the
+// products).
 template <int kRows, int kCols, int kThreads, typename T>
 struct MatrixChunk {
   static constexpr int kElems = kRows * kCols;
   static constexpr int kPerThread = (kElems + kThreads - 1) / kThreads;
   T values[kPerThread];
 
-  __device__ __forceinline__ void load(const T* src, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+  template <typename Rows>
+  __device__ __forceinline__ void load(const Rows& rows_of, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
                                        int tid) {
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) {
       const int e = tid + i * kThreads;
       const int64_t row = row0 + e / kCols, col = col0 + e % kCols;
       values[i] = T(0);
-      if ((kElems % kThreads == 0 || e < kElems) && row < rows && col < cols) values[i] = src[row * cols + col];
+      if ((kElems % kThreads == 0 || e < kElems) && row < rows && col < cols) values[i] = rows_of(row)[col];
     }
   }
 
@@ -164,46 +191,123 @@ dim3 step_grid(int64_t n, int64_t H, int rows_per_block, int units_per_block) {
   return dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(unit_tiles));
 }
 
-// The larger row tile reuses each staged W_hh element more; take it only while it still gives
-// every SM a block (small batches would otherwise leave SMs idle).
-bool fills_the_gpu(int64_t n, int64_t H, int rows_per_block, int units_per_block, int sms) {
-  const int64_t blocks = ((H + units_per_block - 1) / units_per_block) * ((n + rows_per_block - 1) / rows_per_block);
-  return blocks >= sms;
+// ---------------------------------------------------------------------------------------------
+// The choice of a kernel's variant: the one place that says which runs, by a cost model.
+// ---------------------------------------------------------------------------------------------
+
+// A step kernel's variant as the model sees it: rows of the batch per block, the k staged per
+// chunk, and the instructions each warp issues per chunk (the block's warps issue side by side, one
+// per SM sub-partition).
+struct VariantCost {
+  int rows_per_block;
+  int k_per_chunk;
+  double issue_per_chunk;
+};
+
+// One step's product as the model sees it: n rows, H units in tiles of `units` (a block's slab of
+// the tiled weight has slab_cols columns), reduction length K, bytes per weight and per left
+// element.
+struct StepShape {
+  int64_t n, H;
+  int units;
+  int64_t K, slab_cols;
+  int weight_bytes, left_bytes;
+};
+
+// Hopper-class constants of the model (H100 / H200), not measurements: L2 delivers about 5.5 TB/s
+// at 1.8 GHz to the whole chip, and about 64 bytes per cycle to one SM. The first GPU run checks
+// them (bench/GPU_NOTES.md).
+constexpr double kL2BytesPerCycle = 3000.0;
+constexpr double kSmL2BytesPerCycle = 64.0;
+
+// Modelled cycles of one step. Each block stages its unit tile's whole weight slab, so the weights
+// cross from L2 once per row tile; an SM runs its share of the blocks one chunk after another, each
+// chunk as long as the longer of its warps' instruction issue and its bytes at the SM's share of L2
+// (the next chunk's loads are in flight during the current one's products); the step lasts as long
+// as the busiest SM, or as the whole grid's bytes at L2's bandwidth if that is longer.
+double modelled_step_cycles(const VariantCost& v, const StepShape& s, int sms) {
+  const int64_t row_tiles = (s.n + v.rows_per_block - 1) / v.rows_per_block;
+  const int64_t blocks = row_tiles * ((s.H + s.units - 1) / s.units);
+  const int64_t chunks = std::max<int64_t>(1, (s.K + v.k_per_chunk - 1) / v.k_per_chunk);
+  const double chunk_bytes = static_cast<double>(v.k_per_chunk) *
+                             (static_cast<double>(s.slab_cols) * s.weight_bytes + v.rows_per_block * s.left_bytes);
+  const double per_chunk = std::max(v.issue_per_chunk, chunk_bytes / kSmL2BytesPerCycle);
+  const double busiest_sm = static_cast<double>((blocks + sms - 1) / sms) * chunks * per_chunk;
+  const double whole_grid = static_cast<double>(blocks) * chunks * chunk_bytes / kL2BytesPerCycle;
+  return std::max(busiest_sm, whole_grid);
 }
 
-// Launches a step kernel over n rows and H units: its variant with many rows per block while
-// that still fills the GPU, else the one with few.
-template <typename Args>
-void launch_row_variant(void (*many_rows)(Args), int many, void (*few_rows)(Args), int few, int units, dim3 block,
-                        int64_t n, int64_t H, int sms, const Args& args) {
-  if (fills_the_gpu(n, H, many, units, sms)) {
-    launch(many_rows, step_grid(n, H, many, units), block, args);
-  } else {
-    launch(few_rows, step_grid(n, H, few, units), block, args);
+// The index of the variant that runs: the forced one, else the cheapest in the model (the first
+// of equals).
+template <int kVariants>
+int choose_variant(const VariantCost (&costs)[kVariants], const StepShape& shape, int sms) {
+  const int forced = forced_rows_per_block();
+  for (int v = 0; v < kVariants; ++v) {
+    if (forced > 0 && costs[v].rows_per_block == forced) return v;
   }
+  int best = 0;
+  double best_cycles = modelled_step_cycles(costs[0], shape, sms);
+  for (int v = 1; v < kVariants; ++v) {
+    const double cycles = modelled_step_cycles(costs[v], shape, sms);
+    if (cycles < best_cycles) {
+      best = v;
+      best_cycles = cycles;
+    }
+  }
+  return best;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CUDA-core product shared by the forward and the fused backward.
+// ---------------------------------------------------------------------------------------------
 
 // The CUDA-core kernels' block: dim3(kTileUnits, kWarps) threads. threadIdx.x = unit within the
 // tile (one warp spans the tile's 32 units, so weight loads from shared memory are conflict-free and
-// global writes coalesce); threadIdx.y = warp, which owns kRows consecutive batch rows.
+// global writes coalesce); threadIdx.y = warp.
 constexpr int kTileUnits = 32;  // hidden units per block (= warp size)
 constexpr int kWarps = 4;       // warps per block
 constexpr int kThreads = kTileUnits * kWarps;
 constexpr int kTileK = 32;      // reduction chunk staged in shared memory per iteration
 
-// The product behind both CUDA-core kernels: acc[r][g] += Σ_k left[row0 + ty*kRows + r, k] ·
-// W[k, g*kTileUnits + tx] for k in [0, K), over a block's slab of a tiled weight ([K][kG*kTileUnits],
-// 16-byte aligned) and rows [0, rows) of the row-major [rows, K] left operand. Each k chunk is
-// staged in shared memory (w_s: [kTileK][kG*kTileUnits], l_s: [kWarps*kRows][kTileK], declared by
-// the kernel); padding past K and past `rows` is 0 in both tiles, so it adds exact zeros, and the k
-// order is fixed. Every thread of the block must call it (it holds barriers).
+// How a block's warps share its product.
+//  kSplit = 1: the block has kWarps*kRows rows; warp ty owns rows [ty*kRows, (ty+1)*kRows) and
+//    all of every k chunk.
+//  kSplit = kWarps: the block has kRows rows; every warp multiplies all of them over its quarter
+//    of each k chunk, and the quarters' partial sums are then added in warp order (a fixed order,
+//    no atomics). For small batches: with rows of their own, 3 of the 4 warps would multiply
+//    padding at B = 1, and each would issue four times the shared loads per k.
+template <int kRows, int kSplit>
+struct WarpRows {
+  static_assert(kSplit == 1 || (kSplit == kWarps && kRows <= kWarps), "split across all warps, one row each after");
+  static constexpr int kBlockRows = kSplit == 1 ? kWarps * kRows : kRows;
+  static constexpr int kKPerWarp = kTileK / kSplit;
+  // After accumulate_tile_product, thread (tx, ty) holds the complete sums of `count(ty)` rows of
+  // the block from row `first(ty)`, in acc[0 .. count).
+  __device__ __forceinline__ static int first(int ty) { return kSplit == 1 ? ty * kRows : ty; }
+  __device__ __forceinline__ static int count(int ty) { return kSplit == 1 ? kRows : (ty < kRows ? 1 : 0); }
+  // The model's view: per k a warp loads kG weights and its rows' left values, and does kG*kRows FMAs.
+  static constexpr VariantCost cost(int kG) {
+    return {kBlockRows, kTileK, static_cast<double>(kKPerWarp) * (kG + kRows + kG * kRows)};
+  }
+};
+
+// The product behind both CUDA-core kernels: acc[r][g] += Σ_k left[row, k] · W[k, g*kTileUnits + tx]
+// for k in [0, K), over a block's slab of a tiled weight ([K][kG*kTileUnits], 16-byte aligned) and
+// rows [row0, row0 + kBlockRows) ∩ [0, rows) of the left operand (row r at left(r)); on return
+// acc holds the complete sums of the thread's rows (WarpRows). Each k chunk is staged in shared
+// memory (w_s: [kTileK][kG*kTileUnits], l_s: [kBlockRows][kTileK], declared by the kernel);
+// padding past K and past `rows` is 0 in both tiles, so it adds exact zeros, and the k order is
+// fixed. Every thread of the block must call it (it holds barriers).
 // Double buffered through registers: chunk k0 + kTileK is loaded while chunk k0 is multiplied, so
 // the memory latency of all but the first chunk hides behind arithmetic.
-template <int kG, int kRows, typename T>
+template <int kG, int kRows, int kSplit, typename T, typename Rows>
 __device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* w_s, T* l_s, const T* slab,
-                                                        const T* left, int64_t row0, int64_t rows, int64_t K) {
-  constexpr int kTileRows = kWarps * kRows, kWCols = kG * kTileUnits;
+                                                        const Rows& left, int64_t row0, int64_t rows, int64_t K) {
+  using Tile = WarpRows<kRows, kSplit>;
+  constexpr int kTileRows = Tile::kBlockRows, kWCols = kG * kTileUnits;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileUnits + tx;
+  const int l0 = kSplit == 1 ? ty * kRows : 0;             // the warp's first row of the tile
+  const int kk0 = kSplit == 1 ? 0 : ty * Tile::kKPerWarp;  // and first k of each chunk
   WeightChunk<kTileK, kWCols, kWCols, kThreads, T> w_next;
   MatrixChunk<kTileRows, kTileK, kThreads, T> l_next;
   w_next.load(slab, 0, K, tid);
@@ -217,20 +321,47 @@ __device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* 
       l_next.load(left, row0, rows, k0 + kTileK, K, tid);
     }
 #pragma unroll 4
-    for (int kk = 0; kk < kTileK; ++kk) {
+    for (int kk = kk0; kk < kk0 + Tile::kKPerWarp; ++kk) {
       T w[kG];
 #pragma unroll
       for (int g = 0; g < kG; ++g) w[g] = w_s[kk * kWCols + g * kTileUnits + tx];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const T lv = l_s[(ty * kRows + r) * kTileK + kk];  // the same address across the warp: a broadcast
+        const T lv = l_s[(l0 + r) * kTileK + kk];  // the same address across the warp: a broadcast
 #pragma unroll
         for (int g = 0; g < kG; ++g) acc[r][g] += lv * w[g];
       }
     }
     __syncthreads();  // before the next chunk overwrites the tiles
   }
+  if constexpr (kSplit > 1) {
+    // The warps' partial sums meet in w_s (free after the loop's last barrier); warp ty adds up
+    // row ty's, in warp order.
+    static_assert(kWarps * kRows * kG * kTileUnits <= kTileK * kWCols, "the partial sums fit in w_s");
+    const auto partial = [&](int warp, int r, int g) -> T& { return w_s[((warp * kRows + r) * kG + g) * kTileUnits + tx]; };
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int g = 0; g < kG; ++g) partial(ty, r, g) = acc[r][g];
+    }
+    __syncthreads();
+    if (ty < kRows) {
+#pragma unroll
+      for (int g = 0; g < kG; ++g) {
+        T total = partial(0, ty, g);
+#pragma unroll
+        for (int warp = 1; warp < kWarps; ++warp) total += partial(warp, ty, g);
+        acc[0][g] = total;
+      }
+    }
+  }
 }
+
+// The CUDA-core kernels' variants (kRows, kSplit), in this order in every list of them: 16 rows
+// per block, for batches that fill the GPU with them; and the two split ones for small batches.
+template <int kG>
+constexpr VariantCost kCudaCoreCosts[3] = {WarpRows<4, 1>::cost(kG), WarpRows<4, kWarps>::cost(kG),
+                                           WarpRows<1, kWarps>::cost(kG)};
 
 // ---------------------------------------------------------------------------------------------
 // Forward: fused recurrent GEMM + cell, one launch per step.
@@ -239,7 +370,7 @@ __device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* 
 template <typename T, typename W>
 struct ForwardArgs {
   const W* w_tiles; // W_hh gate-interleaved (gate_interleaved), in T or, on the tensor cores, a half type
-  const T* h;       // state h_{t-1}, [B, P] (rows [0, n) are this step's)
+  StateRows<T> h_prev;  // where row b's h_{t-1} lies: the step before's outputs, or h_0
   const T* gx;      // this step's first row of gx, rows of G*H
   const T* b_hn;    // GRU: [H] or null
   T* gh;            // scratch [B, G*H]: each thread stores its gate sums here and reads them back
@@ -258,24 +389,25 @@ template <typename Cell, typename W>
 __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::scalar_t, W>& a, int64_t b, int64_t j,
                                             const typename Cell::scalar_t (&sum)[Cell::kGates]) {
   using T = typename Cell::scalar_t;
-  const int64_t H = a.H, P = a.P, GH = Cell::kGates * H;
+  const int64_t H = a.H, GH = Cell::kGates * H;
   T* gh_row = a.gh + b * GH;
 #pragma unroll
   for (int g = 0; g < Cell::kGates; ++g) gh_row[g * H + j] = sum[g];
-  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, a.h + b * P, a.c ? a.c + b * H : nullptr,
+  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
                     a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
   Cell::forward(io, H, j);
 }
 
-// float32/float64: each thread keeps kRows accumulators per gate.
-// Shared memory per block (static): w_s[kTileK][G*kTileUnits] and h_s[kWarps*kRows][kTileK].
-//   float, LSTM, kRows=4: 16 KB + 2 KB; double: 32 KB + 4 KB (under the 48 KB static limit).
-template <typename Cell, int kRows>
+// float32/float64: each thread keeps kRows accumulators per gate; its warp's rows as WarpRows
+// says. Shared memory per block (static): w_s[kTileK][G*kTileUnits] and h_s[rows][kTileK].
+//   float, LSTM, 16 rows: 16 KB + 2 KB; double: 32 KB + 4 KB (under the 48 KB static limit).
+template <typename Cell, int kRows, int kSplit>
 __global__ void __launch_bounds__(kThreads)
     forward_step_kernel(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t> a) {
   using T = typename Cell::scalar_t;
+  using Tile = WarpRows<kRows, kSplit>;
   constexpr int G = Cell::kGates;
-  constexpr int kTileRows = kWarps * kRows;
+  constexpr int kTileRows = Tile::kBlockRows;
   constexpr int kWCols = G * kTileUnits;  // tile row r = g * kTileUnits + unit
 
   // Rows are written as they lie in global memory (no transpose), so they need no padding; the
@@ -295,64 +427,117 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int g = 0; g < G; ++g) acc[r][g] = T(0);
   }
-  accumulate_tile_product(acc, &w_s[0][0], &h_s[0][0], slab, a.h, row0, n, P);
+  accumulate_tile_product<G, kRows, kSplit>(acc, &w_s[0][0], &h_s[0][0], slab, a.h_prev, row0, n, P);
 
   const int64_t j = unit0 + tx;
   if (j >= a.H) return;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int64_t b = row0 + ty * kRows + r;
-    if (b >= n) break;
+    const int64_t b = row0 + Tile::first(ty) + r;
+    if (r >= Tile::count(ty) || b >= n) break;
     finish_unit<Cell>(a, b, j, acc[r]);
   }
 }
 
-template <typename Cell>
-void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms) {
-  launch_row_variant(&forward_step_kernel<Cell, 4>, kWarps * 4, &forward_step_kernel<Cell, 1>, kWarps, kTileUnits,
-                     dim3(kTileUnits, kWarps), a.n, a.H, sms, a);
+// The step's product for the cost model: n rows, H units, P = K, the gate-interleaved slab.
+template <typename Cell, typename W>
+StepShape forward_step_shape(const ForwardArgs<typename Cell::scalar_t, W>& a, int units) {
+  return {a.n, a.H, units, a.P, Cell::kGates * units, static_cast<int>(sizeof(W)),
+          static_cast<int>(sizeof(typename Cell::scalar_t))};
 }
 
-// --- float16/bfloat16 on the tensor cores --------------------------------------------------------
+template <typename Cell>
+int cuda_core_forward_variant(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms) {
+  return choose_variant(kCudaCoreCosts<Cell::kGates>, forward_step_shape<Cell>(a, kTileUnits), sms);
+}
+
+template <typename Cell>
+void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>& a, int sms) {
+  using Kernel = void (*)(ForwardArgs<typename Cell::scalar_t, typename Cell::scalar_t>);
+  constexpr Kernel kernels[] = {&forward_step_kernel<Cell, 4, 1>, &forward_step_kernel<Cell, 4, kWarps>,
+                                &forward_step_kernel<Cell, 1, kWarps>};  // as kCudaCoreCosts
+  const int v = cuda_core_forward_variant<Cell>(a, sms);
+  launch(kernels[v], step_grid(a.n, a.H, kCudaCoreCosts<Cell::kGates>[v].rows_per_block, kTileUnits),
+         dim3(kTileUnits, kWarps), a);
+}
+
+// --- float16, bfloat16 and TF32 on the tensor cores ---------------------------------------------
 //
 // Block: G warps; warp g computes gate g of the block's kMmaUnits units for kRowTiles * 16 batch
 // rows, as kRowTiles 16x16 float32 accumulator fragments. Per k chunk the block stages, in shared
-// memory, the W_hh slab [kMmaK][G*kMmaUnits] (the wmma B operand, row-major: element (k, column)) and
-// h_{t-1} [rows][kMmaK] (the A operand, row-major, rounded to the half type), zero-padded past n, P
-// and H, so any n, H and P work. Then the accumulators go to shared memory and each thread runs the
-// float32 epilogue on (row, unit) pairs.
-// Shared rows carry kMmaPad extra elements (16 bytes), which keeps them 16-byte aligned, wmma's ldm a
-// multiple of 8 (16-bit) or 4 (float), every fragment pointer 32-byte aligned (row offsets of 16 rows
-// and column offsets of 16 elements), and moves successive rows to other banks.
-// Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) + 17 KB (sums), under the 48 KB static limit.
+// memory, the W_hh slab [kChunk][G*kMmaUnits] (the wmma B operand, row-major: element (k, column)) and
+// h_{t-1} [rows][kChunk] (the A operand, row-major, rounded to the operand type), zero-padded past n,
+// P and H, so any n, H and P work. Then the accumulators go to shared memory and each thread runs
+// the float32 epilogue on (row, unit) pairs.
+// Shared rows carry 16 bytes of padding, which keeps them 16-byte aligned, wmma's ldm a multiple of
+// 16 bytes, every fragment pointer 32-byte aligned (row offsets of a fragment step's rows, column
+// offsets of 16 elements), and moves successive rows to other banks.
+// Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) + 17 KB (sums), under the 48 KB static limit,
+// for the 16-bit types (64-wide chunks) and TF32 (32-wide) alike.
 namespace wmma = nvcuda::wmma;
 
 constexpr int kMmaUnits = 16;  // hidden units per block: one 16-wide fragment per gate
-constexpr int kMmaK = 64;      // reduction chunk staged per iteration: 4 fragment steps
-constexpr int kMmaPad = 8;     // elements of padding per shared row of 16-bit values (16 bytes)
-constexpr int kSumPad = 4;     // and of float sums (16 bytes)
+constexpr int kSumPad = 4;     // elements of padding per shared row of float sums (16 bytes)
 
-template <typename W>
-__device__ __forceinline__ W round_to(float v);
-template <>
-__device__ __forceinline__ __half round_to<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 round_to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// float32 W_hh on the tensor cores as TF32 (float32's range, a 10-bit mantissa, float32 sums): what
+// cuDNN's RNNs do while torch.backends.cudnn.allow_tf32 is set (its default); layer_cuda.cu follows
+// the flag.
+struct Tf32 {};
 
-template <typename Cell, typename W, int kRowTiles>
+// The tensor cores' operands by W_hh's type: how W is stored (in global and shared memory), the
+// fragments' element type, the k of one fragment step and of one staged chunk (the same bytes of W
+// per chunk for every type), and the rounding of h_{t-1} as it is staged.
+template <typename Op>
+struct MmaOperand;
+template <>
+struct MmaOperand<__half> {
+  using stored = __half;
+  using element = __half;
+  static constexpr int kStep = 16, kChunk = 64;
+  __device__ __forceinline__ static stored round(float v) { return __float2half_rn(v); }
+};
+template <>
+struct MmaOperand<__nv_bfloat16> {
+  using stored = __nv_bfloat16;
+  using element = __nv_bfloat16;
+  static constexpr int kStep = 16, kChunk = 64;
+  __device__ __forceinline__ static stored round(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct MmaOperand<Tf32> {
+  using stored = float;
+  using element = wmma::precision::tf32;
+  static constexpr int kStep = 8, kChunk = 32;
+  __device__ __forceinline__ static stored round(float v) { return wmma::__float_to_tf32(v); }
+};
+
+// W fragments of float32 weights are rounded to TF32 once loaded (as CUDA's wmma requires of TF32
+// operands); h's were rounded as they were staged, and the 16-bit types' are the stored values.
+template <typename Op, typename Fragment>
+__device__ __forceinline__ void round_weights(Fragment& f) {
+  if constexpr (std::is_same_v<Op, Tf32>) {
+#pragma unroll
+    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+  }
+}
+
+template <typename Cell, typename Op, int kRowTiles>
 __global__ void __launch_bounds__(32 * Cell::kGates)
-    forward_step_tensor_core_kernel(const ForwardArgs<float, W> a) {
-  static_assert(std::is_same_v<typename Cell::scalar_t, float>, "half types run the gate math in float32");
-// bfloat16 fragments need compute capability 8.0; the host launches this only there
+    forward_step_tensor_core_kernel(const ForwardArgs<float, typename MmaOperand<Op>::stored> a) {
+  static_assert(std::is_same_v<typename Cell::scalar_t, float>, "the tensor cores' gate math runs in float32");
+// bfloat16 and TF32 fragments need compute capability 8.0; the host launches this only there
 // (cuda_tensor_cores_take_half_types), so older targets compile an empty body.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using Operand = MmaOperand<Op>;
+  using W = typename Operand::stored;
   constexpr int G = Cell::kGates;
   constexpr int kBlockThreads = 32 * G;
   constexpr int kRows = 16 * kRowTiles;
   constexpr int kCols = G * kMmaUnits;  // column g * kMmaUnits + unit
-  constexpr int kWPitch = kCols + kMmaPad, kHPitch = kMmaK + kMmaPad, kSumPitch = kCols + kSumPad;
+  constexpr int kChunk = Operand::kChunk, kStep = Operand::kStep, kPad = 16 / static_cast<int>(sizeof(W));
+  constexpr int kWPitch = kCols + kPad, kHPitch = kChunk + kPad, kSumPitch = kCols + kSumPad;
 
-  __shared__ __align__(32) W w_s[kMmaK * kWPitch];
+  __shared__ __align__(32) W w_s[kChunk * kWPitch];
   __shared__ __align__(32) W h_s[kRows * kHPitch];
   __shared__ __align__(32) float sum_s[kRows * kSumPitch];
 
@@ -362,28 +547,29 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
   const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kMmaUnits;
   const W* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kCols;
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kRowTiles];
+  wmma::fragment<wmma::accumulator, 16, 16, kStep, float> acc[kRowTiles];
 #pragma unroll
   for (int m = 0; m < kRowTiles; ++m) wmma::fill_fragment(acc[m], 0.0f);
 
-  for (int64_t k0 = 0; k0 < P; k0 += kMmaK) {
-    WeightChunk<kMmaK, kCols, kWPitch, kBlockThreads, W> w_chunk;
+  for (int64_t k0 = 0; k0 < P; k0 += kChunk) {
+    WeightChunk<kChunk, kCols, kWPitch, kBlockThreads, W> w_chunk;
     w_chunk.load(slab, k0, P, tid);  // every load of the chunk in flight before the first store
     w_chunk.store(w_s, tid);
-    for (int e = tid; e < kRows * kMmaK; e += kBlockThreads) {  // h rounded to the half type as it is staged
-      const int r = e / kMmaK, kk = e % kMmaK;
+    for (int e = tid; e < kRows * kChunk; e += kBlockThreads) {  // h rounded to the operand type as it is staged
+      const int r = e / kChunk, kk = e % kChunk;
       const int64_t b = row0 + r, k = k0 + kk;
-      h_s[r * kHPitch + kk] = round_to<W>((b < n && k < P) ? a.h[b * P + k] : 0.0f);
+      h_s[r * kHPitch + kk] = Operand::round((b < n && k < P) ? a.h_prev(b)[k] : 0.0f);
     }
     __syncthreads();
     // Zero padding past P in both operands adds exact zeros; the k order is fixed.
 #pragma unroll
-    for (int kk = 0; kk < kMmaK; kk += 16) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> w_frag;
+    for (int kk = 0; kk < kChunk; kk += kStep) {
+      wmma::fragment<wmma::matrix_b, 16, 16, kStep, typename Operand::element, wmma::row_major> w_frag;
       wmma::load_matrix_sync(w_frag, w_s + kk * kWPitch + gate * kMmaUnits, kWPitch);
+      round_weights<Op>(w_frag);
 #pragma unroll
       for (int m = 0; m < kRowTiles; ++m) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> h_frag;
+        wmma::fragment<wmma::matrix_a, 16, 16, kStep, typename Operand::element, wmma::row_major> h_frag;
         wmma::load_matrix_sync(h_frag, h_s + m * 16 * kHPitch + kk, kHPitch);
         wmma::mma_sync(acc[m], h_frag, w_frag, acc[m]);
       }
@@ -409,19 +595,52 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
 #endif
 }
 
-template <typename Cell, typename W>
-void launch_tensor_core_step(const ForwardArgs<float, W>& a, int sms) {
-  launch_row_variant(&forward_step_tensor_core_kernel<Cell, W, 4>, 16 * 4, &forward_step_tensor_core_kernel<Cell, W, 1>,
-                     16, kMmaUnits, dim3(32 * Cell::kGates), a.n, a.H, sms, a);
+// The model's view of the two variants (kRowTiles 4 and 1): per fragment step a warp loads its
+// gate's W fragment (and rounds its 4 elements for TF32), and per row tile an h fragment and one
+// mma (two HMMA instructions); staging the h chunk costs each thread about 4 instructions (load,
+// convert, store, index) per element.
+template <typename Op, int kGates, int kRowTiles>
+constexpr VariantCost tensor_core_cost() {
+  constexpr int kChunk = MmaOperand<Op>::kChunk, kSteps = kChunk / MmaOperand<Op>::kStep;
+  constexpr double kRound = std::is_same_v<Op, Tf32> ? 4.0 : 0.0;
+  return {16 * kRowTiles, kChunk, kSteps * (1.0 + kRound + 3.0 * kRowTiles) + 4.0 * (16 * kRowTiles * kChunk) / (32 * kGates)};
+}
+template <typename Op, int kGates>
+constexpr VariantCost kTensorCoreCosts[2] = {tensor_core_cost<Op, kGates, 4>(), tensor_core_cost<Op, kGates, 1>()};
+
+template <typename Cell, typename Op>
+int tensor_core_forward_variant(const ForwardArgs<float, typename MmaOperand<Op>::stored>& a, int sms) {
+  return choose_variant(kTensorCoreCosts<Op, Cell::kGates>, forward_step_shape<Cell>(a, kMmaUnits), sms);
 }
 
-// W: the type of W_hh. The cell's own type: the CUDA-core kernel. A half type (the cell in float):
-// the tensor-core kernel.
-template <typename Cell, typename W>
+template <typename Cell, typename Op>
+void launch_tensor_core_step(const ForwardArgs<float, typename MmaOperand<Op>::stored>& a, int sms) {
+  using Kernel = void (*)(ForwardArgs<float, typename MmaOperand<Op>::stored>);
+  constexpr Kernel kernels[] = {&forward_step_tensor_core_kernel<Cell, Op, 4>,
+                                &forward_step_tensor_core_kernel<Cell, Op, 1>};  // as kTensorCoreCosts
+  const int v = tensor_core_forward_variant<Cell, Op>(a, sms);
+  launch(kernels[v], step_grid(a.n, a.H, kTensorCoreCosts<Op, Cell::kGates>[v].rows_per_block, kMmaUnits),
+         dim3(32 * Cell::kGates), a);
+}
+
+// The type W_hh is stored in for the loop's kernel: the cell's own (CUDA cores), else MmaOperand's.
+template <typename Op, typename T>
+struct StoredWeight {
+  using type = typename MmaOperand<Op>::stored;
+};
+template <typename T>
+struct StoredWeight<T, T> {
+  using type = T;
+};
+
+// Op: how W_hh is multiplied. The cell's own type: the CUDA-core kernel. A half type or Tf32 (the
+// cell in float): the tensor-core kernel, W_hh in the half type or in float32.
+template <typename Cell, typename Op>
 struct ForwardLoop {
   using T = typename Cell::scalar_t;
-  static constexpr bool kTensorCores = !std::is_same_v<W, T>;
+  static constexpr bool kTensorCores = !std::is_same_v<Op, T>;
   static constexpr int kUnitsPerBlock = kTensorCores ? kMmaUnits : kTileUnits;
+  using W = typename StoredWeight<Op, T>::type;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
                   const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
@@ -441,7 +660,7 @@ struct ForwardLoop {
     const W* w_tiles_p = static_cast<const W*>(w_tiles.const_data_ptr());
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles_p) % 16 == 0, "fused_rnn: W_hh tiles misaligned");
     T* y_p = y.data_ptr<T>();
-    T* h_p = h.data_ptr<T>();
+    const T* h0_p = h.data_ptr<T>();  // h holds h_0 until the walk is over
     T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
     T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
 
@@ -453,7 +672,7 @@ struct ForwardLoop {
       if (H > 0) {
         ForwardArgs<T, W> a;
         a.w_tiles = w_tiles_p;
-        a.h = h_p;
+        a.h_prev = StateRows<T>{predecessor(s, reverse, t), y_p, h0_p, P};
         a.gx = gx_p + off * GH;
         a.b_hn = b_hn_p;
         a.gh = gh_p;
@@ -474,20 +693,32 @@ struct ForwardLoop {
         a.H = H;
         a.P = P;
         if constexpr (kTensorCores) {
-          launch_tensor_core_step<Cell, W>(a, sms);
+          launch_tensor_core_step<Cell, Op>(a, sms);
         } else {
           launch_cuda_core_step<Cell>(a, sms);
         }
       }
 
-      Tensor y_rows = y.narrow(0, off, n);
       if (s.proj) {
+        Tensor y_rows = y.narrow(0, off, n);
         const Tensor r = saved_p ? saved.narrow(0, off, n).narrow(1, s.proj_input_col(), H)
                                  : proj_input.narrow(0, 0, n);
         at::mm_out(y_rows, r, w_hr_t);
       }
-      // The state moves on only after the step's kernel has read all of h_{t-1} (stream order).
-      h.narrow(0, 0, n).copy_(y_rows);
+    }
+    copy_final_state(s, reverse, y, h);
+  }
+
+  // h_n: each row's output at its sequence's last step, where rows [next, n) of step t end (next:
+  // the rows of the following step in the walk, 0 after the last). One copy for a padded sequence;
+  // for a packed one, one per step where the batch shrinks. c_n is already in place: the kernels
+  // update c row by row and leave the rows of ended sequences alone.
+  static void copy_final_state(const LayerShape& s, bool reverse, const Tensor& y, Tensor& h) {
+    for (int64_t step = 0; step < s.T; ++step) {
+      const int64_t t = reverse ? s.T - 1 - step : step;
+      const int64_t n = s.batch_sizes[t];
+      const int64_t next = step + 1 < s.T ? s.batch_sizes[reverse ? t - 1 : t + 1] : 0;
+      if (next < n) h.narrow(0, next, n - next).copy_(y.narrow(0, s.offsets[t] + next, n - next));
     }
   }
 };
@@ -498,6 +729,8 @@ template <typename Cell>
 using HalfTensorCoreForwardLoop = ForwardLoop<Cell, __half>;
 template <typename Cell>
 using BFloat16TensorCoreForwardLoop = ForwardLoop<Cell, __nv_bfloat16>;
+template <typename Cell>
+using Tf32TensorCoreForwardLoop = ForwardLoop<Cell, Tf32>;
 
 // ---------------------------------------------------------------------------------------------
 // Backward.
@@ -558,8 +791,8 @@ struct FusedBackwardArgs {
   BackwardArgs<T> cell;  // this step: dh is the [B, H] state, which the kernel also writes
 };
 
-// Block: as the forward kernel, threadIdx.x = unit, warp = kRows batch rows. It covers the rows of
-// both steps, max(n, rows_before):
+// Block: as the forward kernel, threadIdx.x = unit, the warps' rows as WarpRows says. The grid
+// covers the rows of both steps, max(n, rows_before):
 //  - b < rows_before: dh[b, j] = Σ_m dG_before[b, m]·W_hh[m, j] (+ for GRU the direct z-path that
 //    the step before's cell backward left in dh[b, j]);
 //  - b >= rows_before (a longer step, forward direction of a packed sequence): dh[b, j] is still
@@ -567,13 +800,14 @@ struct FusedBackwardArgs {
 //  - b < n: the cell backward of this step reads dh[b, j] (and writes GRU's direct path there);
 //    rows in [n, rows_before) (reverse direction: sequences that began at the step before) keep
 //    dh[b, j] as their gradient at h_0.
-// Shared memory per block: w_s[kTileK][kTileUnits] and g_s[kWarps*kRows][kTileK]: 4 + 2 KB in
-// float with kRows=4, twice that in double.
-template <typename Cell, int kRows>
+// Shared memory per block: w_s[kTileK][kTileUnits] and g_s[rows][kTileK]: 4 + 2 KB in float with
+// 16 rows, twice that in double.
+template <typename Cell, int kRows, int kSplit>
 __global__ void __launch_bounds__(kThreads)
     fused_backward_step_kernel(const FusedBackwardArgs<typename Cell::scalar_t> a) {
   using T = typename Cell::scalar_t;
-  constexpr int kTileRows = kWarps * kRows;
+  using Tile = WarpRows<kRows, kSplit>;
+  constexpr int kTileRows = Tile::kBlockRows;
   __shared__ __align__(16) T w_s[kTileK][kTileUnits];
   __shared__ T g_s[kTileRows][kTileK];
 
@@ -588,25 +822,40 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r][0] = T(0);
   if (row0 < before) {  // the same for every thread of the block, so all of them reach the barriers
-    accumulate_tile_product(acc, &w_s[0][0], &g_s[0][0], slab, a.dg_before, row0, before, GH);
+    accumulate_tile_product<1, kRows, kSplit>(acc, &w_s[0][0], &g_s[0][0], slab, DenseRows<T>{a.dg_before, GH}, row0,
+                                              before, GH);
   }
 
   const int64_t j = unit0 + tx, rows = cell.n > before ? cell.n : before;
   if (j >= H) return;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int64_t b = row0 + ty * kRows + r;
-    if (b >= rows) break;
+    const int64_t b = row0 + Tile::first(ty) + r;
+    if (r >= Tile::count(ty) || b >= rows) break;
     T* dh = cell.dh + b * cell.dh_stride + j;
     if (b < before) *dh = Cell::kSeparateRecurrentGrad ? *dh + acc[r][0] : acc[r][0];
     if (b < cell.n) backward_unit<Cell>(cell, b, j);
   }
 }
 
+// The product for the cost model: the rows of both steps, the block's columns of W_hh over K = G*H.
+template <typename Cell>
+int fused_backward_variant(const FusedBackwardArgs<typename Cell::scalar_t>& a, int sms) {
+  const int bytes = static_cast<int>(sizeof(typename Cell::scalar_t));
+  const StepShape shape{std::max(a.cell.n, a.rows_before), a.cell.H, kTileUnits, Cell::kGates * a.cell.H, kTileUnits,
+                        bytes, bytes};
+  return choose_variant(kCudaCoreCosts<1>, shape, sms);
+}
+
 template <typename Cell>
 void launch_fused_backward_step(const FusedBackwardArgs<typename Cell::scalar_t>& a, int sms) {
-  launch_row_variant(&fused_backward_step_kernel<Cell, 4>, kWarps * 4, &fused_backward_step_kernel<Cell, 1>, kWarps,
-                     kTileUnits, dim3(kTileUnits, kWarps), std::max(a.cell.n, a.rows_before), a.cell.H, sms, a);
+  using Kernel = void (*)(FusedBackwardArgs<typename Cell::scalar_t>);
+  constexpr Kernel kernels[] = {&fused_backward_step_kernel<Cell, 4, 1>, &fused_backward_step_kernel<Cell, 4, kWarps>,
+                                &fused_backward_step_kernel<Cell, 1, kWarps>};  // as kCudaCoreCosts
+  const int v = fused_backward_variant<Cell>(a, sms);
+  launch(kernels[v], step_grid(std::max(a.cell.n, a.rows_before), a.cell.H, kCudaCoreCosts<1>[v].rows_per_block,
+                               kTileUnits),
+         dim3(kTileUnits, kWarps), a);
 }
 
 template <typename Cell>

@@ -2,8 +2,10 @@
 // top of emulated_cuda.h, for tests/test_cuda_emulated.py. It exposes the two loops with the
 // buffers that layer.cpp gives them on CUDA; the test does the once-per-sequence products itself
 // and compares everything with the CPU op. `sms` stands in for the GPU's multiprocessor count,
-// which picks the kernels' rows per thread. A float16/bfloat16 W_hh (with everything else float32)
-// takes the tensor-core kernel, as on the GPU.
+// which the kernels' cost model takes into account, and set_rows_per_block for
+// FUSED_RNN_CUDA_ROWS_PER_BLOCK, which forces a variant. A float16/bfloat16 W_hh (with everything
+// else float32) takes the tensor-core kernel, as on the GPU; so does a float32 one with `tf32` (as
+// on a GPU while torch.backends.cudnn.allow_tf32 is set).
 #include <torch/extension.h>
 
 #include "emulated_cuda.h"
@@ -20,7 +22,10 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
   emulated_cuda::run_grid(grid, block, [&] { kernel(args); });
 }
 
+int emulated_rows_per_block = 0;
+
 int multiprocessor_count() { return emulated_multiprocessors; }
+int forced_rows_per_block() { return emulated_rows_per_block; }
 
 // The cell's kGates and kSaved, named by its id.
 template <typename Cell>
@@ -64,7 +69,7 @@ Tensor unwritten(at::IntArrayRef sizes, const at::TensorOptions& options) {
 std::vector<Tensor> forward(int64_t cell, const Tensor& gx, std::vector<int64_t> batch_sizes, bool reverse,
                             const Tensor& h0, const c10::optional<Tensor>& c0, const Tensor& w_hh,
                             const c10::optional<Tensor>& b_hn, const c10::optional<Tensor>& w_hr, bool need_saved,
-                            int64_t sms) {
+                            int64_t sms, bool tf32) {
   const LayerShape s = shape_of(cell, batch_sizes, w_hh, h0, w_hr.has_value());
   emulated_multiprocessors = static_cast<int>(sms);
   Tensor y = unwritten({s.N, s.P}, gx.options());
@@ -72,7 +77,10 @@ std::vector<Tensor> forward(int64_t cell, const Tensor& gx, std::vector<int64_t>
   Tensor c = s.cell == CellKind::LSTM ? c0->clone() : Tensor();
   Tensor saved = need_saved ? unwritten({s.N, s.saved_cols()}, gx.options()) : Tensor();
   const Tensor bias_hn = or_undefined(b_hn), w_proj = or_undefined(w_hr);
-  if (w_hh.scalar_type() == at::kHalf) {  // the tensor-core kernel: everything else in float32
+  if (tf32) {  // float32 W_hh on the tensor cores
+    TORCH_CHECK(w_hh.scalar_type() == at::kFloat, "TF32 takes a float32 W_hh");
+    dispatch_cell<Tf32TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, bias_hn, w_proj, y, h, c, saved);
+  } else if (w_hh.scalar_type() == at::kHalf) {  // the tensor-core kernel: everything else in float32
     dispatch_cell<HalfTensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, bias_hn, w_proj, y, h, c, saved);
   } else if (w_hh.scalar_type() == at::kBFloat16) {
     dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, bias_hn, w_proj, y, h, c,
@@ -107,6 +115,43 @@ std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, boo
   return {dgx, dgh, dh, dc.defined() ? dc : none, dh_total.defined() ? dh_total : none};
 }
 
+// The rows per block of the variant that a kernel runs for one step of n rows (the forced one,
+// else the cost model's pick): "forward" (CUDA cores, in T), "tensor_core" (float16 W_hh) or
+// "backward" (fused, both steps with n rows).
+template <typename Cell>
+struct ChosenRows {
+  static void run(const std::string& kernel, int64_t n, int64_t H, int64_t P, int sms, int64_t& rows) {
+    using T = typename Cell::scalar_t;
+    if (kernel == "forward") {
+      ForwardArgs<T, T> a{};
+      a.n = n, a.H = H, a.P = P;
+      rows = kCudaCoreCosts<Cell::kGates>[cuda_core_forward_variant<Cell>(a, sms)].rows_per_block;
+    } else if (kernel == "tensor_core") {
+      if constexpr (std::is_same_v<T, float>) {
+        ForwardArgs<float, __half> a{};
+        a.n = n, a.H = H, a.P = P;
+        rows = kTensorCoreCosts<__half, Cell::kGates>[tensor_core_forward_variant<Cell, __half>(a, sms)].rows_per_block;
+      }
+    } else {
+      TORCH_CHECK(kernel == "backward", "unknown kernel ", kernel);
+      FusedBackwardArgs<T> a{};
+      a.cell.n = n, a.rows_before = n, a.cell.H = H;
+      rows = kCudaCoreCosts<1>[fused_backward_variant<Cell>(a, sms)].rows_per_block;
+    }
+  }
+};
+
+int64_t chosen_rows_per_block(const std::string& kernel, int64_t cell, int64_t n, int64_t H, int64_t P,
+                              bool float64, int64_t sms) {
+  int64_t rows = 0;
+  if (float64) {
+    dispatch_cell<ChosenRows, double>(static_cast<CellKind>(cell), kernel, n, H, P, static_cast<int>(sms), rows);
+  } else {
+    dispatch_cell<ChosenRows, float>(static_cast<CellKind>(cell), kernel, n, H, P, static_cast<int>(sms), rows);
+  }
+  return rows;
+}
+
 }  // namespace
 }  // namespace fused_rnn
 
@@ -114,4 +159,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &fused_rnn::forward);
   m.def("backward", &fused_rnn::backward);
   m.def("set_blocks_descending", [](bool descending) { emulated_cuda::blocks_descending = descending; });
+  m.def("set_rows_per_block", [](int64_t rows) { fused_rnn::emulated_rows_per_block = static_cast<int>(rows); });
+  m.def("chosen_rows_per_block", &fused_rnn::chosen_rows_per_block);
 }
