@@ -6,8 +6,11 @@ shapes that bench/GPU_NOTES.md models, so that the first GPU run checks the mode
 Per shape (cell, B, H, dtype): one layer, T steps, forward (inference) and forward+backward
 (training), fused and torch.nn (cuDNN on a GPU) interleaved round after round with CUDA events
 (perf_counter on the CPU), the median of the rounds over T: µs per step. Also with
-FUSED_RNN_CUDA_UNFUSED_BACKWARD's path for training (the cell kernel + cuBLAS per step). Writes
-one JSON record (device, torch, TF32 flags, rows) and prints a markdown table. On the CPU it runs
+FUSED_RNN_CUDA_UNFUSED_BACKWARD's path for training (the cell kernel + cuBLAS per step); float32
+with torch.backends.cudnn.allow_tf32 on (TF32 tensor cores, ours and cuDNN's) and off (exact), and
+there each step-kernel variant forced (FUSED_RNN_CUDA_ROWS_PER_BLOCK) beside the cost model's pick,
+so that the first GPU run checks the model's choice. Writes one JSON record (device, torch, TF32
+flags, rows) and prints a markdown table. On the CPU it runs
 tiny shapes, as a dry run of the script itself (no number from it means anything for a GPU).
 """
 import argparse
@@ -46,7 +49,40 @@ class _Timer:
         return (time.perf_counter() - begin) * 1e6
 
 
-def _contenders(cell, batch, hidden, dtype, device, steps):
+def _with_env(name, value, fn):
+    """fn() with the environment variable `name` set to `value` (None: unset), restored after."""
+    def run():
+        previous = os.environ.get(name)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        try:
+            fn()
+        finally:
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+    return run
+
+
+def _with_tf32(allowed, fn):
+    """fn() with torch.backends.cudnn.allow_tf32 (which fused_rnn's float32 kernels follow, as cuDNN's
+    RNNs do) set to `allowed`, restored after."""
+    def run():
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = allowed
+        try:
+            fn()
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+    return run
+
+
+def _contenders(cell, batch, hidden, dtype, device, steps, tf32):
+    """The runs of one shape. float32 runs under the given TF32 flag; there each variant of the
+    step kernels (FUSED_RNN_CUDA_ROWS_PER_BLOCK) is timed beside the cost model's own pick."""
     torch.manual_seed(0)
     ref = getattr(torch.nn, cell)(hidden, hidden, device=device, dtype=dtype)
     fused = getattr(fused_rnn, cell)(hidden, hidden, device=device, dtype=dtype)
@@ -60,41 +96,49 @@ def _contenders(cell, batch, hidden, dtype, device, steps):
                 module(x)
         return run
 
-    def training(module, unfused=False):
+    def training(module):
         def run():
-            previous = os.environ.get("FUSED_RNN_CUDA_UNFUSED_BACKWARD")
-            os.environ["FUSED_RNN_CUDA_UNFUSED_BACKWARD"] = "1" if unfused else "0"
-            try:
-                module(x_grad)[0].sum().backward()
-            finally:
-                if previous is None:
-                    del os.environ["FUSED_RNN_CUDA_UNFUSED_BACKWARD"]
-                else:
-                    os.environ["FUSED_RNN_CUDA_UNFUSED_BACKWARD"] = previous
+            module(x_grad)[0].sum().backward()
         return run
 
-    return {("inference", "fused"): inference(fused), ("inference", "torch.nn"): inference(ref),
-            ("training", "fused"): training(fused), ("training", "fused, unfused backward"): training(fused, True),
+    unfused = "FUSED_RNN_CUDA_UNFUSED_BACKWARD"
+    runs = {("inference", "fused"): inference(fused), ("inference", "torch.nn"): inference(ref),
+            ("training", "fused"): _with_env(unfused, "0", training(fused)),
+            ("training", "fused, unfused backward"): _with_env(unfused, "1", training(fused)),
             ("training", "torch.nn"): training(ref)}
+    if dtype == torch.float32 and not tf32:  # the per-step kernels against the persistent one
+        runs[("inference", "fused, per-step kernels")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "0", inference(fused))
+        runs[("inference", "fused, persistent")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1", inference(fused))
+        runs[("training", "fused, persistent forward")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1",
+                                                                    runs[("training", "fused")])
+    if dtype == torch.float32:
+        rows = (64, 16) if tf32 else (16, 4, 1)  # the tensor-core variants, or the CUDA-core ones
+        for r in rows:
+            name = f"fused, {r} row{'s' if r > 1 else ''} a block"
+            runs[("inference", name)] = _with_env("FUSED_RNN_CUDA_ROWS_PER_BLOCK", str(r),
+                                                  _with_env("FUSED_RNN_CUDA_PERSISTENT", "0", inference(fused)))
+        runs = {key: _with_tf32(tf32, fn) for key, fn in runs.items()}
+    return runs
 
 
 def probe(device, shapes, steps, repeats, warmup=3):
     timer, rows = _Timer(device), []
     for cell, batch, hidden, dtype_name in shapes:
-        runs = _contenders(cell, batch, hidden, DTYPES[dtype_name], device, steps)
-        for fn in runs.values():
-            for _ in range(warmup):
-                fn()
-        samples = {key: [] for key in runs}
-        for r in range(repeats):  # interleaved, the order rotating from round to round
-            keys = list(runs)
-            keys = keys[r % len(keys):] + keys[:r % len(keys)]
-            for key in keys:
-                samples[key].append(timer(runs[key]) / steps)
-        for (mode, who), values in samples.items():
-            q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-            rows.append({"cell": cell, "B": batch, "H": hidden, "T": steps, "dtype": dtype_name, "mode": mode,
-                         "contender": who, "us_per_step": q[1], "us_q1": q[0], "us_q3": q[2]})
+        for tf32 in ((True, False) if dtype_name == "float32" else (None,)):
+            runs = _contenders(cell, batch, hidden, DTYPES[dtype_name], device, steps, tf32)
+            for fn in runs.values():
+                for _ in range(warmup):
+                    fn()
+            samples = {key: [] for key in runs}
+            for r in range(repeats):  # interleaved, the order rotating from round to round
+                keys = list(runs)
+                keys = keys[r % len(keys):] + keys[:r % len(keys)]
+                for key in keys:
+                    samples[key].append(timer(runs[key]) / steps)
+            for (mode, who), values in samples.items():
+                q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+                rows.append({"cell": cell, "B": batch, "H": hidden, "T": steps, "dtype": dtype_name, "tf32": tf32,
+                             "mode": mode, "contender": who, "us_per_step": q[1], "us_q1": q[0], "us_q3": q[2]})
     return rows
 
 
@@ -115,10 +159,11 @@ def main(argv=None):
               "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     print(f"{record['device']}, torch {record['torch']}, T={steps}, median µs per step (quartiles)")
-    print("| cell | B | H | dtype | mode | contender | µs/step | q1–q3 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| cell | B | H | dtype | TF32 | mode | contender | µs/step | q1–q3 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['cell']} | {r['B']} | {r['H']} | {r['dtype']} | {r['mode']} | {r['contender']} | "
+        tf32 = "" if r["tf32"] is None else ("on" if r["tf32"] else "off")
+        print(f"| {r['cell']} | {r['B']} | {r['H']} | {r['dtype']} | {tf32} | {r['mode']} | {r['contender']} | "
               f"{r['us_per_step']:.1f} | {r['us_q1']:.1f}–{r['us_q3']:.1f} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -138,6 +138,10 @@ def loads_in_flight(instructions, wide_only=False):
     return max(best, len(pending))
 
 
+def _opcode(instruction):
+    return re.sub(r"^@!?U?P\w+\s+", "", instruction).split(" ", 1)[0]
+
+
 def short_name(demangled):
     """`forward_step_kernel<LSTMCell<float>, 4>`: the kernel and its template arguments, without
     namespaces, return type and parameter list."""
@@ -174,12 +178,13 @@ def report(arch, sources, name_filter):
                              res.get("spill_stores", 0) + res.get("spill_loads", 0),
                              sum(i.split(" ", 1)[0].startswith("LDG") for i in instructions),
                              loads_in_flight(instructions, wide_only=True), loads_in_flight(instructions),
-                             sum("HMMA" in i for i in instructions), sum("LDSM" in i for i in instructions)))
+                             sum("HMMA" in i for i in instructions), sum("LDSM" in i for i in instructions),
+                             sum(_opcode(i).startswith("LD.") for i in instructions)))
     print(f"sm_{arch}: registers, static shared memory (bytes), spill bytes (stores + loads), global loads "
           f"(LDG instructions), most 16-byte loads (the weight staging) and most loads of any width in flight, "
-          f"HMMA, LDSM")
-    print("| file | kernel | regs | smem | spills | LDG | 16 B in flight | any in flight | HMMA | LDSM |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"HMMA, LDSM, and generic loads (LD: an address the compiler could not place in shared or global memory)")
+    print("| file | kernel | regs | smem | spills | LDG | 16 B in flight | any in flight | HMMA | LDSM | LD |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row[0]} | `{short_name(row[1])}` | " + " | ".join(str(v) for v in row[2:]) + " |")
     return 0

@@ -59,11 +59,29 @@ struct ScalarMath {
   C10_HOST_DEVICE static V cj(V x) { return detail::cj(x); }
 };
 
+// The recurrent projections of one unit, gate by gate, held by the caller: a CUDA thread keeps its
+// gate sums in registers instead of a round trip through memory.
+template <typename T, int G>
+struct UnitGateSums {
+  T value[G];
+};
+
+// Gate g of unit j of the recurrent projection: from a [G*H] row, or from the unit's own sums.
+template <typename M, typename T>
+C10_HOST_DEVICE inline typename M::V gate_sum(const T* gh, int g, int64_t H, int64_t j) {
+  return M::load(gh + g * H + j);
+}
+template <typename M, typename T, int G>
+C10_HOST_DEVICE inline typename M::V gate_sum(const UnitGateSums<T, G>& gh, int g, int64_t, int64_t) {
+  static_assert(sizeof(typename M::V) == sizeof(T), "a unit's own sums are scalars");
+  return gh.value[g];
+}
+
 // Pointers into one batch row of one timestep. Rows are [G*H] for gate tensors, [H] otherwise.
-template <typename T>
+template <typename T, typename GateSums = const T*>
 struct StepForward {
   const T* gx;      // input projection with biases, [G*H]
-  const T* gh;      // recurrent projection, [G*H]
+  GateSums gh;      // recurrent projection: a [G*H] row, or the unit's UnitGateSums
   const T* b_hn;    // GRU: the n gate's hidden bias, [H]; may be null
   const T* h_prev;  // GRU: h_{t-1}, [H]
   T* c;             // LSTM: cell state, c_{t-1} in, c_t out (in place)
@@ -94,13 +112,13 @@ struct LSTMCell {
   static constexpr int kCellStateSlot = 4;
   static constexpr bool kSeparateRecurrentGrad = false;
 
-  template <typename M = ScalarMath<T>>
-  C10_HOST_DEVICE static void forward(const StepForward<T>& s, int64_t H, int64_t j) {
+  template <typename M = ScalarMath<T>, typename GateSums>
+  C10_HOST_DEVICE static void forward(const StepForward<T, GateSums>& s, int64_t H, int64_t j) {
     using V = typename M::V;
-    const V i = M::sigmoid(M::load(s.gx + j) + M::load(s.gh + j));
-    const V f = M::sigmoid(M::load(s.gx + H + j) + M::load(s.gh + H + j));
-    const V g = M::tanh(M::load(s.gx + 2 * H + j) + M::load(s.gh + 2 * H + j));
-    const V o = M::sigmoid(M::load(s.gx + 3 * H + j) + M::load(s.gh + 3 * H + j));
+    const V i = M::sigmoid(M::load(s.gx + j) + gate_sum<M>(s.gh, 0, H, j));
+    const V f = M::sigmoid(M::load(s.gx + H + j) + gate_sum<M>(s.gh, 1, H, j));
+    const V g = M::tanh(M::load(s.gx + 2 * H + j) + gate_sum<M>(s.gh, 2, H, j));
+    const V o = M::sigmoid(M::load(s.gx + 3 * H + j) + gate_sum<M>(s.gh, 3, H, j));
     const V c_prev = M::load(s.c + j);
     const V c = f * c_prev + i * g;
     const V tc = M::tanh(c);
@@ -142,12 +160,12 @@ struct GRUCell {
   static constexpr int kSaved = 4;  // r, z, n, gh_n + b_hn
   static constexpr bool kSeparateRecurrentGrad = true;
 
-  template <typename M = ScalarMath<T>>
-  C10_HOST_DEVICE static void forward(const StepForward<T>& s, int64_t H, int64_t j) {
+  template <typename M = ScalarMath<T>, typename GateSums>
+  C10_HOST_DEVICE static void forward(const StepForward<T, GateSums>& s, int64_t H, int64_t j) {
     using V = typename M::V;
-    const V r = M::sigmoid(M::load(s.gx + j) + M::load(s.gh + j));
-    const V z = M::sigmoid(M::load(s.gx + H + j) + M::load(s.gh + H + j));
-    const V hn = M::load(s.gh + 2 * H + j) + (s.b_hn ? M::load(s.b_hn + j) : V(0));
+    const V r = M::sigmoid(M::load(s.gx + j) + gate_sum<M>(s.gh, 0, H, j));
+    const V z = M::sigmoid(M::load(s.gx + H + j) + gate_sum<M>(s.gh, 1, H, j));
+    const V hn = gate_sum<M>(s.gh, 2, H, j) + (s.b_hn ? M::load(s.b_hn + j) : V(0));
     const V n = M::tanh(M::load(s.gx + 2 * H + j) + r * hn);
     M::store(s.h + j, (V(1) - z) * n + z * M::load(s.h_prev + j));
     if (s.saved) {
@@ -185,10 +203,10 @@ struct ElmanCell {
   static constexpr int kSaved = 1;  // h_t
   static constexpr bool kSeparateRecurrentGrad = false;
 
-  template <typename M = ScalarMath<T>>
-  C10_HOST_DEVICE static void forward(const StepForward<T>& s, int64_t H, int64_t j) {
+  template <typename M = ScalarMath<T>, typename GateSums>
+  C10_HOST_DEVICE static void forward(const StepForward<T, GateSums>& s, int64_t H, int64_t j) {
     using V = typename M::V;
-    const V pre = M::load(s.gx + j) + M::load(s.gh + j);
+    const V pre = M::load(s.gx + j) + gate_sum<M>(s.gh, 0, H, j);
     V h;
     if constexpr (kRelu) {
       h = M::relu(pre);

@@ -1,18 +1,21 @@
 """The CUDA step loops and their kernels (csrc/cuda/step_loops.cuh), run on the CPU.
 
 No GPU needs to be at hand: tests/cuda_emulation/ compiles the very source that nvcc compiles over a
-small emulation of CUDA's threads, blocks, shared memory and barriers. These tests compare the two
-loops with the CPU op (itself checked against torch.nn in test_parity.py): outputs, final states and
-saved values of the forward; every gradient of the backward, once the test has done the products
-that layer.cpp does with cuBLAS after the CUDA loop. The shapes cover partial unit tiles, several
-row tiles, both row counts per thread (picked by the multiprocessor count), more than one reduction
-chunk, packed sequences in both directions (steps that grow, shrink and empty), the projection,
-missing output gradients, the unfused backward (FUSED_RNN_CUDA_UNFUSED_BACKWARD=1), and outputs read
-through a row stride (as the half types' backward reads them). Every result must also be bitwise
-the same across runs and with the grid's blocks run in the opposite order.
+small emulation of CUDA's threads (fibers), blocks, shared memory, barriers and the tensor cores'
+warp-wide instructions. These tests compare the two loops with the CPU op (itself checked against
+torch.nn in test_parity.py): outputs, final states and saved values of the forward; every gradient
+of the backward, once the test has done the products that layer.cpp does with cuBLAS after the CUDA
+loop. The shapes cover partial unit tiles, several row tiles, every variant of the step kernels
+(16 rows a block, 4 and 1 with the reduction split across the warps; forced as
+FUSED_RNN_CUDA_ROWS_PER_BLOCK does, or the cost model's pick), more than one reduction chunk, packed
+sequences in both directions (steps that grow, shrink and empty), the projection, missing output
+gradients, the unfused backward (FUSED_RNN_CUDA_UNFUSED_BACKWARD=1), and outputs read through a row
+stride (as the half types' backward reads them). Every result must also be bitwise the same across
+runs and with the grid's blocks run in the opposite order.
 
-The half types' forward kernel on the tensor cores runs here too, over an emulation of wmma that
-checks the hardware's alignment rules, against the CPU op in float32 with the same rounded weights.
+The tensor-core forward kernel (float16, bfloat16, and float32 as TF32) runs here too, over an
+emulation of ldmatrix and mma.sync from the PTX ISA's fragment layouts, against the CPU op in
+float32 with the same rounded weights.
 
 Not covered here: speed, and everything the GPU itself adds; tests/test_cuda.py runs on a GPU
 against cuDNN.
@@ -111,6 +114,12 @@ class Layer:
         h_prev = previous_outputs(y, self.h0, self.batch_sizes, reverse)
         return [dgx @ self.w_ih, dh0, dc0 if self.c0 is not None else None, dgx.t() @ self.x, dgh.t() @ h_prev,
                 db_ih, db_hh, dw_hr]
+
+
+@pytest.fixture(autouse=True)
+def per_step_kernels(monkeypatch):
+    """The per-step kernels unless a test asks for the persistent one (or for the default choice)."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
 
 
 @contextlib.contextmanager
@@ -297,9 +306,8 @@ TENSOR_CORE_SHAPES = [pytest.param(kind, hidden, proj, id=f"{kind}-H{hidden}" + 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"], ids=["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("kind,hidden,proj", TENSOR_CORE_SHAPES)
 def test_tensor_core_forward(emulated, kind, hidden, proj, dtype, rows, reverse):
-    """Partial 16-unit tiles, one and two k chunks (64 wide for the 16-bit types, 32 for TF32), row
-    counts that are not multiples of 16 or 64, both row tilings, the projection; the reference takes
-    the same rounded W_hh."""
+    """Partial 16-unit tiles, one and two 64-wide k chunks, row counts that are not multiples of 16
+    or 64, both row tilings, the projection; the reference takes the same rounded W_hh."""
     layer = Layer(kind, [70, 70, 41, 3], hidden=hidden, proj=proj, dtype=torch.float32, seed=17)
     w_hh = layer.w_hh
     layer.w_hh = to_tf32(w_hh) if dtype == "tf32" else w_hh.to(dtype).float()
@@ -321,14 +329,17 @@ def test_tf32_rounds_as_the_hardware():
 
 
 def test_the_cost_model_picks_split_rows_for_small_batches(emulated):
-    """On an H100's 132 SMs at H = 512: one row per block at B = 1 (every warp takes a quarter of the
-    reduction instead of three of four multiplying padding), four at B = 8, and sixteen (the
-    weights cross from L2 once per 16 rows) once the batch gives every SM enough blocks; the same
-    for the fused backward. The tensor cores take one 16-row tile at B = 1 and four at B = 256."""
+    """On an H100's 132 SMs at H = 512, float32 LSTM. Forward: one row a block at B = 1 (every warp
+    takes a quarter of the reduction instead of three of four multiplying padding), four at B = 8,
+    sixteen (the weights cross from L2 once per 16 rows) once the batch gives every SM blocks. The
+    fused backward's chunks are short (one "gate" of 32 columns): at B = 8 every variant waits out
+    one L2 round trip a chunk, and the 16-row one moves the fewest bytes. The tensor cores: one
+    16-row tile at B = 1, four at B = 256."""
     lstm = CELLS["LSTM"]
-    for kernel in ("forward", "backward"):
+    expected = {"forward": [1, 4, 16], "backward": [1, 16, 16]}
+    for kernel, rows in expected.items():
         picks = [emulated.chosen_rows_per_block(kernel, lstm, b, 512, 512, False, SMS) for b in (1, 8, 256)]
-        assert picks == [1, 4, 16], (kernel, picks)
+        assert picks == rows, (kernel, picks)
     picks = [emulated.chosen_rows_per_block("tensor_core", lstm, b, 512, 512, False, SMS) for b in (1, 256)]
     assert picks == [16, 64]
     # FUSED_RNN_CUDA_ROWS_PER_BLOCK wins over the model; a count that no variant has leaves the model's pick
@@ -337,3 +348,84 @@ def test_the_cost_model_picks_split_rows_for_small_batches(emulated):
         assert emulated.chosen_rows_per_block("tensor_core", lstm, 1, 512, 512, False, SMS) == 16
     with forced_rows(emulated, 7):
         assert emulated.chosen_rows_per_block("backward", lstm, 1, 512, 512, False, SMS) == 1
+
+
+# --- the persistent forward (csrc/cuda/persistent_loops.cuh): one cooperative launch a sequence ---
+
+@pytest.fixture
+def persistent(monkeypatch):
+    """FUSED_RNN_CUDA_PERSISTENT=1: the forward takes the persistent kernel wherever it can run."""
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_persistent_forward(emulated, persistent, kind, layout, reverse, dtype):
+    """Every cell, padded and packed (steps that grow, shrink and empty), both directions; 37 units
+    are 5 blocks of 8 (LSTM), 4 of 10 (GRU), 2 of 32 (RNN), the last one partial; 18 rows are five
+    4-row passes, the last one partial. The backward after it reads what it saved."""
+    check_layer(emulated, Layer(kind, LAYOUTS[layout], dtype=dtype, seed=29), reverse, dtype=dtype)
+
+
+@pytest.mark.parametrize("hidden", [1, 8, 30, 70, 100])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_persistent_hidden_sizes(emulated, persistent, kind, hidden):
+    """One unit (one warp has all of k); exactly one LSTM block; P = 30, 70, 100 split into four
+    uneven quarters of k over 4, 9 and 13 LSTM blocks."""
+    for reverse in (False, True):
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=31 + hidden), reverse)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_persistent_inference(emulated, persistent, kind):
+    """need_saved=False: nothing saved, the same outputs and final states."""
+    layer = Layer(kind, LAYOUTS["packed"], seed=37)
+    expected = layer.reference_forward(False, need_saved=False)
+    actual = layer.emulated_forward(emulated, False, need_saved=False)
+    assert_close_all(actual[:3], expected[:3], torch.float64, FORWARD_NAMES)
+    assert actual[3].numel() == 0
+
+
+def test_persistent_bitwise_across_runs_and_block_orders(emulated, persistent):
+    """Every block resident at once, in either order: the same bits (a block reading another's
+    h_t before the grid barrier would see other values, or NaN)."""
+    for kind in CELLS:
+        layer = Layer(kind, LAYOUTS["packed"], hidden=70, seed=41)
+        for reverse in (False, True):
+            first = layer.emulated_forward(emulated, reverse)
+            again = layer.emulated_forward(emulated, reverse)
+            emulated.set_blocks_descending(True)
+            try:
+                flipped = layer.emulated_forward(emulated, reverse)
+            finally:
+                emulated.set_blocks_descending(False)
+            for other in (again, flipped):
+                assert all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_persistent_choice(emulated, monkeypatch):
+    """Where the persistent kernel runs by default, on an H100's 132 SMs and 227 KB a block: LSTM
+    float32 up to H = 1024 (128 blocks of 8 units, 146 KB each; 1100 needs 138 blocks), not in
+    float64 at H = 1024 (its slice needs 270 KB); GRU up to 132 blocks of 10 units, RNN up to
+    227 KB of slice and rows; never with a projection, and only up to B = 8.
+    FUSED_RNN_CUDA_PERSISTENT=1 lifts the batch rule, =0 turns it off."""
+    lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
+    monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
+    assert emulated.persistent_chosen(lstm, 8, 1024, 0, False, SMS)
+    assert not emulated.persistent_chosen(lstm, 8, 1100, 0, False, SMS)
+    assert not emulated.persistent_chosen(lstm, 8, 1024, 0, True, SMS)
+    assert emulated.persistent_chosen(lstm, 8, 512, 0, True, SMS)
+    assert not emulated.persistent_chosen(lstm, 8, 512, 256, False, SMS)
+    assert emulated.persistent_chosen(lstm, 8, 512, 0, False, SMS)
+    assert not emulated.persistent_chosen(lstm, 9, 512, 0, False, SMS)
+    assert emulated.persistent_chosen(gru, 1, 1300, 0, False, SMS)  # 130 blocks of 10
+    assert not emulated.persistent_chosen(gru, 1, 1340, 0, False, SMS)  # 134
+    assert emulated.persistent_chosen(rnn, 1, 1500, 0, False, SMS)  # 213 KB of slice and rows
+    assert not emulated.persistent_chosen(rnn, 1, 1700, 0, False, SMS)  # 245 KB
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+    assert emulated.persistent_chosen(lstm, 256, 512, 0, False, SMS)
+    assert not emulated.persistent_chosen(lstm, 8, 1100, 0, False, SMS)  # still cannot run
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
+    assert not emulated.persistent_chosen(lstm, 8, 512, 0, False, SMS)

@@ -3,18 +3,22 @@
 // [offsets[t], offsets[t] + batch_sizes[t]) of x / y / saved and on the first batch_sizes[t] rows
 // of the state; reverse walks t downwards).
 //
-// Forward: one kernel launch per step fuses the recurrent product h_{t-1}·W_hhᵀ with the gate math.
+// Forward: one kernel launch per step fuses the recurrent product h_{t-1}·W_hhᵀ with the gate math
+// (for small batches persistent_loops.cuh runs the whole sequence in one launch instead).
 // A block owns a tile of hidden units and a tile of batch rows; it computes all G gate
 // pre-activations of its units for its rows (a fixed k order, no atomics), then runs the cell from
 // cells.h on each of its (row, unit) pairs. W_hh is first reordered into a gate-interleaved layout,
 // [unit tiles][P][G * units per tile], so that a block's weights for one k are one contiguous row
 // and a k chunk one contiguous slab, staged in shared memory with coalesced 16-byte loads.
-// float32/float64 run on the CUDA cores; float16/bfloat16 W_hh on the tensor cores (nvcuda::wmma
-// 16x16x16, float32 accumulators, compute capability 8.0 and up), with the same layout, loop and
-// epilogue: h_{t-1} is kept in float32 and rounded to the half type as it is staged for the
-// product, and everything else is float32: gx (cuBLAS, half inputs, float32 accumulation and
-// output: layer.cpp), c, the gate math (Cell<float>), y, h and `saved`; layer.cpp casts y, h_n and
-// c_n back to the half type.
+// float32/float64 run on the CUDA cores; float16/bfloat16 W_hh on the tensor cores (ldmatrix and
+// mma.sync m16n8k16, float32 accumulators, compute capability 8.0 and up), and so does float32 as
+// TF32 (m16n8k8) where cuDNN would use it, with the same layout, loop and epilogue: h_{t-1} is kept
+// in float32 and rounded to the operand type as it is staged for the product, and everything else
+// is float32: gx (cuBLAS, half inputs, float32 accumulation and output: layer.cpp), c, the gate
+// math (Cell<float>), y, h and `saved`; layer.cpp casts y, h_n and c_n back to the half type.
+// A step's h_{t-1} is read where the step before wrote it (the outputs, or h_0), so the host does
+// nothing between two steps' launches but fill in their arguments; the kernels' variants (rows per
+// block, the reduction split across the warps) are chosen by one cost model (choose_variant).
 //
 // Backward (half types reach it as float32: layer.cpp upcasts), without a projection: one launch
 // per step as well, the mirror image. A block owns a
@@ -34,10 +38,11 @@
 //
 // Included on the GPU by the translation units of csrc/cuda/ through gpu_loops.cuh (forward.cu and
 // layer_cuda.cu; everything here has internal linkage, so each compiles only what it instantiates), and
-// by the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on host threads.
-// The includer defines launch(), multiprocessor_count() and forced_rows_per_block() (declared below), and
-// the CUDA names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their
-// roundings from float, nvcuda::wmma.
+// by the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on fibers. The
+// includer defines launch(), multiprocessor_count() and forced_rows_per_block() (declared below),
+// and the CUDA names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their
+// roundings from float, __float_as_uint / __uint_as_float, and the tensor-core instructions of
+// namespace ptx (csrc/cuda/mma_ptx.cuh).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -215,30 +220,35 @@ struct StepShape {
 };
 
 // Hopper-class constants of the model (H100 / H200), not measurements: L2 delivers about 5.5 TB/s
-// at 1.8 GHz to the whole chip, and about 64 bytes per cycle to one SM. The first GPU run checks
-// them (bench/GPU_NOTES.md).
+// at 1.8 GHz to the whole chip and about 64 bytes per cycle to one SM, and a load that hits in L2
+// takes about 500 cycles to return. The first GPU run checks them (bench/GPU_NOTES.md).
 constexpr double kL2BytesPerCycle = 3000.0;
 constexpr double kSmL2BytesPerCycle = 64.0;
+constexpr double kL2LatencyCycles = 500.0;
 
-// Modelled cycles of one step. Each block stages its unit tile's whole weight slab, so the weights
-// cross from L2 once per row tile; an SM runs its share of the blocks one chunk after another, each
-// chunk as long as the longer of its warps' instruction issue and its bytes at the SM's share of L2
-// (the next chunk's loads are in flight during the current one's products); the step lasts as long
+// Modelled cycles of one step, and of its whole grid's bytes at L2's bandwidth. Each block stages its
+// unit tile's whole weight slab, so the weights cross from L2 once per row tile; an SM runs its
+// share of the blocks one chunk after another, each chunk as long as the longest of its warps'
+// instruction issue, its bytes at the SM's share of L2, and one L2 round trip (the next chunk's
+// loads are in flight during the current one's products, no further ahead); the step lasts as long
 // as the busiest SM, or as the whole grid's bytes at L2's bandwidth if that is longer.
-double modelled_step_cycles(const VariantCost& v, const StepShape& s, int sms) {
+struct ModelledStep {
+  double cycles, l2_cycles;
+};
+ModelledStep modelled_step(const VariantCost& v, const StepShape& s, int sms) {
   const int64_t row_tiles = (s.n + v.rows_per_block - 1) / v.rows_per_block;
   const int64_t blocks = row_tiles * ((s.H + s.units - 1) / s.units);
   const int64_t chunks = std::max<int64_t>(1, (s.K + v.k_per_chunk - 1) / v.k_per_chunk);
   const double chunk_bytes = static_cast<double>(v.k_per_chunk) *
                              (static_cast<double>(s.slab_cols) * s.weight_bytes + v.rows_per_block * s.left_bytes);
-  const double per_chunk = std::max(v.issue_per_chunk, chunk_bytes / kSmL2BytesPerCycle);
+  const double per_chunk = std::max({v.issue_per_chunk, chunk_bytes / kSmL2BytesPerCycle, kL2LatencyCycles});
   const double busiest_sm = static_cast<double>((blocks + sms - 1) / sms) * chunks * per_chunk;
   const double whole_grid = static_cast<double>(blocks) * chunks * chunk_bytes / kL2BytesPerCycle;
-  return std::max(busiest_sm, whole_grid);
+  return {std::max(busiest_sm, whole_grid), whole_grid};
 }
 
-// The index of the variant that runs: the forced one, else the cheapest in the model (the first
-// of equals).
+// The index of the variant that runs: the forced one, else the fastest in the model; of equally
+// fast ones (latency-bound small steps), the one that moves the fewest bytes from L2.
 template <int kVariants>
 int choose_variant(const VariantCost (&costs)[kVariants], const StepShape& shape, int sms) {
   const int forced = forced_rows_per_block();
@@ -246,12 +256,12 @@ int choose_variant(const VariantCost (&costs)[kVariants], const StepShape& shape
     if (forced > 0 && costs[v].rows_per_block == forced) return v;
   }
   int best = 0;
-  double best_cycles = modelled_step_cycles(costs[0], shape, sms);
+  ModelledStep best_step = modelled_step(costs[0], shape, sms);
   for (int v = 1; v < kVariants; ++v) {
-    const double cycles = modelled_step_cycles(costs[v], shape, sms);
-    if (cycles < best_cycles) {
+    const ModelledStep step = modelled_step(costs[v], shape, sms);
+    if (step.cycles < best_step.cycles || (step.cycles == best_step.cycles && step.l2_cycles < best_step.l2_cycles)) {
       best = v;
-      best_cycles = cycles;
+      best_step = step;
     }
   }
   return best;
@@ -373,7 +383,6 @@ struct ForwardArgs {
   StateRows<T> h_prev;  // where row b's h_{t-1} lies: the step before's outputs, or h_0
   const T* gx;      // this step's first row of gx, rows of G*H
   const T* b_hn;    // GRU: [H] or null
-  T* gh;            // scratch [B, G*H]: each thread stores its gate sums here and reads them back
   T* c;             // LSTM: [B, H] in place, else null
   T* out;           // where the cell writes h_t for row 0 of the step (y, saved proj column, scratch)
   int64_t out_stride;
@@ -382,19 +391,19 @@ struct ForwardArgs {
   int64_t n, H, P;
 };
 
-// The epilogue for row b, unit j, given its G gate sums: the sums go through this row's `gh`
-// scratch row, which the same thread reads back in Cell::forward (no other thread touches those
-// elements, so no synchronisation is needed).
+// The epilogue for row b, unit j, given its G gate sums, which stay in the thread's registers
+// (UnitGateSums, cells.h).
 template <typename Cell, typename W>
 __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::scalar_t, W>& a, int64_t b, int64_t j,
                                             const typename Cell::scalar_t (&sum)[Cell::kGates]) {
   using T = typename Cell::scalar_t;
+  using Sums = UnitGateSums<T, Cell::kGates>;
   const int64_t H = a.H, GH = Cell::kGates * H;
-  T* gh_row = a.gh + b * GH;
+  Sums own;
 #pragma unroll
-  for (int g = 0; g < Cell::kGates; ++g) gh_row[g * H + j] = sum[g];
-  StepForward<T> io{a.gx + b * GH, gh_row, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
-                    a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
+  for (int g = 0; g < Cell::kGates; ++g) own.value[g] = sum[g];
+  StepForward<T, Sums> io{a.gx + b * GH, own, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
+                          a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
   Cell::forward(io, H, j);
 }
 
@@ -464,19 +473,16 @@ void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename C
 // --- float16, bfloat16 and TF32 on the tensor cores ---------------------------------------------
 //
 // Block: G warps; warp g computes gate g of the block's kMmaUnits units for kRowTiles * 16 batch
-// rows, as kRowTiles 16x16 float32 accumulator fragments. Per k chunk the block stages, in shared
-// memory, the W_hh slab [kChunk][G*kMmaUnits] (the wmma B operand, row-major: element (k, column)) and
-// h_{t-1} [rows][kChunk] (the A operand, row-major, rounded to the operand type), zero-padded past n,
-// P and H, so any n, H and P work. Then the accumulators go to shared memory and each thread runs
-// the float32 epilogue on (row, unit) pairs.
-// Shared rows carry 16 bytes of padding, which keeps them 16-byte aligned, wmma's ldm a multiple of
-// 16 bytes, every fragment pointer 32-byte aligned (row offsets of a fragment step's rows, column
-// offsets of 16 elements), and moves successive rows to other banks.
-// Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) + 17 KB (sums), under the 48 KB static limit,
-// for the 16-bit types (64-wide chunks) and TF32 (32-wide) alike.
-namespace wmma = nvcuda::wmma;
-
-constexpr int kMmaUnits = 16;  // hidden units per block: one 16-wide fragment per gate
+// rows, as kRowTiles x 2 float32 accumulator tiles of 16 rows x 8 units (mma.sync, mma_ptx.cuh).
+// Per k chunk the block stages, in shared memory, the W_hh slab [kChunk][G*kMmaUnits] (the B operand:
+// element (k, column)) and h_{t-1} [rows][kChunk] (the A operand, rounded to the operand type),
+// zero-padded past n, P and H, so any n, H and P work. Then the accumulators go to shared memory and
+// each thread runs the float32 epilogue on (row, unit) pairs.
+// The sums reuse the staging buffers' memory (they are written after the last chunk's barrier).
+// Shared memory, LSTM, kRowTiles=4: 9 KB (W) + 9 KB (h) for the 16-bit types, 18 + 17 KB for TF32
+// (64-wide chunks for both: the same k, so the same L2 round trips per step), under the 48 KB
+// static limit.
+constexpr int kMmaUnits = 16;  // hidden units per block: two 8-unit mma tiles per gate
 constexpr int kSumPad = 4;     // elements of padding per shared row of float sums (16 bytes)
 
 // float32 W_hh on the tensor cores as TF32 (float32's range, a 10-bit mantissa, float32 sums): what
@@ -484,49 +490,90 @@ constexpr int kSumPad = 4;     // elements of padding per shared row of float su
 // the flag.
 struct Tf32 {};
 
-// The tensor cores' operands by W_hh's type: how W is stored (in global and shared memory), the
-// fragments' element type, the k of one fragment step and of one staged chunk (the same bytes of W
-// per chunk for every type), and the rounding of h_{t-1} as it is staged.
+// Each operand type's multiply(): acc[m][u] += Σ_k h[m*16 + row, kk + k]·W[kk + k, col0 + u*8 + unit]
+// over one fragment step, the tensor cores' part of the kernel. Every lane of the warp calls it.
+// float16 and bfloat16: both operands through ldmatrix (four 8x8 tiles per instruction: A's 16x16,
+// and with .trans W's 16 k x 16 units, k-major as mma.sync's B wants it), 16 k per mma. Shared rows
+// are padded by 16 bytes: every ldmatrix row stays 16-byte aligned, and the 8 rows of one 8x8 tile
+// (144 bytes apart) fall into 8 different 16-byte bank groups.
+template <typename W>
+struct SixteenBitOperand {
+  using stored = W;
+  static constexpr int kStep = 16, kChunk = 64, kWPad = 8, kHPad = 8;
+  // Issue per fragment step, for the cost model: W's ldmatrix; per row tile, A's and two mma.
+  static constexpr double kWeightIssue = 1.0, kTileIssue = 3.0;
+
+  template <int kRowTiles, int kWPitch, int kHPitch>
+  __device__ __forceinline__ static void multiply(float (&acc)[kRowTiles][2][4], const W* w_s, const W* h_s, int kk,
+                                                  int col0, int lane) {
+    // ldmatrix x4: lane l gives row l % 8 of tile l / 8; tiles 0..3 are (rows, columns) +0/+0,
+    // +8/+0, +0/+8, +8/+8 of the 16x16 operand.
+    const int row = lane & 15, col = (lane >> 4) * 8;
+    uint32_t w[4];  // units col0 .. +7: w[0], w[1]; units col0+8 .. +15: w[2], w[3]
+    ptx::ldmatrix_x4_trans(w, w_s + (kk + row) * kWPitch + col0 + col);
+#pragma unroll
+    for (int m = 0; m < kRowTiles; ++m) {
+      uint32_t h[4];
+      ptx::ldmatrix_x4(h, h_s + (m * 16 + row) * kHPitch + kk + col);
+      ptx::mma_m16n8k16<W>(acc[m][0], h, w[0], w[1]);
+      ptx::mma_m16n8k16<W>(acc[m][1], h, w[2], w[3]);
+    }
+  }
+};
+
+// The tensor cores' operands by W_hh's type: how W is stored (in global and shared memory), the k of
+// one fragment step and of one staged chunk, the padding of shared rows, and the rounding of h_{t-1}
+// as it is staged.
 template <typename Op>
 struct MmaOperand;
 template <>
-struct MmaOperand<__half> {
-  using stored = __half;
-  using element = __half;
-  static constexpr int kStep = 16, kChunk = 64;
+struct MmaOperand<__half> : SixteenBitOperand<__half> {
   __device__ __forceinline__ static stored round(float v) { return __float2half_rn(v); }
 };
 template <>
-struct MmaOperand<__nv_bfloat16> {
-  using stored = __nv_bfloat16;
-  using element = __nv_bfloat16;
-  static constexpr int kStep = 16, kChunk = 64;
+struct MmaOperand<__nv_bfloat16> : SixteenBitOperand<__nv_bfloat16> {
   __device__ __forceinline__ static stored round(float v) { return __float2bfloat16_rn(v); }
 };
+
+// TF32: 32-bit values, which ldmatrix does not split the way mma.sync's m16n8k8 wants, so each lane
+// loads its four A and four W values itself. h is rounded as it is staged; W is rounded here, as it
+// is loaded (W_hh itself stays float32). Padding: 8 floats a W row (its 4 k rows x 8 units of one
+// load are 32 different banks), 4 an h row (8 rows x 4 k).
 template <>
 struct MmaOperand<Tf32> {
   using stored = float;
-  using element = wmma::precision::tf32;
-  static constexpr int kStep = 8, kChunk = 32;
-  __device__ __forceinline__ static stored round(float v) { return wmma::__float_to_tf32(v); }
-};
+  static constexpr int kStep = 8, kChunk = 64, kWPad = 8, kHPad = 4;
+  static constexpr double kWeightIssue = 8.0, kTileIssue = 6.0;  // 4 loads + 4 roundings; 4 loads + 2 mma
+  __device__ __forceinline__ static stored round(float v) { return __uint_as_float(ptx::to_tf32(v)); }
 
-// W fragments of float32 weights are rounded to TF32 once loaded (as CUDA's wmma requires of TF32
-// operands); h's were rounded as they were staged, and the 16-bit types' are the stored values.
-template <typename Op, typename Fragment>
-__device__ __forceinline__ void round_weights(Fragment& f) {
-  if constexpr (std::is_same_v<Op, Tf32>) {
+  template <int kRowTiles, int kWPitch, int kHPitch>
+  __device__ __forceinline__ static void multiply(float (&acc)[kRowTiles][2][4], const float* w_s, const float* h_s,
+                                                  int kk, int col0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    uint32_t w[2][2];  // per 8-unit tile: W[t][g], W[t+4][g]
 #pragma unroll
-    for (int i = 0; i < f.num_elements; ++i) f.x[i] = wmma::__float_to_tf32(f.x[i]);
+    for (int u = 0; u < 2; ++u) {
+      const float* column = w_s + (kk + t) * kWPitch + col0 + u * 8 + g;
+      w[u][0] = ptx::to_tf32(column[0]);
+      w[u][1] = ptx::to_tf32(column[4 * kWPitch]);
+    }
+#pragma unroll
+    for (int m = 0; m < kRowTiles; ++m) {
+      const float* a = h_s + (m * 16 + g) * kHPitch + kk + t;  // A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]
+      const uint32_t h[4] = {__float_as_uint(a[0]), __float_as_uint(a[8 * kHPitch]), __float_as_uint(a[4]),
+                             __float_as_uint(a[8 * kHPitch + 4])};
+      ptx::mma_m16n8k8_tf32(acc[m][0], h, w[0][0], w[0][1]);
+      ptx::mma_m16n8k8_tf32(acc[m][1], h, w[1][0], w[1][1]);
+    }
   }
-}
+};
 
 template <typename Cell, typename Op, int kRowTiles>
 __global__ void __launch_bounds__(32 * Cell::kGates)
     forward_step_tensor_core_kernel(const ForwardArgs<float, typename MmaOperand<Op>::stored> a) {
   static_assert(std::is_same_v<typename Cell::scalar_t, float>, "the tensor cores' gate math runs in float32");
-// bfloat16 and TF32 fragments need compute capability 8.0; the host launches this only there
-// (cuda_tensor_cores_take_half_types), so older targets compile an empty body.
+// mma.sync with float16, bfloat16 and TF32 needs compute capability 8.0; the host launches this only
+// there (cuda_tensor_cores_take_half_types), so older targets compile an empty body.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using Operand = MmaOperand<Op>;
   using W = typename Operand::stored;
@@ -534,52 +581,66 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
   constexpr int kBlockThreads = 32 * G;
   constexpr int kRows = 16 * kRowTiles;
   constexpr int kCols = G * kMmaUnits;  // column g * kMmaUnits + unit
-  constexpr int kChunk = Operand::kChunk, kStep = Operand::kStep, kPad = 16 / static_cast<int>(sizeof(W));
-  constexpr int kWPitch = kCols + kPad, kHPitch = kChunk + kPad, kSumPitch = kCols + kSumPad;
+  constexpr int kChunk = Operand::kChunk, kStep = Operand::kStep;
+  constexpr int kWPitch = kCols + Operand::kWPad, kHPitch = kChunk + Operand::kHPad, kSumPitch = kCols + kSumPad;
 
-  __shared__ __align__(32) W w_s[kChunk * kWPitch];
-  __shared__ __align__(32) W h_s[kRows * kHPitch];
-  __shared__ __align__(32) float sum_s[kRows * kSumPitch];
+  constexpr int kWBytes = kChunk * kWPitch * static_cast<int>(sizeof(W));
+  constexpr int kStagingBytes = kWBytes + kRows * kHPitch * static_cast<int>(sizeof(W));
+  constexpr int kSumBytes = kRows * kSumPitch * static_cast<int>(sizeof(float));
+  static_assert(kWBytes % 16 == 0, "h's rows start 16-byte aligned");
+  __shared__ __align__(16) unsigned char shared[kStagingBytes > kSumBytes ? kStagingBytes : kSumBytes];
+  W* const w_s = reinterpret_cast<W*>(shared);
+  W* const h_s = reinterpret_cast<W*>(shared + kWBytes);
+  float* const sum_s = reinterpret_cast<float*>(shared);  // after the last chunk
 
-  const int tid = threadIdx.x, gate = tid / 32;
+  const int tid = threadIdx.x, gate = tid / 32, lane = tid % 32;
   const int64_t P = a.P, n = a.n;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t unit0 = static_cast<int64_t>(blockIdx.y) * kMmaUnits;
   const W* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kCols;
 
-  wmma::fragment<wmma::accumulator, 16, 16, kStep, float> acc[kRowTiles];
-#pragma unroll
-  for (int m = 0; m < kRowTiles; ++m) wmma::fill_fragment(acc[m], 0.0f);
-
+  float acc[kRowTiles][2][4] = {};
   for (int64_t k0 = 0; k0 < P; k0 += kChunk) {
     WeightChunk<kChunk, kCols, kWPitch, kBlockThreads, W> w_chunk;
     w_chunk.load(slab, k0, P, tid);  // every load of the chunk in flight before the first store
     w_chunk.store(w_s, tid);
-    for (int e = tid; e < kRows * kChunk; e += kBlockThreads) {  // h rounded to the operand type as it is staged
-      const int r = e / kChunk, kk = e % kChunk;
-      const int64_t b = row0 + r, k = k0 + kk;
-      h_s[r * kHPitch + kk] = Operand::round((b < n && k < P) ? a.h_prev(b)[k] : 0.0f);
+    // h, rounded to the operand type as it is staged: kHGroup loads in flight before their stores
+    // (a whole chunk's would take 128 registers a thread in the 32-thread Elman kernels).
+    constexpr int kHElems = kRows * kChunk, kHGroup = 8;
+    for (int e0 = tid; e0 < kHElems; e0 += kBlockThreads * kHGroup) {
+      float v[kHGroup];
+#pragma unroll
+      for (int i = 0; i < kHGroup; ++i) {
+        const int e = e0 + i * kBlockThreads, r = e / kChunk, kk = e % kChunk;
+        const int64_t b = row0 + r, k = k0 + kk;
+        v[i] = (e < kHElems && b < n && k < P) ? a.h_prev(b)[k] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kHGroup; ++i) {
+        const int e = e0 + i * kBlockThreads;
+        if (e < kHElems) h_s[(e / kChunk) * kHPitch + e % kChunk] = Operand::round(v[i]);
+      }
     }
     __syncthreads();
     // Zero padding past P in both operands adds exact zeros; the k order is fixed.
 #pragma unroll
     for (int kk = 0; kk < kChunk; kk += kStep) {
-      wmma::fragment<wmma::matrix_b, 16, 16, kStep, typename Operand::element, wmma::row_major> w_frag;
-      wmma::load_matrix_sync(w_frag, w_s + kk * kWPitch + gate * kMmaUnits, kWPitch);
-      round_weights<Op>(w_frag);
-#pragma unroll
-      for (int m = 0; m < kRowTiles; ++m) {
-        wmma::fragment<wmma::matrix_a, 16, 16, kStep, typename Operand::element, wmma::row_major> h_frag;
-        wmma::load_matrix_sync(h_frag, h_s + m * 16 * kHPitch + kk, kHPitch);
-        wmma::mma_sync(acc[m], h_frag, w_frag, acc[m]);
-      }
+      Operand::template multiply<kRowTiles, kWPitch, kHPitch>(acc, w_s, h_s, kk, gate * kMmaUnits, lane);
     }
     __syncthreads();  // before the next chunk overwrites the tiles
   }
 
+  // The accumulator tiles to shared memory: lane (g, t) holds rows g and g+8, units 2t and 2t+1.
+  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int m = 0; m < kRowTiles; ++m) {
-    wmma::store_matrix_sync(sum_s + m * 16 * kSumPitch + gate * kMmaUnits, acc[m], kSumPitch, wmma::mem_row_major);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum_s[(m * 16 + g + 8 * (i / 2)) * kSumPitch + gate * kMmaUnits + u * 8 + 2 * t + i % 2] = acc[m][u][i];
+      }
+    }
   }
   __syncthreads();
 
@@ -589,21 +650,22 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     if (b >= n || j >= a.H) continue;
     float sum[G];
 #pragma unroll
-    for (int g = 0; g < G; ++g) sum[g] = sum_s[r * kSumPitch + g * kMmaUnits + u];
+    for (int gg = 0; gg < G; ++gg) sum[gg] = sum_s[r * kSumPitch + gg * kMmaUnits + u];
     finish_unit<Cell>(a, b, j, sum);
   }
 #endif
 }
 
-// The model's view of the two variants (kRowTiles 4 and 1): per fragment step a warp loads its
-// gate's W fragment (and rounds its 4 elements for TF32), and per row tile an h fragment and one
-// mma (two HMMA instructions); staging the h chunk costs each thread about 4 instructions (load,
-// convert, store, index) per element.
+// The model's view of the two variants (kRowTiles 4 and 1): per fragment step a warp issues the
+// operand type's weight and per-tile instructions (MmaOperand); staging the h chunk costs each
+// thread about 4 instructions (load, convert, store, index) per element.
 template <typename Op, int kGates, int kRowTiles>
 constexpr VariantCost tensor_core_cost() {
-  constexpr int kChunk = MmaOperand<Op>::kChunk, kSteps = kChunk / MmaOperand<Op>::kStep;
-  constexpr double kRound = std::is_same_v<Op, Tf32> ? 4.0 : 0.0;
-  return {16 * kRowTiles, kChunk, kSteps * (1.0 + kRound + 3.0 * kRowTiles) + 4.0 * (16 * kRowTiles * kChunk) / (32 * kGates)};
+  using Operand = MmaOperand<Op>;
+  constexpr int kSteps = Operand::kChunk / Operand::kStep;
+  return {16 * kRowTiles, Operand::kChunk,
+          kSteps * (Operand::kWeightIssue + Operand::kTileIssue * kRowTiles) +
+              4.0 * (16 * kRowTiles * Operand::kChunk) / (32 * kGates)};
 }
 template <typename Op, int kGates>
 constexpr VariantCost kTensorCoreCosts[2] = {tensor_core_cost<Op, kGates, 4>(), tensor_core_cost<Op, kGates, 1>()};
@@ -647,7 +709,6 @@ struct ForwardLoop {
     const int64_t H = s.H, P = s.P, GH = s.gates * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     if (s.T == 0 || s.B == 0) return;
-    Tensor gh = at::empty({s.B, GH}, gx.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
     Tensor proj_input = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
     const Tensor w_hr_t = s.proj ? w_hr.t() : Tensor();
@@ -655,7 +716,6 @@ struct ForwardLoop {
     const int sms = multiprocessor_count();
 
     const T* gx_p = gx.data_ptr<T>();
-    T* gh_p = gh.data_ptr<T>();
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
     const W* w_tiles_p = static_cast<const W*>(w_tiles.const_data_ptr());
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles_p) % 16 == 0, "fused_rnn: W_hh tiles misaligned");
@@ -675,7 +735,6 @@ struct ForwardLoop {
         a.h_prev = StateRows<T>{predecessor(s, reverse, t), y_p, h0_p, P};
         a.gx = gx_p + off * GH;
         a.b_hn = b_hn_p;
-        a.gh = gh_p;
         a.c = c_p;
         if (!s.proj) {
           a.out = y_p + off * P;
@@ -724,7 +783,7 @@ struct ForwardLoop {
 };
 
 template <typename Cell>
-using CudaCoreForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;
+using StepForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;  // the CUDA cores, a launch per step
 template <typename Cell>
 using HalfTensorCoreForwardLoop = ForwardLoop<Cell, __half>;
 template <typename Cell>

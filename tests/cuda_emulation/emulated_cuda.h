@@ -3,21 +3,24 @@
 //  - a launch runs the grid's blocks one after another, in ascending order or (blocks_descending)
 //    the other way round, each block's CUDA threads as fibers on the calling host thread, with
 //    threadIdx / blockIdx / blockDim / gridDim set for each. Blocks of one launch must not depend
-//    on each other: the two orders give the same results only when they don't;
+//    on each other: the two orders give the same results only when they don't. A cooperative
+//    launch (run_cooperative) has every block resident at once, with grid_sync() a barrier over
+//    all of their threads, and fails beyond cooperative_capacity blocks;
 //  - each thread runs until it waits at a barrier or returns, the threads in order: as far out of
 //    step with each other as a barrier allows, so that a missing barrier shows as wrong values
 //    (a thread reads shared memory that the others have not yet written, or overwrites what they
 //    have not yet read), the same on every run;
-//  - __shared__ arrays are function statics: one copy, which the block that runs uses alone;
+//  - __shared__ arrays are function statics: one copy, which the block that runs uses alone (so a
+//    cooperative kernel keeps its shared data in dynamic_shared_memory(), one per block);
 //  - __syncthreads() is a barrier over the block's threads. Reaching one after another thread of
 //    the block has returned, or while others wait at another barrier, is an error (undefined
 //    behaviour on a GPU), reported as an exception from the launch instead of a hang.
 //  - __half / __nv_bfloat16 are c10::Half / c10::BFloat16 (the same bits, and the same rounding to
 //    nearest even from float);
-//  - nvcuda::wmma's 16x16x16 fragments (16x16x8 for TF32) hold whole tiles: lane 0 of each warp
-//    does the warp's product and store (float32 sums of exact products), and every load and store
-//    checks what the hardware requires (256-bit aligned pointers, ldm a multiple of 16 bytes);
-//    __float_to_tf32 rounds as the hardware's cvt.rna.tf32.f32 does.
+//  - the tensor-core instructions of csrc/cuda/mma_ptx.cuh (ldmatrix, mma.sync, cvt to TF32) run
+//    warp-wide: each lane posts its part to its warp, and gets back what the PTX ISA's fragment
+//    layouts give it (float32 sums of exact products, in k order); ldmatrix checks its rows'
+//    16-byte alignment.
 // What it cannot show: the speed, the memory model's weaker orderings, warp-level behaviour beyond
 // the exchanges emulated here, and the tensor cores' own order of summation.
 #pragma once
@@ -60,42 +63,60 @@ inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace emulated_cuda {
 
+// What one lane posts for its warp's exchanges (ldmatrix's row address, mma.sync's operands).
+struct WarpSlot {
+  const void* address;
+  std::uint32_t regs[6];
+};
+
 struct BarrierMisuse : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The CUDA threads of a block as fibers (ucontext) on the calling host thread. A pass resumes every
-// runnable fiber in thread order, and each runs until it waits at a barrier or returns; then every
-// barrier that all its threads have reached releases them. A barrier that some of its threads can
-// never reach (one has returned, or waits at another barrier) is reported as an exception from the
-// launch instead of a hang.
-class Block {
+// The CUDA threads of the blocks resident at once (one block for a launch, the whole grid for a
+// cooperative one) as fibers (ucontext) on the calling host thread. A pass resumes every runnable
+// fiber, block by block and thread by thread, and each runs until it waits at a barrier or
+// returns; then one barrier that all its threads have reached releases them (release_first_complete):
+// a block's (__syncthreads), a warp's (the emulated warp-wide instructions) or the grid's
+// (grid_sync). A
+// barrier that some of its threads can never reach (one has returned, or waits at another
+// barrier) is reported as an exception from the launch instead of a hang. Each resident block has
+// its own dynamic shared memory; __shared__ arrays (function statics) are one copy, so a
+// cooperative launch's kernels must keep their shared data in the dynamic memory.
+class Residents {
  public:
   static constexpr std::size_t kStackBytes = 256 * 1024;
   static constexpr int kWarpSize = 32;
 
   template <typename Body>
-  void run(dim3 grid, dim3 block_index, dim3 block, const Body& body) {
+  void run(dim3 grid, const std::vector<dim3>& blocks, dim3 block, std::size_t shared_bytes, const Body& body) {
     threads_ = static_cast<int>(block.x * block.y * block.z);
-    const int warps = (threads_ + kWarpSize - 1) / kWarpSize;
-    fibers_.resize(static_cast<std::size_t>(threads_));
-    warp_arrived_.assign(static_cast<std::size_t>(warps), 0);
-    block_arrived_ = 0;
+    warps_ = (threads_ + kWarpSize - 1) / kWarpSize;
+    const int resident = static_cast<int>(blocks.size()), total = resident * threads_;
+    fibers_.resize(static_cast<std::size_t>(total));
+    block_arrived_.assign(static_cast<std::size_t>(resident), 0);
+    warp_arrived_.assign(static_cast<std::size_t>(resident * warps_), 0);
+    warp_slots_.assign(static_cast<std::size_t>(resident * warps_ * kWarpSize), WarpSlot{});
+    shared_.resize(static_cast<std::size_t>(resident));
+    for (auto& bytes : shared_) bytes.assign((shared_bytes + 15) / 16, uint4{0u, 0u, 0u, 0u});
+    grid_arrived_ = 0;
     error_ = nullptr;
     body_ = [&body] { body(); };
-    grid_ = grid, block_index_ = block_index, block_ = block;
-    for (int i = 0; i < threads_; ++i) {
+    grid_ = grid, blocks_ = blocks, block_ = block;
+    for (int i = 0; i < total; ++i) {
       Fiber& f = fibers_[static_cast<std::size_t>(i)];
       if (!f.stack) f.stack.reset(new char[kStackBytes]);
-      f.thread = dim3(i % block.x, i / block.x % block.y, i / block.x / block.y);
+      const int t = i % threads_;
+      f.block = i / threads_;
+      f.thread = dim3(t % block.x, t / block.x % block.y, t / block.x / block.y);
       f.waiting = kRunnable;
       getcontext(&f.context);
       f.context.uc_stack.ss_sp = f.stack.get();
       f.context.uc_stack.ss_size = kStackBytes;
       f.context.uc_link = &scheduler_;
-      makecontext(&f.context, &Block::entry, 0);
+      makecontext(&f.context, &Residents::entry, 0);
     }
-    Block* const outer = running;
+    Residents* const outer = running;
     running = this;
     try {
       schedule();
@@ -106,82 +127,110 @@ class Block {
     running = outer;
   }
 
-  // __syncthreads() and the emulation's warp-wide exchanges: wait until every thread of the
-  // block (or of the calling thread's warp) has arrived.
   static void wait_for_block() { running->wait(kAtBlockBarrier); }
   static void wait_for_warp() { running->wait(kAtWarpBarrier); }
+  static void wait_for_grid() { running->wait(kAtGridBarrier); }
+  // The calling thread's warp's exchange slots, one per lane; its block's dynamic shared memory.
+  static WarpSlot* warp_slots() {
+    Residents& r = *running;
+    return r.warp_slots_.data() + static_cast<std::size_t>(r.warp_of(r.current_)) * kWarpSize;
+  }
+  static unsigned char* dynamic_shared() {
+    Residents& r = *running;
+    return reinterpret_cast<unsigned char*>(r.shared_[static_cast<std::size_t>(r.fiber().block)].data());
+  }
 
  private:
-  enum : int { kRunnable, kReturned, kAtBlockBarrier, kAtWarpBarrier };
+  enum : int { kRunnable, kReturned, kAtBlockBarrier, kAtWarpBarrier, kAtGridBarrier };
   struct Fiber {
     ucontext_t context;
     std::unique_ptr<char[]> stack;
     dim3 thread;
+    int block = 0;
     int waiting = kRunnable;
   };
 
-  static inline thread_local Block* running = nullptr;
+  static inline thread_local Residents* running = nullptr;
+
+  Fiber& fiber() { return fibers_[static_cast<std::size_t>(current_)]; }
+  int warp_of(int i) const { return (i / threads_) * warps_ + (i % threads_) / kWarpSize; }
+  int warp_threads(int w) const { return std::min(kWarpSize, threads_ - (w % warps_) * kWarpSize); }
 
   static void entry() {
-    Block& b = *running;
+    Residents& r = *running;
     try {
-      b.body_();
+      r.body_();
     } catch (...) {
-      if (!b.error_) b.error_ = std::current_exception();
+      if (!r.error_) r.error_ = std::current_exception();
     }
-    b.fibers_[static_cast<std::size_t>(b.current_)].waiting = kReturned;
+    r.fiber().waiting = kReturned;
   }  // to scheduler_, through uc_link
 
   void wait(int barrier) {
-    Fiber& f = fibers_[static_cast<std::size_t>(current_)];
+    Fiber& f = fiber();
     f.waiting = barrier;
     if (barrier == kAtBlockBarrier) {
-      ++block_arrived_;
+      ++block_arrived_[static_cast<std::size_t>(f.block)];
+    } else if (barrier == kAtWarpBarrier) {
+      ++warp_arrived_[static_cast<std::size_t>(warp_of(current_))];
     } else {
-      ++warp_arrived_[static_cast<std::size_t>(current_ / kWarpSize)];
+      ++grid_arrived_;
     }
     swapcontext(&f.context, &scheduler_);
   }
 
-  int warp_threads(int warp) const { return std::min(kWarpSize, threads_ - warp * kWarpSize); }
-
   void schedule() {
+    const int total = static_cast<int>(fibers_.size());
     for (;;) {
-      for (current_ = 0; current_ < threads_; ++current_) {
-        Fiber& f = fibers_[static_cast<std::size_t>(current_)];
+      for (current_ = 0; current_ < total; ++current_) {
+        Fiber& f = fiber();
         if (f.waiting != kRunnable) continue;
         threadIdx = f.thread;
-        blockIdx = block_index_;
+        blockIdx = blocks_[static_cast<std::size_t>(f.block)];
         blockDim = block_;
         gridDim = grid_;
         swapcontext(&scheduler_, &f.context);
         if (error_) std::rethrow_exception(error_);  // the other fibers are abandoned
       }
-      bool released = false;
-      if (block_arrived_ == threads_) {
-        release([](int, const Fiber& f) { return f.waiting == kAtBlockBarrier; });
-        block_arrived_ = 0;
-        released = true;
-      }
-      for (int w = 0; w < static_cast<int>(warp_arrived_.size()); ++w) {
-        if (warp_arrived_[static_cast<std::size_t>(w)] == warp_threads(w)) {
-          release([w](int i, const Fiber& f) { return i / kWarpSize == w && f.waiting == kAtWarpBarrier; });
-          warp_arrived_[static_cast<std::size_t>(w)] = 0;
-          released = true;
-        }
-      }
-      if (released) continue;
+      if (release_first_complete()) continue;
       int returned = 0;
       for (const Fiber& f : fibers_) returned += f.waiting == kReturned;
-      if (returned == threads_) return;
-      throw BarrierMisuse(returned > 0 ? "emulated CUDA: a barrier reached after a thread of the block had returned"
-                                       : "emulated CUDA: the threads of a block wait at different barriers");
+      if (returned == total) return;
+      throw BarrierMisuse(returned > 0 ? "emulated CUDA: a barrier reached after a thread it waits for had returned"
+                                       : "emulated CUDA: threads wait at different barriers");
     }
+  }
+
+  // Releases one barrier that all its threads have reached: of the first resident block that has
+  // one (its warps' first, then its own), else the grid's. So the first block runs as far ahead of
+  // the others as its barriers let it, which is what shows a missing grid barrier: without one, it
+  // reads what the other blocks have not written yet.
+  bool release_first_complete() {
+    for (int k = 0; k < static_cast<int>(block_arrived_.size()); ++k) {
+      for (int w = k * warps_; w < (k + 1) * warps_; ++w) {
+        if (warp_arrived_[static_cast<std::size_t>(w)] == warp_threads(w)) {
+          release([this, w](int i, const Fiber& f) { return warp_of(i) == w && f.waiting == kAtWarpBarrier; });
+          warp_arrived_[static_cast<std::size_t>(w)] = 0;
+          return true;
+        }
+      }
+      if (block_arrived_[static_cast<std::size_t>(k)] == threads_) {
+        release([k](int, const Fiber& f) { return f.block == k && f.waiting == kAtBlockBarrier; });
+        block_arrived_[static_cast<std::size_t>(k)] = 0;
+        return true;
+      }
+    }
+    if (grid_arrived_ == static_cast<int>(fibers_.size())) {
+      release([](int, const Fiber& f) { return f.waiting == kAtGridBarrier; });
+      grid_arrived_ = 0;
+      return true;
+    }
+    return false;
   }
 
   template <typename Which>
   void release(const Which& which) {
-    for (int i = 0; i < threads_; ++i) {
+    for (int i = 0; i < static_cast<int>(fibers_.size()); ++i) {
       Fiber& f = fibers_[static_cast<std::size_t>(i)];
       if (which(i, f)) f.waiting = kRunnable;
     }
@@ -189,35 +238,71 @@ class Block {
 
   ucontext_t scheduler_;
   std::vector<Fiber> fibers_;
-  std::vector<int> warp_arrived_;
-  int threads_ = 0, block_arrived_ = 0, current_ = 0;
+  std::vector<int> block_arrived_, warp_arrived_;
+  std::vector<WarpSlot> warp_slots_;
+  std::vector<std::vector<uint4>> shared_;
+  int threads_ = 0, warps_ = 0, grid_arrived_ = 0, current_ = 0;
   std::exception_ptr error_;
   std::function<void()> body_;
-  dim3 grid_, block_index_, block_;
+  dim3 grid_, block_;
+  std::vector<dim3> blocks_;
 };
 
 inline bool blocks_descending = false;
+inline long cooperative_capacity = 1L << 30;  // the blocks that a cooperative launch may have
+
+inline dim3 block_index(dim3 grid, unsigned long linear) {
+  return dim3(linear % grid.x, linear / grid.x % grid.y, linear / grid.x / grid.y);
+}
+
+// The grid's blocks in launch order: ascending, or descending with blocks_descending.
+inline std::vector<dim3> blocks_in_order(dim3 grid) {
+  const unsigned long blocks = static_cast<unsigned long>(grid.x) * grid.y * grid.z;
+  std::vector<dim3> order;
+  for (unsigned long k = 0; k < blocks; ++k) order.push_back(block_index(grid, blocks_descending ? blocks - 1 - k : k));
+  return order;
+}
 
 // Runs body() as every thread of every block of the grid, the blocks one after another;
 // rethrows the first exception of any thread.
 template <typename Body>
-void run_grid(dim3 grid, dim3 block, const Body& body) {
-  static thread_local Block runner;  // its fibers' stacks serve every launch
-  const unsigned long blocks = static_cast<unsigned long>(grid.x) * grid.y * grid.z;
-  for (unsigned long k = 0; k < blocks; ++k) {
-    const unsigned long linear = blocks_descending ? blocks - 1 - k : k;
-    runner.run(grid, dim3(linear % grid.x, linear / grid.x % grid.y, linear / grid.x / grid.y), block, body);
+void run_grid(dim3 grid, dim3 block, const Body& body, std::size_t shared_bytes = 0) {
+  static thread_local Residents residents;  // its fibers' stacks serve every launch
+  for (const dim3& b : blocks_in_order(grid)) residents.run(grid, {b}, block, shared_bytes, body);
+}
+
+// A cooperative launch: every block resident at once (the launch fails, as on a GPU, if the grid
+// has more blocks than cooperative_capacity).
+template <typename Body>
+void run_cooperative(dim3 grid, dim3 block, std::size_t shared_bytes, const Body& body) {
+  static thread_local Residents residents;
+  const std::vector<dim3> order = blocks_in_order(grid);
+  if (static_cast<long>(order.size()) > cooperative_capacity) {
+    throw std::runtime_error("emulated CUDA: a cooperative launch with more blocks than can be resident");
   }
+  residents.run(grid, order, block, shared_bytes, body);
 }
 
 }  // namespace emulated_cuda
 
-inline void __syncthreads() { emulated_cuda::Block::wait_for_block(); }
+inline void __syncthreads() { emulated_cuda::Residents::wait_for_block(); }
+inline void grid_sync() { emulated_cuda::Residents::wait_for_grid(); }
+inline unsigned char* dynamic_shared_memory() { return emulated_cuda::Residents::dynamic_shared(); }
 
 using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 inline __half __float2half_rn(float v) { return __half(v); }
 inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
+inline float __uint_as_float(unsigned v) {
+  float f;
+  std::memcpy(&f, &v, 4);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned v;
+  std::memcpy(&v, &f, 4);
+  return v;
+}
 
 namespace emulated_cuda {
 inline int lane() {
@@ -225,102 +310,108 @@ inline int lane() {
 }
 }  // namespace emulated_cuda
 
-namespace nvcuda {
-namespace wmma {
+// The tensor-core instructions of csrc/cuda/mma_ptx.cuh, from the fragment layouts that it
+// spells out (the PTX ISA's): each lane posts its operands to its warp's exchange slots, the warp
+// waits for all 32, and each lane computes what the hardware gives it, then the warp waits again
+// before the slots are reused. ldmatrix also checks its rows' 16-byte alignment. mma.sync's sums
+// are float32 sums of exact products in k order (the hardware's own order and rounding of partial
+// sums are not emulated).
+namespace ptx {
 
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-enum layout_t { mem_row_major };
-namespace precision {
-struct tf32 {};  // float32 storage; __float_to_tf32 rounds the values that mma_sync takes
-}  // namespace precision
-
-// TF32: float32 with a 10-bit mantissa, rounded to nearest with ties away from zero (cvt.rna).
-inline float __float_to_tf32(float v) {
-  if (!std::isfinite(v)) return v;
-  std::uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  bits = (bits + 0x1000u) & 0xFFFFE000u;
-  std::memcpy(&v, &bits, sizeof bits);
+inline std::uint16_t bits16(const void* row, int column) {
+  std::uint16_t v;
+  std::memcpy(&v, static_cast<const char*>(row) + 2 * column, 2);
   return v;
 }
 
-template <typename T>
-struct storage {
-  using type = T;
-};
-template <>
-struct storage<precision::tf32> {
-  using type = float;
-};
-
-// Whole tiles: A is M x K, B is K x N, the accumulator M x N; every thread holds all of it, as
-// num_elements values (the hardware spreads them over the warp's lanes).
-template <typename Use, int M, int N, int K>
-struct tile_shape {
-  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
-  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
-};
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && (K == 16 || (K == 8 && std::is_same_v<T, precision::tf32>) ||
-                                       std::is_same_v<Use, accumulator>),
-                "emulated wmma: 16x16x16, or 16x16x8 for TF32");
-  using shape = tile_shape<Use, M, N, K>;
-  static constexpr int rows = shape::rows, cols = shape::cols, num_elements = rows * cols;
-  typename storage<T>::type x[num_elements];
-};
-
-template <typename T>
-void check_operand(const T* p, unsigned ldm, const char* what) {
-  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0) {
-    throw std::runtime_error(std::string("emulated wmma: ") + what + " pointer not 256-bit aligned");
+inline const void* posted_row(const emulated_cuda::WarpSlot* slots, int lane) {
+  const void* row = slots[lane].address;
+  if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) {
+    throw std::runtime_error("emulated ldmatrix: a row address not 16-byte aligned");
   }
-  if (ldm % (16 / sizeof(T)) != 0) {
-    throw std::runtime_error(std::string("emulated wmma: ") + what + " ldm not a multiple of 16 bytes");
-  }
+  return row;
 }
 
-template <typename Use, int K, typename T, typename S>
-void load_matrix_sync(fragment<Use, 16, 16, K, T, row_major>& f, const S* p, unsigned ldm) {
-  static_assert(std::is_same_v<typename storage<T>::type, S>, "emulated wmma: loads from the fragment's storage type");
-  check_operand(p, ldm, "load_matrix_sync");
-  using F = fragment<Use, 16, 16, K, T, row_major>;
-  for (int r = 0; r < F::rows; ++r) {
-    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = p[r * ldm + c];
-  }
-}
-
-template <int K>
-void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float v) {
-  for (float& e : f.x) e = v;
-}
-
-// float32 sums of exact products (half, bfloat16 and TF32 values have at most 11 significant bits).
-template <int K, typename T>
-void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, row_major>& a,
-              const fragment<matrix_b, 16, 16, K, T, row_major>& b, const fragment<accumulator, 16, 16, K, float>& c) {
-  if (emulated_cuda::lane() != 0) return;  // lane 0 holds the warp's result
-  for (int i = 0; i < 16; ++i) {
-    for (int j = 0; j < 16; ++j) {
-      float sum = c.x[i * 16 + j];
-      for (int k = 0; k < K; ++k) sum += static_cast<float>(a.x[i * K + k]) * static_cast<float>(b.x[k * 16 + j]);
-      d.x[i * 16 + j] = sum;
+inline void ldmatrix_x4_any(std::uint32_t (&r)[4], const void* row, bool transposed) {
+  emulated_cuda::WarpSlot* slots = emulated_cuda::Residents::warp_slots();
+  const int l = emulated_cuda::lane();
+  slots[l].address = row;
+  emulated_cuda::Residents::wait_for_warp();
+  for (int i = 0; i < 4; ++i) {
+    const int g = l / 4, t = l % 4;
+    std::uint32_t lo, hi;
+    if (transposed) {  // column g, rows 2t and 2t+1
+      lo = bits16(posted_row(slots, 8 * i + 2 * t), g);
+      hi = bits16(posted_row(slots, 8 * i + 2 * t + 1), g);
+    } else {  // row g, columns 2t and 2t+1
+      lo = bits16(posted_row(slots, 8 * i + g), 2 * t);
+      hi = bits16(posted_row(slots, 8 * i + g), 2 * t + 1);
     }
+    r[i] = lo | (hi << 16);
+  }
+  emulated_cuda::Residents::wait_for_warp();
+}
+
+inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) { ldmatrix_x4_any(r, row, false); }
+inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) { ldmatrix_x4_any(r, row, true); }
+
+// The value of element `half` (0: low) of register bits, as float: W is __half, __nv_bfloat16, or
+// float (TF32: the whole register).
+template <typename W>
+float element(std::uint32_t bits, int half) {
+  if constexpr (std::is_same_v<W, float>) {
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  } else {
+    return static_cast<float>(W(static_cast<std::uint16_t>(half ? bits >> 16 : bits & 0xFFFFu), W::from_bits()));
   }
 }
 
-template <int K>
-void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm, layout_t) {
-  check_operand(p, ldm, "store_matrix_sync");
-  if (emulated_cuda::lane() != 0) return;
-  for (int r = 0; r < 16; ++r) {
-    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+// d += a·b for the warp's tile. kK = 16 (16-bit W, two values a register) or 8 (TF32, one).
+template <typename W, int kK>
+void emulated_mma(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  emulated_cuda::WarpSlot* slots = emulated_cuda::Residents::warp_slots();
+  const int l = emulated_cuda::lane();
+  for (int i = 0; i < 4; ++i) slots[l].regs[i] = a[i];
+  slots[l].regs[4] = b0;
+  slots[l].regs[5] = b1;
+  emulated_cuda::Residents::wait_for_warp();
+  constexpr int kPerReg = kK == 16 ? 2 : 1, kHalfK = kK / 2;  // k per register; k of a register pair
+  const auto A = [&](int row, int k) {  // lane (row % 8)*4 + (k % kHalfK)/kPerReg; register row/8 + 2*(k/kHalfK)
+    const std::uint32_t bits = slots[(row % 8) * 4 + (k % kHalfK) / kPerReg].regs[row / 8 + 2 * (k / kHalfK)];
+    return element<W>(bits, k % kPerReg);
+  };
+  const auto B = [&](int k, int n) {  // lane n*4 + (k % kHalfK)/kPerReg; register 4 + k/kHalfK
+    const std::uint32_t bits = slots[n * 4 + (k % kHalfK) / kPerReg].regs[4 + k / kHalfK];
+    return element<W>(bits, k % kPerReg);
+  };
+  const int g = l / 4, t = l % 4;
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+    float sum = d[i];
+    for (int k = 0; k < kK; ++k) sum += A(row, k) * B(k, col);
+    out[i] = sum;
   }
+  emulated_cuda::Residents::wait_for_warp();
+  for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
-}  // namespace wmma
-}  // namespace nvcuda
+template <typename W>
+void mma_m16n8k16(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  emulated_mma<W, 16>(d, a, b0, b1);
+}
+inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  emulated_mma<float, 8>(d, a, b0, b1);
+}
+
+// cvt.rna.tf32.f32: to nearest, ties away from zero, 13 low bits cleared; NaN and infinities kept.
+inline std::uint32_t to_tf32(float v) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  if (std::isfinite(v)) bits = (bits + 0x1000u) & 0xFFFFE000u;
+  return bits;
+}
+
+}  // namespace ptx

@@ -10,7 +10,7 @@
 
 #include "emulated_cuda.h"
 // After the shim: the kernels need its CUDA names.
-#include "cuda/step_loops.cuh"
+#include "cuda/persistent_loops.cuh"  // and step_loops.cuh
 
 namespace fused_rnn {
 namespace {
@@ -25,6 +25,23 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
 int emulated_rows_per_block = 0;
 
 int multiprocessor_count() { return emulated_multiprocessors; }
+
+// A block's shared memory on an H100 (227 KB), which bounds the blocks a cooperative launch may
+// have with the SM count: so the automatic choice of the persistent kernel is tested with the
+// numbers it meets on one.
+constexpr size_t kEmulatedSharedBytesPerSm = 227 * 1024;
+
+template <typename Args>
+void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes, const Args& args) {
+  emulated_cuda::cooperative_capacity = static_cast<long>(cooperative_capacity(kernel, block, shared_bytes));
+  emulated_cuda::run_cooperative(grid, block, shared_bytes, [&] { kernel(args); });
+}
+
+template <typename Args>
+int64_t cooperative_capacity(void (*)(Args), dim3, size_t shared_bytes) {
+  if (shared_bytes > kEmulatedSharedBytesPerSm) return 0;
+  return static_cast<int64_t>(emulated_multiprocessors) * static_cast<int64_t>(kEmulatedSharedBytesPerSm / shared_bytes);
+}
 int forced_rows_per_block() { return emulated_rows_per_block; }
 
 // The cell's kGates and kSaved, named by its id.
@@ -141,6 +158,31 @@ struct ChosenRows {
   }
 };
 
+// Whether the forward of a padded layer (batch B, hidden H, proj_size or 0) takes the persistent
+// kernel on `sms` SMs (persistent_wanted, FUSED_RNN_CUDA_PERSISTENT included).
+template <typename Cell>
+struct PersistentChoice {
+  static void run(const LayerShape& s, bool& chosen) { chosen = persistent_wanted<Cell>(s); }
+};
+
+bool persistent_chosen(int64_t cell, int64_t B, int64_t H, int64_t proj, bool float64, int64_t sms) {
+  LayerShape s;
+  s.cell = static_cast<CellKind>(cell);
+  dispatch_cell<CellConstants, float>(s.cell, s.gates, s.saved_per_unit);
+  s.T = 1, s.B = B, s.N = B, s.I = 0, s.H = H, s.P = proj ? proj : H, s.proj = proj > 0;
+  s.outputs_in_saved = false;
+  s.batch_sizes = {B};
+  s.offsets = {0};
+  emulated_multiprocessors = static_cast<int>(sms);
+  bool chosen = false;
+  if (float64) {
+    dispatch_cell<PersistentChoice, double>(s.cell, s, chosen);
+  } else {
+    dispatch_cell<PersistentChoice, float>(s.cell, s, chosen);
+  }
+  return chosen;
+}
+
 int64_t chosen_rows_per_block(const std::string& kernel, int64_t cell, int64_t n, int64_t H, int64_t P,
                               bool float64, int64_t sms) {
   int64_t rows = 0;
@@ -161,4 +203,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_blocks_descending", [](bool descending) { emulated_cuda::blocks_descending = descending; });
   m.def("set_rows_per_block", [](int64_t rows) { fused_rnn::emulated_rows_per_block = static_cast<int>(rows); });
   m.def("chosen_rows_per_block", &fused_rnn::chosen_rows_per_block);
+  m.def("persistent_chosen", &fused_rnn::persistent_chosen);
 }
