@@ -9,6 +9,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -67,6 +68,10 @@ int64_t cooperative_capacity(void (*kernel)(Args), dim3 block, size_t shared_byt
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &per_sm, reinterpret_cast<const void*>(kernel), static_cast<int>(block.x * block.y * block.z), shared_bytes));
   return static_cast<int64_t>(per_sm) * props->multiProcessorCount;
+}
+
+bool capturing_a_graph() {
+  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 }
 
 int forced_rows_per_block() {  // read per call, so that a benchmark can switch it between runs

@@ -22,9 +22,9 @@
 //
 // The includer provides, besides step_loops.cuh's names, the device functions
 // dynamic_shared_memory() (the block's extern __shared__ bytes) and grid_sync() (a barrier over
-// the whole grid) before it includes this file, and defines launch_cooperative() and
+// the whole grid) before it includes this file, and defines launch_cooperative(),
 // cooperative_capacity() (how many blocks of a kernel with this much dynamic shared memory can be
-// resident at once), declared below.
+// resident at once) and capturing_a_graph(), declared below.
 #pragma once
 
 #include <cstdlib>
@@ -37,6 +37,7 @@ namespace {
 
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes, const Args& args);
+bool capturing_a_graph();  // whether the current stream is being captured into a CUDA graph
 template <typename Args>
 int64_t cooperative_capacity(void (*kernel)(Args), dim3 block, size_t shared_bytes);
 
@@ -55,8 +56,9 @@ struct PersistentArgs {
   T* c;                        // LSTM: [B, H] in place, else null
   T* saved;                    // [N, K] or null
   int64_t K;
-  const int64_t* batch_sizes;  // on the device, [T]
-  const int64_t* offsets;      // on the device, [T]
+  int64_t rows;                // a padded sequence: every step's rows (the tables are not read), else 0
+  const int64_t* batch_sizes;  // packed: on the device, [T]
+  const int64_t* offsets;      // packed: on the device, [T]
   int64_t steps, H, P;         // steps = T
   bool reverse;
 };
@@ -98,12 +100,13 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
 
   for (int64_t step = 0; step < a.steps; ++step) {
     const int64_t t = a.reverse ? a.steps - 1 - step : step;
-    const int64_t n = a.batch_sizes[t], off = a.offsets[t];
-    // Predecessor (layer.h) of step t, from the device's copy of batch_sizes and offsets.
+    const int64_t n = a.rows ? a.rows : a.batch_sizes[t], off = a.rows ? t * a.rows : a.offsets[t];
+    // Predecessor (layer.h) of step t, from the step tables (or the padded sequence's shape).
     const int64_t before = a.reverse ? t + 1 : t - 1;
     const bool has_before = before >= 0 && before < a.steps;
-    const Predecessor pred = has_before ? Predecessor{n < a.batch_sizes[before] ? n : a.batch_sizes[before],
-                                                      a.offsets[before]}
+    const int64_t rows_before = !has_before ? 0 : a.rows ? a.rows : a.batch_sizes[before];
+    const Predecessor pred = has_before ? Predecessor{n < rows_before ? n : rows_before,
+                                                      a.rows ? before * a.rows : a.offsets[before]}
                                         : Predecessor{0, 0};
     ForwardArgs<T, T> cell;  // what finish_unit needs of this step
     cell.h_prev = StateRows<T>{pred, a.y, a.h0, P};
@@ -182,10 +185,16 @@ int persistent_override() {
 // L2 round trip for h, a quarter of P per warp, a grid barrier of about 1.5 µs: 2.5-4 µs by the
 // model of bench/GPU_NOTES.md), against the per-step kernels' 16 L2 round trips and a launch (about
 // 5 µs); beyond, the passes add up, and the per-step kernels spread the rows over more SMs.
+// Every step has all B rows (a padded sequence).
+inline bool all_steps_full(const LayerShape& s) {
+  return std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(), [&](int64_t n) { return n == s.B; });
+}
+
 template <typename Cell>
 bool persistent_wanted(const LayerShape& s) {
   const int override_choice = persistent_override();
   if (override_choice == 0 || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
+  if (!all_steps_full(s) && capturing_a_graph()) return false;  // its step tables' copy cannot be captured
   const int64_t blocks = (s.H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
   const size_t shared = persistent_shared_bytes<typename Cell::scalar_t>(s.P);
   const bool fits = blocks <= cooperative_capacity(&persistent_forward_kernel<Cell>, dim3(kTileUnits, kWarps), shared);
@@ -200,10 +209,14 @@ struct PersistentForwardLoop {
                   Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kPersistentUnits<Cell::kGates>);
-    Tensor steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong));
-    std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
-    std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
-    steps = steps.to(gx.device());
+    const bool padded = all_steps_full(s);
+    Tensor steps;  // a packed sequence's tables, copied to the device (not while capturing a graph)
+    if (!padded) {
+      steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong));
+      std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
+      std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
+      steps = steps.to(gx.device());
+    }
     PersistentArgs<T> a;
     a.w_tiles = w_tiles.const_data_ptr<T>();
     a.gx = gx.const_data_ptr<T>();
@@ -213,8 +226,9 @@ struct PersistentForwardLoop {
     a.c = c.defined() ? c.data_ptr<T>() : nullptr;
     a.saved = saved.defined() ? saved.data_ptr<T>() : nullptr;
     a.K = saved.defined() ? s.saved_cols() : 0;
-    a.batch_sizes = steps.const_data_ptr<int64_t>();
-    a.offsets = a.batch_sizes + s.T;
+    a.rows = padded ? s.B : 0;
+    a.batch_sizes = padded ? nullptr : steps.const_data_ptr<int64_t>();
+    a.offsets = padded ? nullptr : a.batch_sizes + s.T;
     a.steps = s.T;
     a.H = H;
     a.P = P;

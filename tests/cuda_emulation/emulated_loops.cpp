@@ -37,6 +37,8 @@ void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shar
   emulated_cuda::run_cooperative(grid, block, shared_bytes, [&] { kernel(args); });
 }
 
+bool capturing_a_graph() { return false; }
+
 template <typename Args>
 int64_t cooperative_capacity(void (*)(Args), dim3, size_t shared_bytes) {
   if (shared_bytes > kEmulatedSharedBytesPerSm) return 0;
