@@ -31,6 +31,8 @@ struct LayerShape {
   bool outputs_in_saved;  // half types: a float32 copy of y is kept in `saved` (y itself is rounded)
   std::vector<int64_t> batch_sizes;
   std::vector<int64_t> offsets;  // first row of each step
+  int64_t rows(int64_t t) const { return batch_sizes[t]; }
+  int64_t first_row(int64_t t) const { return offsets[t]; }
 
   // Columns of the [N, saved_cols] tensor that forward keeps for backward:
   // [cell's saved values (kSaved*H) | LSTM with projection: o*tanh(c_t) (H) | half types: y (P)].
@@ -57,10 +59,33 @@ struct Predecessor {
     return b < carried ? before + (first + b) * before_ld : initial + b * initial_ld;
   }
 };
-inline Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) {
+// Of step t of T, from a table of steps: anything with rows(t) (batch_sizes[t]) and first_row(t)
+// (offsets[t]): LayerShape on the host, the persistent kernel's arguments on the device.
+template <typename Steps>
+C10_HOST_DEVICE Predecessor predecessor(const Steps& steps, int64_t T, bool reverse, int64_t t) {
   const int64_t before = reverse ? t + 1 : t - 1;
-  if (before < 0 || before >= s.T) return {0, 0};
-  return {std::min(s.batch_sizes[t], s.batch_sizes[before]), s.offsets[before]};
+  if (before < 0 || before >= T) return {0, 0};
+  const int64_t n = steps.rows(t), n_before = steps.rows(before);
+  return {n < n_before ? n : n_before, steps.first_row(before)};
+}
+inline Predecessor predecessor(const LayerShape& s, bool reverse, int64_t t) { return predecessor(s, s.T, reverse, t); }
+
+// Where h_n lies: rows [row, row + rows) of the final state are rows [source, source + rows) of
+// the outputs, their sequences' last step in the walk (the rows of step t that the next step in
+// the walk no longer has; every row at the walk's last step). One run for a padded sequence; for
+// a packed one, one per step where the batch shrinks (forward direction).
+struct FinalRun {
+  int64_t row, rows, source;
+};
+inline std::vector<FinalRun> final_runs(const LayerShape& s, bool reverse) {
+  std::vector<FinalRun> runs;
+  for (int64_t step = 0; step < s.T; ++step) {
+    const int64_t t = reverse ? s.T - 1 - step : step;
+    const int64_t n = s.batch_sizes[t];
+    const int64_t next = step + 1 < s.T ? s.batch_sizes[reverse ? t - 1 : t + 1] : 0;
+    if (next < n) runs.push_back({next, n - next, s.offsets[t] + next});
+  }
+  return runs;
 }
 
 // Rows whose h_{t-1} lie in one block: rows [row, row + rows) of the packed sequence take theirs

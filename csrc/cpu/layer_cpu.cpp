@@ -440,13 +440,8 @@ struct ForwardLoop {
       }
     });
 
-    // h_n: a row's output at its sequence's last step (for the reverse direction, step 0).
-    for (int64_t t = 0; t < s.T; ++t) {
-      const int64_t ends_from = reverse ? 0 : (t + 1 < s.T ? s.batch_sizes[t + 1] : 0);
-      const int64_t ends_to = reverse ? (t == 0 ? s.batch_sizes[0] : 0) : s.batch_sizes[t];
-      if (ends_to > ends_from) {
-        std::memcpy(h_p + ends_from * P, y_p + (s.offsets[t] + ends_from) * P, (ends_to - ends_from) * P * sizeof(T));
-      }
+    for (const FinalRun& run : final_runs(s, reverse)) {  // h_n
+      std::memcpy(h_p + run.row * P, y_p + run.source * P, run.rows * P * sizeof(T));
     }
   }
 };

@@ -11,14 +11,13 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdlib>
 
 #include "mma_ptx.cuh"
-
-#include <cooperative_groups.h>
 
 // What persistent_loops.cuh asks of its includer on the device.
 __device__ __forceinline__ unsigned char* dynamic_shared_memory() {

@@ -56,11 +56,15 @@ struct PersistentArgs {
   T* c;                        // LSTM: [B, H] in place, else null
   T* saved;                    // [N, K] or null
   int64_t K;
-  int64_t rows;                // a padded sequence: every step's rows (the tables are not read), else 0
+  int64_t rows_all;            // a padded sequence: every step's rows (the tables are not read), else 0
   const int64_t* batch_sizes;  // packed: on the device, [T]
   const int64_t* offsets;      // packed: on the device, [T]
   int64_t steps, H, P;         // steps = T
   bool reverse;
+
+  // The step table, as predecessor() (layer.h) reads it.
+  __device__ __forceinline__ int64_t rows(int64_t t) const { return rows_all ? rows_all : batch_sizes[t]; }
+  __device__ __forceinline__ int64_t first_row(int64_t t) const { return rows_all ? t * rows_all : offsets[t]; }
 };
 
 // The rows of the resident slice: k rounded up to whole chunks of kTileK.
@@ -100,16 +104,9 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
 
   for (int64_t step = 0; step < a.steps; ++step) {
     const int64_t t = a.reverse ? a.steps - 1 - step : step;
-    const int64_t n = a.rows ? a.rows : a.batch_sizes[t], off = a.rows ? t * a.rows : a.offsets[t];
-    // Predecessor (layer.h) of step t, from the step tables (or the padded sequence's shape).
-    const int64_t before = a.reverse ? t + 1 : t - 1;
-    const bool has_before = before >= 0 && before < a.steps;
-    const int64_t rows_before = !has_before ? 0 : a.rows ? a.rows : a.batch_sizes[before];
-    const Predecessor pred = has_before ? Predecessor{n < rows_before ? n : rows_before,
-                                                      a.rows ? before * a.rows : a.offsets[before]}
-                                        : Predecessor{0, 0};
+    const int64_t n = a.rows(t), off = a.first_row(t);
     ForwardArgs<T, T> cell;  // what finish_unit needs of this step
-    cell.h_prev = StateRows<T>{pred, a.y, a.h0, P};
+    cell.h_prev = StateRows<T>{predecessor(a, a.steps, a.reverse, t), a.y, a.h0, P};
     cell.gx = a.gx + off * GH;
     cell.b_hn = a.b_hn;
     cell.c = a.c;
@@ -122,19 +119,9 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
     cell.P = P;
 
     for (int64_t row0 = 0; row0 < n; row0 += R) {  // the same for the whole block
-      for (int64_t e0 = tid; e0 < R * Pk; e0 += kThreads * kPersistentInFlight) {
-        T v[kPersistentInFlight];
-#pragma unroll
-        for (int i = 0; i < kPersistentInFlight; ++i) {
-          const int64_t e = e0 + i * kThreads, b = row0 + e / Pk, k = e % Pk;
-          v[i] = e < R * Pk && b < n && k < P ? cell.h_prev(b)[k] : T(0);
-        }
-#pragma unroll
-        for (int i = 0; i < kPersistentInFlight; ++i) {
-          const int64_t e = e0 + i * kThreads;
-          if (e < R * Pk) h_s[e] = v[i];
-        }
-      }
+      stage_rows_grouped<R, kPersistentInFlight, kThreads>(h_s, static_cast<int>(Pk), cell.h_prev, row0, n, 0,
+                                                          static_cast<int>(Pk), P, tid,
+                                                          [](T v) { return v; });
       __syncthreads();
       T acc[R] = {};
 #pragma unroll 4
@@ -176,28 +163,33 @@ int persistent_override() {
   return std::string(value) == "0" ? 0 : 1;
 }
 
-// Whether the persistent forward runs this layer. It can where there is no projection and every
-// block of the grid fits on the GPU at once (cooperative_capacity, with the slice's shared memory:
-// on an H100's 132 SMs and 227 KB a block, LSTM float32 up to H = 1024, where 128 blocks hold
-// 128 KB each; GRU up to 1320 by the grid; RNN up to about 1760 by the shared memory, 128 bytes a
-// k; float64 about half those P). It is wanted
-// (by default) while the batch is at most 8: a step is then about one pass of 4 rows per 4 (an
-// L2 round trip for h, a quarter of P per warp, a grid barrier of about 1.5 µs: 2.5-4 µs by the
-// model of bench/GPU_NOTES.md), against the per-step kernels' 16 L2 round trips and a launch (about
-// 5 µs); beyond, the passes add up, and the per-step kernels spread the rows over more SMs.
 // Every step has all B rows (a padded sequence).
 inline bool all_steps_full(const LayerShape& s) {
   return std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(), [&](int64_t n) { return n == s.B; });
 }
 
 template <typename Cell>
+int64_t persistent_blocks(int64_t H) {
+  return (H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
+}
+
+// Whether the persistent forward runs this layer. It can where there is no projection and every
+// block of the grid fits on the GPU at once (cooperative_capacity, with the block's shared memory,
+// 144 bytes a k in float32: on an H100's 132 SMs and 227 KB a block, LSTM up to H = 1024, where 128
+// blocks hold 146 KB each; GRU up to 1320 by the grid; RNN up to about 1600 by the shared memory;
+// float64 about half those P). It is wanted (by default) while the batch is at most 8: a step is
+// then one or two passes of 4 rows (an L2 round trip for h, a quarter of P per warp) and a grid
+// barrier of about 1.5 µs, 2.5-4 µs by the model of bench/GPU_NOTES.md, against the per-step
+// kernels' 16 L2 round trips and a launch (about 5 µs); beyond, the passes add up, and the per-step
+// kernels spread the rows over more SMs.
+template <typename Cell>
 bool persistent_wanted(const LayerShape& s) {
   const int override_choice = persistent_override();
   if (override_choice == 0 || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
   if (!all_steps_full(s) && capturing_a_graph()) return false;  // its step tables' copy cannot be captured
-  const int64_t blocks = (s.H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
   const size_t shared = persistent_shared_bytes<typename Cell::scalar_t>(s.P);
-  const bool fits = blocks <= cooperative_capacity(&persistent_forward_kernel<Cell>, dim3(kTileUnits, kWarps), shared);
+  const bool fits =
+      persistent_blocks<Cell>(s.H) <= cooperative_capacity(&persistent_forward_kernel<Cell>, dim3(kTileUnits, kWarps), shared);
   return fits && (override_choice == 1 || s.B <= 8);
 }
 
@@ -226,17 +218,16 @@ struct PersistentForwardLoop {
     a.c = c.defined() ? c.data_ptr<T>() : nullptr;
     a.saved = saved.defined() ? saved.data_ptr<T>() : nullptr;
     a.K = saved.defined() ? s.saved_cols() : 0;
-    a.rows = padded ? s.B : 0;
+    a.rows_all = padded ? s.B : 0;
     a.batch_sizes = padded ? nullptr : steps.const_data_ptr<int64_t>();
     a.offsets = padded ? nullptr : a.batch_sizes + s.T;
     a.steps = s.T;
     a.H = H;
     a.P = P;
     a.reverse = reverse;
-    const int64_t blocks = (H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
-    launch_cooperative(&persistent_forward_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kTileUnits, kWarps),
-                       persistent_shared_bytes<T>(P), a);
-    ForwardLoop<Cell, T>::copy_final_state(s, reverse, y, h);
+    launch_cooperative(&persistent_forward_kernel<Cell>, dim3(static_cast<unsigned>(persistent_blocks<Cell>(H))),
+                       dim3(kTileUnits, kWarps), persistent_shared_bytes<T>(P), a);
+    copy_final_state(s, reverse, y, h);
   }
 };
 

@@ -187,6 +187,32 @@ struct MatrixChunk {
   }
 };
 
+// Rows [row0, row0 + kRows) and columns [col0, col0 + cols) of a [rows, width] matrix whose row r
+// lies at rows_of(r), through convert() into dst with row pitch `pitch`; zeros past `rows` and
+// `width`. For tiles too large to hold in registers whole (MatrixChunk): kGroup loads a thread are
+// in flight before their stores, one memory round trip per kThreads * kGroup elements.
+template <int kRows, int kGroup, int kThreads, typename Rows, typename Dst, typename Convert>
+__device__ __forceinline__ void stage_rows_grouped(Dst* dst, int pitch, const Rows& rows_of, int64_t row0,
+                                                   int64_t rows, int64_t col0, int cols, int64_t width, int tid,
+                                                   const Convert& convert) {
+  using T = std::remove_cv_t<std::remove_reference_t<decltype(rows_of(0)[0])>>;
+  const int elems = kRows * cols;  // a shared-memory tile's, so an int
+  for (int e0 = tid; e0 < elems; e0 += kThreads * kGroup) {
+    T v[kGroup];
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+      const int e = e0 + i * kThreads;
+      const int64_t b = row0 + e / cols, k = col0 + e % cols;
+      v[i] = e < elems && b < rows && k < width ? rows_of(b)[k] : T(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+      const int e = e0 + i * kThreads;
+      if (e < elems) dst[(e / cols) * pitch + e % cols] = convert(v[i]);
+    }
+  }
+}
+
 // Grid: x over row tiles, y over unit tiles.
 dim3 step_grid(int64_t n, int64_t H, int rows_per_block, int units_per_block) {
   const int64_t row_tiles = (n + rows_per_block - 1) / rows_per_block;
@@ -604,23 +630,10 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     WeightChunk<kChunk, kCols, kWPitch, kBlockThreads, W> w_chunk;
     w_chunk.load(slab, k0, P, tid);  // every load of the chunk in flight before the first store
     w_chunk.store(w_s, tid);
-    // h, rounded to the operand type as it is staged: kHGroup loads in flight before their stores
-    // (a whole chunk's would take 128 registers a thread in the 32-thread Elman kernels).
-    constexpr int kHElems = kRows * kChunk, kHGroup = 8;
-    for (int e0 = tid; e0 < kHElems; e0 += kBlockThreads * kHGroup) {
-      float v[kHGroup];
-#pragma unroll
-      for (int i = 0; i < kHGroup; ++i) {
-        const int e = e0 + i * kBlockThreads, r = e / kChunk, kk = e % kChunk;
-        const int64_t b = row0 + r, k = k0 + kk;
-        v[i] = (e < kHElems && b < n && k < P) ? a.h_prev(b)[k] : 0.0f;
-      }
-#pragma unroll
-      for (int i = 0; i < kHGroup; ++i) {
-        const int e = e0 + i * kBlockThreads;
-        if (e < kHElems) h_s[(e / kChunk) * kHPitch + e % kChunk] = Operand::round(v[i]);
-      }
-    }
+    // h, rounded to the operand type as it is staged, 8 loads a thread in flight (a whole chunk's
+    // would take 128 registers a thread in the 32-thread Elman kernels).
+    stage_rows_grouped<kRows, 8, kBlockThreads>(h_s, kHPitch, a.h_prev, row0, n, k0, kChunk, P, tid,
+                                                [](float v) { return Operand::round(v); });
     __syncthreads();
     // Zero padding past P in both operands adds exact zeros; the k order is fixed.
 #pragma unroll
@@ -683,6 +696,14 @@ void launch_tensor_core_step(const ForwardArgs<float, typename MmaOperand<Op>::s
   const int v = tensor_core_forward_variant<Cell, Op>(a, sms);
   launch(kernels[v], step_grid(a.n, a.H, kTensorCoreCosts<Op, Cell::kGates>[v].rows_per_block, kMmaUnits),
          dim3(32 * Cell::kGates), a);
+}
+
+// h_n from the outputs, run by run (final_runs, layer.h): one copy for a padded sequence. c_n is
+// already in place: the kernels update c row by row and leave the rows of ended sequences alone.
+inline void copy_final_state(const LayerShape& s, bool reverse, const Tensor& y, Tensor& h) {
+  for (const FinalRun& run : final_runs(s, reverse)) {
+    h.narrow(0, run.row, run.rows).copy_(y.narrow(0, run.source, run.rows));
+  }
 }
 
 // The type W_hh is stored in for the loop's kernel: the cell's own (CUDA cores), else MmaOperand's.
@@ -766,19 +787,6 @@ struct ForwardLoop {
       }
     }
     copy_final_state(s, reverse, y, h);
-  }
-
-  // h_n: each row's output at its sequence's last step, where rows [next, n) of step t end (next:
-  // the rows of the following step in the walk, 0 after the last). One copy for a padded sequence;
-  // for a packed one, one per step where the batch shrinks. c_n is already in place: the kernels
-  // update c row by row and leave the rows of ended sequences alone.
-  static void copy_final_state(const LayerShape& s, bool reverse, const Tensor& y, Tensor& h) {
-    for (int64_t step = 0; step < s.T; ++step) {
-      const int64_t t = reverse ? s.T - 1 - step : step;
-      const int64_t n = s.batch_sizes[t];
-      const int64_t next = step + 1 < s.T ? s.batch_sizes[reverse ? t - 1 : t + 1] : 0;
-      if (next < n) h.narrow(0, next, n - next).copy_(y.narrow(0, s.offsets[t] + next, n - next));
-    }
   }
 };
 

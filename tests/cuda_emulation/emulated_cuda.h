@@ -5,7 +5,7 @@
 //    threadIdx / blockIdx / blockDim / gridDim set for each. Blocks of one launch must not depend
 //    on each other: the two orders give the same results only when they don't. A cooperative
 //    launch (run_cooperative) has every block resident at once, with grid_sync() a barrier over
-//    all of their threads, and fails beyond cooperative_capacity blocks;
+//    all of their threads, and fails beyond the blocks that can be resident;
 //  - each thread runs until it waits at a barrier or returns, the threads in order: as far out of
 //    step with each other as a barrier allows, so that a missing barrier shows as wrong values
 //    (a thread reads shared memory that the others have not yet written, or overwrites what they
@@ -249,7 +249,6 @@ class Residents {
 };
 
 inline bool blocks_descending = false;
-inline long cooperative_capacity = 1L << 30;  // the blocks that a cooperative launch may have
 
 inline dim3 block_index(dim3 grid, unsigned long linear) {
   return dim3(linear % grid.x, linear / grid.x % grid.y, linear / grid.x / grid.y);
@@ -266,18 +265,18 @@ inline std::vector<dim3> blocks_in_order(dim3 grid) {
 // Runs body() as every thread of every block of the grid, the blocks one after another;
 // rethrows the first exception of any thread.
 template <typename Body>
-void run_grid(dim3 grid, dim3 block, const Body& body, std::size_t shared_bytes = 0) {
+void run_grid(dim3 grid, dim3 block, const Body& body) {
   static thread_local Residents residents;  // its fibers' stacks serve every launch
-  for (const dim3& b : blocks_in_order(grid)) residents.run(grid, {b}, block, shared_bytes, body);
+  for (const dim3& b : blocks_in_order(grid)) residents.run(grid, {b}, block, 0, body);
 }
 
 // A cooperative launch: every block resident at once (the launch fails, as on a GPU, if the grid
-// has more blocks than cooperative_capacity).
+// has more blocks than `capacity`, the blocks that can be resident at once).
 template <typename Body>
-void run_cooperative(dim3 grid, dim3 block, std::size_t shared_bytes, const Body& body) {
+void run_cooperative(dim3 grid, dim3 block, std::size_t shared_bytes, long capacity, const Body& body) {
   static thread_local Residents residents;
   const std::vector<dim3> order = blocks_in_order(grid);
-  if (static_cast<long>(order.size()) > cooperative_capacity) {
+  if (static_cast<long>(order.size()) > capacity) {
     throw std::runtime_error("emulated CUDA: a cooperative launch with more blocks than can be resident");
   }
   residents.run(grid, order, block, shared_bytes, body);

@@ -33,8 +33,8 @@ constexpr size_t kEmulatedSharedBytesPerSm = 227 * 1024;
 
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes, const Args& args) {
-  emulated_cuda::cooperative_capacity = static_cast<long>(cooperative_capacity(kernel, block, shared_bytes));
-  emulated_cuda::run_cooperative(grid, block, shared_bytes, [&] { kernel(args); });
+  const long capacity = static_cast<long>(cooperative_capacity(kernel, block, shared_bytes));
+  emulated_cuda::run_cooperative(grid, block, shared_bytes, capacity, [&] { kernel(args); });
 }
 
 bool capturing_a_graph() { return false; }
