@@ -9,7 +9,8 @@ Per shape (cell, B, H, dtype): one layer, T steps, forward (inference) and forwa
 FUSED_RNN_CUDA_UNFUSED_BACKWARD's path for training (the cell kernel + cuBLAS per step); float32
 with torch.backends.cudnn.allow_tf32 on (TF32 tensor cores, ours and cuDNN's) and off (exact), and
 there each step-kernel variant forced (FUSED_RNN_CUDA_ROWS_PER_BLOCK) beside the cost model's pick,
-so that the first GPU run checks the model's choice. Writes one JSON record (device, torch, TF32
+so that the first GPU run checks the model's choice, and the persistent kernels (forward, and
+forward + backward) against the per-step ones (FUSED_RNN_CUDA_PERSISTENT=1 / 0). Writes one JSON record (device, torch, TF32
 flags, rows) and prints a markdown table. On the CPU it runs
 tiny shapes, as a dry run of the script itself (no number from it means anything for a GPU).
 """
@@ -27,7 +28,8 @@ import fused_rnn
 # (cell, B, H, dtype): the models' shapes (GPU_NOTES.md, "Model"), I = H, one layer.
 GPU_SHAPES = [("LSTM", 64, 512, "float32"), ("LSTM", 8, 512, "float32"), ("LSTM", 1, 512, "float32"),
               ("LSTM", 64, 512, "bfloat16"), ("LSTM", 16, 768, "bfloat16"), ("GRU", 64, 512, "float32"),
-              ("LSTM", 64, 1024, "float32"), ("LSTM", 8, 256, "float32")]
+              ("LSTM", 64, 1024, "float32"), ("LSTM", 8, 256, "float32"),
+              ("LSTM", 1, 256, "float32"), ("LSTM", 1, 1024, "float32"), ("LSTM", 8, 1024, "float32")]
 CPU_SHAPES = [("LSTM", 2, 8, "float32"), ("GRU", 2, 8, "float32")]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -109,8 +111,10 @@ def _contenders(cell, batch, hidden, dtype, device, steps, tf32):
     if dtype == torch.float32 and not tf32:  # the per-step kernels against the persistent one
         runs[("inference", "fused, per-step kernels")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "0", inference(fused))
         runs[("inference", "fused, persistent")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1", inference(fused))
-        runs[("training", "fused, persistent forward")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1",
-                                                                    runs[("training", "fused")])
+        runs[("training", "fused, per-step kernels")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "0",
+                                                                  runs[("training", "fused")])
+        runs[("training", "fused, persistent")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1",
+                                                            runs[("training", "fused")])
     if dtype == torch.float32:
         rows = (64, 16) if tf32 else (16, 4, 1)  # the tensor-core variants, or the CUDA-core ones
         for r in rows:

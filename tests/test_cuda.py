@@ -228,10 +228,11 @@ def test_every_step_kernel_variant(kind, rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_forward(kind, dtype, monkeypatch):
-    """FUSED_RNN_CUDA_PERSISTENT=1: the forward in one cooperative launch (W_hh's slices resident in
-    shared memory, a grid barrier a step), packed and bidirectional, a batch above the default
-    rule's 64, and bitwise the same on a second run."""
+def test_persistent_kernels(kind, dtype, monkeypatch):
+    """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward each in one cooperative launch
+    (W_hh's slices resident in shared memory, a grid barrier a step), packed and bidirectional, a
+    batch above the default rule's 8, every output and gradient, and bitwise the same on a second
+    run."""
     I, H = 4, 70
     fused, ref = make_pair(kind, I, H, bidirectional=True, num_layers=2, dtype=dtype)
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")

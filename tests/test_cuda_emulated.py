@@ -17,6 +17,10 @@ The tensor-core forward kernel (float16, bfloat16, and float32 as TF32) runs her
 emulation of ldmatrix and mma.sync from the PTX ISA's fragment layouts, against the CPU op in
 float32 with the same rounded weights.
 
+The persistent kernels (csrc/cuda/persistent_loops.cuh: forward and backward, each a whole
+sequence in one cooperative launch) run here with every block resident at once and a grid barrier
+that releases one block at a time, in either block order.
+
 Not covered here: speed, and everything the GPU itself adds; tests/test_cuda.py runs on a GPU
 against cuDNN.
 """
@@ -350,11 +354,12 @@ def test_the_cost_model_picks_split_rows_for_small_batches(emulated):
         assert emulated.chosen_rows_per_block("backward", lstm, 1, 512, 512, False, SMS) == 1
 
 
-# --- the persistent forward (csrc/cuda/persistent_loops.cuh): one cooperative launch a sequence ---
+# --- the persistent kernels (csrc/cuda/persistent_loops.cuh): one cooperative launch a sequence ---
 
 @pytest.fixture
 def persistent(monkeypatch):
-    """FUSED_RNN_CUDA_PERSISTENT=1: the forward takes the persistent kernel wherever it can run."""
+    """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward take the persistent kernels wherever
+    they can run."""
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
 
 
@@ -365,7 +370,9 @@ def persistent(monkeypatch):
 def test_persistent_forward(emulated, persistent, kind, layout, reverse, dtype):
     """Every cell, padded and packed (steps that grow, shrink and empty), both directions; 37 units
     are 5 blocks of 8 (LSTM), 4 of 10 (GRU), 2 of 32 (RNN), the last one partial; 18 rows are five
-    4-row passes, the last one partial. The backward after it reads what it saved."""
+    4-row passes, the last one partial. The persistent backward after it reads what it saved: its
+    G*H gate rows split over 4 warps and S lanes a unit (LSTM 148 rows: 4 quarters of 37, rounded
+    up to 40 for S = 4)."""
     check_layer(emulated, Layer(kind, LAYOUTS[layout], dtype=dtype, seed=29), reverse, dtype=dtype)
 
 
@@ -389,16 +396,19 @@ def test_persistent_inference(emulated, persistent, kind):
 
 
 def test_persistent_bitwise_across_runs_and_block_orders(emulated, persistent):
-    """Every block resident at once, in either order: the same bits (a block reading another's
-    h_t before the grid barrier would see other values, or NaN)."""
+    """Every block resident at once, in either order: the same bits, forward and backward (a block
+    reading another's h_t or dG_t before the grid barrier would see other values, or NaN)."""
     for kind in CELLS:
         layer = Layer(kind, LAYOUTS["packed"], hidden=70, seed=41)
         for reverse in (False, True):
-            first = layer.emulated_forward(emulated, reverse)
-            again = layer.emulated_forward(emulated, reverse)
+            def both():
+                y, h, c, saved = forward = layer.emulated_forward(emulated, reverse)
+                return list(forward) + [g for g in layer.emulated_backward(emulated, reverse, y, saved)
+                                        if g is not None]
+            first, again = both(), both()
             emulated.set_blocks_descending(True)
             try:
-                flipped = layer.emulated_forward(emulated, reverse)
+                flipped = both()
             finally:
                 emulated.set_blocks_descending(False)
             for other in (again, flipped):
@@ -406,26 +416,66 @@ def test_persistent_bitwise_across_runs_and_block_orders(emulated, persistent):
 
 
 def test_persistent_choice(emulated, monkeypatch):
-    """Where the persistent kernel runs by default, on an H100's 132 SMs and 227 KB a block: LSTM
+    """Where the persistent forward runs by default, on an H100's 132 SMs and 227 KB a block: LSTM
     float32 up to H = 1024 (128 blocks of 8 units, 146 KB each; 1100 needs 138 blocks), not in
     float64 at H = 1024 (its slice needs 270 KB); GRU up to 132 blocks of 10 units, RNN up to
     227 KB of slice and rows; never with a projection, and only up to B = 8.
     FUSED_RNN_CUDA_PERSISTENT=1 lifts the batch rule, =0 turns it off."""
     lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
     monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
-    assert emulated.persistent_chosen(lstm, 8, 1024, 0, False, SMS)
-    assert not emulated.persistent_chosen(lstm, 8, 1100, 0, False, SMS)
-    assert not emulated.persistent_chosen(lstm, 8, 1024, 0, True, SMS)
-    assert emulated.persistent_chosen(lstm, 8, 512, 0, True, SMS)
-    assert not emulated.persistent_chosen(lstm, 8, 512, 256, False, SMS)
-    assert emulated.persistent_chosen(lstm, 8, 512, 0, False, SMS)
-    assert not emulated.persistent_chosen(lstm, 9, 512, 0, False, SMS)
-    assert emulated.persistent_chosen(gru, 1, 1300, 0, False, SMS)  # 130 blocks of 10
-    assert not emulated.persistent_chosen(gru, 1, 1340, 0, False, SMS)  # 134
-    assert emulated.persistent_chosen(rnn, 1, 1500, 0, False, SMS)  # 213 KB of slice and rows
-    assert not emulated.persistent_chosen(rnn, 1, 1700, 0, False, SMS)  # 245 KB
+    assert emulated.persistent_chosen("forward", lstm, 8, 1024, 0, False, SMS)
+    assert not emulated.persistent_chosen("forward", lstm, 8, 1100, 0, False, SMS)
+    assert not emulated.persistent_chosen("forward", lstm, 8, 1024, 0, True, SMS)
+    assert emulated.persistent_chosen("forward", lstm, 8, 512, 0, True, SMS)
+    assert not emulated.persistent_chosen("forward", lstm, 8, 512, 256, False, SMS)
+    assert emulated.persistent_chosen("forward", lstm, 8, 512, 0, False, SMS)
+    assert not emulated.persistent_chosen("forward", lstm, 9, 512, 0, False, SMS)
+    assert emulated.persistent_chosen("forward", gru, 1, 1300, 0, False, SMS)  # 130 blocks of 10
+    assert not emulated.persistent_chosen("forward", gru, 1, 1340, 0, False, SMS)  # 134
+    assert emulated.persistent_chosen("forward", rnn, 1, 1500, 0, False, SMS)  # 213 KB of slice and rows
+    assert not emulated.persistent_chosen("forward", rnn, 1, 1700, 0, False, SMS)  # 245 KB
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-    assert emulated.persistent_chosen(lstm, 256, 512, 0, False, SMS)
-    assert not emulated.persistent_chosen(lstm, 8, 1100, 0, False, SMS)  # still cannot run
+    assert emulated.persistent_chosen("forward", lstm, 256, 512, 0, False, SMS)
+    assert not emulated.persistent_chosen("forward", lstm, 8, 1100, 0, False, SMS)  # still cannot run
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
-    assert not emulated.persistent_chosen(lstm, 8, 512, 0, False, SMS)
+    assert not emulated.persistent_chosen("forward", lstm, 8, 512, 0, False, SMS)
+
+
+def test_persistent_backward_choice(emulated, monkeypatch):
+    """Where the persistent backward runs by default: W's columns [G*H][U] and 4 rows of dG a block,
+    192 bytes a unit in LSTM float32: LSTM up to H = 1056 (132 blocks of 8, 200 KB each), not 1064
+    (133 blocks); float64 to about half (512: 196 KB a block, 1024: 388 KB); GRU up to 1308 and
+    RNN up to 1600 by the shared memory; never with a projection, only up to B = 8; the
+    environment variable as for the forward."""
+    lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
+    monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
+    assert emulated.persistent_chosen("backward", lstm, 8, 1056, 0, False, SMS)
+    assert not emulated.persistent_chosen("backward", lstm, 8, 1064, 0, False, SMS)
+    assert emulated.persistent_chosen("backward", lstm, 8, 512, 0, True, SMS)
+    assert not emulated.persistent_chosen("backward", lstm, 8, 1024, 0, True, SMS)
+    assert not emulated.persistent_chosen("backward", lstm, 8, 512, 256, False, SMS)
+    assert not emulated.persistent_chosen("backward", lstm, 9, 512, 0, False, SMS)
+    assert emulated.persistent_chosen("backward", gru, 1, 1308, 0, False, SMS)
+    assert not emulated.persistent_chosen("backward", gru, 1, 1316, 0, False, SMS)
+    assert emulated.persistent_chosen("backward", rnn, 1, 1600, 0, False, SMS)
+    assert not emulated.persistent_chosen("backward", rnn, 1, 1620, 0, False, SMS)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+    assert emulated.persistent_chosen("backward", lstm, 256, 512, 0, False, SMS)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
+    assert not emulated.persistent_chosen("backward", lstm, 8, 512, 0, False, SMS)
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_persistent_backward_after_the_per_step_forward(emulated, monkeypatch, kind):
+    """The persistent backward on its own (the forward's launches per step), with and without dy,
+    and FUSED_RNN_CUDA_UNFUSED_BACKWARD's path (fuse=False) untouched by it."""
+    layer = Layer(kind, LAYOUTS["trailing_empty_steps"], hidden=45, seed=43)
+    for reverse in (False, True):
+        y, _, _, saved = layer.reference_forward(reverse)
+        expected = {dy: layer.reference_backward(reverse, y, saved, dy) for dy in (True, False)}
+        monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+        for with_dy in (True, False):
+            for fuse in (True, False):
+                grads = layer.emulated_backward(emulated, reverse, y, saved, with_dy=with_dy, fuse=fuse)
+                assert_close_all(grads, expected[with_dy], torch.float64, GRAD_NAMES)
+        monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")

@@ -19,12 +19,12 @@
 namespace fused_rnn {
 
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_float) {
-  dispatch_cell<BackwardLoop, float>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
+  dispatch_cell<CudaCoreBackwardLoop, float>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
                                      dgh, dh_total, fuse);
 }
 
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_double) {
-  dispatch_cell<BackwardLoop, double>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
+  dispatch_cell<CudaCoreBackwardLoop, double>(s.cell, s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx,
                                       dgh, dh_total, fuse);
 }
 

@@ -1,6 +1,7 @@
-// The persistent forward: the whole sequence of one layer and direction in one cooperative launch,
-// with each block's slice of W_hh held in shared memory for all T steps (step_loops.cuh reloads it
-// from L2 at every step, and pays a launch per step).
+// The persistent kernels: the whole sequence of one layer and direction in one cooperative launch,
+// forward and backward, with each block's slice of W_hh held in shared memory for all T steps
+// (step_loops.cuh reloads it from L2 at every step, and pays a launch per step). The backward, the
+// mirror image, is described in its own section below.
 //
 // Block k owns hidden units [k*U, (k+1)*U), U = kTileUnits / G (LSTM 8, GRU 10, RNN 32), so that its
 // G*U gate columns fit one warp's 32 lanes: W_hh's slice [P][G*U] (gate_interleaved with U units a
@@ -14,11 +15,10 @@
 // has written its units of it (cooperative groups' grid.sync(), which also makes those writes
 // visible). Every sum runs in a fixed k order and every output has one writer: bitwise repeatable.
 //
-// All blocks must be resident at once: the loop launches cooperatively and only where
-// persistent_fits() says they are (the occupancy of this kernel with its shared memory, times the
-// SMs); the choice between this and the per-step kernels is persistent_wanted(), the one place
-// that makes it. Without a projection (its product between steps would need a second grid-wide
-// pass), float32 and float64 on the CUDA cores.
+// All blocks must be resident at once: the loops launch cooperatively and only where they are (the
+// occupancy of the kernel with its shared memory, times the SMs); the choice between these and the
+// per-step kernels is persistent_wanted(), the one rule for both. Without a projection (its product
+// between steps would need a second grid-wide pass), float32 and float64 on the CUDA cores.
 //
 // The includer provides, besides step_loops.cuh's names, the device functions
 // dynamic_shared_memory() (the block's extern __shared__ bytes) and grid_sync() (a barrier over
@@ -155,6 +155,180 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
   }
 }
 
+// --- The persistent backward: the mirror image, one cooperative launch for the whole walk ---------
+//
+// Block k owns the same units [k*U, (k+1)*U) as in the forward. Per step of the walk (t from the
+// last to the first) it computes dh_{t-1}[b, j] = sum_m dG_t'[b, m] * W_hh[m, j] for its units j
+// (dG_t' = the step before in the walk, m over all G*H gate rows, written by every block), and at
+// once runs the cell's backward of step t on its (row, unit) pairs (as fused_backward_step_kernel
+// does), which writes its units' columns of dG_t; then a grid-wide barrier. After the walk, one more
+// pass gives dh at h_0, so no product is left for the host. W_hh's columns for the block's units,
+// [G*H][U], stay in shared memory for the whole walk. Warp w covers a quarter of m, and in it lane
+// (sub, u) = (lane / U, lane % U) the m = sub mod S (S = 32 / U: LSTM 4 subs of 8 units, GRU 3 of
+// 10 with 2 lanes idle, RNN 1 of 32), so that all 32 lanes are busy and a warp's reads of dG are S
+// consecutive words (no bank conflicts). The partial sums are added subs first, then warps, in
+// order: a fixed order, every output one writer.
+
+template <int G>
+constexpr int kPersistentSubs = kTileUnits / kPersistentUnits<G>;  // lanes sharing a unit, over m
+
+// The m a warp covers: a quarter of G*H, rounded up to whole rows of S.
+C10_HOST_DEVICE inline int64_t persistent_backward_quarter(int64_t GH, int subs) {
+  const int64_t quarter = (GH + kWarps - 1) / kWarps;
+  return (quarter + subs - 1) / subs * subs;
+}
+
+// W_hh [G*H, P] (P = H) -> [blocks][kWarps * quarter / S][32]: block k's columns [m][U] for its U
+// units, S consecutive m to a row of 32 lanes: element (k, i, lane) is
+// W_hh[i * S + lane / U, k * U + lane % U], zero past G*H, past H and in the lanes past S * U.
+// A block's slice is one contiguous slab, copied to shared memory as it lies.
+Tensor persistent_backward_columns(const Tensor& w_hh, int64_t G, int64_t H, int units, int subs) {
+  const int64_t GH = G * H, padded_m = kWarps * persistent_backward_quarter(GH, subs);
+  const int64_t blocks = (H + units - 1) / units;
+  const Tensor padded = at::constant_pad_nd(w_hh, {0, blocks * units - w_hh.size(1), 0, padded_m - GH});
+  const Tensor rows = padded.view({padded_m, blocks, units}).transpose(0, 1).reshape({blocks, padded_m / subs, subs * units});
+  return at::constant_pad_nd(rows, {0, kTileUnits - subs * units}).contiguous();
+}
+
+// Shared memory of a backward block: W's columns [kWarps * rows][32], the pass's dG rows
+// [4][kWarps * quarter] and the partial sums [kWarps][4 rows][32].
+template <typename T>
+size_t persistent_backward_shared_bytes(int64_t GH, int subs) {
+  const int64_t quarter = persistent_backward_quarter(GH, subs);
+  return static_cast<size_t>(kWarps * quarter / subs * kTileUnits + kPersistentRows * kWarps * quarter +
+                             kWarps * kPersistentRows * kTileUnits) *
+         sizeof(T);
+}
+
+template <typename T>
+struct PersistentBackwardArgs {
+  const T* w_columns;          // persistent_backward_columns of W_hh, conjugated
+  const T* dy;                 // [N, P] or null
+  T* dh;                       // [B, P]: dh_n in, the gradient at h_0 out
+  T* dc;                       // LSTM: [B, H], dc_n in, at c_0 out; else null
+  const T* saved;              // [N, K]
+  const T* outputs;            // row 0 of the forward's outputs, row stride out_stride
+  int64_t out_stride;
+  const T* saved_c;            // row 0 of saved at LSTM's c_t column
+  const T* h0;
+  const T* c0;                 // LSTM, else null
+  T* dgx;                      // [N, G*H]
+  T* dgh;                      // [N, G*H] (the same as dgx except for GRU)
+  int64_t K;
+  int64_t rows_all;            // as PersistentArgs
+  const int64_t* batch_sizes;
+  const int64_t* offsets;
+  int64_t steps, H, P;
+  bool reverse;
+
+  __device__ __forceinline__ int64_t rows(int64_t t) const { return rows_all ? rows_all : batch_sizes[t]; }
+  __device__ __forceinline__ int64_t first_row(int64_t t) const { return rows_all ? t * rows_all : offsets[t]; }
+};
+
+// One step of the walk on the block's units: rows [0, max(n, before)) in passes of 4, where n =
+// cell.n rows run the cell's backward and `before` rows of the step before's dG (from dg_before)
+// feed the product first (fused_backward_step_kernel's rules for the rows that only one of the two
+// steps has). The walk's last call has n = 0: only the product, into dh at h_0.
+template <typename Cell>
+__device__ __forceinline__ void persistent_backward_step(const BackwardArgs<typename Cell::scalar_t>& cell,
+                                                         const typename Cell::scalar_t* dg_before, int64_t before,
+                                                         const typename Cell::scalar_t* w_s,
+                                                         typename Cell::scalar_t* g_s,
+                                                         typename Cell::scalar_t* part_s) {
+  using T = typename Cell::scalar_t;
+  constexpr int G = Cell::kGates, U = kPersistentUnits<G>, S = kPersistentSubs<G>, R = kPersistentRows;
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileUnits + tx;
+  const int64_t H = cell.H, GH = G * H, quarter = persistent_backward_quarter(GH, S), rows_w = quarter / S;
+  const int pitch = static_cast<int>(kWarps * quarter);
+  const int sub = tx < S * U ? tx / U : 0;  // idle lanes (GRU's last 2): inside the pass's rows, zero weights
+  const T* w_lane = w_s + ty * rows_w * kTileUnits + tx;
+  const T* g_lane = g_s + ty * quarter + sub;
+  const int64_t rows = cell.n > before ? cell.n : before;
+  for (int64_t row0 = 0; row0 < rows; row0 += R) {  // the same for the whole block
+    const bool product = row0 < before;
+    if (product) {
+      stage_rows_grouped<R, kPersistentInFlight, kThreads>(g_s, pitch, DenseRows<T>{dg_before, GH}, row0, before, 0,
+                                                          pitch, GH, tid, [](T v) { return v; });
+      __syncthreads();
+      T acc[R] = {};
+#pragma unroll 4
+      for (int64_t i = 0; i < rows_w; ++i) {
+        const T w = w_lane[i * kTileUnits];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] += g_lane[r * pitch + i * S] * w;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) part_s[(ty * R + r) * kTileUnits + tx] = acc[r];
+      __syncthreads();
+    }
+    for (int e = tid; e < R * U; e += kThreads) {  // the (row, unit) pairs
+      const int r = e / U, u = e % U;
+      const int64_t b = row0 + r, j = static_cast<int64_t>(blockIdx.x) * U + u;
+      if (b >= rows || j >= H) continue;
+      if (b < before) {
+        T total = T(0);
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+#pragma unroll
+          for (int q = 0; q < S; ++q) total += part_s[(w * R + r) * kTileUnits + q * U + u];  // subs, then warps
+        }
+        T* dh = cell.dh + b * cell.dh_stride + j;
+        *dh = Cell::kSeparateRecurrentGrad ? *dh + total : total;  // GRU: after its direct path
+      }
+      if (b < cell.n) backward_unit<Cell>(cell, b, j);
+    }
+    // No barrier here, as in the forward: the next pass's staging writes g_s, read before the
+    // barrier above, and part_s only after its own barrier.
+  }
+}
+
+template <typename Cell>
+__global__ void __launch_bounds__(kThreads)
+    persistent_backward_kernel(const PersistentBackwardArgs<typename Cell::scalar_t> a) {
+  using T = typename Cell::scalar_t;
+  constexpr int G = Cell::kGates, S = kPersistentSubs<G>, R = kPersistentRows;
+  const int tid = threadIdx.y * kTileUnits + threadIdx.x;
+  const int64_t H = a.H, P = a.P, GH = G * H, quarter = persistent_backward_quarter(GH, S);
+  const int64_t w_elems = kWarps * quarter / S * kTileUnits;
+  T* const w_s = reinterpret_cast<T*>(dynamic_shared_memory());  // [kWarps * rows][32]
+  T* const g_s = w_s + w_elems;                                    // [R][kWarps * quarter]
+  T* const part_s = g_s + R * kWarps * quarter;                    // [kWarps][R][32]
+  const T* slab = a.w_columns + static_cast<int64_t>(blockIdx.x) * w_elems;
+  for (int64_t e = tid; e < w_elems; e += kThreads) w_s[e] = slab[e];  // read after the first barrier
+
+  BackwardArgs<T> cell;  // what backward_unit needs of a step
+  cell.dh = a.dh;
+  cell.dh_stride = P;
+  cell.dc = a.dc;
+  cell.outputs = a.outputs;
+  cell.out_stride = a.out_stride;
+  cell.saved_c = a.saved_c;
+  cell.h0 = a.h0;
+  cell.c0 = a.c0;
+  cell.H = H;
+  cell.P = P;
+  cell.K = a.K;
+  const T* dg_before = nullptr;  // the last step walked that had rows: its first row of dgh
+  int64_t before = 0;
+  for (int64_t step = 0; step < a.steps; ++step) {
+    const int64_t t = a.reverse ? step : a.steps - 1 - step;  // forward's order, backwards
+    const int64_t n = a.rows(t), off = a.first_row(t);
+    if (n == 0) continue;  // the same for the whole grid: nothing written, no barrier needed
+    cell.dy = a.dy ? a.dy + off * P : nullptr;
+    cell.saved = a.saved + off * a.K;
+    cell.before = predecessor(a, a.steps, a.reverse, t);
+    cell.dgx = a.dgx + off * GH;
+    cell.dgh = a.dgh + off * GH;
+    cell.n = n;
+    persistent_backward_step<Cell>(cell, dg_before, before, w_s, g_s, part_s);
+    grid_sync();  // every block's columns of dG_t written (and visible) before any block reads them
+    dg_before = a.dgh + off * GH;
+    before = n;
+  }
+  cell.n = 0;  // dh at h_0 from the walk's last step
+  if (before > 0) persistent_backward_step<Cell>(cell, dg_before, before, w_s, g_s, part_s);
+}
+
 // FUSED_RNN_CUDA_PERSISTENT: "1" takes the persistent forward wherever it can run, "0" never;
 // unset, the rule below. Read per call, for A/B runs.
 int persistent_override() {
@@ -173,24 +347,49 @@ int64_t persistent_blocks(int64_t H) {
   return (H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
 }
 
-// Whether the persistent forward runs this layer. It can where there is no projection and every
-// block of the grid fits on the GPU at once (cooperative_capacity, with the block's shared memory,
-// 144 bytes a k in float32: on an H100's 132 SMs and 227 KB a block, LSTM up to H = 1024, where 128
-// blocks hold 146 KB each; GRU up to 1320 by the grid; RNN up to about 1600 by the shared memory;
-// float64 about half those P). It is wanted (by default) while the batch is at most 8: a step is
-// then one or two passes of 4 rows (an L2 round trip for h, a quarter of P per warp) and a grid
-// barrier of about 1.5 µs, 2.5-4 µs by the model of bench/GPU_NOTES.md, against the per-step
-// kernels' 16 L2 round trips and a launch (about 5 µs); beyond, the passes add up, and the per-step
-// kernels spread the rows over more SMs.
-template <typename Cell>
-bool persistent_wanted(const LayerShape& s) {
+// Whether a persistent kernel (forward or backward) runs this layer, the one rule for both. It can
+// where there is no projection and every block of the grid fits on the GPU at once
+// (cooperative_capacity, with the block's shared memory). It is wanted (by default) while the batch
+// is at most 8: a step is then one or two passes of 4 rows (an L2 round trip for the rows, a quarter
+// of the reduction per warp) and a grid barrier of about 1.5 us, 2.5-4 us by the model of
+// bench/GPU_NOTES.md, against the per-step kernels' 16 L2 round trips and a launch (about 5 us);
+// beyond, the passes add up, and the per-step kernels spread the rows over more SMs.
+// On an H100's 132 SMs and 227 KB a block, in float32 (float64: about half the H):
+//  - forward, 144 bytes a k (LSTM): LSTM up to H = 1024, where 128 blocks hold 146 KB each; GRU up
+//    to 1320 by the grid; RNN up to about 1600 by the shared memory;
+//  - backward, W's columns and 4 rows of dG, 192 bytes a unit (LSTM): LSTM up to H = 1056 by the
+//    grid (132 blocks of 8, 200 KB each), GRU up to 1308 and RNN up to 1600 by the shared memory.
+template <typename Args>
+bool persistent_wanted(const LayerShape& s, void (*kernel)(Args), size_t shared_bytes, int64_t blocks) {
   const int override_choice = persistent_override();
   if (override_choice == 0 || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
   if (!all_steps_full(s) && capturing_a_graph()) return false;  // its step tables' copy cannot be captured
-  const size_t shared = persistent_shared_bytes<typename Cell::scalar_t>(s.P);
-  const bool fits =
-      persistent_blocks<Cell>(s.H) <= cooperative_capacity(&persistent_forward_kernel<Cell>, dim3(kTileUnits, kWarps), shared);
+  const bool fits = blocks <= cooperative_capacity(kernel, dim3(kTileUnits, kWarps), shared_bytes);
   return fits && (override_choice == 1 || s.B <= 8);
+}
+
+template <typename Cell>
+bool persistent_forward_wanted(const LayerShape& s) {
+  return persistent_wanted(s, &persistent_forward_kernel<Cell>,
+                           persistent_shared_bytes<typename Cell::scalar_t>(s.P), persistent_blocks<Cell>(s.H));
+}
+
+template <typename Cell>
+bool persistent_backward_wanted(const LayerShape& s) {
+  return persistent_wanted(
+      s, &persistent_backward_kernel<Cell>,
+      persistent_backward_shared_bytes<typename Cell::scalar_t>(s.gates * s.H, kPersistentSubs<Cell::kGates>),
+      persistent_blocks<Cell>(s.H));
+}
+
+// A packed sequence's step tables on the device ([2][T]: batch sizes, then offsets), or undefined
+// for a padded one, whose rows and offsets are arithmetic.
+Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
+  if (all_steps_full(s)) return Tensor();
+  Tensor steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong));
+  std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
+  std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
+  return steps.to(device);
 }
 
 template <typename Cell>
@@ -201,14 +400,8 @@ struct PersistentForwardLoop {
                   Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kPersistentUnits<Cell::kGates>);
-    const bool padded = all_steps_full(s);
-    Tensor steps;  // a packed sequence's tables, copied to the device (not while capturing a graph)
-    if (!padded) {
-      steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong));
-      std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
-      std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
-      steps = steps.to(gx.device());
-    }
+    const Tensor steps = device_step_tables(s, gx.device());  // not while capturing a graph
+    const bool padded = !steps.defined();
     PersistentArgs<T> a;
     a.w_tiles = w_tiles.const_data_ptr<T>();
     a.gx = gx.const_data_ptr<T>();
@@ -231,16 +424,71 @@ struct PersistentForwardLoop {
   }
 };
 
-// float32 and float64 forward: the persistent kernel where persistent_wanted says, else a launch
+// float32 and float64 forward: the persistent kernel where persistent_forward_wanted says, else a launch
 // per step.
 template <typename Cell>
 struct CudaCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
                   const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-    if (persistent_wanted<Cell>(s)) {
+    if (persistent_forward_wanted<Cell>(s)) {
       PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, y, h, c, saved);
     } else {
       StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    }
+  }
+};
+
+template <typename Cell>
+struct PersistentBackwardLoop {
+  using T = typename Cell::scalar_t;
+
+  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& outputs, const Tensor& h0,
+                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
+                  Tensor& dgh) {
+    constexpr int G = Cell::kGates;
+    const Tensor w_columns = persistent_backward_columns(w_hh_conj, G, s.H, kPersistentUnits<G>, kPersistentSubs<G>);
+    const Tensor steps = device_step_tables(s, saved.device());  // not while capturing a graph
+    const bool padded = !steps.defined();
+    PersistentBackwardArgs<T> a;
+    a.w_columns = w_columns.const_data_ptr<T>();
+    a.dy = dy.defined() ? dy.const_data_ptr<T>() : nullptr;
+    a.dh = dh.data_ptr<T>();
+    a.dc = dc.defined() ? dc.data_ptr<T>() : nullptr;
+    a.saved = saved.const_data_ptr<T>();
+    a.outputs = outputs.const_data_ptr<T>();
+    a.out_stride = outputs.stride(0);
+    a.saved_c = saved.const_data_ptr<T>() + s.cell_state_col();
+    a.h0 = h0.const_data_ptr<T>();
+    a.c0 = c0.defined() ? c0.const_data_ptr<T>() : nullptr;
+    a.dgx = dgx.data_ptr<T>();
+    a.dgh = dgh.data_ptr<T>();
+    a.K = s.saved_cols();
+    a.rows_all = padded ? s.B : 0;
+    a.batch_sizes = padded ? nullptr : steps.const_data_ptr<int64_t>();
+    a.offsets = padded ? nullptr : a.batch_sizes + s.T;
+    a.steps = s.T;
+    a.H = s.H;
+    a.P = s.P;
+    a.reverse = reverse;
+    launch_cooperative(&persistent_backward_kernel<Cell>, dim3(static_cast<unsigned>(persistent_blocks<Cell>(s.H))),
+                       dim3(kTileUnits, kWarps),
+                       persistent_backward_shared_bytes<T>(s.gates * s.H, kPersistentSubs<G>), a);
+  }
+};
+
+// float32 and float64 backward (the half types reach it as float32): the persistent kernel where
+// persistent_backward_wanted says and the fused backward is wanted, else BackwardLoop's launches
+// per step.
+template <typename Cell>
+struct CudaCoreBackwardLoop {
+  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
+                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total, bool fuse) {
+    if (fuse && persistent_backward_wanted<Cell>(s)) {
+      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
+    } else {
+      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
+                              dh_total, fuse);
     }
   }
 };

@@ -127,7 +127,7 @@ std::vector<Tensor> backward(int64_t cell, std::vector<int64_t> batch_sizes, boo
   Tensor dgh = s.cell == CellKind::GRU ? unwritten({s.N, GH}, opts) : dgx;
   Tensor dh_total = s.proj ? unwritten({s.N, s.P}, opts) : Tensor();
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "emulated_backward", [&] {
-    dispatch_cell<BackwardLoop, scalar_t>(s.cell, s, reverse, w_hh, or_undefined(w_hr), y, h0, or_undefined(c0),
+    dispatch_cell<CudaCoreBackwardLoop, scalar_t>(s.cell, s, reverse, w_hh, or_undefined(w_hr), y, h0, or_undefined(c0),
                                           saved, or_undefined(dy), dh, dc, dgx, dgh, dh_total, fuse);
   });
   const Tensor none = at::empty({0}, opts);
@@ -160,14 +160,19 @@ struct ChosenRows {
   }
 };
 
-// Whether the forward of a padded layer (batch B, hidden H, proj_size or 0) takes the persistent
-// kernel on `sms` SMs (persistent_wanted, FUSED_RNN_CUDA_PERSISTENT included).
+// Whether the forward (or the backward) of a padded layer (batch B, hidden H, proj_size or 0) takes
+// a persistent kernel on `sms` SMs (persistent_forward_wanted / persistent_backward_wanted,
+// FUSED_RNN_CUDA_PERSISTENT included).
 template <typename Cell>
 struct PersistentChoice {
-  static void run(const LayerShape& s, bool& chosen) { chosen = persistent_wanted<Cell>(s); }
+  static void run(const LayerShape& s, bool backward, bool& chosen) {
+    chosen = backward ? persistent_backward_wanted<Cell>(s) : persistent_forward_wanted<Cell>(s);
+  }
 };
 
-bool persistent_chosen(int64_t cell, int64_t B, int64_t H, int64_t proj, bool float64, int64_t sms) {
+bool persistent_chosen(const std::string& kernel, int64_t cell, int64_t B, int64_t H, int64_t proj, bool float64,
+                       int64_t sms) {
+  TORCH_CHECK(kernel == "forward" || kernel == "backward", "unknown kernel ", kernel);
   LayerShape s;
   s.cell = static_cast<CellKind>(cell);
   dispatch_cell<CellConstants, float>(s.cell, s.gates, s.saved_per_unit);
@@ -178,9 +183,9 @@ bool persistent_chosen(int64_t cell, int64_t B, int64_t H, int64_t proj, bool fl
   emulated_multiprocessors = static_cast<int>(sms);
   bool chosen = false;
   if (float64) {
-    dispatch_cell<PersistentChoice, double>(s.cell, s, chosen);
+    dispatch_cell<PersistentChoice, double>(s.cell, s, kernel == "backward", chosen);
   } else {
-    dispatch_cell<PersistentChoice, float>(s.cell, s, chosen);
+    dispatch_cell<PersistentChoice, float>(s.cell, s, kernel == "backward", chosen);
   }
   return chosen;
 }
