@@ -385,6 +385,32 @@ def test_half_packed(dtype, kind):
     compare_half_with_float32(kind, dtype, x, hx, I, H, bidirectional=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
+@pytest.mark.parametrize("kind", LAYERS)
+def test_persistent_tensor_cores(dtype, kind, monkeypatch):
+    """The persistent forward on the tensor cores (FUSED_RNN_CUDA_PERSISTENT=1) gives the per-step
+    tensor-core kernel's bits (the same k order and roundings), packed and bidirectional, a batch
+    of two 16-row passes; within the half types' bounds of float32 (compare_half_with_float32)."""
+    I, H, tf32 = 6, 70, dtype == "tf32"
+    module_dtype = torch.float32 if tf32 else dtype
+    fused, _ = make_pair(kind, I, H, bidirectional=True, dtype=module_dtype)
+    x = torch.randn(9, 20, I, device=DEV).to(module_dtype)
+    packed = packed_input(I, dtype=module_dtype)
+    runs = {}
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        for choice in ("0", "1"):
+            monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", choice)
+            with torch.no_grad():
+                runs[choice] = [fused(x)[0], fused(packed)[0].data]
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    assert all(torch.equal(a, b) for a, b in zip(runs["0"], runs["1"]))
+    if not tf32:
+        monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+        compare_half_with_float32(kind, dtype, x[:, :8], None, I, H)
+
+
 # --- float64 gradcheck on the GPU ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,reverse,proj,batch_sizes", [

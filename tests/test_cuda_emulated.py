@@ -479,3 +479,59 @@ def test_persistent_backward_after_the_per_step_forward(emulated, monkeypatch, k
                 grads = layer.emulated_backward(emulated, reverse, y, saved, with_dy=with_dy, fuse=fuse)
                 assert_close_all(grads, expected[with_dy], torch.float64, GRAD_NAMES)
         monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("layout", ["packed", "trailing_empty_steps"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"], ids=["float16", "bfloat16", "tf32"])
+@pytest.mark.parametrize("kind,hidden", [("LSTM", 37), ("LSTM", 70), ("GRU", 37), ("RNN_TANH", 37),
+                                         ("RNN_RELU", 70)])
+def test_persistent_tensor_core_forward(emulated, monkeypatch, kind, hidden, dtype, layout, reverse):
+    """The persistent forward on the tensor cores: against the CPU op with the same rounded W_hh,
+    and bitwise the same as the per-step tensor-core kernel (the same k order, the same rounding of
+    h_{t-1}), also with the blocks run in the opposite order. 37 units: 3 blocks of 16, the last
+    partial; P = 37 and 70 padded to 48 and 80 k; the batch in one or two 16-row passes."""
+    layer = Layer(kind, [18, 13, 13, 5, 1] if layout == "packed" else LAYOUTS[layout], hidden=hidden,
+                  dtype=torch.float32, seed=47)
+    w_hh = layer.w_hh
+    layer.w_hh = to_tf32(w_hh) if dtype == "tf32" else w_hh.to(dtype).float()
+    expected = layer.reference_forward(reverse)
+    layer.w_hh = w_hh if dtype == "tf32" else w_hh.to(dtype)
+    tf32 = dtype == "tf32"
+    per_step = layer.emulated_forward(emulated, reverse, tf32=tf32)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+    actual = layer.emulated_forward(emulated, reverse, tf32=tf32)
+    emulated.set_blocks_descending(True)
+    try:
+        flipped = layer.emulated_forward(emulated, reverse, tf32=tf32)
+    finally:
+        emulated.set_blocks_descending(False)
+    for name, a, e, p, f in zip(FORWARD_NAMES, actual, expected, per_step, flipped):
+        if e.numel():
+            torch.testing.assert_close(a, e, **HALF_TOL[dtype], msg=lambda m: f"{name}: {m}")
+        assert torch.equal(a, p), f"{name}: not the per-step kernel's bits"
+        assert torch.equal(a, f), f"{name}: not the same bits in the other block order"
+
+
+def test_persistent_tensor_core_choice(emulated, monkeypatch):
+    """Where the persistent forward on the tensor cores runs by default (227 KB a block, 132 SMs):
+    the slice [Pk][G*16 + 8] and 16 rows of h in the operand type, 176 bytes a k for LSTM in
+    float16 / bfloat16 (up to H = 1280), 352 in TF32 (up to 640); GRU and RNN further; never with
+    a projection; only up to B = 8 unless FUSED_RNN_CUDA_PERSISTENT=1."""
+    lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
+    monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
+    for half in ("float16", "bfloat16"):
+        assert emulated.persistent_chosen(half, lstm, 8, 1280, 0, False, SMS)
+        assert not emulated.persistent_chosen(half, lstm, 8, 1288, 0, False, SMS)
+        assert emulated.persistent_chosen(half, gru, 1, 1584, 0, False, SMS)
+        assert not emulated.persistent_chosen(half, gru, 1, 1592, 0, False, SMS)
+        assert emulated.persistent_chosen(half, rnn, 1, 2112, 0, False, SMS)  # 132 blocks of 16
+        assert not emulated.persistent_chosen(half, rnn, 1, 2120, 0, False, SMS)
+        assert not emulated.persistent_chosen(half, lstm, 8, 512, 256, False, SMS)
+        assert not emulated.persistent_chosen(half, lstm, 9, 512, 0, False, SMS)
+    assert emulated.persistent_chosen("tf32", lstm, 8, 640, 0, False, SMS)
+    assert not emulated.persistent_chosen("tf32", lstm, 8, 648, 0, False, SMS)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+    assert emulated.persistent_chosen("bfloat16", lstm, 64, 512, 0, False, SMS)
+    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
+    assert not emulated.persistent_chosen("bfloat16", lstm, 8, 512, 0, False, SMS)

@@ -17,8 +17,10 @@
 //
 // All blocks must be resident at once: the loops launch cooperatively and only where they are (the
 // occupancy of the kernel with its shared memory, times the SMs); the choice between these and the
-// per-step kernels is persistent_wanted(), the one rule for both. Without a projection (its product
-// between steps would need a second grid-wide pass), float32 and float64 on the CUDA cores.
+// per-step kernels is persistent_wanted(), the one rule for all of them. Without a projection (its
+// product between steps would need a second grid-wide pass); the forward in float32 and float64 on
+// the CUDA cores, and on the tensor cores (float16, bfloat16, TF32) in its own section below; the
+// backward in float32 and float64.
 //
 // The includer provides, besides step_loops.cuh's names, the device functions
 // dynamic_shared_memory() (the block's extern __shared__ bytes) and grid_sync() (a barrier over
@@ -46,9 +48,10 @@ constexpr int kPersistentUnits = kTileUnits / G;  // units per block: G*U gate c
 constexpr int kPersistentRows = 4;     // batch rows of a pass, which every warp multiplies
 constexpr int kPersistentInFlight = 16;  // h loads a thread issues before it stores them
 
-template <typename T>
+template <typename T, typename W = T>
 struct PersistentArgs {
-  const T* w_tiles;            // W_hh gate_interleaved with kPersistentUnits units a tile
+  const W* w_tiles;            // W_hh gate_interleaved (CUDA cores: kPersistentUnits units a tile,
+                               // tensor cores: kMmaUnits), in the operand type
   const T* gx;                 // [N, G*H], the whole sequence
   const T* b_hn;               // GRU: [H] or null
   const T* h0;                 // [B, P]
@@ -153,6 +156,111 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
     }
     grid_sync();  // every block's part of h_t written (and visible) before any block reads it
   }
+}
+
+// --- The persistent forward on the tensor cores: float16, bfloat16, and float32 as TF32 -----------
+//
+// The per-step tensor-core kernel's block (step_loops.cuh: G warps, warp g gate g of kMmaUnits = 16
+// units, MmaOperand's multiply) kept for the whole sequence: its W_hh slice [Pk][G*16] (Pk: P
+// rounded up to 16) in shared memory in the operand type for all T steps; per step h_{t-1} staged
+// whole, 16 rows a pass, rounded to the operand type as it is staged (16 loads a thread in flight:
+// rows past the batch cost no loads); each warp multiplies its gate over all of k in the per-step
+// kernel's k order (so the sums, and the outputs, are bitwise those of the per-step kernel); the
+// sums meet in shared memory and the cell runs in float32 on (row, unit) pairs; a grid barrier a
+// step.
+constexpr int kPersistentMmaRows = 16;  // one mma row tile a pass
+
+template <typename Op, int G>
+struct PersistentMmaLayout {
+  using Operand = MmaOperand<Op>;
+  using W = typename Operand::stored;
+  static constexpr int kCols = G * kMmaUnits, kWPitch = kCols + Operand::kWPad, kSumPitch = kCols + kSumPad;
+  C10_HOST_DEVICE static int64_t k_rows(int64_t P) { return (P + 15) / 16 * 16; }  // whole ldmatrix tiles
+  C10_HOST_DEVICE static int64_t h_pitch(int64_t P) { return k_rows(P) + Operand::kHPad; }
+  // The slice [Pk][kWPitch] and the pass's h rows [16][h_pitch] in W, then the sums [16][kSumPitch]
+  // in float: 176 bytes a k for LSTM in float16 / bfloat16 (up to H = 1296 on 227 KB), 352 in TF32
+  // (up to 648).
+  static size_t shared_bytes(int64_t P) {
+    return static_cast<size_t>(k_rows(P) * kWPitch + kPersistentMmaRows * h_pitch(P)) * sizeof(W) +
+           static_cast<size_t>(kPersistentMmaRows * kSumPitch) * sizeof(float);
+  }
+};
+
+template <typename Cell, typename Op>
+__global__ void __launch_bounds__(32 * Cell::kGates)
+    persistent_tensor_core_kernel(const PersistentArgs<float, typename MmaOperand<Op>::stored> a) {
+  static_assert(std::is_same_v<typename Cell::scalar_t, float>, "the tensor cores' gate math runs in float32");
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // as forward_step_tensor_core_kernel
+  using Layout = PersistentMmaLayout<Op, Cell::kGates>;
+  using Operand = MmaOperand<Op>;
+  using W = typename Operand::stored;
+  constexpr int G = Cell::kGates, kBlockThreads = 32 * G, R = kPersistentMmaRows;
+  constexpr int kCols = Layout::kCols, kWPitch = Layout::kWPitch, kSumPitch = Layout::kSumPitch;
+  const int tid = threadIdx.x, gate = tid / 32, lane = tid % 32;
+  const int64_t P = a.P, H = a.H, GH = G * H, Pk = Layout::k_rows(P);
+  const int h_pitch = static_cast<int>(Layout::h_pitch(P));
+  W* const w_s = reinterpret_cast<W*>(dynamic_shared_memory());  // [Pk][kWPitch]
+  W* const h_s = w_s + Pk * kWPitch;                               // [R][h_pitch]
+  float* const sum_s = reinterpret_cast<float*>(h_s + R * h_pitch);  // [R][kSumPitch]
+
+  const W* slab = a.w_tiles + static_cast<int64_t>(blockIdx.x) * P * kCols;
+  const W zero = Operand::round(0.0f);
+  for (int64_t e = tid; e < Pk * kWPitch; e += kBlockThreads) {
+    const int64_t k = e / kWPitch;
+    const int col = static_cast<int>(e % kWPitch);
+    w_s[e] = k < P && col < kCols ? slab[k * kCols + col] : zero;
+  }  // read only after the first pass's barrier below
+
+  for (int64_t step = 0; step < a.steps; ++step) {
+    const int64_t t = a.reverse ? a.steps - 1 - step : step;
+    const int64_t n = a.rows(t), off = a.first_row(t);
+    ForwardArgs<float, W> cell;  // what finish_unit needs of this step
+    cell.h_prev = StateRows<float>{predecessor(a, a.steps, a.reverse, t), a.y, a.h0, P};
+    cell.gx = a.gx + off * GH;
+    cell.b_hn = a.b_hn;
+    cell.c = a.c;
+    cell.out = a.y + off * P;
+    cell.out_stride = P;
+    cell.saved = a.saved ? a.saved + off * a.K : nullptr;
+    cell.saved_stride = a.K;
+    cell.n = n;
+    cell.H = H;
+    cell.P = P;
+
+    for (int64_t row0 = 0; row0 < n; row0 += R) {  // the same for the whole block
+      stage_rows_grouped<R, kPersistentInFlight, kBlockThreads>(h_s, h_pitch, cell.h_prev, row0, n, 0,
+                                                               static_cast<int>(Pk), P, tid,
+                                                               [](float v) { return Operand::round(v); });
+      __syncthreads();
+      float acc[1][2][4] = {};
+      for (int kk = 0; kk < Pk; kk += Operand::kStep) {
+        Operand::template multiply<1>(acc, w_s, kWPitch, h_s, h_pitch, kk, gate * kMmaUnits, lane);
+      }
+      // The accumulator tiles to shared memory: lane (g, t) holds rows g and g+8, units 2t and 2t+1.
+      const int g = lane >> 2, q = lane & 3;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sum_s[(g + 8 * (i / 2)) * kSumPitch + gate * kMmaUnits + u * 8 + 2 * q + i % 2] = acc[0][u][i];
+        }
+      }
+      __syncthreads();
+      for (int e = tid; e < R * kMmaUnits; e += kBlockThreads) {  // the cell on (row, unit) pairs
+        const int r = e / kMmaUnits, u = e % kMmaUnits;
+        const int64_t b = row0 + r, j = static_cast<int64_t>(blockIdx.x) * kMmaUnits + u;
+        if (b >= n || j >= H) continue;
+        float sum[G];
+#pragma unroll
+        for (int gg = 0; gg < G; ++gg) sum[gg] = sum_s[r * kSumPitch + gg * kMmaUnits + u];
+        finish_unit<Cell>(cell, b, j, sum);
+      }
+      // No barrier here: the next pass writes h_s, read before the barrier above, and sum_s only
+      // after its own barrier.
+    }
+    grid_sync();  // every block's part of h_t written (and visible) before any block reads it
+  }
+#endif
 }
 
 // --- The persistent backward: the mirror image, one cooperative launch for the whole walk ---------
@@ -347,37 +455,45 @@ int64_t persistent_blocks(int64_t H) {
   return (H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
 }
 
-// Whether a persistent kernel (forward or backward) runs this layer, the one rule for both. It can
-// where there is no projection and every block of the grid fits on the GPU at once
-// (cooperative_capacity, with the block's shared memory). It is wanted (by default) while the batch
+// Whether a persistent kernel (forward, on either kind of core, or backward) runs this layer, the
+// one rule for all of them. It can where there is no projection and every block of the grid fits
+// on the GPU at once (cooperative_capacity, with the block's shared memory). It is wanted (by default) while the batch
 // is at most 8: a step is then one or two passes of 4 rows (an L2 round trip for the rows, a quarter
 // of the reduction per warp) and a grid barrier of about 1.5 us, 2.5-4 us by the model of
 // bench/GPU_NOTES.md, against the per-step kernels' 16 L2 round trips and a launch (about 5 us);
 // beyond, the passes add up, and the per-step kernels spread the rows over more SMs.
 // On an H100's 132 SMs and 227 KB a block, in float32 (float64: about half the H):
-//  - forward, 144 bytes a k (LSTM): LSTM up to H = 1024, where 128 blocks hold 146 KB each; GRU up
-//    to 1320 by the grid; RNN up to about 1600 by the shared memory;
+//  - forward, 144 bytes a k (LSTM): LSTM up to H = 1056 by the grid (132 blocks of 8, 154 KB
+//    each); GRU up to 1320 by the grid; RNN up to 1600 by the shared memory;
 //  - backward, W's columns and 4 rows of dG, 192 bytes a unit (LSTM): LSTM up to H = 1056 by the
-//    grid (132 blocks of 8, 200 KB each), GRU up to 1308 and RNN up to 1600 by the shared memory.
+//    grid (132 blocks of 8, 200 KB each), GRU up to 1308 and RNN up to 1600 by the shared memory;
+//  - forward on the tensor cores (PersistentMmaLayout): LSTM in float16 / bfloat16 up to 1280, in
+//    TF32 up to 640.
 template <typename Args>
-bool persistent_wanted(const LayerShape& s, void (*kernel)(Args), size_t shared_bytes, int64_t blocks) {
+bool persistent_wanted(const LayerShape& s, void (*kernel)(Args), dim3 block, size_t shared_bytes, int64_t blocks) {
   const int override_choice = persistent_override();
   if (override_choice == 0 || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
   if (!all_steps_full(s) && capturing_a_graph()) return false;  // its step tables' copy cannot be captured
-  const bool fits = blocks <= cooperative_capacity(kernel, dim3(kTileUnits, kWarps), shared_bytes);
+  const bool fits = blocks <= cooperative_capacity(kernel, block, shared_bytes);
   return fits && (override_choice == 1 || s.B <= 8);
 }
 
 template <typename Cell>
 bool persistent_forward_wanted(const LayerShape& s) {
-  return persistent_wanted(s, &persistent_forward_kernel<Cell>,
+  return persistent_wanted(s, &persistent_forward_kernel<Cell>, dim3(kTileUnits, kWarps),
                            persistent_shared_bytes<typename Cell::scalar_t>(s.P), persistent_blocks<Cell>(s.H));
+}
+
+template <typename Cell, typename Op>
+bool persistent_tensor_core_wanted(const LayerShape& s) {
+  return persistent_wanted(s, &persistent_tensor_core_kernel<Cell, Op>, dim3(32 * Cell::kGates),
+                           PersistentMmaLayout<Op, Cell::kGates>::shared_bytes(s.P), (s.H + kMmaUnits - 1) / kMmaUnits);
 }
 
 template <typename Cell>
 bool persistent_backward_wanted(const LayerShape& s) {
   return persistent_wanted(
-      s, &persistent_backward_kernel<Cell>,
+      s, &persistent_backward_kernel<Cell>, dim3(kTileUnits, kWarps),
       persistent_backward_shared_bytes<typename Cell::scalar_t>(s.gates * s.H, kPersistentSubs<Cell::kGates>),
       persistent_blocks<Cell>(s.H));
 }
@@ -392,18 +508,23 @@ Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
   return steps.to(device);
 }
 
-template <typename Cell>
+// Op: how W_hh is multiplied, as for ForwardLoop (step_loops.cuh): the cell's own type on the CUDA
+// cores, a half type or Tf32 (the cell in float) on the tensor cores.
+template <typename Cell, typename Op = typename Cell::scalar_t>
 struct PersistentForwardLoop {
   using T = typename Cell::scalar_t;
+  using W = typename StoredWeight<Op, T>::type;
+  static constexpr bool kTensorCores = !std::is_same_v<Op, T>;
+  static constexpr int kUnits = kTensorCores ? kMmaUnits : kPersistentUnits<Cell::kGates>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
                   Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
-    const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kPersistentUnits<Cell::kGates>);
+    const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnits);  // in W_hh's type: the operand's
     const Tensor steps = device_step_tables(s, gx.device());  // not while capturing a graph
     const bool padded = !steps.defined();
-    PersistentArgs<T> a;
-    a.w_tiles = w_tiles.const_data_ptr<T>();
+    PersistentArgs<T, W> a;
+    a.w_tiles = static_cast<const W*>(w_tiles.const_data_ptr());
     a.gx = gx.const_data_ptr<T>();
     a.b_hn = b_hn.defined() ? b_hn.const_data_ptr<T>() : nullptr;
     a.h0 = h.const_data_ptr<T>();  // h holds h_0 until copy_final_state, after the kernel
@@ -418,14 +539,20 @@ struct PersistentForwardLoop {
     a.H = H;
     a.P = P;
     a.reverse = reverse;
-    launch_cooperative(&persistent_forward_kernel<Cell>, dim3(static_cast<unsigned>(persistent_blocks<Cell>(H))),
-                       dim3(kTileUnits, kWarps), persistent_shared_bytes<T>(P), a);
+    const dim3 grid(static_cast<unsigned>((H + kUnits - 1) / kUnits));
+    if constexpr (kTensorCores) {
+      launch_cooperative(&persistent_tensor_core_kernel<Cell, Op>, grid, dim3(32 * Cell::kGates),
+                         PersistentMmaLayout<Op, Cell::kGates>::shared_bytes(P), a);
+    } else {
+      launch_cooperative(&persistent_forward_kernel<Cell>, grid, dim3(kTileUnits, kWarps),
+                         persistent_shared_bytes<T>(P), a);
+    }
     copy_final_state(s, reverse, y, h);
   }
 };
 
-// float32 and float64 forward: the persistent kernel where persistent_forward_wanted says, else a launch
-// per step.
+// float32 and float64 forward: the persistent kernel where persistent_forward_wanted says, else a
+// launch per step.
 template <typename Cell>
 struct CudaCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
@@ -437,6 +564,26 @@ struct CudaCoreForwardLoop {
     }
   }
 };
+
+// float16 and bfloat16 W_hh, and float32 as TF32, on the tensor cores: the persistent kernel where
+// persistent_tensor_core_wanted says, else a launch per step.
+template <typename Cell, typename Op>
+struct TensorCoreForwardLoop {
+  static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
+                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+    if (persistent_tensor_core_wanted<Cell, Op>(s)) {
+      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, y, h, c, saved);
+    } else {
+      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    }
+  }
+};
+template <typename Cell>
+using HalfTensorCoreForwardLoop = TensorCoreForwardLoop<Cell, __half>;
+template <typename Cell>
+using BFloat16TensorCoreForwardLoop = TensorCoreForwardLoop<Cell, __nv_bfloat16>;
+template <typename Cell>
+using Tf32TensorCoreForwardLoop = TensorCoreForwardLoop<Cell, Tf32>;
 
 template <typename Cell>
 struct PersistentBackwardLoop {

@@ -517,7 +517,9 @@ constexpr int kSumPad = 4;     // elements of padding per shared row of float su
 struct Tf32 {};
 
 // Each operand type's multiply(): acc[m][u] += Σ_k h[m*16 + row, kk + k]·W[kk + k, col0 + u*8 + unit]
-// over one fragment step, the tensor cores' part of the kernel. Every lane of the warp calls it.
+// over one fragment step, the tensor cores' part of the kernels (the per-step one here, the
+// persistent one in persistent_loops.cuh), from shared rows kWPitch and kHPitch elements apart.
+// Every lane of the warp calls it.
 // float16 and bfloat16: both operands through ldmatrix (four 8x8 tiles per instruction: A's 16x16,
 // and with .trans W's 16 k x 16 units, k-major as mma.sync's B wants it), 16 k per mma. Shared rows
 // are padded by 16 bytes: every ldmatrix row stays 16-byte aligned, and the 8 rows of one 8x8 tile
@@ -529,9 +531,9 @@ struct SixteenBitOperand {
   // Issue per fragment step, for the cost model: W's ldmatrix; per row tile, A's and two mma.
   static constexpr double kWeightIssue = 1.0, kTileIssue = 3.0;
 
-  template <int kRowTiles, int kWPitch, int kHPitch>
-  __device__ __forceinline__ static void multiply(float (&acc)[kRowTiles][2][4], const W* w_s, const W* h_s, int kk,
-                                                  int col0, int lane) {
+  template <int kRowTiles>
+  __device__ __forceinline__ static void multiply(float (&acc)[kRowTiles][2][4], const W* w_s, int kWPitch,
+                                                  const W* h_s, int kHPitch, int kk, int col0, int lane) {
     // ldmatrix x4: lane l gives row l % 8 of tile l / 8; tiles 0..3 are (rows, columns) +0/+0,
     // +8/+0, +0/+8, +8/+8 of the 16x16 operand.
     const int row = lane & 15, col = (lane >> 4) * 8;
@@ -572,9 +574,9 @@ struct MmaOperand<Tf32> {
   static constexpr double kWeightIssue = 8.0, kTileIssue = 6.0;  // 4 loads + 4 roundings; 4 loads + 2 mma
   __device__ __forceinline__ static stored round(float v) { return __uint_as_float(ptx::to_tf32(v)); }
 
-  template <int kRowTiles, int kWPitch, int kHPitch>
-  __device__ __forceinline__ static void multiply(float (&acc)[kRowTiles][2][4], const float* w_s, const float* h_s,
-                                                  int kk, int col0, int lane) {
+  template <int kRowTiles>
+  __device__ __forceinline__ static void multiply(float (&acc)[kRowTiles][2][4], const float* w_s, int kWPitch,
+                                                  const float* h_s, int kHPitch, int kk, int col0, int lane) {
     const int g = lane >> 2, t = lane & 3;
     uint32_t w[2][2];  // per 8-unit tile: W[t][g], W[t+4][g]
 #pragma unroll
@@ -638,7 +640,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     // Zero padding past P in both operands adds exact zeros; the k order is fixed.
 #pragma unroll
     for (int kk = 0; kk < kChunk; kk += kStep) {
-      Operand::template multiply<kRowTiles, kWPitch, kHPitch>(acc, w_s, h_s, kk, gate * kMmaUnits, lane);
+      Operand::template multiply<kRowTiles>(acc, w_s, kWPitch, h_s, kHPitch, kk, gate * kMmaUnits, lane);
     }
     __syncthreads();  // before the next chunk overwrites the tiles
   }
@@ -792,12 +794,9 @@ struct ForwardLoop {
 
 template <typename Cell>
 using StepForwardLoop = ForwardLoop<Cell, typename Cell::scalar_t>;  // the CUDA cores, a launch per step
-template <typename Cell>
-using HalfTensorCoreForwardLoop = ForwardLoop<Cell, __half>;
-template <typename Cell>
-using BFloat16TensorCoreForwardLoop = ForwardLoop<Cell, __nv_bfloat16>;
-template <typename Cell>
-using Tf32TensorCoreForwardLoop = ForwardLoop<Cell, Tf32>;
+// The tensor cores' loops, a launch per step, are ForwardLoop<Cell, Op> for Op = __half,
+// __nv_bfloat16, Tf32; persistent_loops.cuh's TensorCoreForwardLoop chooses between them and the
+// persistent kernel.
 
 // ---------------------------------------------------------------------------------------------
 // Backward.

@@ -160,19 +160,35 @@ struct ChosenRows {
   }
 };
 
-// Whether the forward (or the backward) of a padded layer (batch B, hidden H, proj_size or 0) takes
-// a persistent kernel on `sms` SMs (persistent_forward_wanted / persistent_backward_wanted,
-// FUSED_RNN_CUDA_PERSISTENT included).
+// Whether a padded layer (batch B, hidden H, proj_size or 0) takes a persistent kernel on `sms`
+// SMs, FUSED_RNN_CUDA_PERSISTENT included: "forward" and "backward" on the CUDA cores
+// (persistent_forward_wanted, persistent_backward_wanted; float32 or float64), "float16",
+// "bfloat16" and "tf32" the forward on the tensor cores (persistent_tensor_core_wanted).
 template <typename Cell>
 struct PersistentChoice {
-  static void run(const LayerShape& s, bool backward, bool& chosen) {
-    chosen = backward ? persistent_backward_wanted<Cell>(s) : persistent_forward_wanted<Cell>(s);
+  static void run(const LayerShape& s, const std::string& kernel, bool& chosen) {
+    using T = typename Cell::scalar_t;
+    if (kernel == "forward") {
+      chosen = persistent_forward_wanted<Cell>(s);
+    } else if (kernel == "backward") {
+      chosen = persistent_backward_wanted<Cell>(s);
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (kernel == "float16") {
+        chosen = persistent_tensor_core_wanted<Cell, __half>(s);
+      } else if (kernel == "bfloat16") {
+        chosen = persistent_tensor_core_wanted<Cell, __nv_bfloat16>(s);
+      } else {
+        TORCH_CHECK(kernel == "tf32", "unknown kernel ", kernel);
+        chosen = persistent_tensor_core_wanted<Cell, Tf32>(s);
+      }
+    } else {
+      TORCH_CHECK(false, "the tensor cores' cells run in float32");
+    }
   }
 };
 
 bool persistent_chosen(const std::string& kernel, int64_t cell, int64_t B, int64_t H, int64_t proj, bool float64,
                        int64_t sms) {
-  TORCH_CHECK(kernel == "forward" || kernel == "backward", "unknown kernel ", kernel);
   LayerShape s;
   s.cell = static_cast<CellKind>(cell);
   dispatch_cell<CellConstants, float>(s.cell, s.gates, s.saved_per_unit);
@@ -183,9 +199,9 @@ bool persistent_chosen(const std::string& kernel, int64_t cell, int64_t B, int64
   emulated_multiprocessors = static_cast<int>(sms);
   bool chosen = false;
   if (float64) {
-    dispatch_cell<PersistentChoice, double>(s.cell, s, kernel == "backward", chosen);
+    dispatch_cell<PersistentChoice, double>(s.cell, s, kernel, chosen);
   } else {
-    dispatch_cell<PersistentChoice, float>(s.cell, s, kernel == "backward", chosen);
+    dispatch_cell<PersistentChoice, float>(s.cell, s, kernel, chosen);
   }
   return chosen;
 }
