@@ -385,6 +385,16 @@ def test_persistent_hidden_sizes(emulated, persistent, kind, hidden):
         check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=31 + hidden), reverse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_persistent_weights_in_registers_and_shared_memory(emulated, persistent, kind, dtype):
+    """The first 32 k (float32; 16 in float64) of each warp's share come from registers, the rest
+    from the resident slice: at H = 150 every warp has both (forward: 38 k a warp; backward: 38
+    rows of S gate rows a lane)."""
+    for reverse in (False, True):
+        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=150, dtype=dtype, seed=53), reverse, dtype=dtype)
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 def test_persistent_inference(emulated, persistent, kind):
     """need_saved=False: nothing saved, the same outputs and final states."""

@@ -6,14 +6,15 @@
 // Block k owns hidden units [k*U, (k+1)*U), U = kTileUnits / G (LSTM 8, GRU 10, RNN 32), so that its
 // G*U gate columns fit one warp's 32 lanes: W_hh's slice [P][G*U] (gate_interleaved with U units a
 // tile) is copied to shared memory once, padded to 32 columns and to whole 32-row k chunks with
-// zeros. Per step, every block reads all of h_{t-1} (the step before's rows of y, or h_0:
-// StateRows, as the per-step kernels do), 4 rows at a time: it stages them in shared memory whole,
-// multiplies them with the resident slice, each warp over a quarter of k, and hands the sums
-// through shared memory to the threads that run the cell (csrc/cells.h) on its (row, unit) pairs,
-// which write h_t into y (and `saved`, and LSTM's c in place). Then the grid
-// waits at a grid-wide barrier before the next step, so that no block reads h_t before every block
-// has written its units of it (cooperative groups' grid.sync(), which also makes those writes
-// visible). Every sum runs in a fixed k order and every output has one writer: bitwise repeatable.
+// zeros, and each thread keeps the first kPersistentRegisterK weights of its share in registers
+// too. Per step, every block reads all of h_{t-1} (the step before's rows of y, or h_0: StateRows,
+// as the per-step kernels do), 4 rows at a time: it stages them in shared memory whole, multiplies
+// them with the resident weights, each warp over a quarter of k, and hands the sums through shared
+// memory to the threads that run the cell (csrc/cells.h) on its (row, unit) pairs, which write h_t
+// into y (and `saved`, and LSTM's c in place). Then the grid waits at a grid-wide barrier before
+// the next step, so that no block reads h_t before every block has written its units of it
+// (cooperative groups' grid.sync(), which also makes those writes visible). Every sum runs in a
+// fixed k order and every output has one writer: bitwise repeatable.
 //
 // All blocks must be resident at once: the loops launch cooperatively and only where they are (the
 // occupancy of the kernel with its shared memory, times the SMs); the choice between these and the
@@ -47,6 +48,11 @@ template <int G>
 constexpr int kPersistentUnits = kTileUnits / G;  // units per block: G*U gate columns in one warp
 constexpr int kPersistentRows = 4;     // batch rows of a pass, which every warp multiplies
 constexpr int kPersistentInFlight = 16;  // h loads a thread issues before it stores them
+// The first k of each warp's share of the reduction whose weights a thread also keeps in registers
+// for the whole sequence (32 registers either way): those k cost it no shared-memory load of W.
+// The rest it reads from the resident slice. The sum's order is the same either way.
+template <typename T>
+constexpr int kPersistentRegisterK = 128 / static_cast<int>(sizeof(T));
 
 template <typename T, typename W = T>
 struct PersistentArgs {
@@ -104,6 +110,11 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
     const int col = static_cast<int>(e % kTileUnits);
     w_s[e] = k < P && col < kCols ? slab[k * kCols + col] : T(0);
   }  // read only after the first pass's barrier below
+  constexpr int kRegK = kPersistentRegisterK<T>;
+  const int64_t mine = k_end - k_begin;  // the warp's k (none for the last warps of a short P)
+  T w_reg[kRegK];  // W[k_begin + i][tx] for the first kRegK of them
+#pragma unroll
+  for (int i = 0; i < kRegK; ++i) w_reg[i] = i < mine && tx < kCols ? slab[(k_begin + i) * kCols + tx] : T(0);
 
   for (int64_t step = 0; step < a.steps; ++step) {
     const int64_t t = a.reverse ? a.steps - 1 - step : step;
@@ -127,11 +138,18 @@ __global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const Pers
                                                           [](T v) { return v; });
       __syncthreads();
       T acc[R] = {};
+#pragma unroll
+      for (int i = 0; i < kRegK; ++i) {  // k in order: first the registers' ...
+        if (i < mine) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r] += h_s[r * Pk + k_begin + i] * w_reg[i];  // one address a warp
+        }
+      }
 #pragma unroll 4
-      for (int64_t k = k_begin; k < k_end; ++k) {
+      for (int64_t k = k_begin + kRegK; k < k_end; ++k) {  // ... then the slice's
         const T w = w_s[k * kTileUnits + tx];
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] += h_s[r * Pk + k] * w;  // the same address across the warp
+        for (int r = 0; r < R; ++r) acc[r] += h_s[r * Pk + k] * w;
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) part_s[(ty * R + r) * kTileUnits + tx] = acc[r];
@@ -341,6 +359,7 @@ template <typename Cell>
 __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<typename Cell::scalar_t>& cell,
                                                          const typename Cell::scalar_t* dg_before, int64_t before,
                                                          const typename Cell::scalar_t* w_s,
+                                                         const typename Cell::scalar_t (&w_reg)[kPersistentRegisterK<typename Cell::scalar_t>],
                                                          typename Cell::scalar_t* g_s,
                                                          typename Cell::scalar_t* part_s) {
   using T = typename Cell::scalar_t;
@@ -351,6 +370,7 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
   const int sub = tx < S * U ? tx / U : 0;  // idle lanes (GRU's last 2): inside the pass's rows, zero weights
   const T* w_lane = w_s + ty * rows_w * kTileUnits + tx;
   const T* g_lane = g_s + ty * quarter + sub;
+  constexpr int kRegK = kPersistentRegisterK<T>;
   const int64_t rows = cell.n > before ? cell.n : before;
   for (int64_t row0 = 0; row0 < rows; row0 += R) {  // the same for the whole block
     const bool product = row0 < before;
@@ -359,8 +379,15 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
                                                           pitch, GH, tid, [](T v) { return v; });
       __syncthreads();
       T acc[R] = {};
+#pragma unroll
+      for (int i = 0; i < kRegK; ++i) {  // rows in order: first the registers' ...
+        if (i < rows_w) {
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[r] += g_lane[r * pitch + i * S] * w_reg[i];
+        }
+      }
 #pragma unroll 4
-      for (int64_t i = 0; i < rows_w; ++i) {
+      for (int64_t i = kRegK; i < rows_w; ++i) {  // ... then the slice's
         const T w = w_lane[i * kTileUnits];
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r] += g_lane[r * pitch + i * S] * w;
@@ -403,6 +430,13 @@ __global__ void __launch_bounds__(kThreads)
   T* const part_s = g_s + R * kWarps * quarter;                    // [kWarps][R][32]
   const T* slab = a.w_columns + static_cast<int64_t>(blockIdx.x) * w_elems;
   for (int64_t e = tid; e < w_elems; e += kThreads) w_s[e] = slab[e];  // read after the first barrier
+  constexpr int kRegK = kPersistentRegisterK<T>;
+  const int64_t rows_w = quarter / S;
+  T w_reg[kRegK];  // the lane's first kRegK rows of the warp's slice, also in registers
+#pragma unroll
+  for (int i = 0; i < kRegK; ++i) {
+    w_reg[i] = i < rows_w ? slab[(threadIdx.y * rows_w + i) * kTileUnits + threadIdx.x] : T(0);
+  }
 
   BackwardArgs<T> cell;  // what backward_unit needs of a step
   cell.dh = a.dh;
@@ -428,13 +462,13 @@ __global__ void __launch_bounds__(kThreads)
     cell.dgx = a.dgx + off * GH;
     cell.dgh = a.dgh + off * GH;
     cell.n = n;
-    persistent_backward_step<Cell>(cell, dg_before, before, w_s, g_s, part_s);
+    persistent_backward_step<Cell>(cell, dg_before, before, w_s, w_reg, g_s, part_s);
     grid_sync();  // every block's columns of dG_t written (and visible) before any block reads them
     dg_before = a.dgh + off * GH;
     before = n;
   }
   cell.n = 0;  // dh at h_0 from the walk's last step
-  if (before > 0) persistent_backward_step<Cell>(cell, dg_before, before, w_s, g_s, part_s);
+  if (before > 0) persistent_backward_step<Cell>(cell, dg_before, before, w_s, w_reg, g_s, part_s);
 }
 
 // FUSED_RNN_CUDA_PERSISTENT: "1" takes the persistent forward wherever it can run, "0" never;
