@@ -69,7 +69,7 @@ sanitize() {  # sanitize TOOL [SMOKE ARGS]
   fi
   # Our kernels only: torch's and cuBLAS's are not ours to check and would triple the time.
   stage "$tool" "$SANITIZE_SECONDS" compute-sanitizer --tool "$tool" --error-exitcode 3 \
-    --kernel-name regex:'step_kernel|step_tensor_core' $PY bench/gpu_smoke.py --device cuda "$@" \
+    --kernel-name regex:'step_kernel|step_tensor_core|persistent' $PY bench/gpu_smoke.py --device cuda "$@" \
     > "$OUT/$tool.log" 2>&1
   note "$tool" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -n 1)"
 }

@@ -4,6 +4,8 @@ Forward and backward of LSTM, GRU and RNN (tanh, relu): float32 and float64 (the
 kernels, the fused backward step), bfloat16 and float16 (the tensor-core forward kernel), packed
 and bidirectional input (steps that grow and shrink), LSTM with a projection (the unfused backward),
 hidden sizes with partial tiles, and a batch large enough for the four-rows-per-thread variants.
+The small cases run twice: with the per-step kernels and with the persistent ones
+(FUSED_RNN_CUDA_PERSISTENT=0 and 1), which they would otherwise take by default.
 Exits non-zero on a non-finite result; compute-sanitizer reports memory errors and races.
 
     python bench/gpu_smoke.py [--device cuda] [--reduced]
@@ -13,6 +15,7 @@ small shapes, packed and padded, and the large batch in float32 for the four-row
 racecheck, which runs each kernel tens of times slower.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -58,8 +61,12 @@ def main(argv=None):
                     continue  # the large case is there for the float32 and half kernels' variants
                 if args.reduced and hidden > 100 and dtype != torch.float32:
                     continue
-                if not run(cls, kwargs, dtype, args.device, hidden, batch, packed):
-                    failures.append(f"{cls.__name__} {kwargs} {dtype} H{hidden} B{batch} packed={packed}")
+                for persistent in ("0", "1") if hidden <= 100 else ("0",):
+                    os.environ["FUSED_RNN_CUDA_PERSISTENT"] = persistent
+                    if not run(cls, kwargs, dtype, args.device, hidden, batch, packed):
+                        failures.append(f"{cls.__name__} {kwargs} {dtype} H{hidden} B{batch} packed={packed} "
+                                        f"persistent={persistent}")
+    os.environ.pop("FUSED_RNN_CUDA_PERSISTENT", None)
     if args.device == "cuda":
         torch.cuda.synchronize()
     print("non-finite results: " + ("; ".join(failures) if failures else "none"))
