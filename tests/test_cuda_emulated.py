@@ -427,7 +427,7 @@ def test_persistent_bitwise_across_runs_and_block_orders(emulated, persistent):
 
 def test_persistent_choice(emulated, monkeypatch):
     """Where the persistent forward runs by default, on an H100's 132 SMs and 227 KB a block: LSTM
-    float32 up to H = 1024 (128 blocks of 8 units, 146 KB each; 1100 needs 138 blocks), not in
+    float32 up to H = 1056 (132 blocks of 8 units; 1024: 128 blocks of 146 KB; 1100 needs 138), not in
     float64 at H = 1024 (its slice needs 270 KB); GRU up to 132 blocks of 10 units, RNN up to
     227 KB of slice and rows; never with a projection, and only up to B = 8.
     FUSED_RNN_CUDA_PERSISTENT=1 lifts the batch rule, =0 turns it off."""

@@ -41,15 +41,21 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
 
 int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
+// Lets `kernel` take as much dynamic shared memory as a block can have (less its static shared
+// memory): always the same value, so that host threads launching it with different sizes at once
+// cannot lower the limit under one another's launch.
 template <typename Args>
-void allow_shared_bytes(void (*kernel)(Args), size_t shared_bytes) {
+void allow_all_shared_bytes(void (*kernel)(Args)) {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel)));
+  const size_t most = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - attributes.sharedSizeBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(most)));
 }
 
 template <typename Args>
 void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes, const Args& args) {
-  allow_shared_bytes(kernel, shared_bytes);
+  allow_all_shared_bytes(kernel);
   void* params[] = {const_cast<Args*>(&args)};
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, block, params, shared_bytes,
                                              at::cuda::getCurrentCUDAStream()));
@@ -62,7 +68,7 @@ template <typename Args>
 int64_t cooperative_capacity(void (*kernel)(Args), dim3 block, size_t shared_bytes) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   if (!props->cooperativeLaunch || shared_bytes > props->sharedMemPerBlockOptin) return 0;
-  allow_shared_bytes(kernel, shared_bytes);
+  allow_all_shared_bytes(kernel);
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &per_sm, reinterpret_cast<const void*>(kernel), static_cast<int>(block.x * block.y * block.z), shared_bytes));

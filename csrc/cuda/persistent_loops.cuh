@@ -92,8 +92,11 @@ size_t persistent_shared_bytes(int64_t P) {
 // flight: one L2 round trip for P up to 512); each warp multiplies all 4 rows over its quarter of
 // k with the resident slice (thread tx: column tx); the quarters' partial sums meet in shared
 // memory and are added in warp order by the threads that run the cell.
+// __launch_bounds__(kThreads, 1): one block an SM is all that its grids need (more are resident
+// where the shared memory allows: the occupancy API says), and it leaves ptxas the registers for
+// the register copy of W without spills.
 template <typename Cell>
-__global__ void __launch_bounds__(kThreads) persistent_forward_kernel(const PersistentArgs<typename Cell::scalar_t> a) {
+__global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const PersistentArgs<typename Cell::scalar_t> a) {
   using T = typename Cell::scalar_t;
   constexpr int G = Cell::kGates, U = kPersistentUnits<G>, kCols = G * U, R = kPersistentRows;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileUnits + tx;
@@ -196,8 +199,8 @@ struct PersistentMmaLayout {
   C10_HOST_DEVICE static int64_t k_rows(int64_t P) { return (P + 15) / 16 * 16; }  // whole ldmatrix tiles
   C10_HOST_DEVICE static int64_t h_pitch(int64_t P) { return k_rows(P) + Operand::kHPad; }
   // The slice [Pk][kWPitch] and the pass's h rows [16][h_pitch] in W, then the sums [16][kSumPitch]
-  // in float: 176 bytes a k for LSTM in float16 / bfloat16 (up to H = 1296 on 227 KB), 352 in TF32
-  // (up to 648).
+  // in float: 176 bytes a k for LSTM in float16 / bfloat16 (up to H = 1280 on 227 KB), 352 in TF32
+  // (up to 640).
   static size_t shared_bytes(int64_t P) {
     return static_cast<size_t>(k_rows(P) * kWPitch + kPersistentMmaRows * h_pitch(P)) * sizeof(W) +
            static_cast<size_t>(kPersistentMmaRows * kSumPitch) * sizeof(float);
@@ -312,7 +315,8 @@ Tensor persistent_backward_columns(const Tensor& w_hh, int64_t G, int64_t H, int
   const int64_t GH = G * H, padded_m = kWarps * persistent_backward_quarter(GH, subs);
   const int64_t blocks = (H + units - 1) / units;
   const Tensor padded = at::constant_pad_nd(w_hh, {0, blocks * units - w_hh.size(1), 0, padded_m - GH});
-  const Tensor rows = padded.view({padded_m, blocks, units}).transpose(0, 1).reshape({blocks, padded_m / subs, subs * units});
+  const Tensor rows =
+      padded.reshape({padded_m, blocks, units}).transpose(0, 1).reshape({blocks, padded_m / subs, subs * units});
   return at::constant_pad_nd(rows, {0, kTileUnits - subs * units}).contiguous();
 }
 
@@ -418,7 +422,7 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
 }
 
 template <typename Cell>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
     persistent_backward_kernel(const PersistentBackwardArgs<typename Cell::scalar_t> a) {
   using T = typename Cell::scalar_t;
   constexpr int G = Cell::kGates, S = kPersistentSubs<G>, R = kPersistentRows;
@@ -491,11 +495,12 @@ int64_t persistent_blocks(int64_t H) {
 
 // Whether a persistent kernel (forward, on either kind of core, or backward) runs this layer, the
 // one rule for all of them. It can where there is no projection and every block of the grid fits
-// on the GPU at once (cooperative_capacity, with the block's shared memory). It is wanted (by default) while the batch
-// is at most 8: a step is then one or two passes of 4 rows (an L2 round trip for the rows, a quarter
-// of the reduction per warp) and a grid barrier of about 1.5 us, 2.5-4 us by the model of
-// bench/GPU_NOTES.md, against the per-step kernels' 16 L2 round trips and a launch (about 5 us);
-// beyond, the passes add up, and the per-step kernels spread the rows over more SMs.
+// on the GPU at once (cooperative_capacity, with the block's shared memory). It is wanted (by
+// default) while the batch is at most 8: a step is then one or two passes of 4 rows (on the
+// tensor cores one of 16), a few L2 round trips for the rows, and a grid barrier of about 1.5 us,
+// 2.5-6 us by the model of bench/GPU_NOTES.md, against the per-step kernels' launch and one L2
+// round trip a 32-k chunk (forward 16, backward 64 at H = 512); beyond, the passes add up, and the
+// per-step kernels spread the rows over more SMs.
 // On an H100's 132 SMs and 227 KB a block, in float32 (float64: about half the H):
 //  - forward, 144 bytes a k (LSTM): LSTM up to H = 1056 by the grid (132 blocks of 8, 154 KB
 //    each); GRU up to 1320 by the grid; RNN up to 1600 by the shared memory;
@@ -536,10 +541,12 @@ bool persistent_backward_wanted(const LayerShape& s) {
 // for a padded one, whose rows and offsets are arithmetic.
 Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
   if (all_steps_full(s)) return Tensor();
-  Tensor steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong));
+  // Pinned, so that the copy is asynchronous (the caching host allocator keeps the buffer until it
+  // is done) and the host does not wait for the GPU here.
+  Tensor steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
   std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
   std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
-  return steps.to(device);
+  return steps.to(device, /*non_blocking=*/true);
 }
 
 // Op: how W_hh is multiplied, as for ForwardLoop (step_loops.cuh): the cell's own type on the CUDA

@@ -98,7 +98,9 @@ class Residents {
     warp_arrived_.assign(static_cast<std::size_t>(resident * warps_), 0);
     warp_slots_.assign(static_cast<std::size_t>(resident * warps_ * kWarpSize), WarpSlot{});
     shared_.resize(static_cast<std::size_t>(resident));
-    for (auto& bytes : shared_) bytes.assign((shared_bytes + 15) / 16, uint4{0u, 0u, 0u, 0u});
+    // All bits one: a NaN in every floating type (float32, float64, the half types), so that a
+    // kernel reading dynamic shared memory it never wrote shows NaN in its results.
+    for (auto& bytes : shared_) bytes.assign((shared_bytes + 15) / 16, uint4{~0u, ~0u, ~0u, ~0u});
     grid_arrived_ = 0;
     error_ = nullptr;
     body_ = [&body] { body(); };
