@@ -60,7 +60,7 @@ struct Predecessor {
   }
 };
 // Of step t of T, from a table of steps: anything with rows(t) (batch_sizes[t]) and first_row(t)
-// (offsets[t]): LayerShape on the host, the persistent kernel's arguments on the device.
+// (offsets[t]): LayerShape on the host, PersistentSteps (persistent_loops.cuh) on the device.
 template <typename Steps>
 C10_HOST_DEVICE Predecessor predecessor(const Steps& steps, int64_t T, bool reverse, int64_t t) {
   const int64_t before = reverse ? t + 1 : t - 1;

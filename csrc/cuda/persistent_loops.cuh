@@ -54,6 +54,20 @@ constexpr int kPersistentInFlight = 16;  // h loads a thread issues before it st
 template <typename T>
 constexpr int kPersistentRegisterK = 128 / static_cast<int>(sizeof(T));
 
+// A persistent kernel's walk over the steps: the step table as predecessor() (layer.h) reads it,
+// arithmetic for a padded sequence, from tables on the device for a packed one.
+struct PersistentSteps {
+  int64_t rows_all;            // a padded sequence: every step's rows (the tables are not read), else 0
+  const int64_t* batch_sizes;  // packed: on the device, [T]
+  const int64_t* offsets;      // packed: on the device, [T]
+  int64_t T;
+  bool reverse;
+
+  __device__ __forceinline__ int64_t rows(int64_t t) const { return rows_all ? rows_all : batch_sizes[t]; }
+  __device__ __forceinline__ int64_t first_row(int64_t t) const { return rows_all ? t * rows_all : offsets[t]; }
+  __device__ __forceinline__ Predecessor before(int64_t t) const { return predecessor(*this, T, reverse, t); }
+};
+
 template <typename T, typename W = T>
 struct PersistentArgs {
   const W* w_tiles;            // W_hh gate_interleaved (CUDA cores: kPersistentUnits units a tile,
@@ -64,16 +78,26 @@ struct PersistentArgs {
   T* y;                        // [N, P]: h_t of every row (no projection: P = H)
   T* c;                        // LSTM: [B, H] in place, else null
   T* saved;                    // [N, K] or null
-  int64_t K;
-  int64_t rows_all;            // a padded sequence: every step's rows (the tables are not read), else 0
-  const int64_t* batch_sizes;  // packed: on the device, [T]
-  const int64_t* offsets;      // packed: on the device, [T]
-  int64_t steps, H, P;         // steps = T
-  bool reverse;
+  int64_t K, H, P;
+  PersistentSteps walk;
 
-  // The step table, as predecessor() (layer.h) reads it.
-  __device__ __forceinline__ int64_t rows(int64_t t) const { return rows_all ? rows_all : batch_sizes[t]; }
-  __device__ __forceinline__ int64_t first_row(int64_t t) const { return rows_all ? t * rows_all : offsets[t]; }
+  // What finish_unit (step_loops.cuh) needs of step t, for a cell of G gates.
+  __device__ __forceinline__ ForwardArgs<T, W> step(int64_t t, int G) const {
+    const int64_t off = walk.first_row(t);
+    ForwardArgs<T, W> cell;
+    cell.h_prev = StateRows<T>{walk.before(t), y, h0, P};
+    cell.gx = gx + off * G * H;
+    cell.b_hn = b_hn;
+    cell.c = c;
+    cell.out = y + off * P;
+    cell.out_stride = P;
+    cell.saved = saved ? saved + off * K : nullptr;
+    cell.saved_stride = K;
+    cell.n = walk.rows(t);
+    cell.H = H;
+    cell.P = P;
+    return cell;
+  }
 };
 
 // The rows of the resident slice: k rounded up to whole chunks of kTileK.
@@ -100,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const P
   using T = typename Cell::scalar_t;
   constexpr int G = Cell::kGates, U = kPersistentUnits<G>, kCols = G * U, R = kPersistentRows;
   const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTileUnits + tx;
-  const int64_t P = a.P, H = a.H, GH = G * H, Pk = persistent_k(P);
+  const int64_t P = a.P, H = a.H, Pk = persistent_k(P);
   const int64_t quarter = (P + kWarps - 1) / kWarps, k_begin = ty * quarter;  // the warp's share of k
   const int64_t k_end = k_begin + quarter < P ? k_begin + quarter : P;
   T* const w_s = reinterpret_cast<T*>(dynamic_shared_memory());  // [Pk][32], column g*U + u
@@ -119,21 +143,10 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const P
 #pragma unroll
   for (int i = 0; i < kRegK; ++i) w_reg[i] = i < mine && tx < kCols ? slab[(k_begin + i) * kCols + tx] : T(0);
 
-  for (int64_t step = 0; step < a.steps; ++step) {
-    const int64_t t = a.reverse ? a.steps - 1 - step : step;
-    const int64_t n = a.rows(t), off = a.first_row(t);
-    ForwardArgs<T, T> cell;  // what finish_unit needs of this step
-    cell.h_prev = StateRows<T>{predecessor(a, a.steps, a.reverse, t), a.y, a.h0, P};
-    cell.gx = a.gx + off * GH;
-    cell.b_hn = a.b_hn;
-    cell.c = a.c;
-    cell.out = a.y + off * P;
-    cell.out_stride = P;
-    cell.saved = a.saved ? a.saved + off * a.K : nullptr;
-    cell.saved_stride = a.K;
-    cell.n = n;
-    cell.H = H;
-    cell.P = P;
+  for (int64_t step = 0; step < a.walk.T; ++step) {
+    const int64_t t = a.walk.reverse ? a.walk.T - 1 - step : step;
+    const ForwardArgs<T, T> cell = a.step(t, G);
+    const int64_t n = cell.n;
 
     for (int64_t row0 = 0; row0 < n; row0 += R) {  // the same for the whole block
       stage_rows_grouped<R, kPersistentInFlight, kThreads>(h_s, static_cast<int>(Pk), cell.h_prev, row0, n, 0,
@@ -218,7 +231,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
   constexpr int G = Cell::kGates, kBlockThreads = 32 * G, R = kPersistentMmaRows;
   constexpr int kCols = Layout::kCols, kWPitch = Layout::kWPitch, kSumPitch = Layout::kSumPitch;
   const int tid = threadIdx.x, gate = tid / 32, lane = tid % 32;
-  const int64_t P = a.P, H = a.H, GH = G * H, Pk = Layout::k_rows(P);
+  const int64_t P = a.P, H = a.H, Pk = Layout::k_rows(P);
   const int h_pitch = static_cast<int>(Layout::h_pitch(P));
   W* const w_s = reinterpret_cast<W*>(dynamic_shared_memory());  // [Pk][kWPitch]
   W* const h_s = w_s + Pk * kWPitch;                               // [R][h_pitch]
@@ -232,21 +245,10 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     w_s[e] = k < P && col < kCols ? slab[k * kCols + col] : zero;
   }  // read only after the first pass's barrier below
 
-  for (int64_t step = 0; step < a.steps; ++step) {
-    const int64_t t = a.reverse ? a.steps - 1 - step : step;
-    const int64_t n = a.rows(t), off = a.first_row(t);
-    ForwardArgs<float, W> cell;  // what finish_unit needs of this step
-    cell.h_prev = StateRows<float>{predecessor(a, a.steps, a.reverse, t), a.y, a.h0, P};
-    cell.gx = a.gx + off * GH;
-    cell.b_hn = a.b_hn;
-    cell.c = a.c;
-    cell.out = a.y + off * P;
-    cell.out_stride = P;
-    cell.saved = a.saved ? a.saved + off * a.K : nullptr;
-    cell.saved_stride = a.K;
-    cell.n = n;
-    cell.H = H;
-    cell.P = P;
+  for (int64_t step = 0; step < a.walk.T; ++step) {
+    const int64_t t = a.walk.reverse ? a.walk.T - 1 - step : step;
+    const ForwardArgs<float, W> cell = a.step(t, G);
+    const int64_t n = cell.n;
 
     for (int64_t row0 = 0; row0 < n; row0 += R) {  // the same for the whole block
       stage_rows_grouped<R, kPersistentInFlight, kBlockThreads>(h_s, h_pitch, cell.h_prev, row0, n, 0,
@@ -344,15 +346,8 @@ struct PersistentBackwardArgs {
   const T* c0;                 // LSTM, else null
   T* dgx;                      // [N, G*H]
   T* dgh;                      // [N, G*H] (the same as dgx except for GRU)
-  int64_t K;
-  int64_t rows_all;            // as PersistentArgs
-  const int64_t* batch_sizes;
-  const int64_t* offsets;
-  int64_t steps, H, P;
-  bool reverse;
-
-  __device__ __forceinline__ int64_t rows(int64_t t) const { return rows_all ? rows_all : batch_sizes[t]; }
-  __device__ __forceinline__ int64_t first_row(int64_t t) const { return rows_all ? t * rows_all : offsets[t]; }
+  int64_t K, H, P;
+  PersistentSteps walk;
 };
 
 // One step of the walk on the block's units: rows [0, max(n, before)) in passes of 4, where n =
@@ -456,13 +451,13 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
   cell.K = a.K;
   const T* dg_before = nullptr;  // the last step walked that had rows: its first row of dgh
   int64_t before = 0;
-  for (int64_t step = 0; step < a.steps; ++step) {
-    const int64_t t = a.reverse ? step : a.steps - 1 - step;  // forward's order, backwards
-    const int64_t n = a.rows(t), off = a.first_row(t);
+  for (int64_t step = 0; step < a.walk.T; ++step) {
+    const int64_t t = a.walk.reverse ? step : a.walk.T - 1 - step;  // forward's order, backwards
+    const int64_t n = a.walk.rows(t), off = a.walk.first_row(t);
     if (n == 0) continue;  // the same for the whole grid: nothing written, no barrier needed
     cell.dy = a.dy ? a.dy + off * P : nullptr;
     cell.saved = a.saved + off * a.K;
-    cell.before = predecessor(a, a.steps, a.reverse, t);
+    cell.before = a.walk.before(t);
     cell.dgx = a.dgx + off * GH;
     cell.dgh = a.dgh + off * GH;
     cell.n = n;
@@ -538,7 +533,7 @@ bool persistent_backward_wanted(const LayerShape& s) {
 }
 
 // A packed sequence's step tables on the device ([2][T]: batch sizes, then offsets), or undefined
-// for a padded one, whose rows and offsets are arithmetic.
+// for a padded one, whose rows and offsets are arithmetic. Not while a graph is being captured.
 Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
   if (all_steps_full(s)) return Tensor();
   // Pinned, so that the copy is asynchronous (the caching host allocator keeps the buffer until it
@@ -547,6 +542,17 @@ Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
   std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
   std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
   return steps.to(device, /*non_blocking=*/true);
+}
+
+// The kernels' walk over the layer's steps, reading `tables` (device_step_tables) if defined.
+PersistentSteps persistent_steps(const LayerShape& s, bool reverse, const Tensor& tables) {
+  PersistentSteps walk;
+  walk.rows_all = tables.defined() ? 0 : s.B;
+  walk.batch_sizes = tables.defined() ? tables.const_data_ptr<int64_t>() : nullptr;
+  walk.offsets = tables.defined() ? walk.batch_sizes + s.T : nullptr;
+  walk.T = s.T;
+  walk.reverse = reverse;
+  return walk;
 }
 
 // Op: how W_hh is multiplied, as for ForwardLoop (step_loops.cuh): the cell's own type on the CUDA
@@ -562,8 +568,7 @@ struct PersistentForwardLoop {
                   Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnits);  // in W_hh's type: the operand's
-    const Tensor steps = device_step_tables(s, gx.device());  // not while capturing a graph
-    const bool padded = !steps.defined();
+    const Tensor tables = device_step_tables(s, gx.device());
     PersistentArgs<T, W> a;
     a.w_tiles = static_cast<const W*>(w_tiles.const_data_ptr());
     a.gx = gx.const_data_ptr<T>();
@@ -573,13 +578,9 @@ struct PersistentForwardLoop {
     a.c = c.defined() ? c.data_ptr<T>() : nullptr;
     a.saved = saved.defined() ? saved.data_ptr<T>() : nullptr;
     a.K = saved.defined() ? s.saved_cols() : 0;
-    a.rows_all = padded ? s.B : 0;
-    a.batch_sizes = padded ? nullptr : steps.const_data_ptr<int64_t>();
-    a.offsets = padded ? nullptr : a.batch_sizes + s.T;
-    a.steps = s.T;
     a.H = H;
     a.P = P;
-    a.reverse = reverse;
+    a.walk = persistent_steps(s, reverse, tables);
     const dim3 grid(static_cast<unsigned>((H + kUnits - 1) / kUnits));
     if constexpr (kTensorCores) {
       launch_cooperative(&persistent_tensor_core_kernel<Cell, Op>, grid, dim3(32 * Cell::kGates),
@@ -635,8 +636,7 @@ struct PersistentBackwardLoop {
                   Tensor& dgh) {
     constexpr int G = Cell::kGates;
     const Tensor w_columns = persistent_backward_columns(w_hh_conj, G, s.H, kPersistentUnits<G>, kPersistentSubs<G>);
-    const Tensor steps = device_step_tables(s, saved.device());  // not while capturing a graph
-    const bool padded = !steps.defined();
+    const Tensor tables = device_step_tables(s, saved.device());
     PersistentBackwardArgs<T> a;
     a.w_columns = w_columns.const_data_ptr<T>();
     a.dy = dy.defined() ? dy.const_data_ptr<T>() : nullptr;
@@ -651,13 +651,9 @@ struct PersistentBackwardLoop {
     a.dgx = dgx.data_ptr<T>();
     a.dgh = dgh.data_ptr<T>();
     a.K = s.saved_cols();
-    a.rows_all = padded ? s.B : 0;
-    a.batch_sizes = padded ? nullptr : steps.const_data_ptr<int64_t>();
-    a.offsets = padded ? nullptr : a.batch_sizes + s.T;
-    a.steps = s.T;
     a.H = s.H;
     a.P = s.P;
-    a.reverse = reverse;
+    a.walk = persistent_steps(s, reverse, tables);
     launch_cooperative(&persistent_backward_kernel<Cell>, dim3(static_cast<unsigned>(persistent_blocks<Cell>(s.H))),
                        dim3(kTileUnits, kWarps),
                        persistent_backward_shared_bytes<T>(s.gates * s.H, kPersistentSubs<G>), a);
