@@ -54,6 +54,9 @@ constexpr int kPersistentInFlight = 16;  // h loads a thread issues before it st
 template <typename T>
 constexpr int kPersistentRegisterK = 128 / static_cast<int>(sizeof(T));
 
+// A persistent kernel's grid: one block per `units` hidden units.
+inline int64_t persistent_blocks(int64_t H, int units) { return (H + units - 1) / units; }
+
 // A persistent kernel's walk over the steps: the step table as predecessor() (layer.h) reads it,
 // arithmetic for a padded sequence, from tables on the device for a packed one.
 struct PersistentSteps {
@@ -231,7 +234,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
   constexpr int G = Cell::kGates, kBlockThreads = 32 * G, R = kPersistentMmaRows;
   constexpr int kCols = Layout::kCols, kWPitch = Layout::kWPitch, kSumPitch = Layout::kSumPitch;
   const int tid = threadIdx.x, gate = tid / 32, lane = tid % 32;
-  const int64_t P = a.P, H = a.H, Pk = Layout::k_rows(P);
+  const int64_t P = a.P, Pk = Layout::k_rows(P);
   const int h_pitch = static_cast<int>(Layout::h_pitch(P));
   W* const w_s = reinterpret_cast<W*>(dynamic_shared_memory());  // [Pk][kWPitch]
   W* const h_s = w_s + Pk * kWPitch;                               // [R][h_pitch]
@@ -259,25 +262,10 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
       for (int kk = 0; kk < Pk; kk += Operand::kStep) {
         Operand::template multiply<1>(acc, w_s, kWPitch, h_s, h_pitch, kk, gate * kMmaUnits, lane);
       }
-      // The accumulator tiles to shared memory: lane (g, t) holds rows g and g+8, units 2t and 2t+1.
-      const int g = lane >> 2, q = lane & 3;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sum_s[(g + 8 * (i / 2)) * kSumPitch + gate * kMmaUnits + u * 8 + 2 * q + i % 2] = acc[0][u][i];
-        }
-      }
+      store_accumulators<1, kSumPitch>(sum_s, acc, gate * kMmaUnits, lane);
       __syncthreads();
-      for (int e = tid; e < R * kMmaUnits; e += kBlockThreads) {  // the cell on (row, unit) pairs
-        const int r = e / kMmaUnits, u = e % kMmaUnits;
-        const int64_t b = row0 + r, j = static_cast<int64_t>(blockIdx.x) * kMmaUnits + u;
-        if (b >= n || j >= H) continue;
-        float sum[G];
-#pragma unroll
-        for (int gg = 0; gg < G; ++gg) sum[gg] = sum_s[r * kSumPitch + gg * kMmaUnits + u];
-        finish_unit<Cell>(cell, b, j, sum);
-      }
+      finish_tensor_core_tile<Cell, R, kSumPitch>(cell, sum_s, row0, static_cast<int64_t>(blockIdx.x) * kMmaUnits,
+                                                  tid, kBlockThreads);
       // No barrier here: the next pass writes h_s, read before the barrier above, and sum_s only
       // after its own barrier.
     }
@@ -315,7 +303,7 @@ C10_HOST_DEVICE inline int64_t persistent_backward_quarter(int64_t GH, int subs)
 // A block's slice is one contiguous slab, copied to shared memory as it lies.
 Tensor persistent_backward_columns(const Tensor& w_hh, int64_t G, int64_t H, int units, int subs) {
   const int64_t GH = G * H, padded_m = kWarps * persistent_backward_quarter(GH, subs);
-  const int64_t blocks = (H + units - 1) / units;
+  const int64_t blocks = persistent_blocks(H, units);
   const Tensor padded = at::constant_pad_nd(w_hh, {0, blocks * units - w_hh.size(1), 0, padded_m - GH});
   const Tensor rows =
       padded.reshape({padded_m, blocks, units}).transpose(0, 1).reshape({blocks, padded_m / subs, subs * units});
@@ -483,11 +471,6 @@ inline bool all_steps_full(const LayerShape& s) {
   return std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(), [&](int64_t n) { return n == s.B; });
 }
 
-template <typename Cell>
-int64_t persistent_blocks(int64_t H) {
-  return (H + kPersistentUnits<Cell::kGates> - 1) / kPersistentUnits<Cell::kGates>;
-}
-
 // Whether a persistent kernel (forward, on either kind of core, or backward) runs this layer, the
 // one rule for all of them. It can where there is no projection and every block of the grid fits
 // on the GPU at once (cooperative_capacity, with the block's shared memory). It is wanted (by
@@ -515,13 +498,14 @@ bool persistent_wanted(const LayerShape& s, void (*kernel)(Args), dim3 block, si
 template <typename Cell>
 bool persistent_forward_wanted(const LayerShape& s) {
   return persistent_wanted(s, &persistent_forward_kernel<Cell>, dim3(kTileUnits, kWarps),
-                           persistent_shared_bytes<typename Cell::scalar_t>(s.P), persistent_blocks<Cell>(s.H));
+                           persistent_shared_bytes<typename Cell::scalar_t>(s.P),
+                           persistent_blocks(s.H, kPersistentUnits<Cell::kGates>));
 }
 
 template <typename Cell, typename Op>
 bool persistent_tensor_core_wanted(const LayerShape& s) {
   return persistent_wanted(s, &persistent_tensor_core_kernel<Cell, Op>, dim3(32 * Cell::kGates),
-                           PersistentMmaLayout<Op, Cell::kGates>::shared_bytes(s.P), (s.H + kMmaUnits - 1) / kMmaUnits);
+                           PersistentMmaLayout<Op, Cell::kGates>::shared_bytes(s.P), persistent_blocks(s.H, kMmaUnits));
 }
 
 template <typename Cell>
@@ -529,7 +513,7 @@ bool persistent_backward_wanted(const LayerShape& s) {
   return persistent_wanted(
       s, &persistent_backward_kernel<Cell>, dim3(kTileUnits, kWarps),
       persistent_backward_shared_bytes<typename Cell::scalar_t>(s.gates * s.H, kPersistentSubs<Cell::kGates>),
-      persistent_blocks<Cell>(s.H));
+      persistent_blocks(s.H, kPersistentUnits<Cell::kGates>));
 }
 
 // A packed sequence's step tables on the device ([2][T]: batch sizes, then offsets), or undefined
@@ -581,7 +565,7 @@ struct PersistentForwardLoop {
     a.H = H;
     a.P = P;
     a.walk = persistent_steps(s, reverse, tables);
-    const dim3 grid(static_cast<unsigned>((H + kUnits - 1) / kUnits));
+    const dim3 grid(static_cast<unsigned>(persistent_blocks(H, kUnits)));
     if constexpr (kTensorCores) {
       launch_cooperative(&persistent_tensor_core_kernel<Cell, Op>, grid, dim3(32 * Cell::kGates),
                          PersistentMmaLayout<Op, Cell::kGates>::shared_bytes(P), a);
@@ -654,7 +638,8 @@ struct PersistentBackwardLoop {
     a.H = s.H;
     a.P = s.P;
     a.walk = persistent_steps(s, reverse, tables);
-    launch_cooperative(&persistent_backward_kernel<Cell>, dim3(static_cast<unsigned>(persistent_blocks<Cell>(s.H))),
+    launch_cooperative(&persistent_backward_kernel<Cell>,
+                       dim3(static_cast<unsigned>(persistent_blocks(s.H, kPersistentUnits<G>))),
                        dim3(kTileUnits, kWarps),
                        persistent_backward_shared_bytes<T>(s.gates * s.H, kPersistentSubs<G>), a);
   }

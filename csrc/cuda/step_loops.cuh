@@ -596,6 +596,41 @@ struct MmaOperand<Tf32> {
   }
 };
 
+// The accumulator tiles of one warp to shared memory, [rows][kSumPitch] floats from column col0:
+// lane (g, t) holds rows g and g+8, units 2t and 2t+1 of each 16 x 8 tile.
+template <int kRowTiles, int kSumPitch>
+__device__ __forceinline__ void store_accumulators(float* sum_s, const float (&acc)[kRowTiles][2][4], int col0,
+                                                   int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int m = 0; m < kRowTiles; ++m) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sum_s[(m * 16 + g + 8 * (i / 2)) * kSumPitch + col0 + u * 8 + 2 * t + i % 2] = acc[m][u][i];
+      }
+    }
+  }
+}
+
+// The float32 cell on a tile's (row, unit) pairs, rows [row0, row0 + kRows) and units
+// [unit0, unit0 + kMmaUnits), from its gate sums in shared memory (column g * kMmaUnits + unit).
+template <typename Cell, int kRows, int kSumPitch, typename W>
+__device__ __forceinline__ void finish_tensor_core_tile(const ForwardArgs<float, W>& a, const float* sum_s,
+                                                        int64_t row0, int64_t unit0, int tid, int threads) {
+  constexpr int G = Cell::kGates;
+  for (int e = tid; e < kRows * kMmaUnits; e += threads) {
+    const int r = e / kMmaUnits, u = e % kMmaUnits;
+    const int64_t b = row0 + r, j = unit0 + u;
+    if (b >= a.n || j >= a.H) continue;
+    float sum[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) sum[g] = sum_s[r * kSumPitch + g * kMmaUnits + u];
+    finish_unit<Cell>(a, b, j, sum);
+  }
+}
+
 template <typename Cell, typename Op, int kRowTiles>
 __global__ void __launch_bounds__(32 * Cell::kGates)
     forward_step_tensor_core_kernel(const ForwardArgs<float, typename MmaOperand<Op>::stored> a) {
@@ -645,29 +680,9 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     __syncthreads();  // before the next chunk overwrites the tiles
   }
 
-  // The accumulator tiles to shared memory: lane (g, t) holds rows g and g+8, units 2t and 2t+1.
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int m = 0; m < kRowTiles; ++m) {
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sum_s[(m * 16 + g + 8 * (i / 2)) * kSumPitch + gate * kMmaUnits + u * 8 + 2 * t + i % 2] = acc[m][u][i];
-      }
-    }
-  }
+  store_accumulators<kRowTiles, kSumPitch>(sum_s, acc, gate * kMmaUnits, lane);
   __syncthreads();
-
-  for (int e = tid; e < kRows * kMmaUnits; e += kBlockThreads) {
-    const int r = e / kMmaUnits, u = e % kMmaUnits;
-    const int64_t b = row0 + r, j = unit0 + u;
-    if (b >= n || j >= a.H) continue;
-    float sum[G];
-#pragma unroll
-    for (int gg = 0; gg < G; ++gg) sum[gg] = sum_s[r * kSumPitch + gg * kMmaUnits + u];
-    finish_unit<Cell>(a, b, j, sum);
-  }
+  finish_tensor_core_tile<Cell, kRows, kSumPitch>(a, sum_s, row0, unit0, tid, kBlockThreads);
 #endif
 }
 
