@@ -74,7 +74,7 @@ void check_same_kind(const Tensor& t, const Tensor& x, const char* name) {
 }
 
 LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& w_ih,
-                            const Tensor& w_hh, const optional<Tensor>& w_hr) {
+                            const Tensor& w_hh, const optional<Tensor>& w_hr, int64_t padded_batch) {
   TORCH_CHECK(cell >= 0 && cell <= 3, "fused_rnn: unknown cell kind ", cell);
   LayerShape s;
   s.cell = static_cast<CellKind>(cell);
@@ -108,6 +108,22 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
     check_same_kind(*w_hr, x, "weight_hr");
   }
 
+  describe_steps(s, batch_sizes, padded_batch);
+  return s;
+}
+
+}  // namespace
+
+void describe_steps(LayerShape& s, at::IntArrayRef batch_sizes, int64_t padded_batch) {
+  // An empty batch_sizes is a padded input: every step has h0's rows (the op's schema then holds
+  // no per-step list, so that torch.compile keeps T and B symbolic).
+  std::vector<int64_t> uniform;
+  if (batch_sizes.empty() && s.N > 0) {
+    TORCH_CHECK(padded_batch > 0 && s.N % padded_batch == 0, "fused_rnn: a padded input (empty batch_sizes) needs ",
+                "h0's ", padded_batch, " rows to divide the input's ", s.N, " rows");
+    uniform.assign(s.N / padded_batch, padded_batch);
+    batch_sizes = uniform;
+  }
   s.T = static_cast<int64_t>(batch_sizes.size());
   s.B = s.T > 0 ? batch_sizes[0] : 0;
   s.batch_sizes.assign(batch_sizes.begin(), batch_sizes.end());
@@ -121,10 +137,7 @@ LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch
     rows += n;
   }
   TORCH_CHECK(rows == s.N, "fused_rnn: batch_sizes sum to ", rows, " but the input has ", s.N, " rows");
-  return s;
 }
-
-}  // namespace
 
 std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
   std::vector<PreviousRun> runs;
@@ -149,17 +162,7 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
                           const optional<Tensor>& w_hr) {
-  // An empty batch_sizes is a padded input: every step has h0's rows (the op's schema then holds
-  // no per-step list, so that torch.compile keeps T and B symbolic).
-  std::vector<int64_t> uniform;
-  if (batch_sizes.empty() && x.dim() == 2 && x.size(0) > 0) {
-    const int64_t batch = h0.dim() == 2 ? h0.size(0) : 0;
-    TORCH_CHECK(batch > 0 && x.size(0) % batch == 0, "fused_rnn: a padded input (empty batch_sizes) needs ",
-                "h0's rows to divide the input's ", x.size(0), " rows, got h0 of shape ", h0.sizes());
-    uniform.assign(x.size(0) / batch, batch);
-    batch_sizes = uniform;
-  }
-  LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr);
+  LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr, h0.dim() == 2 ? h0.size(0) : 0);
   check_matrix(h0, "h0", s.B, s.P);
   check_same_kind(h0, x, "h0");
   if (s.cell == CellKind::LSTM) {
@@ -375,6 +378,73 @@ Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes,
           to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type)};
 }
 
+// The int8 inference path's op (CPU): float32 input and state, int8 weights with their per-row
+// scales and row sums, float32 biases; no gradient.
+std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
+    int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+    const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_ih_scale, const Tensor& w_ih_row_sum,
+    const Tensor& w_hh, const Tensor& w_hh_scale, const Tensor& w_hh_row_sum, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh) {
+  TORCH_CHECK(cell >= 0 && cell <= 3, "fused_rnn: unknown cell kind ", cell);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "fused_rnn: the int8 layer takes a 2-D float32 CPU input, got a ", x_in.dim(), "-D ",
+              x_in.scalar_type(), " tensor on ", x_in.device());
+  LayerShape s;
+  s.cell = static_cast<CellKind>(cell);
+  s.N = x_in.size(0);
+  s.I = x_in.size(1);
+  s.gates = gates_of(s.cell);
+  s.saved_per_unit = saved_per_unit_of(s.cell);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % s.gates == 0,
+              "fused_rnn: weight_ih must be 2-D with a multiple of ", s.gates, " rows, got ", w_ih.sizes());
+  s.H = s.P = w_ih.size(0) / s.gates;
+  s.proj = false;
+  s.outputs_in_saved = false;
+  // Within int32: each product is at most 127 · 128, and sums of 2^17 of them stay below 2^31.
+  TORCH_CHECK(std::max(s.I, s.H) <= (int64_t{1} << 17), "fused_rnn: the int8 layer takes at most 131072 ",
+              "input features and hidden units, got ", s.I, " and ", s.H);
+  const auto check_weights = [&](const Tensor& q, const Tensor& scale, const Tensor& row_sum, const char* name,
+                                 int64_t cols) {
+    check_matrix(q, name, s.gates * s.H, cols);
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.device().is_cpu(), "fused_rnn: ", name,
+                " must be an int8 CPU tensor, got ", q.scalar_type(), " on ", q.device());
+    TORCH_CHECK(scale.dim() == 1 && scale.size(0) == s.gates * s.H && scale.scalar_type() == at::kFloat &&
+                    row_sum.dim() == 1 && row_sum.size(0) == s.gates * s.H && row_sum.scalar_type() == at::kInt &&
+                    scale.device().is_cpu() && row_sum.device().is_cpu(),
+                "fused_rnn: ", name, " needs float32 scales and int32 row sums of shape [", s.gates * s.H,
+                "] on the CPU, got ", scale.scalar_type(), " ", scale.sizes(), " and ", row_sum.scalar_type(), " ",
+                row_sum.sizes());
+    return QuantizedMatrix{q.contiguous(), scale.contiguous(), row_sum.contiguous()};
+  };
+  const QuantizedMatrix input_weights = check_weights(w_ih, w_ih_scale, w_ih_row_sum, "weight_ih", s.I);
+  const QuantizedMatrix recurrent_weights = check_weights(w_hh, w_hh_scale, w_hh_row_sum, "weight_hh", s.H);
+  describe_steps(s, batch_sizes, h0.dim() == 2 ? h0.size(0) : 0);
+  check_matrix(h0, "h0", s.B, s.H);
+  check_same_kind(h0, x_in, "h0");
+  if (s.cell == CellKind::LSTM) {
+    TORCH_CHECK(c0.has_value() && c0->defined(), "fused_rnn: LSTM needs the initial cell state c0");
+    check_matrix(*c0, "c0", s.B, s.H);
+    check_same_kind(*c0, x_in, "c0");
+  }
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (b->has_value() && (*b)->defined()) {
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == s.gates * s.H, "fused_rnn: biases must have shape [",
+                  s.gates * s.H, "], got ", (*b)->sizes());
+      check_same_kind(**b, x_in, "bias");
+    }
+  }
+
+  const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
+  const Tensor bias = folded_bias(s, bias_ih, bias_hh);
+  const Tensor b_hn = s.cell == CellKind::GRU && bias_hh.defined() ? bias_hh.narrow(0, 2 * s.H, s.H) : Tensor();
+  Tensor y = empty_large({s.N, s.H}, x_in.options());
+  Tensor h = h0.contiguous().clone();
+  Tensor c = s.cell == CellKind::LSTM ? c0->contiguous().clone() : Tensor();
+  quantized_forward_loop_cpu(s, reverse, x_in.contiguous(), input_weights, recurrent_weights, bias, b_hn, y, h, c);
+  if (!c.defined()) c = at::empty({0}, x_in.options());
+  return {y, h, c};
+}
+
 }  // namespace
 
 // batch_sizes: rows per step in packed layout (non-increasing), or empty for a padded input, whose
@@ -390,11 +460,16 @@ TORCH_LIBRARY(fused_rnn, m) {
       "Tensor? grad_h_n, Tensor? grad_c_n, bool need_input_grad) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
       "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr)");  // undefined where not applicable
+  m.def(
+      "quantized_layer_forward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
+      "Tensor w_ih, Tensor w_ih_scale, Tensor w_ih_row_sum, Tensor w_hh, Tensor w_hh_scale, "
+      "Tensor w_hh_row_sum, Tensor? b_ih, Tensor? b_hh) -> (Tensor y, Tensor h_n, Tensor c_n)");
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("layer_forward", &layer_forward);
   m.impl("layer_backward", &layer_backward);
+  m.impl("quantized_layer_forward", &quantized_layer_forward);
 }
 
 #ifdef FUSED_RNN_WITH_CUDA

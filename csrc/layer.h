@@ -107,6 +107,10 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 size_t cpu_cache_bytes();
 void empty_cpu_cache();
 
+// Fills in the steps of s (T, B, batch_sizes, offsets) from batch_sizes, checked against s.N; an
+// empty batch_sizes is a padded input whose steps all have padded_batch rows (h0's).
+void describe_steps(LayerShape& s, at::IntArrayRef batch_sizes, int64_t padded_batch);
+
 // Validates the op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
 LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,
                           const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
@@ -125,6 +129,20 @@ LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef bat
 void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
                       const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
                       const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
+
+// One int8 weight matrix of the quantized inference path: w [G*H, K] int8 with a scale per row
+// (w ≈ scale[r] · q[r, k]) and the row sums of q (int32), which take the activations' zero point
+// back out of the integer products.
+struct QuantizedMatrix {
+  at::Tensor q, scale, row_sum;
+};
+
+// The forward of the int8 inference path (csrc/cpu/quantized_cpu.cpp): x [N, I] and every
+// activation quantized row by row to 7 bits, int32 sums, the gate math in float32. bias is the
+// folded bias [G*H] (or undefined), b_hn GRU's n-gate hidden bias; y, h, c as forward_loop_cpu's.
+void quantized_forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const QuantizedMatrix& w_ih,
+                                const QuantizedMatrix& w_hh, const at::Tensor& bias, const at::Tensor& b_hn,
+                                at::Tensor& y, at::Tensor& h, at::Tensor& c);
 
 // The gradients of a layer's input and weights, allocated by the caller: dx empty (undefined when
 // not wanted), the rest zero, so that a loop may add to them.

@@ -2,7 +2,8 @@
 from ._ops import built_with_cuda, cpu_cache_bytes, empty_cache
 from .convert import convert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from . import quantized  # noqa: E402 - registers the int8 layers with torch's quantize_dynamic
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "built_with_cuda", "empty_cache",
-           "cpu_cache_bytes"]
+           "cpu_cache_bytes", "quantized"]
 __version__ = "0.1.0"

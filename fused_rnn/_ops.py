@@ -81,3 +81,11 @@ def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr
             torch.empty_like(w_ih), torch.empty_like(w_hh), bias,
             None if bias is None else torch.empty_like(bias),
             None if w_hr is None else torch.empty_like(w_hr))
+
+
+@torch.library.register_fake("fused_rnn::quantized_layer_forward")
+def _quantized_layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_ih_scale, w_ih_row_sum, w_hh,
+                                  w_hh_scale, w_hh_row_sum, b_ih, b_hh):
+    hidden = w_ih.size(0) // _GATES[cell]
+    return (x.new_empty(x.size(0), hidden), x.new_empty(h0.shape),
+            x.new_empty(c0.shape) if cell == LSTM_ID else x.new_empty(0))

@@ -1,5 +1,7 @@
 """Swap torch.nn's recurrent layers in an existing model for fused_rnn's, and back (for export)."""
+import torch
 from torch import nn
+from torch.ao.nn.quantized import dynamic as nnqd
 
 from . import modules
 
@@ -11,12 +13,22 @@ _TO_FUSED = {
     nn.GRUCell: modules.GRUCell,
     nn.RNNCell: modules.RNNCell,
 }
-_TO_TORCH = {fused: torch_cls for torch_cls, fused in _TO_FUSED.items()}
+
+
+def _twins(to: str):
+    from . import quantized  # imported here: quantized imports this package's modules
+
+    pairs = dict(_TO_FUSED)
+    pairs.update({nnqd.LSTM: quantized.LSTM, nnqd.GRU: quantized.GRU})
+    return pairs if to == "fused" else {fused: torch_cls for torch_cls, fused in pairs.items()}
 
 
 def convert(model: nn.Module, to: str = "fused") -> nn.Module:
     """Turn every nn.LSTM, GRU, RNN, LSTMCell, GRUCell and RNNCell in `model` (the model itself
     included) into its fused_rnn twin, in place, and return `model`. `to="torch"` goes back.
+    Dynamically quantized layers (torch.ao.nn.quantized.dynamic.LSTM and GRU, with int8 weights)
+    become fused_rnn.quantized.LSTM and GRU, and back; their weights stay where they are. torch's
+    quantized cells, and its float16 quantized layers, are left as they are.
 
     Each layer keeps its identity: only its class changes. So it keeps its parameters (the same
     Parameter objects: an optimizer made before still holds them), device, dtype, training mode,
@@ -27,12 +39,13 @@ def convert(model: nn.Module, to: str = "fused") -> nn.Module:
     """
     if to not in ("fused", "torch"):
         raise ValueError(f"convert: to must be 'fused' or 'torch', got {to!r}")
-    twins = _TO_FUSED if to == "fused" else _TO_TORCH
+    twins = _twins(to)
     for module in model.modules():
         twin = twins.get(type(module))
-        if twin is None:
+        if twin is None or (isinstance(module, nnqd.RNNBase) and module.dtype != torch.qint8):
             continue
         module.__class__ = twin
+        module.__dict__.pop("_kernel_cache", None)
         if to == "torch" and isinstance(module, nn.RNNBase):
             module.flatten_parameters()  # cuDNN's packed weights, as torch.nn keeps them on a GPU
     return model

@@ -278,20 +278,31 @@ def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Op
     Dropout is applied to the output of every layer but the last, in training only, as torch.nn.
     """
     cell = CELL_IDS[mode]
+    weights = group_weights(flat_weights, num_layers, 2 if bidirectional else 1, has_bias, has_proj)
+
+    def run_layer(k, layer_input, reverse, h0, c0):
+        return layer(cell, layer_input, batch_sizes, reverse, h0, c0, *weights[k])
+
+    return stack_layers(run_layer, x, hx, cx, num_layers, bidirectional, dropout if training else 0.0)
+
+
+def stack_layers(run_layer, x: Tensor, hx: Tensor, cx: Optional[Tensor], num_layers: int, bidirectional: bool,
+                 dropout: float):
+    """Layers and directions in torch.nn's order: run_layer(k, input, reverse, h0, c0) -> (y, h_n, c_n)
+    for layer l and direction d (k = l * D + d), the directions' outputs side by side as the next
+    layer's input, dropout on every layer's output but the last. Returns (y, h_n, c_n or None)."""
     num_directions = 2 if bidirectional else 1
-    weights = group_weights(flat_weights, num_layers, num_directions, has_bias, has_proj)
     layer_input = x
     h_n, c_n = [], []
     for l in range(num_layers):
         outputs = []
         for d in range(num_directions):
             k = l * num_directions + d
-            y, h, c = layer(cell, layer_input, batch_sizes, d == 1, hx[k],
-                            cx[k] if cx is not None else None, *weights[k])
+            y, h, c = run_layer(k, layer_input, d == 1, hx[k], cx[k] if cx is not None else None)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=1)
-        if dropout > 0 and training and l < num_layers - 1:
+        if dropout > 0 and l < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, True)
     return layer_input, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)

@@ -329,51 +329,61 @@ class _FusedRNNBase(nn.RNNBase):
             return self._torch_nn_class.forward(self, input, hx)
         self._update_flat_weights()
         name = type(self).__name__
-        is_lstm = self.mode == "LSTM"
-        num_directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-
-        is_packed = isinstance(input, PackedSequence)
-        batch_sizes = _check_packed(name, *input) if is_packed else None
+        batch_sizes = _check_packed(name, *input) if isinstance(input, PackedSequence) else None
         try:
             data, batch, is_batched, states = self._checked_input(input, hx, batch_sizes)
         except _ORDINARY_ERRORS as ours:
             device = input.data.device if isinstance(input, (Tensor, PackedSequence)) else torch.device("cpu")
             raise _as_torch_nn_would(ours, lambda: self._torch_nn_class.forward(self, input, hx), device) from None
 
-        if states is None:
-            shape = (self.num_layers * num_directions, batch)
-            states = (torch.zeros(*shape, out_size, dtype=data.dtype, device=data.device),)
-            if is_lstm:
-                states += (torch.zeros(*shape, self.hidden_size, dtype=data.dtype, device=data.device),)
-        elif is_packed and input.sorted_indices is not None:
-            states = tuple(s.index_select(1, input.sorted_indices) for s in states)
+        def run_stack(x, batch_sizes, h0, c0):
+            return functional.stacked_rnn(
+                self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
+                self.bidirectional, self.dropout, self.training, self.proj_size > 0)
 
-        if is_packed:
-            x = data
-        else:
-            time_major = data.transpose(0, 1) if self.batch_first else data
-            steps = time_major.size(0)
-            x = time_major.reshape(steps * batch, self.input_size)
-            batch_sizes = []  # every step has the batch's rows: no per-step list (see functional.py)
+        return _sequence_forward(self, input, data, batch, is_batched, states, batch_sizes, out_size, run_stack)
 
-        y, h_n, c_n = functional.stacked_rnn(
-            self.mode, x, batch_sizes, states[0], states[1] if is_lstm else None, self._flat_weights,
-            self.bias, self.num_layers, self.bidirectional, self.dropout, self.training,
-            self.proj_size > 0)
 
-        if is_packed:
-            output = PackedSequence(y, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
-        else:
-            output = y.view(steps, batch, num_directions * out_size)
-            if self.batch_first:
-                output = output.transpose(0, 1)
-            if not is_batched:
-                output = output.squeeze(0 if self.batch_first else 1)
-        hidden = (h_n, c_n) if is_lstm else h_n
+def _sequence_forward(module, input, data: Tensor, batch: int, is_batched: bool, states, batch_sizes,
+                      out_size: int, run_stack):
+    """The forward of a checked call, shared by the float and the int8 layers: the initial states
+    (zeros when not given; a PackedSequence's in its sorted order), the input in packed layout,
+    run_stack(x, batch_sizes, h0, c0) -> (y, h_n, c_n) over it, and the output and final states in
+    the input's layout and order."""
+    is_lstm = module.mode == "LSTM"
+    num_directions = 2 if module.bidirectional else 1
+    is_packed = isinstance(input, PackedSequence)
+    if states is None:
+        shape = (module.num_layers * num_directions, batch)
+        states = (torch.zeros(*shape, out_size, dtype=data.dtype, device=data.device),)
+        if is_lstm:
+            states += (torch.zeros(*shape, module.hidden_size, dtype=data.dtype, device=data.device),)
+    elif is_packed and input.sorted_indices is not None:
+        states = tuple(s.index_select(1, input.sorted_indices) for s in states)
+
+    if is_packed:
+        x = data
+    else:
+        time_major = data.transpose(0, 1) if module.batch_first else data
+        steps = time_major.size(0)
+        x = time_major.reshape(steps * batch, module.input_size)
+        batch_sizes = []  # every step has the batch's rows: no per-step list (see functional.py)
+
+    y, h_n, c_n = run_stack(x, batch_sizes, states[0], states[1] if is_lstm else None)
+
+    if is_packed:
+        output = PackedSequence(y, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    else:
+        output = y.view(steps, batch, num_directions * out_size)
+        if module.batch_first:
+            output = output.transpose(0, 1)
         if not is_batched:
-            hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
-        return output, self.permute_hidden(hidden, input.unsorted_indices if is_packed else None)
+            output = output.squeeze(0 if module.batch_first else 1)
+    hidden = (h_n, c_n) if is_lstm else h_n
+    if not is_batched:
+        hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
+    return output, module.permute_hidden(hidden, input.unsorted_indices if is_packed else None)
 
 
 def _check_batch_sizes(name: str, batch_sizes, rows: int) -> None:

@@ -21,19 +21,13 @@
 // weight and input gradients (tests/test_cpu_blocking.py checks it) but not always for the
 // projection, whose last bits can differ.
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include <algorithm>
 #include <climits>
 #include <cstring>
 #include <type_traits>
 
-#include "../layer.h"
-#include "vec_math.h"
+#include "step_team.h"
 
 // The Fortran BLAS that torch's CPU build carries (MKL or OpenBLAS), when it exports it. Declared
 // weak: where it is missing the pointers are null and gemm_rows() falls back to at::mm_out.
@@ -50,6 +44,13 @@ namespace fused_rnn {
 namespace {
 
 using at::Tensor;
+using cpu::cell_units;
+using cpu::chunk_rows;
+using cpu::kGemmRowAlignment;
+using cpu::Member;
+using cpu::next_chunk;
+using cpu::StepChunk;
+using cpu::Team;
 
 // A row-major matrix operand: element (r, c) at data[r * ld + c], or at data[c * ld + r] when
 // transposed; conj for the complex fallback (real types ignore it).
@@ -104,55 +105,6 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, 
   }
 }
 
-// One thread of a Team: its index and the team's size.
-struct Member {
-  int64_t index, threads;
-
-  // This thread's part of [0, size): the same part at every step.
-  std::pair<int64_t, int64_t> share(int64_t size) const {
-    return {size * index / threads, size * (index + 1) / threads};
-  }
-  // The same in whole pieces of `align` (only the last part may end in a partial piece).
-  std::pair<int64_t, int64_t> share(int64_t size, int64_t align) const {
-    const auto [first, last] = share((size + align - 1) / align);
-    return {std::min(size, first * align), std::min(size, last * align)};
-  }
-
-  // Between steps: what one thread wrote is read by all at the next step.
-  void barrier() const {
-#ifdef _OPENMP
-    if (threads > 1) {
-#pragma omp barrier
-    }
-#endif
-  }
-};
-
-// A whole sequence in one parallel region: each thread keeps the same share of the hidden units
-// for every step, and steps are separated by barriers, cheaper than a fork and a join per step.
-// One thread when a step is too small for a second to pay for the barrier. Nothing in the region
-// may throw (an exception cannot leave an OpenMP region): it runs cells.h and raw BLAS (for complex
-// types, ATen's mm on memory that exists already, which has nothing left to check).
-struct Team {
-  int64_t threads;
-
-  explicit Team(double flops_per_step) {
-    constexpr double kFlopsWorthAThread = 1 << 17;
-    threads = flops_per_step < kFlopsWorthAThread ? 1 : std::max<int64_t>(1, at::get_num_threads());
-  }
-
-  template <typename F>
-  void run(const F& body) const {
-#ifdef _OPENMP
-    if (threads > 1) {
-#pragma omp parallel num_threads(threads)
-      body(Member{omp_get_thread_num(), omp_get_num_threads()});
-      return;
-    }
-#endif
-    body(Member{0, 1});
-  }
-};
 
 // Weights in the kernel's order. A panel block covers C vectors of Width output columns for each
 // of G gates (G = 1 for dG·W_hh); for each k, its G*C groups of Width weights lie side by side, so
@@ -299,57 +251,6 @@ void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& ro
     row_blocks<T, NG>(n, row, out, k0, std::min(kDepth, panels.K - k0), panel + k0 * NG * W, offset, lanes,
                       accumulate || k0 > 0);
   }
-}
-
-// The cell's forward or backward over units [j, j + lanes) of one row: a vector, or unit by unit.
-template <typename Cell, bool kForward, typename Io>
-void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
-  using T = typename Cell::scalar_t;
-  const auto apply = [&](auto math, int64_t unit) {
-    if constexpr (kForward) {
-      Cell::template forward<decltype(math)>(io, H, unit);
-    } else {
-      Cell::template backward<decltype(math)>(io, H, unit);
-    }
-  };
-  if (lanes == KernelMath<T>::kWidth) {
-    apply(KernelMath<T>{}, j);
-  } else {
-    for (int64_t l = 0; l < lanes; ++l) apply(ScalarMath<T>{}, j + l);
-  }
-}
-
-// Gate values per chunk of steps (4 MB of floats): the forward's x·W_ihᵀ and the backward's gate
-// gradients are produced and consumed a chunk at a time, large enough for efficient GEMMs, small
-// enough to stay in cache in between (instead of [N, G*H] tensors faulted in page by page per call).
-constexpr int64_t kChunkElements = int64_t{1} << 20;
-
-// Threads split the rows of a chunk's GEMM outputs in multiples of this.
-constexpr int64_t kGemmRowAlignment = 16;
-
-// Consecutive steps of a loop, in the order it walks them: steps [begin, end) of that order hold
-// rows [row0, row0 + rows) of the packed sequence (steps are contiguous in memory in either order).
-struct StepChunk {
-  int64_t begin, end, row0, rows;
-};
-
-// Rows per chunk for G*H values per row: at least one step's worth (batch_sizes[0] = B).
-int64_t chunk_rows(const LayerShape& s, int64_t values_per_row) {
-  return std::max(s.B, kChunkElements / std::max<int64_t>(1, values_per_row));
-}
-
-// The chunk that starts at step `begin` of a walk over t = T-1, T-2, ... (descending) or 0, 1, ...:
-// whole steps while their rows fit in `cap` rows.
-StepChunk next_chunk(const LayerShape& s, bool descending, int64_t begin, int64_t cap) {
-  StepChunk chunk{begin, begin, 0, 0};
-  while (chunk.end < s.T) {
-    const int64_t n = s.batch_sizes[descending ? s.T - 1 - chunk.end : chunk.end];
-    if (chunk.end > begin && chunk.rows + n > cap) break;
-    chunk.rows += n;
-    ++chunk.end;
-  }
-  chunk.row0 = s.offsets[descending ? s.T - chunk.end : begin];
-  return chunk;
 }
 
 template <typename Cell>
