@@ -57,18 +57,23 @@ FULL_CASES = [
     (100, 64, 512, 512, 2, False),  # stacked
     (100, 64, 512, 512, 1, True),  # bidirectional
 ]
+# The int8 inference rows (dtype "int8", CPU, LSTM and GRU): fused_rnn's int8 layers (quantize_dynamic
+# of the fused model) against torch's (quantize_dynamic of torch.nn's), torch.nn float32 the reference.
+LOW_PRECISION_CASES = [(100, b, h, h, 1, False) for b in (1, 8) for h in (512, 1024)]
+QUICK_LOW_PRECISION_CASES = [(100, 1, 1024, 1024, 1, False)]
 FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),
                      (100, 64, 512, 512, 1, True)]
 RECORD_FIELDS = ["device", "torch", "threads", "cores", "date", "tf32", "load_average", "cell", "T", "B", "I",
                  "H", "layers", "bidirectional", "dtype", "mode", "lengths", "reference", "rounds", "ms", "spread",
-                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb"]
+                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb", "error"]
 ROTATION = 3  # distinct inputs cycled through
 WIDE_SPREAD = 0.10  # a row is marked `~` when a timing's interquartile range exceeds this share of its median
 ROUND_BUDGET_S = {"cpu": 1.5, "cuda": 0.5}  # time per case for the timed rounds, when --repeats is not given
 MIN_ROUNDS, MAX_ROUNDS = 5, 25
 CELLS = {"LSTM": (fused_rnn.LSTM, torch.nn.LSTM), "GRU": (fused_rnn.GRU, torch.nn.GRU),
          "RNN": (fused_rnn.RNN, torch.nn.RNN)}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": "int8"}
+INT8 = "int8"  # the dtype of the int8 rows: the inputs are float32, the weights int8
 REFERENCE = "torch.nn"
 
 
@@ -190,13 +195,10 @@ def int8_step(ref, xs, device, cell):
     if device.type != "cpu" or cell not in ("LSTM", "GRU"):
         return None, None  # torch has dynamic int8 for CPU LSTM and GRU only: nothing to note per row
     try:
-        from torch.ao.quantization import quantize_dynamic
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its deprecation notice
-            quantized = quantize_dynamic(ref, {type(ref)}, dtype=torch.qint8)
+        layer = quantized(ref)
     except Exception as error:  # noqa: BLE001 - an unavailable peer is a note, not a failure
         return None, f"torch int8: {type(error).__name__}: {error}"
-    return make_step(quantized, xs, "inference"), None
+    return make_step(layer, xs, "inference"), None
 
 
 PEER_LABELS = {"onnxruntime": "ONNX Runtime", "int8": "torch int8 (dynamic)"}
@@ -210,6 +212,38 @@ def packed_lengths(steps, batch):
     """Lengths uniform in [T/4, T], from a fixed seed (so every run sees the same batch)."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(max(1, steps // 4), steps + 1, (batch,), generator=g)
+
+
+def quantized(layer):
+    """torch's dynamic int8 quantization of a layer (ours for a fused one, torch's for torch.nn's).
+    quantize_dynamic swaps a model's children, never the model itself: the layer goes in a Sequential
+    (a bare layer would come back in float32, as this harness's int8 peer did before 2026-12-01)."""
+    from torch.ao.quantization import quantize_dynamic
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice
+        model = quantize_dynamic(torch.nn.Sequential(layer), {type(layer)}, dtype=torch.qint8)
+    if model[0] is layer or not hasattr(model[0], "_all_weight_values"):
+        raise RuntimeError(f"quantize_dynamic left {type(layer).__name__} unquantized")
+    return model[0]
+
+
+def int8_contenders(cell, case, device, errors):
+    """The int8 row: fused_rnn's int8 layer, torch.nn float32 (the reference) and torch's int8 layer,
+    same weights; `errors` gets each int8 layer's largest deviation from float32 on the first input."""
+    steps, batch, inputs, hidden, layers, bidirectional = case
+    fused_cls, ref_cls = CELLS[cell]
+    torch.manual_seed(0)
+    ref = ref_cls(inputs, hidden, num_layers=layers, bidirectional=bidirectional)
+    fused = fused_cls(inputs, hidden, num_layers=layers, bidirectional=bidirectional)
+    fused.load_state_dict(ref.state_dict())
+    ours, theirs = quantized(fused), quantized(ref)
+    xs = [torch.randn(steps, batch, inputs) for _ in range(ROTATION)]
+    with torch.no_grad():
+        want = ref(xs[0])[0]
+        errors.update({"fused": (ours(xs[0])[0] - want).abs().max().item(),
+                       "int8": (theirs(xs[0])[0] - want).abs().max().item()})
+    return {"fused": make_step(ours, xs, "inference"), REFERENCE: make_step(ref, xs, "inference"),
+            "int8": make_step(theirs, xs, "inference")}
 
 
 def contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes):
@@ -270,7 +304,11 @@ def time_interleaved(contenders, device, repeats):
 def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loop=False, notes=None):
     notes = set() if notes is None else notes
     load_before = load_average()
-    contenders = contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes)
+    errors = {}
+    if dtype == INT8:
+        contenders = int8_contenders(cell, case, device, errors)
+    else:
+        contenders = contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes)
     memory = {name: peak_megabytes(fn, device) for name, fn in contenders.items()} if device.type == "cuda" else None
     samples = time_interleaved(contenders, device, repeats)
     load_after = load_average()
@@ -299,6 +337,8 @@ def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loo
         "rounds": len(samples["fused"]), "ms": ms, "spread": spread, "speedup": speedup,
         "wide_spread": wide, "loaded": machine_is_loaded(max(loads)) if loads else False,
         "ms_fused": ms["fused"], "ms_reference": ms[REFERENCE], "mb": memory,
+        # int8 rows: the largest |output - float32 output| of fused_rnn's and torch's int8 layers
+        "error": {name: float(f"{e:.3g}") for name, e in errors.items()} or None,
     }
 
 
@@ -355,8 +395,12 @@ def print_tables(records, out=None):
             print(f"| {case_label(r)} | {r['mode']} | {fmt_ms(r, 'fused')} | {fmt_ms(r, REFERENCE)} | "
                   f"{fmt_ms(r, 'torch.nn padded')} | {fmt_speedup(r, REFERENCE)} | "
                   f"{fmt_speedup(r, 'torch.nn padded')} | {marks(r)} |", file=out)
+    int8_rows = [r for r in full if r.get("error")]
+    if int8_rows:
+        print("\nint8 rows: largest |output - float32 output|, fused_rnn's int8 / torch's int8: " + ", ".join(
+            f"{case_label(r)} {r['error']['fused']:.2g} / {r['error']['int8']:.2g}" for r in int8_rows), file=out)
     if records:
-        speedups = [r["speedup"][REFERENCE]["median"] for r in full]
+        speedups = [r["speedup"][REFERENCE]["median"] for r in full if not r.get("error")]
         if speedups:
             print(f"\nfull-length input: geometric-mean speedup over torch.nn {statistics.geometric_mean(speedups):.2f}x "
                   f"over {len(speedups)} rows (min {min(speedups):.2f}x, max {max(speedups):.2f}x)", file=out)
@@ -467,7 +511,8 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=1, help="with --shapes")
     p.add_argument("--bidirectional", action="store_true", help="with --shapes")
     p.add_argument("--modes", default="inference,training")
-    p.add_argument("--dtypes", default=None, help="default: float32 (plus bfloat16,float16 on a GPU)")
+    p.add_argument("--dtypes", default=None, help="default: float32 (plus bfloat16,float16 on a GPU); int8 "
+                                                  "(CPU, LSTM and GRU inference) times the int8 layers")
     p.add_argument("--repeats", type=int, default=None,
                    help=f"timed rounds (default: {MIN_ROUNDS} to {MAX_ROUNDS}, as many as fit "
                         f"{ROUND_BUDGET_S['cpu']} s per row on the CPU, {ROUND_BUDGET_S['cuda']} s on a GPU)")
@@ -491,8 +536,17 @@ def main(argv=None):
     dtypes = (args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")).split(",")
     grid = [(c, s, d, m, "full") for c in args.cells.split(",") for s in cases for d in dtypes
             for m in args.modes.split(",")]
-    grid += [(c, s, "float32", m, "packed") for c in args.cells.split(",") for s in packed_cases
-             for m in args.modes.split(",")]
+    if "float32" in dtypes:  # packed input: float32 rows
+        grid += [(c, s, "float32", m, "packed") for c in args.cells.split(",") for s in packed_cases
+                 for m in args.modes.split(",")]
+    # The int8 rows (CPU inference, LSTM and GRU): their own cases in the grids, or the --shapes when
+    # --dtypes names int8; not with --dtypes that does not.
+    grid = [row for row in grid if row[2] != INT8]
+    int8_cases = cases if args.shapes else (LOW_PRECISION_CASES if args.full else QUICK_LOW_PRECISION_CASES)
+    if (INT8 in dtypes if args.dtypes else not args.shapes) and device.type == "cpu" and \
+            "inference" in args.modes.split(","):
+        grid += [(c, s, INT8, "inference", "full") for c in args.cells.split(",") if c in ("LSTM", "GRU")
+                 for s in int8_cases]
 
     records, notes = [], set()
     load = load_average()

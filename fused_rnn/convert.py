@@ -42,7 +42,7 @@ def convert(model: nn.Module, to: str = "fused") -> nn.Module:
     twins = _twins(to)
     for module in model.modules():
         twin = twins.get(type(module))
-        if twin is None or (isinstance(module, nnqd.RNNBase) and module.dtype != torch.qint8):
+        if twin is None or (isinstance(module, (nnqd.LSTM, nnqd.GRU)) and module.dtype != torch.qint8):
             continue
         module.__class__ = twin
         module.__dict__.pop("_kernel_cache", None)

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import fused_rnn
+
 pytest.importorskip("matplotlib")
 from bench import run  # noqa: E402
 
@@ -70,6 +72,23 @@ def test_peers_and_packed_rows():
     check_spread(packed)
     lengths = run.packed_lengths(100, 64)
     assert 25 <= lengths.min() and lengths.max() <= 100 and len(set(lengths.tolist())) > 10
+
+
+def test_int8_rows_time_both_int8_layers():
+    """The int8 peer is torch's quantized layer (quantize_dynamic does not swap a bare layer: the
+    harness once timed float32 under that name), and the int8 row times ours against it."""
+    from torch.ao.nn.quantized import dynamic as nnqd
+    assert type(run.quantized(torch.nn.LSTM(4, 4))) is nnqd.LSTM
+    assert type(run.quantized(fused_rnn.GRU(4, 4))) is fused_rnn.quantized.GRU
+    row = run.bench_one("GRU", (4, 3, 4, 4, 1, False), run.INT8, "inference", torch.device("cpu"), 2)
+    assert set(row["ms"]) == {"fused", "torch.nn", "int8"} and row["dtype"] == "int8"
+    assert set(row["error"]) == {"fused", "int8"} and all(e > 0 for e in row["error"].values())
+    check_spread(row)
+    grid = run.main(["--shapes", "4x2x4", "--cells", "LSTM,RNN", "--dtypes", "float32,int8", "--repeats", "1",
+                     "--no-save"])
+    assert [(r["cell"], r["dtype"], r["mode"]) for r in grid] == [
+        ("LSTM", "float32", "inference"), ("LSTM", "float32", "training"), ("RNN", "float32", "inference"),
+        ("RNN", "float32", "training"), ("LSTM", "int8", "inference")]
 
 
 def test_absent_onnxruntime_is_a_note(monkeypatch):

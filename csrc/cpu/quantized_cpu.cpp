@@ -161,6 +161,27 @@ FUSED_RNN_VNNI inline void vnni_accumulate(__m512i (&acc)[NB][R], const int8_t* 
   }
 }
 
+// [a0 + a1, a2 + a3, b0 + b1, b2 + b3] of the 128-bit lanes of a and b.
+FUSED_RNN_VNNI inline __m512i vnni_fold(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+}
+
+// The lane sums of 16 accumulators x[0..15], as one vector: element i is Σ x[i]. A tree of 45
+// shuffles and adds, where 16 separate reductions would take some 160 instructions, as many as
+// the products of a short row.
+FUSED_RNN_VNNI inline __m512i vnni_sum16(const __m512i* x) {
+  __m512i pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i) {  // 128-bit lane l: partial sums of x[2i], x[2i+1], interleaved
+    pairs[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]),
+                                _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // lane l: partial sums of x[4i .. 4i+3], in order; then the lanes
+    quads[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * i], pairs[2 * i + 1]),
+                                _mm512_unpackhi_epi64(pairs[2 * i], pairs[2 * i + 1]));
+  }
+  return vnni_fold(vnni_fold(quads[0], quads[1]), vnni_fold(quads[2], quads[3]));
+}
+
 template <int R, int NB>
 FUSED_RNN_VNNI void dot_block_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
   __m512i acc[NB][R];
@@ -169,8 +190,34 @@ FUSED_RNN_VNNI void dot_block_vnni(const int8_t* w, int64_t ld, const uint8_t* c
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) vnni_accumulate<R, NB, false>(acc, w, ld, a, k, 0);
   if (k < K) vnni_accumulate<R, NB, true>(acc, w, ld, a, k, (__mmask64{1} << (K - k)) - 1);
-  for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < R; ++r) sums[b * R + r] = _mm512_reduce_add_epi32(acc[b][r]);
+  if constexpr (R * NB == 16) {
+    _mm512_storeu_si512(sums, vnni_sum16(&acc[0][0]));
+  } else {
+    for (int b = 0; b < NB; ++b)
+      for (int r = 0; r < R; ++r) sums[b * R + r] = _mm512_reduce_add_epi32(acc[b][r]);
+  }
+}
+
+// Dequantizes a tile of 16 sums (element i = b * R + r) as dequantize() does, 16 at a time.
+template <int R, int NB>
+FUSED_RNN_VNNI void dequantize16_vnni(const int32_t* sums, const QuantizedRow* rows, const int32_t* row_sum,
+                                     const float* w_scale, const float* bias, float* values) {
+  static_assert(R * NB == 16 && sizeof(QuantizedRow) == 8, "16 sums; rows as (scale, zero) pairs");
+  alignas(64) int32_t scale_index[16], zero_index[16], weight_index[16];
+  for (int i = 0; i < 16; ++i) scale_index[i] = 2 * (i / R), zero_index[i] = 2 * (i / R) + 1, weight_index[i] = i % R;
+  const __m512i pairs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (2 * NB)) - 1), rows);
+  const __m512i weight_lanes = _mm512_load_si512(weight_index);
+  const __m512 row_scale = _mm512_castsi512_ps(_mm512_permutexvar_epi32(_mm512_load_si512(scale_index), pairs));
+  const __m512i zero = _mm512_permutexvar_epi32(_mm512_load_si512(zero_index), pairs);
+  const __mmask16 first_r = static_cast<__mmask16>((1u << R) - 1);
+  const __m512i sums_w = _mm512_permutexvar_epi32(weight_lanes, _mm512_maskz_loadu_epi32(first_r, row_sum));
+  const __m512 scale_w = _mm512_permutexvar_ps(weight_lanes, _mm512_maskz_loadu_ps(first_r, w_scale));
+  const __m512 value = _mm512_cvtepi32_ps(
+      _mm512_sub_epi32(_mm512_loadu_si512(sums), _mm512_mullo_epi32(zero, sums_w)));
+  const __m512 scale = _mm512_mul_ps(row_scale, scale_w);
+  _mm512_storeu_ps(values, bias ? _mm512_fmadd_ps(value, scale, _mm512_permutexvar_ps(
+                                                                    weight_lanes, _mm512_maskz_loadu_ps(first_r, bias)))
+                                : _mm512_mul_ps(value, scale));
 }
 #undef FUSED_RNN_VNNI
 
@@ -234,12 +281,21 @@ struct WeightRows {
 // steps): a block of W stays in L1 while all rows stream past it.
 enum class Walk { kRecurrent, kProjection };
 
-template <typename Finish>
+// One dequantized value: float(sum - zero · row sum) times both scales, plus the bias in the same
+// rounding (an explicit fma, which the vector version also takes: the same bits either way).
+inline float dequantize(int32_t sum, const QuantizedRow& a, int32_t row_sum, float w_scale, const float* bias) {
+  const float value = static_cast<float>(sum - a.zero * row_sum), scale = a.scale * w_scale;
+  return bias ? std::fma(value, scale, *bias) : value * scale;
+}
+
+template <typename OutFn>
 struct ProductTiles {
   const QuantizedActivations& x;
   const WeightRows& w;
   Int8Kernel kernel;
-  const Finish& finish;
+  int64_t first;      // out(b)[0] is weight row `first`
+  const float* bias;  // [rows of w] or null
+  const OutFn& out;
 
   template <int R, int NB>
   void tile(int64_t b, int64_t r) const {
@@ -247,8 +303,21 @@ struct ProductTiles {
     for (int i = 0; i < NB; ++i) a[i] = x.q + (b + i) * x.K;
     int32_t sums[NB * R];
     dot_block<R, NB>(kernel, w.q + r * x.K, x.K, a, x.K, sums);
+#if defined(__AVX2__)
+    if constexpr (R * NB == 16) {
+      if (kernel == Int8Kernel::kVnni) {
+        float values[16];
+        dequantize16_vnni<R, NB>(sums, x.rows + b, w.row_sum + r, w.scale + r, bias ? bias + r : nullptr, values);
+        for (int i = 0; i < NB; ++i) std::memcpy(out(b + i) + (r - first), values + i * R, R * sizeof(float));
+        return;
+      }
+    }
+#endif
     for (int i = 0; i < NB; ++i)
-      for (int j = 0; j < R; ++j) finish(b + i, r + j, sums[i * R + j]);
+      for (int j = 0; j < R; ++j) {
+        out(b + i)[r + j - first] =
+            dequantize(sums[i * R + j], x.rows[b + i], w.row_sum[r + j], w.scale[r + j], bias ? bias + r + j : nullptr);
+      }
   }
   // Weight rows [first, last) for activation rows [b, b + NB): R at a time, then one by one.
   template <int R, int NB>
@@ -273,12 +342,7 @@ struct ProductTiles {
 template <typename OutFn>
 void quantized_product(Int8Kernel kernel, Walk walk, const QuantizedActivations& x, int64_t n, const WeightRows& w,
                        int64_t first, int64_t count, const float* bias, const OutFn& out) {
-  const auto finish = [&](int64_t b, int64_t r, int32_t sum) {
-    const QuantizedRow& a = x.rows[b];
-    const float value = static_cast<float>(sum - a.zero * w.row_sum[r]) * (a.scale * w.scale[r]);
-    out(b)[r - first] = bias ? value + bias[r] : value;
-  };
-  const ProductTiles<decltype(finish)> tiles{x, w, kernel, finish};
+  const ProductTiles<OutFn> tiles{x, w, kernel, first, bias, out};
   const int64_t last = first + count;
   const bool wide = kernel == Int8Kernel::kVnni;
   if (walk == Walk::kProjection) {  // tiles of 2 x 8 (AVX2: 4 x 2)
