@@ -182,6 +182,41 @@ FUSED_RNN_VNNI inline __m512i vnni_sum16(const __m512i* x) {
   return vnni_fold(vnni_fold(quads[0], quads[1]), vnni_fold(quads[2], quads[3]));
 }
 
+// The 2 x 8 tile (batches of 8 and the input projection), written out: with the accumulators in
+// an array, GCC 12 copies each through a scratch register around every vpdpbusd, which made the
+// kernel 40% slower than this (measured at K = 1024 on the 2-core CPU).
+FUSED_RNN_VNNI void dot_tile_2x8_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
+                                      int32_t* sums) {
+#define FUSED_RNN_ROW(b) __m512i c##b##0 = _mm512_setzero_si512(), c##b##1 = _mm512_setzero_si512();
+  FUSED_RNN_ROW(0) FUSED_RNN_ROW(1) FUSED_RNN_ROW(2) FUSED_RNN_ROW(3)
+  FUSED_RNN_ROW(4) FUSED_RNN_ROW(5) FUSED_RNN_ROW(6) FUSED_RNN_ROW(7)
+#undef FUSED_RNN_ROW
+  const int8_t *w0 = w, *w1 = w + ld;
+#define FUSED_RNN_STEP(LOAD, b)                                                        \
+  {                                                                                    \
+    const __m512i x = LOAD(a[b] + k);                                                  \
+    c##b##0 = _mm512_dpbusd_epi32(c##b##0, x, v0);                                     \
+    c##b##1 = _mm512_dpbusd_epi32(c##b##1, x, v1);                                     \
+  }
+#define FUSED_RNN_STEPS(LOAD)                                                          \
+  {                                                                                    \
+    const __m512i v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                \
+    FUSED_RNN_STEP(LOAD, 0) FUSED_RNN_STEP(LOAD, 1) FUSED_RNN_STEP(LOAD, 2) FUSED_RNN_STEP(LOAD, 3) \
+    FUSED_RNN_STEP(LOAD, 4) FUSED_RNN_STEP(LOAD, 5) FUSED_RNN_STEP(LOAD, 6) FUSED_RNN_STEP(LOAD, 7) \
+  }
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) FUSED_RNN_STEPS(_mm512_loadu_si512)
+  if (k < K) {
+    const __mmask64 mask = (__mmask64{1} << (K - k)) - 1;
+    const auto masked = [mask](const void* p) FUSED_RNN_VNNI { return _mm512_maskz_loadu_epi8(mask, p); };
+    FUSED_RNN_STEPS(masked)
+  }
+#undef FUSED_RNN_STEPS
+#undef FUSED_RNN_STEP
+  const __m512i all[16] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71};
+  _mm512_storeu_si512(sums, vnni_sum16(all));
+}
+
 template <int R, int NB>
 FUSED_RNN_VNNI void dot_block_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
   __m512i acc[NB][R];
@@ -248,7 +283,10 @@ Int8Kernel int8_kernel() {
 template <int R, int NB>
 void dot_block(Int8Kernel kernel, const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
 #if defined(__AVX2__)
-  if (kernel == Int8Kernel::kVnni) return dot_block_vnni<R, NB>(w, ld, a, K, sums);
+  if (kernel == Int8Kernel::kVnni) {
+    if constexpr (R == 2 && NB == 8) return dot_tile_2x8_vnni(w, ld, a, K, sums);
+    return dot_block_vnni<R, NB>(w, ld, a, K, sums);
+  }
   if (kernel == Int8Kernel::kAvx2) return dot_block_avx2<R, NB>(w, ld, a, K, sums);
 #endif
   for (int i = 0; i < R * NB; ++i) sums[i] = 0;
