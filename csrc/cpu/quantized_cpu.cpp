@@ -182,40 +182,94 @@ FUSED_RNN_VNNI inline __m512i vnni_sum16(const __m512i* x) {
   return vnni_fold(vnni_fold(quads[0], quads[1]), vnni_fold(quads[2], quads[3]));
 }
 
-// The 2 x 8 tile (batches of 8 and the input projection), written out: with the accumulators in
+// The 16-accumulator tiles (R x NB = 2 x 8, 4 x 4, 8 x 2), written out: with the accumulators in
 // an array, GCC 12 copies each through a scratch register around every vpdpbusd, which made the
-// kernel 40% slower than this (measured at K = 1024 on the 2-core CPU).
+// kernel 40% slower than this (measured at K = 1024 on the 2-core CPU). The macros spell out what
+// dot_block_vnni's loops say: c<b><r> accumulates activation row b times weight row r.
+#define FUSED_RNN_ZERO(b, r) __m512i c##b##r = _mm512_setzero_si512();
+#define FUSED_RNN_WEIGHT(LOAD, r) const __m512i v##r = LOAD(w + r * ld + k);
+#define FUSED_RNN_DP(b, r) c##b##r = _mm512_dpbusd_epi32(c##b##r, x, v##r);
+#define FUSED_RNN_ROW(LOAD, b, PRODUCTS) \
+  {                                      \
+    const __m512i x = LOAD(a[b] + k);    \
+    PRODUCTS(b)                          \
+  }
+#define FUSED_RNN_DP2(b) FUSED_RNN_DP(b, 0) FUSED_RNN_DP(b, 1)
+#define FUSED_RNN_DP4(b) FUSED_RNN_DP2(b) FUSED_RNN_DP(b, 2) FUSED_RNN_DP(b, 3)
+#define FUSED_RNN_DP8(b) FUSED_RNN_DP4(b) FUSED_RNN_DP(b, 4) FUSED_RNN_DP(b, 5) FUSED_RNN_DP(b, 6) FUSED_RNN_DP(b, 7)
+// The body: full vectors, the next tile's weight rows prefetched a row's length ahead (once W
+// outgrows L2, at H = 1024, it comes from L3 at every step, and a tile's loads are too few for the
+// hardware prefetcher to ramp up), then the masked last vector, then one tree reduction.
+#define FUSED_RNN_TILE(R, ZEROS, WEIGHTS, ROWS, ...)                                               \
+  ZEROS int64_t k = 0;                                                                            \
+  for (; k + 64 <= K; k += 64) {                                                                  \
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * ld + k), \
+                                             _MM_HINT_T0);                                        \
+    WEIGHTS(_mm512_loadu_si512) ROWS(_mm512_loadu_si512)                                          \
+  }                                                                                               \
+  if (k < K) {                                                                                    \
+    const __mmask64 mask = (__mmask64{1} << (K - k)) - 1;                                         \
+    const auto masked = [mask](const void* p) FUSED_RNN_VNNI { return _mm512_maskz_loadu_epi8(mask, p); }; \
+    WEIGHTS(masked) ROWS(masked)                                                                  \
+  }                                                                                               \
+  const __m512i all[16] = {__VA_ARGS__};                                                          \
+  _mm512_storeu_si512(sums, vnni_sum16(all));
+
 FUSED_RNN_VNNI void dot_tile_2x8_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
                                       int32_t* sums) {
-#define FUSED_RNN_ROW(b) __m512i c##b##0 = _mm512_setzero_si512(), c##b##1 = _mm512_setzero_si512();
-  FUSED_RNN_ROW(0) FUSED_RNN_ROW(1) FUSED_RNN_ROW(2) FUSED_RNN_ROW(3)
-  FUSED_RNN_ROW(4) FUSED_RNN_ROW(5) FUSED_RNN_ROW(6) FUSED_RNN_ROW(7)
-#undef FUSED_RNN_ROW
-  const int8_t *w0 = w, *w1 = w + ld;
-#define FUSED_RNN_STEP(LOAD, b)                                                        \
-  {                                                                                    \
-    const __m512i x = LOAD(a[b] + k);                                                  \
-    c##b##0 = _mm512_dpbusd_epi32(c##b##0, x, v0);                                     \
-    c##b##1 = _mm512_dpbusd_epi32(c##b##1, x, v1);                                     \
-  }
-#define FUSED_RNN_STEPS(LOAD)                                                          \
-  {                                                                                    \
-    const __m512i v0 = LOAD(w0 + k), v1 = LOAD(w1 + k);                                \
-    FUSED_RNN_STEP(LOAD, 0) FUSED_RNN_STEP(LOAD, 1) FUSED_RNN_STEP(LOAD, 2) FUSED_RNN_STEP(LOAD, 3) \
-    FUSED_RNN_STEP(LOAD, 4) FUSED_RNN_STEP(LOAD, 5) FUSED_RNN_STEP(LOAD, 6) FUSED_RNN_STEP(LOAD, 7) \
-  }
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) FUSED_RNN_STEPS(_mm512_loadu_si512)
-  if (k < K) {
-    const __mmask64 mask = (__mmask64{1} << (K - k)) - 1;
-    const auto masked = [mask](const void* p) FUSED_RNN_VNNI { return _mm512_maskz_loadu_epi8(mask, p); };
-    FUSED_RNN_STEPS(masked)
-  }
-#undef FUSED_RNN_STEPS
-#undef FUSED_RNN_STEP
-  const __m512i all[16] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71};
-  _mm512_storeu_si512(sums, vnni_sum16(all));
+#define ZEROS FUSED_RNN_ZERO(0, 0) FUSED_RNN_ZERO(0, 1) FUSED_RNN_ZERO(1, 0) FUSED_RNN_ZERO(1, 1) \
+  FUSED_RNN_ZERO(2, 0) FUSED_RNN_ZERO(2, 1) FUSED_RNN_ZERO(3, 0) FUSED_RNN_ZERO(3, 1)             \
+  FUSED_RNN_ZERO(4, 0) FUSED_RNN_ZERO(4, 1) FUSED_RNN_ZERO(5, 0) FUSED_RNN_ZERO(5, 1)             \
+  FUSED_RNN_ZERO(6, 0) FUSED_RNN_ZERO(6, 1) FUSED_RNN_ZERO(7, 0) FUSED_RNN_ZERO(7, 1)
+#define WEIGHTS(L) FUSED_RNN_WEIGHT(L, 0) FUSED_RNN_WEIGHT(L, 1)
+#define ROWS(L) FUSED_RNN_ROW(L, 0, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 1, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 2, FUSED_RNN_DP2) \
+  FUSED_RNN_ROW(L, 3, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 4, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 5, FUSED_RNN_DP2)            \
+  FUSED_RNN_ROW(L, 6, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 7, FUSED_RNN_DP2)
+  FUSED_RNN_TILE(2, ZEROS, WEIGHTS, ROWS, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70,
+                 c71)
+#undef ZEROS
+#undef WEIGHTS
+#undef ROWS
 }
+
+FUSED_RNN_VNNI void dot_tile_4x4_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
+                                      int32_t* sums) {
+#define ZEROS_OF(b) FUSED_RNN_ZERO(b, 0) FUSED_RNN_ZERO(b, 1) FUSED_RNN_ZERO(b, 2) FUSED_RNN_ZERO(b, 3)
+#define ZEROS ZEROS_OF(0) ZEROS_OF(1) ZEROS_OF(2) ZEROS_OF(3)
+#define WEIGHTS(L) FUSED_RNN_WEIGHT(L, 0) FUSED_RNN_WEIGHT(L, 1) FUSED_RNN_WEIGHT(L, 2) FUSED_RNN_WEIGHT(L, 3)
+#define ROWS(L) FUSED_RNN_ROW(L, 0, FUSED_RNN_DP4) FUSED_RNN_ROW(L, 1, FUSED_RNN_DP4) FUSED_RNN_ROW(L, 2, FUSED_RNN_DP4) \
+  FUSED_RNN_ROW(L, 3, FUSED_RNN_DP4)
+  FUSED_RNN_TILE(4, ZEROS, WEIGHTS, ROWS, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32,
+                 c33)
+#undef ZEROS_OF
+#undef ZEROS
+#undef WEIGHTS
+#undef ROWS
+}
+
+FUSED_RNN_VNNI void dot_tile_8x2_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
+                                      int32_t* sums) {
+#define ZEROS_OF(b) FUSED_RNN_ZERO(b, 0) FUSED_RNN_ZERO(b, 1) FUSED_RNN_ZERO(b, 2) FUSED_RNN_ZERO(b, 3) \
+  FUSED_RNN_ZERO(b, 4) FUSED_RNN_ZERO(b, 5) FUSED_RNN_ZERO(b, 6) FUSED_RNN_ZERO(b, 7)
+#define ZEROS ZEROS_OF(0) ZEROS_OF(1)
+#define WEIGHTS(L) FUSED_RNN_WEIGHT(L, 0) FUSED_RNN_WEIGHT(L, 1) FUSED_RNN_WEIGHT(L, 2) FUSED_RNN_WEIGHT(L, 3) \
+  FUSED_RNN_WEIGHT(L, 4) FUSED_RNN_WEIGHT(L, 5) FUSED_RNN_WEIGHT(L, 6) FUSED_RNN_WEIGHT(L, 7)
+#define ROWS(L) FUSED_RNN_ROW(L, 0, FUSED_RNN_DP8) FUSED_RNN_ROW(L, 1, FUSED_RNN_DP8)
+  FUSED_RNN_TILE(8, ZEROS, WEIGHTS, ROWS, c00, c01, c02, c03, c04, c05, c06, c07, c10, c11, c12, c13, c14, c15, c16,
+                 c17)
+#undef ZEROS_OF
+#undef ZEROS
+#undef WEIGHTS
+#undef ROWS
+}
+#undef FUSED_RNN_TILE
+#undef FUSED_RNN_DP8
+#undef FUSED_RNN_DP4
+#undef FUSED_RNN_DP2
+#undef FUSED_RNN_ROW
+#undef FUSED_RNN_DP
+#undef FUSED_RNN_WEIGHT
+#undef FUSED_RNN_ZERO
 
 template <int R, int NB>
 FUSED_RNN_VNNI void dot_block_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
@@ -223,7 +277,10 @@ FUSED_RNN_VNNI void dot_block_vnni(const int8_t* w, int64_t ld, const uint8_t* c
   for (int b = 0; b < NB; ++b)
     for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_si512();
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) vnni_accumulate<R, NB, false>(acc, w, ld, a, k, 0);
+  for (; k + 64 <= K; k += 64) {
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * ld + k), _MM_HINT_T0);
+    vnni_accumulate<R, NB, false>(acc, w, ld, a, k, 0);
+  }
   if (k < K) vnni_accumulate<R, NB, true>(acc, w, ld, a, k, (__mmask64{1} << (K - k)) - 1);
   if constexpr (R * NB == 16) {
     _mm512_storeu_si512(sums, vnni_sum16(&acc[0][0]));
@@ -285,6 +342,8 @@ void dot_block(Int8Kernel kernel, const int8_t* w, int64_t ld, const uint8_t* co
 #if defined(__AVX2__)
   if (kernel == Int8Kernel::kVnni) {
     if constexpr (R == 2 && NB == 8) return dot_tile_2x8_vnni(w, ld, a, K, sums);
+    if constexpr (R == 4 && NB == 4) return dot_tile_4x4_vnni(w, ld, a, K, sums);
+    if constexpr (R == 8 && NB == 2) return dot_tile_8x2_vnni(w, ld, a, K, sums);
     return dot_block_vnni<R, NB>(w, ld, a, K, sums);
   }
   if (kernel == Int8Kernel::kAvx2) return dot_block_avx2<R, NB>(w, ld, a, K, sums);
