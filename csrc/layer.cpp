@@ -400,9 +400,10 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
   s.H = s.P = w_ih.size(0) / s.gates;
   s.proj = false;
   s.outputs_in_saved = false;
-  // Within int32: each product is at most 127 · 128, and sums of 2^17 of them stay below 2^31.
-  TORCH_CHECK(std::max(s.I, s.H) <= (int64_t{1} << 17), "fused_rnn: the int8 layer takes at most 131072 ",
-              "input features and hidden units, got ", s.I, " and ", s.H);
+  // Within int32: a product is at most 255 · 128, so a row's sum and its zero-point correction each
+  // stay below 2^30 for up to 2^15 terms, and so does their difference.
+  TORCH_CHECK(std::max(s.I, s.H) <= (int64_t{1} << 15), "fused_rnn: the int8 layer takes at most 32768 ",
+              "input features and hidden units (its int32 sums would overflow), got ", s.I, " and ", s.H);
   const auto check_weights = [&](const Tensor& q, const Tensor& scale, const Tensor& row_sum, const char* name,
                                  int64_t cols) {
     check_matrix(q, name, s.gates * s.H, cols);

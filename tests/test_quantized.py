@@ -165,6 +165,16 @@ def test_threads_and_kernels_give_the_same_bits():
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+def test_too_wide_for_int32_sums_is_refused():
+    q = torch.ops.fused_rnn.quantized_layer_forward
+    w_ih = torch.zeros(3, 40000, dtype=torch.int8)
+    w_hh = torch.zeros(3, 1, dtype=torch.int8)
+    scale, sums = torch.ones(3), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="at most 32768"):
+        q(1, torch.zeros(2, 40000), [], False, torch.zeros(1, 1), None, w_ih, scale, sums, w_hh, scale, sums,
+          None, None)
+
+
 def test_non_finite_input_gives_nan_not_garbage():
     weights = layer_weights("GRU", 6, 5)._layer_weights()[0]
     x = torch.randn(4, 6)
