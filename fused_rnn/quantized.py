@@ -176,7 +176,7 @@ class _FusedQuantizedRNN:
         qconfig = getattr(mod, "qconfig", None)
         dtype = qconfig.weight().dtype if qconfig is not None and qconfig.weight is not None else torch.qint8
         if dtype == torch.float16:
-            return cls._torch_class.from_float(_as_torch_layer(mod))
+            return cls._torch_class.from_float(_as_torch_twin(mod))
         if dtype != torch.qint8:
             raise RuntimeError(f"Unsupported dtype for dynamic RNN quantization: {dtype} "
                                f"(fused_rnn's int8 layers take torch.qint8, or torch.float16 for torch's own)")
@@ -202,11 +202,13 @@ class _FusedQuantizedRNN:
         return qmod
 
 
-def _as_torch_layer(mod):
-    """A shallow copy of a fused layer as its torch.nn twin, for torch's own from_float."""
-    if type(mod) in (nn.LSTM, nn.GRU):
+def _as_torch_twin(mod):
+    """A fused layer or cell as its torch.nn twin (a shallow copy: the same parameters), for torch's
+    own from_float, which takes torch.nn's exact classes only; a torch.nn module as it is."""
+    torch_class = getattr(mod, "_torch_nn_class", None)
+    if torch_class is None or type(mod) is torch_class:
         return mod
-    twin = mod._torch_nn_class.__new__(mod._torch_nn_class)
+    twin = torch_class.__new__(torch_class)
     twin.__dict__.update(mod.__dict__)
     return twin
 
@@ -240,9 +242,7 @@ class _TorchCellFromFused:
         self.torch_quantized_cell = torch_quantized_cell
 
     def from_float(self, mod, use_precomputed_fake_quant=False):
-        twin = mod._torch_nn_class.__new__(mod._torch_nn_class)
-        twin.__dict__.update(mod.__dict__)
-        return self.torch_quantized_cell.from_float(twin)
+        return self.torch_quantized_cell.from_float(_as_torch_twin(mod))
 
 
 _CELLS = {modules.LSTMCell: _TorchCellFromFused(nnqd.LSTMCell), modules.GRUCell: _TorchCellFromFused(nnqd.GRUCell),

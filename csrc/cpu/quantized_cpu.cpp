@@ -8,18 +8,16 @@
 // computed once per model), times the two scales.
 //
 // The integer sums: with AVX-512 VNNI (chosen at run time), vpdpbusd adds four u8 · s8 products
-// straight into int32, 64 bytes a vector. Plain AVX2 has only vpmaddubsw, which adds two such products into an int16
-// and saturates for 8-bit activations (255 · 128 · 2 > 32767); fbgemm gives up a bit of the
-// activations for it (7 bits, twice the error). We keep the 8 bits and split each activation into
-// its two 4-bit halves instead, two exact vpmaddubsw products. Both give the same integers, and the
+// straight into int32, 64 bytes a vector. Plain AVX2 has only vpmaddubsw, which adds two such
+// products into an int16 and saturates for 8-bit activations (255 · 128 · 2 > 32767); fbgemm gives
+// up a bit of the activations for it (7 bits: about twice the error, bench/NOTES.md). We keep the 8
+// bits and split each activation into its two 4-bit halves instead, two exact vpmaddubsw products. Both give the same integers, and the
 // scaling is done element by element in a fixed order, so results are bitwise the same for either
 // kernel and any number of threads (FUSED_RNN_INT8_KERNEL=avx2|scalar forces a lesser kernel).
 //
 // The loop is the float forward's (layer_cpu.cpp): one team for the whole sequence, each thread a
 // fixed share of the hidden units, x's projection a chunk of steps at a time, the gate math in
 // float32 from cells.h.
-#include <ATen/Dispatch.h>
-
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
