@@ -380,3 +380,16 @@ def test_the_op_passes_opcheck():
     x, h, c = torch.randn(10, 8), torch.randn(2, 6), torch.randn(2, 6)
     torch.library.opcheck(torch.ops.fused_rnn.quantized_layer_forward, (0, x, [], False, h, c, *weights),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiles_in_one_graph(backend):
+    """torch.compile(fullgraph=True) holds the int8 op (its fake implementation gives the shapes), and
+    gives eager's bits."""
+    torch._dynamo.reset()
+    q = quantized.GRU.from_float(float_pair("GRU", 4, 6, num_layers=2, bidirectional=True)[0])
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        want = q(x)
+        got = torch.compile(q, fullgraph=True, backend=backend)(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
