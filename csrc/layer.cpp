@@ -73,6 +73,25 @@ void check_same_kind(const Tensor& t, const Tensor& x, const char* name) {
               " but the input is on ", x.device());
 }
 
+// h0 [B, P], LSTM's c0 [B, H] and the biases [G*H], in x's dtype and on its device.
+void check_states_and_biases(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
+                             const optional<Tensor>& b_ih, const optional<Tensor>& b_hh) {
+  check_matrix(h0, "h0", s.B, s.P);
+  check_same_kind(h0, x, "h0");
+  if (s.cell == CellKind::LSTM) {
+    TORCH_CHECK(c0.has_value() && c0->defined(), "fused_rnn: LSTM needs the initial cell state c0");
+    check_matrix(*c0, "c0", s.B, s.H);
+    check_same_kind(*c0, x, "c0");
+  }
+  for (const auto* b : {&b_ih, &b_hh}) {
+    if (b->has_value() && (*b)->defined()) {
+      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == s.gates * s.H, "fused_rnn: biases must have shape [",
+                  s.gates * s.H, "], got ", (*b)->sizes());
+      check_same_kind(**b, x, "bias");
+    }
+  }
+}
+
 LayerShape describe_weights(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& w_ih,
                             const Tensor& w_hh, const optional<Tensor>& w_hr, int64_t padded_batch) {
   TORCH_CHECK(cell >= 0 && cell <= 3, "fused_rnn: unknown cell kind ", cell);
@@ -163,20 +182,7 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
                           const optional<Tensor>& w_hr) {
   LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr, h0.dim() == 2 ? h0.size(0) : 0);
-  check_matrix(h0, "h0", s.B, s.P);
-  check_same_kind(h0, x, "h0");
-  if (s.cell == CellKind::LSTM) {
-    TORCH_CHECK(c0.has_value() && c0->defined(), "fused_rnn: LSTM needs the initial cell state c0");
-    check_matrix(*c0, "c0", s.B, s.H);
-    check_same_kind(*c0, x, "c0");
-  }
-  for (const auto* b : {&b_ih, &b_hh}) {
-    if (b->has_value() && (*b)->defined()) {
-      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == s.gates * s.H, "fused_rnn: biases must have shape [",
-                  s.gates * s.H, "], got ", (*b)->sizes());
-      check_same_kind(**b, x, "bias");
-    }
-  }
+  check_states_and_biases(s, x, h0, c0, b_ih, b_hh);
   return s;
 }
 
@@ -420,20 +426,7 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
   const QuantizedMatrix input_weights = check_weights(w_ih, w_ih_scale, w_ih_row_sum, "weight_ih", s.I);
   const QuantizedMatrix recurrent_weights = check_weights(w_hh, w_hh_scale, w_hh_row_sum, "weight_hh", s.H);
   describe_steps(s, batch_sizes, h0.dim() == 2 ? h0.size(0) : 0);
-  check_matrix(h0, "h0", s.B, s.H);
-  check_same_kind(h0, x_in, "h0");
-  if (s.cell == CellKind::LSTM) {
-    TORCH_CHECK(c0.has_value() && c0->defined(), "fused_rnn: LSTM needs the initial cell state c0");
-    check_matrix(*c0, "c0", s.B, s.H);
-    check_same_kind(*c0, x_in, "c0");
-  }
-  for (const auto* b : {&b_ih, &b_hh}) {
-    if (b->has_value() && (*b)->defined()) {
-      TORCH_CHECK((*b)->dim() == 1 && (*b)->size(0) == s.gates * s.H, "fused_rnn: biases must have shape [",
-                  s.gates * s.H, "], got ", (*b)->sizes());
-      check_same_kind(**b, x_in, "bias");
-    }
-  }
+  check_states_and_biases(s, x_in, h0, c0, b_ih, b_hh);
 
   const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
   const Tensor bias = folded_bias(s, bias_ih, bias_hh);

@@ -278,25 +278,13 @@ class _FusedRNNBase(nn.RNNBase):
 
         Returns (data [T, B, I] or packed rows, batch, is_batched, states as [L*D, B, *])."""
         name = type(self).__name__
-        if isinstance(input, PackedSequence):
-            data, is_batched, batch = input.data, True, packed_sizes[0]
-            if data.dim() != 2:
-                raise RuntimeError(f"{name}: PackedSequence data must be 2-D (sum(batch_sizes), input_size), "
-                                   f"got a {data.dim()}-D tensor of shape {tuple(data.shape)}")
-        elif isinstance(input, Tensor):
-            if input.dim() not in (2, 3):
-                layout = "(batch, seq_len, input_size)" if self.batch_first else "(seq_len, batch, input_size)"
-                raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (seq_len, input_size) for one "
-                                 f"sequence, got a {input.dim()}-D tensor of shape {tuple(input.shape)}")
-            is_batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
-            data = input if is_batched else input.unsqueeze(batch_dim)
-            batch = data.size(batch_dim)
-            if data.size(1 - batch_dim) == 0:
-                raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN, got an "
-                                   f"input of shape {tuple(input.shape)} with no time steps")
-        else:
-            raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+
+        def rank_error(input):
+            layout = "(batch, seq_len, input_size)" if self.batch_first else "(seq_len, batch, input_size)"
+            return ValueError(f"{name}: input must be 3-D {layout} or 2-D (seq_len, input_size) for one "
+                              f"sequence, got a {input.dim()}-D tensor of shape {tuple(input.shape)}")
+
+        data, is_batched, batch = _sequence_input(name, input, packed_sizes, self.batch_first, rank_error)
         weight_names, weights = self._flat_weights_names, self._flat_weights
         _check_weight_types(name, weight_names, weights)
         states = None if hx is None else self._checked_states(hx, is_batched)
@@ -343,6 +331,29 @@ class _FusedRNNBase(nn.RNNBase):
                 self.bidirectional, self.dropout, self.training, self.proj_size > 0)
 
         return _sequence_forward(self, input, data, batch, is_batched, states, batch_sizes, out_size, run_stack)
+
+
+def _sequence_input(name: str, input, packed_sizes: Optional[List[int]], batch_first: bool, rank_error):
+    """A layer's input, checked for kind and rank: (data, is_batched, batch), with a single 2-D
+    sequence as a batch of one. rank_error(input) is the exception for a Tensor that is neither 2-D
+    nor 3-D (torch.nn's layers and torch's quantized ones raise different types)."""
+    if isinstance(input, PackedSequence):
+        data = input.data
+        if data.dim() != 2:
+            raise RuntimeError(f"{name}: PackedSequence data must be 2-D (sum(batch_sizes), input_size), "
+                               f"got a {data.dim()}-D tensor of shape {tuple(data.shape)}")
+        return data, True, packed_sizes[0]
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+    if input.dim() not in (2, 3):
+        raise rank_error(input)
+    is_batched = input.dim() == 3
+    batch_dim = 0 if batch_first else 1
+    data = input if is_batched else input.unsqueeze(batch_dim)
+    if data.size(1 - batch_dim) == 0:
+        raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN, got an "
+                           f"input of shape {tuple(input.shape)} with no time steps")
+    return data, is_batched, data.size(batch_dim)
 
 
 def _sequence_forward(module, input, data: Tensor, batch: int, is_batched: bool, states, batch_sizes,

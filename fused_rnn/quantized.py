@@ -94,23 +94,10 @@ class _FusedQuantizedRNN:
         """Our checks, in torch.nn's order. Unlike torch's quantized layers, a 2-D input is one
         sequence (as torch.nn's float layers take it). Returns (data, batch, is_batched, states)."""
         name = self._get_name()
-        if isinstance(input, PackedSequence):
-            data, is_batched, batch = input.data, True, packed_sizes[0]
-            if data.dim() != 2:
-                raise RuntimeError(f"{name}: PackedSequence data must be 2-D (sum(batch_sizes), input_size), "
-                                   f"got a {data.dim()}-D tensor")
-        elif isinstance(input, Tensor):
-            if input.dim() not in (2, 3):
-                raise RuntimeError(f"{name}: input must have 3 dimensions (or 2 for one sequence), "
-                                   f"got {input.dim()}")
-            is_batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
-            data = input if is_batched else input.unsqueeze(batch_dim)
-            batch = data.size(batch_dim)
-            if data.size(1 - batch_dim) == 0:
-                raise RuntimeError(f"{name}: Expected sequence length to be larger than 0 in RNN")
-        else:
-            raise TypeError(f"{name}: input must be a Tensor or a PackedSequence, got {type(input).__name__}")
+        data, is_batched, batch = modules._sequence_input(
+            name, input, packed_sizes, self.batch_first,
+            lambda input: RuntimeError(f"{name}: input must have 3 dimensions (or 2 for one sequence), "
+                                       f"got {input.dim()}"))
         if data.dtype != torch.float32:
             raise RuntimeError(f"{name}: expected scalar type Float but found {data.dtype}: the int8 layers take "
                                f"float32 input (torch's dynamically quantized layers do too)")
