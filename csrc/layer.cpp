@@ -384,8 +384,18 @@ Grads layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes,
           to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type)};
 }
 
-// The int8 inference path's op (CPU): float32 input and state, int8 weights with their per-row
-// scales and row sums, float32 biases; no gradient.
+// The int8 path's weights in the kernel's layout (pack_int8_panels), once per model.
+Tensor quantized_pack_weight(const Tensor& weight, int64_t gates) {
+  TORCH_CHECK(gates >= 1 && weight.dim() == 2 && weight.size(0) % gates == 0 && weight.scalar_type() == at::kChar &&
+                  weight.device().is_cpu(),
+              "fused_rnn: quantized_pack_weight takes a 2-D int8 CPU weight with a multiple of ", gates,
+              " rows, got a ", weight.dim(), "-D ", weight.scalar_type(), " tensor of shape ", weight.sizes(), " on ",
+              weight.device());
+  return pack_int8_panels(weight, gates);
+}
+
+// The int8 inference path's op (CPU): float32 input and state, int8 weight panels with their
+// per-row scales and row sums, float32 biases; no gradient.
 std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
     int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
     const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_ih_scale, const Tensor& w_ih_row_sum,
@@ -401,27 +411,32 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
   s.I = x_in.size(1);
   s.gates = gates_of(s.cell);
   s.saved_per_unit = saved_per_unit_of(s.cell);
-  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % s.gates == 0,
-              "fused_rnn: weight_ih must be 2-D with a multiple of ", s.gates, " rows, got ", w_ih.sizes());
-  s.H = s.P = w_ih.size(0) / s.gates;
+  TORCH_CHECK(w_ih_scale.dim() == 1 && w_ih_scale.size(0) % s.gates == 0,
+              "fused_rnn: weight_ih's scales must be 1-D with a multiple of ", s.gates, " rows, got ",
+              w_ih_scale.sizes());
+  s.H = s.P = w_ih_scale.size(0) / s.gates;
   s.proj = false;
   s.outputs_in_saved = false;
   // Within int32: a product is at most 255 · 128, so a row's sum and its zero-point correction each
   // stay below 2^30 for up to 2^15 terms, and so does their difference.
   TORCH_CHECK(std::max(s.I, s.H) <= (int64_t{1} << 15), "fused_rnn: the int8 layer takes at most 32768 ",
               "input features and hidden units (its int32 sums would overflow), got ", s.I, " and ", s.H);
-  const auto check_weights = [&](const Tensor& q, const Tensor& scale, const Tensor& row_sum, const char* name,
+  const auto check_weights = [&](const Tensor& panels, const Tensor& scale, const Tensor& row_sum, const char* name,
                                  int64_t cols) {
-    check_matrix(q, name, s.gates * s.H, cols);
-    TORCH_CHECK(q.scalar_type() == at::kChar && q.device().is_cpu(), "fused_rnn: ", name,
-                " must be an int8 CPU tensor, got ", q.scalar_type(), " on ", q.device());
+    const int64_t groups = s.gates * int8_groups_per_gate(s.H), quads = int8_quads(cols);
+    TORCH_CHECK(panels.dim() == 3 && panels.size(0) == groups && panels.size(1) == quads &&
+                    panels.size(2) == kInt8PanelBytes &&
+                    panels.scalar_type() == at::kChar && panels.device().is_cpu(),
+                "fused_rnn: ", name, " must be int8 CPU panels of shape [", groups, ", ", quads,
+                ", ", kInt8PanelBytes, "] (fused_rnn::quantized_pack_weight), got ", panels.scalar_type(), " ", panels.sizes(), " on ",
+                panels.device());
     TORCH_CHECK(scale.dim() == 1 && scale.size(0) == s.gates * s.H && scale.scalar_type() == at::kFloat &&
                     row_sum.dim() == 1 && row_sum.size(0) == s.gates * s.H && row_sum.scalar_type() == at::kInt &&
                     scale.device().is_cpu() && row_sum.device().is_cpu(),
                 "fused_rnn: ", name, " needs float32 scales and int32 row sums of shape [", s.gates * s.H,
                 "] on the CPU, got ", scale.scalar_type(), " ", scale.sizes(), " and ", row_sum.scalar_type(), " ",
                 row_sum.sizes());
-    return QuantizedMatrix{q.contiguous(), scale.contiguous(), row_sum.contiguous()};
+    return QuantizedMatrix{panels.contiguous(), scale.contiguous(), row_sum.contiguous()};
   };
   const QuantizedMatrix input_weights = check_weights(w_ih, w_ih_scale, w_ih_row_sum, "weight_ih", s.I);
   const QuantizedMatrix recurrent_weights = check_weights(w_hh, w_hh_scale, w_hh_row_sum, "weight_hh", s.H);
@@ -458,12 +473,14 @@ TORCH_LIBRARY(fused_rnn, m) {
       "quantized_layer_forward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_ih_scale, Tensor w_ih_row_sum, Tensor w_hh, Tensor w_hh_scale, "
       "Tensor w_hh_row_sum, Tensor? b_ih, Tensor? b_hh) -> (Tensor y, Tensor h_n, Tensor c_n)");
+  m.def("quantized_pack_weight(Tensor weight, int gates) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
   m.impl("layer_forward", &layer_forward);
   m.impl("layer_backward", &layer_backward);
   m.impl("quantized_layer_forward", &quantized_layer_forward);
+  m.impl("quantized_pack_weight", &quantized_pack_weight);
 }
 
 #ifdef FUSED_RNN_WITH_CUDA

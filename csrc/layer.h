@@ -130,15 +130,23 @@ void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, co
                       const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
                       const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
 
-// One int8 weight matrix of the quantized inference path: w [G*H, K] int8 with a scale per row
-// (w ≈ scale[r] · q[r, k]) and the row sums of q (int32), which take the activations' zero point
-// back out of the integer products.
+// One int8 weight matrix of the quantized inference path, w [G*H, K] with a scale per row
+// (w ≈ scale[r] · q[r, k]): q laid out in panels by pack_int8_panels, the scales, and the row
+// sums of q (int32), which take the activations' zero point back out of the integer products.
 struct QuantizedMatrix {
-  at::Tensor q, scale, row_sum;
+  at::Tensor panels, scale, row_sum;
 };
 
+// q [G*H, K] int8 -> panels [G·⌈H/16⌉, ⌈K/4⌉, 64] int8: each gate's rows in groups of 16 and k in
+// quads, panels[i][j][4r + t] = q[g·H + 16m + r][4j + t] for group i = g·⌈H/16⌉ + m, zero past H
+// or K (quantized_cpu.cpp says why).
+at::Tensor pack_int8_panels(const at::Tensor& q, int64_t gates);
+constexpr int64_t kInt8GroupRows = 16, kInt8Quad = 4, kInt8PanelBytes = kInt8GroupRows * kInt8Quad;
+inline int64_t int8_groups_per_gate(int64_t H) { return (H + kInt8GroupRows - 1) / kInt8GroupRows; }
+inline int64_t int8_quads(int64_t K) { return (K + kInt8Quad - 1) / kInt8Quad; }
+
 // The forward of the int8 inference path (csrc/cpu/quantized_cpu.cpp): x [N, I] and every
-// activation quantized row by row to 7 bits, int32 sums, the gate math in float32. bias is the
+// activation quantized row by row to 8 bits, int32 sums, the gate math in float32. bias is the
 // folded bias [G*H] (or undefined), b_hn GRU's n-gate hidden bias; y, h, c as forward_loop_cpu's.
 void quantized_forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const QuantizedMatrix& w_ih,
                                 const QuantizedMatrix& w_hh, const at::Tensor& bias, const at::Tensor& b_hn,

@@ -41,7 +41,7 @@ CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
 LSTM_ID = CELL_IDS["LSTM"]
 
 # Per cell id: gates per hidden unit (kGates) and values saved per hidden unit (kSaved), as in cells.h.
-_GATES = {0: 4, 1: 3, 2: 1, 3: 1}
+GATES = {0: 4, 1: 3, 2: 1, 3: 1}
 _SAVED_PER_UNIT = {0: 5, 1: 4, 2: 1, 3: 1}
 
 
@@ -53,7 +53,7 @@ def _computes_in_float(x: torch.Tensor) -> bool:
 
 @torch.library.register_fake("fused_rnn::layer_forward")
 def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
-    hidden = w_ih.size(0) // _GATES[cell]
+    hidden = w_ih.size(0) // GATES[cell]
     out_size = w_hr.size(0) if w_hr is not None else hidden
     y = x.new_empty(x.size(0), out_size)
     h_n = x.new_empty(h0.shape)
@@ -86,6 +86,13 @@ def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr
 @torch.library.register_fake("fused_rnn::quantized_layer_forward")
 def _quantized_layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_ih_scale, w_ih_row_sum, w_hh,
                                   w_hh_scale, w_hh_row_sum, b_ih, b_hh):
-    hidden = w_ih.size(0) // _GATES[cell]
+    hidden = w_ih_scale.size(0) // GATES[cell]
     return (x.new_empty(x.size(0), hidden), x.new_empty(h0.shape),
             x.new_empty(c0.shape) if cell == LSTM_ID else x.new_empty(0))
+
+
+@torch.library.register_fake("fused_rnn::quantized_pack_weight")
+def _quantized_pack_weight_fake(weight, gates):
+    """[gates·⌈H/16⌉, ⌈K/4⌉, 64] int8 (csrc/layer.h: pack_int8_panels)."""
+    hidden = weight.size(0) // gates
+    return weight.new_empty(gates * ((hidden + 15) // 16), (weight.size(1) + 3) // 4, 64)

@@ -25,7 +25,7 @@ from torch.ao.quantization import quantization_mappings
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional, modules
-from ._ops import CELL_IDS
+from ._ops import CELL_IDS, GATES
 
 # What a weight row is scaled to: symmetric int8, the full range but -128 (so that -w quantizes
 # to -q).
@@ -41,18 +41,20 @@ def _int8_per_row(weight: Tensor) -> Tensor:
     return torch.quantize_per_channel(w, scale.double(), torch.zeros(w.size(0), dtype=torch.long), 0, torch.qint8)
 
 
-def _kernel_weights(qweight: Tensor):
-    """A quantized weight as the kernel takes it: (int8 values, float32 scale per row, int32 row
-    sums). Weights with zero points (another quantizer's) are quantized again, per row."""
+def _kernel_weights(qweight: Tensor, gates: int):
+    """A quantized weight as the kernel takes it: (int8 values in the kernel's panels, float32 scale
+    per row, int32 row sums). Weights with zero points (another quantizer's) are quantized again,
+    per row."""
     if qweight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         scale, zero = qweight.q_per_channel_scales(), qweight.q_per_channel_zero_points()
     else:
         scale = torch.full((qweight.size(0),), qweight.q_scale(), dtype=torch.double)
         zero = torch.full((qweight.size(0),), qweight.q_zero_point(), dtype=torch.long)
     if bool((zero != 0).any()):
-        return _kernel_weights(_int8_per_row(qweight.dequantize()))
+        return _kernel_weights(_int8_per_row(qweight.dequantize()), gates)
     values = qweight.int_repr().contiguous()
-    return values, scale.float().contiguous(), values.sum(dim=1, dtype=torch.int32)
+    return (torch.ops.fused_rnn.quantized_pack_weight(values, gates), scale.float().contiguous(),
+            values.sum(dim=1, dtype=torch.int32))
 
 
 class _FusedQuantizedRNN:
@@ -79,11 +81,11 @@ class _FusedQuantizedRNN:
             return cache[1]
         stored = self._weight_bias()
         weights, biases = stored["weight"], stored["bias"]
-        layers = []
+        layers, gates = [], GATES[CELL_IDS[self.mode]]
         for layer in range(self.num_layers):
             for suffix in ("", "_reverse")[:2 if self.bidirectional else 1]:
-                w_ih = _kernel_weights(weights[f"weight_ih_l{layer}{suffix}"])
-                w_hh = _kernel_weights(weights[f"weight_hh_l{layer}{suffix}"])
+                w_ih = _kernel_weights(weights[f"weight_ih_l{layer}{suffix}"], gates)
+                w_hh = _kernel_weights(weights[f"weight_hh_l{layer}{suffix}"], gates)
                 b_ih, b_hh = biases[f"bias_ih_l{layer}{suffix}"], biases[f"bias_hh_l{layer}{suffix}"]
                 layers.append((*w_ih, *w_hh, None if b_ih is None else b_ih.detach().float().contiguous(),
                                None if b_hh is None else b_hh.detach().float().contiguous()))

@@ -68,7 +68,7 @@ class Layer:
         def rand(*shape, scale=0.5):
             return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
-        G, H, P = _ops._GATES[CELLS[kind]], hidden, proj or hidden
+        G, H, P = _ops.GATES[CELLS[kind]], hidden, proj or hidden
         N, B = sum(batch_sizes), batch_sizes[0]
         self.kind, self.cell, self.batch_sizes, self.H, self.P = kind, CELLS[kind], batch_sizes, H, P
         k = H ** -0.5  # torch.nn's scale: the recurrence neither explodes nor amplifies roundings

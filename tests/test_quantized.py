@@ -63,10 +63,19 @@ def reference_product(x, q_w, scale_w, row_sum, bias=None):
     return torch.addcmul(bias.expand_as(value), value, both) if bias is not None else value * both
 
 
+def unpacked(panels, gates, H, K):
+    """The int8 matrix [gates·H, K] of weight panels, from their layout's definition (csrc/layer.h:
+    pack_int8_panels): panels[i][j][4r + t] = q[g·H + 16m + r][4j + t], group i = g·⌈H/16⌉ + m."""
+    groups, quads = (H + 15) // 16, (K + 3) // 4
+    q = panels.view(gates, groups, quads, 16, 4).permute(0, 1, 3, 2, 4).reshape(gates, groups * 16, quads * 4)
+    return q[:, :H, :K].reshape(gates * H, K)
+
+
 def reference_step(cell, x, h, c, weights):
     """One step with the kernel's quantization, the gate math in float32 by torch."""
-    q_ih, s_ih, sum_ih, q_hh, s_hh, sum_hh, b_ih, b_hh = weights
-    H = h.size(1)
+    p_ih, s_ih, sum_ih, p_hh, s_hh, sum_hh, b_ih, b_hh = weights
+    H, gates = h.size(1), 4 if cell == "LSTM" else 3
+    q_ih, q_hh = unpacked(p_ih, gates, H, x.size(1)), unpacked(p_hh, gates, H, H)
     if cell == "LSTM":
         gates = reference_product(x, q_ih, s_ih, sum_ih, b_ih + b_hh) + reference_product(h, q_hh, s_hh, sum_hh)
         i, f, g, o = gates.chunk(4, 1)
@@ -92,9 +101,11 @@ def op(cell, x, batch_sizes, reverse, h, c, weights):
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-@pytest.mark.parametrize("B,I,H", [(1, 5, 3), (3, 37, 29), (8, 64, 128), (11, 200, 67), (2, 1, 1)])
+@pytest.mark.parametrize("B,I,H", [(1, 5, 3), (3, 37, 29), (8, 64, 128), (11, 200, 67), (2, 1, 1), (7, 20, 48),
+                                   (13, 70, 16)])
 def test_one_step_is_the_definition(cell, B, I, H):
-    """Tails of every kind: K not a multiple of 64 or 32, rows not a multiple of the tiles."""
+    """Tails of every kind: K not a multiple of 4, 32 or 64; batch rows in tiles of 8, 4, 2 and 1;
+    odd groups of weight rows, and groups cut short by a gate's end."""
     weights = layer_weights(cell, I, H)._layer_weights()[0]
     torch.manual_seed(1)
     x, h, c = torch.randn(B, I), torch.randn(B, H) * 0.7, torch.randn(B, H)
@@ -105,6 +116,26 @@ def test_one_step_is_the_definition(cell, B, I, H):
     torch.testing.assert_close(h_n, want_h, rtol=0, atol=2e-6)
     if cell == "LSTM":
         torch.testing.assert_close(c_n, want_c, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("gates,H,K", [(4, 3, 5), (3, 29, 37), (4, 32, 64), (1, 17, 1)])
+def test_weight_panels_hold_the_weights_and_zeros(gates, H, K):
+    """Every weight in its place, and nothing but zeros in the padding (past H in each gate's last
+    group, past K in the last quad), which the kernel multiplies too."""
+    torch.manual_seed(5)
+    q = torch.randint(-128, 128, (gates * H, K), dtype=torch.int8)
+    panels = torch.ops.fused_rnn.quantized_pack_weight(q, gates)
+    groups, quads = (H + 15) // 16, (K + 3) // 4
+    assert panels.shape == (gates * groups, quads, 64) and panels.dtype == torch.int8
+    assert torch.equal(unpacked(panels, gates, H, K), q)
+    padded = torch.zeros(gates, groups * 16, quads * 4, dtype=torch.int8)
+    padded[:, :H, :K] = q.view(gates, H, K)
+    assert torch.equal(unpacked(panels, gates, groups * 16, quads * 4), padded.view(-1, quads * 4))
+    with pytest.raises(RuntimeError, match="int8 CPU weight"):
+        torch.ops.fused_rnn.quantized_pack_weight(q.float(), gates)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    with fake:
+        assert torch.ops.fused_rnn.quantized_pack_weight(fake.from_tensor(q), gates).shape == panels.shape
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
@@ -167,8 +198,8 @@ def test_threads_and_kernels_give_the_same_bits():
 
 def test_too_wide_for_int32_sums_is_refused():
     q = torch.ops.fused_rnn.quantized_layer_forward
-    w_ih = torch.zeros(3, 40000, dtype=torch.int8)
-    w_hh = torch.zeros(3, 1, dtype=torch.int8)
+    w_ih = torch.ops.fused_rnn.quantized_pack_weight(torch.zeros(3, 40000, dtype=torch.int8), 3)
+    w_hh = torch.ops.fused_rnn.quantized_pack_weight(torch.zeros(3, 1, dtype=torch.int8), 3)
     scale, sums = torch.ones(3), torch.zeros(3, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="at most 32768"):
         q(1, torch.zeros(2, 40000), [], False, torch.zeros(1, 1), None, w_ih, scale, sums, w_hh, scale, sums,

@@ -11,9 +11,10 @@
 // straight into int32, 64 bytes a vector. Plain AVX2 has only vpmaddubsw, which adds two such
 // products into an int16 and saturates for 8-bit activations (255 · 128 · 2 > 32767); fbgemm gives
 // up a bit of the activations for it (7 bits: about twice the error, bench/NOTES.md). We keep the 8
-// bits and split each activation into its two 4-bit halves instead, two exact vpmaddubsw products. Both give the same integers, and the
-// scaling is done element by element in a fixed order, so results are bitwise the same for either
-// kernel and any number of threads (FUSED_RNN_INT8_KERNEL=avx2|scalar forces a lesser kernel).
+// bits and split each activation into its two 4-bit halves instead, two exact vpmaddubsw products.
+// Both give the same integers, and the scaling is done element by element in a fixed order, so
+// results are bitwise the same for either kernel and any number of threads
+// (FUSED_RNN_INT8_KERNEL=avx2|scalar forces a lesser kernel). W is read in panels, below.
 //
 // The loop is the float forward's (layer_cpu.cpp): one team for the whole sequence, each thread a
 // fixed share of the hidden units, x's projection a chunk of steps at a time, the gate math in
@@ -97,230 +98,233 @@ QuantizedRow quantize_row(const float* x, int64_t n, uint8_t* q) {
   return {scale, zero};
 }
 
-// sums[b * R + r] = Σ_k a[b][k] · w[r * ld + k] over k < K, for R weight rows and NB activation
-// rows: every weight vector loaded once for all NB rows.
-template <int R, int NB>
-void dot_block_scalar(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int64_t k0, int32_t* sums) {
+// The weight panels (pack_int8_panels): the rows of each gate in groups of 16 (the last group
+// of a gate padded with zero rows), and k in quads of 4 (padded with zeros), one 64-byte vector
+// per group and quad: panels[i][q][4r + t] = w[gate · H + 16j + r][4q + t] for group i = gate ·
+// groups_per_gate + j. A product then needs no horizontal sums: a vector of 16 int32 sums, one per
+// weight row, takes each activation's 4 bytes broadcast (outer products; fbgemm's packed int8 B
+// interleaves 4 k per 32-bit lane too), and 16 finished sums are dequantized and stored at once.
+// Against the row-major dot products this replaced (16 sums per 16 accumulators, then a tree of
+// shuffles), the tiles end with 16 times the work behind them: B=8 H=1024 went from 0.9-1.1x of
+// torch's int8 LSTM to 1.3-1.5x (bench/NOTES.md).
+constexpr int64_t kGroupRows = kInt8GroupRows, kQuad = kInt8Quad, kPanelBytes = kInt8PanelBytes;
+
+// Quantized activations: rows of int8_quads(K) · 4 bytes (the padding zero: it meets zero weights),
+// with their scales and zero points.
+struct QuantizedActivations {
+  const uint8_t* q;
+  const QuantizedRow* rows;
+  int64_t stride;
+};
+
+// A weight matrix as the kernel reads it (no tensor calls inside the team).
+struct WeightPanels {
+  const int8_t* panels;
+  const float* scale;      // [G*H], per row
+  const int32_t* row_sum;  // [G*H]
+  int64_t K4, H, groups_per_gate;
+  WeightPanels(const QuantizedMatrix& w, int64_t H)
+      : panels(w.panels.data_ptr<int8_t>()),
+        scale(w.scale.data_ptr<float>()),
+        row_sum(w.row_sum.data_ptr<int32_t>()),
+        K4(w.panels.size(1)),
+        H(H),
+        groups_per_gate(int8_groups_per_gate(H)) {}
+  // Group i's first output column (a row of W) and its number of rows (16 but at a gate's end).
+  int64_t column(int64_t i) const { return i / groups_per_gate * H + i % groups_per_gate * kGroupRows; }
+  int64_t rows(int64_t i) const { return std::min(kGroupRows, H - i % groups_per_gate * kGroupRows); }
+  const int8_t* panel(int64_t i) const { return panels + i * K4 * kPanelBytes; }
+};
+
+// One tile: up to 2 weight groups x NB activation rows, written to out + b · ld + column.
+struct PanelTile {
+  const WeightPanels& w;
+  const QuantizedActivations& x;
+  int64_t group, b;  // the first group, the first activation row
+  const float* bias; // [G*H] or null
+  float* out;
+  int64_t ld;
+};
+
+// One dequantized value: float(sum - zero · row sum) times both scales, plus the bias in the same
+// rounding (an explicit fma, which the vector version also takes: the same bits either way).
+inline float dequantize(int32_t sum, const QuantizedRow& a, int32_t row_sum, float w_scale, const float* bias) {
+  const float value = static_cast<float>(sum - a.zero * row_sum), scale = a.scale * w_scale;
+  return bias ? std::fma(value, scale, *bias) : value * scale;
+}
+
+// The sums of NB rows x one group's 16 rows, as sums[b][r], dequantized into the tile's output.
+template <int NB>
+void store_sums(const PanelTile& t, int64_t i, const int32_t (&sums)[NB][kGroupRows]) {
+  const int64_t col = t.w.column(i), rows = t.w.rows(i);
   for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < R; ++r) {
-      int32_t s = 0;
-      for (int64_t k = k0; k < K; ++k) s += int32_t{a[b][k]} * int32_t{w[r * ld + k]};
-      sums[b * R + r] += s;
+    for (int64_t r = 0; r < rows; ++r) {
+      t.out[(t.b + b) * t.ld + col + r] = dequantize(sums[b][r], t.x.rows[t.b + b], t.w.row_sum[col + r],
+                                                     t.w.scale[col + r], t.bias ? t.bias + col + r : nullptr);
     }
+}
+
+inline int32_t quad_of(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int NB>
+void panel_sums_scalar(const PanelTile& t, int64_t i, int32_t (&sums)[NB][kGroupRows]) {
+  const int8_t* w = t.w.panel(i);
+  for (int b = 0; b < NB; ++b) {
+    const uint8_t* a = t.x.q + (t.b + b) * t.x.stride;
+    for (int64_t r = 0; r < kGroupRows; ++r) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < t.w.K4 * kQuad; ++k) {
+        s += int32_t{a[k]} * int32_t{w[k / kQuad * kPanelBytes + r * kQuad + k % kQuad]};
+      }
+      sums[b][r] = s;
+    }
+  }
 }
 
 #if defined(__AVX2__)
-inline int32_t lane_sum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_hadd_epi32(s, s);
-  s = _mm_hadd_epi32(s, s);
-  return _mm_cvtsi128_si32(s);
-}
-
-template <int R, int NB>
-void dot_block_avx2(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
-  // a = 16 · high + low, each half in [0, 15]: a pair of products stays within ±3840 in int16.
+// A group's 64 bytes as two halves (rows 0-7, 8-15) against each activation's 4 bytes broadcast,
+// those split into 4-bit halves (a = 16 · high + low, each in [0, 15]): a pair of products stays
+// within ±3840 in int16, where 8-bit activations would saturate vpmaddubsw.
+template <int NB>
+void panel_sums_avx2(const PanelTile& t, int64_t i, int32_t (&sums)[NB][kGroupRows]) {
   const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16), nibble = _mm256_set1_epi8(0x0F);
-  __m256i acc[NB][R];
-  for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < R; ++r) acc[b][r] = _mm256_setzero_si256();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    __m256i wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * ld + k));
+  const int8_t* w = t.w.panel(i);
+  __m256i acc[NB][2];
+  for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < t.w.K4; ++q) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * kPanelBytes));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + q * kPanelBytes + 32));
     for (int b = 0; b < NB; ++b) {
-      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[b] + k));
-      const __m256i low = _mm256_and_si256(av, nibble), high = _mm256_and_si256(_mm256_srli_epi16(av, 4), nibble);
-      for (int r = 0; r < R; ++r) {
-        const __m256i l = _mm256_madd_epi16(_mm256_maddubs_epi16(low, wv[r]), ones);
-        const __m256i h = _mm256_madd_epi16(_mm256_maddubs_epi16(high, wv[r]), sixteen);
-        acc[b][r] = _mm256_add_epi32(acc[b][r], _mm256_add_epi32(l, h));
-      }
+      const __m256i a = _mm256_set1_epi32(quad_of(t.x.q + (t.b + b) * t.x.stride + q * kQuad));
+      const __m256i low = _mm256_and_si256(a, nibble), high = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
+      const auto products = [&](__m256i wv) {
+        return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(low, wv), ones),
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(high, wv), sixteen));
+      };
+      acc[b][0] = _mm256_add_epi32(acc[b][0], products(w0));
+      acc[b][1] = _mm256_add_epi32(acc[b][1], products(w1));
     }
   }
-  for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < R; ++r) sums[b * R + r] = lane_sum(acc[b][r]);
-  dot_block_scalar<R, NB>(w, ld, a, K, k, sums);
-}
-
-// 64 bytes a vector; the last partial vector of a row through masked loads (zeros past K, which
-// add nothing), so no scalar tail. Only there: masked loads in the main loop halve its speed.
-#define FUSED_RNN_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
-template <int R, int NB, bool kMasked>
-FUSED_RNN_VNNI inline void vnni_accumulate(__m512i (&acc)[NB][R], const int8_t* w, int64_t ld,
-                                           const uint8_t* const* a, int64_t k, __mmask64 mask) {
-  __m512i wv[R];
-  for (int r = 0; r < R; ++r) {
-    wv[r] = kMasked ? _mm512_maskz_loadu_epi8(mask, w + r * ld + k) : _mm512_loadu_si512(w + r * ld + k);
-  }
   for (int b = 0; b < NB; ++b) {
-    const __m512i av = kMasked ? _mm512_maskz_loadu_epi8(mask, a[b] + k) : _mm512_loadu_si512(a[b] + k);
-    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], av, wv[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[b]), acc[b][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[b] + 8), acc[b][1]);
   }
 }
 
-// [a0 + a1, a2 + a3, b0 + b1, b2 + b3] of the 128-bit lanes of a and b.
-FUSED_RNN_VNNI inline __m512i vnni_fold(__m512i a, __m512i b) {
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
-}
-
-// The lane sums of 16 accumulators x[0..15], as one vector: element i is Σ x[i]. A tree of 45
-// shuffles and adds, where 16 separate reductions would take some 160 instructions, as many as
-// the products of a short row.
-FUSED_RNN_VNNI inline __m512i vnni_sum16(const __m512i* x) {
-  __m512i pairs[8], quads[4];
-  for (int i = 0; i < 8; ++i) {  // 128-bit lane l: partial sums of x[2i], x[2i+1], interleaved
-    pairs[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(x[2 * i], x[2 * i + 1]),
-                                _mm512_unpackhi_epi32(x[2 * i], x[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {  // lane l: partial sums of x[4i .. 4i+3], in order; then the lanes
-    quads[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(pairs[2 * i], pairs[2 * i + 1]),
-                                _mm512_unpackhi_epi64(pairs[2 * i], pairs[2 * i + 1]));
-  }
-  return vnni_fold(vnni_fold(quads[0], quads[1]), vnni_fold(quads[2], quads[3]));
-}
+#define FUSED_RNN_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
 
 // acc += the u8 · s8 products of x and w, four by four, in place. GCC 12 compiles the intrinsic
 // (_mm512_dpbusd_epi32) into a vpdpbusd into a fresh register and a copy back, and with 16
-// accumulators runs out of registers: in the 2 x 8 tile it spilled two and loaded each activation
-// vector twice (perf annotate). The instruction accumulates in place; saying so in asm gives a
-// loop of 10 loads and 16 vpdpbusd, 20-25% faster with W from L3 (microbenchmark, K = 1024).
+// accumulators runs out of registers (it spilled two and loaded operands twice, perf annotate);
+// the instruction accumulates in place, and saying so in asm keeps the loop to its loads and
+// vpdpbusd (20-25% faster, microbenchmark at K = 1024).
 FUSED_RNN_VNNI inline void vnni_dot_add(__m512i& acc, __m512i x, __m512i w) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
 }
 
-// The 16-accumulator tiles (R x NB = 2 x 8, 4 x 4, 8 x 2), written out: with the accumulators in
-// an array, GCC 12 keeps them in memory or copies each through a scratch register around every
-// vpdpbusd, which made the kernel 40% slower or worse (measured at K = 1024 on the 2-core CPU).
-// The macros spell out what dot_block_vnni's loops say: c<b><r> accumulates activation row b times
-// weight row r.
-#define FUSED_RNN_ZERO(b, r) __m512i c##b##r = _mm512_setzero_si512();
-#define FUSED_RNN_WEIGHT(LOAD, r) const __m512i v##r = LOAD(w + r * ld + k);
-#define FUSED_RNN_DP(b, r) vnni_dot_add(c##b##r, x, v##r);
-#define FUSED_RNN_ROW(LOAD, b, PRODUCTS) \
-  {                                      \
-    const __m512i x = LOAD(a[b] + k);    \
-    PRODUCTS(b)                          \
+// A group's 16 sums for one activation row, dequantized as dequantize() does, 16 at a time.
+struct GroupVectors {
+  int64_t col;
+  __mmask16 mask;
+  __m512i row_sum;
+  __m512 scale, bias;
+};
+
+FUSED_RNN_VNNI inline GroupVectors group_vectors(const PanelTile& t, int64_t i) {
+  const int64_t col = t.w.column(i);
+  const __mmask16 mask = static_cast<__mmask16>((1u << t.w.rows(i)) - 1);
+  return {col, mask, _mm512_maskz_loadu_epi32(mask, t.w.row_sum + col), _mm512_maskz_loadu_ps(mask, t.w.scale + col),
+          t.bias ? _mm512_maskz_loadu_ps(mask, t.bias + col) : _mm512_setzero_ps()};
+}
+
+FUSED_RNN_VNNI inline void store_vnni(const PanelTile& t, const GroupVectors& g, int64_t b, __m512i sum) {
+  const QuantizedRow& a = t.x.rows[t.b + b];
+  const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_mullo_epi32(_mm512_set1_epi32(a.zero), g.row_sum)));
+  const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(a.scale), g.scale);
+  _mm512_mask_storeu_ps(t.out + (t.b + b) * t.ld + g.col, g.mask,
+                        t.bias ? _mm512_fmadd_ps(value, scale, g.bias) : _mm512_mul_ps(value, scale));
+}
+
+// The VNNI tiles, GROUPS(F, b) x ROWS(F) written out: with the accumulators in an array, GCC 12
+// keeps them in memory or copies each around every vpdpbusd (2-3x slower, measured). c<g><b>
+// accumulates group g times activation row b; v<g> is group g's vector for quad q, x row b's
+// 4 bytes broadcast.
+#define FUSED_RNN_ZERO(g, b) __m512i c##g##b = _mm512_setzero_si512();
+#define FUSED_RNN_LOAD(g, b) const __m512i v##g = _mm512_loadu_si512(w##g + q * kPanelBytes);
+#define FUSED_RNN_DOT(g, b) vnni_dot_add(c##g##b, x, v##g);
+#define FUSED_RNN_PANEL(g, b) const int8_t* w##g = t.w.panel(t.group + g);
+#define FUSED_RNN_VECTORS(g, b) const GroupVectors s##g = group_vectors(t, t.group + g);
+#define FUSED_RNN_STORE(g, b) store_vnni(t, s##g, b, c##g##b);
+#define FUSED_RNN_ZERO_ROW(b) GROUPS(FUSED_RNN_ZERO, b)
+#define FUSED_RNN_DOT_ROW(b)                                                  \
+  {                                                                           \
+    const __m512i x = _mm512_set1_epi32(quad_of(a + b * t.x.stride + q * kQuad)); \
+    GROUPS(FUSED_RNN_DOT, b)                                                  \
   }
-#define FUSED_RNN_DP2(b) FUSED_RNN_DP(b, 0) FUSED_RNN_DP(b, 1)
-#define FUSED_RNN_DP4(b) FUSED_RNN_DP2(b) FUSED_RNN_DP(b, 2) FUSED_RNN_DP(b, 3)
-#define FUSED_RNN_DP8(b) FUSED_RNN_DP4(b) FUSED_RNN_DP(b, 4) FUSED_RNN_DP(b, 5) FUSED_RNN_DP(b, 6) FUSED_RNN_DP(b, 7)
-// The body: full vectors, the next tile's weight rows prefetched a row's length ahead (once W
-// outgrows L2, at H = 1024, it comes from L3 at every step, and a tile's loads are too few for the
-// hardware prefetcher to ramp up), then the masked last vector, then one tree reduction.
-#define FUSED_RNN_TILE(R, ZEROS, WEIGHTS, ROWS, ...)                                               \
-  ZEROS int64_t k = 0;                                                                            \
-  for (; k + 64 <= K; k += 64) {                                                                  \
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * ld + k), \
-                                             _MM_HINT_T0);                                        \
-    WEIGHTS(_mm512_loadu_si512) ROWS(_mm512_loadu_si512)                                          \
-  }                                                                                               \
-  if (k < K) {                                                                                    \
-    const __mmask64 mask = (__mmask64{1} << (K - k)) - 1;                                         \
-    const auto masked = [mask](const void* p) FUSED_RNN_VNNI { return _mm512_maskz_loadu_epi8(mask, p); }; \
-    WEIGHTS(masked) ROWS(masked)                                                                  \
-  }                                                                                               \
-  const __m512i all[16] = {__VA_ARGS__};                                                          \
-  _mm512_storeu_si512(sums, vnni_sum16(all));
-
-FUSED_RNN_VNNI void dot_tile_2x8_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
-                                      int32_t* sums) {
-#define ZEROS FUSED_RNN_ZERO(0, 0) FUSED_RNN_ZERO(0, 1) FUSED_RNN_ZERO(1, 0) FUSED_RNN_ZERO(1, 1) \
-  FUSED_RNN_ZERO(2, 0) FUSED_RNN_ZERO(2, 1) FUSED_RNN_ZERO(3, 0) FUSED_RNN_ZERO(3, 1)             \
-  FUSED_RNN_ZERO(4, 0) FUSED_RNN_ZERO(4, 1) FUSED_RNN_ZERO(5, 0) FUSED_RNN_ZERO(5, 1)             \
-  FUSED_RNN_ZERO(6, 0) FUSED_RNN_ZERO(6, 1) FUSED_RNN_ZERO(7, 0) FUSED_RNN_ZERO(7, 1)
-#define WEIGHTS(L) FUSED_RNN_WEIGHT(L, 0) FUSED_RNN_WEIGHT(L, 1)
-#define ROWS(L) FUSED_RNN_ROW(L, 0, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 1, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 2, FUSED_RNN_DP2) \
-  FUSED_RNN_ROW(L, 3, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 4, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 5, FUSED_RNN_DP2)            \
-  FUSED_RNN_ROW(L, 6, FUSED_RNN_DP2) FUSED_RNN_ROW(L, 7, FUSED_RNN_DP2)
-  FUSED_RNN_TILE(2, ZEROS, WEIGHTS, ROWS, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70,
-                 c71)
-#undef ZEROS
-#undef WEIGHTS
+#define FUSED_RNN_STORE_ROW(b) GROUPS(FUSED_RNN_STORE, b)
+#define FUSED_RNN_TILE(NAME)                                 \
+  FUSED_RNN_VNNI void NAME(const PanelTile& t) {              \
+    GROUPS(FUSED_RNN_PANEL, 0)                                \
+    const uint8_t* a = t.x.q + t.b * t.x.stride;              \
+    ROWS(FUSED_RNN_ZERO_ROW)                                  \
+    for (int64_t q = 0; q < t.w.K4; ++q) {                    \
+      GROUPS(FUSED_RNN_LOAD, 0)                               \
+      ROWS(FUSED_RNN_DOT_ROW)                                 \
+    }                                                         \
+    GROUPS(FUSED_RNN_VECTORS, 0)                              \
+    ROWS(FUSED_RNN_STORE_ROW)                                 \
+  }
+#define ROWS8(F) F(0) F(1) F(2) F(3) F(4) F(5) F(6) F(7)
+#define ROWS4(F) F(0) F(1) F(2) F(3)
+#define ROWS2(F) F(0) F(1)
+#define ROWS1(F) F(0)
+#define GROUPS(F, b) F(0, b) F(1, b)
+#define ROWS ROWS8
+FUSED_RNN_TILE(vnni_tile_2x8)
 #undef ROWS
-}
-
-FUSED_RNN_VNNI void dot_tile_4x4_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
-                                      int32_t* sums) {
-#define ZEROS_OF(b) FUSED_RNN_ZERO(b, 0) FUSED_RNN_ZERO(b, 1) FUSED_RNN_ZERO(b, 2) FUSED_RNN_ZERO(b, 3)
-#define ZEROS ZEROS_OF(0) ZEROS_OF(1) ZEROS_OF(2) ZEROS_OF(3)
-#define WEIGHTS(L) FUSED_RNN_WEIGHT(L, 0) FUSED_RNN_WEIGHT(L, 1) FUSED_RNN_WEIGHT(L, 2) FUSED_RNN_WEIGHT(L, 3)
-#define ROWS(L) FUSED_RNN_ROW(L, 0, FUSED_RNN_DP4) FUSED_RNN_ROW(L, 1, FUSED_RNN_DP4) FUSED_RNN_ROW(L, 2, FUSED_RNN_DP4) \
-  FUSED_RNN_ROW(L, 3, FUSED_RNN_DP4)
-  FUSED_RNN_TILE(4, ZEROS, WEIGHTS, ROWS, c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32,
-                 c33)
-#undef ZEROS_OF
-#undef ZEROS
-#undef WEIGHTS
+#define ROWS ROWS4
+FUSED_RNN_TILE(vnni_tile_2x4)
 #undef ROWS
-}
-
-FUSED_RNN_VNNI void dot_tile_8x2_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K,
-                                      int32_t* sums) {
-#define ZEROS_OF(b) FUSED_RNN_ZERO(b, 0) FUSED_RNN_ZERO(b, 1) FUSED_RNN_ZERO(b, 2) FUSED_RNN_ZERO(b, 3) \
-  FUSED_RNN_ZERO(b, 4) FUSED_RNN_ZERO(b, 5) FUSED_RNN_ZERO(b, 6) FUSED_RNN_ZERO(b, 7)
-#define ZEROS ZEROS_OF(0) ZEROS_OF(1)
-#define WEIGHTS(L) FUSED_RNN_WEIGHT(L, 0) FUSED_RNN_WEIGHT(L, 1) FUSED_RNN_WEIGHT(L, 2) FUSED_RNN_WEIGHT(L, 3) \
-  FUSED_RNN_WEIGHT(L, 4) FUSED_RNN_WEIGHT(L, 5) FUSED_RNN_WEIGHT(L, 6) FUSED_RNN_WEIGHT(L, 7)
-#define ROWS(L) FUSED_RNN_ROW(L, 0, FUSED_RNN_DP8) FUSED_RNN_ROW(L, 1, FUSED_RNN_DP8)
-  FUSED_RNN_TILE(8, ZEROS, WEIGHTS, ROWS, c00, c01, c02, c03, c04, c05, c06, c07, c10, c11, c12, c13, c14, c15, c16,
-                 c17)
-#undef ZEROS_OF
-#undef ZEROS
-#undef WEIGHTS
+#define ROWS ROWS2
+FUSED_RNN_TILE(vnni_tile_2x2)
 #undef ROWS
-}
+#define ROWS ROWS1
+FUSED_RNN_TILE(vnni_tile_2x1)
+#undef ROWS
+#undef GROUPS
+#define GROUPS(F, b) F(0, b)
+#define ROWS ROWS8
+FUSED_RNN_TILE(vnni_tile_1x8)
+#undef ROWS
+#define ROWS ROWS4
+FUSED_RNN_TILE(vnni_tile_1x4)
+#undef ROWS
+#define ROWS ROWS2
+FUSED_RNN_TILE(vnni_tile_1x2)
+#undef ROWS
+#define ROWS ROWS1
+FUSED_RNN_TILE(vnni_tile_1x1)
+#undef ROWS
+#undef GROUPS
+#undef ROWS8
+#undef ROWS4
+#undef ROWS2
+#undef ROWS1
 #undef FUSED_RNN_TILE
-#undef FUSED_RNN_DP8
-#undef FUSED_RNN_DP4
-#undef FUSED_RNN_DP2
-#undef FUSED_RNN_ROW
-#undef FUSED_RNN_DP
-#undef FUSED_RNN_WEIGHT
+#undef FUSED_RNN_STORE_ROW
+#undef FUSED_RNN_DOT_ROW
+#undef FUSED_RNN_ZERO_ROW
+#undef FUSED_RNN_STORE
+#undef FUSED_RNN_VECTORS
+#undef FUSED_RNN_PANEL
+#undef FUSED_RNN_DOT
+#undef FUSED_RNN_LOAD
 #undef FUSED_RNN_ZERO
-
-template <int R, int NB>
-FUSED_RNN_VNNI void dot_block_vnni(const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
-  __m512i acc[NB][R];
-  for (int b = 0; b < NB; ++b)
-    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_si512();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * ld + k), _MM_HINT_T0);
-    vnni_accumulate<R, NB, false>(acc, w, ld, a, k, 0);
-  }
-  if (k < K) vnni_accumulate<R, NB, true>(acc, w, ld, a, k, (__mmask64{1} << (K - k)) - 1);
-  if constexpr (R * NB == 16) {
-    _mm512_storeu_si512(sums, vnni_sum16(&acc[0][0]));
-  } else {
-    for (int b = 0; b < NB; ++b)
-      for (int r = 0; r < R; ++r) sums[b * R + r] = _mm512_reduce_add_epi32(acc[b][r]);
-  }
-}
-
-// Dequantizes a tile of 16 sums (element i = b * R + r) as dequantize() does, 16 at a time.
-template <int R, int NB>
-FUSED_RNN_VNNI void dequantize16_vnni(const int32_t* sums, const QuantizedRow* rows, const int32_t* row_sum,
-                                     const float* w_scale, const float* bias, float* values) {
-  static_assert(R * NB == 16 && sizeof(QuantizedRow) == 8, "16 sums; rows as (scale, zero) pairs");
-  alignas(64) int32_t scale_index[16], zero_index[16], weight_index[16];
-  for (int i = 0; i < 16; ++i) scale_index[i] = 2 * (i / R), zero_index[i] = 2 * (i / R) + 1, weight_index[i] = i % R;
-  const __m512i pairs = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (2 * NB)) - 1), rows);
-  const __m512i weight_lanes = _mm512_load_si512(weight_index);
-  const __m512 row_scale = _mm512_castsi512_ps(_mm512_permutexvar_epi32(_mm512_load_si512(scale_index), pairs));
-  const __m512i zero = _mm512_permutexvar_epi32(_mm512_load_si512(zero_index), pairs);
-  const __mmask16 first_r = static_cast<__mmask16>((1u << R) - 1);
-  const __m512i sums_w = _mm512_permutexvar_epi32(weight_lanes, _mm512_maskz_loadu_epi32(first_r, row_sum));
-  const __m512 scale_w = _mm512_permutexvar_ps(weight_lanes, _mm512_maskz_loadu_ps(first_r, w_scale));
-  const __m512 value = _mm512_cvtepi32_ps(
-      _mm512_sub_epi32(_mm512_loadu_si512(sums), _mm512_mullo_epi32(zero, sums_w)));
-  const __m512 scale = _mm512_mul_ps(row_scale, scale_w);
-  _mm512_storeu_ps(values, bias ? _mm512_fmadd_ps(value, scale, _mm512_permutexvar_ps(
-                                                                    weight_lanes, _mm512_maskz_loadu_ps(first_r, bias)))
-                                : _mm512_mul_ps(value, scale));
-}
 #undef FUSED_RNN_VNNI
-
 #endif
 
 // The integer kernel: the best the CPU has, or a lesser one named by FUSED_RNN_INT8_KERNEL
@@ -344,134 +348,65 @@ Int8Kernel int8_kernel() {
   return kernel;
 }
 
-// One tile: sums[b * R + r] for NB activation rows and R weight rows, by the chosen kernel.
-template <int R, int NB>
-void dot_block(Int8Kernel kernel, const int8_t* w, int64_t ld, const uint8_t* const* a, int64_t K, int32_t* sums) {
+// G groups (1 or 2) x NB activation rows from t.group and t.b, by the chosen kernel.
+template <int NB>
+void panel_tile(Int8Kernel kernel, int64_t G, const PanelTile& t) {
 #if defined(__AVX2__)
   if (kernel == Int8Kernel::kVnni) {
-    if constexpr (R == 2 && NB == 8) return dot_tile_2x8_vnni(w, ld, a, K, sums);
-    if constexpr (R == 4 && NB == 4) return dot_tile_4x4_vnni(w, ld, a, K, sums);
-    if constexpr (R == 8 && NB == 2) return dot_tile_8x2_vnni(w, ld, a, K, sums);
-    return dot_block_vnni<R, NB>(w, ld, a, K, sums);
+    if constexpr (NB == 8) return G == 2 ? vnni_tile_2x8(t) : vnni_tile_1x8(t);
+    if constexpr (NB == 4) return G == 2 ? vnni_tile_2x4(t) : vnni_tile_1x4(t);
+    if constexpr (NB == 2) return G == 2 ? vnni_tile_2x2(t) : vnni_tile_1x2(t);
+    if constexpr (NB == 1) return G == 2 ? vnni_tile_2x1(t) : vnni_tile_1x1(t);
   }
-  if (kernel == Int8Kernel::kAvx2) return dot_block_avx2<R, NB>(w, ld, a, K, sums);
 #endif
-  for (int i = 0; i < R * NB; ++i) sums[i] = 0;
-  dot_block_scalar<R, NB>(w, ld, a, K, 0, sums);
-}
-
-// Activations already quantized: rows [0, n) of q (row stride K) with their scales and zeros.
-struct QuantizedActivations {
-  const uint8_t* q;
-  const QuantizedRow* rows;
-  int64_t K;
-};
-
-// A QuantizedMatrix's data, read inside the team (no tensor calls there).
-struct WeightRows {
-  const int8_t* q;
-  const float* scale;
-  const int32_t* row_sum;
-  explicit WeightRows(const QuantizedMatrix& w)
-      : q(w.q.data_ptr<int8_t>()), scale(w.scale.data_ptr<float>()), row_sum(w.row_sum.data_ptr<int32_t>()) {}
-};
-
-// Tiles of R weight rows × NB activation rows: R · NB accumulators, R weight vectors and one
-// activation vector in registers. AVX-512 code has 32 vector registers, AVX2 16 (and needs three
-// more for the 4-bit halves).
-//
-// How a product walks its operands. The recurrent one has few activation rows (the batch) and
-// reads W from L2 or beyond once per step: each group of up to 8 rows streams W once, in tiles
-// that reuse each weight vector for all of them. The input projection has many rows (a chunk of
-// steps): a block of W stays in L1 while all rows stream past it.
-enum class Walk { kRecurrent, kProjection };
-
-// One dequantized value: float(sum - zero · row sum) times both scales, plus the bias in the same
-// rounding (an explicit fma, which the vector version also takes: the same bits either way).
-inline float dequantize(int32_t sum, const QuantizedRow& a, int32_t row_sum, float w_scale, const float* bias) {
-  const float value = static_cast<float>(sum - a.zero * row_sum), scale = a.scale * w_scale;
-  return bias ? std::fma(value, scale, *bias) : value * scale;
-}
-
-template <typename OutFn>
-struct ProductTiles {
-  const QuantizedActivations& x;
-  const WeightRows& w;
-  Int8Kernel kernel;
-  int64_t first;      // out(b)[0] is weight row `first`
-  const float* bias;  // [rows of w] or null
-  const OutFn& out;
-
-  template <int R, int NB>
-  void tile(int64_t b, int64_t r) const {
-    const uint8_t* a[NB];
-    for (int i = 0; i < NB; ++i) a[i] = x.q + (b + i) * x.K;
-    int32_t sums[NB * R];
-    dot_block<R, NB>(kernel, w.q + r * x.K, x.K, a, x.K, sums);
+  for (int64_t g = 0; g < G; ++g) {
+    int32_t sums[NB][kGroupRows];
 #if defined(__AVX2__)
-    if constexpr (R * NB == 16) {
-      if (kernel == Int8Kernel::kVnni) {
-        float values[16];
-        dequantize16_vnni<R, NB>(sums, x.rows + b, w.row_sum + r, w.scale + r, bias ? bias + r : nullptr, values);
-        for (int i = 0; i < NB; ++i) std::memcpy(out(b + i) + (r - first), values + i * R, R * sizeof(float));
-        return;
-      }
-    }
+    if (kernel == Int8Kernel::kAvx2) {
+      panel_sums_avx2<NB>(t, t.group + g, sums);
+    } else
 #endif
-    for (int i = 0; i < NB; ++i)
-      for (int j = 0; j < R; ++j) {
-        out(b + i)[r + j - first] =
-            dequantize(sums[i * R + j], x.rows[b + i], w.row_sum[r + j], w.scale[r + j], bias ? bias + r + j : nullptr);
-      }
-  }
-  // Weight rows [first, last) for activation rows [b, b + NB): R at a time, then one by one.
-  template <int R, int NB>
-  void rows(int64_t b, int64_t first, int64_t last) const {
-    int64_t r = first;
-    for (; r + R <= last; r += R) tile<R, NB>(b, r);
-    for (; r < last; ++r) tile<1, NB>(b, r);
-  }
-  // Activation rows [b, b + n) for weight row block [r, r + R): NB at a time, then halves.
-  template <int R, int NB>
-  void columns(int64_t b, int64_t n, int64_t r) const {
-    int64_t i = 0;
-    for (; i + NB <= n; i += NB) tile<R, NB>(b + i, r);
-    if constexpr (NB > 1) {
-      if (i < n) columns<R, NB / 2>(b + i, n - i, r);
+    {
+      panel_sums_scalar<NB>(t, t.group + g, sums);
     }
-  }
-};
-
-// out(b)[c] = x_b · w_{first + c} for activation rows b < n and weight rows c in [0, count),
-// dequantized (plus bias[first + c] when given).
-template <typename OutFn>
-void quantized_product(Int8Kernel kernel, Walk walk, const QuantizedActivations& x, int64_t n, const WeightRows& w,
-                       int64_t first, int64_t count, const float* bias, const OutFn& out) {
-  const ProductTiles<OutFn> tiles{x, w, kernel, first, bias, out};
-  const int64_t last = first + count;
-  const bool wide = kernel == Int8Kernel::kVnni;
-  if (walk == Walk::kProjection) {  // tiles of 2 x 8 (AVX2: 4 x 2)
-    int64_t r = first;
-    if (wide) {
-      for (; r + 2 <= last; r += 2) tiles.template columns<2, 8>(0, n, r);
-      for (; r < last; ++r) tiles.template columns<1, 8>(0, n, r);
-    } else {
-      for (; r + 4 <= last; r += 4) tiles.template columns<4, 2>(0, n, r);
-      for (; r < last; ++r) tiles.template columns<1, 2>(0, n, r);
-    }
-    return;
-  }
-  int64_t b = 0;
-  if (wide) {  // 16 accumulators where the rows allow: 8 x 2, 4 x 4, 2 x 8, and 1 x 8
-    for (; b + 8 <= n; b += 8) tiles.template rows<2, 8>(b, first, last);
-    if (b + 4 <= n) tiles.template rows<4, 4>(b, first, last), b += 4;
-    if (b + 2 <= n) tiles.template rows<8, 2>(b, first, last), b += 2;
-    if (b < n) tiles.template rows<8, 1>(b, first, last);
-  } else {  // 8: 2 x 4, then 1 x 4
-    for (; b + 2 <= n; b += 2) tiles.template rows<4, 2>(b, first, last);
-    if (b < n) tiles.template rows<4, 1>(b, first, last);
+    store_sums<NB>(t, t.group + g, sums);
   }
 }
+
+// out[b · ld + column] = x_b · w_column (dequantized, plus bias[column] when given) for activation
+// rows b < n and the columns of weight groups [first, last). Two groups at a time (32 KB of
+// panels at K = 1024, which stay in L1/L2 while the rows stream past: W is read once per call
+// whatever n is), the rows 8 at a time, then 4, 2, 1.
+void quantized_product(Int8Kernel kernel, const QuantizedActivations& x, int64_t n, const WeightPanels& w,
+                       int64_t first, int64_t last, const float* bias, float* out, int64_t ld) {
+  for (int64_t i = first; i < last; i += 2) {
+    const int64_t G = std::min<int64_t>(2, last - i);
+    int64_t b = 0;
+    for (; b + 8 <= n; b += 8) panel_tile<8>(kernel, G, {w, x, i, b, bias, out, ld});
+    if (b + 4 <= n) panel_tile<4>(kernel, G, {w, x, i, b, bias, out, ld}), b += 4;
+    if (b + 2 <= n) panel_tile<2>(kernel, G, {w, x, i, b, bias, out, ld}), b += 2;
+    if (b < n) panel_tile<1>(kernel, G, {w, x, i, b, bias, out, ld});
+  }
+}
+
+}  // namespace
+
+at::Tensor pack_int8_panels(const at::Tensor& weight, int64_t gates) {
+  const Tensor q = weight.contiguous();
+  const int64_t H = q.size(0) / gates, K = q.size(1), per_gate = int8_groups_per_gate(H), K4 = int8_quads(K);
+  Tensor panels = at::zeros({gates * per_gate, K4, kPanelBytes}, q.options());
+  const int8_t* src = q.data_ptr<int8_t>();
+  int8_t* dst = panels.data_ptr<int8_t>();
+  for (int64_t g = 0; g < gates; ++g)
+    for (int64_t u = 0; u < H; ++u) {
+      int8_t* group = dst + (g * per_gate + u / kGroupRows) * K4 * kPanelBytes + u % kGroupRows * kQuad;
+      const int8_t* row = src + (g * H + u) * K;
+      for (int64_t k = 0; k < K; ++k) group[k / kQuad * kPanelBytes + k % kQuad] = row[k];
+    }
+  return panels;
+}
+
+namespace {
 
 template <typename Cell>
 struct QuantizedForwardLoop {
@@ -487,15 +422,18 @@ struct QuantizedForwardLoop {
     Tensor gx_buffer = empty_large({chunk_max, GH}, y.options());
     Tensor gh = at::empty({s.B, GH}, y.options());
     // Quantized activations: the chunk's x rows (shared), and each thread's own copy of h_{t-1}
-    // (every thread needs all of it; quantizing it twice is cheaper than a second barrier).
-    Tensor qx = at::empty({chunk_max, I}, at::kByte);
-    Tensor qh = at::empty({team.threads, s.B, H}, at::kByte);
+    // (every thread needs all of it; quantizing it twice is cheaper than a second barrier). Rows
+    // padded to whole quads, the padding zero.
+    const int64_t x_stride = int8_quads(I) * kQuad, h_stride = int8_quads(H) * kQuad;
+    Tensor qx = at::zeros({chunk_max, x_stride}, at::kByte);
+    Tensor qh = at::zeros({team.threads, s.B, h_stride}, at::kByte);
     std::vector<QuantizedRow> x_rows(chunk_max), h_rows(team.threads * s.B);
 
     const float* x_p = x.data_ptr<float>();
     const float* bias_p = bias.defined() ? bias.data_ptr<float>() : nullptr;
     const float* b_hn_p = b_hn.defined() ? b_hn.data_ptr<float>() : nullptr;
-    const WeightRows input_weights(w_ih), recurrent_weights(w_hh);
+    const WeightPanels input_weights(w_ih, H), recurrent_weights(w_hh, H);
+    const int64_t per_gate = int8_groups_per_gate(H);
     const Int8Kernel kernel = int8_kernel();
     float* gx_p = gx_buffer.data_ptr<float>();
     float* gh_p = gh.data_ptr<float>();
@@ -505,8 +443,9 @@ struct QuantizedForwardLoop {
     uint8_t* qx_p = qx.data_ptr<uint8_t>();
 
     team.run([&](const Member& me) {
-      const auto [u0, u1] = me.share(H, W);  // this thread's hidden units, whole vectors
-      uint8_t* my_qh = qh.data_ptr<uint8_t>() + me.index * s.B * H;
+      const auto [u0, u1] = me.share(H, kGroupRows);  // this thread's hidden units, whole groups
+      const int64_t my_first = u0 / kGroupRows, my_last = (u1 + kGroupRows - 1) / kGroupRows;
+      uint8_t* my_qh = qh.data_ptr<uint8_t>() + me.index * s.B * h_stride;
       QuantizedRow* my_h_rows = h_rows.data() + me.index * s.B;
       for (int64_t step = 0; step < s.T;) {
         const cpu::StepChunk chunk = cpu::next_chunk(s, reverse, step, chunk_cap);
@@ -515,13 +454,12 @@ struct QuantizedForwardLoop {
         // reads the buffers.
         const auto [r0, r1] = me.share(chunk.rows);
         for (int64_t r = r0; r < r1; ++r) {
-          x_rows[r] = quantize_row(x_p + (chunk.row0 + r) * I, I, qx_p + r * I);
+          x_rows[r] = quantize_row(x_p + (chunk.row0 + r) * I, I, qx_p + r * x_stride);
         }
         me.barrier();
-        const auto [c0, c1] = me.share(GH, cpu::kGemmRowAlignment);
-        quantized_product(kernel, Walk::kProjection, {qx_p, x_rows.data(), I}, chunk.rows, input_weights, c0,
-                          c1 - c0, bias_p,
-                          [&](int64_t r) { return gx_p + r * GH + c0; });
+        const auto [g0, g1] = me.share(G * per_gate);  // weight groups, whole gates or not
+        quantized_product(kernel, {qx_p, x_rows.data(), x_stride}, chunk.rows, input_weights, g0, g1, bias_p, gx_p,
+                          GH);
         me.barrier();
 
         for (; step < chunk.end; ++step) {
@@ -531,11 +469,10 @@ struct QuantizedForwardLoop {
           const Predecessor before = predecessor(s, reverse, t);
           const auto h_prev_row = [&](int64_t b) { return before.row<float>(b, y_p, H, h_p, H); };
           if (u1 > u0) {
-            for (int64_t b = 0; b < n; ++b) my_h_rows[b] = quantize_row(h_prev_row(b), H, my_qh + b * H);
+            for (int64_t b = 0; b < n; ++b) my_h_rows[b] = quantize_row(h_prev_row(b), H, my_qh + b * h_stride);
             for (int64_t g = 0; g < G; ++g) {
-              quantized_product(kernel, Walk::kRecurrent, {my_qh, my_h_rows, H}, n, recurrent_weights, g * H + u0,
-                                u1 - u0, nullptr,
-                                [&](int64_t b) { return gh_p + b * GH + g * H + u0; });
+              quantized_product(kernel, {my_qh, my_h_rows, h_stride}, n, recurrent_weights, g * per_gate + my_first,
+                                g * per_gate + my_last, nullptr, gh_p, GH);
             }
             for (int64_t j = u0; j < u1; j += W) {
               const int64_t lanes = std::min(W, u1 - j);
