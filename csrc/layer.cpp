@@ -425,11 +425,10 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
                                  int64_t cols) {
     const int64_t groups = s.gates * int8_groups_per_gate(s.H), quads = int8_quads(cols);
     TORCH_CHECK(panels.dim() == 3 && panels.size(0) == groups && panels.size(1) == quads &&
-                    panels.size(2) == kInt8PanelBytes &&
-                    panels.scalar_type() == at::kChar && panels.device().is_cpu(),
-                "fused_rnn: ", name, " must be int8 CPU panels of shape [", groups, ", ", quads,
-                ", ", kInt8PanelBytes, "] (fused_rnn::quantized_pack_weight), got ", panels.scalar_type(), " ", panels.sizes(), " on ",
-                panels.device());
+                    panels.size(2) == kInt8PanelBytes && panels.scalar_type() == at::kChar && panels.device().is_cpu(),
+                "fused_rnn: ", name, " must be int8 CPU panels of shape [", groups, ", ", quads, ", ",
+                kInt8PanelBytes, "] (fused_rnn::quantized_pack_weight), got ", panels.scalar_type(), " ",
+                panels.sizes(), " on ", panels.device());
     TORCH_CHECK(scale.dim() == 1 && scale.size(0) == s.gates * s.H && scale.scalar_type() == at::kFloat &&
                     row_sum.dim() == 1 && row_sum.size(0) == s.gates * s.H && row_sum.scalar_type() == at::kInt &&
                     scale.device().is_cpu() && row_sum.device().is_cpu(),

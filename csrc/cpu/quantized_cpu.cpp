@@ -226,7 +226,9 @@ FUSED_RNN_VNNI inline void vnni_dot_add(__m512i& acc, __m512i x, __m512i w) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(x), "v"(w));
 }
 
-// A group's 16 sums for one activation row, dequantized as dequantize() does, 16 at a time.
+// What a group's 16 outputs need besides the sums, loaded once per tile: where they go, which
+// exist, and their row sums, scales and biases. store_vnni then dequantizes one activation row's
+// 16 sums as dequantize() does, 16 at a time.
 struct GroupVectors {
   int64_t col;
   __mmask16 mask;
@@ -243,7 +245,8 @@ FUSED_RNN_VNNI inline GroupVectors group_vectors(const PanelTile& t, int64_t i) 
 
 FUSED_RNN_VNNI inline void store_vnni(const PanelTile& t, const GroupVectors& g, int64_t b, __m512i sum) {
   const QuantizedRow& a = t.x.rows[t.b + b];
-  const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_mullo_epi32(_mm512_set1_epi32(a.zero), g.row_sum)));
+  const __m512i zero_sums = _mm512_mullo_epi32(_mm512_set1_epi32(a.zero), g.row_sum);
+  const __m512 value = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, zero_sums));
   const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(a.scale), g.scale);
   _mm512_mask_storeu_ps(t.out + (t.b + b) * t.ld + g.col, g.mask,
                         t.bias ? _mm512_fmadd_ps(value, scale, g.bias) : _mm512_mul_ps(value, scale));
