@@ -73,8 +73,9 @@ class _FusedQuantizedRNN:
         return state
 
     def _layer_weights(self):
-        """Per layer and direction: (w_ih, scale, row sums, w_hh, scale, row sums, b_ih, b_hh), from
-        torch's packed weights, kept until they are replaced (load_state_dict, set_weight_bias)."""
+        """Per layer and direction: (w_ih panels, scale, row sums, w_hh panels, scale, row sums, b_ih,
+        b_hh), from torch's packed weights, kept until they are replaced (load_state_dict,
+        set_weight_bias)."""
         params = tuple(m.param for m in self._all_weight_values)
         cache = getattr(self, "_kernel_cache", None)
         if cache is not None and len(cache[0]) == len(params) and all(a is b for a, b in zip(cache[0], params)):
