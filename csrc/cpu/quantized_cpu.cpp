@@ -436,7 +436,7 @@ struct QuantizedForwardLoop {
     const float* bias_p = bias.defined() ? bias.data_ptr<float>() : nullptr;
     const float* b_hn_p = b_hn.defined() ? b_hn.data_ptr<float>() : nullptr;
     const WeightPanels input_weights(w_ih, H), recurrent_weights(w_hh, H);
-    const int64_t per_gate = int8_groups_per_gate(H);
+    const int64_t per_gate = recurrent_weights.groups_per_gate;  // both matrices' groups: G*H rows
     const Int8Kernel kernel = int8_kernel();
     float* gx_p = gx_buffer.data_ptr<float>();
     float* gh_p = gh.data_ptr<float>();
@@ -453,8 +453,8 @@ struct QuantizedForwardLoop {
       for (int64_t step = 0; step < s.T;) {
         const cpu::StepChunk chunk = cpu::next_chunk(s, reverse, step, chunk_cap);
         // x·W_ihᵀ + bias for the chunk: its rows quantized by all threads, then each thread's
-        // share of the G*H columns. The previous chunk ended with a barrier, so nobody still
-        // reads the buffers.
+        // share of the weight groups (the G*H columns, 16 at a time). The previous chunk ended with
+        // a barrier, so nobody still reads the buffers.
         const auto [r0, r1] = me.share(chunk.rows);
         for (int64_t r = r0; r < r1; ++r) {
           x_rows[r] = quantize_row(x_p + (chunk.row0 + r) * I, I, qx_p + r * x_stride);
