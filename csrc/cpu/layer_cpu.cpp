@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "step_team.h"
+#include "wide_float.h"
 
 // The Fortran BLAS that torch's CPU build carries (MKL or OpenBLAS), when it exports it. Declared
 // weak: where it is missing the pointers are null and gemm_rows() falls back to at::mm_out.
@@ -106,50 +107,55 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, 
 }
 
 
-// Weights in the kernel's order. A panel block covers C vectors of Width output columns for each
-// of G gates (G = 1 for dG·W_hh); for each k, its G*C groups of Width weights lie side by side, so
-// the kernel streams one block with unit stride. Columns past the end are zero.
+// Weights in the kernel's order. A panel block covers C vectors of `width` output columns for
+// each of G gates (G = 1 for dG·W_hh); for each k, its G*C groups of `width` weights lie side by
+// side, so the kernel streams one block with unit stride. Columns past the end are zero. The width
+// is the AVX2 tile's vector (kWidth) or, for float with AVX-512, wide_float.h's 16.
 template <typename T>
 struct Panels {
   static constexpr int64_t kWidth = KernelMath<T>::kWidth;
   Tensor storage;
-  int64_t K = 0, G = 1, C = 1, cols = 0, blocks = 0;
+  int64_t K = 0, G = 1, C = 1, cols = 0, blocks = 0, width = kWidth;
 
   int64_t groups() const { return G * C; }
-  const T* block(int64_t u) const { return storage.data_ptr<T>() + u * K * groups() * kWidth; }
-  int64_t first_column(int64_t u, int64_t c) const { return (u * C + c) * kWidth; }
-  // How many of the Width columns of vector c of block u exist (0 past the end).
-  int64_t lanes(int64_t u, int64_t c) const {
-    return std::clamp<int64_t>(cols - first_column(u, c), 0, kWidth);
-  }
+  const T* block(int64_t u) const { return storage.data_ptr<T>() + u * K * groups() * width; }
+  int64_t first_column(int64_t u, int64_t c) const { return (u * C + c) * width; }
+  // How many of the `width` columns of vector c of block u exist (0 past the end).
+  int64_t lanes(int64_t u, int64_t c) const { return std::clamp<int64_t>(cols - first_column(u, c), 0, width); }
 
   // Column j of gate g is row g*cols + j of w [G*cols, K]: for the forward product h·W_hhᵀ.
-  static Panels of_rows(const Tensor& w, int64_t G, int64_t C, int64_t cols) {
-    Panels p = make(w, w.size(1), G, C, cols);
+  static Panels of_rows(const Tensor& w, int64_t G, int64_t C, int64_t cols, int64_t width = kWidth) {
+    Panels p = make(w, w.size(1), G, C, cols, width);
     const T* src = w.data_ptr<T>();
     T* dst = p.storage.template data_ptr<T>();
     p.for_each_block([&](int64_t u) {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t l = 0; l < p.lanes(u, c); ++l) {
+          for (int64_t l = 0; l < width; ++l) {
             const T* row = src + (g * cols + p.first_column(u, c) + l) * p.K;
-            T* out = dst + (u * p.K * p.groups() + g * C + c) * kWidth + l;
-            for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * kWidth] = row[k];
+            T* out = dst + (u * p.K * p.groups() + g * C + c) * width + l;
+            if (l < p.lanes(u, c)) {
+              for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * width] = row[k];
+            } else {
+              for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * width] = T(0);
+            }
           }
     });
     return p;
   }
 
   // Column j is column j of w [K, cols]: for the backward product dG·W_hh.
-  static Panels of_columns(const Tensor& w, int64_t C) {
-    Panels p = make(w, w.size(0), 1, C, w.size(1));
+  static Panels of_columns(const Tensor& w, int64_t C, int64_t width = kWidth) {
+    Panels p = make(w, w.size(0), 1, C, w.size(1), width);
     const T* src = w.data_ptr<T>();
     T* dst = p.storage.template data_ptr<T>();
     p.for_each_block([&](int64_t u) {
       for (int64_t k = 0; k < p.K; ++k)
         for (int64_t c = 0; c < C; ++c) {
-          std::memcpy(dst + ((u * p.K + k) * C + c) * kWidth, src + k * p.cols + p.first_column(u, c),
-                      p.lanes(u, c) * sizeof(T));
+          T* out = dst + ((u * p.K + k) * C + c) * width;
+          const int64_t lanes = p.lanes(u, c);
+          std::memcpy(out, src + k * p.cols + p.first_column(u, c), lanes * sizeof(T));
+          std::fill(out + lanes, out + width, T(0));
         }
     });
     return p;
@@ -159,20 +165,23 @@ struct Panels {
   // Packing is a copy of the weights: worth both threads once a block holds enough of them.
   template <typename F>
   void for_each_block(const F& pack_block) const {
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * groups() * kWidth));
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * groups() * width));
     at::parallel_for(0, blocks, grain, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) pack_block(u);
     });
   }
 
-  static Panels make(const Tensor& w, int64_t K, int64_t G, int64_t C, int64_t cols) {
+  static Panels make(const Tensor& w, int64_t K, int64_t G, int64_t C, int64_t cols, int64_t width) {
     Panels p;
     p.K = K;
     p.G = G;
     p.C = C;
     p.cols = cols;
-    p.blocks = (cols + C * kWidth - 1) / (C * kWidth);
-    p.storage = at::zeros({std::max<int64_t>(1, p.blocks * K * p.groups() * kWidth)}, w.options());
+    p.width = width;
+    p.blocks = (cols + C * width - 1) / (C * width);
+    // Every element is written by the packing (zeros included): no zero fill first, and the block
+    // cache's memory, already mapped.
+    p.storage = empty_large({std::max<int64_t>(1, p.blocks * K * p.groups() * width)}, w.options());
     return p;
   }
 };
@@ -232,26 +241,55 @@ void row_blocks(int64_t n, const RowFn& row, const OutFn& out, int64_t k0, int64
 }
 
 // Rows [0, n) times panel block u. row(r) gives row r of the left factor, out(r) where row r of
-// block u's output starts; within it, gate g's vector c lies at g*gate_stride + c*Width. k is
-// walked in chunks that keep a chunk of the panel (16 KB) in L1 while every row block uses it,
-// the partial sums added chunk after chunk in a fixed order.
+// block u's output starts; within it, gate g's vector c lies at g*gate_stride + c*width. On
+// AVX-512 panels (float), wide_rows_product over all of k, each output starting from `bias` (laid
+// out as the output, or null). Else block_product: k is walked in chunks that keep a chunk of the
+// panel (16 KB) in L1 while every row block uses it, the partial sums added chunk after chunk in a
+// fixed order (no bias there).
 template <typename T, int NG, typename RowFn, typename OutFn>
 void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& row, const OutFn& out,
-                  int64_t gate_stride, bool accumulate) {
+                  int64_t gate_stride, bool accumulate, const T* bias = nullptr) {
   constexpr int64_t W = Panels<T>::kWidth;
   constexpr int64_t kDepth = std::max<int64_t>(16, 16384 / (NG * W * sizeof(T)));
-  int64_t offset[NG], lanes[NG];
+  constexpr int kMaxGroups = std::max(NG, cpu::kWideMaxVectors);
+  int64_t offset[kMaxGroups], lanes[kMaxGroups];
   for (int64_t g = 0; g < panels.G; ++g)
     for (int64_t c = 0; c < panels.C; ++c) {
-      offset[g * panels.C + c] = g * gate_stride + c * W;
+      offset[g * panels.C + c] = g * gate_stride + c * panels.width;
       lanes[g * panels.C + c] = panels.lanes(u, c);
     }
   const T* panel = panels.block(u);
+  if constexpr (std::is_same_v<T, float>) {
+    if (panels.width == cpu::kWideWidth) {
+      const float* init[kMaxGroups];
+      for (int64_t q = 0; q < panels.groups() && bias; ++q) init[q] = bias + panels.first_column(u, 0) + offset[q];
+      cpu::wide_rows_product(panel, panels.K, static_cast<int>(panels.groups()), n, row, out, offset, lanes,
+                             bias ? init : nullptr, accumulate);
+      return;
+    }
+  }
   for (int64_t k0 = 0; k0 < panels.K; k0 += kDepth) {
     row_blocks<T, NG>(n, row, out, k0, std::min(kDepth, panels.K - k0), panel + k0 * NG * W, offset, lanes,
                       accumulate || k0 > 0);
   }
 }
+
+// Whether T's products take wide_float.h's AVX-512 tiles (float on a CPU with AVX-512).
+template <typename T>
+bool wide_panels() {
+  if constexpr (std::is_same_v<T, float>) {
+    return cpu::wide_float_kernels();
+  } else {
+    return false;
+  }
+}
+
+// Rows of x per pass of the input projection: about 384 KB of them, which stay in L2 while the
+// thread's panels of W_ih stream past.
+inline int64_t projection_rows(int64_t I) { return std::max<int64_t>(6, 98304 / std::max<int64_t>(1, I) / 6 * 6); }
+
+// How far ahead the gate math asks for its rows of x's projection.
+constexpr int64_t kPrefetchRows = 3;
 
 template <typename Cell>
 struct ForwardLoop {
@@ -264,7 +302,13 @@ struct ForwardLoop {
                   Tensor& saved) {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
-    const Panels<T> panels = Panels<T>::of_rows(w_hh, G, C, H);
+    const bool wide = wide_panels<T>();
+    const Panels<T> panels = wide ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G), H, cpu::kWideWidth)
+                                  : Panels<T>::of_rows(w_hh, G, C, H);
+    // With AVX-512, x·W_ihᵀ takes the same tiles, on panels of W_ih's G*H rows, instead of BLAS.
+    const Panels<T> input_panels =
+        wide ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1), GH, cpu::kWideWidth) : Panels<T>();
+    const int64_t input_rows = projection_rows(s.I);
     // x·W_ihᵀ + bias, a chunk of steps at a time (see kChunkElements).
     const int64_t chunk_cap = chunk_rows(s, GH);
     Tensor gx_buffer = empty_large({std::min(s.N, chunk_cap), GH}, x.options());
@@ -296,7 +340,17 @@ struct ForwardLoop {
         // so nobody still reads the buffer; a barrier after it, as a thread's steps read every gate
         // of its units.
         const auto [c0, c1] = me.share(GH, kGemmRowAlignment);
-        if (c1 > c0) {
+        if (wide) {
+          const auto [b0, b1] = me.share(input_panels.blocks);
+          for (int64_t r0 = 0; r0 < rows; r0 += input_rows) {
+            for (int64_t u = b0; u < b1; ++u) {
+              const int64_t j0 = input_panels.first_column(u, 0);
+              rows_product<T, G * C>(input_panels, u, std::min(input_rows, rows - r0),
+                                     [&](int64_t r) { return x_p + (row0 + r0 + r) * s.I; },
+                                     [&](int64_t r) { return gx_buffer_p + (r0 + r) * GH + j0; }, 0, false, bias_p);
+            }
+          }
+        } else if (c1 > c0) {
           if (bias_p) {
             for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + c0, bias_p + c0, (c1 - c0) * sizeof(T));
           }
@@ -319,9 +373,14 @@ struct ForwardLoop {
             const int64_t j0 = panels.first_column(u, 0);
             rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
                                    false);
-            for (int64_t v = 0; v < C; ++v) {
+            for (int64_t v = 0; v < panels.C; ++v) {
               const int64_t j = panels.first_column(u, v), lanes = panels.lanes(u, v);
               for (int64_t b = 0; b < n && lanes > 0; ++b) {
+                // The rows of x's projection are 4·G·H bytes apart, which the hardware prefetcher
+                // does not follow: ask for the gates of a row a few rows ahead.
+                if (b + kPrefetchRows < n) {
+                  for (int g = 0; g < G; ++g) __builtin_prefetch(gx_buffer_p + (off - row0 + b + kPrefetchRows) * GH + g * H + j);
+                }
                 const T* h_prev = h_prev_row(b);
                 T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
                 T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
@@ -358,7 +417,9 @@ struct BackwardLoop {
                   const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
                   LayerGrads& grads) {
     const int64_t H = s.H, P = s.P, I = s.I, GH = s.gates * H, K = s.saved_cols();
-    const Panels<T> panels = Panels<T>::of_columns(w_hh_conj, C);  // blocks of dh's P columns
+    const Panels<T> panels = wide_panels<T>()  // blocks of dh's P columns
+                                 ? Panels<T>::of_columns(w_hh_conj, cpu::wide_vectors_per_gate(1), cpu::kWideWidth)
+                                 : Panels<T>::of_columns(w_hh_conj, C);
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     // The gate gradients, a chunk of steps at a time (see kChunkElements), in two buffers taken in
     // turn: a chunk's first step still propagates the last step of the chunk before. A buffer is
@@ -458,7 +519,7 @@ struct BackwardLoop {
           if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
             for (int64_t u = u0; u < u1; ++u) {
               propagate(u);
-              for (int64_t v = 0; v < C; ++v) {
+              for (int64_t v = 0; v < panels.C; ++v) {
                 cell_rows(panels.first_column(u, v), panels.lanes(u, v), dy_p ? dy_p + off * P : nullptr, dh_p, P);
               }
             }

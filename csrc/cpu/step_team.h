@@ -69,7 +69,7 @@ struct Team {
   }
 };
 
-// The cell's forward or backward over units [j, j + lanes) of one row: a vector, or unit by unit.
+// The cell's forward or backward over units [j, j + lanes) of one row: vectors, then unit by unit.
 template <typename Cell, bool kForward, typename Io>
 void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
   using T = typename Cell::scalar_t;
@@ -80,11 +80,9 @@ void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
       Cell::template backward<decltype(math)>(io, H, unit);
     }
   };
-  if (lanes == KernelMath<T>::kWidth) {
-    apply(KernelMath<T>{}, j);
-  } else {
-    for (int64_t l = 0; l < lanes; ++l) apply(ScalarMath<T>{}, j + l);
-  }
+  constexpr int64_t W = KernelMath<T>::kWidth;
+  for (; lanes >= W; j += W, lanes -= W) apply(KernelMath<T>{}, j);
+  for (int64_t l = 0; l < lanes; ++l) apply(ScalarMath<T>{}, j + l);
 }
 
 // Gate values per chunk of steps (4 MB of floats): the forward's x·W_ihᵀ and the backward's gate

@@ -1,0 +1,138 @@
+// The float32 panel products with AVX-512 (16 floats a vector), where the CPU has it: Intel since
+// Skylake-X, AMD since Zen 4.
+//
+// Why a second kernel when block_product (AVX2, at::vec) exists: on Zen 4 a 512-bit FMA does the
+// work of two 256-bit ones in one instruction, so a tile of 6 rows x 4 vectors (24 accumulators,
+// 64 output columns) needs a quarter of the loads and broadcasts per FMA that the AVX2 tile needs,
+// and its panel of weights streams from L2 at half the bytes per cycle. Measured on the 2-core Zen 4
+// VM, one thread (bench/NOTES.md): 92-101 Gflop/s for the LSTM's products, where the AVX2 tile ran
+// 60-68 in place and MKL's sgemm (its AVX2 path on AMD) 49-68.
+//
+// The panels are block_product's (layer_cpu.cpp) with 16-float groups. Each output element is one
+// chain of FMAs over k in order, starting from zero or its bias: the same bits whatever tile, row
+// block or thread computes it. Not the same bits as the AVX2 kernel (whose k chunks add partial
+// sums); FUSED_RNN_FLOAT_KERNEL=avx2 asks for that one (tests run both).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <utility>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace fused_rnn {
+namespace cpu {
+
+constexpr int64_t kWideWidth = 16;
+constexpr int kWideMaxRows = 8, kWideMaxVectors = 4;
+
+// Panel groups per gate for G gates: about 64 output columns per block, so that a tile holds
+// 3 or 4 vectors of each k (GRU 3 x 16, LSTM 4 x 16, RNN and dG·W_hh 1 x 64).
+constexpr int64_t wide_vectors_per_gate(int64_t G) { return G >= 3 ? 1 : (G == 2 ? 2 : 4); }
+
+#if defined(__x86_64__)
+
+// Whether the float products take the AVX-512 tiles: the CPU has AVX-512F and
+// FUSED_RNN_FLOAT_KERNEL does not say avx2. Decided once per process.
+inline bool wide_float_kernels() {
+  static const bool wide = [] {
+    const char* asked = std::getenv("FUSED_RNN_FLOAT_KERNEL");
+    return !(asked && std::string(asked) == "avx2") && __builtin_cpu_supports("avx512f");
+  }();
+  return wide;
+}
+
+#define FUSED_RNN_AVX512F __attribute__((target("avx512f")))
+
+// For MR rows and NV groups of 16 columns, in registers:
+// out[r] + offset[q] (lanes[q] values) (+)= init[q] + Σ_k rows[r][k] · panel[k·stride + 16q],
+// init[q] = 0 where init is null. `stride` is the floats per k of the whole panel, which may hold
+// more groups than this tile takes.
+template <int MR, int NV>
+FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* rows, int64_t K, const float* panel,
+                                                           int64_t stride, float* const* out, const int64_t* offset,
+                                                           const int64_t* lanes, const float* const* init,
+                                                           bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int q = 0; q < NV; ++q) {
+    const __m512 start =
+        init ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes[q]) - 1), init[q]) : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) acc[r][q] = start;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[NV];
+    for (int q = 0; q < NV; ++q) w[q] = _mm512_loadu_ps(panel + k * stride + q * kWideWidth);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(rows[r][k]);
+      for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_fmadd_ps(a, w[q], acc[r][q]);
+    }
+  }
+  for (int q = 0; q < NV; ++q) {
+    if (lanes[q] == 0) continue;
+    const __mmask16 mask = static_cast<__mmask16>((1u << lanes[q]) - 1);
+    for (int r = 0; r < MR; ++r) {
+      float* dst = out[r] + offset[q];
+      const __m512 v = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), acc[r][q]) : acc[r][q];
+      _mm512_mask_storeu_ps(dst, mask, v);
+    }
+  }
+}
+
+#undef FUSED_RNN_AVX512F
+
+using WideTile = void (*)(const float* const*, int64_t, const float*, int64_t, float* const*, const int64_t*,
+                          const int64_t*, const float* const*, bool);
+
+template <int MR, int... NV>
+constexpr std::array<WideTile, kWideMaxVectors> wide_tile_row(std::integer_sequence<int, NV...>) {
+  return {&wide_tile<MR, NV + 1>...};
+}
+template <int... MR>
+constexpr std::array<std::array<WideTile, kWideMaxVectors>, kWideMaxRows> wide_tile_table(
+    std::integer_sequence<int, MR...>) {
+  return {wide_tile_row<MR + 1>(std::make_integer_sequence<int, kWideMaxVectors>{})...};
+}
+// wide_tiles[MR - 1][NV - 1]
+inline constexpr auto wide_tiles = wide_tile_table(std::make_integer_sequence<int, kWideMaxRows>{});
+
+// Rows [0, n) times one panel block of NG (<= 4) groups over all K: row(r) gives row r of the left
+// factor, out(r) where row r of the block's output starts (group q at offset[q]). Tiles of 6 rows
+// for 3-4 groups (8 for fewer: 24 accumulators or less); 6-8 rows with 4 groups take two halves of
+// the groups over all rows instead, so that the panel is read twice rather than the rows 6 + 2.
+template <typename RowFn, typename OutFn>
+void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const RowFn& row, const OutFn& out,
+                       const int64_t* offset, const int64_t* lanes, const float* const* init, bool accumulate) {
+  const int64_t stride = NG * kWideWidth;
+  const auto tiles = [&](int q0, int nv, int64_t tile_rows) {
+    const float* const* tile_init = init ? init + q0 : nullptr;
+    for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
+      const int mr = static_cast<int>(std::min<int64_t>(tile_rows, n - r0));
+      const float* in[kWideMaxRows];
+      float* dst[kWideMaxRows];
+      for (int r = 0; r < mr; ++r) in[r] = row(r0 + r), dst[r] = out(r0 + r);
+      wide_tiles[mr - 1][nv - 1](in, K, panel + q0 * kWideWidth, stride, dst, offset + q0, lanes + q0, tile_init,
+                                 accumulate);
+    }
+  };
+  if (NG == 4 && n >= 6 && n <= 8) {
+    tiles(0, 2, n);
+    tiles(2, 2, n);
+  } else {
+    tiles(0, NG, NG >= 3 ? 6 : 8);
+  }
+}
+
+#else  // not x86-64: the AVX2 tiles only
+inline bool wide_float_kernels() { return false; }
+template <typename RowFn, typename OutFn>
+void wide_rows_product(const float*, int64_t, int, int64_t, const RowFn&, const OutFn&, const int64_t*,
+                       const int64_t*, const float* const*, bool) {}
+#endif
+
+}  // namespace cpu
+}  // namespace fused_rnn
