@@ -114,11 +114,13 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, 
 template <typename T>
 struct Panels {
   static constexpr int64_t kWidth = KernelMath<T>::kWidth;
-  Tensor storage;
+  Tensor storage;  // undefined for panels packed into memory of the caller's (columns_into)
+  T* data = nullptr;
   int64_t K = 0, G = 1, C = 1, cols = 0, blocks = 0, width = kWidth;
+  int64_t block_rows = 0;  // the k a block has room for: K, or columns_into's capacity
 
   int64_t groups() const { return G * C; }
-  const T* block(int64_t u) const { return storage.data_ptr<T>() + u * K * groups() * width; }
+  const T* block(int64_t u) const { return data + u * block_rows * groups() * width; }
   int64_t first_column(int64_t u, int64_t c) const { return (u * C + c) * width; }
   // How many of the `width` columns of vector c of block u exist (0 past the end).
   int64_t lanes(int64_t u, int64_t c) const { return std::clamp<int64_t>(cols - first_column(u, c), 0, width); }
@@ -147,18 +149,37 @@ struct Panels {
   // Column j is column j of w [K, cols]: for the backward product dG·W_hh.
   static Panels of_columns(const Tensor& w, int64_t C, int64_t width = kWidth) {
     Panels p = make(w, w.size(0), 1, C, w.size(1), width);
-    const T* src = w.data_ptr<T>();
-    T* dst = p.storage.template data_ptr<T>();
-    p.for_each_block([&](int64_t u) {
-      for (int64_t k = 0; k < p.K; ++k)
-        for (int64_t c = 0; c < C; ++c) {
-          T* out = dst + ((u * p.K + k) * C + c) * width;
-          const int64_t lanes = p.lanes(u, c);
-          std::memcpy(out, src + k * p.cols + p.first_column(u, c), lanes * sizeof(T));
-          std::fill(out + lanes, out + width, T(0));
-        }
-    });
+    p.for_each_block([&](int64_t u) { p.pack_rows(u, w.data_ptr<T>(), p.cols, 0, p.K); });
     return p;
+  }
+
+  // Room for the panels of a [K, cols] matrix in dst, which holds columns_size(capacity, ...)
+  // floats (K <= capacity), filled by pack_rows: inside a team, each thread packs the blocks it is
+  // given. A block's place does not depend on K, so that blocks never overlap from one use to the next.
+  static Panels columns_in(T* dst, int64_t capacity, int64_t K, int64_t cols, int64_t C, int64_t width) {
+    Panels p;
+    p.data = dst;
+    p.block_rows = capacity;
+    p.K = K;
+    p.C = C;
+    p.cols = cols;
+    p.width = width;
+    p.blocks = (cols + C * width - 1) / (C * width);
+    return p;
+  }
+  static int64_t columns_size(int64_t K, int64_t cols, int64_t C, int64_t width) {
+    return (cols + C * width - 1) / (C * width) * K * C * width;
+  }
+
+  // Rows [k0, k0 + n) of the matrix into block u, from src [n, cols] with row stride ld.
+  void pack_rows(int64_t u, const T* src, int64_t ld, int64_t k0, int64_t n) const {
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t c = 0; c < C; ++c) {
+        T* out = data + ((u * block_rows + k0 + k) * C + c) * width;
+        const int64_t m = lanes(u, c);
+        std::memcpy(out, src + k * ld + first_column(u, c), m * sizeof(T));
+        std::fill(out + m, out + width, T(0));
+      }
   }
 
  private:
@@ -178,10 +199,12 @@ struct Panels {
     p.C = C;
     p.cols = cols;
     p.width = width;
+    p.block_rows = K;
     p.blocks = (cols + C * width - 1) / (C * width);
     // Every element is written by the packing (zeros included): no zero fill first, and the block
     // cache's memory, already mapped.
     p.storage = empty_large({std::max<int64_t>(1, p.blocks * K * p.groups() * width)}, w.options());
+    p.data = p.storage.template data_ptr<T>();
     return p;
   }
 };
@@ -248,7 +271,7 @@ void row_blocks(int64_t n, const RowFn& row, const OutFn& out, int64_t k0, int64
 // fixed order (no bias there).
 template <typename T, int NG, typename RowFn, typename OutFn>
 void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& row, const OutFn& out,
-                  int64_t gate_stride, bool accumulate, const T* bias = nullptr) {
+                  int64_t gate_stride, bool accumulate, const T* bias = nullptr, int64_t a_stride = 0) {
   constexpr int64_t W = Panels<T>::kWidth;
   constexpr int64_t kDepth = std::max<int64_t>(16, 16384 / (NG * W * sizeof(T)));
   constexpr int kMaxGroups = std::max(NG, cpu::kWideMaxVectors);
@@ -264,7 +287,7 @@ void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& ro
       const float* init[kMaxGroups];
       for (int64_t q = 0; q < panels.groups() && bias; ++q) init[q] = bias + panels.first_column(u, 0) + offset[q];
       cpu::wide_rows_product(panel, panels.K, static_cast<int>(panels.groups()), n, row, out, offset, lanes,
-                             bias ? init : nullptr, accumulate);
+                             bias ? init : nullptr, accumulate, a_stride);
       return;
     }
   }
@@ -428,6 +451,23 @@ struct BackwardLoop {
     const int64_t chunk_cap = chunk_rows(s, GH), buffer_rows = std::min(s.N, chunk_cap);
     Tensor dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
     Tensor dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
+    // With AVX-512 the weight and input gradients take the same tiles as the steps, instead of BLAS:
+    // dX = dG·W_ih on panels of W_ih's columns, and dW (+)= dGᵀ·X on panels of each chunk's x and
+    // h_{t-1}, which each thread packs for its own columns.
+    const bool wide = wide_panels<T>();
+    constexpr int64_t kWideC = cpu::wide_vectors_per_gate(1);
+    const Panels<T> input_panels = wide ? Panels<T>::of_columns(w_ih, kWideC, cpu::kWideWidth) : Panels<T>();
+    Tensor chunk_panels = wide ? empty_large({std::max<int64_t>(1, Panels<T>::columns_size(buffer_rows, I, kWideC, cpu::kWideWidth) +
+                                                                       Panels<T>::columns_size(buffer_rows, P, kWideC, cpu::kWideWidth))},
+                                             dh.options())
+                               : Tensor();
+    T* x_panels_p = wide ? chunk_panels.data_ptr<T>() : nullptr;
+    T* h_panels_p = wide ? x_panels_p + Panels<T>::columns_size(buffer_rows, I, kWideC, cpu::kWideWidth) : nullptr;
+    constexpr int64_t kStripColumns = cpu::kWideWidth;
+    Tensor strips = wide ? empty_large({std::max<int64_t>(1, at::get_num_threads()) * buffer_rows * kStripColumns}, dh.options())
+                         : Tensor();
+    T* strips_p = wide ? strips.data_ptr<T>() : nullptr;
+    const int64_t dx_rows = projection_rows(GH);
 
     const T* x_p = x.data_ptr<T>();
     const T* w_ih_p = w_ih.data_ptr<T>();
@@ -467,9 +507,64 @@ struct BackwardLoop {
       // this thread's share of the rows of dW_ih, dW_hh and the bias gradients, added chunk after
       // chunk, each a single GEMM (per run of h_{t-1} for dW_hh) so that BLAS packs the chunk's x
       // once; and its share of the chunk's rows of dx = dG·W_ih.
+      // The same on wide panels. dW (+)= dGᵀ·X: the chunk's x and h_{t-1} packed into panels (each
+      // thread a share of the blocks, then a barrier); each thread its share of dG's columns, 16 at
+      // a time copied into a strip whose k lie 16 floats apart (dG's are 4·G·H bytes apart, too far
+      // for the tiles' broadcasts), times every block. dX by rows, on the panels of W_ih.
+      const auto wide_chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
+        const Panels<T> xs = Panels<T>::columns_in(x_panels_p, buffer_rows, chunk.rows, I, kWideC, cpu::kWideWidth);
+        const Panels<T> hs = Panels<T>::columns_in(h_panels_p, buffer_rows, chunk.rows, P, kWideC, cpu::kWideWidth);
+        me.barrier();  // everyone is done with the chunk before's panels (its steps may all have been empty)
+        {
+          const auto [u0, u1] = me.share(xs.blocks);
+          for (int64_t u = u0; u < u1; ++u) xs.pack_rows(u, x_p + chunk.row0 * I, I, 0, chunk.rows);
+        }
+        const auto [v0, v1] = me.share(hs.blocks);
+        for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
+          const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
+          if (lo >= hi) continue;
+          const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P : out_p + (run.source + lo - run.row) * out_ld;
+          for (int64_t v = v0; v < v1; ++v) hs.pack_rows(v, h_prev, run.from_h0 ? P : out_ld, lo - chunk.row0, hi - lo);
+        }
+        me.barrier();
+        T* strip = strips_p + me.index * buffer_rows * kStripColumns;
+        const auto copy_strip = [&](const T* dg, int64_t j0, int64_t n) {
+          for (int64_t k = 0; k < chunk.rows; ++k) {
+            std::memcpy(strip + k * kStripColumns, dg + k * GH + j0, n * sizeof(T));
+          }
+        };
+        const auto strip_times = [&](const Panels<T>& panels, int64_t j0, int64_t n, T* dw, int64_t ld) {
+          for (int64_t u = 0; u < panels.blocks; ++u) {
+            T* out = dw + j0 * ld + panels.first_column(u, 0);
+            rows_product<T, C>(panels, u, n, [&](int64_t r) { return strip + r; }, [&](int64_t r) { return out + r * ld; },
+                               0, true, nullptr, kStripColumns);
+          }
+        };
+        const auto [g0, g1] = me.share(GH, kStripColumns);
+        for (int64_t j0 = g0; j0 < g1; j0 += kStripColumns) {
+          const int64_t n = std::min(kStripColumns, g1 - j0);
+          copy_strip(dgx_chunk, j0, n);
+          strip_times(xs, j0, n, dw_ih_p, I);
+          if (dgh_chunk != dgx_chunk) copy_strip(dgh_chunk, j0, n);
+          strip_times(hs, j0, n, dw_hh_p, P);
+        }
+        if (dx_p) {
+          const auto [r0, r1] = me.share(chunk.rows);
+          for (int64_t q0 = r0; q0 < r1; q0 += dx_rows) {
+            for (int64_t u = 0; u < input_panels.blocks; ++u) {
+              T* dx_rows_p = dx_p + (chunk.row0 + q0) * I + input_panels.first_column(u, 0);
+              rows_product<T, C>(input_panels, u, std::min(dx_rows, r1 - q0), [&](int64_t r) { return dgx_chunk + (q0 + r) * GH; },
+                                 [&](int64_t r) { return dx_rows_p + r * I; }, 0, false);
+            }
+          }
+        }
+      };
       const auto chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
         const auto [g0, g1] = me.share(GH, kGemmRowAlignment);
-        if (g1 > g0) {
+        if (wide) {
+          wide_chunk_products(chunk, dgx_chunk, dgh_chunk);
+        }
+        if (g1 > g0 && !wide) {
           gemm_rows<T>(g1 - g0, I, chunk.rows, {dgx_chunk + g0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
                        true, dw_ih_p + g0 * I, I);
           for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
@@ -480,14 +575,14 @@ struct BackwardLoop {
             gemm_rows<T>(g1 - g0, P, hi - lo, {dgh_chunk + (lo - chunk.row0) * GH + g0, GH, true},
                          {h_prev, run.from_h0 ? P : out_ld, false, true}, true, dw_hh_p + g0 * P, P);
           }
-          for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
-            for (int64_t j = g0; j < g1; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
-          }
-          for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
-            for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
-          }
         }
-        if (dx_p) {
+        for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
+          for (int64_t j = g0; j < g1; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
+        }
+        for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
+          for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
+        }
+        if (dx_p && !wide) {
           const auto [r0, r1] = me.share(chunk.rows);
           gemm_rows<T>(r1 - r0, I, GH, {dgx_chunk + r0 * GH, GH}, {w_ih_p, I, false, true}, false,
                        dx_p + (chunk.row0 + r0) * I, I);

@@ -50,25 +50,27 @@ inline bool wide_float_kernels() {
 #define FUSED_RNN_AVX512F __attribute__((target("avx512f")))
 
 // For MR rows and NV groups of 16 columns, in registers:
-// out[r] + offset[q] (lanes[q] values) (+)= init[q] + Σ_k rows[r][k] · panel[k·stride + 16q],
-// init[q] = 0 where init is null. `stride` is the floats per k of the whole panel, which may hold
-// more groups than this tile takes.
-template <int MR, int NV>
-FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* rows, int64_t K, const float* panel,
-                                                           int64_t stride, float* const* out, const int64_t* offset,
-                                                           const int64_t* lanes, const float* const* init,
-                                                           bool accumulate) {
+// out[r] + offset[q] (lanes[q] values) (+)= init[q] + Σ_k a(r, k) · panel[k·stride + 16q],
+// init[q] = 0 where init is null. a(r, k) is rows[r][k], or with kColumnsA rows[0][k·a_stride + r]
+// (the left factor transposed, as the weight gradients take dGᵀ). `stride` is the floats per k of
+// the whole panel, which may hold more groups than this tile takes.
+template <int MR, int NV, bool kColumnsA>
+FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* rows, int64_t a_stride, int64_t K,
+                                                           const float* panel, int64_t stride, float* const* out,
+                                                           const int64_t* offset, const int64_t* lanes,
+                                                           const float* const* init, bool accumulate) {
   __m512 acc[MR][NV];
   for (int q = 0; q < NV; ++q) {
     const __m512 start =
         init ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << lanes[q]) - 1), init[q]) : _mm512_setzero_ps();
     for (int r = 0; r < MR; ++r) acc[r][q] = start;
   }
+  const float* a_columns = rows[0];
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
     for (int q = 0; q < NV; ++q) w[q] = _mm512_loadu_ps(panel + k * stride + q * kWideWidth);
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(rows[r][k]);
+      const __m512 a = _mm512_set1_ps(kColumnsA ? a_columns[k * a_stride + r] : rows[r][k]);
       for (int q = 0; q < NV; ++q) acc[r][q] = _mm512_fmadd_ps(a, w[q], acc[r][q]);
     }
   }
@@ -85,29 +87,34 @@ FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* r
 
 #undef FUSED_RNN_AVX512F
 
-using WideTile = void (*)(const float* const*, int64_t, const float*, int64_t, float* const*, const int64_t*,
-                          const int64_t*, const float* const*, bool);
+using WideTile = void (*)(const float* const*, int64_t, int64_t, const float*, int64_t, float* const*,
+                          const int64_t*, const int64_t*, const float* const*, bool);
+using WideTiles = std::array<std::array<WideTile, kWideMaxVectors>, kWideMaxRows>;
 
-template <int MR, int... NV>
+template <bool kColumnsA, int MR, int... NV>
 constexpr std::array<WideTile, kWideMaxVectors> wide_tile_row(std::integer_sequence<int, NV...>) {
-  return {&wide_tile<MR, NV + 1>...};
+  return {&wide_tile<MR, NV + 1, kColumnsA>...};
 }
-template <int... MR>
-constexpr std::array<std::array<WideTile, kWideMaxVectors>, kWideMaxRows> wide_tile_table(
-    std::integer_sequence<int, MR...>) {
-  return {wide_tile_row<MR + 1>(std::make_integer_sequence<int, kWideMaxVectors>{})...};
+template <bool kColumnsA, int... MR>
+constexpr WideTiles wide_tile_table(std::integer_sequence<int, MR...>) {
+  return {wide_tile_row<kColumnsA, MR + 1>(std::make_integer_sequence<int, kWideMaxVectors>{})...};
 }
-// wide_tiles[MR - 1][NV - 1]
-inline constexpr auto wide_tiles = wide_tile_table(std::make_integer_sequence<int, kWideMaxRows>{});
+// [kColumnsA][MR - 1][NV - 1]
+inline constexpr std::array<WideTiles, 2> wide_tiles = {
+    wide_tile_table<false>(std::make_integer_sequence<int, kWideMaxRows>{}),
+    wide_tile_table<true>(std::make_integer_sequence<int, kWideMaxRows>{})};
 
 // Rows [0, n) times one panel block of NG (<= 4) groups over all K: row(r) gives row r of the left
-// factor, out(r) where row r of the block's output starts (group q at offset[q]). Tiles of 6 rows
-// for 3-4 groups (8 for fewer: 24 accumulators or less); 6-8 rows with 4 groups take two halves of
-// the groups over all rows instead, so that the panel is read twice rather than the rows 6 + 2.
+// factor (with a_stride > 0: its column r, k at stride a_stride), out(r) where row r of the
+// block's output starts (group q at offset[q]). Tiles of 6 rows for 3-4 groups (8 for fewer: 24
+// accumulators or less); 6-8 rows with 4 groups take two halves of the groups over all rows
+// instead, so that the panel is read twice rather than the rows 6 + 2.
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const RowFn& row, const OutFn& out,
-                       const int64_t* offset, const int64_t* lanes, const float* const* init, bool accumulate) {
+                       const int64_t* offset, const int64_t* lanes, const float* const* init, bool accumulate,
+                       int64_t a_stride = 0) {
   const int64_t stride = NG * kWideWidth;
+  const WideTiles& table = wide_tiles[a_stride > 0];
   const auto tiles = [&](int q0, int nv, int64_t tile_rows) {
     const float* const* tile_init = init ? init + q0 : nullptr;
     for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
@@ -115,8 +122,8 @@ void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const R
       const float* in[kWideMaxRows];
       float* dst[kWideMaxRows];
       for (int r = 0; r < mr; ++r) in[r] = row(r0 + r), dst[r] = out(r0 + r);
-      wide_tiles[mr - 1][nv - 1](in, K, panel + q0 * kWideWidth, stride, dst, offset + q0, lanes + q0, tile_init,
-                                 accumulate);
+      table[mr - 1][nv - 1](in, a_stride, K, panel + q0 * kWideWidth, stride, dst, offset + q0, lanes + q0,
+                            tile_init, accumulate);
     }
   };
   if (NG == 4 && n >= 6 && n <= 8) {
@@ -131,7 +138,7 @@ void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const R
 inline bool wide_float_kernels() { return false; }
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float*, int64_t, int, int64_t, const RowFn&, const OutFn&, const int64_t*,
-                       const int64_t*, const float* const*, bool) {}
+                       const int64_t*, const float* const*, bool, int64_t = 0) {}
 #endif
 
 }  // namespace cpu
