@@ -131,6 +131,18 @@ struct Panels {
     const T* src = w.data_ptr<T>();
     T* dst = p.storage.template data_ptr<T>();
     p.for_each_block([&](int64_t u) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (width == cpu::kWideWidth) {
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t c = 0; c < C; ++c) {
+              const float* rows[cpu::kWideWidth];
+              for (int64_t l = 0; l < p.lanes(u, c); ++l) rows[l] = src + (g * cols + p.first_column(u, c) + l) * p.K;
+              cpu::wide_transpose_rows(rows, p.lanes(u, c), p.K, dst + (u * p.K * p.groups() + g * C + c) * width,
+                                       p.groups() * width);
+            }
+          return;
+        }
+      }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t l = 0; l < width; ++l) {
