@@ -106,6 +106,9 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 // The bytes of free blocks the cache holds, and giving them all back (fused_rnn.empty_cache()).
 size_t cpu_cache_bytes();
 void empty_cpu_cache();
+// Which kernel the CPU's float32 matrix products take: "AVX-512" (csrc/cpu/wide_float.h) or
+// "AVX2" (block_product and BLAS; also where FUSED_RNN_FLOAT_KERNEL=avx2 asks for it).
+const char* cpu_float_kernel();
 
 // Fills in the steps of s (T, B, batch_sizes, offsets) from batch_sizes, checked against s.N; an
 // empty batch_sizes is a padded input whose steps all have padded_batch rows (h0's).

@@ -1,15 +1,24 @@
 """The CPU engine's blocking: hidden sizes that fill panel blocks, vectors and scalar tails in every
 way, row counts around the kernel's row blocks, packed steps whose batch shrinks across a block,
-and results that do not depend on the number of threads."""
+and results that do not depend on the number of threads. float32 takes the AVX-512 tiles where the
+CPU has them, float64 the AVX2 ones; the last test runs this file again with float32 on AVX2."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
+from fused_rnn import _C
 from helpers import check_parity, make_pair, run
 
-# Vectors are 8 floats / 4 doubles; a panel block holds 1 vector per gate (LSTM, GRU) or 3 (RNN).
+# AVX2 vectors are 8 floats / 4 doubles; a panel block holds 1 vector per gate (LSTM, GRU) or 3 (RNN).
 HIDDEN = [1, 3, 4, 7, 8, 9, 12, 23, 24, 25, 33]
-ROWS = [1, 2, 3, 4, 5, 11, 12, 13, 25]
+# AVX-512 groups are 16 floats; a block holds 1 group per gate (LSTM, GRU) or 4 (RNN, dG·W_hh: 64 columns).
+WIDE_HIDDEN = [15, 16, 17, 47, 48, 49, 63, 64, 65, 80]
+# Row tiles: 8 (AVX2 float: 12 / gates), 6 or 8 and halves of the groups at 6-8 rows (AVX-512).
+ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 17, 25]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -24,20 +33,32 @@ def test_hidden_sizes(kind, kw, hidden, dtype):
     check_parity(fused, ref, torch.randn(4, 6, 5, dtype=dtype))
 
 
+@pytest.mark.parametrize("hidden", WIDE_HIDDEN)
+@pytest.mark.parametrize("inputs", [1, 17, 33])
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("LSTM", {"proj_size": 5})])
+def test_wide_hidden_and_input_sizes(kind, kw, inputs, hidden):
+    """Around the AVX-512 groups and blocks, and input sizes (x's panels' k, dX's columns) off 16."""
+    torch.manual_seed(hidden + inputs)
+    fused, ref = make_pair(kind, inputs, hidden, num_layers=2, bidirectional=True, dtype=torch.float32, **kw)
+    check_parity(fused, ref, torch.randn(5, 7, inputs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_row_counts(kind, rows):
+def test_row_counts(kind, rows, dtype):
     torch.manual_seed(rows)
-    fused, ref = make_pair(kind, 3, 10, bidirectional=True)
-    check_parity(fused, ref, torch.randn(3, rows, 3, dtype=torch.float64))
+    fused, ref = make_pair(kind, 3, 10, bidirectional=True, dtype=dtype)
+    check_parity(fused, ref, torch.randn(3, rows, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_packed_batch_shrinking_across_row_blocks(kind):
+def test_packed_batch_shrinking_across_row_blocks(kind, dtype):
     torch.manual_seed(1)
-    fused, ref = make_pair(kind, 3, 17, num_layers=2, bidirectional=True)
+    fused, ref = make_pair(kind, 3, 17, num_layers=2, bidirectional=True, dtype=dtype)
     lengths = [9, 9, 8, 7, 7, 6, 5, 5, 4, 3, 3, 2, 2, 1, 1]  # 15 sequences: row blocks empty out one by one
-    x = pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in lengths])
+    x = pack_sequence([torch.randn(n, 3, dtype=dtype) for n in lengths])
     check_parity(fused, ref, x)
 
 
@@ -58,18 +79,37 @@ def test_results_do_not_depend_on_thread_count(kind):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_input_projection_in_chunks_of_steps(kind, packed):
+def test_input_projection_in_chunks_of_steps(kind, packed, dtype):
     """x·W_ihᵀ is computed a chunk of whole steps at a time, up to 2^20 gate values: with G*H = 1200
-    that is 873 rows, so these inputs (up to 1,200 rows) take two chunks, in both directions."""
+    that is 873 rows, so these inputs (up to 1,200 rows) take two chunks, in both directions; the
+    weight gradients add up chunk after chunk, the runs of h_{t-1} of each packed into one panel."""
     torch.manual_seed(3)
     hidden = 300 if kind == "LSTM" else 400
-    fused, ref = make_pair(kind, 3, hidden, bidirectional=True)
+    fused, ref = make_pair(kind, 3, hidden, bidirectional=True, dtype=dtype)
     if packed:
         lengths = [30] * 10 + [29, 25, 17] * 10
         lengths = lengths[:40]
-        x = pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in sorted(lengths, reverse=True)])
+        x = pack_sequence([torch.randn(n, 3, dtype=dtype) for n in sorted(lengths, reverse=True)])
     else:
-        x = torch.randn(30, 40, 3, dtype=torch.float64)
-    check_parity(fused, ref, x)
+        x = torch.randn(30, 40, 3, dtype=dtype)
+    # float32 sums over 1,200 rows: the weight gradients reach 50 and more, their error 1e-5 relative
+    check_parity(fused, ref, x, tol=(2e-5, 2e-5) if dtype == torch.float32 else None)
+
+
+@pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or os.environ.get("FUSED_RNN_FLOAT_KERNEL") == "avx2",
+                    reason="float32 already takes the AVX2 kernel here")
+def test_this_file_again_with_the_avx2_float_kernel():
+    """FUSED_RNN_FLOAT_KERNEL=avx2 (read once per process, so in a child): float32 on the AVX2 tiles
+    and BLAS, as on CPUs without AVX-512, against torch.nn again."""
+    env = dict(os.environ, FUSED_RNN_FLOAT_KERNEL="avx2")
+    kernel = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_float_kernel())"], env=env,
+                            check=True, timeout=300, capture_output=True, text=True).stdout.strip()
+    assert kernel == "AVX2"
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2_float_kernel",
+                             os.path.join(here, "test_cpu_blocking.py")], env=env, timeout=1200, cwd=here,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -659,6 +659,8 @@ struct BackwardLoop {
 
 }  // namespace
 
+const char* cpu_float_kernel() { return cpu::wide_float_kernels() ? "AVX-512" : "AVX2"; }
+
 void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
                       const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c,
                       Tensor& saved) {
