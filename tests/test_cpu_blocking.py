@@ -62,11 +62,27 @@ def test_packed_batch_shrinking_across_row_blocks(kind, dtype):
     check_parity(fused, ref, x)
 
 
+THREAD_CASES = {  # (input size, hidden size, module arguments, T, B, packed)
+    "plain": (64, 96, {}, 20, 32, False),
+    "tails": (33, 100, {"bidirectional": True}, 9, 7, False),
+    "proj": (40, 70, {"proj_size": 30}, 9, 13, False),
+    "packed": (48, 65, {"bidirectional": True}, 12, 11, True),
+    "chunks": (5, 300, {}, 30, 64, False),  # G*H = 1200 for LSTM: 3 chunks of steps
+}
+
+
+@pytest.mark.parametrize("case", list(THREAD_CASES))
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_results_do_not_depend_on_thread_count(kind):
+def test_results_do_not_depend_on_thread_count(kind, case):
+    inputs, hidden, kw, T, B, packed = THREAD_CASES[case]
+    if "proj_size" in kw and kind != "LSTM":
+        pytest.skip("proj_size is LSTM's")
     torch.manual_seed(2)
-    fused, _ = make_pair(kind, 64, 96, num_layers=2, dtype=torch.float32)
-    x = torch.randn(20, 32, 64)
+    fused, _ = make_pair(kind, inputs, hidden, num_layers=2, dtype=torch.float32, **kw)
+    if packed:
+        x = pack_sequence([torch.randn(n, inputs) for n in range(T, T - B, -1)])
+    else:
+        x = torch.randn(T, B, inputs)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -97,6 +113,40 @@ def test_input_projection_in_chunks_of_steps(kind, packed, dtype):
         x = torch.randn(30, 40, 3, dtype=dtype)
     # float32 sums over 1,200 rows: the weight gradients reach 50 and more, their error 1e-5 relative
     check_parity(fused, ref, x, tol=(2e-5, 2e-5) if dtype == torch.float32 else None)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_weight_gradients_over_several_chunks_float32(kind):
+    """Four chunks of steps (3,000 rows, 873 a chunk): both gate-gradient buffers reused, and the
+    chunk's panels of x and h_{t-1} packed again for each (float32: the AVX-512 path where it runs)."""
+    torch.manual_seed(4)
+    fused, ref = make_pair(kind, 3, 300 if kind == "LSTM" else 400, dtype=torch.float32)
+    check_parity(fused, ref, torch.randn(30, 100, 3) * 0.5, tol=(3e-5, 3e-5))
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("LSTM", {"proj_size": 1}), ("GRU", {}), ("RNN", {})])
+def test_edge_shapes_float32(kind, kw):
+    """tests/test_edge_cases.py's shapes (float64 there) once in float32: sizes 1, one step, a long
+    sequence, strided input, an empty batch."""
+    torch.manual_seed(6)
+    for inputs, hidden_size in [(1, 2), (5, 2), (1, 17)]:
+        fused, ref = make_pair(kind, inputs, hidden_size, num_layers=2, bidirectional=True, dtype=torch.float32, **kw)
+        check_parity(fused, ref, torch.randn(4, 1, inputs))
+        check_parity(fused, ref, torch.randn(1, 3, inputs))
+    fused, ref = make_pair(kind, 1, 3, dtype=torch.float32, **kw)
+    check_parity(fused, ref, torch.randn(2000, 2, 1), tol=(1e-4, 1e-4))  # gradients summed over 2,000 steps
+    fused, ref = make_pair(kind, 6, 20, bidirectional=True, dtype=torch.float32, **kw)
+    check_parity(fused, ref, torch.randn(10, 5, 12)[::2, :, ::2])
+    out_f, out_r = fused(torch.randn(4, 0, 6))[0], ref(torch.randn(4, 0, 6))[0]
+    assert out_f.shape == out_r.shape
+
+
+def test_strip_tails_of_six_rows():
+    """G*H = 102 = 6 x 16 + 6: the last strip of dG's columns is 6 wide, against 4 groups of x's
+    panels (I = 100): the 6-row, two-halves tile of the transposed product."""
+    torch.manual_seed(5)
+    fused, ref = make_pair("GRU", 100, 34, dtype=torch.float32)
+    check_parity(fused, ref, torch.randn(6, 9, 100))
 
 
 @pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or os.environ.get("FUSED_RNN_FLOAT_KERNEL") == "avx2",

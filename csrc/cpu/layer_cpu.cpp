@@ -111,6 +111,9 @@ void gemm_rows(int64_t m, int64_t n, int64_t k, MatrixRef<T> a, MatrixRef<T> b, 
 // each of G gates (G = 1 for dG·W_hh); for each k, its G*C groups of `width` weights lie side by
 // side, so the kernel streams one block with unit stride. Columns past the end are zero. The width
 // is the AVX2 tile's vector (kWidth) or, for float with AVX-512, wide_float.h's 16.
+// rows_product tells the kernels apart by the panels' width.
+static_assert(KernelMath<float>::kWidth != cpu::kWideWidth, "AVX2 and AVX-512 panels must differ in width");
+
 template <typename T>
 struct Panels {
   static constexpr int64_t kWidth = KernelMath<T>::kWidth;
@@ -146,9 +149,9 @@ struct Panels {
       for (int64_t g = 0; g < G; ++g)
         for (int64_t c = 0; c < C; ++c)
           for (int64_t l = 0; l < width; ++l) {
-            const T* row = src + (g * cols + p.first_column(u, c) + l) * p.K;
             T* out = dst + (u * p.K * p.groups() + g * C + c) * width + l;
             if (l < p.lanes(u, c)) {
+              const T* row = src + (g * cols + p.first_column(u, c) + l) * p.K;
               for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * width] = row[k];
             } else {
               for (int64_t k = 0; k < p.K; ++k) out[k * p.groups() * width] = T(0);
@@ -189,7 +192,7 @@ struct Panels {
       for (int64_t c = 0; c < C; ++c) {
         T* out = data + ((u * block_rows + k0 + k) * C + c) * width;
         const int64_t m = lanes(u, c);
-        std::memcpy(out, src + k * ld + first_column(u, c), m * sizeof(T));
+        if (m > 0) std::memcpy(out, src + k * ld + first_column(u, c), m * sizeof(T));
         std::fill(out + m, out + width, T(0));
       }
   }
@@ -338,11 +341,11 @@ struct ForwardLoop {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     const bool wide = wide_panels<T>();
-    const Panels<T> panels = wide ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G), H, cpu::kWideWidth)
+    const Panels<T> panels = wide ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
                                   : Panels<T>::of_rows(w_hh, G, C, H);
     // With AVX-512, x·W_ihᵀ takes the same tiles, on panels of W_ih's G*H rows, instead of BLAS.
     const Panels<T> input_panels =
-        wide ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1), GH, cpu::kWideWidth) : Panels<T>();
+        wide ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1, GH), GH, cpu::kWideWidth) : Panels<T>();
     const int64_t input_rows = projection_rows(s.I);
     // x·W_ihᵀ + bias, a chunk of steps at a time (see kChunkElements).
     const int64_t chunk_cap = chunk_rows(s, GH);
@@ -374,7 +377,6 @@ struct ForwardLoop {
         // that BLAS packs the chunk's x once. The previous chunk's last step ended with a barrier,
         // so nobody still reads the buffer; a barrier after it, as a thread's steps read every gate
         // of its units.
-        const auto [c0, c1] = me.share(GH, kGemmRowAlignment);
         if (wide) {
           const auto [b0, b1] = me.share(input_panels.blocks);
           for (int64_t r0 = 0; r0 < rows; r0 += input_rows) {
@@ -385,7 +387,7 @@ struct ForwardLoop {
                                      [&](int64_t r) { return gx_buffer_p + (r0 + r) * GH + j0; }, 0, false, bias_p);
             }
           }
-        } else if (c1 > c0) {
+        } else if (const auto [c0, c1] = me.share(GH, kGemmRowAlignment); c1 > c0) {
           if (bias_p) {
             for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + c0, bias_p + c0, (c1 - c0) * sizeof(T));
           }
@@ -453,7 +455,7 @@ struct BackwardLoop {
                   LayerGrads& grads) {
     const int64_t H = s.H, P = s.P, I = s.I, GH = s.gates * H, K = s.saved_cols();
     const Panels<T> panels = wide_panels<T>()  // blocks of dh's P columns
-                                 ? Panels<T>::of_columns(w_hh_conj, cpu::wide_vectors_per_gate(1), cpu::kWideWidth)
+                                 ? Panels<T>::of_columns(w_hh_conj, cpu::wide_vectors_per_gate(1, P), cpu::kWideWidth)
                                  : Panels<T>::of_columns(w_hh_conj, C);
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     // The gate gradients, a chunk of steps at a time (see kChunkElements), in two buffers taken in
@@ -467,16 +469,15 @@ struct BackwardLoop {
     // dX = dG·W_ih on panels of W_ih's columns, and dW (+)= dGᵀ·X on panels of each chunk's x and
     // h_{t-1}, which each thread packs for its own columns.
     const bool wide = wide_panels<T>();
-    constexpr int64_t kWideC = cpu::wide_vectors_per_gate(1);
-    const Panels<T> input_panels = wide ? Panels<T>::of_columns(w_ih, kWideC, cpu::kWideWidth) : Panels<T>();
-    Tensor chunk_panels = wide ? empty_large({std::max<int64_t>(1, Panels<T>::columns_size(buffer_rows, I, kWideC, cpu::kWideWidth) +
-                                                                       Panels<T>::columns_size(buffer_rows, P, kWideC, cpu::kWideWidth))},
-                                             dh.options())
-                               : Tensor();
+    const int64_t x_groups = cpu::wide_vectors_per_gate(1, I), h_groups = cpu::wide_vectors_per_gate(1, P);
+    const Panels<T> input_panels = wide ? Panels<T>::of_columns(w_ih, x_groups, cpu::kWideWidth) : Panels<T>();
+    const int64_t x_panels_size = Panels<T>::columns_size(buffer_rows, I, x_groups, cpu::kWideWidth);
+    const int64_t h_panels_size = Panels<T>::columns_size(buffer_rows, P, h_groups, cpu::kWideWidth);
+    Tensor chunk_panels = wide ? empty_large({std::max<int64_t>(1, x_panels_size + h_panels_size)}, dh.options()) : Tensor();
     T* x_panels_p = wide ? chunk_panels.data_ptr<T>() : nullptr;
-    T* h_panels_p = wide ? x_panels_p + Panels<T>::columns_size(buffer_rows, I, kWideC, cpu::kWideWidth) : nullptr;
-    constexpr int64_t kStripColumns = cpu::kWideWidth;
-    Tensor strips = wide ? empty_large({std::max<int64_t>(1, at::get_num_threads()) * buffer_rows * kStripColumns}, dh.options())
+    T* h_panels_p = wide ? x_panels_p + x_panels_size : nullptr;
+    const int64_t strip_columns = std::min(cpu::kWideWidth, GH);  // no wider than dG itself
+    Tensor strips = wide ? empty_large({std::max<int64_t>(1, at::get_num_threads()) * buffer_rows * strip_columns}, dh.options())
                          : Tensor();
     T* strips_p = wide ? strips.data_ptr<T>() : nullptr;
     const int64_t dx_rows = projection_rows(GH);
@@ -524,37 +525,39 @@ struct BackwardLoop {
       // a time copied into a strip whose k lie 16 floats apart (dG's are 4·G·H bytes apart, too far
       // for the tiles' broadcasts), times every block. dX by rows, on the panels of W_ih.
       const auto wide_chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
-        const Panels<T> xs = Panels<T>::columns_in(x_panels_p, buffer_rows, chunk.rows, I, kWideC, cpu::kWideWidth);
-        const Panels<T> hs = Panels<T>::columns_in(h_panels_p, buffer_rows, chunk.rows, P, kWideC, cpu::kWideWidth);
+        const Panels<T> xs = Panels<T>::columns_in(x_panels_p, buffer_rows, chunk.rows, I, x_groups, cpu::kWideWidth);
+        const Panels<T> hs = Panels<T>::columns_in(h_panels_p, buffer_rows, chunk.rows, P, h_groups, cpu::kWideWidth);
         me.barrier();  // everyone is done with the chunk before's panels (its steps may all have been empty)
         {
           const auto [u0, u1] = me.share(xs.blocks);
           for (int64_t u = u0; u < u1; ++u) xs.pack_rows(u, x_p + chunk.row0 * I, I, 0, chunk.rows);
         }
-        const auto [v0, v1] = me.share(hs.blocks);
+        const auto [h0_block, h1_block] = me.share(hs.blocks);
         for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
           const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
           if (lo >= hi) continue;
           const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P : out_p + (run.source + lo - run.row) * out_ld;
-          for (int64_t v = v0; v < v1; ++v) hs.pack_rows(v, h_prev, run.from_h0 ? P : out_ld, lo - chunk.row0, hi - lo);
+          for (int64_t v = h0_block; v < h1_block; ++v) {
+            hs.pack_rows(v, h_prev, run.from_h0 ? P : out_ld, lo - chunk.row0, hi - lo);
+          }
         }
         me.barrier();
-        T* strip = strips_p + me.index * buffer_rows * kStripColumns;
+        T* strip = strips_p + me.index * buffer_rows * strip_columns;
         const auto copy_strip = [&](const T* dg, int64_t j0, int64_t n) {
           for (int64_t k = 0; k < chunk.rows; ++k) {
-            std::memcpy(strip + k * kStripColumns, dg + k * GH + j0, n * sizeof(T));
+            std::memcpy(strip + k * strip_columns, dg + k * GH + j0, n * sizeof(T));
           }
         };
         const auto strip_times = [&](const Panels<T>& panels, int64_t j0, int64_t n, T* dw, int64_t ld) {
           for (int64_t u = 0; u < panels.blocks; ++u) {
             T* out = dw + j0 * ld + panels.first_column(u, 0);
             rows_product<T, C>(panels, u, n, [&](int64_t r) { return strip + r; }, [&](int64_t r) { return out + r * ld; },
-                               0, true, nullptr, kStripColumns);
+                               0, true, nullptr, strip_columns);
           }
         };
-        const auto [g0, g1] = me.share(GH, kStripColumns);
-        for (int64_t j0 = g0; j0 < g1; j0 += kStripColumns) {
-          const int64_t n = std::min(kStripColumns, g1 - j0);
+        const auto [g0, g1] = me.share(GH, strip_columns);
+        for (int64_t j0 = g0; j0 < g1; j0 += strip_columns) {
+          const int64_t n = std::min(strip_columns, g1 - j0);
           copy_strip(dgx_chunk, j0, n);
           strip_times(xs, j0, n, dw_ih_p, I);
           if (dgh_chunk != dgx_chunk) copy_strip(dgh_chunk, j0, n);
@@ -659,7 +662,13 @@ struct BackwardLoop {
 
 }  // namespace
 
-const char* cpu_float_kernel() { return cpu::wide_float_kernels() ? "AVX-512" : "AVX2"; }
+const char* cpu_float_kernel() {
+#ifdef CPU_CAPABILITY_AVX2
+  return cpu::wide_float_kernels() ? "AVX-512" : "AVX2";
+#else
+  return cpu::wide_float_kernels() ? "AVX-512" : "portable (scalar at::vec)";
+#endif
+}
 
 void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
                       const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c,

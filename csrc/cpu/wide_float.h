@@ -31,9 +31,15 @@ namespace cpu {
 constexpr int64_t kWideWidth = 16;
 constexpr int kWideMaxRows = 8, kWideMaxVectors = 4;
 
-// Panel groups per gate for G gates: about 64 output columns per block, so that a tile holds
-// 3 or 4 vectors of each k (GRU 3 x 16, LSTM 4 x 16, RNN and dG·W_hh 1 x 64).
-constexpr int64_t wide_vectors_per_gate(int64_t G) { return G >= 3 ? 1 : (G == 2 ? 2 : 4); }
+// Panel groups per gate for G gates of `cols` columns each: about 64 output columns per block,
+// so that a tile holds 3 or 4 vectors of each k (GRU 3 x 16, LSTM 4 x 16, RNN and the G = 1
+// panels 4 x 16). With one gate, fewer for narrow matrices: at least two blocks from 33 columns
+// (one for each thread), and no block much wider than the matrix.
+constexpr int64_t wide_vectors_per_gate(int64_t G, int64_t cols) {
+  if (G >= 3) return 1;
+  if (G == 2) return 2;
+  return std::clamp<int64_t>((cols + 31) / 32, 1, 4);
+}
 
 #if defined(__x86_64__)
 
@@ -165,11 +171,14 @@ void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const R
 }
 
 #else  // not x86-64: the AVX2 tiles only
+// Never called (wide_float_kernels() is false); a trap rather than outputs left unwritten.
 inline bool wide_float_kernels() { return false; }
-inline void wide_transpose_rows(const float* const*, int64_t, int64_t, float*, int64_t) {}
+inline void wide_transpose_rows(const float* const*, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float*, int64_t, int, int64_t, const RowFn&, const OutFn&, const int64_t*,
-                       const int64_t*, const float* const*, bool, int64_t = 0) {}
+                       const int64_t*, const float* const*, bool, int64_t = 0) {
+  __builtin_trap();
+}
 #endif
 
 }  // namespace cpu
