@@ -6,6 +6,9 @@
 // unit blocks for every step. Per step it computes h_{t-1}·W_hhᵀ for all gates of a block and runs
 // the cells.h math on it while it is in cache, Width units at a time; a barrier ends the step.
 // x·W_ihᵀ is computed in chunks of steps, each thread one GEMM for its share of the columns.
+// float32 on a CPU with AVX-512 takes wide_float.h's 16-float tiles for every one of these
+// products (x·W_ihᵀ and the gradients' too, instead of BLAS); other types and CPUs the AVX2 tiles
+// and BLAS.
 // Backward has the same shape: a thread first propagates the previous step's gate gradients to its
 // block of dh (dG·W_hh, restricted to those columns), then runs the cell backward on the block.
 // Once a chunk of steps is done, each thread adds its share of the rows of dW_ih, dW_hh and the
@@ -19,7 +22,8 @@
 // order: results are reproducible. Between thread counts they are the same as long as BLAS gives
 // an element the same bits whatever share of rows or columns a call covers, which MKL does for the
 // weight and input gradients (tests/test_cpu_blocking.py checks it) but not always for the
-// projection, whose last bits can differ.
+// projection, whose last bits can differ. The AVX-512 tiles compute each element as one chain
+// over k, the same whichever thread computes it.
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
@@ -117,10 +121,10 @@ static_assert(KernelMath<float>::kWidth != cpu::kWideWidth, "AVX2 and AVX-512 pa
 template <typename T>
 struct Panels {
   static constexpr int64_t kWidth = KernelMath<T>::kWidth;
-  Tensor storage;  // undefined for panels packed into memory of the caller's (columns_into)
+  Tensor storage;  // undefined for panels packed into memory of the caller's (columns_in)
   T* data = nullptr;
   int64_t K = 0, G = 1, C = 1, cols = 0, blocks = 0, width = kWidth;
-  int64_t block_rows = 0;  // the k a block has room for: K, or columns_into's capacity
+  int64_t block_rows = 0;  // the k a block has room for: K, or columns_in's capacity
 
   int64_t groups() const { return G * C; }
   const T* block(int64_t u) const { return data + u * block_rows * groups() * width; }

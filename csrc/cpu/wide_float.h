@@ -3,10 +3,11 @@
 //
 // Why a second kernel when block_product (AVX2, at::vec) exists: on Zen 4 a 512-bit FMA does the
 // work of two 256-bit ones in one instruction, so a tile of 6 rows x 4 vectors (24 accumulators,
-// 64 output columns) needs a quarter of the loads and broadcasts per FMA that the AVX2 tile needs,
-// and its panel of weights streams from L2 at half the bytes per cycle. Measured on the 2-core Zen 4
-// VM, one thread (bench/NOTES.md): 92-101 Gflop/s for the LSTM's products, where the AVX2 tile ran
-// 60-68 in place and MKL's sgemm (its AVX2 path on AMD) 49-68.
+// 64 output columns) needs about a third of the loads and broadcasts per multiply-add that the
+// AVX2 tile (3 rows x 4 ymm) needs, and its panel of weights streams from L2 at half the bytes
+// per cycle. Measured on the 2-core Zen 4 VM, one thread (bench/NOTES.md): 92-101 Gflop/s for the
+// LSTM's products, where the AVX2 tile ran 60-68 in place and MKL's sgemm (its AVX2 path on AMD)
+// 49-68.
 //
 // The panels are block_product's (layer_cpu.cpp) with 16-float groups. Each output element is one
 // chain of FMAs over k in order, starting from zero or its bias: the same bits whatever tile, row
