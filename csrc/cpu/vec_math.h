@@ -10,6 +10,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "../cells.h"
 
 namespace fused_rnn {
@@ -73,5 +77,63 @@ struct KernelMath<c10::complex<T>> : ScalarMath<c10::complex<T>> {
   static V load_n(const C* p, int64_t) { return *p; }
   static void store_n(C* p, V v, int64_t) { *p = v; }
 };
+
+#if defined(__x86_64__)
+// The same Math for float with AVX-512, 16 units a call (wide_cell_units, step_team.h): the same
+// operations in the same order as KernelMath<float> (SLEEF's exp, the rational tanh), on zmm
+// registers. Every member is AVX-512 code, called only from functions compiled for it.
+#define FUSED_RNN_AVX512F_INLINE __attribute__((target("avx512f"))) inline
+
+// torch's SLEEF, its AVX-512 build (weak: where it is missing, cells stay on AVX2).
+extern "C" __attribute__((weak, target("avx512f"))) __m512 Sleef_expf16_u10(__m512);
+
+struct WideVector {
+  __m512 v;
+  WideVector() = default;
+  FUSED_RNN_AVX512F_INLINE WideVector(__m512 x) : v(x) {}
+  FUSED_RNN_AVX512F_INLINE WideVector(float x) : v(_mm512_set1_ps(x)) {}
+};
+FUSED_RNN_AVX512F_INLINE WideVector operator+(WideVector a, WideVector b) { return _mm512_add_ps(a.v, b.v); }
+FUSED_RNN_AVX512F_INLINE WideVector operator-(WideVector a, WideVector b) { return _mm512_sub_ps(a.v, b.v); }
+FUSED_RNN_AVX512F_INLINE WideVector operator*(WideVector a, WideVector b) { return _mm512_mul_ps(a.v, b.v); }
+FUSED_RNN_AVX512F_INLINE WideVector operator/(WideVector a, WideVector b) { return _mm512_div_ps(a.v, b.v); }
+
+struct WideMath {
+  using V = WideVector;
+  static constexpr int64_t kWidth = 16;
+
+  FUSED_RNN_AVX512F_INLINE static V load(const float* p) { return _mm512_loadu_ps(p); }
+  FUSED_RNN_AVX512F_INLINE static void store(float* p, V v) { _mm512_storeu_ps(p, v.v); }
+  FUSED_RNN_AVX512F_INLINE static V sigmoid(V x) {
+    return V(1.0f) / (V(1.0f) + Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x.v)));
+  }
+  // KernelMath<float>::rational_tanh; min and max take x second, so that NaN passes through.
+  FUSED_RNN_AVX512F_INLINE static V tanh(V x) {
+    const __m512 clamp = _mm512_set1_ps(7.90531110763549805f);
+    const __m512 xc = _mm512_min_ps(clamp, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), clamp), x.v));
+    const __m512 x2 = _mm512_mul_ps(xc, xc);
+    __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.76076847742355e-16f), _mm512_set1_ps(2.00018790482477e-13f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-8.60467152213735e-11f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(5.12229709037114e-08f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(1.48572235717979e-05f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(6.37261928875436e-04f));
+    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(4.89352455891786e-03f));
+    __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(1.19825839466702e-06f), _mm512_set1_ps(1.18534705686654e-04f));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(2.26843463243900e-03f));
+    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(4.89352518554385e-03f));
+    const __m512 ratio = _mm512_div_ps(_mm512_mul_ps(xc, p), q);
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(0x7fffffff)));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(0.0004f), _CMP_LT_OQ), ratio, x.v);
+  }
+  FUSED_RNN_AVX512F_INLINE static V relu(V x) {  // NaN passes through, as KernelMath's
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), _mm512_max_ps(x.v, _mm512_setzero_ps()), x.v);
+  }
+  FUSED_RNN_AVX512F_INLINE static V relu_grad(V h, V dh) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(h.v, _mm512_setzero_ps(), _CMP_LE_OQ), dh.v, _mm512_setzero_ps());
+  }
+  FUSED_RNN_AVX512F_INLINE static V cj(V x) { return x; }
+};
+#undef FUSED_RNN_AVX512F_INLINE
+#endif
 
 }  // namespace fused_rnn
