@@ -117,7 +117,7 @@ void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
     }
   };
   if constexpr (std::is_same_v<T, float>) {
-    if (lanes >= WideMath::kWidth && wide_cells()) {
+    if (lanes >= kWideWidth && wide_cells()) {
       const int64_t done = wide_cell_units<Cell, kForward>(io, H, j, lanes);
       j += done, lanes -= done;
     }
