@@ -176,18 +176,12 @@ struct Panels {
   // floats (K <= capacity), filled by pack_rows: inside a team, each thread packs the blocks it is
   // given. A block's place does not depend on K, so that blocks never overlap from one use to the next.
   static Panels columns_in(T* dst, int64_t capacity, int64_t K, int64_t cols, int64_t C, int64_t width) {
-    Panels p;
+    Panels p = shaped(K, 1, C, cols, width, capacity);
     p.data = dst;
-    p.block_rows = capacity;
-    p.K = K;
-    p.C = C;
-    p.cols = cols;
-    p.width = width;
-    p.blocks = (cols + C * width - 1) / (C * width);
     return p;
   }
   static int64_t columns_size(int64_t K, int64_t cols, int64_t C, int64_t width) {
-    return (cols + C * width - 1) / (C * width) * K * C * width;
+    return block_count(cols, C, width) * K * C * width;
   }
 
   // Rows [k0, k0 + n) of the matrix into block u, from src [n, cols] with row stride ld.
@@ -211,15 +205,23 @@ struct Panels {
     });
   }
 
-  static Panels make(const Tensor& w, int64_t K, int64_t G, int64_t C, int64_t cols, int64_t width) {
+  static int64_t block_count(int64_t cols, int64_t C, int64_t width) { return (cols + C * width - 1) / (C * width); }
+
+  // The shape without memory: blocks of C vectors of `width` columns for G gates, room for block_rows k each.
+  static Panels shaped(int64_t K, int64_t G, int64_t C, int64_t cols, int64_t width, int64_t block_rows) {
     Panels p;
     p.K = K;
     p.G = G;
     p.C = C;
     p.cols = cols;
     p.width = width;
-    p.block_rows = K;
-    p.blocks = (cols + C * width - 1) / (C * width);
+    p.block_rows = block_rows;
+    p.blocks = block_count(cols, C, width);
+    return p;
+  }
+
+  static Panels make(const Tensor& w, int64_t K, int64_t G, int64_t C, int64_t cols, int64_t width) {
+    Panels p = shaped(K, G, C, cols, width, K);
     // Every element is written by the packing (zeros included): no zero fill first, and the block
     // cache's memory, already mapped.
     p.storage = empty_large({std::max<int64_t>(1, p.blocks * K * p.groups() * width)}, w.options());
