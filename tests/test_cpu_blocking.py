@@ -17,7 +17,8 @@ from helpers import check_parity, make_pair, run
 HIDDEN = [1, 3, 4, 7, 8, 9, 12, 23, 24, 25, 33]
 # AVX-512 groups are 16 floats; a block holds 1 group per gate (LSTM, GRU) or 4 (RNN, dG·W_hh: 64 columns).
 WIDE_HIDDEN = [15, 16, 17, 47, 48, 49, 63, 64, 65, 80]
-# Row tiles: 8 (AVX2 float: 12 / gates), 6 or 8 and halves of the groups at 6-8 rows (AVX-512).
+# Row tiles: 8 (AVX2 float: 12 / gates); AVX-512: 6 rows for 4 groups (halves of the groups at 6-8
+# rows), 8 for 3 or 1, 12 for 2.
 ROWS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 17, 25]
 
 
@@ -50,6 +51,16 @@ def test_row_counts(kind, rows, dtype):
     torch.manual_seed(rows)
     fused, ref = make_pair(kind, 3, 10, bidirectional=True, dtype=dtype)
     check_parity(fused, ref, torch.randn(3, rows, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("rows", [5, 6, 7, 8, 9, 11, 12, 13, 16, 17, 24, 25])
+@pytest.mark.parametrize("kind,hidden", [("LSTM", 48), ("GRU", 48), ("RNN", 48), ("RNN", 20)])
+def test_wide_row_counts(kind, hidden, rows):
+    """Row counts around every AVX-512 tile: H = 48 gives LSTM blocks of 4 groups (6-row tiles),
+    GRU 3 (8 rows), RNN 2 (12 rows); RNN H = 20 one-group blocks."""
+    torch.manual_seed(rows + hidden)
+    fused, ref = make_pair(kind, 33, hidden, bidirectional=True, dtype=torch.float32)
+    check_parity(fused, ref, torch.randn(3, rows, 33))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -162,4 +173,22 @@ def test_this_file_again_with_the_avx2_float_kernel():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2_float_kernel",
                              os.path.join(here, "test_cpu_blocking.py")], env=env, timeout=1200, cwd=here,
                             capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or "FUSED_RNN_CHUNK_GEMM" in os.environ,
+                    reason="float32 takes no AVX-512 tiles here, or this is that run already")
+def test_this_file_again_with_the_other_gradient_gemm():
+    """The float32 gradient products take the tiles on AMD and BLAS on Intel (wide_float.h's
+    wide_chunk_products); FUSED_RNN_CHUNK_GEMM asks for the other one, in a child, so that both
+    are checked against torch.nn on any AVX-512 CPU."""
+    other = "blas" if _C.cpu_gradient_gemm() == "tiles" else "tiles"
+    env = dict(os.environ, FUSED_RNN_CHUNK_GEMM=other)
+    kernel = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_gradient_gemm())"], env=env,
+                            check=True, timeout=300, capture_output=True, text=True).stdout.strip()
+    assert kernel.lower() == other
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             "not avx2_float_kernel and not other_gradient_gemm", os.path.join(here, "test_cpu_blocking.py")],
+                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

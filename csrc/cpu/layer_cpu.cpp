@@ -6,9 +6,9 @@
 // unit blocks for every step. Per step it computes h_{t-1}·W_hhᵀ for all gates of a block and runs
 // the cells.h math on it while it is in cache, Width units at a time; a barrier ends the step.
 // x·W_ihᵀ is computed in chunks of steps, each thread one GEMM for its share of the columns.
-// float32 on a CPU with AVX-512 takes wide_float.h's 16-float tiles for every one of these
-// products (x·W_ihᵀ and the gradients' too, instead of BLAS); other types and CPUs the AVX2 tiles
-// and BLAS.
+// float32 on a CPU with AVX-512 takes wide_float.h's 16-float tiles for the steps and x·W_ihᵀ,
+// and on AMD for the gradients' products too (instead of BLAS, see wide_chunk_products); other
+// types and CPUs the AVX2 tiles and BLAS.
 // Backward has the same shape: a thread first propagates the previous step's gate gradients to its
 // block of dh (dG·W_hh, restricted to those columns), then runs the cell backward on the block.
 // Once a chunk of steps is done, each thread adds its share of the rows of dW_ih, dW_hh and the
@@ -51,7 +51,8 @@ namespace {
 using at::Tensor;
 using cpu::cell_units;
 using cpu::chunk_rows;
-using cpu::kGemmRowAlignment;
+using cpu::for_each_piece;
+using cpu::kGemmPiece;
 using cpu::Member;
 using cpu::next_chunk;
 using cpu::StepChunk;
@@ -393,12 +394,15 @@ struct ForwardLoop {
                                      [&](int64_t r) { return gx_buffer_p + (r0 + r) * GH + j0; }, 0, false, bias_p);
             }
           }
-        } else if (const auto [c0, c1] = me.share(GH, kGemmRowAlignment); c1 > c0) {
-          if (bias_p) {
-            for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + c0, bias_p + c0, (c1 - c0) * sizeof(T));
-          }
-          gemm_rows<T>(rows, c1 - c0, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + c0 * s.I, s.I, true}, bias_p != nullptr,
-                       gx_buffer_p + c0, GH);
+        } else {
+          const auto [c0, c1] = me.share(GH, kGemmPiece);
+          for_each_piece(c0, c1, kGemmPiece, [&](int64_t j0, int64_t j1) {
+            if (bias_p) {
+              for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + j0, bias_p + j0, (j1 - j0) * sizeof(T));
+            }
+            gemm_rows<T>(rows, j1 - j0, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + j0 * s.I, s.I, true}, bias_p != nullptr,
+                         gx_buffer_p + j0, GH);
+          });
         }
         me.barrier();
 
@@ -471,10 +475,11 @@ struct BackwardLoop {
     const int64_t chunk_cap = chunk_rows(s, GH), buffer_rows = std::min(s.N, chunk_cap);
     Tensor dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
     Tensor dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
-    // With AVX-512 the weight and input gradients take the same tiles as the steps, instead of BLAS:
-    // dX = dG·W_ih on panels of W_ih's columns, and dW (+)= dGᵀ·X on panels of each chunk's x and
-    // h_{t-1}, which each thread packs for its own columns.
-    const bool wide = wide_panels<T>();
+    // With AVX-512, where wide_chunk_products() says so (not on Intel, whose MKL is faster), the
+    // weight and input gradients take the same tiles as the steps instead of BLAS: dX = dG·W_ih on
+    // panels of W_ih's columns, and dW (+)= dGᵀ·X on panels of each chunk's x and h_{t-1}, which
+    // each thread packs for its own columns.
+    const bool wide = wide_panels<T>() && cpu::wide_chunk_products();
     const int64_t x_groups = cpu::wide_vectors_per_gate(1, I), h_groups = cpu::wide_vectors_per_gate(1, P);
     const Panels<T> input_panels = wide ? Panels<T>::of_columns(w_ih, x_groups, cpu::kWideWidth) : Panels<T>();
     const int64_t x_panels_size = Panels<T>::columns_size(buffer_rows, I, x_groups, cpu::kWideWidth);
@@ -581,21 +586,22 @@ struct BackwardLoop {
         }
       };
       const auto chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
-        const auto [g0, g1] = me.share(GH, kGemmRowAlignment);
+        const auto [g0, g1] = me.share(GH, kGemmPiece);
         if (wide) {
           wide_chunk_products(chunk, dgx_chunk, dgh_chunk);
-        }
-        if (g1 > g0 && !wide) {
-          gemm_rows<T>(g1 - g0, I, chunk.rows, {dgx_chunk + g0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
-                       true, dw_ih_p + g0 * I, I);
-          for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
-            const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
-            if (lo >= hi) continue;
-            const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P
-                                          : out_p + (run.source + lo - run.row) * out_ld;
-            gemm_rows<T>(g1 - g0, P, hi - lo, {dgh_chunk + (lo - chunk.row0) * GH + g0, GH, true},
-                         {h_prev, run.from_h0 ? P : out_ld, false, true}, true, dw_hh_p + g0 * P, P);
-          }
+        } else {
+          for_each_piece(g0, g1, kGemmPiece, [&](int64_t j0, int64_t j1) {
+            gemm_rows<T>(j1 - j0, I, chunk.rows, {dgx_chunk + j0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
+                         true, dw_ih_p + j0 * I, I);
+            for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
+              const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
+              if (lo >= hi) continue;
+              const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P
+                                            : out_p + (run.source + lo - run.row) * out_ld;
+              gemm_rows<T>(j1 - j0, P, hi - lo, {dgh_chunk + (lo - chunk.row0) * GH + j0, GH, true},
+                           {h_prev, run.from_h0 ? P : out_ld, false, true}, true, dw_hh_p + j0 * P, P);
+            }
+          });
         }
         for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
           for (int64_t j = g0; j < g1; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
@@ -604,9 +610,11 @@ struct BackwardLoop {
           for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
         }
         if (dx_p && !wide) {
-          const auto [r0, r1] = me.share(chunk.rows);
-          gemm_rows<T>(r1 - r0, I, GH, {dgx_chunk + r0 * GH, GH}, {w_ih_p, I, false, true}, false,
-                       dx_p + (chunk.row0 + r0) * I, I);
+          const auto [r0, r1] = me.share(chunk.rows, kGemmPiece);
+          for_each_piece(r0, r1, kGemmPiece, [&](int64_t q0, int64_t q1) {
+            gemm_rows<T>(q1 - q0, I, GH, {dgx_chunk + q0 * GH, GH}, {w_ih_p, I, false, true}, false,
+                         dx_p + (chunk.row0 + q0) * I, I);
+          });
         }
       };
 
@@ -675,6 +683,8 @@ const char* cpu_float_kernel() {
   return cpu::wide_float_kernels() ? "AVX-512" : "portable (scalar at::vec)";
 #endif
 }
+
+const char* cpu_gradient_gemm() { return cpu::wide_float_kernels() && cpu::wide_chunk_products() ? "tiles" : "BLAS"; }
 
 void forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
                       const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c,

@@ -17,6 +17,10 @@
 #include "vec_math.h"
 #include "wide_float.h"
 
+// MKL's per-thread limit on its own threads (the C entry, by value; the lower-case names are the
+// Fortran one, by pointer), when torch's BLAS is MKL (weak: null otherwise).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace fused_rnn {
 namespace cpu {
 
@@ -59,14 +63,21 @@ struct Team {
 
   template <typename F>
   void run(const F& body) const {
+    // BLAS calls inside take one thread, whatever torch's setting: MKL picks another kernel (other
+    // bits, seen for dX on Intel) when it may use more threads, even nested where it runs on one.
+    const auto one_blas_thread = [&](const Member& me) {
+      const int before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+      body(me);
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(before);
+    };
 #ifdef _OPENMP
     if (threads > 1) {
 #pragma omp parallel num_threads(threads)
-      body(Member{omp_get_thread_num(), omp_get_num_threads()});
+      one_blas_thread(Member{omp_get_thread_num(), omp_get_num_threads()});
       return;
     }
 #endif
-    body(Member{0, 1});
+    one_blas_thread(Member{0, 1});
   }
 };
 
@@ -132,8 +143,16 @@ void cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
 // enough to stay in cache in between (instead of [N, G*H] tensors faulted in page by page per call).
 constexpr int64_t kChunkElements = int64_t{1} << 20;
 
-// Threads split the rows of a chunk's GEMM outputs in multiples of this.
-constexpr int64_t kGemmRowAlignment = 16;
+// A chunk's BLAS products are cut into calls of this many rows (or columns) of their outputs, the
+// same calls whatever the number of threads, each thread taking whole ones: MKL's AVX-512 kernels
+// (on Intel) can give an element other bits when the call around it has another shape.
+constexpr int64_t kGemmPiece = 64;
+
+// f(p0, p1) for each piece [p0, p1) of `piece` elements in [begin, end) (begin a multiple of piece).
+template <typename F>
+void for_each_piece(int64_t begin, int64_t end, int64_t piece, const F& f) {
+  for (int64_t p0 = begin; p0 < end; p0 += piece) f(p0, std::min(end, p0 + piece));
+}
 
 // Consecutive steps of a loop, in the order it walks them: steps [begin, end) of that order hold
 // rows [row0, row0 + rows) of the packed sequence (steps are contiguous in memory in either order).

@@ -30,7 +30,7 @@ namespace fused_rnn {
 namespace cpu {
 
 constexpr int64_t kWideWidth = 16;
-constexpr int kWideMaxRows = 8, kWideMaxVectors = 4;
+constexpr int kWideMaxRows = 12, kWideMaxVectors = 4;
 
 // Panel groups per gate for G gates of `cols` columns each: about 64 output columns per block,
 // so that a tile holds 3 or 4 vectors of each k (GRU 3 x 16, LSTM 4 x 16, RNN and the G = 1
@@ -54,6 +54,22 @@ inline bool wide_float_kernels() {
   return wide;
 }
 
+// Whether the backward's chunk products (dW_ih, dW_hh, dX) take the tiles too, or BLAS. On AMD,
+// MKL's sgemm runs its AVX2 path and the tiles are faster (92-101 Gflop/s a thread against 49-68,
+// Zen 4); on Intel it runs AVX-512 kernels that reach 180-200 in place, and training was 6-12%
+// faster with them (bench/NOTES.md, session 12). FUSED_RNN_CHUNK_GEMM=tiles or blas decides
+// instead (the tests run both). The steps' products and the forward's x·W_ihᵀ take the tiles on
+// either: fused with the gate math, and per step too small for BLAS to pack.
+inline bool wide_chunk_products() {
+  static const bool tiles = [] {
+    const char* asked = std::getenv("FUSED_RNN_CHUNK_GEMM");
+    if (asked && std::string(asked) == "tiles") return true;
+    if (asked && std::string(asked) == "blas") return false;
+    return !__builtin_cpu_is("intel");
+  }();
+  return tiles;
+}
+
 #define FUSED_RNN_AVX512F __attribute__((target("avx512f")))
 
 // For MR rows and NV groups of 16 columns, in registers:
@@ -73,6 +89,9 @@ FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* r
     for (int r = 0; r < MR; ++r) acc[r][q] = start;
   }
   const float* a_columns = rows[0];
+  // Unrolled by 4: on the 2-core Xeon VM a tile then runs at 195-225 Gflop/s a thread in place,
+  // against 170-190 rolled (the loop's own uops and the branch shared the cycles with the FMAs).
+#pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
     for (int q = 0; q < NV; ++q) w[q] = _mm512_loadu_ps(panel + k * stride + q * kWideWidth);
@@ -143,9 +162,10 @@ inline constexpr std::array<WideTiles, 2> wide_tiles = {
 
 // Rows [0, n) times one panel block of NG (<= 4) groups over all K: row(r) gives row r of the left
 // factor (with a_stride > 0: its column r, k at stride a_stride), out(r) where row r of the
-// block's output starts (group q at offset[q]). Tiles of 6 rows for 3-4 groups (8 for fewer: 24
-// accumulators or less); 6-8 rows with 4 groups take two halves of the groups over all rows
-// instead, so that the panel is read twice rather than the rows 6 + 2.
+// block's output starts (group q at offset[q]). Tiles of 24 accumulators (or less): 6 rows for 4
+// groups, 8 for 3, 12 for 2 and 8 for 1 (measured on the Xeon VM: 8 x 3 at 215-225 Gflop/s, 6 x 4
+// at 205-215). 6-8 rows with 4 groups take two halves of the groups over all rows instead, so that
+// the panel is read twice rather than the rows 6 + 2.
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const RowFn& row, const OutFn& out,
                        const int64_t* offset, const int64_t* lanes, const float* const* init, bool accumulate,
@@ -167,13 +187,14 @@ void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const R
     tiles(0, 2, n);
     tiles(2, 2, n);
   } else {
-    tiles(0, NG, NG >= 3 ? 6 : 8);
+    tiles(0, NG, NG == 4 ? 6 : NG == 2 ? 12 : 8);
   }
 }
 
 #else  // not x86-64: the AVX2 tiles only
 // Never called (wide_float_kernels() is false); a trap rather than outputs left unwritten.
 inline bool wide_float_kernels() { return false; }
+inline bool wide_chunk_products() { return false; }
 inline void wide_transpose_rows(const float* const*, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float*, int64_t, int, int64_t, const RowFn&, const OutFn&, const int64_t*,
