@@ -63,6 +63,21 @@ def test_wide_row_counts(kind, hidden, rows):
     check_parity(fused, ref, torch.randn(3, rows, 33))
 
 
+@pytest.mark.parametrize("hidden", [1, 7, 8, 9, 16, 17, 40, 65])
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("LSTM", {"proj_size": 5})])
+def test_batch_of_one_float32(kind, kw, hidden):
+    """A batch of one takes dot products on W_hh's rows instead of packed panels (wide_float.h's
+    wide_row_dots, with AVX-512): 8 rows at a time and single rows, k in 16s and a masked tail
+    (input and hidden sizes off 16); batched, unbatched and one packed sequence, two layers."""
+    if kw.get("proj_size", 0) >= hidden:
+        pytest.skip("proj_size must be smaller than hidden_size")
+    torch.manual_seed(hidden)
+    fused, ref = make_pair(kind, 21, hidden, num_layers=2, bidirectional=True, dtype=torch.float32, **kw)
+    check_parity(fused, ref, torch.randn(7, 1, 21))
+    check_parity(fused, ref, torch.randn(5, 21))
+    check_parity(fused, ref, pack_sequence([torch.randn(6, 21)]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_packed_batch_shrinking_across_row_blocks(kind, dtype):
@@ -79,6 +94,7 @@ THREAD_CASES = {  # (input size, hidden size, module arguments, T, B, packed)
     "proj": (40, 70, {"proj_size": 30}, 9, 13, False),
     "packed": (48, 65, {"bidirectional": True}, 12, 11, True),
     "chunks": (5, 300, {}, 30, 64, False),  # G*H = 1200 for LSTM: 3 chunks of steps
+    "batch of one": (40, 300, {"bidirectional": True}, 12, 1, False),  # W_hh's rows as they are
 }
 
 

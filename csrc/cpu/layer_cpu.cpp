@@ -181,6 +181,10 @@ struct Panels {
     p.data = dst;
     return p;
   }
+  // The blocks' shape alone, with no weights packed: for a loop that reads the weights as they are.
+  static Panels geometry(int64_t K, int64_t G, int64_t C, int64_t cols, int64_t width) {
+    return shaped(K, G, C, cols, width, K);
+  }
   static int64_t columns_size(int64_t K, int64_t cols, int64_t C, int64_t width) {
     return block_count(cols, C, width) * K * C * width;
   }
@@ -348,11 +352,20 @@ struct ForwardLoop {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     const bool wide = wide_panels<T>();
-    const Panels<T> panels = wide ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
-                                  : Panels<T>::of_rows(w_hh, G, C, H);
+    // A batch of one reads each weight once a step: dot products on W_hh's rows as they are, with
+    // no panels, whose packing (16 MB at H = 1024) costs as much as 4 steps (bench/NOTES.md).
+    const bool row_dots = wide && s.B == 1;
+    const Panels<T> panels =
+        row_dots ? Panels<T>::geometry(P, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
+        : wide   ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
+                 : Panels<T>::of_rows(w_hh, G, C, H);
+    const T* w_hh_p = w_hh.data_ptr<T>();
     // With AVX-512, x·W_ihᵀ takes the same tiles, on panels of W_ih's G*H rows, instead of BLAS.
+    // Also BLAS at a batch of one where its kernels are as fast (Intel, see wide_chunk_products):
+    // MKL does not pack W_ih the way the tiles must (1.3-1.6 ms a call at H = 1024).
+    const bool wide_projection = wide && !(row_dots && !cpu::wide_chunk_products());
     const Panels<T> input_panels =
-        wide ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1, GH), GH, cpu::kWideWidth) : Panels<T>();
+        wide_projection ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1, GH), GH, cpu::kWideWidth) : Panels<T>();
     const int64_t input_rows = projection_rows(s.I);
     // x·W_ihᵀ + bias, a chunk of steps at a time (see kChunkElements).
     const int64_t chunk_cap = chunk_rows(s, GH);
@@ -384,7 +397,7 @@ struct ForwardLoop {
         // that BLAS packs the chunk's x once. The previous chunk's last step ended with a barrier,
         // so nobody still reads the buffer; a barrier after it, as a thread's steps read every gate
         // of its units.
-        if (wide) {
+        if (wide_projection) {
           const auto [b0, b1] = me.share(input_panels.blocks);
           for (int64_t r0 = 0; r0 < rows; r0 += input_rows) {
             for (int64_t u = b0; u < b1; ++u) {
@@ -418,8 +431,17 @@ struct ForwardLoop {
 
           for (int64_t u = u0; u < u1; ++u) {
             const int64_t j0 = panels.first_column(u, 0);
-            rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
-                                   false);
+            if (row_dots) {  // n = 1
+              if constexpr (std::is_same_v<T, float>) {
+                const int64_t units = std::min(panels.C * panels.width, H - j0);
+                for (int g = 0; g < G; ++g) {
+                  cpu::wide_row_dots(w_hh_p + (g * H + j0) * P, P, P, h_prev_row(0), units, gh_p + g * H + j0);
+                }
+              }
+            } else {
+              rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
+                                     false);
+            }
             for (int64_t v = 0; v < panels.C; ++v) {
               const int64_t j = panels.first_column(u, v), lanes = panels.lanes(u, v);
               for (int64_t b = 0; b < n && lanes > 0; ++b) {

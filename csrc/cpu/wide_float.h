@@ -141,6 +141,34 @@ FUSED_RNN_AVX512F inline void wide_transpose_rows(const float* const* rows, int6
   }
 }
 
+// out[i] = Σ_k w[i·ld + k] · x[k] for i < M: M dot products of weight rows, 16 k at a time, each
+// row's 16 partial sums added in a fixed tree at the end.
+template <int M>
+FUSED_RNN_AVX512F __attribute__((noinline)) void wide_dots(const float* w, int64_t ld, int64_t K, const float* x,
+                                                           float* out) {
+  __m512 acc[M];
+  for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + kWideWidth <= K; k += kWideWidth) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < M; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(w + r * ld + k), xv, acc[r]);
+  }
+  if (k < K) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + k);
+    for (int r = 0; r < M; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, w + r * ld + k), xv, acc[r]);
+  }
+  for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// out[i] = w[i, :] · x for `rows` rows of w (row stride ld, K columns): the product of one row of
+// h_{t-1} with the weights as they are, with no panels to pack (the steps of a batch of one).
+inline void wide_row_dots(const float* w, int64_t ld, int64_t K, const float* x, int64_t rows, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= rows; i += 8) wide_dots<8>(w + i * ld, ld, K, x, out + i);
+  for (; i < rows; ++i) wide_dots<1>(w + i * ld, ld, K, x, out + i);
+}
+
 #undef FUSED_RNN_AVX512F
 
 using WideTile = void (*)(const float* const*, int64_t, int64_t, const float*, int64_t, float* const*,
@@ -196,6 +224,7 @@ void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const R
 inline bool wide_float_kernels() { return false; }
 inline bool wide_chunk_products() { return false; }
 inline void wide_transpose_rows(const float* const*, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
+inline void wide_row_dots(const float*, int64_t, int64_t, const float*, int64_t, float*) { __builtin_trap(); }
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float*, int64_t, int, int64_t, const RowFn&, const OutFn&, const int64_t*,
                        const int64_t*, const float* const*, bool, int64_t = 0) {
