@@ -52,7 +52,8 @@ using at::Tensor;
 using cpu::cell_units;
 using cpu::chunk_rows;
 using cpu::for_each_piece;
-using cpu::kGemmPiece;
+using cpu::gemm_piece;
+using cpu::kGemmRowPiece;
 using cpu::Member;
 using cpu::next_chunk;
 using cpu::StepChunk;
@@ -408,8 +409,9 @@ struct ForwardLoop {
             }
           }
         } else {
-          const auto [c0, c1] = me.share(GH, kGemmPiece);
-          for_each_piece(c0, c1, kGemmPiece, [&](int64_t j0, int64_t j1) {
+          const int64_t piece = gemm_piece(GH);
+          const auto [c0, c1] = me.share(GH, piece);
+          for_each_piece(c0, c1, piece, [&](int64_t j0, int64_t j1) {
             if (bias_p) {
               for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + j0, bias_p + j0, (j1 - j0) * sizeof(T));
             }
@@ -608,11 +610,12 @@ struct BackwardLoop {
         }
       };
       const auto chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
-        const auto [g0, g1] = me.share(GH, kGemmPiece);
+        const int64_t piece = gemm_piece(GH);
+        const auto [g0, g1] = me.share(GH, piece);
         if (wide) {
           wide_chunk_products(chunk, dgx_chunk, dgh_chunk);
         } else {
-          for_each_piece(g0, g1, kGemmPiece, [&](int64_t j0, int64_t j1) {
+          for_each_piece(g0, g1, piece, [&](int64_t j0, int64_t j1) {
             gemm_rows<T>(j1 - j0, I, chunk.rows, {dgx_chunk + j0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
                          true, dw_ih_p + j0 * I, I);
             for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
@@ -632,8 +635,8 @@ struct BackwardLoop {
           for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
         }
         if (dx_p && !wide) {
-          const auto [r0, r1] = me.share(chunk.rows, kGemmPiece);
-          for_each_piece(r0, r1, kGemmPiece, [&](int64_t q0, int64_t q1) {
+          const auto [r0, r1] = me.share(chunk.rows, kGemmRowPiece);
+          for_each_piece(r0, r1, kGemmRowPiece, [&](int64_t q0, int64_t q1) {
             gemm_rows<T>(q1 - q0, I, GH, {dgx_chunk + q0 * GH, GH}, {w_ih_p, I, false, true}, false,
                          dx_p + (chunk.row0 + q0) * I, I);
           });
