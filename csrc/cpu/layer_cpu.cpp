@@ -364,7 +364,7 @@ struct ForwardLoop {
     // With AVX-512, x·W_ihᵀ takes the same tiles, on panels of W_ih's G*H rows, instead of BLAS.
     // Also BLAS at a batch of one where its kernels are as fast (Intel, see wide_chunk_products):
     // MKL does not pack W_ih the way the tiles must (1.3-1.6 ms a call at H = 1024).
-    const bool wide_projection = wide && !(row_dots && !cpu::wide_chunk_products());
+    const bool wide_projection = wide && (!row_dots || cpu::wide_chunk_products());
     const Panels<T> input_panels =
         wide_projection ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1, GH), GH, cpu::kWideWidth) : Panels<T>();
     const int64_t input_rows = projection_rows(s.I);
@@ -539,6 +539,16 @@ struct BackwardLoop {
     T* db_ih_p = grads.db_ih.defined() ? grads.db_ih.data_ptr<T>() : nullptr;
     T* db_hh_p = grads.db_hh.defined() && Cell::kSeparateRecurrentGrad ? grads.db_hh.data_ptr<T>() : nullptr;
 
+    // f(lo, hi, h_prev, ld) for each part [lo, hi) of a run of h_{t-1} that lies in the chunk's rows:
+    // h_prev is row lo's h_{t-1} (from h_0 or the outputs), ld its row stride.
+    const auto previous_runs_in = [&](const StepChunk& chunk, const auto& f) {
+      for (const PreviousRun& run : runs) {
+        const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
+        if (lo >= hi) continue;
+        const int64_t source = run.source + lo - run.row;
+        f(lo, hi, run.from_h0 ? h0_p + source * P : out_p + source * out_ld, run.from_h0 ? P : out_ld);
+      }
+    };
     Team(2.0 * s.B * GH * (2 * P + 2 * I)).run([&](const Member& me) {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's columns of dh (blocks of P)
       const auto [v0, v1] = me.share((H + W - 1) / W);  // with a projection: its hidden units, in vectors
@@ -568,14 +578,9 @@ struct BackwardLoop {
           for (int64_t u = u0; u < u1; ++u) xs.pack_rows(u, x_p + chunk.row0 * I, I, 0, chunk.rows);
         }
         const auto [h0_block, h1_block] = me.share(hs.blocks);
-        for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
-          const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
-          if (lo >= hi) continue;
-          const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P : out_p + (run.source + lo - run.row) * out_ld;
-          for (int64_t v = h0_block; v < h1_block; ++v) {
-            hs.pack_rows(v, h_prev, run.from_h0 ? P : out_ld, lo - chunk.row0, hi - lo);
-          }
-        }
+        previous_runs_in(chunk, [&](int64_t lo, int64_t hi, const T* h_prev, int64_t ld) {
+          for (int64_t v = h0_block; v < h1_block; ++v) hs.pack_rows(v, h_prev, ld, lo - chunk.row0, hi - lo);
+        });
         me.barrier();
         T* strip = strips_p + me.index * buffer_rows * strip_columns;
         const auto copy_strip = [&](const T* dg, int64_t j0, int64_t n) {
@@ -618,14 +623,10 @@ struct BackwardLoop {
           for_each_piece(g0, g1, piece, [&](int64_t j0, int64_t j1) {
             gemm_rows<T>(j1 - j0, I, chunk.rows, {dgx_chunk + j0, GH, true}, {x_p + chunk.row0 * I, I, false, true},
                          true, dw_ih_p + j0 * I, I);
-            for (const PreviousRun& run : runs) {  // the parts of the runs of h_{t-1} in this chunk
-              const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
-              if (lo >= hi) continue;
-              const T* h_prev = run.from_h0 ? h0_p + (run.source + lo - run.row) * P
-                                            : out_p + (run.source + lo - run.row) * out_ld;
+            previous_runs_in(chunk, [&](int64_t lo, int64_t hi, const T* h_prev, int64_t ld) {
               gemm_rows<T>(j1 - j0, P, hi - lo, {dgh_chunk + (lo - chunk.row0) * GH + j0, GH, true},
-                           {h_prev, run.from_h0 ? P : out_ld, false, true}, true, dw_hh_p + j0 * P, P);
-            }
+                           {h_prev, ld, false, true}, true, dw_hh_p + j0 * P, P);
+            });
           });
         }
         for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
