@@ -499,13 +499,14 @@ struct BackwardLoop {
     const int64_t chunk_cap = chunk_rows(s, GH), buffer_rows = std::min(s.N, chunk_cap);
     Tensor dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
     Tensor dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
-    // With AVX-512, where wide_chunk_products() says so (not on Intel, whose MKL is faster), the
-    // weight and input gradients take the same tiles as the steps instead of BLAS: dX = dG·W_ih on
-    // panels of W_ih's columns, and dW (+)= dGᵀ·X on panels of each chunk's x and h_{t-1}, which
-    // each thread packs for its own columns.
-    const bool wide = wide_panels<T>() && cpu::wide_chunk_products();
+    // With AVX-512, dX = dG·W_ih takes the same tiles as the steps, on panels of W_ih's columns
+    // (on the Xeon VM 5-7% faster backward than MKL at B = 256, the same at B = 8-64); and where
+    // wide_chunk_products() says so (not on Intel, whose MKL is faster there), dW (+)= dGᵀ·X too,
+    // on panels of each chunk's x and h_{t-1}, which each thread packs for its own columns.
+    const bool wide_dx = wide_panels<T>();
+    const bool wide = wide_dx && cpu::wide_chunk_products();
     const int64_t x_groups = cpu::wide_vectors_per_gate(1, I), h_groups = cpu::wide_vectors_per_gate(1, P);
-    const Panels<T> input_panels = wide ? Panels<T>::of_columns(w_ih, x_groups, cpu::kWideWidth) : Panels<T>();
+    const Panels<T> input_panels = wide_dx ? Panels<T>::of_columns(w_ih, x_groups, cpu::kWideWidth) : Panels<T>();
     const int64_t x_panels_size = Panels<T>::columns_size(buffer_rows, I, x_groups, cpu::kWideWidth);
     const int64_t h_panels_size = Panels<T>::columns_size(buffer_rows, P, h_groups, cpu::kWideWidth);
     Tensor chunk_panels = wide ? empty_large({std::max<int64_t>(1, x_panels_size + h_panels_size)}, dh.options()) : Tensor();
@@ -515,7 +516,12 @@ struct BackwardLoop {
     Tensor strips = wide ? empty_large({std::max<int64_t>(1, at::get_num_threads()) * buffer_rows * strip_columns}, dh.options())
                          : Tensor();
     T* strips_p = wide ? strips.data_ptr<T>() : nullptr;
-    const int64_t dx_rows = projection_rows(GH);
+    // Rows of dG a pass of dX takes: the thread's whole share where a panel block of W_ih (G*H k
+    // by 64 columns, 1 MB at H = 1024) fits in half of L2, so that every row tile reads it from
+    // there (GRU T50 B256 H1024 training: 5% faster than 24-row passes on the Xeon's 2 MB L2);
+    // else about 384 KB of rows, which stay in L2 while the panels stream past (Zen 4's 1 MB).
+    const int64_t dx_block_bytes = GH * x_groups * cpu::kWideWidth * static_cast<int64_t>(sizeof(T));
+    const int64_t dx_rows = 2 * dx_block_bytes <= cpu::l2_cache_bytes() ? buffer_rows : projection_rows(GH);
 
     const T* x_p = x.data_ptr<T>();
     const T* w_ih_p = w_ih.data_ptr<T>();
@@ -603,16 +609,6 @@ struct BackwardLoop {
           if (dgh_chunk != dgx_chunk) copy_strip(dgh_chunk, j0, n);
           strip_times(hs, j0, n, dw_hh_p, P);
         }
-        if (dx_p) {
-          const auto [r0, r1] = me.share(chunk.rows);
-          for (int64_t q0 = r0; q0 < r1; q0 += dx_rows) {
-            for (int64_t u = 0; u < input_panels.blocks; ++u) {
-              T* dx_rows_p = dx_p + (chunk.row0 + q0) * I + input_panels.first_column(u, 0);
-              rows_product<T, C>(input_panels, u, std::min(dx_rows, r1 - q0), [&](int64_t r) { return dgx_chunk + (q0 + r) * GH; },
-                                 [&](int64_t r) { return dx_rows_p + r * I; }, 0, false);
-            }
-          }
-        }
       };
       const auto chunk_products = [&](const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) {
         const int64_t piece = gemm_piece(GH);
@@ -635,7 +631,16 @@ struct BackwardLoop {
         for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
           for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
         }
-        if (dx_p && !wide) {
+        if (dx_p && wide_dx) {
+          const auto [r0, r1] = me.share(chunk.rows);
+          for (int64_t q0 = r0; q0 < r1; q0 += dx_rows) {
+            for (int64_t u = 0; u < input_panels.blocks; ++u) {
+              T* dx_rows_p = dx_p + (chunk.row0 + q0) * I + input_panels.first_column(u, 0);
+              rows_product<T, C>(input_panels, u, std::min(dx_rows, r1 - q0), [&](int64_t r) { return dgx_chunk + (q0 + r) * GH; },
+                                 [&](int64_t r) { return dx_rows_p + r * I; }, 0, false);
+            }
+          }
+        } else if (dx_p) {
           const auto [r0, r1] = me.share(chunk.rows, kGemmRowPiece);
           for_each_piece(r0, r1, kGemmRowPiece, [&](int64_t q0, int64_t q1) {
             gemm_rows<T>(q1 - q0, I, GH, {dgx_chunk + q0 * GH, GH}, {w_ih_p, I, false, true}, false,
