@@ -109,8 +109,9 @@ void empty_cpu_cache();
 // Which kernel the CPU's float32 matrix products take: "AVX-512" (csrc/cpu/wide_float.h) or
 // "AVX2" (block_product and BLAS; also where FUSED_RNN_FLOAT_KERNEL=avx2 asks for it).
 const char* cpu_float_kernel();
-// What the float32 backward's gradient products (dW, dX) take with the AVX-512 kernel: "tiles"
-// (wide_float.h) or "BLAS" (on Intel, or where FUSED_RNN_CHUNK_GEMM=blas asks for it).
+// What the float32 backward's weight gradients (dW) take with the AVX-512 kernel: "tiles"
+// (wide_float.h) or "BLAS" (on Intel, or where FUSED_RNN_CHUNK_GEMM=blas asks for it). dX takes
+// the tiles with AVX-512 either way.
 const char* cpu_gradient_gemm();
 
 // Fills in the steps of s (T, B, batch_sizes, offsets) from batch_sizes, checked against s.N; an

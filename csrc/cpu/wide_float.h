@@ -68,12 +68,13 @@ inline bool wide_float_kernels() {
   return wide;
 }
 
-// Whether the backward's chunk products (dW_ih, dW_hh, dX) take the tiles too, or BLAS. On AMD,
+// Whether the backward's weight gradients (dW_ih, dW_hh) take the tiles too, or BLAS. On AMD,
 // MKL's sgemm runs its AVX2 path and the tiles are faster (92-101 Gflop/s a thread against 49-68,
 // Zen 4); on Intel it runs AVX-512 kernels that reach 180-200 in place, and training was 6-12%
 // faster with them (bench/NOTES.md, session 12). FUSED_RNN_CHUNK_GEMM=tiles or blas decides
-// instead (the tests run both). The steps' products and the forward's x·W_ihᵀ take the tiles on
-// either: fused with the gate math, and per step too small for BLAS to pack.
+// instead (the tests run both). The steps' products, the forward's x·W_ihᵀ and the backward's dX
+// take the tiles on either (dX: MKL's kernels ran it at about 127 Gflop/s a thread on the Xeon,
+// session 13).
 inline bool wide_chunk_products() {
   static const bool tiles = [] {
     const char* asked = std::getenv("FUSED_RNN_CHUNK_GEMM");
