@@ -129,7 +129,8 @@ struct Panels {
   int64_t block_rows = 0;  // the k a block has room for: K, or columns_in's capacity
 
   int64_t groups() const { return G * C; }
-  const T* block(int64_t u) const { return data + u * block_rows * groups() * width; }
+  int64_t block_size() const { return block_rows * groups() * width; }  // in elements
+  const T* block(int64_t u) const { return data + u * block_size(); }
   int64_t first_column(int64_t u, int64_t c) const { return (u * C + c) * width; }
   // How many of the `width` columns of vector c of block u exist (0 past the end).
   int64_t lanes(int64_t u, int64_t c) const { return std::clamp<int64_t>(cols - first_column(u, c), 0, width); }
@@ -520,7 +521,7 @@ struct BackwardLoop {
     // by 64 columns, 1 MB at H = 1024) fits in half of L2, so that every row tile reads it from
     // there (GRU T50 B256 H1024 training: 5% faster than 24-row passes on the Xeon's 2 MB L2);
     // else about 384 KB of rows, which stay in L2 while the panels stream past (Zen 4's 1 MB).
-    const int64_t dx_block_bytes = GH * x_groups * cpu::kWideWidth * static_cast<int64_t>(sizeof(T));
+    const int64_t dx_block_bytes = input_panels.block_size() * static_cast<int64_t>(sizeof(T));
     const int64_t dx_rows = 2 * dx_block_bytes <= cpu::l2_cache_bytes() ? buffer_rows : projection_rows(GH);
 
     const T* x_p = x.data_ptr<T>();
