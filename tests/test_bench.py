@@ -3,6 +3,8 @@ files only where asked, optional peers skipped cleanly. Nothing here is timed.""
 import datetime
 import json
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -198,3 +200,28 @@ def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path, call, files):
     assert files <= set(os.listdir(tmp_path)), os.listdir(tmp_path)
     count = sum(len(names) for _, _, names in os.walk(tmp_path))
     assert count <= 7, sorted(os.listdir(tmp_path))
+
+
+def _amx_probe_errors(output):
+    line = next(l for l in output.splitlines() if "largest error against float64" in l)
+    tiles, amx, chain = (float(v) for v in re.findall(r"(?:tiles|AMX|chain) ([0-9.e+-]+)", line))
+    return tiles, amx, chain
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
+def test_amx_probe_builds_and_its_split_product_is_float32_accurate(tmp_path):
+    """bench/amx_probe.cpp (the AMX experiment of bench/NOTES.md, session 14) must not rot: it builds
+    against wide_float.h as it is; where the CPU has AMX-BF16, the product from three bfloat16
+    parts per float (six partial products) is no less accurate than a float32 FMA chain against
+    float64, and the AVX-512 tiles give each output bitwise that chain."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    binary = str(tmp_path / "amx_probe")
+    subprocess.run(["g++", "-O3", "-mavx2", "-mfma", "-std=c++17", os.path.join(root, "bench", "amx_probe.cpp"), "-o", binary],
+                   check=True, timeout=300, capture_output=True)
+    probe = subprocess.run([binary, "64", "128", "512"], capture_output=True, text=True, timeout=120)
+    if probe.returncode == 2:
+        pytest.skip(probe.stdout.strip())
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    tiles, amx, chain = _amx_probe_errors(probe.stdout)
+    assert 0 < amx <= chain and tiles == chain, probe.stdout
+    assert "differ from the FMA chain's bits: 0" in probe.stdout, probe.stdout
