@@ -3,8 +3,7 @@
 //
 //     g++ -O3 -mavx2 -mfma -std=c++17 bench/amx_probe.cpp -o /tmp/amx_probe && /tmp/amx_probe [M N K]
 //
-// (the library's own flags, setup.py: without them the tiles' lambdas are not inlined and the
-// tiles run at a quarter of their speed).
+// (the library's own flags, setup.py: with -O2 alone the tiles ran at a quarter of their speed).
 //
 // AMX multiplies bfloat16 (8 significant bits) into float32 sums. A float32 x is split exactly
 // into three bfloat16s, x = hi + mid + lo (24 bits), and a product a·b kept to float32 accuracy as
@@ -16,8 +15,9 @@
 // Printed, one thread, in interleaved rounds (medians): C[M, N] = A[M, K] · W[N, K]ᵀ (the
 // forward's x·W_ihᵀ) on the library's AVX-512 tiles (wide_rows_product, 6 x 4) and on a 2 x 2
 // AMX tile kernel (four 16x16 accumulators, the six products per 32 k), their ratio, and the
-// largest error of each against float64 (next to a plain float32 FMA chain's). Needs a CPU with AMX-BF16 and a kernel
-// that grants AMX state (arch_prctl); says so and returns 2 otherwise.
+// largest error of each against float64 (next to a plain float32 FMA chain's). M is rounded down
+// to a multiple of 32, N of 64, K of 32. Needs a CPU with AMX-BF16 and a kernel that grants AMX
+// state (arch_prctl); says so and returns 2 otherwise.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -165,6 +165,10 @@ double median(std::vector<double> v) {
 int main(int argc, char** argv) {
   const int M = argc > 3 ? std::atoi(argv[1]) / 32 * 32 : 192, N = argc > 3 ? std::atoi(argv[2]) / 64 * 64 : 1024,
             K = argc > 3 ? std::atoi(argv[3]) / 32 * 32 : 512;
+  if (M == 0 || N == 0 || K == 0) {
+    std::printf("usage: amx_probe [M N K], M >= 32, N >= 64, K >= 32\n");
+    return 1;
+  }
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("amx-bf16") ||
       syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
