@@ -203,7 +203,7 @@ def test_gpu_check_script_dry_runs_on_the_cpu(tmp_path, call, files):
 
 
 def _amx_probe_errors(output):
-    line = next(l for l in output.splitlines() if "largest error against float64" in l)
+    line = next(text for text in output.splitlines() if "largest error against float64" in text)
     tiles, amx, chain = (float(v) for v in re.findall(r"(?:tiles|AMX|chain) ([0-9.e+-]+)", line))
     return tiles, amx, chain
 

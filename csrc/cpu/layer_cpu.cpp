@@ -504,8 +504,10 @@ struct BackwardLoop {
     // (on the Xeon VM 5-7% faster backward than MKL at B = 256, the same at B = 8-64); and where
     // wide_chunk_products() says so (not on Intel, whose MKL is faster there), dW (+)= dGᵀ·X too,
     // on panels of each chunk's x and h_{t-1}, which each thread packs for its own columns.
-    const bool wide_dx = wide_panels<T>();
-    const bool wide = wide_dx && cpu::wide_chunk_products();
+    // W_ih's panels only where dX is asked for (not for a first layer whose input needs no
+    // gradient: 16 MB packed for nothing at H = 1024).
+    const bool wide_dx = wide_panels<T>() && grads.dx.defined();
+    const bool wide = wide_panels<T>() && cpu::wide_chunk_products();
     const int64_t x_groups = cpu::wide_vectors_per_gate(1, I), h_groups = cpu::wide_vectors_per_gate(1, P);
     const Panels<T> input_panels = wide_dx ? Panels<T>::of_columns(w_ih, x_groups, cpu::kWideWidth) : Panels<T>();
     const int64_t x_panels_size = Panels<T>::columns_size(buffer_rows, I, x_groups, cpu::kWideWidth);
