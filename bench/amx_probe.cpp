@@ -1,5 +1,5 @@
-// A probe, not part of the library: could AMX run the float32 products faster than the AVX-512
-// tiles (csrc/cpu/wide_float.h) while staying as accurate as float32?
+// A probe of the library's two float32 product kernels on one product: the AVX-512 tiles
+// (csrc/cpu/wide_float.h) against the AMX product (csrc/cpu/amx_float.h), speed and accuracy.
 //
 //     g++ -O3 -mavx2 -mfma -std=c++17 bench/amx_probe.cpp -o /tmp/amx_probe && /tmp/amx_probe [M N K]
 //
@@ -13,15 +13,11 @@
 // AVX-512 FMA units.
 //
 // Printed, one thread, in interleaved rounds (medians): C[M, N] = A[M, K] · W[N, K]ᵀ (the
-// forward's x·W_ihᵀ) on the library's AVX-512 tiles (wide_rows_product, 6 x 4) and on a 2 x 2
-// AMX tile kernel (four 16x16 accumulators, the six products per 32 k), their ratio, and the
+// forward's x·W_ihᵀ) on the library's AVX-512 tiles (wide_rows_product, 6 x 4) and on its AMX
+// product (2 x 2 tiles of 16 x 16 sums, the six products per 32 k), their ratio, and the
 // largest error of each against float64 (next to a plain float32 FMA chain's). M is rounded down
 // to a multiple of 32, N of 64, K of 32. Needs a CPU with AMX-BF16 and a kernel that grants AMX
 // state (arch_prctl); says so and returns 2 otherwise.
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -31,108 +27,37 @@
 #include <random>
 #include <vector>
 
+#include "../csrc/cpu/amx_float.h"
 #include "../csrc/cpu/wide_float.h"
-
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw")))
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-struct TileConfig {  // palette 1: eight tiles of 16 rows x 64 bytes
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) bytes_per_row[t] = 64, rows[t] = 16;
+// The library's AMX product (csrc/cpu/amx_float.h) on the same product: W split once, A per call.
+struct AmxProduct {
+  int M, N, K;
+  size_t group;
+  std::vector<uint16_t> b, a;
+  std::vector<const uint16_t*> groups;
+  std::vector<int64_t> offset, lanes;
+  AmxProduct(const float* w, int M_, int N_, int K_)
+      : M(M_), N(N_), K(K_), group(fused_rnn::cpu::amx_group_size(K_)), b(group * (N_ / 16)), a(group * (M_ / 16)) {
+    for (int q = 0; q < N / 16; ++q) {
+      fused_rnn::cpu::amx_split_columns(w + size_t(q) * 16 * K, K, 16, K, &b[q * group]);
+      groups.push_back(&b[q * group]), offset.push_back(q * 16), lanes.push_back(16);
+    }
+  }
+  void run(const float* x, float* c) {
+    for (int g = 0; g < M / 16; ++g) {  // per call, as x changes
+      const float* rows[16];
+      for (int r = 0; r < 16; ++r) rows[r] = x + size_t(g * 16 + r) * K;
+      fused_rnn::cpu::amx_split_rows(rows, 16, K, &a[g * group]);
+    }
+    fused_rnn::cpu::amx_product(a.data(), M, groups.data(), offset.data(), lanes.data(), N / 16, K, nullptr, c, N);
   }
 };
-
-AMX_TARGET __m512 widen(__m256bh b) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(b)), 16));
-}
-
-// 16 floats into their bfloat16 hi, mid, lo (each the rounded remainder of the one before).
-AMX_TARGET void split16(__m512 x, __m256i* hi, __m256i* mid, __m256i* lo) {
-  const __m256bh h = _mm512_cvtneps_pbh(x);
-  const __m512 r1 = _mm512_sub_ps(x, widen(h));
-  const __m256bh m = _mm512_cvtneps_pbh(r1);
-  const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(r1, widen(m)));
-  *hi = reinterpret_cast<__m256i>(h), *mid = reinterpret_cast<__m256i>(m), *lo = reinterpret_cast<__m256i>(l);
-}
-
-// A [M, K] (M a multiple of 32, K of 32) as A tiles: per 16-row tile and 32-k block, the three
-// planes' 16 x 32 bfloat16 side by side (3 KB).
-AMX_TARGET std::vector<uint16_t> split_rows(const float* a, int M, int K) {
-  std::vector<uint16_t> out(size_t(3) * M * K);
-  for (int m = 0; m < M; ++m)
-    for (int k = 0; k < K; k += 16) {
-      __m256i h, mi, l;
-      split16(_mm512_loadu_ps(a + size_t(m) * K + k), &h, &mi, &l);
-      const size_t at = size_t(m / 16) * 3 * 16 * K + size_t(k / 32) * 1536 + (m % 16) * 32 + k % 32;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&out[at]), h);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&out[at + 512]), mi);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&out[at + 1024]), l);
-    }
-  return out;
-}
-
-// W [N, K] (rows = output columns) as B tiles: per 16 columns and 32-k block, the three planes'
-// 16 pairs of k x 16 columns (VNNI order: k pairs interleaved), side by side.
-AMX_TARGET std::vector<uint16_t> split_columns(const float* w, int N, int K) {
-  std::vector<uint16_t> out(size_t(3) * N * K);
-  for (int n = 0; n < N; ++n)
-    for (int k = 0; k < K; k += 16) {
-      __m256i planes[3];
-      split16(_mm512_loadu_ps(w + size_t(n) * K + k), &planes[0], &planes[1], &planes[2]);
-      for (int p = 0; p < 3; ++p) {
-        uint16_t v[16];
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v), planes[p]);
-        for (int i = 0; i < 16; ++i) {
-          const int kk = k + i;
-          out[size_t(n / 16) * 3 * 16 * K + size_t(kk / 32) * 1536 + p * 512 + (kk % 32) / 2 * 32 + (n % 16) * 2 + kk % 2] = v[i];
-        }
-      }
-    }
-  return out;
-}
-
-// C[32 x 32] = the six products over all K, for A tiles a0 (rows 0-15; a0 + 48K: rows 16-31)
-// and B tiles b0, b1 (columns 0-15, 16-31). The order of the partial products reuses the tiles
-// loaded last (14 loads per 24 TDPBF16PS).
-AMX_TARGET void block_2x2(const uint16_t* a0, const uint16_t* b0, const uint16_t* b1, int K, float* c, int ldc) {
-  const uint16_t* a1 = a0 + size_t(48) * K;
-  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int k = 0; k < K; k += 32) {
-    const size_t at = size_t(k / 32) * 1536;
-#define FOUR_PRODUCTS _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-#define LOAD_A(p) _tile_loadd(4, a0 + at + (p) * 512, 64); _tile_loadd(5, a1 + at + (p) * 512, 64);
-#define LOAD_B(p) _tile_loadd(6, b0 + at + (p) * 512, 64); _tile_loadd(7, b1 + at + (p) * 512, 64);
-    LOAD_B(0) LOAD_A(2) FOUR_PRODUCTS  // lo·hi
-    LOAD_A(1) FOUR_PRODUCTS            // mid·hi
-    LOAD_B(1) FOUR_PRODUCTS            // mid·mid
-    LOAD_A(0) FOUR_PRODUCTS            // hi·mid
-    LOAD_B(2) FOUR_PRODUCTS            // hi·lo
-    LOAD_B(0) FOUR_PRODUCTS            // hi·hi
-#undef FOUR_PRODUCTS
-#undef LOAD_A
-#undef LOAD_B
-  }
-  _tile_stored(0, c, ldc * 4); _tile_stored(1, c + 16, ldc * 4);
-  _tile_stored(2, c + 16 * ldc, ldc * 4); _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
-}
-
-// C = A·Wᵀ: for each pair of 16-column blocks, every 32 rows (the pair's B tiles stay in L2).
-AMX_TARGET void amx_product(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b, int M, int N, int K, float* c) {
-  const TileConfig config;
-  _tile_loadconfig(&config);
-  for (int n = 0; n < N; n += 32)
-    for (int m = 0; m < M; m += 32)
-      block_2x2(&a[size_t(m / 16) * 48 * K], &b[size_t(n / 16) * 48 * K], &b[size_t(n / 16 + 1) * 48 * K], K,
-                c + size_t(m) * N + n, N);
-  _tile_release();
-}
 
 // The library's kernel on the same product: W's panels (64 columns a block), every row per block.
 struct TileProduct {
@@ -169,9 +94,7 @@ int main(int argc, char** argv) {
     std::printf("usage: amx_probe [M N K], M >= 32, N >= 64, K >= 32\n");
     return 1;
   }
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("amx-bf16") ||
-      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+  if (!fused_rnn::cpu::amx_float_kernels()) {  // also no when FUSED_RNN_FLOAT_KERNEL says avx512 or avx2
     std::printf("no AMX-BF16 here, or the kernel does not grant its state\n");
     return 2;
   }
@@ -182,15 +105,14 @@ int main(int argc, char** argv) {
   for (float& v : w) v = 0.05f * uniform(rng);
 
   const TileProduct tiles(w.data(), M, N, K);
-  const std::vector<uint16_t> b_split = split_columns(w.data(), N, K);
+  AmxProduct amx(w.data(), M, N, K);
   std::vector<double> tile_s, amx_s, ratio;
   for (int round = 0; round < 15; ++round) {
     auto t0 = Clock::now();
     tiles.run(a.data(), c_tiles.data());
     const double t_tiles = seconds_since(t0);
     t0 = Clock::now();
-    const std::vector<uint16_t> a_split = split_rows(a.data(), M, K);  // per call, as x changes
-    amx_product(a_split, b_split, M, N, K, c_amx.data());
+    amx.run(a.data(), c_amx.data());
     const double t_amx = seconds_since(t0);
     tile_s.push_back(t_tiles), amx_s.push_back(t_amx), ratio.push_back(t_tiles / t_amx);
   }

@@ -28,6 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("built_with_openmp") = false;
 #endif
   m.def("cpu_float_kernel", &fused_rnn::cpu_float_kernel, "the CPU's float32 product kernel: AVX-512 or AVX2");
+  m.def("cpu_input_projection", &fused_rnn::cpu_input_projection,
+        "what the float32 forward's x·W_ih^T takes on the CPU: AMX, tiles or BLAS");
   m.def("cpu_gradient_gemm", &fused_rnn::cpu_gradient_gemm,
         "what the float32 gradient products take: the AVX-512 tiles or BLAS");
   m.def("cpu_cache_bytes", &fused_rnn::cpu_cache_bytes, "bytes of freed CPU blocks kept for reuse");

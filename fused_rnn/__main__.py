@@ -26,7 +26,7 @@ def build_report():
         f"{platform.machine()}",
         f"built with CUDA kernels: {cuda}",
         f"CPU gate math: {_C.cpu_vector_math}; float32 products: {_C.cpu_float_kernel()} "
-        f"(weight gradients' GEMMs: {_C.cpu_gradient_gemm()}); "
+        f"(x·W_ihᵀ: {_C.cpu_input_projection()}; weight gradients' GEMMs: {_C.cpu_gradient_gemm()}); "
         f"OpenMP: {'yes' if _C.built_with_openmp else 'no'}, "
         f"{torch.get_num_threads()} threads",
         f"devices visible: {', '.join(devices)}",

@@ -210,10 +210,10 @@ def _amx_probe_errors(output):
 
 @pytest.mark.skipif(shutil.which("g++") is None or platform.machine() != "x86_64", reason="needs g++ on x86-64")
 def test_amx_probe_builds_and_its_split_product_is_float32_accurate(tmp_path):
-    """bench/amx_probe.cpp (the AMX experiment of bench/NOTES.md, session 14) must not rot: it builds
-    against wide_float.h as it is; where the CPU has AMX-BF16, the product from three bfloat16
-    parts per float (six partial products) is no less accurate than a float32 FMA chain against
-    float64, and the AVX-512 tiles give each output bitwise that chain."""
+    """bench/amx_probe.cpp (bench/NOTES.md, sessions 14 and 17) must not rot: it builds against
+    wide_float.h and amx_float.h as they are; where the CPU has AMX-BF16, the library's product from
+    three bfloat16 parts per float (six partial products) is no less accurate than a float32 FMA
+    chain against float64, and the AVX-512 tiles give each output bitwise that chain."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     binary = str(tmp_path / "amx_probe")
     subprocess.run(["g++", "-O3", "-mavx2", "-mfma", "-std=c++17", os.path.join(root, "bench", "amx_probe.cpp"), "-o", binary],

@@ -176,6 +176,63 @@ def test_strip_tails_of_six_rows():
     check_parity(fused, ref, torch.randn(6, 9, 100))
 
 
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("LSTM", {"proj_size": 7})])
+def test_input_projection_in_passes(kind, kw):
+    """x·W_ihᵀ in several passes of rows per chunk (with AMX: 96-row passes at input size 1000, off
+    32, so the k of the last tile is partly padding), 205 rows ending in a partial 16-row tile,
+    G*H = 4*45 columns ending in a partial pair of 16-column tiles; without bias too."""
+    torch.manual_seed(7)
+    for bias in (True, False):
+        fused, ref = make_pair(kind, 1000, 45, bias=bias, dtype=torch.float32, **kw)
+        check_parity(fused, ref, torch.randn(5, 41, 1000) * 0.3)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_float32_as_accurate_as_torch_nn(kind):
+    """Against float64, float32 outputs are no less accurate than torch.nn's float32 (whichever
+    kernel takes x·W_ihᵀ: the AMX product splits each float into three bfloat16s and keeps six of
+    the nine partial products). Input size 1024, so that the sums are long."""
+    torch.manual_seed(8)
+    fused, ref = make_pair(kind, 1024, 64, dtype=torch.float32)
+    x = torch.randn(6, 33, 1024)
+    with torch.no_grad():
+        exact, _ = ref.double()(x.double())
+        ref.float()
+        ours_err = (fused(x)[0].double() - exact).abs().max().item()
+        ref_err = (ref(x)[0].double() - exact).abs().max().item()
+    assert 0 < ref_err and ours_err <= 1.5 * ref_err, (ours_err, ref_err)
+
+
+@pytest.mark.skipif(_C.cpu_input_projection() != "AMX" or "FUSED_RNN_AMX_STEP_ROWS" in os.environ,
+                    reason="no AMX here, or this is that run already")
+def test_this_file_again_with_amx_steps_from_one_row():
+    """The steps' h·W_hhᵀ takes AMX from 16 rows a batch; FUSED_RNN_AMX_STEP_ROWS=1 (in a child)
+    from one, so that every row count and tail of this file runs through the AMX steps too."""
+    env = dict(os.environ, FUSED_RNN_AMX_STEP_ROWS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             "not avx2_float_kernel and not without_amx and not other_gradient_gemm and not from_one_row",
+                             os.path.join(here, "test_cpu_blocking.py")],
+                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.skipif(_C.cpu_input_projection() != "AMX", reason="x·W_ihᵀ takes no AMX here, or this is that run already")
+def test_this_file_again_without_amx():
+    """FUSED_RNN_FLOAT_KERNEL=avx512 (in a child): x·W_ihᵀ on the AVX-512 tiles instead of AMX, as on
+    AVX-512 CPUs without it, against torch.nn again."""
+    env = dict(os.environ, FUSED_RNN_FLOAT_KERNEL="avx512")
+    kernels = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_float_kernel(), _C.cpu_input_projection())"],
+                             env=env, check=True, timeout=300, capture_output=True, text=True).stdout.split()
+    assert kernels == ["AVX-512", "tiles"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             "not avx2_float_kernel and not without_amx and not other_gradient_gemm and not from_one_row",
+                             os.path.join(here, "test_cpu_blocking.py")],
+                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or os.environ.get("FUSED_RNN_FLOAT_KERNEL") == "avx2",
                     reason="float32 already takes the AVX2 kernel here")
 def test_this_file_again_with_the_avx2_float_kernel():
@@ -186,7 +243,7 @@ def test_this_file_again_with_the_avx2_float_kernel():
                             check=True, timeout=300, capture_output=True, text=True).stdout.strip()
     assert kernel != "AVX-512"  # "AVX2", or the portable build's scalar at::vec
     here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2_float_kernel",
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2_float_kernel and not without_amx and not from_one_row",
                              os.path.join(here, "test_cpu_blocking.py")], env=env, timeout=1200, cwd=here,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -205,6 +262,6 @@ def test_this_file_again_with_the_other_gradient_gemm():
     assert kernel.lower() == other
     here = os.path.dirname(os.path.abspath(__file__))
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "not avx2_float_kernel and not other_gradient_gemm", os.path.join(here, "test_cpu_blocking.py")],
+                             "not avx2_float_kernel and not other_gradient_gemm and not without_amx and not from_one_row", os.path.join(here, "test_cpu_blocking.py")],
                             env=env, timeout=1200, cwd=here, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

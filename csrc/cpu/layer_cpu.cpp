@@ -7,8 +7,9 @@
 // the cells.h math on it while it is in cache, Width units at a time; a barrier ends the step.
 // x·W_ihᵀ is computed in chunks of steps, each thread one GEMM for its share of the columns.
 // float32 on a CPU with AVX-512 takes wide_float.h's 16-float tiles for the steps and x·W_ihᵀ,
-// and on AMD for the gradients' products too (instead of BLAS, see wide_chunk_products); other
-// types and CPUs the AVX2 tiles and BLAS.
+// and on AMD for the gradients' products too (instead of BLAS, see wide_chunk_products); with
+// AMX-BF16 as well, x·W_ihᵀ and the steps of batches from 16 rows take amx_float.h's split
+// bfloat16 tiles (AmxSplit below); other types and CPUs the AVX2 tiles and BLAS.
 // Backward has the same shape: a thread first propagates the previous step's gate gradients to its
 // block of dh (dG·W_hh, restricted to those columns), then runs the cell backward on the block.
 // Once a chunk of steps is done, each thread adds its share of the rows of dW_ih, dW_hh and the
@@ -23,14 +24,17 @@
 // an element the same bits whatever share of rows or columns a call covers, which MKL does for the
 // weight and input gradients (tests/test_cpu_blocking.py checks it) but not always for the
 // projection, whose last bits can differ. The AVX-512 tiles compute each element as one chain
-// over k, the same whichever thread computes it.
+// over k, the AMX product as one fixed sequence of tile products: the same whichever thread
+// computes it.
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
 #include <climits>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
+#include "amx_float.h"
 #include "step_team.h"
 #include "wide_float.h"
 
@@ -237,6 +241,78 @@ struct Panels {
   }
 };
 
+// Weights split into AMX tiles (amx_float.h) for out = rows · Wᵀ, W [G*cols, K] (G gates of `cols`
+// rows each), and room for up to max_rows split rows. Group g·units + v (units = amx_tiles(cols))
+// holds W's rows g·cols + 16v .. + 16, whose outputs lie at g·cols + 16v of a row of out: the
+// layout of x·W_ihᵀ's and h·W_hhᵀ's buffers.
+struct AmxSplit {
+  Tensor weights, rows;
+  int64_t K = 0, group = 0;
+  std::vector<const uint16_t*> b;
+  std::vector<int64_t> offset, lanes;
+  std::vector<const float*> bias;
+
+  AmxSplit() = default;
+  AmxSplit(const Tensor& w, int64_t G, int64_t cols, int64_t max_rows, const float* bias_p)
+      : K(w.size(1)), group(cpu::amx_group_size(w.size(1))) {
+    const int64_t units = cpu::amx_tiles(cols), count = G * units;
+    const auto options = w.options().dtype(at::kShort);
+    weights = empty_large({std::max<int64_t>(1, count * group)}, options);
+    rows = empty_large({std::max<int64_t>(1, cpu::amx_tiles(max_rows) * group)}, options);
+    auto* dst = reinterpret_cast<uint16_t*>(weights.data_ptr<int16_t>());
+    const float* src = w.data_ptr<float>();
+    for (int64_t q = 0; q < count; ++q) {
+      const int64_t g = q / units, v = q % units;
+      b.push_back(dst + q * group);
+      offset.push_back(g * cols + v * cpu::kAmxTile);
+      lanes.push_back(std::min(cpu::kAmxTile, cols - v * cpu::kAmxTile));
+      bias.push_back(bias_p ? bias_p + offset.back() : nullptr);
+    }
+    at::parallel_for(0, count, 4, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) cpu::amx_split_columns(src + offset[q] * K, K, lanes[q], K, dst + q * group);
+    });
+  }
+  int64_t groups() const { return static_cast<int64_t>(b.size()); }
+  uint16_t* split() const { return reinterpret_cast<uint16_t*>(rows.data_ptr<int16_t>()); }
+
+  // Rows [0, n) of the left factor, row(r) giving row r, split by the team: this thread's share of
+  // the 16-row groups.
+  template <typename RowFn>
+  void split_rows(const Member& me, int64_t n, const RowFn& row) const {
+    if constexpr (std::is_convertible_v<decltype(row(0)), const float*>) {  // float only
+      const auto [g0, g1] = me.share(cpu::amx_tiles(n));
+      for (int64_t g = g0; g < g1; ++g) {
+        const float* in[cpu::kAmxTile];
+        const int64_t m = std::min(cpu::kAmxTile, n - g * cpu::kAmxTile);
+        for (int64_t r = 0; r < m; ++r) in[r] = row(g * cpu::kAmxTile + r);
+        cpu::amx_split_rows(in, m, K, split() + g * group);
+      }
+    }
+  }
+  // out (row stride ldo) for split rows [r0, r0 + n) (r0 a multiple of 32) and groups [q0, q1).
+  template <typename T>
+  void product(int64_t r0, int64_t n, int64_t q0, int64_t q1, T* out, int64_t ldo) const {
+    if constexpr (std::is_same_v<T, float>) {
+      cpu::amx_product(split() + r0 / cpu::kAmxTile * group, n, b.data() + q0, offset.data() + q0, lanes.data() + q0,
+                       q1 - q0, K, bias.data() + q0, out, ldo);
+    }
+  }
+  // The same for rows [0, n) and the listed groups (at most 8).
+  template <typename T>
+  void product(int64_t n, const int64_t* listed, int64_t count, T* out, int64_t ldo) const {
+    if constexpr (std::is_same_v<T, float>) {
+      const uint16_t* listed_b[8];
+      int64_t listed_offset[8], listed_lanes[8];
+      const float* listed_bias[8];
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t q = listed[i];
+        listed_b[i] = b[q], listed_offset[i] = offset[q], listed_lanes[i] = lanes[q], listed_bias[i] = bias[q];
+      }
+      cpu::amx_product(split(), n, listed_b, listed_offset, listed_lanes, count, K, listed_bias, out, ldo);
+    }
+  }
+};
+
 // About 12 accumulators fit AVX2's 16 vector registers next to the weights: 3 or 4 groups per block.
 template <int G>
 constexpr int kVectorsPerGate = G >= 3 ? 1 : (G == 2 ? 2 : 3);
@@ -335,6 +411,25 @@ bool wide_panels() {
   }
 }
 
+// Whether T's x·W_ihᵀ takes amx_float.h's AMX product (float on a CPU with AMX-BF16).
+template <typename T>
+bool amx_projection() {
+  if constexpr (std::is_same_v<T, float>) {
+    return cpu::wide_float_kernels() && cpu::amx_float_kernels();
+  } else {
+    return false;
+  }
+}
+
+// From how many rows a step's h·W_hhᵀ takes AMX (FUSED_RNN_AMX_STEP_ROWS, for measurements).
+inline int64_t amx_step_rows() {
+  static const int64_t rows = [] {
+    const char* asked = std::getenv("FUSED_RNN_AMX_STEP_ROWS");
+    return asked ? std::atoll(asked) : int64_t{16};
+  }();
+  return rows;
+}
+
 // Rows of x per pass of the input projection: about 384 KB of them, which stay in L2 while the
 // thread's panels of W_ih stream past.
 inline int64_t projection_rows(int64_t I) { return std::max<int64_t>(6, 98304 / std::max<int64_t>(1, I) / 6 * 6); }
@@ -357,20 +452,33 @@ struct ForwardLoop {
     // A batch of one reads each weight once a step: dot products on W_hh's rows as they are, with
     // no panels, whose packing (16 MB at H = 1024) costs as much as 4 steps (bench/NOTES.md).
     const bool row_dots = wide && s.B == 1;
-    const Panels<T> panels =
-        row_dots ? Panels<T>::geometry(P, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
-        : wide   ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
-                 : Panels<T>::of_rows(w_hh, G, C, H);
-    const T* w_hh_p = w_hh.data_ptr<T>();
     // With AVX-512, x·W_ihᵀ takes the same tiles, on panels of W_ih's G*H rows, instead of BLAS.
     // Also BLAS at a batch of one where its kernels are as fast (Intel, see wide_chunk_products):
     // MKL does not pack W_ih the way the tiles must (1.3-1.6 ms a call at H = 1024).
     const bool wide_projection = wide && (!row_dots || cpu::wide_chunk_products());
+    // With AMX, x·W_ihᵀ on split bfloat16 tiles instead (amx_float.h), and the steps' h·W_hhᵀ too
+    // from amx_step_rows() rows: below, a tile of 16 rows is mostly padding, and the 6 bytes a
+    // weight of the split W_hh stream from memory where the panels' 4 did.
+    const bool amx = wide_projection && s.I > 0 && amx_projection<T>();
+    const bool amx_steps = wide && !row_dots && s.B >= amx_step_rows() && amx_projection<T>();
+    const Panels<T> panels =
+        row_dots || amx_steps ? Panels<T>::geometry(P, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
+        : wide                ? Panels<T>::of_rows(w_hh, G, cpu::wide_vectors_per_gate(G, H), H, cpu::kWideWidth)
+                              : Panels<T>::of_rows(w_hh, G, C, H);
+    const T* w_hh_p = w_hh.data_ptr<T>();
     const Panels<T> input_panels =
-        wide_projection ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1, GH), GH, cpu::kWideWidth) : Panels<T>();
+        wide_projection && !amx ? Panels<T>::of_rows(w_ih, 1, cpu::wide_vectors_per_gate(1, GH), GH, cpu::kWideWidth) : Panels<T>();
     const int64_t input_rows = projection_rows(s.I);
     // x·W_ihᵀ + bias, a chunk of steps at a time (see kChunkElements).
     const int64_t chunk_cap = chunk_rows(s, GH);
+    // W_ih (and W_hh) split once per call; each chunk's x (each step's h_{t-1}) split by all
+    // threads before any multiplies.
+    const AmxSplit x_split =
+        amx ? AmxSplit(w_ih, 1, GH, std::min(s.N, chunk_cap), bias.defined() ? bias.data_ptr<float>() : nullptr)
+            : AmxSplit();
+    const AmxSplit h_split = amx_steps ? AmxSplit(w_hh, G, H, s.B, nullptr) : AmxSplit();
+    // Rows per pass of the AMX product: whole 32-row blocks, about input_rows.
+    const int64_t amx_rows = std::max<int64_t>(32, input_rows / 32 * 32);
     Tensor gx_buffer = empty_large({std::min(s.N, chunk_cap), GH}, x.options());
     Tensor gh = at::empty({s.B, GH}, x.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
@@ -399,7 +507,14 @@ struct ForwardLoop {
         // that BLAS packs the chunk's x once. The previous chunk's last step ended with a barrier,
         // so nobody still reads the buffer; a barrier after it, as a thread's steps read every gate
         // of its units.
-        if (wide_projection) {
+        if (amx) {
+          x_split.split_rows(me, rows, [&](int64_t r) { return x_p + (row0 + r) * s.I; });
+          me.barrier();  // every row split before anyone multiplies
+          const auto [q0, q1] = me.share(x_split.groups(), 2);
+          for (int64_t r0 = 0; r0 < rows && q0 < q1; r0 += amx_rows) {
+            x_split.product(r0, std::min(amx_rows, rows - r0), q0, q1, gx_buffer_p + r0 * GH, GH);
+          }
+        } else if (wide_projection) {
           const auto [b0, b1] = me.share(input_panels.blocks);
           for (int64_t r0 = 0; r0 < rows; r0 += input_rows) {
             for (int64_t u = b0; u < b1; ++u) {
@@ -432,9 +547,20 @@ struct ForwardLoop {
           T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
           const int64_t proj_in_stride = saved_p ? K : H;
 
+          if (amx_steps) {
+            h_split.split_rows(me, n, h_prev_row);
+            me.barrier();  // every row of h_{t-1} split before anyone multiplies
+          }
           for (int64_t u = u0; u < u1; ++u) {
             const int64_t j0 = panels.first_column(u, 0);
-            if (row_dots) {  // n = 1
+            if (amx_steps) {  // gate g's vector c of block u: group g·units + j0/16 + c of the split W_hh
+              int64_t listed[8], count = 0;
+              for (int g = 0; g < G; ++g)
+                for (int64_t c = 0; c < panels.C && panels.lanes(u, c) > 0; ++c) {
+                  listed[count++] = g * cpu::amx_tiles(H) + j0 / cpu::kAmxTile + c;
+                }
+              h_split.product(n, listed, count, gh_p, GH);
+            } else if (row_dots) {  // n = 1
               if constexpr (std::is_same_v<T, float>) {
                 const int64_t units = std::min(panels.C * panels.width, H - j0);
                 for (int g = 0; g < G; ++g) {
@@ -716,6 +842,10 @@ const char* cpu_float_kernel() {
 #else
   return cpu::wide_float_kernels() ? "AVX-512" : "portable (scalar at::vec)";
 #endif
+}
+
+const char* cpu_input_projection() {
+  return amx_projection<float>() ? "AMX" : cpu::wide_float_kernels() ? "tiles" : "BLAS";
 }
 
 const char* cpu_gradient_gemm() { return cpu::wide_float_kernels() && cpu::wide_chunk_products() ? "tiles" : "BLAS"; }
