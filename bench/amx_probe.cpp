@@ -55,7 +55,8 @@ struct AmxProduct {
       for (int r = 0; r < 16; ++r) rows[r] = x + size_t(g * 16 + r) * K;
       fused_rnn::cpu::amx_split_rows(rows, 16, K, &a[g * group]);
     }
-    fused_rnn::cpu::amx_product(a.data(), M, groups.data(), offset.data(), lanes.data(), N / 16, K, nullptr, c, N);
+    fused_rnn::cpu::amx_product(a.data(), group, M, groups.data(), 0, offset.data(), lanes.data(), N / 16, K, nullptr,
+                                false, c, N);
   }
 };
 

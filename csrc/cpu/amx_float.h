@@ -1,5 +1,6 @@
 // float32 products on AMX where the CPU has it (Intel since Sapphire Rapids), at float32's
-// accuracy: the forward's x·W_ihᵀ and its steps' h·W_hhᵀ (layer_cpu.cpp's AmxSplit).
+// accuracy: the forward's x·W_ihᵀ and its steps' h·W_hhᵀ, the backward's dG·W_hh and dX = dG·W_ih
+// (layer_cpu.cpp's AmxSplit).
 //
 // AMX multiplies bfloat16 (8 significant bits) into float32 sums. A float32 splits exactly into
 // three bfloat16s, x = hi + mid + lo, and a product a·b keeps float32's accuracy as the six
@@ -139,6 +140,27 @@ FUSED_RNN_AMX inline void amx_split_columns(const float* w, int64_t ldw, int64_t
   }
 }
 
+// Columns [0, n) (n <= 16) of w [K, ·], row stride ldw (column j's k at w[k·ldw + j]), into one
+// group of B tiles at out: the right factor as it is (out = rows · w). Columns n..15 and k past K
+// are zeros. A pair of k is two rows: their split values interleaved, 16 bits each.
+FUSED_RNN_AMX inline void amx_split_kmajor(const float* w, int64_t ldw, int64_t K, int64_t n, uint16_t* out) {
+  const int64_t Kp = amx_depth(K);
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+  for (int64_t k0 = 0; k0 < Kp; k0 += kAmxDepth) {
+    uint16_t* block = out + k0 / kAmxDepth * kAmxBlock;
+    for (int64_t pair = 0; pair < kAmxTile; ++pair) {
+      const int64_t k = k0 + 2 * pair;
+      __m256i even[3], odd[3];
+      amx_split16(k < K ? _mm512_maskz_loadu_ps(mask, w + k * ldw) : _mm512_setzero_ps(), even);
+      amx_split16(k + 1 < K ? _mm512_maskz_loadu_ps(mask, w + (k + 1) * ldw) : _mm512_setzero_ps(), odd);
+      for (int p = 0; p < 3; ++p) {
+        const __m512i v = _mm512_or_si512(_mm512_cvtepu16_epi32(even[p]), _mm512_slli_epi32(_mm512_cvtepu16_epi32(odd[p]), 16));
+        _mm512_storeu_si512(block + p * kAmxPlane + pair * kAmxDepth, v);
+      }
+    }
+  }
+}
+
 struct AmxTileConfig {  // palette 1: eight tiles of 16 rows x 64 bytes
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t bytes_per_row[16] = {};
@@ -152,15 +174,23 @@ struct AmxTileConfig {  // palette 1: eight tiles of 16 rows x 64 bytes
 // of B tiles (b[0], b[1]) over Kp: tiles 0-3 the sums, 4-5 A, 6-7 B. The six products per 32 k go
 // from the smallest to the largest, each changing one operand, so that 14 tile loads serve 24
 // TDPBF16PS (2 x 2).
+// With `resume`, the sums start from c instead of zero.
 template <int RT, int CT>
 FUSED_RNN_AMX __attribute__((noinline)) void amx_block(const uint16_t* a, int64_t a_next, const uint16_t* const* b,
-                                                       int64_t Kp, float* c) {
-  _tile_zero(0);
-  if constexpr (CT > 1) _tile_zero(1);
-  if constexpr (RT > 1) _tile_zero(2);
-  if constexpr (RT > 1 && CT > 1) _tile_zero(3);
-  const uint16_t* b0 = b[0];
-  const uint16_t* b1 = CT > 1 ? b[1] : nullptr;
+                                                       int64_t b_shift, int64_t Kp, bool resume, float* c) {
+  if (resume) {
+    _tile_loadd(0, c, 32 * sizeof(float));
+    if constexpr (CT > 1) _tile_loadd(1, c + 16, 32 * sizeof(float));
+    if constexpr (RT > 1) _tile_loadd(2, c + 16 * 32, 32 * sizeof(float));
+    if constexpr (RT > 1 && CT > 1) _tile_loadd(3, c + 16 * 32 + 16, 32 * sizeof(float));
+  } else {
+    _tile_zero(0);
+    if constexpr (CT > 1) _tile_zero(1);
+    if constexpr (RT > 1) _tile_zero(2);
+    if constexpr (RT > 1 && CT > 1) _tile_zero(3);
+  }
+  const uint16_t* b0 = b[0] + b_shift;
+  const uint16_t* b1 = CT > 1 ? b[1] + b_shift : nullptr;
   for (int64_t k = 0; k < Kp; k += kAmxDepth) {
     const int64_t at = k / kAmxDepth * kAmxBlock;
     const auto load_a = [&](int p) {
@@ -190,27 +220,38 @@ FUSED_RNN_AMX __attribute__((noinline)) void amx_block(const uint16_t* a, int64_
   if constexpr (RT > 1 && CT > 1) _tile_stored(3, c + 16 * 32 + 16, 32 * sizeof(float));
 }
 
-// For q < groups: out[r·ldo + offset[q] + l] = bias[q][l] + Σ_k a(r, k)·b_q(l, k), r < rows,
-// l < lanes[q]. `a` holds the split rows (amx_tiles(rows) groups of A tiles), b[q] a group of
-// split columns, both over K (padded); bias null for none, or null per group. Pairs of groups
-// outside, rows inside: a pair's B tiles stay in L1 and L2 while every row passes.
-FUSED_RNN_AMX inline void amx_product(const uint16_t* a, int64_t rows, const uint16_t* const* b, const int64_t* offset,
-                                      const int64_t* lanes, int64_t groups, int64_t K, const float* const* bias,
-                                      float* out, int64_t ldo) {
+// For q < groups: out[r·ldo + offset[q] + l] (+)= bias[q][l] + Σ_k a(r, k)·b_q(l, k), r < rows,
+// l < lanes[q], over K values of k. `a` holds split rows (groups of A tiles a_group apart), b[q] +
+// b_shift a group of split columns, both at the range's first k (a multiple of 32); bias null for
+// none, or null per group. With `accumulate` the sums start from out (a product over k in ranges:
+// the same bits whatever the threads). Pairs of groups outside, rows inside: a pair's B tiles stay
+// in L1 and L2 while every row passes.
+FUSED_RNN_AMX inline void amx_product(const uint16_t* a, int64_t a_group, int64_t rows, const uint16_t* const* b,
+                                      int64_t b_shift, const int64_t* offset, const int64_t* lanes, int64_t groups,
+                                      int64_t K, const float* const* bias, bool accumulate, float* out, int64_t ldo) {
   const AmxTileConfig config;
   _tile_loadconfig(&config);
-  const int64_t Kp = amx_depth(K), group = amx_group_size(K);
+  const int64_t Kp = amx_depth(K);
   alignas(64) float c[32 * 32];
   for (int64_t q0 = 0; q0 < groups; q0 += 2) {
-    const bool pair = q0 + 1 < groups;
+    const int width = q0 + 1 < groups ? 2 : 1;
     for (int64_t r0 = 0; r0 < rows; r0 += 32) {
       const int64_t nr = std::min<int64_t>(32, rows - r0);
-      const uint16_t* a0 = a + r0 / kAmxTile * group;
-      if (nr > 16 && pair) amx_block<2, 2>(a0, group, b + q0, Kp, c);
-      else if (nr > 16) amx_block<2, 1>(a0, group, b + q0, Kp, c);
-      else if (pair) amx_block<1, 2>(a0, group, b + q0, Kp, c);
-      else amx_block<1, 1>(a0, group, b + q0, Kp, c);
-      for (int64_t h = 0; h < (pair ? 2 : 1); ++h) {
+      const uint16_t* a0 = a + r0 / kAmxTile * a_group;
+      if (accumulate) {  // the block's sums so far into c (zeros outside the output)
+        for (int h = 0; h < width; ++h) {
+          const __mmask16 mask = static_cast<__mmask16>((1u << std::max<int64_t>(0, lanes[q0 + h])) - 1);
+          for (int64_t r = 0; r < 32; ++r) {
+            _mm512_store_ps(c + r * 32 + h * 16,
+                            r < nr ? _mm512_maskz_loadu_ps(mask, out + (r0 + r) * ldo + offset[q0 + h]) : _mm512_setzero_ps());
+          }
+        }
+      }
+      if (nr > 16 && width == 2) amx_block<2, 2>(a0, a_group, b + q0, b_shift, Kp, accumulate, c);
+      else if (nr > 16) amx_block<2, 1>(a0, a_group, b + q0, b_shift, Kp, accumulate, c);
+      else if (width == 2) amx_block<1, 2>(a0, a_group, b + q0, b_shift, Kp, accumulate, c);
+      else amx_block<1, 1>(a0, a_group, b + q0, b_shift, Kp, accumulate, c);
+      for (int h = 0; h < width; ++h) {
         const int64_t q = q0 + h;
         if (lanes[q] <= 0) continue;
         const __mmask16 mask = static_cast<__mmask16>((1u << lanes[q]) - 1);
@@ -231,8 +272,9 @@ FUSED_RNN_AMX inline void amx_product(const uint16_t* a, int64_t rows, const uin
 inline bool amx_float_kernels() { return false; }
 inline void amx_split_rows(const float* const*, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
 inline void amx_split_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
-inline void amx_product(const uint16_t*, int64_t, const uint16_t* const*, const int64_t*, const int64_t*, int64_t,
-                        int64_t, const float* const*, float*, int64_t) {
+inline void amx_split_kmajor(const float*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
+inline void amx_product(const uint16_t*, int64_t, int64_t, const uint16_t* const*, int64_t, const int64_t*,
+                        const int64_t*, int64_t, int64_t, const float* const*, bool, float*, int64_t) {
   __builtin_trap();
 }
 #endif

@@ -241,10 +241,11 @@ struct Panels {
   }
 };
 
-// Weights split into AMX tiles (amx_float.h) for out = rows · Wᵀ, W [G*cols, K] (G gates of `cols`
-// rows each), and room for up to max_rows split rows. Group g·units + v (units = amx_tiles(cols))
-// holds W's rows g·cols + 16v .. + 16, whose outputs lie at g·cols + 16v of a row of out: the
-// layout of x·W_ihᵀ's and h·W_hhᵀ's buffers.
+// Weights split into AMX tiles (amx_float.h), and room for up to max_rows split rows of the left
+// factor. Group q holds 16 output columns, which lie at offset[q] of a row of out: for
+// out = rows · Wᵀ with W [G*cols, K] (of_rows: group g·units + v, units = amx_tiles(cols), holds
+// W's rows g·cols + 16v .. + 16, the layout of x·W_ihᵀ's and h·W_hhᵀ's buffers), or out = rows · W
+// with W [K, cols] (of_columns: group v holds columns 16v .. + 16; dX = dG·W_ih, dh = dG·W_hh).
 struct AmxSplit {
   Tensor weights, rows;
   int64_t K = 0, group = 0;
@@ -253,51 +254,70 @@ struct AmxSplit {
   std::vector<const float*> bias;
 
   AmxSplit() = default;
-  AmxSplit(const Tensor& w, int64_t G, int64_t cols, int64_t max_rows, const float* bias_p)
-      : K(w.size(1)), group(cpu::amx_group_size(w.size(1))) {
-    const int64_t units = cpu::amx_tiles(cols), count = G * units;
-    const auto options = w.options().dtype(at::kShort);
-    weights = empty_large({std::max<int64_t>(1, count * group)}, options);
-    rows = empty_large({std::max<int64_t>(1, cpu::amx_tiles(max_rows) * group)}, options);
-    auto* dst = reinterpret_cast<uint16_t*>(weights.data_ptr<int16_t>());
-    const float* src = w.data_ptr<float>();
-    for (int64_t q = 0; q < count; ++q) {
-      const int64_t g = q / units, v = q % units;
-      b.push_back(dst + q * group);
-      offset.push_back(g * cols + v * cpu::kAmxTile);
-      lanes.push_back(std::min(cpu::kAmxTile, cols - v * cpu::kAmxTile));
-      bias.push_back(bias_p ? bias_p + offset.back() : nullptr);
+  static AmxSplit of_rows(const Tensor& w, int64_t G, int64_t cols, int64_t max_rows, const float* bias_p) {
+    AmxSplit split(w.size(1), G * cpu::amx_tiles(cols), max_rows, w);
+    const int64_t units = cpu::amx_tiles(cols);
+    for (int64_t q = 0; q < split.groups(); ++q) {
+      split.offset[q] = q / units * cols + q % units * cpu::kAmxTile;
+      split.lanes[q] = std::min(cpu::kAmxTile, cols - q % units * cpu::kAmxTile);
+      split.bias[q] = bias_p ? bias_p + split.offset[q] : nullptr;
     }
-    at::parallel_for(0, count, 4, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q) cpu::amx_split_columns(src + offset[q] * K, K, lanes[q], K, dst + q * group);
+    const float* src = w.data_ptr<float>();
+    split.split_groups([&](int64_t q, uint16_t* dst) {
+      cpu::amx_split_columns(src + split.offset[q] * split.K, split.K, split.lanes[q], split.K, dst);
     });
+    return split;
   }
+  static AmxSplit of_columns(const Tensor& w, int64_t max_rows) {
+    const int64_t cols = w.size(1);
+    AmxSplit split(w.size(0), cpu::amx_tiles(cols), max_rows, w);
+    for (int64_t q = 0; q < split.groups(); ++q) {
+      split.offset[q] = q * cpu::kAmxTile;
+      split.lanes[q] = std::min(cpu::kAmxTile, cols - q * cpu::kAmxTile);
+    }
+    const float* src = w.data_ptr<float>();
+    split.split_groups([&](int64_t q, uint16_t* dst) {
+      cpu::amx_split_kmajor(src + split.offset[q], cols, split.K, split.lanes[q], dst);
+    });
+    return split;
+  }
+
   int64_t groups() const { return static_cast<int64_t>(b.size()); }
   uint16_t* split() const { return reinterpret_cast<uint16_t*>(rows.data_ptr<int16_t>()); }
 
-  // Rows [0, n) of the left factor, row(r) giving row r, split by the team: this thread's share of
-  // the 16-row groups.
+  // Rows [r0, r1) of the left factor (r0 a multiple of 16), row(r) giving row r: into their 16-row
+  // groups, or with a team each thread its share of the groups of [0, r1).
   template <typename RowFn>
-  void split_rows(const Member& me, int64_t n, const RowFn& row) const {
+  void split_rows(int64_t r0, int64_t r1, const RowFn& row) const {
     if constexpr (std::is_convertible_v<decltype(row(0)), const float*>) {  // float only
-      const auto [g0, g1] = me.share(cpu::amx_tiles(n));
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g = r0 / cpu::kAmxTile; g * cpu::kAmxTile < r1; ++g) {
         const float* in[cpu::kAmxTile];
-        const int64_t m = std::min(cpu::kAmxTile, n - g * cpu::kAmxTile);
+        const int64_t m = std::min(cpu::kAmxTile, r1 - g * cpu::kAmxTile);
         for (int64_t r = 0; r < m; ++r) in[r] = row(g * cpu::kAmxTile + r);
         cpu::amx_split_rows(in, m, K, split() + g * group);
       }
     }
   }
-  // out (row stride ldo) for split rows [r0, r0 + n) (r0 a multiple of 32) and groups [q0, q1).
+  template <typename RowFn>
+  void split_rows(const Member& me, int64_t n, const RowFn& row) const {
+    const auto [r0, r1] = me.share(n, cpu::kAmxTile);
+    split_rows(r0, r1, row);
+  }
+
+  // out (row stride ldo) for split rows [r0, r0 + n) (r0 a multiple of 32) and groups [q0, q1),
+  // over k in [k0, k1) (k0 a multiple of 32; k1 = -1: K) and from out's values with `accumulate`
+  // (bias with the first range only).
   template <typename T>
-  void product(int64_t r0, int64_t n, int64_t q0, int64_t q1, T* out, int64_t ldo) const {
+  void product(int64_t r0, int64_t n, int64_t q0, int64_t q1, T* out, int64_t ldo, int64_t k0 = 0, int64_t k1 = -1,
+               bool accumulate = false) const {
     if constexpr (std::is_same_v<T, float>) {
-      cpu::amx_product(split() + r0 / cpu::kAmxTile * group, n, b.data() + q0, offset.data() + q0, lanes.data() + q0,
-                       q1 - q0, K, bias.data() + q0, out, ldo);
+      const int64_t shift = k0 / cpu::kAmxDepth * cpu::kAmxBlock;
+      cpu::amx_product(split() + r0 / cpu::kAmxTile * group + shift, group, n, b.data() + q0, shift, offset.data() + q0,
+                       lanes.data() + q0, q1 - q0, (k1 < 0 ? K : k1) - k0, k0 == 0 ? bias.data() + q0 : nullptr,
+                       accumulate, out, ldo);
     }
   }
-  // The same for rows [0, n) and the listed groups (at most 8).
+  // Rows [0, n), all of k, for the listed groups (at most 8).
   template <typename T>
   void product(int64_t n, const int64_t* listed, int64_t count, T* out, int64_t ldo) const {
     if constexpr (std::is_same_v<T, float>) {
@@ -308,8 +328,26 @@ struct AmxSplit {
         const int64_t q = listed[i];
         listed_b[i] = b[q], listed_offset[i] = offset[q], listed_lanes[i] = lanes[q], listed_bias[i] = bias[q];
       }
-      cpu::amx_product(split(), n, listed_b, listed_offset, listed_lanes, count, K, listed_bias, out, ldo);
+      cpu::amx_product(split(), group, n, listed_b, 0, listed_offset, listed_lanes, count, K, listed_bias, false, out,
+                       ldo);
     }
+  }
+
+ private:
+  AmxSplit(int64_t K_, int64_t count, int64_t max_rows, const Tensor& w)
+      : K(K_), group(cpu::amx_group_size(K_)), b(count), offset(count), lanes(count), bias(count, nullptr) {
+    const auto options = w.options().dtype(at::kShort);
+    weights = empty_large({std::max<int64_t>(1, count * group)}, options);
+    rows = empty_large({std::max<int64_t>(1, cpu::amx_tiles(max_rows) * group)}, options);
+    for (int64_t q = 0; q < count; ++q) b[q] = reinterpret_cast<const uint16_t*>(weights.data_ptr<int16_t>()) + q * group;
+  }
+  // split(q, dst) for every group, on all threads.
+  template <typename F>
+  void split_groups(const F& split_group) const {
+    auto* dst = reinterpret_cast<uint16_t*>(weights.data_ptr<int16_t>());
+    at::parallel_for(0, groups(), 4, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) split_group(q, dst + q * group);
+    });
   }
 };
 
@@ -430,6 +468,11 @@ inline int64_t amx_step_rows() {
   return rows;
 }
 
+// The k of a range of the backward's AMX products (see BackwardLoop).
+// (LSTM T50 B256 H1024 backward on the Xeon VM: 1730 ms at 512 and 1024, 1810-1870 at 256,
+// 1820-1890 with all of k at once; 1850-1950 without AMX in the backward.)
+constexpr int64_t kAmxRange = 512;
+
 // Rows of x per pass of the input projection: about 384 KB of them, which stay in L2 while the
 // thread's panels of W_ih stream past.
 inline int64_t projection_rows(int64_t I) { return std::max<int64_t>(6, 98304 / std::max<int64_t>(1, I) / 6 * 6); }
@@ -474,9 +517,9 @@ struct ForwardLoop {
     // W_ih (and W_hh) split once per call; each chunk's x (each step's h_{t-1}) split by all
     // threads before any multiplies.
     const AmxSplit x_split =
-        amx ? AmxSplit(w_ih, 1, GH, std::min(s.N, chunk_cap), bias.defined() ? bias.data_ptr<float>() : nullptr)
+        amx ? AmxSplit::of_rows(w_ih, 1, GH, std::min(s.N, chunk_cap), bias.defined() ? bias.data_ptr<float>() : nullptr)
             : AmxSplit();
-    const AmxSplit h_split = amx_steps ? AmxSplit(w_hh, G, H, s.B, nullptr) : AmxSplit();
+    const AmxSplit h_split = amx_steps ? AmxSplit::of_rows(w_hh, G, H, s.B, nullptr) : AmxSplit();
     // Rows per pass of the AMX product: whole 32-row blocks, about input_rows.
     const int64_t amx_rows = std::max<int64_t>(32, input_rows / 32 * 32);
     Tensor gx_buffer = empty_large({std::min(s.N, chunk_cap), GH}, x.options());
@@ -615,9 +658,15 @@ struct BackwardLoop {
                   const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
                   LayerGrads& grads) {
     const int64_t H = s.H, P = s.P, I = s.I, GH = s.gates * H, K = s.saved_cols();
-    const Panels<T> panels = wide_panels<T>()  // blocks of dh's P columns
-                                 ? Panels<T>::of_columns(w_hh_conj, cpu::wide_vectors_per_gate(1, P), cpu::kWideWidth)
-                                 : Panels<T>::of_columns(w_hh_conj, C);
+    // With AMX, dG·W_hh takes split tiles from amx_step_rows() rows, as the forward's steps do,
+    // and dX = dG·W_ih too; both over k in ranges of kAmxRange, so that the rows' part of a range
+    // stays in L2 while the weights pass: a split row of dG is 6 bytes a k, 24 KB at G·H = 4096,
+    // 3 KB a range (768 KB for 256 rows).
+    const bool amx_steps = wide_panels<T>() && s.B >= amx_step_rows() && amx_projection<T>();
+    const Panels<T> panels =  // blocks of dh's P columns
+        amx_steps          ? Panels<T>::geometry(GH, 1, cpu::wide_vectors_per_gate(1, P), P, cpu::kWideWidth)
+        : wide_panels<T>() ? Panels<T>::of_columns(w_hh_conj, cpu::wide_vectors_per_gate(1, P), cpu::kWideWidth)
+                           : Panels<T>::of_columns(w_hh_conj, C);
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     // The gate gradients, a chunk of steps at a time (see kChunkElements), in two buffers taken in
     // turn: a chunk's first step still propagates the last step of the chunk before. A buffer is
@@ -632,10 +681,13 @@ struct BackwardLoop {
     // on panels of each chunk's x and h_{t-1}, which each thread packs for its own columns.
     // W_ih's panels only where dX is asked for (not for a first layer whose input needs no
     // gradient: 16 MB packed for nothing at H = 1024).
-    const bool wide_dx = wide_panels<T>() && grads.dx.defined();
+    const bool amx_dx = grads.dx.defined() && I > 0 && wide_panels<T>() && amx_projection<T>();
+    const bool wide_dx = wide_panels<T>() && grads.dx.defined() && !amx_dx;
     const bool wide = wide_panels<T>() && cpu::wide_chunk_products();
     const int64_t x_groups = cpu::wide_vectors_per_gate(1, I), h_groups = cpu::wide_vectors_per_gate(1, P);
     const Panels<T> input_panels = wide_dx ? Panels<T>::of_columns(w_ih, x_groups, cpu::kWideWidth) : Panels<T>();
+    const AmxSplit dh_split = amx_steps ? AmxSplit::of_columns(w_hh_conj, s.B) : AmxSplit();
+    const AmxSplit dx_split = amx_dx ? AmxSplit::of_columns(w_ih, buffer_rows) : AmxSplit();
     const int64_t x_panels_size = Panels<T>::columns_size(buffer_rows, I, x_groups, cpu::kWideWidth);
     const int64_t h_panels_size = Panels<T>::columns_size(buffer_rows, P, h_groups, cpu::kWideWidth);
     Tensor chunk_panels = wide ? empty_large({std::max<int64_t>(1, x_panels_size + h_panels_size)}, dh.options()) : Tensor();
@@ -692,9 +744,23 @@ struct BackwardLoop {
       // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients
       // are pending (GRU's cell has already written its direct z-path into dh: accumulate).
       const auto propagate = [&](int64_t u) {
+        if (amx_steps) return;  // propagate_amx did it
         const int64_t j0 = panels.first_column(u, 0);
         rows_product<T, C>(panels, u, pending_rows, [&](int64_t r) { return pending_dg + r * GH; },
                            [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
+      };
+      // The same on AMX for all of this thread's blocks at once: the pending rows split by the
+      // team, then k in ranges.
+      const auto propagate_amx = [&] {
+        if (!amx_steps || pending_rows == 0) return;
+        dh_split.split_rows(me, pending_rows, [&](int64_t r) { return pending_dg + r * GH; });
+        me.barrier();  // every row split before anyone multiplies
+        const int64_t q0 = panels.first_column(u0, 0) / cpu::kAmxTile;
+        const int64_t q1 = std::min(dh_split.groups(), panels.first_column(u1, 0) / cpu::kAmxTile);
+        for (int64_t k0 = 0; k0 < GH && q0 < q1; k0 += kAmxRange) {
+          dh_split.product(0, pending_rows, q0, q1, dh_p, P, k0, std::min(GH, k0 + kAmxRange),
+                           k0 > 0 || Cell::kSeparateRecurrentGrad);
+        }
       };
       // What a chunk's gate gradients contribute once complete (after its last step's barrier):
       // this thread's share of the rows of dW_ih, dW_hh and the bias gradients, added chunk after
@@ -760,7 +826,14 @@ struct BackwardLoop {
         for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
           for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
         }
-        if (dx_p && wide_dx) {
+        if (dx_p && amx_dx) {  // this thread's rows of dG, split, times W_ih over k in ranges
+          const auto [r0, r1] = me.share(chunk.rows, 2 * cpu::kAmxTile);
+          dx_split.split_rows(r0, r1, [&](int64_t r) { return dgx_chunk + r * GH; });
+          for (int64_t k0 = 0; k0 < GH && r0 < r1; k0 += kAmxRange) {
+            dx_split.product(r0, r1 - r0, 0, dx_split.groups(), dx_p + (chunk.row0 + r0) * I, I, k0,
+                             std::min(GH, k0 + kAmxRange), k0 > 0);
+          }
+        } else if (dx_p && wide_dx) {
           const auto [r0, r1] = me.share(chunk.rows);
           for (int64_t q0 = r0; q0 < r1; q0 += dx_rows) {
             for (int64_t u = 0; u < input_panels.blocks; ++u) {
@@ -800,6 +873,7 @@ struct BackwardLoop {
             }
           };
 
+          propagate_amx();
           if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
             for (int64_t u = u0; u < u1; ++u) {
               propagate(u);
@@ -829,7 +903,8 @@ struct BackwardLoop {
         }
         chunk_products(chunk, dgx_chunk, dgh_chunk);
       }
-      for (int64_t u = u0; u < u1; ++u) propagate(u);  // the first step's gate gradients reach h_0
+      propagate_amx();  // the first step's gate gradients reach h_0
+      for (int64_t u = u0; u < u1; ++u) propagate(u);
     });
   }
 };
