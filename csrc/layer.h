@@ -110,9 +110,9 @@ void empty_cpu_cache();
 // "AVX2" (block_product and BLAS; also where FUSED_RNN_FLOAT_KERNEL=avx2 asks for it).
 const char* cpu_float_kernel();
 // What the float32 forward's x·W_ihᵀ takes (batches of two and more): "AMX" (csrc/cpu/amx_float.h,
-// on a CPU with AMX-BF16 unless FUSED_RNN_FLOAT_KERNEL=avx512 or avx2; then the steps' products
-// and the backward's dX from 16 rows a batch too), "tiles" (wide_float.h) or "BLAS" (with the
-// AVX2 kernel).
+// on a CPU with AMX-BF16 unless FUSED_RNN_FLOAT_KERNEL=avx512 or avx2; then also the backward's
+// dX, and the steps' products of batches from 16 rows), "tiles" (wide_float.h) or "BLAS" (with
+// the AVX2 kernel).
 const char* cpu_input_projection();
 // What the float32 backward's weight gradients (dW) take with the AVX-512 kernel: "tiles"
 // (wide_float.h) or "BLAS" (on Intel, or where FUSED_RNN_CHUNK_GEMM=blas asks for it). dX takes
