@@ -8,8 +8,9 @@
 // x·W_ihᵀ is computed in chunks of steps, each thread one GEMM for its share of the columns.
 // float32 on a CPU with AVX-512 takes wide_float.h's 16-float tiles for the steps and x·W_ihᵀ,
 // and on AMD for the gradients' products too (instead of BLAS, see wide_chunk_products); with
-// AMX-BF16 as well, x·W_ihᵀ and the steps of batches from 16 rows take amx_float.h's split
-// bfloat16 tiles (AmxSplit below); other types and CPUs the AVX2 tiles and BLAS.
+// AMX-BF16 as well, x·W_ihᵀ, dX and the steps' products of batches from 16 rows (forward and
+// backward) take amx_float.h's split bfloat16 tiles (AmxSplit below); other types and CPUs the
+// AVX2 tiles and BLAS.
 // Backward has the same shape: a thread first propagates the previous step's gate gradients to its
 // block of dh (dG·W_hh, restricted to those columns), then runs the cell backward on the block.
 // Once a chunk of steps is done, each thread adds its share of the rows of dW_ih, dW_hh and the
@@ -449,7 +450,7 @@ bool wide_panels() {
   }
 }
 
-// Whether T's x·W_ihᵀ takes amx_float.h's AMX product (float on a CPU with AMX-BF16).
+// Whether T's products may take amx_float.h's AMX product (float on a CPU with AMX-BF16).
 template <typename T>
 bool amx_projection() {
   if constexpr (std::is_same_v<T, float>) {
