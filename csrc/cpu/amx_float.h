@@ -107,7 +107,9 @@ FUSED_RNN_AMX inline void amx_split_columns(const float* w, int64_t ldw, int64_t
       for (int64_t half = 0; half < 2; ++half) {
         const int64_t k = k0 + half * 16, left = j < n ? std::clamp<int64_t>(K - k, 0, 16) : 0;
         __m256i planes[3];
-        amx_split16(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1), w + j * ldw + k), planes);
+        amx_split16(left > 0 ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1), w + j * ldw + k)
+                             : _mm512_setzero_ps(),
+                    planes);
         for (int p = 0; p < 3; ++p) _mm256_store_si256(reinterpret_cast<__m256i*>(&pairs[p][j][half * 8]), planes[p]);
       }
     uint16_t* block = out + k0 / kAmxDepth * kAmxBlock;
