@@ -20,8 +20,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
+
+#include "wide_float.h"
 
 #if defined(__x86_64__) && defined(__linux__)  // AMX needs the kernel's grant (arch_prctl)
 #include <immintrin.h>
@@ -112,32 +113,12 @@ FUSED_RNN_AMX inline void amx_split_columns(const float* w, int64_t ldw, int64_t
                     planes);
         for (int p = 0; p < 3; ++p) _mm256_store_si256(reinterpret_cast<__m256i*>(&pairs[p][j][half * 8]), planes[p]);
       }
+    // wide_transpose_rows moves the 32-bit values as floats, bits unchanged (no arithmetic).
     uint16_t* block = out + k0 / kAmxDepth * kAmxBlock;
     for (int p = 0; p < 3; ++p) {
-      __m512i r[16];
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_load_si512(pairs[p][j]);
-      // The 16 x 16 transpose of 32-bit values: rows of pairs become rows of columns.
-      __m512i t[16];
-      for (int g = 0; g < 8; ++g) {
-        t[2 * g] = _mm512_unpacklo_epi32(r[2 * g], r[2 * g + 1]);
-        t[2 * g + 1] = _mm512_unpackhi_epi32(r[2 * g], r[2 * g + 1]);
-      }
-      for (int g = 0; g < 4; ++g) {
-        r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-        r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-        r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-        r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-      }
-      // r[4g + i], 128-bit lane L: pair 4L + i of columns 4g..4g+3.
-      for (int i = 0; i < 4; ++i) {
-        const __m512i a0 = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88), a1 = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xDD);
-        const __m512i b0 = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88), b1 = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xDD);
-        const __m512i rows[4] = {_mm512_shuffle_i32x4(a0, b0, 0x88), _mm512_shuffle_i32x4(a1, b1, 0x88),
-                                 _mm512_shuffle_i32x4(a0, b0, 0xDD), _mm512_shuffle_i32x4(a1, b1, 0xDD)};
-        for (int L = 0; L < 4; ++L) {
-          _mm512_storeu_si512(block + p * kAmxPlane + (4 * L + i) * kAmxDepth, rows[L]);
-        }
-      }
+      const float* rows[kAmxTile];
+      for (int j = 0; j < kAmxTile; ++j) rows[j] = reinterpret_cast<const float*>(pairs[p][j]);
+      wide_transpose_rows(rows, kAmxTile, kAmxTile, reinterpret_cast<float*>(block + p * kAmxPlane), kAmxTile);
     }
   }
 }
