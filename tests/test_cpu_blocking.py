@@ -203,18 +203,24 @@ def test_float32_as_accurate_as_torch_nn(kind):
     assert 0 < ref_err and ours_err <= 1.5 * ref_err, (ours_err, ref_err)
 
 
+def _run_this_file_again(env):
+    """This file in a child with env (the kernel choices are read once per process), all but the
+    tests that start such children; it must pass. (In the AVX2 child the other-gradient-GEMM run
+    would skip itself anyway: it needs the AVX-512 tiles.)"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                             "not this_file_again", os.path.join(here, "test_cpu_blocking.py")],
+                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @pytest.mark.skipif(_C.cpu_input_projection() != "AMX" or "FUSED_RNN_AMX_STEP_ROWS" in os.environ,
                     reason="no AMX here, or this is that run already")
 def test_this_file_again_with_amx_steps_from_one_row():
     """The steps' h·W_hhᵀ takes AMX from 16 rows a batch; FUSED_RNN_AMX_STEP_ROWS=1 (in a child)
     from one, so that every row count and tail of this file runs through the AMX steps too."""
     env = dict(os.environ, FUSED_RNN_AMX_STEP_ROWS="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "not avx2_float_kernel and not without_amx and not other_gradient_gemm and not from_one_row",
-                             os.path.join(here, "test_cpu_blocking.py")],
-                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_this_file_again(env)
 
 
 @pytest.mark.skipif(_C.cpu_input_projection() != "AMX", reason="x·W_ihᵀ takes no AMX here, or this is that run already")
@@ -225,12 +231,7 @@ def test_this_file_again_without_amx():
     kernels = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_float_kernel(), _C.cpu_input_projection())"],
                              env=env, check=True, timeout=300, capture_output=True, text=True).stdout.split()
     assert kernels == ["AVX-512", "tiles"]
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "not avx2_float_kernel and not without_amx and not other_gradient_gemm and not from_one_row",
-                             os.path.join(here, "test_cpu_blocking.py")],
-                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_this_file_again(env)
 
 
 @pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or os.environ.get("FUSED_RNN_FLOAT_KERNEL") == "avx2",
@@ -242,11 +243,7 @@ def test_this_file_again_with_the_avx2_float_kernel():
     kernel = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_float_kernel())"], env=env,
                             check=True, timeout=300, capture_output=True, text=True).stdout.strip()
     assert kernel != "AVX-512"  # "AVX2", or the portable build's scalar at::vec
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2_float_kernel and not without_amx and not from_one_row",
-                             os.path.join(here, "test_cpu_blocking.py")], env=env, timeout=1200, cwd=here,
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_this_file_again(env)
 
 
 @pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or "FUSED_RNN_CHUNK_GEMM" in os.environ,
@@ -260,8 +257,4 @@ def test_this_file_again_with_the_other_gradient_gemm():
     kernel = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_gradient_gemm())"], env=env,
                             check=True, timeout=300, capture_output=True, text=True).stdout.strip()
     assert kernel.lower() == other
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "not avx2_float_kernel and not other_gradient_gemm and not without_amx and not from_one_row", os.path.join(here, "test_cpu_blocking.py")],
-                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _run_this_file_again(env)
