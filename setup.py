@@ -118,10 +118,11 @@ def announcement(cpp_sources, cuda_sources, why):
     cores = os.cpu_count() or 1
     if cuda_sources:
         arches = [a for a in flag("TORCH_CUDA_ARCH_LIST").replace(",", ";").replace(" ", ";").split(";") if a]
-        seconds = (CPP_CORE_SECONDS + CU_CORE_SECONDS_PER_ARCH * len(arches) * len(cuda_sources)) / min(
+        kernels = [f for f in cuda_sources if f.endswith(".cu")]
+        seconds = (CPP_CORE_SECONDS + CU_CORE_SECONDS_PER_ARCH * len(arches) * len(kernels)) / min(
             cores, build_jobs())
-        what = (f"the CUDA extension ({why}): {len(cpp_sources)} C++ and {len(cuda_sources)} CUDA files for "
-                f"compute capability {', '.join(arches)}")
+        what = (f"the CUDA extension ({why}): {len(cpp_sources) + len(cuda_sources) - len(kernels)} C++ and "
+                f"{len(kernels)} CUDA files for compute capability {', '.join(arches)}")
     else:
         seconds = CPP_CORE_SECONDS / min(cores, build_jobs(), len(cpp_sources))
         what = f"the CPU-only extension ({why}): {len(cpp_sources)} C++ files"
@@ -171,7 +172,8 @@ def make_extension():
         link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     with_cuda, why = cuda_wanted()
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
+    # The CUDA half: its kernels (.cu, nvcc) and its host code (.cpp, the host compiler).
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")) if with_cuda else []
     BuildWithProgress.announcement = announcement(cpp_sources, cuda_sources, why)
     if with_cuda:
         nvcc_flags = ["-O3", "-lineinfo",

@@ -1,9 +1,10 @@
-// The Python module fused_rnn._C. The ops themselves are registered with the dispatcher in
-// layer.cpp (torch.ops.fused_rnn.*), which routes them to the CPU or CUDA loop; importing this
-// module loads them. What it adds is the build's own description and the CPU block cache's controls.
+// The Python module fused_rnn._C. The ops themselves (torch.ops.fused_rnn.*) are registered with the
+// dispatcher: their schemas in csrc/ops.cpp, their implementations by each device's half; importing
+// this module loads them. What it adds is the build's own description and the CPU block cache's
+// controls.
 #include <torch/extension.h>
 
-#include "layer.h"
+#include "cpu/layer_cpu.h"
 
 #ifndef FUSED_RNN_CUDA_ARCHS  // set by setup.py for a CUDA build: TORCH_CUDA_ARCH_LIST as built
 #define FUSED_RNN_CUDA_ARCHS ""

@@ -5,12 +5,16 @@
 // batch_sizes[t] rows of the state. A padded [T, B, I] input is the special case batch_sizes = B
 // everywhere. The reverse direction walks t downwards, so a sequence starts at its own last step.
 //
-// This header is what the device-independent op code (layer.cpp) needs from the device loops.
+// This header is the ops' contract, shared by both devices' halves (csrc/cpu/ops_cpu.cpp and
+// csrc/cuda/ops_cuda.cpp): the layer's shape, the argument checks, the packed-sequence rules and
+// the half types' rule. Each half registers its own implementations of the ops (csrc/ops.cpp holds
+// their schemas) under its dispatch key.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "cells.h"
@@ -99,109 +103,86 @@ struct PreviousRun {
 };
 std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse);
 
-// at::empty, for the large per-call tensors (outputs, saved values, chunk buffers, input
-// gradients). On the CPU their memory comes from a cache of freed blocks, which spares each call
-// the page faults of fresh memory (csrc/cpu/block_cache.cpp).
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
-// The bytes of free blocks the cache holds, and giving them all back (fused_rnn.empty_cache()).
-size_t cpu_cache_bytes();
-void empty_cpu_cache();
-// Which kernel the CPU's float32 matrix products take: "AVX-512" (csrc/cpu/wide_float.h) or
-// "AVX2" (block_product and BLAS; also where FUSED_RNN_FLOAT_KERNEL=avx2 asks for it).
-const char* cpu_float_kernel();
-// What the float32 forward's x·W_ihᵀ takes (batches of two and more): "AMX" (csrc/cpu/amx_float.h,
-// on a CPU with AMX-BF16 unless FUSED_RNN_FLOAT_KERNEL=avx512 or avx2; then also the backward's
-// dX, and the steps' products of batches from 16 rows), "tiles" (wide_float.h) or "BLAS" (with
-// the AVX2 kernel).
-const char* cpu_input_projection();
-// What the float32 backward's weight gradients (dW) take with the AVX-512 kernel: "tiles"
-// (wide_float.h) or "BLAS" (on Intel, or where FUSED_RNN_CHUNK_GEMM=blas asks for it). dX takes
-// the tiles with AVX-512 either way.
-const char* cpu_gradient_gemm();
+// Sets s.cell, s.gates and s.saved_per_unit for the ops' cell id (CellKind), which it checks.
+void describe_cell(LayerShape& s, int64_t cell);
 
 // Fills in the steps of s (T, B, batch_sizes, offsets) from batch_sizes, checked against s.N; an
 // empty batch_sizes is a padded input whose steps all have padded_batch rows (h0's).
 void describe_steps(LayerShape& s, at::IntArrayRef batch_sizes, int64_t padded_batch);
 
-// Validates the op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
+// Validates the forward op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
 LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,
                           const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
                           const at::Tensor& w_ih, const at::Tensor& w_hh,
                           const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
                           const c10::optional<at::Tensor>& w_hr);
 
-// The step loops, one per device. All tensors are contiguous except the documented views.
-//   gx     [N, G*H]  x·W_ihᵀ plus the folded biases (CUDA); the CPU loop computes it a chunk of
-//                    steps at a time from x [N, I], w_ih [G*H, I] and the folded bias [G*H] (or
-//                    undefined)
-//   b_hn   [H]       GRU's n-gate hidden bias, or undefined
-//   y      [N, P]    output, written
-//   h, c   [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
-//   saved  [N, saved_cols] written when defined (a gradient is wanted)
-void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
-                      const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
-                      const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
+// h0 [B, P], LSTM's c0 [B, H] and the biases [G*H], in x's dtype and on its device.
+void check_states_and_biases(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
+                             const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& b_ih,
+                             const c10::optional<at::Tensor>& b_hh);
 
-// One int8 weight matrix of the quantized inference path, w [G*H, K] with a scale per row
-// (w ≈ scale[r] · q[r, k]): q laid out in panels by pack_int8_panels, the scales, and the row
-// sums of q (int32), which take the activations' zero point back out of the integer products.
-struct QuantizedMatrix {
-  at::Tensor panels, scale, row_sum;
+// The same for the backward op, which also takes the forward's y and `saved` and the gradients at
+// y, h_n and c_n: the same shape, hence the same layout of `saved`.
+LayerShape describe_layer_backward(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,
+                                   const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                   const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                   const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
+                                   const at::Tensor& saved, const c10::optional<at::Tensor>& dy,
+                                   const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n);
+
+// The ops' results, as their schemas (csrc/ops.cpp) list them.
+using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, h_n, c_n, saved
+// grad of x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr: undefined where not applicable
+using LayerGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor>;
+
+// Half types (float16, bfloat16) compute in float32: the state (h, c), the gate math and `saved`
+// (which backward reads) are float32, and y, h_n, c_n are cast back at the end. How the matrix
+// products treat them is each device's choice (the CPU upcasts everything; CUDA multiplies the
+// half operands on the tensor cores).
+inline bool computes_in_float(const at::Tensor& x) {
+  return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+}
+inline at::Tensor to_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+inline c10::optional<at::Tensor> to_float(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? c10::optional<at::Tensor>(t->to(at::kFloat)) : t;
+}
+inline at::Tensor to_type(const at::Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
+inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+// Each of the 8 gradients cast to `type` (the half types' results, computed in float32).
+LayerGradients gradients_as(const LayerGradients& grads, at::ScalarType type);
+
+// The forward's operands as both halves' loops take them: contiguous; the folded bias and GRU's b_hn
+// (folded_bias, gru_hidden_bias_n); h and c fresh copies of h0 and c0 (c undefined unless LSTM),
+// which the loops turn into h_n and c_n.
+struct ForwardOperands {
+  at::Tensor x, w_ih, w_hh, bias, b_hn, w_hr, h, c;
 };
+ForwardOperands forward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
+                                 const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                 const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
+                                 const c10::optional<at::Tensor>& w_hr);
 
-// q [G*H, K] int8 -> panels [G·⌈H/16⌉, ⌈K/4⌉, 64] int8: each gate's rows in groups of 16 and k in
-// quads, panels[i][j][4r + t] = q[g·H + 16m + r][4j + t] for group i = g·⌈H/16⌉ + m, zero past H
-// or K (quantized_cpu.cpp says why).
-at::Tensor pack_int8_panels(const at::Tensor& q, int64_t gates);
-constexpr int64_t kInt8GroupRows = 16, kInt8Quad = 4, kInt8PanelBytes = kInt8GroupRows * kInt8Quad;
-inline int64_t int8_groups_per_gate(int64_t H) { return (H + kInt8GroupRows - 1) / kInt8GroupRows; }
-inline int64_t int8_quads(int64_t K) { return (K + kInt8Quad - 1) / kInt8Quad; }
-
-// The forward of the int8 inference path (csrc/cpu/quantized_cpu.cpp): x [N, I] and every
-// activation quantized row by row to 8 bits, int32 sums, the gate math in float32. bias is the
-// folded bias [G*H] (or undefined), b_hn GRU's n-gate hidden bias; y, h, c as forward_loop_cpu's.
-void quantized_forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const QuantizedMatrix& w_ih,
-                                const QuantizedMatrix& w_hh, const at::Tensor& bias, const at::Tensor& b_hn,
-                                at::Tensor& y, at::Tensor& h, at::Tensor& c);
-
-// The gradients of a layer's input and weights, allocated by the caller: dx empty (undefined when
-// not wanted), the rest zero, so that a loop may add to them.
-struct LayerGrads {
-  at::Tensor dx;            // [N, I]
-  at::Tensor dw_ih, dw_hh;  // [G*H, I], [G*H, P]
-  at::Tensor db_ih, db_hh;  // [G*H]; undefined without biases; db_hh written by the loops for GRU only
+// The backward's operands likewise: `outputs` the rows of h_t, where backward reads h_{t-1} (y, or
+// for half types its float32 copy in `saved`, a view with saved's row stride); dy undefined if not
+// given; dh and dc the gradients at h_n and c_n as fresh tensors (zeros where not given; dc
+// undefined unless LSTM), which the loops turn into those at h_0 and c_0.
+struct BackwardOperands {
+  at::Tensor x, h0, c0, w_ih, w_hh, w_hr, saved, outputs, dy, dh, dc;
 };
+BackwardOperands backward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
+                                   const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
+                                   const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
+                                   const at::Tensor& y, const at::Tensor& saved,
+                                   const c10::optional<at::Tensor>& dy, const c10::optional<at::Tensor>& dh_n,
+                                   const c10::optional<at::Tensor>& dc_n);
 
-//   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)
-//   outputs  [N, P] the forward's outputs, h_t of every row (a view with row stride ≥ P)
-//   h0, c0   [B, P], [B, H] the initial state (c0 undefined unless LSTM)
-//   dy       [N, P] or undefined
-//   dh, dc   [B, P], [B, H]  gradient at h_n, c_n in; at h_0, c_0 out
-//   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
-// The CPU loop also delivers `grads`, from x [N, I] and w_ih [G*H, I]: it multiplies the gate
-// gradients out a chunk of steps at a time, while they are in cache.
-void backward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
-                       const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, const at::Tensor& outputs,
-                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
-                       at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads);
-
-#ifdef FUSED_RNN_WITH_CUDA
-// Whether forward_loop_cuda takes W_hh in float16/bfloat16 on this device (its tensor-core kernel
-// needs compute capability 8.0).
-bool cuda_tensor_cores_take_half_types(const at::Device& device);
-
-// As forward_loop_cpu with gx precomputed; w_hh is in gx's dtype, or float16/bfloat16 with every
-// other tensor float32 (the tensor-core kernel).
-void forward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,
-                       const at::Tensor& b_hn, const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h,
-                       at::Tensor& c, at::Tensor& saved);
-// The CUDA loop writes the gate gradients instead: dgx [N, G*H], and dgh [N, G*H] for GRU (else the
-// same tensor as dgx); the op multiplies them out after the loop, with cuBLAS.
-void backward_loop_cuda(const LayerShape& s, bool reverse, const at::Tensor& w_hh_conj,
-                        const at::Tensor& w_hr_conj, const at::Tensor& outputs, const at::Tensor& h0,
-                        const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
-                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx, at::Tensor& dgh,
-                        at::Tensor& dh_total);
-#endif
+// The biases that only add to x·W_ihᵀ, summed: both, except GRU's b_hn (it is scaled by r), or
+// undefined without biases. And GRU's b_hn [H] (a view of b_hh), undefined for the other cells.
+at::Tensor folded_bias(const LayerShape& s, const at::Tensor& b_ih, const at::Tensor& b_hh);
+at::Tensor gru_hidden_bias_n(const LayerShape& s, const at::Tensor& b_hh);
 
 }  // namespace fused_rnn

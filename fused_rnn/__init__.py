@@ -1,4 +1,6 @@
 """fused_rnn: fused LSTM, GRU and RNN layers, drop-ins for their torch.nn namesakes."""
+import os as _os
+
 from ._ops import built_with_cuda, cpu_cache_bytes, empty_cache
 from .convert import convert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
@@ -7,3 +9,7 @@ from . import quantized  # noqa: E402 - registers the int8 layers with torch's q
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "built_with_cuda", "empty_cache",
            "cpu_cache_bytes", "quantized"]
 __version__ = "0.1.0"
+
+if _os.environ.get("FUSED_RNN_EMULATE_CUDA", "0") not in ("", "0"):  # tests: the CUDA path on CPU tensors
+    from . import testing as _testing
+    _testing._emulate_for_the_process()

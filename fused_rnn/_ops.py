@@ -2,8 +2,9 @@
 gives the ops fake (meta) implementations so that torch.compile can trace them without running them;
 also the controls of the extension's CPU block cache (empty_cache, cpu_cache_bytes).
 
-The fake implementations state only output shapes and dtypes; they must agree with the ops in
-csrc/layer.cpp (tests/test_compile.py checks them with torch.library.opcheck).
+The fake implementations state only output shapes and dtypes; they must agree with the ops of both
+devices' halves, csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp (tests/test_compile.py checks them
+with torch.library.opcheck).
 """
 import torch  # first: the extension finds libc10 through it
 

@@ -1,16 +1,20 @@
-"""The CUDA path against torch.nn (cuDNN) on the same GPU, with the same state_dict.
+"""The CUDA path against torch.nn with the same state_dict, on two devices:
+ - a GPU ("gpu"): fused_rnn's kernels against cuDNN; skipped without a GPU and a CUDA build;
+ - the emulation ("emulated", fused_rnn.testing.emulate_cuda()): the CUDA half's host code and kernels
+   compiled for the CPU, run on CPU tensors against torch.nn on the CPU; in every CI run. Each such
+   test also checks that kernels were launched (the CUDA path was taken).
 
-Every test skips without a GPU (or with a CPU-only build). What is covered: parity of outputs, final
-states and every gradient in float32 (TF32 off on both sides), half types against a float32
-reference, float64 gradcheck on the GPU, bitwise reproducibility, packed input, projection,
-bidirectional stacks, and hidden sizes that are not multiples of the kernel's 32-unit tile; plus the
-three variants of the forward and the fused backward step kernels (16 rows per block, and 4 or 1
-with the reduction split across the warps; chosen by a cost model, forced here through
-FUSED_RNN_CUDA_ROWS_PER_BLOCK; the backward's fused step runs without a projection, with one the
-projection's pointwise kernel and cuBLAS products), weights changed in place between calls (the
+What is covered: parity of outputs, final states and every gradient in float32 (TF32 off on both
+sides), half types against a float32 reference, float64 gradcheck, bitwise reproducibility, packed
+input, projection, bidirectional stacks, and hidden sizes that are not multiples of the kernel's
+32-unit tile; plus the three variants of the forward and the fused backward step kernels (16 rows
+per block, and 4 or 1 with the reduction split across the warps; chosen by a cost model, forced here
+through FUSED_RNN_CUDA_ROWS_PER_BLOCK; the backward's fused step runs without a projection, with one
+the projection's pointwise kernel and cuBLAS products), weights changed in place between calls (the
 gate-interleaved copy of W_hh must follow), the half types' tensor-core kernel (16-unit, 16-row and
 64-wide k tiles; one and four row tiles per block), and float32 on the tensor cores in TF32 while
-torch.backends.cudnn.allow_tf32 is set.
+torch.backends.cudnn.allow_tf32 is set. What only the GPU can answer (speed, its memory ordering, the
+tensor cores' own order of summation) is in bench/GPU_NOTES.md.
 """
 import pytest
 import torch
@@ -19,14 +23,14 @@ from torch.nn.utils.rnn import PackedSequence, pack_sequence
 
 import fused_rnn
 from fused_rnn import functional
+from fused_rnn.testing import emulate_cuda
 from helpers import leaves
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not fused_rnn.built_with_cuda,
-    reason="needs a CUDA GPU and a CUDA build of fused_rnn")
-
-DEV = "cuda"
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
+# Under the emulation a hidden size of 600 stands in as 128: on an H100 (the emulated GPU) the cost
+# model picks the same variants for both at B = 261 (16-row blocks on the CUDA cores, 64-row ones
+# with four row tiles a block on the tensor cores), for a twentieth of the emulation's time.
+LARGE_HIDDEN = {"cuda": 600, "cpu": 128}
 
 PAIRS = {
     "LSTM": (fused_rnn.LSTM, nn.LSTM, {}),
@@ -40,6 +44,20 @@ PAIRS = {
 LAYERS = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 
 
+@pytest.fixture(params=["gpu", "emulated"])
+def dev(request):
+    """Where the CUDA path runs: "cuda" on a GPU, or "cpu" under the emulation (which must launch)."""
+    if request.param == "gpu":
+        if not torch.cuda.is_available() or not fused_rnn.built_with_cuda:
+            pytest.skip("needs a CUDA GPU and a CUDA build of fused_rnn")
+        yield "cuda"
+        return
+    with emulate_cuda() as gpu:
+        yield "cpu"
+    if request.node.get_closest_marker("launches_nothing") is None:
+        assert gpu.launches > 0, "the CUDA path was not taken"
+
+
 @pytest.fixture(autouse=True)
 def no_tf32():
     """Exact float32 matrix products on both sides (cuDNN and cuBLAS would otherwise use TF32)."""
@@ -50,13 +68,13 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def make_pair(kind, *args, dtype=torch.float32, ref_dtype=None, seed=0, **kwargs):
-    """A fused module and its torch.nn twin on the GPU, the twin loaded from the fused state_dict
+def make_pair(dev, kind, *args, dtype=torch.float32, ref_dtype=None, seed=0, **kwargs):
+    """A fused module and its torch.nn twin on `dev`, the twin loaded from the fused state_dict
     (converted to ref_dtype when given)."""
     fused_cls, ref_cls, extra = PAIRS[kind]
     torch.manual_seed(seed)
-    fused = fused_cls(*args, **extra, **kwargs, dtype=dtype, device=DEV)
-    ref = ref_cls(*args, **extra, **kwargs, dtype=ref_dtype or dtype, device=DEV)
+    fused = fused_cls(*args, **extra, **kwargs, dtype=dtype, device=dev)
+    ref = ref_cls(*args, **extra, **kwargs, dtype=ref_dtype or dtype, device=dev)
     ref.load_state_dict({k: v.to(ref_dtype or dtype) for k, v in fused.state_dict().items()})
     return fused, ref
 
@@ -90,14 +108,17 @@ def run(module, x, hx=None, dtype=None, seed=0, loss_dtype=None):
     return [o.detach() for o in outputs], grads
 
 
-def assert_all_close(actual, expected, what, **tol):
+def assert_all_close(actual, expected, what, rtol, atol):
+    """atol is relative to each tensor's scale (as in helpers.assert_close): a weight gradient sums
+    hundreds of rows, and its float32 roundings grow with its largest elements."""
     assert len(actual) == len(expected), f"{what}: {len(actual)} vs {len(expected)} tensors"
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert (a is None) == (e is None), f"{what}[{i}]: one side has no gradient"
         if a is None:
             continue
-        assert a.device.type == "cuda", f"{what}[{i}] is on {a.device}"
-        torch.testing.assert_close(a, e, msg=lambda m: f"{what}[{i}]: {m}", **tol)
+        assert a.device.type == e.device.type, f"{what}[{i}] is on {a.device}"
+        scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}[{i}]: {m}")
 
 
 def compare(fused, ref, x, hx=None, **tol):
@@ -108,11 +129,11 @@ def compare(fused, ref, x, hx=None, **tol):
     assert_all_close(grad_f, grad_r, "grad", **tol)
 
 
-def state_for(kind, layers_dirs, batch, hidden, proj=0, scale=1.0):
+def state_for(dev, kind, layers_dirs, batch, hidden, proj=0, scale=1.0):
     out = proj or hidden
-    h = torch.randn(layers_dirs, batch, out, device=DEV) * scale
+    h = torch.randn(layers_dirs, batch, out, device=dev) * scale
     if kind == "LSTM":
-        return h, torch.randn(layers_dirs, batch, hidden, device=DEV) * scale
+        return h, torch.randn(layers_dirs, batch, hidden, device=dev) * scale
     return h
 
 
@@ -121,89 +142,89 @@ def state_for(kind, layers_dirs, batch, hidden, proj=0, scale=1.0):
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_parity_float32(kind, batch_first, with_state):
+def test_parity_float32(dev, kind, batch_first, with_state):
     T, B, I, H = 5, 3, 4, 6
-    fused, ref = make_pair(kind, I, H, batch_first=batch_first)
-    x = torch.randn(B, T, I, device=DEV) if batch_first else torch.randn(T, B, I, device=DEV)
-    hx = state_for(kind, 1, B, H) if with_state else None
+    fused, ref = make_pair(dev, kind, I, H, batch_first=batch_first)
+    x = torch.randn(B, T, I, device=dev) if batch_first else torch.randn(T, B, I, device=dev)
+    hx = state_for(dev, kind, 1, B, H) if with_state else None
     compare(fused, ref, x, hx)
 
 
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("hidden", [1, 7, 33, 100, 257])
-def test_hidden_size_sweep(kind, hidden):
+def test_hidden_size_sweep(dev, kind, hidden):
     """Sizes around the 32-unit tile and the 32-wide k chunk (P = H), partial tiles included."""
     T, B, I = 3, 5, 6
-    fused, ref = make_pair(kind, I, hidden)
-    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for(kind, 1, B, hidden))
+    fused, ref = make_pair(dev, kind, I, hidden)
+    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, kind, 1, B, hidden))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
-def test_large_batch_four_rows_per_thread(kind):
+def test_large_batch_four_rows_per_thread(dev, kind):
     """A batch the cost model gives 16-row blocks (four rows per thread), not a multiple of 16."""
-    T, B, I, H = 3, 261, 8, 600  # 19 unit tiles x 17 row tiles > SM count of an H100
-    fused, ref = make_pair(kind, I, H)
-    compare(fused, ref, torch.randn(T, B, I, device=DEV) * 0.5, state_for(kind, 1, B, H, scale=0.5),
+    T, B, I, H = 3, 261, 8, LARGE_HIDDEN[dev]  # 600: 19 unit tiles x 17 row tiles > SM count of an H100
+    fused, ref = make_pair(dev, kind, I, H)
+    compare(fused, ref, torch.randn(T, B, I, device=dev) * 0.5, state_for(dev, kind, 1, B, H, scale=0.5),
             rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
-def test_cells(kind):
-    fused, ref = make_pair(kind, 4, 9)
-    x = torch.randn(3, 4, device=DEV)
-    hx = (torch.randn(3, 9, device=DEV), torch.randn(3, 9, device=DEV)) if kind == "LSTMCell" \
-        else torch.randn(3, 9, device=DEV)
+def test_cells(dev, kind):
+    fused, ref = make_pair(dev, kind, 4, 9)
+    x = torch.randn(3, 4, device=dev)
+    hx = (torch.randn(3, 9, device=dev), torch.randn(3, 9, device=dev)) if kind == "LSTMCell" \
+        else torch.randn(3, 9, device=dev)
     compare(fused, ref, x, hx)
 
 
 @pytest.mark.parametrize("hidden,proj", [(6, 3), (33, 7), (40, 39)])
-def test_projection(hidden, proj):
+def test_projection(dev, hidden, proj):
     T, B, I = 4, 3, 5
-    fused, ref = make_pair("LSTM", I, hidden, proj_size=proj)
-    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for("LSTM", 1, B, hidden, proj))
+    fused, ref = make_pair(dev, "LSTM", I, hidden, proj_size=proj)
+    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, "LSTM", 1, B, hidden, proj))
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_bidirectional_two_layers(kind):
+def test_bidirectional_two_layers(dev, kind):
     T, B, I, H = 4, 3, 5, 7
-    fused, ref = make_pair(kind, I, H, num_layers=2, bidirectional=True)
-    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for(kind, 4, B, H))
+    fused, ref = make_pair(dev, kind, I, H, num_layers=2, bidirectional=True)
+    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, kind, 4, B, H))
 
 
-def test_projection_bidirectional_two_layers():
+def test_projection_bidirectional_two_layers(dev):
     T, B, I, H, P = 4, 3, 5, 8, 3
-    fused, ref = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, proj_size=P)
-    compare(fused, ref, torch.randn(T, B, I, device=DEV), state_for("LSTM", 4, B, H, P))
+    fused, ref = make_pair(dev, "LSTM", I, H, num_layers=2, bidirectional=True, proj_size=P)
+    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, "LSTM", 4, B, H, P))
 
 
-def packed_input(features, lengths=(5, 2, 4, 1, 4), dtype=torch.float32):
-    seqs = [torch.randn(n, features, dtype=dtype, device=DEV) for n in lengths]
+def packed_input(dev, features, lengths=(5, 2, 4, 1, 4), dtype=torch.float32):
+    seqs = [torch.randn(n, features, dtype=dtype, device=dev) for n in lengths]
     return pack_sequence(seqs, enforce_sorted=False)
 
 
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_packed_unsorted(kind, bidirectional):
+def test_packed_unsorted(dev, kind, bidirectional):
     I, H = 4, 6
-    fused, ref = make_pair(kind, I, H, bidirectional=bidirectional)
-    x = packed_input(I)
-    hx = state_for(kind, 2 if bidirectional else 1, 5, H)
+    fused, ref = make_pair(dev, kind, I, H, bidirectional=bidirectional)
+    x = packed_input(dev, I)
+    hx = state_for(dev, kind, 2 if bidirectional else 1, 5, H)
     compare(fused, ref, x, hx)
 
 
-def test_packed_projection_bidirectional():
+def test_packed_projection_bidirectional(dev):
     I, H, P = 4, 9, 5
-    fused, ref = make_pair("LSTM", I, H, proj_size=P, bidirectional=True, num_layers=2)
-    compare(fused, ref, packed_input(I), state_for("LSTM", 4, 5, H, P))
+    fused, ref = make_pair(dev, "LSTM", I, H, proj_size=P, bidirectional=True, num_layers=2)
+    compare(fused, ref, packed_input(dev, I), state_for(dev, "LSTM", 4, 5, H, P))
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_unfused_backward_on_request(kind, monkeypatch):
+def test_unfused_backward_on_request(dev, kind, monkeypatch):
     """FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: the cell kernel and cuBLAS per step give the same
     gradients, packed and bidirectional (and the fused path again once it is unset)."""
     I, H = 4, 40
-    fused, ref = make_pair(kind, I, H, bidirectional=True)
-    x, hx = packed_input(I), state_for(kind, 2, 5, H)
+    fused, ref = make_pair(dev, kind, I, H, bidirectional=True)
+    x, hx = packed_input(dev, I), state_for(dev, kind, 2, 5, H)
     monkeypatch.setenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD", "1")
     compare(fused, ref, x, hx)
     monkeypatch.delenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD")
@@ -212,13 +233,13 @@ def test_unfused_backward_on_request(kind, monkeypatch):
 
 @pytest.mark.parametrize("rows", [16, 4, 1], ids=["16_rows", "4_rows_split_k", "1_row_split_k"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_every_step_kernel_variant(kind, rows, monkeypatch):
+def test_every_step_kernel_variant(dev, kind, rows, monkeypatch):
     """FUSED_RNN_CUDA_ROWS_PER_BLOCK forces each variant of the forward and the fused backward (the
     split ones add the warps' partial sums in shared memory), packed and bidirectional, with more
     than one k chunk; and the model's own pick again once it is unset."""
     I, H = 4, 70
-    fused, ref = make_pair(kind, I, H, bidirectional=True)
-    x, hx = packed_input(I), state_for(kind, 2, 5, H)
+    fused, ref = make_pair(dev, kind, I, H, bidirectional=True)
+    x, hx = packed_input(dev, I), state_for(dev, kind, 2, 5, H)
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
     monkeypatch.setenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK", str(rows))
     compare(fused, ref, x, hx)
@@ -228,32 +249,32 @@ def test_every_step_kernel_variant(kind, rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_kernels(kind, dtype, monkeypatch):
+def test_persistent_kernels(dev, kind, dtype, monkeypatch):
     """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward each in one cooperative launch
     (W_hh's slices resident in shared memory, a grid barrier a step), packed and bidirectional, a
     batch above the default rule's 8, every output and gradient, and bitwise the same on a second
     run."""
     I, H = 4, 70
-    fused, ref = make_pair(kind, I, H, bidirectional=True, num_layers=2, dtype=dtype)
+    fused, ref = make_pair(dev, kind, I, H, bidirectional=True, num_layers=2, dtype=dtype)
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
     tol = F32_TOL if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    hx = state_for(kind, 4, 5, H)
+    hx = state_for(dev, kind, 4, 5, H)
     hx = tuple(t.to(dtype) for t in hx) if isinstance(hx, tuple) else hx.to(dtype)
-    compare(fused, ref, packed_input(I, dtype=dtype), hx, **tol)
-    x = torch.randn(7, 100, I, device=DEV, dtype=dtype)
+    compare(fused, ref, packed_input(dev, I, dtype=dtype), hx, **tol)
+    x = torch.randn(7, 100, I, device=dev, dtype=dtype)
     compare(fused, ref, x, **tol)
     first, again = run(fused, x), run(fused, x)
     assert all(torch.equal(a, b) for a, b in zip(first[0] + first[1], again[0] + again[1]))
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_tf32_as_cudnn(kind):
+def test_tf32_as_cudnn(dev, kind):
     """torch.backends.cudnn.allow_tf32 set: float32's recurrent product runs on the tensor cores in
     TF32, as cuDNN's does; its outputs then differ from the exact ones, by about TF32's rounding,
     and come back bit for bit once the flag is off again."""
     T, B, I, H = 20, 9, 16, 70
-    fused, _ = make_pair(kind, I, H)
-    x = torch.randn(T, B, I, device=DEV)
+    fused, _ = make_pair(dev, kind, I, H)
+    x = torch.randn(T, B, I, device=dev)
     exact, _ = run(fused, x)
     reference, _ = run(fused.to(torch.float64), x.double())
     fused.float()
@@ -270,24 +291,24 @@ def test_tf32_as_cudnn(kind):
 
 
 @pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 3), ("GRU", 0), ("RNN_RELU", 0)])
-def test_inference_without_saved(kind, proj):
+def test_inference_without_saved(dev, kind, proj):
     """No gradient wanted: the loop runs without `saved` (the projection input goes to scratch)."""
     kwargs = dict(proj_size=proj) if proj else {}
-    fused, ref = make_pair(kind, 4, 6, num_layers=2, **kwargs)
-    x = torch.randn(5, 3, 4, device=DEV)
+    fused, ref = make_pair(dev, kind, 4, 6, num_layers=2, **kwargs)
+    x = torch.randn(5, 3, 4, device=dev)
     with torch.no_grad():
         out_f, out_r = fused(x), ref(x)
     assert_all_close(leaves(out_f), leaves(out_r), "output", **F32_TOL)
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_weights_changed_in_place_between_calls(kind):
+def test_weights_changed_in_place_between_calls(dev, kind):
     """The kernel reads a gate-interleaved copy of W_hh made on every call: after in-place updates
     (under no_grad, through .data, by an optimizer step) the outputs and gradients follow the new
     weights, as cuDNN's do."""
     T, B, I, H = 4, 3, 5, 40
-    fused, ref = make_pair(kind, I, H)
-    x = torch.randn(T, B, I, device=DEV)
+    fused, ref = make_pair(dev, kind, I, H)
+    x = torch.randn(T, B, I, device=dev)
 
     def check_against_reloaded_reference():
         ref.load_state_dict(fused.state_dict())
@@ -318,7 +339,7 @@ def rel_err(a, e):
     return ((a - e).norm() / e.norm().clamp_min(1e-12)).item()
 
 
-def compare_half_with_float32(kind, dtype, x, hx, *args, **kwargs):
+def compare_half_with_float32(dev, kind, dtype, x, hx, *args, **kwargs):
     """A half-type module within 1e-2 relative (in norm) of a float32 torch.nn run on the same
     rounded weights, inputs (x, hx: given in the half type) and loss weights; every output and
     gradient in the half type.
@@ -326,7 +347,7 @@ def compare_half_with_float32(kind, dtype, x, hx, *args, **kwargs):
     The recurrent product runs on the tensor cores with h_{t-1} rounded to the half type, so a
     pre-activation within that rounding of 0 can flip relu's gradient (a whole dL/dh element):
     for RNN_RELU only the outputs are compared (as test_ecosystem does for torch.nn's bfloat16)."""
-    fused, ref = make_pair(kind, *args, dtype=dtype, ref_dtype=torch.float32, **kwargs)
+    fused, ref = make_pair(dev, kind, *args, dtype=dtype, ref_dtype=torch.float32, **kwargs)
     out_f, grad_f = run(fused, x, hx, loss_dtype=dtype)
     out_r, grad_r = run(ref, x, hx, dtype=torch.float32, loss_dtype=dtype)
     for what, fs, rs in (("output", out_f, out_r), ("grad", grad_f, grad_r)):
@@ -343,59 +364,60 @@ def compare_half_with_float32(kind, dtype, x, hx, *args, **kwargs):
     ("LSTM", {}), ("GRU", {}), ("RNN_TANH", {}), ("RNN_RELU", {}),
     ("LSTM", dict(proj_size=4, bidirectional=True)),
 ])
-def test_half_types(dtype, kind, kwargs):
+def test_half_types(dev, dtype, kind, kwargs):
     T, B, I, H = 6, 4, 5, 12
-    compare_half_with_float32(kind, dtype, torch.randn(T, B, I, device=DEV).to(dtype), None, I, H, **kwargs)
+    compare_half_with_float32(dev, kind, dtype, torch.randn(T, B, I, device=dev).to(dtype), None, I, H, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("batch", [1, 8, 33])
 @pytest.mark.parametrize("hidden", [16, 128, 12, 70])
-def test_half_tensor_core_tiles(dtype, kind, batch, hidden):
+def test_half_tensor_core_tiles(dev, dtype, kind, batch, hidden):
     """The tensor-core kernel's tiles (16 units, 16 rows, k in chunks of 64) with hidden sizes that
     are multiples of 16 (one k chunk, two) and that are not (a partial unit tile; two k chunks, the
     second partial), batches of one row, a partial row tile and three row tiles; initial state given."""
     T, I = 4, 10
-    x = torch.randn(T, batch, I, device=DEV).to(dtype)
-    hx = to_leaf(state_for(kind, 1, batch, hidden), dtype)
-    compare_half_with_float32(kind, dtype, x, hx, I, hidden)
+    x = torch.randn(T, batch, I, device=dev).to(dtype)
+    hx = to_leaf(state_for(dev, kind, 1, batch, hidden), dtype)
+    compare_half_with_float32(dev, kind, dtype, x, hx, I, hidden)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind,kwargs,shape", [
     ("LSTM", dict(proj_size=20), (4, 9, 6, 33)),            # P = 20: a partial k chunk, P != H
     ("GRU", dict(bidirectional=True, num_layers=2), (5, 8, 6, 24)),
-    ("LSTM", {}, (3, 261, 8, 600)),      # 38 unit tiles x 5 row tiles of 64: four row tiles per block
-    ("GRU", {}, (3, 261, 8, 600)),
-    ("RNN_TANH", {}, (3, 261, 8, 600)),
+    ("LSTM", {}, (3, 261, 8, "large")),      # 38 unit tiles x 5 row tiles of 64: four row tiles per block
+    ("GRU", {}, (3, 261, 8, "large")),
+    ("RNN_TANH", {}, (3, 261, 8, "large")),
 ])
-def test_half_tensor_core_layers(dtype, kind, kwargs, shape):
+def test_half_tensor_core_layers(dev, dtype, kind, kwargs, shape):
     T, B, I, H = shape
-    x = (torch.randn(T, B, I, device=DEV) * 0.5).to(dtype)
-    compare_half_with_float32(kind, dtype, x, None, I, H, **kwargs)
+    H = LARGE_HIDDEN[dev] if H == "large" else H
+    x = (torch.randn(T, B, I, device=dev) * 0.5).to(dtype)
+    compare_half_with_float32(dev, kind, dtype, x, None, I, H, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_half_packed(dtype, kind):
+def test_half_packed(dev, dtype, kind):
     I, H = 4, 20
-    x = packed_input(I, dtype=dtype)
-    hx = to_leaf(state_for(kind, 2, 5, H), dtype)
-    compare_half_with_float32(kind, dtype, x, hx, I, H, bidirectional=True)
+    x = packed_input(dev, I, dtype=dtype)
+    hx = to_leaf(state_for(dev, kind, 2, 5, H), dtype)
+    compare_half_with_float32(dev, kind, dtype, x, hx, I, H, bidirectional=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_tensor_cores(dtype, kind, monkeypatch):
+def test_persistent_tensor_cores(dev, dtype, kind, monkeypatch):
     """The persistent forward on the tensor cores (FUSED_RNN_CUDA_PERSISTENT=1) gives the per-step
     tensor-core kernel's bits (the same k order and roundings), packed and bidirectional, a batch
     of two 16-row passes; within the half types' bounds of float32 (compare_half_with_float32)."""
     I, H, tf32 = 6, 70, dtype == "tf32"
     module_dtype = torch.float32 if tf32 else dtype
-    fused, _ = make_pair(kind, I, H, bidirectional=True, dtype=module_dtype)
-    x = torch.randn(9, 20, I, device=DEV).to(module_dtype)
-    packed = packed_input(I, dtype=module_dtype)
+    fused, _ = make_pair(dev, kind, I, H, bidirectional=True, dtype=module_dtype)
+    x = torch.randn(9, 20, I, device=dev).to(module_dtype)
+    packed = packed_input(dev, I, dtype=module_dtype)
     runs = {}
     torch.backends.cudnn.allow_tf32 = tf32
     try:
@@ -408,7 +430,7 @@ def test_persistent_tensor_cores(dtype, kind, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(runs["0"], runs["1"]))
     if not tf32:
         monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-        compare_half_with_float32(kind, dtype, x[:, :8], None, I, H)
+        compare_half_with_float32(dev, kind, dtype, x[:, :8], None, I, H)
 
 
 # --- float64 gradcheck on the GPU ----------------------------------------------------------------------
@@ -424,15 +446,15 @@ def test_persistent_tensor_cores(dtype, kind, monkeypatch):
     ("RNN_TANH", True, 0, [2, 2, 1]),
     ("RNN_RELU", False, 0, [3, 2, 1]),
 ])
-def test_gradcheck_float64(kind, reverse, proj, batch_sizes):
+def test_gradcheck_float64(dev, kind, reverse, proj, batch_sizes):
     cell = functional.CELL_IDS[kind]
     G = {"LSTM": 4, "GRU": 3}.get(kind, 1)
     I, H, B, N = 3, 4, batch_sizes[0], sum(batch_sizes)
     P = proj or H
-    gen = torch.Generator(device=DEV).manual_seed(0)
+    gen = torch.Generator(device=dev).manual_seed(0)
 
     def rand(*shape):
-        return (torch.rand(*shape, dtype=torch.float64, device=DEV, generator=gen) - 0.5).requires_grad_()
+        return (torch.rand(*shape, dtype=torch.float64, device=dev, generator=gen) - 0.5).requires_grad_()
 
     x, h0 = rand(N, I), rand(B, P)
     c0 = rand(B, H) if kind == "LSTM" else None
@@ -455,13 +477,14 @@ def test_gradcheck_float64(kind, reverse, proj, batch_sizes):
 @pytest.mark.parametrize("kind,kwargs,shape", [
     ("LSTM", dict(num_layers=2, bidirectional=True), (6, 8, 10, 40)),
     ("LSTM", dict(proj_size=17), (4, 5, 10, 70)),
-    ("GRU", {}, (5, 261, 16, 600)),   # four rows per thread (float32), four row tiles per block (half)
+    ("GRU", {}, (5, 261, 16, "large")),   # four rows per thread (float32), four row tiles per block (half)
     ("RNN_TANH", dict(bidirectional=True), (6, 8, 10, 33)),
 ])
-def test_bitwise_reproducible(kind, kwargs, shape, dtype):
+def test_bitwise_reproducible(dev, kind, kwargs, shape, dtype):
     T, B, I, H = shape
-    fused, _ = make_pair(kind, I, H, dtype=dtype, **kwargs)
-    x = (torch.randn(T, B, I, device=DEV) * 0.5).to(dtype)
+    H = LARGE_HIDDEN[dev] if H == "large" else H
+    fused, _ = make_pair(dev, kind, I, H, dtype=dtype, **kwargs)
+    x = (torch.randn(T, B, I, device=dev) * 0.5).to(dtype)
     runs = []
     for _ in range(2):
         fused.zero_grad(set_to_none=True)
@@ -474,7 +497,8 @@ def test_bitwise_reproducible(kind, kwargs, shape, dtype):
 
 # --- what the CUDA path does not do ------------------------------------------------------------------
 
-def test_complex_rejected_on_cuda():
-    m = fused_rnn.LSTM(3, 4, dtype=torch.complex64, device=DEV)
+@pytest.mark.launches_nothing
+def test_complex_rejected_on_cuda(dev):
+    m = fused_rnn.LSTM(3, 4, dtype=torch.complex64, device=dev)
     with pytest.raises(RuntimeError, match="complex inputs are not supported on CUDA"):
-        m(torch.randn(2, 1, 3, dtype=torch.complex64, device=DEV))
+        m(torch.randn(2, 1, 3, dtype=torch.complex64, device=dev))

@@ -1,66 +1,85 @@
-"""The CUDA step loops and their kernels (csrc/cuda/step_loops.cuh), run on the CPU.
+"""The CUDA half of the ops against the CPU half, op by op, under fused_rnn.testing.emulate_cuda().
 
-No GPU needs to be at hand: tests/cuda_emulation/ compiles the very source that nvcc compiles over a
-small emulation of CUDA's threads (fibers), blocks, shared memory, barriers and the tensor cores'
-warp-wide instructions. These tests compare the two loops with the CPU op (itself checked against
-torch.nn in test_parity.py): outputs, final states and saved values of the forward; every gradient
-of the backward, once the test has done the products that layer.cpp does with cuBLAS after the CUDA
-loop. The shapes cover partial unit tiles, several row tiles, every variant of the step kernels
-(16 rows a block, 4 and 1 with the reduction split across the warps; forced as
-FUSED_RNN_CUDA_ROWS_PER_BLOCK does, or the cost model's pick), more than one reduction chunk, packed
+No GPU needs to be at hand: the emulation compiles the CUDA half's host code (csrc/cuda/ops_cuda.cpp)
+and its step loops and kernels (csrc/cuda/*.cu) for the CPU, over a small emulation of CUDA's
+threads (fibers), blocks, shared memory, barriers, cooperative grids and the tensor cores'
+warp-wide instructions (csrc/cuda_emulation/). Each test calls torch.ops.fused_rnn.layer_forward and
+layer_backward twice with the same arguments: on the CPU half (itself checked against torch.nn in
+test_parity.py) and, under the emulation, on the CUDA half, host code and all (the input
+projection with the folded biases and GRU's b_hn, the choice of loop and kernel, the step tables,
+the products of the gate gradients after the backward loop). The CUDA half is steered with a GPU's
+own knobs: FUSED_RNN_CUDA_ROWS_PER_BLOCK (a variant of the step kernels: 16 rows a block, 4 and 1
+with the reduction split across the warps), FUSED_RNN_CUDA_PERSISTENT, FUSED_RNN_CUDA_UNFUSED_BACKWARD
+and torch.backends.cudnn.allow_tf32; and the launches counted tell which loop ran (a persistent
+kernel is one cooperative launch a layer, the per-step kernels one launch a step).
+
+The shapes cover partial unit tiles, several row tiles, more than one reduction chunk, packed
 sequences in both directions (steps that grow, shrink and empty), the projection, missing output
-gradients, the unfused backward (FUSED_RNN_CUDA_UNFUSED_BACKWARD=1), and outputs read through a row
-stride (as the half types' backward reads them). Every result must also be bitwise the same across
-runs and with the grid's blocks run in the opposite order.
+gradients, inference without saved values, and outputs read through a row stride (the half types'
+float32 copy in `saved`). Every result must also be bitwise the same across runs and with the
+grid's blocks run in the opposite order. The tensor-core forward (float16, bfloat16, and float32 as
+TF32) is checked against the CPU op on the same rounded values; the cost model's picks on an H100.
 
-The tensor-core forward kernel (float16, bfloat16, and float32 as TF32) runs here too, over an
-emulation of ldmatrix and mma.sync from the PTX ISA's fragment layouts, against the CPU op in
-float32 with the same rounded weights.
-
-The persistent kernels (csrc/cuda/persistent_loops.cuh: forward and backward, each a whole
-sequence in one cooperative launch) run here with every block resident at once and a grid barrier
-that releases one block at a time, in either block order.
-
-Not covered here: speed, and everything the GPU itself adds; tests/test_cuda.py runs on a GPU
-against cuDNN.
+Not covered here: speed, and everything the GPU itself adds (bench/GPU_NOTES.md); tests/test_cuda.py
+checks whole modules on the CUDA path against torch.nn, on a GPU and under the emulation.
 """
 import contextlib
 import os
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 from fused_rnn import _ops  # loads the extension, which registers torch.ops.fused_rnn
+from fused_rnn.testing import emulate_cuda
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CELLS = _ops.CELL_IDS  # the ops' cell ids, and per id the cells' kGates and kSaved (csrc/cells.h)
 LAYOUTS = {
     "padded": [18, 18, 18, 18],
     "packed": [18, 13, 13, 5, 1],
     "trailing_empty_steps": [6, 3, 0, 0],
 }
-SMS = 132  # an H100's multiprocessors, for the kernels' cost model
 # Rows per block of each variant (FUSED_RNN_CUDA_ROWS_PER_BLOCK), or 0: the cost model's choice.
 # CUDA cores: 16 rows (4 per warp), 4 and 1 row with the k chunks split across the warps.
 MODEL, CUDA_CORE_ROWS, TENSOR_CORE_ROWS = 0, [16, 4, 1], [64, 16]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
+GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """Built fresh for each session, so that it always matches the sources."""
-    return cpp_extension.load(
-        name="fused_rnn_emulated_cuda",
-        sources=[os.path.join(HERE, "cuda_emulation", "emulated_loops.cpp")],
-        extra_include_paths=[os.path.join(os.path.dirname(HERE), "csrc")],
-        extra_cflags=["-O1"],
-        build_directory=str(tmp_path_factory.mktemp("emulated_cuda")),
-    )
+@contextlib.contextmanager
+def environment(**values):
+    """The environment variables set (a value of None: unset) for the duration."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, str(v))
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@contextlib.contextmanager
+def cuda_path(rows=MODEL, persistent=False, fuse=True, **gpu):
+    """The emulated CUDA path, with the variant of `rows` rows a block (0: the cost model's), the
+    persistent kernels wherever they can run (else never), the fused or unfused backward."""
+    with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=rows or None, FUSED_RNN_CUDA_PERSISTENT=int(persistent),
+                     FUSED_RNN_CUDA_UNFUSED_BACKWARD=None if fuse else 1), emulate_cuda(**gpu) as emulation:
+        yield emulation
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 exactly (the tests that take TF32 set it themselves)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 class Layer:
-    """Random weights, inputs, state and output gradients of one layer and direction."""
+    """Random weights, inputs, state and output gradients of one layer and direction, and the two
+    ops called on them (on the CPU half, or on the CUDA half inside cuda_path())."""
 
     def __init__(self, kind, batch_sizes, hidden=37, proj=0, inputs=5, dtype=torch.float64, seed=0):
         gen = torch.Generator().manual_seed(seed)
@@ -80,216 +99,183 @@ class Layer:
         self.dy, self.dh_n = rand(N, P), rand(B, P)
         self.dc_n = rand(B, H) if kind == "LSTM" else None
 
-    def reference_forward(self, reverse, need_saved=True):
+    def tensors(self):
+        return [self.x, self.h0, self.c0, self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr]
+
+    def to(self, convert):
+        """A copy with every tensor passed through convert."""
+        other = object.__new__(Layer)
+        other.__dict__.update({k: convert(v) if isinstance(v, torch.Tensor) else v for k, v in self.__dict__.items()})
+        return other
+
+    def forward(self, reverse, need_saved=True):
         return torch.ops.fused_rnn.layer_forward(self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0,
                                                  self.w_ih, self.w_hh, self.b_ih, self.b_hh, self.w_hr, need_saved)
 
-    def emulated_forward(self, emulated, reverse, rows=MODEL, need_saved=True, tf32=False):
-        """As layer.cpp on CUDA: x·W_ihᵀ plus the biases that only add (all but GRU's b_hn), then the loop."""
-        H = self.H
-        bias = self.b_ih + self.b_hh
-        b_hn = None
-        if self.kind == "GRU":
-            bias[2 * H:] = self.b_ih[2 * H:]
-            b_hn = self.b_hh[2 * H:]
-        gx = self.x @ self.w_ih.t() + bias
-        with forced_rows(emulated, rows):
-            return emulated.forward(self.cell, gx, self.batch_sizes, reverse, self.h0, self.c0, self.w_hh, b_hn,
-                                    self.w_hr, need_saved, SMS, tf32)
-
-    def reference_backward(self, reverse, y, saved, with_dy=True):
+    def backward(self, reverse, y, saved, with_dy=True):
         return torch.ops.fused_rnn.layer_backward(
             self.cell, self.x, self.batch_sizes, reverse, self.h0, self.c0, self.w_ih, self.w_hh, self.w_hr, True,
             y, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, True)
 
-    def emulated_backward(self, emulated, reverse, y, saved, rows=MODEL, with_dy=True, fuse=True, outputs=None):
-        """The loop, then layer.cpp's products on CUDA, in the reference's order of results. The loop
-        reads h_{t-1} from `outputs` (y unless given: a view of y with another row stride)."""
-        with forced_rows(emulated, rows):
-            dgx, dgh, dh0, dc0, dh_total = emulated.backward(
-                self.cell, self.batch_sizes, reverse, self.w_hh, self.w_hr, y if outputs is None else outputs,
-                self.h0, self.c0, saved, self.dy if with_dy else None, self.dh_n, self.dc_n, SMS, fuse)
-        db_ih = dgx.sum(0)
-        db_hh = dgh.sum(0) if self.kind == "GRU" else db_ih
-        dw_hr = None
-        if self.w_hr is not None:
-            proj_input = saved[:, _ops._SAVED_PER_UNIT[self.cell] * self.H:][:, :self.H]
-            dw_hr = dh_total.t() @ proj_input
-        h_prev = previous_outputs(y, self.h0, self.batch_sizes, reverse)
-        return [dgx @ self.w_ih, dh0, dc0 if self.c0 is not None else None, dgx.t() @ self.x, dgh.t() @ h_prev,
-                db_ih, db_hh, dw_hr]
+    def steps(self):
+        """Steps with rows: the per-step loops' launches."""
+        return sum(n > 0 for n in self.batch_sizes)
 
 
-@pytest.fixture(autouse=True)
-def per_step_kernels(monkeypatch):
-    """The per-step kernels unless a test asks for the persistent one (or for the default choice)."""
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
-
-
-@contextlib.contextmanager
-def forced_rows(emulated, rows):
-    """The variant with `rows` rows per block runs (0: the cost model's choice)."""
-    emulated.set_rows_per_block(rows)
-    try:
-        yield
-    finally:
-        emulated.set_rows_per_block(0)
-
-
-def previous_outputs(y, h0, batch_sizes, reverse):
-    """h_{t-1} of every row of a packed sequence: the step before's output, or h0 where a sequence starts."""
-    offsets = [sum(batch_sizes[:t]) for t in range(len(batch_sizes))]
-    rows = []
-    for t, n in enumerate(batch_sizes):
-        before = t + 1 if reverse else t - 1
-        if 0 <= before < len(batch_sizes):
-            carried = min(n, batch_sizes[before])
-            rows.append(y[offsets[before]:offsets[before] + carried])
-        else:
-            carried = 0
-        rows.append(h0[carried:n])
-    return torch.cat(rows)
-
-
-def assert_close_all(actual, expected, dtype, names):
+def assert_close_all(actual, expected, names, tol):
     for name, a, e in zip(names, actual, expected):
         if e is None or e.numel() == 0:
             assert a is None or a.numel() == 0, f"{name}: expected nothing"
             continue
-        torch.testing.assert_close(a, e, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{name}: {m}")
 
 
-FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
-GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
-
-
-def check_layer(emulated, layer, reverse, rows=MODEL, dtype=torch.float64, with_dy=True, fuse=True,
-                outputs_stride=None):
-    expected = layer.reference_forward(reverse)
-    actual = layer.emulated_forward(emulated, reverse, rows)
-    assert_close_all(actual, expected, dtype, FORWARD_NAMES)
+def check_layer(layer, reverse, rows=MODEL, persistent=False, fuse=True, with_dy=True):
+    """The CUDA half's forward and backward against the CPU half's, and one launch a step (or one
+    a layer for the persistent kernels). The backward takes the CPU half's y and saved: the two
+    halves lay `saved` out alike (layer.h), which the forward's comparison checks."""
+    tol = TOL[layer.x.dtype]
+    expected = layer.forward(reverse)
+    with cuda_path(rows, persistent, fuse) as gpu:
+        actual = layer.forward(reverse)
+    assert_close_all(actual, expected, FORWARD_NAMES, tol)
+    assert gpu.launches == (1 if persistent else layer.steps()), gpu.launches
     y, saved = expected[0], expected[3]
-    outputs = None
-    if outputs_stride is not None:  # y inside wider rows, as the half types' float32 copy in `saved`
-        wide = torch.full((y.shape[0], outputs_stride), float("nan"), dtype=y.dtype)
-        outputs = wide[:, 2:2 + y.shape[1]]
-        outputs.copy_(y)
-    grads = layer.emulated_backward(emulated, reverse, y, saved, rows, with_dy, fuse, outputs)
-    assert_close_all(grads, layer.reference_backward(reverse, y, saved, with_dy), dtype, GRAD_NAMES)
+    with cuda_path(rows, persistent, fuse) as gpu:
+        grads = layer.backward(reverse, y, saved, with_dy)
+    assert_close_all(grads, layer.backward(reverse, y, saved, with_dy), GRAD_NAMES, tol)
+    assert gpu.launches == (1 if persistent and fuse else layer.steps()), gpu.launches
 
 
 @pytest.mark.parametrize("rows", [MODEL] + CUDA_CORE_ROWS, ids=["model"] + [f"{r}_rows" for r in CUDA_CORE_ROWS])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_loops_match_the_cpu_op(emulated, kind, layout, reverse, rows):
-    check_layer(emulated, Layer(kind, LAYOUTS[layout]), reverse, rows)
+def test_cuda_half_matches_the_cpu_half(kind, layout, reverse, rows):
+    check_layer(Layer(kind, LAYOUTS[layout]), reverse, rows)
 
 
 @pytest.mark.parametrize("rows", CUDA_CORE_ROWS, ids=[f"{r}_rows" for r in CUDA_CORE_ROWS])
 @pytest.mark.parametrize("hidden", [1, 32, 70])
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_hidden_sizes_around_the_tiles(emulated, kind, hidden, rows):
+def test_hidden_sizes_around_the_tiles(kind, hidden, rows):
     """One unit, exactly one 32-unit tile, and three tiles with more than eight 32-row chunks of G*H."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=hidden), reverse, rows)
+        check_layer(Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=hidden), reverse, rows)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_float32(emulated, kind, layout):
+def test_float32(kind, layout):
     for reverse in (False, True):
         layer = Layer(kind, LAYOUTS[layout], dtype=torch.float32, seed=3)
         for rows in CUDA_CORE_ROWS:
-            check_layer(emulated, layer, reverse, rows, dtype=torch.float32)
+            check_layer(layer, reverse, rows)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_unfused_backward(emulated, kind, layout, reverse):
+def test_unfused_backward(kind, layout, reverse):
     """FUSED_RNN_CUDA_UNFUSED_BACKWARD's path: the cell backward kernel and the dh product apart."""
-    check_layer(emulated, Layer(kind, LAYOUTS[layout], seed=19), reverse, fuse=False)
-
-
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
-@pytest.mark.parametrize("kind", list(CELLS))
-def test_backward_reads_outputs_through_a_row_stride(emulated, kind, fuse):
-    """Half types keep y's float32 copy inside `saved`, which backward reads with saved's row stride."""
-    for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=23), reverse, fuse=fuse,
-                    outputs_stride=37 + 9)
+    check_layer(Layer(kind, LAYOUTS[layout], seed=19), reverse, fuse=False)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_lstm_projection(emulated, layout, reverse):
+def test_lstm_projection(layout, reverse):
     """proj_size: the forward kernel writes o*tanh(c_t) for W_hr; backward takes the unfused path."""
-    check_layer(emulated, Layer("LSTM", LAYOUTS[layout], hidden=37, proj=6, seed=5), reverse)
+    check_layer(Layer("LSTM", LAYOUTS[layout], hidden=37, proj=6, seed=5), reverse)
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_gradient_of_the_final_state_only(emulated, kind):
+def test_gradient_of_the_final_state_only(kind):
     """No gradient of the outputs (dy undefined): only h_n (and c_n) carry one."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], seed=7), reverse, with_dy=False)
+        check_layer(Layer(kind, LAYOUTS["packed"], seed=7), reverse, with_dy=False)
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["per_step", "persistent"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_inference_without_saved_values(emulated, kind):
+def test_inference_without_saved_values(kind, persistent):
     """need_saved=False: nothing saved; with a projection o*tanh(c_t) goes to a scratch buffer."""
     for proj in (0, 4):
-        if proj and kind != "LSTM":
+        if proj and (kind != "LSTM" or persistent):
             continue
         layer = Layer(kind, LAYOUTS["packed"], proj=proj, seed=11)
-        expected = layer.reference_forward(True, need_saved=False)
-        actual = layer.emulated_forward(emulated, True, need_saved=False)
-        assert_close_all(actual[:3], expected[:3], torch.float64, FORWARD_NAMES)
+        expected = layer.forward(True, need_saved=False)
+        with cuda_path(persistent=persistent):
+            actual = layer.forward(True, need_saved=False)
+        assert_close_all(actual[:3], expected[:3], FORWARD_NAMES, TOL[torch.float64])
         assert actual[3].numel() == 0
 
 
-def every_kernel(emulated, kind, reverse):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_half_types_below_the_tensor_cores(kind, dtype, fuse):
+    """On a GPU below compute capability 8.0 the half types run in float32 throughout, as on the
+    CPU, and keep y's float32 copy in `saved`, which the backward reads with saved's row stride:
+    the CPU half's numbers, but for the last bit of the results' rounding to the half type."""
+    layer = Layer(kind, LAYOUTS["packed"], seed=23).to(lambda t: t.to(dtype))
+    rounding = dict(rtol=2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10, atol=1e-5)
+    for reverse in (False, True):
+        expected = layer.forward(reverse)
+        with cuda_path(fuse=fuse, compute_capability=(7, 5)):
+            actual = layer.forward(reverse)
+            grads = layer.backward(reverse, *actual[::3])
+        assert_close_all(actual[:3], expected[:3], FORWARD_NAMES, rounding)
+        assert_close_all(actual[3:], expected[3:], ["saved"], TOL[torch.float32])
+        assert_close_all(grads, layer.backward(reverse, *expected[::3]), GRAD_NAMES, rounding)
+
+
+def every_kernel(kind, reverse, **gpu):
     """The results of every kernel and variant on one layer: forward, fused and unfused backward,
-    and (but for the float64 layer's own dtype) the tensor-core forward."""
+    and the tensor-core forward in TF32 and bfloat16."""
     layer = Layer(kind, LAYOUTS["packed"], hidden=70, seed=13)
     results = []
     for rows in CUDA_CORE_ROWS:
-        y, h, c, saved = layer.emulated_forward(emulated, reverse, rows)
+        with cuda_path(rows, **gpu):
+            y, h, c, saved = layer.forward(reverse)
         results += [y, h, c, saved]
         for fuse in (True, False):
-            results += layer.emulated_backward(emulated, reverse, y, saved, rows, fuse=fuse)
-    half = Layer(kind, LAYOUTS["packed"], hidden=70, dtype=torch.float32, seed=13)
+            with cuda_path(rows, fuse=fuse, **gpu):
+                results += layer.backward(reverse, y, saved)
+    single = layer.to(lambda t: t.float())
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        for rows in TENSOR_CORE_ROWS:
+            with cuda_path(rows, **gpu):
+                results += list(single.forward(reverse))
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    half = layer.to(lambda t: t.to(torch.bfloat16))
     for rows in TENSOR_CORE_ROWS:
-        results += list(half.emulated_forward(emulated, reverse, rows, tf32=True))
-    half.w_hh = half.w_hh.to(torch.bfloat16)
-    for rows in TENSOR_CORE_ROWS:
-        results += list(half.emulated_forward(emulated, reverse, rows))
+        with cuda_path(rows, **gpu):
+            results += list(half.forward(reverse))
     return results
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_bitwise_identical_across_runs_and_block_orders(emulated, kind):
+def test_bitwise_identical_across_runs_and_block_orders(kind):
     """Each element is written by one thread and each sum runs in a fixed order, so repeated runs
     agree bit for bit (a missing barrier would make the emulated threads race), and so do runs
     whose blocks go in the opposite order (a block that read what another block of the same
     launch writes would see other values)."""
     for reverse in (False, True):
-        first = every_kernel(emulated, kind, reverse)
-        again = every_kernel(emulated, kind, reverse)
-        emulated.set_blocks_descending(True)
-        try:
-            flipped = every_kernel(emulated, kind, reverse)
-        finally:
-            emulated.set_blocks_descending(False)
+        first = every_kernel(kind, reverse)
+        again = every_kernel(kind, reverse)
+        flipped = every_kernel(kind, reverse, blocks_descending=True)
         for other in (again, flipped):
             for a, b in zip(first, other):
                 assert (a is None and b is None) or torch.equal(a, b)
 
 
 # The tensor-core kernel rounds h_{t-1} to the operand type for the product; nothing else differs
-# from the float32 reference. Measured here: errors up to 5e-4 (float16) and 4e-3 (bfloat16) of
-# 1 + |value|; the bounds leave four times that. TF32 has float16's 10-bit mantissa. Errors of
-# indexing are of the order of the values.
+# from the float32 reference on the same rounded values (but y's rounding to the half type).
+# Measured here: errors up to 5e-4 (float16) and 4e-3 (bfloat16) of 1 + |value|; the bounds leave
+# four times that. TF32 has float16's 10-bit mantissa. Errors of indexing are of the order of the
+# values.
 HALF_TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.5e-2, atol=1.5e-2),
             "tf32": dict(rtol=2e-3, atol=2e-3)}
 
@@ -298,6 +284,55 @@ def to_tf32(t):
     """float32 rounded to TF32's 10-bit mantissa, to nearest with ties away from zero (cvt.rna)."""
     bits = t.contiguous().view(torch.int32)
     return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+def tensor_core_layers(layer, dtype):
+    """(the layer the CUDA half takes, its float32 reference on the CPU half): float16 / bfloat16
+    throughout, or float32 with W_hh rounded to TF32 for the reference, as the kernel rounds it."""
+    if dtype == "tf32":
+        single = layer.to(lambda t: t.float())
+        reference = single.to(lambda t: t)
+        reference.w_hh = to_tf32(single.w_hh)
+        return single, reference
+    half = layer.to(lambda t: t.to(dtype))
+    return half, half.to(lambda t: t.float())
+
+
+def tensor_core_forward(layer, dtype, reverse, rows=MODEL, **path):
+    torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    try:
+        with cuda_path(rows, **path) as gpu:
+            return layer.forward(reverse), gpu.launches
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def assert_tensor_core_close(actual, expected, dtype):
+    """Within HALF_TOL of the float32 reference; `saved` in its reference's columns (the half types
+    keep a float32 copy of y after them)."""
+    for name, a, e in zip(FORWARD_NAMES, actual, expected):
+        if e.numel():
+            a = a.float()[:, :e.shape[1]] if name == "saved" else a.float()
+            torch.testing.assert_close(a, e, **HALF_TOL[dtype], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_half_types_project_the_input_in_float32(kind, dtype):
+    """x·W_ihᵀ of half operands is summed and kept in float32 (cuBLAS's mixed precision), biases
+    added in float32: with W_hh = 0 the recurrent product adds exact zeros, so the float32 values
+    that the forward saves (the gates, LSTM's c_t, y's float32 copy) are the CPU op's on the same
+    rounded values to float32's precision, where a gx rounded to the half type would be 2^-11 or
+    2^-8 away."""
+    layer = Layer(kind, LAYOUTS["packed"], seed=67).to(lambda t: t.to(dtype))
+    layer.w_hh = torch.zeros_like(layer.w_hh)
+    reference = layer.to(lambda t: t.float())
+    for reverse in (False, True):
+        expected = reference.forward(reverse)[3]
+        with cuda_path():
+            saved = layer.forward(reverse)[3]
+        assert_close_all([saved[:, :expected.shape[1]]], [expected], ["saved"], TOL[torch.float32])
+        torch.testing.assert_close(saved[:, expected.shape[1]:], reference.forward(reverse)[0], **TOL[torch.float32])
 
 
 TENSOR_CORE_SHAPES = [pytest.param(kind, hidden, proj, id=f"{kind}-H{hidden}" + (f"-proj{proj}" if proj else ""))
@@ -309,18 +344,13 @@ TENSOR_CORE_SHAPES = [pytest.param(kind, hidden, proj, id=f"{kind}-H{hidden}" + 
 @pytest.mark.parametrize("rows", TENSOR_CORE_ROWS, ids=["4_row_tiles", "1_row_tile"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"], ids=["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("kind,hidden,proj", TENSOR_CORE_SHAPES)
-def test_tensor_core_forward(emulated, kind, hidden, proj, dtype, rows, reverse):
+def test_tensor_core_forward(kind, hidden, proj, dtype, rows, reverse):
     """Partial 16-unit tiles, one and two 64-wide k chunks, row counts that are not multiples of 16
-    or 64, both row tilings, the projection; the reference takes the same rounded W_hh."""
-    layer = Layer(kind, [70, 70, 41, 3], hidden=hidden, proj=proj, dtype=torch.float32, seed=17)
-    w_hh = layer.w_hh
-    layer.w_hh = to_tf32(w_hh) if dtype == "tf32" else w_hh.to(dtype).float()
-    expected = layer.reference_forward(reverse)
-    layer.w_hh = w_hh if dtype == "tf32" else w_hh.to(dtype)
-    actual = layer.emulated_forward(emulated, reverse, rows, tf32=dtype == "tf32")
-    for name, a, e in zip(FORWARD_NAMES, actual, expected):
-        if e.numel():
-            torch.testing.assert_close(a, e, **HALF_TOL[dtype], msg=lambda m: f"{name}: {m}")
+    or 64, both row tilings, the projection; the reference takes the same rounded values."""
+    layer, reference = tensor_core_layers(Layer(kind, [70, 70, 41, 3], hidden=hidden, proj=proj, seed=17), dtype)
+    actual, launches = tensor_core_forward(layer, dtype, reverse, rows)
+    assert_tensor_core_close(actual, reference.forward(reverse), dtype)
+    assert launches == layer.steps()
 
 
 def test_tf32_rounds_as_the_hardware():
@@ -332,163 +362,154 @@ def test_tf32_rounds_as_the_hardware():
     assert to_tf32(-tie).item() == -(1.0 + ulp)
 
 
-def test_the_cost_model_picks_split_rows_for_small_batches(emulated):
+def test_the_cost_model_picks_split_rows_for_small_batches():
     """On an H100's 132 SMs at H = 512, float32 LSTM. Forward: one row a block at B = 1 (every warp
     takes a quarter of the reduction instead of three of four multiplying padding), four at B = 8,
     sixteen (the weights cross from L2 once per 16 rows) once the batch gives every SM blocks. The
     fused backward's chunks are short (one "gate" of 32 columns): at B = 8 every variant waits out
     one L2 round trip a chunk, and the 16-row one moves the fewest bytes. The tensor cores: one
     16-row tile at B = 1, four at B = 256."""
-    lstm = CELLS["LSTM"]
-    expected = {"forward": [1, 4, 16], "backward": [1, 16, 16]}
-    for kernel, rows in expected.items():
-        picks = [emulated.chosen_rows_per_block(kernel, lstm, b, 512, 512, False, SMS) for b in (1, 8, 256)]
-        assert picks == rows, (kernel, picks)
-    picks = [emulated.chosen_rows_per_block("tensor_core", lstm, b, 512, 512, False, SMS) for b in (1, 256)]
-    assert picks == [16, 64]
-    # FUSED_RNN_CUDA_ROWS_PER_BLOCK wins over the model; a count that no variant has leaves the model's pick
-    with forced_rows(emulated, 16):
-        assert emulated.chosen_rows_per_block("forward", lstm, 1, 512, 512, False, SMS) == 16
-        assert emulated.chosen_rows_per_block("tensor_core", lstm, 1, 512, 512, False, SMS) == 16
-    with forced_rows(emulated, 7):
-        assert emulated.chosen_rows_per_block("backward", lstm, 1, 512, 512, False, SMS) == 1
+    with emulate_cuda() as gpu:
+        expected = {"forward": [1, 4, 16], "backward": [1, 16, 16]}
+        for kernel, rows in expected.items():
+            picks = [gpu.chosen_rows_per_block(kernel, "LSTM", b, 512) for b in (1, 8, 256)]
+            assert picks == rows, (kernel, picks)
+        assert [gpu.chosen_rows_per_block("tensor_core", "LSTM", b, 512) for b in (1, 256)] == [16, 64]
+        # FUSED_RNN_CUDA_ROWS_PER_BLOCK wins over the model; a count that no variant has leaves the model's pick
+        with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=16):
+            assert gpu.chosen_rows_per_block("forward", "LSTM", 1, 512) == 16
+            assert gpu.chosen_rows_per_block("tensor_core", "LSTM", 1, 512) == 16
+        with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=7):
+            assert gpu.chosen_rows_per_block("backward", "LSTM", 1, 512) == 1
 
 
 # --- the persistent kernels (csrc/cuda/persistent_loops.cuh): one cooperative launch a sequence ---
-
-@pytest.fixture
-def persistent(monkeypatch):
-    """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward take the persistent kernels wherever
-    they can run."""
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_persistent_forward(emulated, persistent, kind, layout, reverse, dtype):
+def test_persistent_forward(kind, layout, reverse, dtype):
     """Every cell, padded and packed (steps that grow, shrink and empty), both directions; 37 units
     are 5 blocks of 8 (LSTM), 4 of 10 (GRU), 2 of 32 (RNN), the last one partial; 18 rows are five
     4-row passes, the last one partial. The persistent backward after it reads what it saved: its
     G*H gate rows split over 4 warps and S lanes a unit (LSTM 148 rows: 4 quarters of 37, rounded
     up to 40 for S = 4)."""
-    check_layer(emulated, Layer(kind, LAYOUTS[layout], dtype=dtype, seed=29), reverse, dtype=dtype)
+    check_layer(Layer(kind, LAYOUTS[layout], dtype=dtype, seed=29), reverse, persistent=True)
 
 
 @pytest.mark.parametrize("hidden", [1, 8, 30, 70, 100])
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_persistent_hidden_sizes(emulated, persistent, kind, hidden):
+def test_persistent_hidden_sizes(kind, hidden):
     """One unit (one warp has all of k); exactly one LSTM block; P = 30, 70, 100 split into four
     uneven quarters of k over 4, 9 and 13 LSTM blocks."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=31 + hidden), reverse)
+        check_layer(Layer(kind, LAYOUTS["packed"], hidden=hidden, seed=31 + hidden), reverse, persistent=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_persistent_weights_in_registers_and_shared_memory(emulated, persistent, kind, dtype):
+def test_persistent_weights_in_registers_and_shared_memory(kind, dtype):
     """The first 32 k (float32; 16 in float64) of each warp's share come from registers, the rest
     from the resident slice: at H = 150 every warp has both (forward: 38 k a warp; backward: 38
     rows of S gate rows a lane)."""
     for reverse in (False, True):
-        check_layer(emulated, Layer(kind, LAYOUTS["packed"], hidden=150, dtype=dtype, seed=53), reverse, dtype=dtype)
+        check_layer(Layer(kind, LAYOUTS["packed"], hidden=150, dtype=dtype, seed=53), reverse, persistent=True)
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_persistent_inference(emulated, persistent, kind):
-    """need_saved=False: nothing saved, the same outputs and final states."""
-    layer = Layer(kind, LAYOUTS["packed"], seed=37)
-    expected = layer.reference_forward(False, need_saved=False)
-    actual = layer.emulated_forward(emulated, False, need_saved=False)
-    assert_close_all(actual[:3], expected[:3], torch.float64, FORWARD_NAMES)
-    assert actual[3].numel() == 0
-
-
-def test_persistent_bitwise_across_runs_and_block_orders(emulated, persistent):
+def test_persistent_bitwise_across_runs_and_block_orders():
     """Every block resident at once, in either order: the same bits, forward and backward (a block
     reading another's h_t or dG_t before the grid barrier would see other values, or NaN)."""
     for kind in CELLS:
         layer = Layer(kind, LAYOUTS["packed"], hidden=70, seed=41)
         for reverse in (False, True):
-            def both():
-                y, h, c, saved = forward = layer.emulated_forward(emulated, reverse)
-                return list(forward) + [g for g in layer.emulated_backward(emulated, reverse, y, saved)
-                                        if g is not None]
-            first, again = both(), both()
-            emulated.set_blocks_descending(True)
-            try:
-                flipped = both()
-            finally:
-                emulated.set_blocks_descending(False)
+            def both(**gpu):
+                with cuda_path(persistent=True, **gpu):
+                    forward = layer.forward(reverse)
+                    return list(forward) + [g for g in layer.backward(reverse, forward[0], forward[3])
+                                            if g is not None]
+            first, again, flipped = both(), both(), both(blocks_descending=True)
             for other in (again, flipped):
                 assert all(torch.equal(a, b) for a, b in zip(first, other))
 
 
-def test_persistent_choice(emulated, monkeypatch):
+def test_persistent_choice():
     """Where the persistent forward runs by default, on an H100's 132 SMs and 227 KB a block: LSTM
     float32 up to H = 1056 (132 blocks of 8 units; 1024: 128 blocks of 146 KB; 1100 needs 138), not in
     float64 at H = 1024 (its slice needs 270 KB); GRU up to 132 blocks of 10 units, RNN up to
     227 KB of slice and rows; never with a projection, and only up to B = 8.
     FUSED_RNN_CUDA_PERSISTENT=1 lifts the batch rule, =0 turns it off."""
-    lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
-    monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
-    assert emulated.persistent_chosen("forward", lstm, 8, 1024, 0, False, SMS)
-    assert not emulated.persistent_chosen("forward", lstm, 8, 1100, 0, False, SMS)
-    assert not emulated.persistent_chosen("forward", lstm, 8, 1024, 0, True, SMS)
-    assert emulated.persistent_chosen("forward", lstm, 8, 512, 0, True, SMS)
-    assert not emulated.persistent_chosen("forward", lstm, 8, 512, 256, False, SMS)
-    assert emulated.persistent_chosen("forward", lstm, 8, 512, 0, False, SMS)
-    assert not emulated.persistent_chosen("forward", lstm, 9, 512, 0, False, SMS)
-    assert emulated.persistent_chosen("forward", gru, 1, 1300, 0, False, SMS)  # 130 blocks of 10
-    assert not emulated.persistent_chosen("forward", gru, 1, 1340, 0, False, SMS)  # 134
-    assert emulated.persistent_chosen("forward", rnn, 1, 1500, 0, False, SMS)  # 213 KB of slice and rows
-    assert not emulated.persistent_chosen("forward", rnn, 1, 1700, 0, False, SMS)  # 245 KB
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-    assert emulated.persistent_chosen("forward", lstm, 256, 512, 0, False, SMS)
-    assert not emulated.persistent_chosen("forward", lstm, 8, 1100, 0, False, SMS)  # still cannot run
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
-    assert not emulated.persistent_chosen("forward", lstm, 8, 512, 0, False, SMS)
+    f64 = torch.float64
+    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
+        chosen = gpu.takes_persistent_kernel
+        assert chosen("forward", "LSTM", 8, 1024)
+        assert not chosen("forward", "LSTM", 8, 1100)
+        assert not chosen("forward", "LSTM", 8, 1024, dtype=f64)
+        assert chosen("forward", "LSTM", 8, 512, dtype=f64)
+        assert not chosen("forward", "LSTM", 8, 512, proj=256)
+        assert chosen("forward", "LSTM", 8, 512)
+        assert not chosen("forward", "LSTM", 9, 512)
+        assert chosen("forward", "GRU", 1, 1300)  # 130 blocks of 10
+        assert not chosen("forward", "GRU", 1, 1340)  # 134
+        assert chosen("forward", "RNN_TANH", 1, 1500)  # 213 KB of slice and rows
+        assert not chosen("forward", "RNN_TANH", 1, 1700)  # 245 KB
+        with environment(FUSED_RNN_CUDA_PERSISTENT=1):
+            assert chosen("forward", "LSTM", 256, 512)
+            assert not chosen("forward", "LSTM", 8, 1100)  # still cannot run
+        with environment(FUSED_RNN_CUDA_PERSISTENT=0):
+            assert not chosen("forward", "LSTM", 8, 512)
 
 
-def test_persistent_backward_choice(emulated, monkeypatch):
+def test_persistent_backward_choice():
     """Where the persistent backward runs by default: W's columns [G*H][U] and 4 rows of dG a block,
     192 bytes a unit in LSTM float32: LSTM up to H = 1056 (132 blocks of 8, 200 KB each), not 1064
     (133 blocks); float64 to about half (512: 196 KB a block, 1024: 388 KB); GRU up to 1308 and
     RNN up to 1600 by the shared memory; never with a projection, only up to B = 8; the
     environment variable as for the forward."""
-    lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
-    monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
-    assert emulated.persistent_chosen("backward", lstm, 8, 1056, 0, False, SMS)
-    assert not emulated.persistent_chosen("backward", lstm, 8, 1064, 0, False, SMS)
-    assert emulated.persistent_chosen("backward", lstm, 8, 512, 0, True, SMS)
-    assert not emulated.persistent_chosen("backward", lstm, 8, 1024, 0, True, SMS)
-    assert not emulated.persistent_chosen("backward", lstm, 8, 512, 256, False, SMS)
-    assert not emulated.persistent_chosen("backward", lstm, 9, 512, 0, False, SMS)
-    assert emulated.persistent_chosen("backward", gru, 1, 1308, 0, False, SMS)
-    assert not emulated.persistent_chosen("backward", gru, 1, 1316, 0, False, SMS)
-    assert emulated.persistent_chosen("backward", rnn, 1, 1600, 0, False, SMS)
-    assert not emulated.persistent_chosen("backward", rnn, 1, 1620, 0, False, SMS)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-    assert emulated.persistent_chosen("backward", lstm, 256, 512, 0, False, SMS)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
-    assert not emulated.persistent_chosen("backward", lstm, 8, 512, 0, False, SMS)
+    f64 = torch.float64
+    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
+        chosen = gpu.takes_persistent_kernel
+        assert chosen("backward", "LSTM", 8, 1056)
+        assert not chosen("backward", "LSTM", 8, 1064)
+        assert chosen("backward", "LSTM", 8, 512, dtype=f64)
+        assert not chosen("backward", "LSTM", 8, 1024, dtype=f64)
+        assert not chosen("backward", "LSTM", 8, 512, proj=256)
+        assert not chosen("backward", "LSTM", 9, 512)
+        assert chosen("backward", "GRU", 1, 1308)
+        assert not chosen("backward", "GRU", 1, 1316)
+        assert chosen("backward", "RNN_TANH", 1, 1600)
+        assert not chosen("backward", "RNN_TANH", 1, 1620)
+        with environment(FUSED_RNN_CUDA_PERSISTENT=1):
+            assert chosen("backward", "LSTM", 256, 512)
+        with environment(FUSED_RNN_CUDA_PERSISTENT=0):
+            assert not chosen("backward", "LSTM", 8, 512)
+
+
+def test_the_default_choice_runs_the_persistent_kernels_for_small_batches():
+    """With FUSED_RNN_CUDA_PERSISTENT unset, a layer of batch 8 takes one launch forward and one
+    backward; of batch 9, or with a projection, one a step."""
+    for batch, proj, persistent in ((8, 0, True), (9, 0, False), (8, 4, False)):
+        layer = Layer("LSTM", [batch] * 3, hidden=40, proj=proj, seed=59)  # 5 blocks of 8 units
+        with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
+            y, _, _, saved = layer.forward(False)
+            layer.backward(False, y, saved)
+        assert gpu.launches == (2 if persistent else 6), (batch, proj, gpu.launches)
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
-def test_persistent_backward_after_the_per_step_forward(emulated, monkeypatch, kind):
+def test_persistent_backward_after_the_per_step_forward(kind):
     """The persistent backward on its own (the forward's launches per step), with and without dy,
     and FUSED_RNN_CUDA_UNFUSED_BACKWARD's path (fuse=False) untouched by it."""
     layer = Layer(kind, LAYOUTS["trailing_empty_steps"], hidden=45, seed=43)
     for reverse in (False, True):
-        y, _, _, saved = layer.reference_forward(reverse)
-        expected = {dy: layer.reference_backward(reverse, y, saved, dy) for dy in (True, False)}
-        monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+        y, _, _, saved = layer.forward(reverse)
         for with_dy in (True, False):
+            expected = layer.backward(reverse, y, saved, with_dy)
             for fuse in (True, False):
-                grads = layer.emulated_backward(emulated, reverse, y, saved, with_dy=with_dy, fuse=fuse)
-                assert_close_all(grads, expected[with_dy], torch.float64, GRAD_NAMES)
-        monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
+                with cuda_path(persistent=True, fuse=fuse) as gpu:
+                    grads = layer.backward(reverse, y, saved, with_dy)
+                assert_close_all(grads, expected, GRAD_NAMES, TOL[torch.float64])
+                assert gpu.launches == (1 if fuse else layer.steps())
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
@@ -496,52 +517,79 @@ def test_persistent_backward_after_the_per_step_forward(emulated, monkeypatch, k
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"], ids=["float16", "bfloat16", "tf32"])
 @pytest.mark.parametrize("kind,hidden", [("LSTM", 37), ("LSTM", 70), ("GRU", 37), ("RNN_TANH", 37),
                                          ("RNN_RELU", 70)])
-def test_persistent_tensor_core_forward(emulated, monkeypatch, kind, hidden, dtype, layout, reverse):
-    """The persistent forward on the tensor cores: against the CPU op with the same rounded W_hh,
+def test_persistent_tensor_core_forward(kind, hidden, dtype, layout, reverse):
+    """The persistent forward on the tensor cores: against the CPU op on the same rounded values,
     and bitwise the same as the per-step tensor-core kernel (the same k order, the same rounding of
     h_{t-1}), also with the blocks run in the opposite order. 37 units: 3 blocks of 16, the last
     partial; P = 37 and 70 padded to 48 and 80 k; the batch in one or two 16-row passes."""
-    layer = Layer(kind, [18, 13, 13, 5, 1] if layout == "packed" else LAYOUTS[layout], hidden=hidden,
-                  dtype=torch.float32, seed=47)
-    w_hh = layer.w_hh
-    layer.w_hh = to_tf32(w_hh) if dtype == "tf32" else w_hh.to(dtype).float()
-    expected = layer.reference_forward(reverse)
-    layer.w_hh = w_hh if dtype == "tf32" else w_hh.to(dtype)
-    tf32 = dtype == "tf32"
-    per_step = layer.emulated_forward(emulated, reverse, tf32=tf32)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-    actual = layer.emulated_forward(emulated, reverse, tf32=tf32)
-    emulated.set_blocks_descending(True)
-    try:
-        flipped = layer.emulated_forward(emulated, reverse, tf32=tf32)
-    finally:
-        emulated.set_blocks_descending(False)
-    for name, a, e, p, f in zip(FORWARD_NAMES, actual, expected, per_step, flipped):
-        if e.numel():
-            torch.testing.assert_close(a, e, **HALF_TOL[dtype], msg=lambda m: f"{name}: {m}")
+    layer, reference = tensor_core_layers(Layer(kind, LAYOUTS[layout], hidden=hidden, seed=47), dtype)
+    per_step, _ = tensor_core_forward(layer, dtype, reverse)
+    actual, launches = tensor_core_forward(layer, dtype, reverse, persistent=True)
+    flipped, _ = tensor_core_forward(layer, dtype, reverse, persistent=True, blocks_descending=True)
+    assert launches == 1
+    assert_tensor_core_close(actual, reference.forward(reverse), dtype)
+    for name, a, p, f in zip(FORWARD_NAMES, actual, per_step, flipped):
         assert torch.equal(a, p), f"{name}: not the per-step kernel's bits"
         assert torch.equal(a, f), f"{name}: not the same bits in the other block order"
 
 
-def test_persistent_tensor_core_choice(emulated, monkeypatch):
+def test_persistent_tensor_core_choice():
     """Where the persistent forward on the tensor cores runs by default (227 KB a block, 132 SMs):
     the slice [Pk][G*16 + 8] and 16 rows of h in the operand type, 176 bytes a k for LSTM in
     float16 / bfloat16 (up to H = 1280), 352 in TF32 (up to 640); GRU and RNN further; never with
     a projection; only up to B = 8 unless FUSED_RNN_CUDA_PERSISTENT=1."""
-    lstm, gru, rnn = CELLS["LSTM"], CELLS["GRU"], CELLS["RNN_TANH"]
-    monkeypatch.delenv("FUSED_RNN_CUDA_PERSISTENT", raising=False)
-    for half in ("float16", "bfloat16"):
-        assert emulated.persistent_chosen(half, lstm, 8, 1280, 0, False, SMS)
-        assert not emulated.persistent_chosen(half, lstm, 8, 1288, 0, False, SMS)
-        assert emulated.persistent_chosen(half, gru, 1, 1584, 0, False, SMS)
-        assert not emulated.persistent_chosen(half, gru, 1, 1592, 0, False, SMS)
-        assert emulated.persistent_chosen(half, rnn, 1, 2112, 0, False, SMS)  # 132 blocks of 16
-        assert not emulated.persistent_chosen(half, rnn, 1, 2120, 0, False, SMS)
-        assert not emulated.persistent_chosen(half, lstm, 8, 512, 256, False, SMS)
-        assert not emulated.persistent_chosen(half, lstm, 9, 512, 0, False, SMS)
-    assert emulated.persistent_chosen("tf32", lstm, 8, 640, 0, False, SMS)
-    assert not emulated.persistent_chosen("tf32", lstm, 8, 648, 0, False, SMS)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-    assert emulated.persistent_chosen("bfloat16", lstm, 64, 512, 0, False, SMS)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
-    assert not emulated.persistent_chosen("bfloat16", lstm, 8, 512, 0, False, SMS)
+    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
+        chosen = gpu.takes_persistent_kernel
+        for half in ("float16", "bfloat16"):
+            assert chosen(half, "LSTM", 8, 1280)
+            assert not chosen(half, "LSTM", 8, 1288)
+            assert chosen(half, "GRU", 1, 1584)
+            assert not chosen(half, "GRU", 1, 1592)
+            assert chosen(half, "RNN_TANH", 1, 2112)  # 132 blocks of 16
+            assert not chosen(half, "RNN_TANH", 1, 2120)
+            assert not chosen(half, "LSTM", 8, 512, proj=256)
+            assert not chosen(half, "LSTM", 9, 512)
+        assert chosen("tf32", "LSTM", 8, 640)
+        assert not chosen("tf32", "LSTM", 8, 648)
+        with environment(FUSED_RNN_CUDA_PERSISTENT=1):
+            assert chosen("bfloat16", "LSTM", 64, 512)
+        with environment(FUSED_RNN_CUDA_PERSISTENT=0):
+            assert not chosen("bfloat16", "LSTM", 8, 512)
+
+
+def test_the_emulation_gives_the_cpu_half_its_ops_back():
+    """Outside emulate_cuda() nothing is launched; inside it the same call launches; contexts nest,
+    the innermost one's GPU counting."""
+    layer = Layer("GRU", LAYOUTS["packed"], seed=61)
+    with emulate_cuda() as outer:
+        layer.forward(False)
+        with emulate_cuda(multiprocessors=4) as inner:
+            assert inner.gpu.multiprocessors == 4
+            layer.forward(False)
+        assert inner.launches == layer.steps()
+        layer.forward(False)
+    assert outer.launches == 3 * layer.steps()
+    layer.forward(False)
+    assert outer.launches == 3 * layer.steps()
+
+
+def test_the_environment_variable_takes_the_cuda_path_for_the_whole_process(tmp_path):
+    """FUSED_RNN_EMULATE_CUDA=1: a process that only imports fused_rnn runs its modules on the CUDA
+    path (kernels are launched), and rejects complex input as CUDA does."""
+    import subprocess
+    import sys
+    script = ("import torch, fused_rnn\n"
+              "from fused_rnn import testing\n"
+              "assert testing.emulating_cuda()\n"
+              "before = testing.emulated_launches()\n"
+              "fused_rnn.GRU(3, 5)(torch.randn(4, 2, 3))[0].sum().backward()\n"
+              "print(testing.emulated_launches() - before)\n"
+              "try:\n"
+              "    fused_rnn.RNN(3, 5, dtype=torch.complex64)(torch.randn(4, 2, 3, dtype=torch.complex64))\n"
+              "except RuntimeError as e:\n"
+              "    print('refused' if 'not supported on CUDA' in str(e) else e)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, FUSED_RNN_EMULATE_CUDA="1"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launches, refused = result.stdout.split()
+    assert int(launches) > 0 and refused == "refused"

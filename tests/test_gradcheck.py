@@ -71,6 +71,7 @@ def test_gradcheck_packed(kind, kwargs):
 
 @pytest.mark.parametrize("kind,kwargs", [("LSTM", dict(bidirectional=True)), ("LSTM", dict(proj_size=2)),
                                          ("GRU", {}), ("RNN", {})])
+@pytest.mark.cpu_only
 def test_gradcheck_complex128(kind, kwargs):
     module = _module(kind, torch.complex128, **kwargs)
     f, params = _functional(module)
@@ -80,7 +81,7 @@ def test_gradcheck_complex128(kind, kwargs):
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.complex128, marks=pytest.mark.cpu_only)])
 def test_gradcheck_cells(kind, dtype):
     torch.manual_seed(0)
     cell = getattr(fused_rnn, kind)(3, 4, dtype=dtype)

@@ -1,4 +1,5 @@
 """The examples of the seed tutorial (shared/seeds/004): the printed numbers, with fused_rnn."""
+import pytest
 import torch
 
 import fused_rnn
@@ -17,6 +18,7 @@ def test_lstm_6_3_prints_what_torch_nn_prints():
     assert str((output, (h, c))).replace("SqueezeBackward1", "") == str(ref).replace("SqueezeBackward1", "")
 
 
+@pytest.mark.cpu_only
 def test_complex64_lstm():
     x = torch.tensor([[[8. + 0.j], [-3. + 0.j], [0. + 0.j]],
                       [[1. + 0.j], [5. + 0.j], [-2. + 0.j]]])

@@ -22,7 +22,7 @@
 #include <map>
 #include <mutex>
 
-#include "../layer.h"
+#include "layer_cpu.h"
 
 namespace fused_rnn {
 namespace {

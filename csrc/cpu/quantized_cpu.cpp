@@ -1,4 +1,5 @@
-// The int8 inference path on the CPU: the forward of a layer with int8 weights.
+// The int8 inference path on the CPU: the op fused_rnn::quantized_layer_forward (a layer's forward
+// with int8 weights) and its weights' packing, fused_rnn::quantized_pack_weight.
 //
 // Weights are int8 with a scale per row (symmetric: w ≈ scale[r] · q[r, k]). Activations, each row
 // of x and each row of h_{t-1} at every step, are quantized to 8 bits with their own scale and
@@ -22,6 +23,8 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -504,6 +507,83 @@ void quantized_forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor&
                                 const QuantizedMatrix& w_hh, const Tensor& bias, const Tensor& b_hn, Tensor& y,
                                 Tensor& h, Tensor& c) {
   dispatch_cell<QuantizedForwardLoop, float>(s.cell, s, reverse, x, w_ih, w_hh, bias, b_hn, y, h, c);
+}
+
+namespace {
+
+using c10::optional;
+
+// The int8 path's weights in the kernel's layout (pack_int8_panels), once per model.
+Tensor quantized_pack_weight(const Tensor& weight, int64_t gates) {
+  TORCH_CHECK(gates >= 1 && weight.dim() == 2 && weight.size(0) % gates == 0 && weight.scalar_type() == at::kChar &&
+                  weight.device().is_cpu(),
+              "fused_rnn: quantized_pack_weight takes a 2-D int8 CPU weight with a multiple of ", gates,
+              " rows, got a ", weight.dim(), "-D ", weight.scalar_type(), " tensor of shape ", weight.sizes(), " on ",
+              weight.device());
+  return pack_int8_panels(weight, gates);
+}
+
+// The int8 inference path's op (CPU): float32 input and state, int8 weight panels with their
+// per-row scales and row sums, float32 biases; no gradient.
+std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
+    int64_t cell, const Tensor& x_in, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+    const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_ih_scale, const Tensor& w_ih_row_sum,
+    const Tensor& w_hh, const Tensor& w_hh_scale, const Tensor& w_hh_row_sum, const optional<Tensor>& b_ih,
+    const optional<Tensor>& b_hh) {
+  LayerShape s;
+  describe_cell(s, cell);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.device().is_cpu(),
+              "fused_rnn: the int8 layer takes a 2-D float32 CPU input, got a ", x_in.dim(), "-D ",
+              x_in.scalar_type(), " tensor on ", x_in.device());
+  s.N = x_in.size(0);
+  s.I = x_in.size(1);
+  TORCH_CHECK(w_ih_scale.dim() == 1 && w_ih_scale.size(0) % s.gates == 0,
+              "fused_rnn: weight_ih's scales must be 1-D with a multiple of ", s.gates, " rows, got ",
+              w_ih_scale.sizes());
+  s.H = s.P = w_ih_scale.size(0) / s.gates;
+  s.proj = false;
+  s.outputs_in_saved = false;
+  // Within int32: a product is at most 255 · 128, so a row's sum and its zero-point correction each
+  // stay below 2^30 for up to 2^15 terms, and so does their difference.
+  TORCH_CHECK(std::max(s.I, s.H) <= (int64_t{1} << 15), "fused_rnn: the int8 layer takes at most 32768 ",
+              "input features and hidden units (its int32 sums would overflow), got ", s.I, " and ", s.H);
+  const auto check_weights = [&](const Tensor& panels, const Tensor& scale, const Tensor& row_sum, const char* name,
+                                 int64_t cols) {
+    const int64_t groups = s.gates * int8_groups_per_gate(s.H), quads = int8_quads(cols);
+    TORCH_CHECK(panels.dim() == 3 && panels.size(0) == groups && panels.size(1) == quads &&
+                    panels.size(2) == kInt8PanelBytes && panels.scalar_type() == at::kChar && panels.device().is_cpu(),
+                "fused_rnn: ", name, " must be int8 CPU panels of shape [", groups, ", ", quads, ", ",
+                kInt8PanelBytes, "] (fused_rnn::quantized_pack_weight), got ", panels.scalar_type(), " ",
+                panels.sizes(), " on ", panels.device());
+    TORCH_CHECK(scale.dim() == 1 && scale.size(0) == s.gates * s.H && scale.scalar_type() == at::kFloat &&
+                    row_sum.dim() == 1 && row_sum.size(0) == s.gates * s.H && row_sum.scalar_type() == at::kInt &&
+                    scale.device().is_cpu() && row_sum.device().is_cpu(),
+                "fused_rnn: ", name, " needs float32 scales and int32 row sums of shape [", s.gates * s.H,
+                "] on the CPU, got ", scale.scalar_type(), " ", scale.sizes(), " and ", row_sum.scalar_type(), " ",
+                row_sum.sizes());
+    return QuantizedMatrix{panels.contiguous(), scale.contiguous(), row_sum.contiguous()};
+  };
+  const QuantizedMatrix input_weights = check_weights(w_ih, w_ih_scale, w_ih_row_sum, "weight_ih", s.I);
+  const QuantizedMatrix recurrent_weights = check_weights(w_hh, w_hh_scale, w_hh_row_sum, "weight_hh", s.H);
+  describe_steps(s, batch_sizes, h0.dim() == 2 ? h0.size(0) : 0);
+  check_states_and_biases(s, x_in, h0, c0, b_ih, b_hh);
+
+  const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
+  const Tensor bias = folded_bias(s, bias_ih, bias_hh);
+  const Tensor b_hn = gru_hidden_bias_n(s, bias_hh);
+  Tensor y = empty_large({s.N, s.H}, x_in.options());
+  Tensor h = h0.contiguous().clone();
+  Tensor c = s.cell == CellKind::LSTM ? c0->contiguous().clone() : Tensor();
+  quantized_forward_loop_cpu(s, reverse, x_in.contiguous(), input_weights, recurrent_weights, bias, b_hn, y, h, c);
+  if (!c.defined()) c = at::empty({0}, x_in.options());
+  return {y, h, c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("quantized_layer_forward", &quantized_layer_forward);
+  m.impl("quantized_pack_weight", &quantized_pack_weight);
 }
 
 }  // namespace fused_rnn

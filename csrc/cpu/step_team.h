@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <utility>
 
-#include "../layer.h"
+#include "layer_cpu.h"
 #include "vec_math.h"
 #include "wide_float.h"
 

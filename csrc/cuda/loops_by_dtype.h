@@ -1,6 +1,20 @@
-// The step loops of csrc/cuda/step_loops.cuh for one dtype each, defined in forward.cu and
-// layer_cuda.cu: the entry points in layer_cuda.cu pick one by dtype. Arguments as forward_loop_cuda's
-// and backward_loop_cuda's (csrc/layer.h); the half types' forward takes float32 gx, y, h, c, saved.
+// The step loops of step_loops.cuh and persistent_loops.cuh for one dtype each, defined in forward.cu
+// and backward.cu: ops_cuda.cpp picks one by dtype. The arguments:
+//   gx       [N, G*H]  x·W_ihᵀ plus the folded biases
+//   w_hh     [G*H, P]  in gx's type, or float16 / bfloat16 (the tensor cores) with everything else float32
+//   b_hn     [H]       GRU's n-gate hidden bias, or undefined
+//   y        [N, P]    output, written
+//   h, c     [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
+//   saved    [N, saved_cols] written when defined (a gradient is wanted)
+// and backward's
+//   w_hh_conj, w_hr_conj  conj of the weights (the weights themselves: CUDA takes no complex types)
+//   outputs  [N, P] the forward's outputs, h_t of every row (a view with row stride >= P)
+//   h0, c0   [B, P], [B, H] the initial state (c0 undefined unless LSTM)
+//   dy       [N, P] or undefined
+//   dh, dc   [B, P], [B, H]  gradient at h_n, c_n in; at h_0, c_0 out
+//   dgx, dgh [N, G*H] the gate gradients, written (dgh: GRU's recurrent side, else the same as dgx)
+//   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
+//   fuse     one launch per step where the shape allows (FUSED_RNN_CUDA_UNFUSED_BACKWARD unset)
 #pragma once
 
 #include <ATen/ATen.h>

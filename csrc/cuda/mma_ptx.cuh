@@ -1,6 +1,6 @@
 // The tensor-core instructions that the step kernels take from PTX, for the GPU: ldmatrix (shared
 // memory to fragments, one instruction for four 8x8 tiles of 16-bit values) and mma.sync (a warp's
-// 16x8 tile of float32 sums). tests/cuda_emulation/emulated_cuda.h defines the same names over
+// 16x8 tile of float32 sums). csrc/cuda_emulation/emulated_cuda.h defines the same names over
 // its fibers, from the fragment layouts of the PTX ISA, which are spelled out here once.
 //
 // g = lane / 4, t = lane % 4. Registers hold two 16-bit values, the lower column in the low half.

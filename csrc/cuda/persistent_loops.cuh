@@ -23,26 +23,19 @@
 // the CUDA cores, and on the tensor cores (float16, bfloat16, TF32) in its own section below; the
 // backward in float32 and float64.
 //
-// The includer provides, besides step_loops.cuh's names, the device functions
+// The includer (loops.cuh) provides, besides step_loops.cuh's names, the device functions
 // dynamic_shared_memory() (the block's extern __shared__ bytes) and grid_sync() (a barrier over
-// the whole grid) before it includes this file, and defines launch_cooperative(),
-// cooperative_capacity() (how many blocks of a kernel with this much dynamic shared memory can be
-// resident at once) and capturing_a_graph(), declared below.
+// the whole grid); the cooperative launch and the grid's capacity come through device.h.
 #pragma once
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "step_loops.cuh"
 
 namespace fused_rnn {
 namespace {
-
-template <typename Args>
-void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shared_bytes, const Args& args);
-bool capturing_a_graph();  // whether the current stream is being captured into a CUDA graph
-template <typename Args>
-int64_t cooperative_capacity(void (*kernel)(Args), dim3 block, size_t shared_bytes);
 
 template <int G>
 constexpr int kPersistentUnits = kTileUnits / G;  // units per block: G*U gate columns in one warp
@@ -490,8 +483,8 @@ template <typename Args>
 bool persistent_wanted(const LayerShape& s, void (*kernel)(Args), dim3 block, size_t shared_bytes, int64_t blocks) {
   const int override_choice = persistent_override();
   if (override_choice == 0 || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
-  if (!all_steps_full(s) && capturing_a_graph()) return false;  // its step tables' copy cannot be captured
-  const bool fits = blocks <= cooperative_capacity(kernel, block, shared_bytes);
+  if (!all_steps_full(s) && device::capturing_a_graph()) return false;  // its step tables' copy cannot be captured
+  const bool fits = blocks <= device::cooperative_capacity(kernel, block, shared_bytes);
   return fits && (override_choice == 1 || s.B <= 8);
 }
 
@@ -520,12 +513,9 @@ bool persistent_backward_wanted(const LayerShape& s) {
 // for a padded one, whose rows and offsets are arithmetic. Not while a graph is being captured.
 Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
   if (all_steps_full(s)) return Tensor();
-  // Pinned, so that the copy is asynchronous (the caching host allocator keeps the buffer until it
-  // is done) and the host does not wait for the GPU here.
-  Tensor steps = at::empty({2, s.T}, at::TensorOptions().dtype(at::kLong).pinned_memory(device.is_cuda()));
-  std::copy(s.batch_sizes.begin(), s.batch_sizes.end(), steps.data_ptr<int64_t>());
-  std::copy(s.offsets.begin(), s.offsets.end(), steps.data_ptr<int64_t>() + s.T);
-  return steps.to(device, /*non_blocking=*/true);
+  std::vector<int64_t> tables(s.batch_sizes);
+  tables.insert(tables.end(), s.offsets.begin(), s.offsets.end());
+  return device::upload(tables, device);
 }
 
 // The kernels' walk over the layer's steps, reading `tables` (device_step_tables) if defined.
@@ -567,10 +557,10 @@ struct PersistentForwardLoop {
     a.walk = persistent_steps(s, reverse, tables);
     const dim3 grid(static_cast<unsigned>(persistent_blocks(H, kUnits)));
     if constexpr (kTensorCores) {
-      launch_cooperative(&persistent_tensor_core_kernel<Cell, Op>, grid, dim3(32 * Cell::kGates),
+      device::launch_cooperative(&persistent_tensor_core_kernel<Cell, Op>, grid, dim3(32 * Cell::kGates),
                          PersistentMmaLayout<Op, Cell::kGates>::shared_bytes(P), a);
     } else {
-      launch_cooperative(&persistent_forward_kernel<Cell>, grid, dim3(kTileUnits, kWarps),
+      device::launch_cooperative(&persistent_forward_kernel<Cell>, grid, dim3(kTileUnits, kWarps),
                          persistent_shared_bytes<T>(P), a);
     }
     copy_final_state(s, reverse, y, h);
@@ -638,7 +628,7 @@ struct PersistentBackwardLoop {
     a.H = s.H;
     a.P = s.P;
     a.walk = persistent_steps(s, reverse, tables);
-    launch_cooperative(&persistent_backward_kernel<Cell>,
+    device::launch_cooperative(&persistent_backward_kernel<Cell>,
                        dim3(static_cast<unsigned>(persistent_blocks(s.H, kPersistentUnits<G>))),
                        dim3(kTileUnits, kWarps),
                        persistent_backward_shared_bytes<T>(s.gates * s.H, kPersistentSubs<G>), a);

@@ -14,13 +14,13 @@
 // mma.sync m16n8k16, float32 accumulators, compute capability 8.0 and up), and so does float32 as
 // TF32 (m16n8k8) where cuDNN would use it, with the same layout, loop and epilogue: h_{t-1} is kept
 // in float32 and rounded to the operand type as it is staged for the product, and everything else
-// is float32: gx (cuBLAS, half inputs, float32 accumulation and output: layer.cpp), c, the gate
-// math (Cell<float>), y, h and `saved`; layer.cpp casts y, h_n and c_n back to the half type.
+// is float32: gx (cuBLAS, half inputs, float32 accumulation and output: ops_cuda.cpp), c, the gate
+// math (Cell<float>), y, h and `saved`; ops_cuda.cpp casts y, h_n and c_n back to the half type.
 // A step's h_{t-1} is read where the step before wrote it (the outputs, or h_0), so the host does
 // nothing between two steps' launches but fill in their arguments; the kernels' variants (rows per
 // block, the reduction split across the warps) are chosen by one cost model (choose_variant).
 //
-// Backward (half types reach it as float32: layer.cpp upcasts), without a projection: one launch
+// Backward (half types reach it as float32: ops_cuda.cpp upcasts), without a projection: one launch
 // per step as well, the mirror image. A block owns a
 // tile of units j; it computes dh_{t-1}[b, j] = Σ_m dG_t[b, m]·W_hh[m, j] (the step before in the
 // walk's gate gradients, m over all G*H gate rows, a fixed order) and at once runs the cell's
@@ -36,37 +36,38 @@
 // Every output element is written by exactly one thread and every sum runs in a fixed order, so
 // results are bitwise reproducible run to run.
 //
-// Included on the GPU by the translation units of csrc/cuda/ through gpu_loops.cuh (forward.cu and
-// layer_cuda.cu; everything here has internal linkage, so each compiles only what it instantiates), and
-// by the tests' CPU emulation (tests/cuda_emulation/), which runs the same source on fibers. The
-// includer defines launch(), multiprocessor_count() and forced_rows_per_block() (declared below),
-// and the CUDA names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their
-// roundings from float, __float_as_uint / __uint_as_float, and the tensor-core instructions of
-// namespace ptx (csrc/cuda/mma_ptx.cuh).
+// Included through loops.cuh by the loops' translation units (forward.cu and backward.cu; everything
+// here has internal linkage, so each compiles only what it instantiates), on a GPU and in the CPU
+// emulation (csrc/cuda_emulation/), which runs the same source on fibers. What only a GPU has, the
+// launches and the multiprocessors among it, comes through device.h; loops.cuh also brings the CUDA
+// names: dim3, uint4, __shared__, __syncthreads, __half, __nv_bfloat16 and their roundings from
+// float, __float_as_uint / __uint_as_float, and the tensor-core instructions of namespace ptx
+// (csrc/cuda/mma_ptx.cuh).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
 #include "../layer.h"
+#include "device.h"
 
 namespace fused_rnn {
 namespace {
 
 using at::Tensor;
 
-// Runs kernel<<<grid, block>>>(args) on the current stream and checks the launch.
-template <typename Args>
-void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args);
-int multiprocessor_count();
 // The variant with this many rows per block runs instead of the model's pick (choose_variant), or
-// 0: FUSED_RNN_CUDA_ROWS_PER_BLOCK on a GPU, for A/B runs; set by the emulated tests. A kernel with
-// no such variant keeps the model's.
-int forced_rows_per_block();
+// 0: FUSED_RNN_CUDA_ROWS_PER_BLOCK, for A/B runs and tests; read per call, so that they can switch
+// it between runs. A kernel with no such variant keeps the model's.
+int forced_rows_per_block() {
+  const char* value = std::getenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK");
+  return value == nullptr ? 0 : std::atoi(value);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Weight layouts and tiles shared by the kernels.
@@ -492,7 +493,7 @@ void launch_cuda_core_step(const ForwardArgs<typename Cell::scalar_t, typename C
   constexpr Kernel kernels[] = {&forward_step_kernel<Cell, 4, 1>, &forward_step_kernel<Cell, 4, kWarps>,
                                 &forward_step_kernel<Cell, 1, kWarps>};  // as kCudaCoreCosts
   const int v = cuda_core_forward_variant<Cell>(a, sms);
-  launch(kernels[v], step_grid(a.n, a.H, kCudaCoreCosts<Cell::kGates>[v].rows_per_block, kTileUnits),
+  device::launch(kernels[v], step_grid(a.n, a.H, kCudaCoreCosts<Cell::kGates>[v].rows_per_block, kTileUnits),
          dim3(kTileUnits, kWarps), a);
 }
 
@@ -512,7 +513,7 @@ constexpr int kMmaUnits = 16;  // hidden units per block: two 8-unit mma tiles p
 constexpr int kSumPad = 4;     // elements of padding per shared row of float sums (16 bytes)
 
 // float32 W_hh on the tensor cores as TF32 (float32's range, a 10-bit mantissa, float32 sums): what
-// cuDNN's RNNs do while torch.backends.cudnn.allow_tf32 is set (its default); layer_cuda.cu follows
+// cuDNN's RNNs do while torch.backends.cudnn.allow_tf32 is set (its default); ops_cuda.cpp follows
 // the flag.
 struct Tf32 {};
 
@@ -711,7 +712,7 @@ void launch_tensor_core_step(const ForwardArgs<float, typename MmaOperand<Op>::s
   constexpr Kernel kernels[] = {&forward_step_tensor_core_kernel<Cell, Op, 4>,
                                 &forward_step_tensor_core_kernel<Cell, Op, 1>};  // as kTensorCoreCosts
   const int v = tensor_core_forward_variant<Cell, Op>(a, sms);
-  launch(kernels[v], step_grid(a.n, a.H, kTensorCoreCosts<Op, Cell::kGates>[v].rows_per_block, kMmaUnits),
+  device::launch(kernels[v], step_grid(a.n, a.H, kTensorCoreCosts<Op, Cell::kGates>[v].rows_per_block, kMmaUnits),
          dim3(32 * Cell::kGates), a);
 }
 
@@ -751,7 +752,7 @@ struct ForwardLoop {
     Tensor proj_input = s.proj && !saved.defined() ? at::empty({s.B, H}, gx.options()) : Tensor();
     const Tensor w_hr_t = s.proj ? w_hr.t() : Tensor();
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnitsPerBlock);
-    const int sms = multiprocessor_count();
+    const int sms = device::multiprocessor_count();
 
     const T* gx_p = gx.data_ptr<T>();
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
@@ -934,7 +935,7 @@ void launch_fused_backward_step(const FusedBackwardArgs<typename Cell::scalar_t>
   constexpr Kernel kernels[] = {&fused_backward_step_kernel<Cell, 4, 1>, &fused_backward_step_kernel<Cell, 4, kWarps>,
                                 &fused_backward_step_kernel<Cell, 1, kWarps>};  // as kCudaCoreCosts
   const int v = fused_backward_variant<Cell>(a, sms);
-  launch(kernels[v], step_grid(std::max(a.cell.n, a.rows_before), a.cell.H, kCudaCoreCosts<1>[v].rows_per_block,
+  device::launch(kernels[v], step_grid(std::max(a.cell.n, a.rows_before), a.cell.H, kCudaCoreCosts<1>[v].rows_per_block,
                                kTileUnits),
          dim3(kTileUnits, kWarps), a);
 }
@@ -1002,7 +1003,7 @@ struct BackwardLoop {
     const Tensor w_tiles = column_tiles(w_hh_conj, P, kTileUnits);
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles.const_data_ptr()) % 16 == 0,
                           "fused_rnn: W_hh tiles misaligned");
-    const int sms = multiprocessor_count();
+    const int sms = device::multiprocessor_count();
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     int64_t rows_before = 0, off_before = 0;  // the last step walked that had rows
     for (int64_t step = 0; step < s.T; ++step) {
@@ -1028,7 +1029,7 @@ struct BackwardLoop {
     const int64_t H = s.H, P = s.P;
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
-    const int sms = multiprocessor_count();
+    const int sms = device::multiprocessor_count();
     for (int64_t step = 0; step < s.T; ++step) {
       const int64_t t = reverse ? step : s.T - 1 - step;
       const int64_t n = s.batch_sizes[t], off = s.offsets[t];
@@ -1053,7 +1054,7 @@ struct BackwardLoop {
           cell_args(s, reverse, t, outputs, h0, c0, saved, step_dy, cell_dh, cell_dh_stride, dc, dgx, dgh);
       const int64_t blocks = std::min<int64_t>((n * H + kBackwardThreads - 1) / kBackwardThreads,
                                                static_cast<int64_t>(sms) * 32);
-      launch(&backward_step_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kBackwardThreads), a);
+      device::launch(&backward_step_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kBackwardThreads), a);
       propagate(w_hh_conj, dgh, off, n, dh);  // dL/dh_{t-1}
     }
   }

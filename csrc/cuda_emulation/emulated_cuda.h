@@ -1,5 +1,6 @@
-// Just enough of CUDA's programming model to run csrc/cuda/step_loops.cuh on the CPU, so that the
-// kernels and the step loops around them are tested where no GPU is (CI, most machines):
+// Just enough of CUDA's programming model to run csrc/cuda/'s kernels and step loops on the CPU, so
+// that the whole CUDA path is tested where no GPU is (CI, most machines; device_emulated.h puts the
+// device interface on top of it):
 //  - a launch runs the grid's blocks one after another, in ascending order or (blocks_descending)
 //    the other way round, each block's CUDA threads as fibers on the calling host thread, with
 //    threadIdx / blockIdx / blockDim / gridDim set for each. Blocks of one launch must not depend
@@ -10,8 +11,9 @@
 //    step with each other as a barrier allows, so that a missing barrier shows as wrong values
 //    (a thread reads shared memory that the others have not yet written, or overwrites what they
 //    have not yet read), the same on every run;
-//  - __shared__ arrays are function statics: one copy, which the block that runs uses alone (so a
-//    cooperative kernel keeps its shared data in dynamic_shared_memory(), one per block);
+//  - __shared__ arrays are function statics, one copy per host thread, which the block that runs
+//    there uses alone (so a cooperative kernel keeps its shared data in dynamic_shared_memory(), one
+//    per block); host threads that launch at the same time each run their own grids;
 //  - __syncthreads() is a barrier over the block's threads. Reaching one after another thread of
 //    the block has returned, or while others wait at another barrier, is an error (undefined
 //    behaviour on a GPU), reported as an exception from the launch instead of a hang.
@@ -47,7 +49,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 
 struct dim3 {
@@ -81,8 +83,8 @@ struct BarrierMisuse : std::runtime_error {
 // (grid_sync). A
 // barrier that some of its threads can never reach (one has returned, or waits at another
 // barrier) is reported as an exception from the launch instead of a hang. Each resident block has
-// its own dynamic shared memory; __shared__ arrays (function statics) are one copy, so a
-// cooperative launch's kernels must keep their shared data in the dynamic memory.
+// its own dynamic shared memory; __shared__ arrays (function statics) are one copy per host thread,
+// so a cooperative launch's kernels must keep their shared data in the dynamic memory.
 class Residents {
  public:
   static constexpr std::size_t kStackBytes = 256 * 1024;

@@ -1,25 +1,21 @@
-// The GPU includer of step_loops.cuh and persistent_loops.cuh, shared by the translation units of
-// csrc/cuda/: the CUDA headers, the PTX instructions (mma_ptx.cuh), the two files, and the names
-// they ask their includer for (launch() on the current stream, multiprocessor_count(),
-// forced_rows_per_block(); dynamic_shared_memory(), grid_sync(), launch_cooperative(),
-// cooperative_capacity()).
-// The kernels are instantiated in two translation units that ninja compiles in parallel:
-// forward.cu, and layer_cuda.cu (the backward and the entry points).
+// The device interface (device.h) on a GPU, the kernels' side: the launches on the current stream,
+// and the device functions that persistent_loops.cuh asks of its includer (dynamic_shared_memory(),
+// grid_sync()) with the PTX instructions of mma_ptx.cuh. Compiled by nvcc, through loops.cuh, in
+// the translation units of the step loops (forward.cu, backward.cu); the host's side is
+// device_gpu.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAException.h>
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-
+#include "device.h"
 #include "mma_ptx.cuh"
 
-// What persistent_loops.cuh asks of its includer on the device.
+// The block's dynamic shared memory (a cooperative kernel's resident weights and rows).
 __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
   extern __shared__ __align__(16) unsigned char dynamic_shared_bytes[];
   return dynamic_shared_bytes;
@@ -28,18 +24,14 @@ __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
 // the memory operations made before it are visible to all of them.
 __device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
 
-#include "persistent_loops.cuh"  // and step_loops.cuh
-
 namespace fused_rnn {
-namespace {
+namespace device {
 
 template <typename Args>
 void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args) {
   kernel<<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-int multiprocessor_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 // Lets `kernel` take as much dynamic shared memory as a block can have (less its static shared
 // memory): always the same value, so that host threads launching it with different sizes at once
@@ -61,9 +53,6 @@ void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, size_t shar
                                              at::cuda::getCurrentCUDAStream()));
 }
 
-// Blocks of `kernel` that can be resident at once: its occupancy per SM with this much dynamic
-// shared memory, times the SMs; 0 where the device cannot launch cooperatively or a block cannot
-// have that much shared memory.
 template <typename Args>
 int64_t cooperative_capacity(void (*kernel)(Args), dim3 block, size_t shared_bytes) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
@@ -75,14 +64,5 @@ int64_t cooperative_capacity(void (*kernel)(Args), dim3 block, size_t shared_byt
   return static_cast<int64_t>(per_sm) * props->multiProcessorCount;
 }
 
-bool capturing_a_graph() {
-  return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-}
-
-int forced_rows_per_block() {  // read per call, so that a benchmark can switch it between runs
-  const char* value = std::getenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK");
-  return value == nullptr ? 0 : std::atoi(value);
-}
-
-}  // namespace
+}  // namespace device
 }  // namespace fused_rnn

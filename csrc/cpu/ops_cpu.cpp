@@ -1,0 +1,96 @@
+// The CPU half of the ops fused_rnn::layer_forward and fused_rnn::layer_backward: after the
+// contract's checks (layer.h), the outputs' allocation and the step loops of layer_cpu.cpp, which
+// compute the input projection and the weight and input gradients themselves, a chunk of steps at
+// a time. Half types are upcast: the whole op runs in float32, as torch.nn does on the CPU.
+#include <torch/library.h>
+
+#include "layer_cpu.h"
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// The forward once its arguments are checked, in the type it computes in.
+LayerOutputs forward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
+                             const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                             const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                             bool need_saved) {
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const auto opts = h0.options();
+  Tensor y = empty_large({s.N, s.P}, opts);
+  Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, opts) : Tensor();
+  forward_loop_cpu(s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  if (saved.defined() && s.outputs_in_saved) saved.narrow(1, s.outputs_col(), s.P).copy_(y);
+  return {y, op.h, op.c.defined() ? op.c : at::empty({0}, opts), saved.defined() ? saved : at::empty({0}, opts)};
+}
+
+LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                           bool need_saved) {
+  // Checked in the caller's dtypes, so that a mismatch is reported as such.
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  if (!computes_in_float(x)) return forward_checked(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
+  auto [y, h, c, saved] = forward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih),
+                                          to_float(w_hh), to_float(b_ih), to_float(b_hh), to_float(w_hr), need_saved);
+  const auto type = x.scalar_type();
+  return {y.to(type), h.to(type), c.to(type), saved};  // saved stays in float32 for backward
+}
+
+// The backward once its arguments are checked, in the type it computes in (`saved` already is).
+LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
+                                const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
+                                const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                                const optional<Tensor>& dc_n, bool need_input_grad) {
+  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+  const auto opts = op.x.options();
+  const int64_t GH = s.gates * s.H;
+  LayerGrads g;
+  g.dx = need_input_grad ? empty_large({s.N, s.I}, opts) : Tensor();
+  g.dw_ih = at::zeros({GH, s.I}, opts);
+  g.dw_hh = at::zeros({GH, s.P}, opts);
+  if (has_bias) {
+    g.db_ih = at::zeros({GH}, opts);
+    g.db_hh = at::zeros({GH}, opts);
+  }
+  Tensor dh_total = s.proj ? empty_large({s.N, s.P}, opts) : Tensor();
+  // resolve_conj makes a real copy for complex types and is free for real ones.
+  const Tensor w_hh_conj = op.w_hh.conj().resolve_conj();
+  const Tensor w_proj_conj = s.proj ? op.w_hr.conj().resolve_conj() : Tensor();
+  backward_loop_cpu(s, reverse, op.x, op.w_ih, w_hh_conj, w_proj_conj, op.outputs, op.h0, op.c0, op.saved, op.dy,
+                    op.dh, op.dc, dh_total, g);
+  // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.
+  if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);
+  Tensor dw_hr;
+  if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H).conj());
+  return {g.dx, op.dh, op.dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr};
+}
+
+LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
+                              const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                              const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
+                              const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                              const optional<Tensor>& dc_n, bool need_input_grad) {
+  const LayerShape s =
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+  if (!computes_in_float(x)) {
+    return backward_checked(s, reverse, x, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, dy, dh_n, dc_n,
+                            need_input_grad);
+  }
+  return gradients_as(backward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih),
+                                       to_float(w_hh), to_float(w_hr), has_bias, y, saved, to_float(dy),
+                                       to_float(dh_n), to_float(dc_n), need_input_grad),
+                      x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_rnn, CPU, m) {
+  m.impl("layer_forward", &layer_forward);
+  m.impl("layer_backward", &layer_backward);
+}
+
+}  // namespace fused_rnn

@@ -1,0 +1,219 @@
+// The CUDA half of the ops fused_rnn::layer_forward and fused_rnn::layer_backward, host code: after
+// the contract's checks (layer.h), the choices (the operands' types, TF32, the step loop by dtype)
+// and the once-per-sequence work around the step loops of step_loops.cuh and persistent_loops.cuh:
+// the input projection with the folded biases before the walk; the products of the gate gradients
+// (dX, dW_ih, dW_hh) and their sums after it. Written against device.h and ATen only, so that the
+// CPU emulation runs this very file on CPU tensors (fused_rnn.testing.emulate_cuda()).
+//
+// dtypes: float32 (its recurrent product on the tensor cores in TF32 where cuDNN's would be), float64,
+// and float16 / bfloat16 computed in float32 with half operands for the products; complex is refused.
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "../layer.h"
+#include "device.h"
+#include "loops_by_dtype.h"
+
+namespace fused_rnn {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+// The tensor-core kernels (mma.sync with float16, bfloat16 and TF32) need compute capability 8.0.
+bool tensor_cores_take_half_types(const at::Device& d) { return device::compute_capability(d) >= 80; }
+
+// float32's recurrent product on the tensor cores in TF32 where cuDNN's RNNs would use it: while
+// torch.backends.cudnn.allow_tf32 is set (its default; from torch 2.9 also
+// torch.backends.cudnn.rnn.fp32_precision = "tf32"), on compute capability 8.0 and up. The input
+// projection is cuBLAS's, which follows torch.backends.cuda.matmul.allow_tf32 (off by default).
+// The backward stays on the CUDA cores in float32.
+bool tf32_as_cudnn_would(const at::Device& d) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  const bool allowed = at::globalContext().allowTF32CuDNN(at::Float32Op::RNN);
+#else
+  const bool allowed = at::globalContext().allowTF32CuDNN();
+#endif
+  return allowed && tensor_cores_take_half_types(d);
+}
+
+// FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: two launches per backward step (step_loops.cuh), read per call.
+bool fused_backward_wanted() {
+  const char* value = std::getenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD");
+  return value == nullptr || std::string(value).empty() || std::string(value) == "0";
+}
+
+// Gx = x·W_ihᵀ + the folded bias, in the type the op computes in: half operands accumulate and
+// come out in float32.
+Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
+  if (computes_in_float(x)) {
+    Tensor gx = device::product_in_float(x, w_ih.t());
+    return bias.defined() ? gx.add_(bias) : gx;
+  }
+  return bias.defined() ? at::addmm(bias, x, w_ih.t()) : at::mm(x, w_ih.t());
+}
+
+// h_{t-1} of every row, [N, P], copied from the outputs and h_0 run by run (device to device, so
+// that a CUDA graph can capture it): the right factor of dW_hh in one GEMM.
+Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs, const Tensor& h0) {
+  Tensor h_prev = at::empty({s.N, s.P}, outputs.options());
+  for (const PreviousRun& run : previous_runs(s, reverse)) {
+    h_prev.narrow(0, run.row, run.rows).copy_((run.from_h0 ? h0 : outputs).narrow(0, run.source, run.rows));
+  }
+  return h_prev;
+}
+
+// The forward step loop for the operands' types: w_hh in gx's type (float32 exactly, or as TF32,
+// or float64), or float16 / bfloat16 with everything else float32 (the tensor cores).
+void forward_loop(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
+                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+  const auto w_type = w_hh.scalar_type();
+  if (w_type == at::kHalf || w_type == at::kBFloat16) {
+    TORCH_CHECK(gx.scalar_type() == at::kFloat, "fused_rnn: half-type weights need a float32 gx, got ",
+                gx.scalar_type());
+    const auto loop = w_type == at::kHalf ? &forward_loop_cuda_half : &forward_loop_cuda_bfloat16;
+    loop(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+    return;
+  }
+  TORCH_CHECK(w_type == gx.scalar_type(), "fused_rnn: weight_hh has dtype ", w_type, " but gx ", gx.scalar_type());
+  if (gx.scalar_type() == at::kFloat) {
+    const auto loop = tf32_as_cudnn_would(gx.device()) ? &forward_loop_cuda_tf32 : &forward_loop_cuda_float;
+    loop(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+  } else {
+    TORCH_CHECK(gx.scalar_type() == at::kDouble, "fused_rnn: the CUDA loops do not take dtype ", gx.scalar_type());
+    forward_loop_cuda_double(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+  }
+}
+
+// The forward once its arguments are checked. x, w_ih and w_hh are the matrix products' operands
+// (a half type on the tensor-core path); h0, c0, the biases and w_hr are in the type the op
+// computes in, which y, h_n, c_n and `saved` come out in.
+LayerOutputs forward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
+                             const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                             const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                             bool need_saved) {
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const auto opts = h0.options();
+  Tensor y = at::empty({s.N, s.P}, opts);
+  Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
+  forward_loop(s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  if (saved.defined() && s.outputs_in_saved) saved.narrow(1, s.outputs_col(), s.P).copy_(y);
+  return {y, op.h, op.c.defined() ? op.c : at::empty({0}, opts), saved.defined() ? saved : at::empty({0}, opts)};
+}
+
+void refuse_complex(const Tensor& x) {
+  TORCH_CHECK(!x.is_complex(), "fused_rnn: complex inputs are not supported on CUDA (the CUDA kernels handle ",
+              "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
+}
+
+LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
+                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                           bool need_saved) {
+  // Checked in the caller's dtypes, so that a mismatch is reported as such.
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  refuse_complex(x);
+  const c10::DeviceGuard guard(x.device());
+  if (!computes_in_float(x)) return forward_checked(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
+  // Half types: x, W_ih and W_hh stay in the half type for the products (cuBLAS, the tensor cores),
+  // everything else runs in float32; below compute capability 8.0 everything does, as on the CPU.
+  const bool keep_half = tensor_cores_take_half_types(x.device());
+  const auto operand = [&](const Tensor& t) { return keep_half ? t : to_float(t); };
+  auto [y, h, c, saved] = forward_checked(s, reverse, operand(x), to_float(h0), to_float(c0), operand(w_ih),
+                                          operand(w_hh), to_float(b_ih), to_float(b_hh), to_float(w_hr), need_saved);
+  const auto type = x.scalar_type();
+  return {y.to(type), h.to(type), c.to(type), saved};  // saved stays in float32 for backward
+}
+
+// The backward step loop by dtype (half types reach it as float32).
+void backward_loop(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
+                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
+                   Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
+  TORCH_CHECK(saved.scalar_type() == at::kFloat || saved.scalar_type() == at::kDouble,
+              "fused_rnn: the CUDA loops do not take dtype ", saved.scalar_type());
+  const auto loop = saved.scalar_type() == at::kFloat ? &backward_loop_cuda_float : &backward_loop_cuda_double;
+  loop(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total,
+       fused_backward_wanted());
+}
+
+// The backward once its arguments are checked, in the type it computes in (x, the weights, the
+// state and the incoming gradients; `saved` already is). product_type: the operands' type for the
+// once-per-sequence products (a half type on the tensor cores, else x's).
+LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
+                                const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                                const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
+                                const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                                const optional<Tensor>& dc_n, bool need_input_grad, at::ScalarType product_type) {
+  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+  const auto opts = op.x.options();
+  const int64_t GH = s.gates * s.H;
+  Tensor dh_total = s.proj ? at::empty({s.N, s.P}, opts) : Tensor();
+  // The loop writes the gate gradients: dgx [N, G*H], and for GRU dgh (the recurrent side, whose
+  // n gate differs by r), else the same tensor. It takes the weights' conjugates, which for the
+  // real types here are the weights.
+  Tensor dgx = at::empty({s.N, GH}, opts);
+  Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
+  backward_loop(s, reverse, op.w_hh, op.w_hr, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh, op.dc, dgx, dgh,
+                dh_total);
+
+  // The once-per-sequence products and sums; plain reductions, so results are reproducible.
+  const Tensor h_prev = previous_outputs(s, reverse, op.outputs, op.h0);
+  Tensor dx, dw_ih, dw_hh;
+  if (product_type == op.x.scalar_type()) {
+    if (need_input_grad) dx = at::mm(dgx, op.w_ih);
+    dw_ih = at::mm(dgx.t(), op.x);
+    dw_hh = at::mm(dgh.t(), h_prev);
+  } else {
+    // Half types, as the forward's products: half operands, float32 accumulation; the results come
+    // out rounded to the half type, which they are returned in anyway. The gate gradients lose
+    // their float32 precision here only.
+    const auto operand = [&](const Tensor& t) { return t.to(product_type); };
+    const Tensor dgx_op = operand(dgx), dgh_op = s.cell == CellKind::GRU ? operand(dgh) : dgx_op;
+    if (need_input_grad) dx = at::mm(dgx_op, operand(op.w_ih));
+    dw_ih = at::mm(dgx_op.t(), operand(op.x));
+    dw_hh = at::mm(dgh_op.t(), operand(h_prev));
+  }
+  Tensor db_ih, db_hh;
+  if (has_bias) {
+    db_ih = dgx.sum(0);
+    // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.
+    db_hh = s.cell == CellKind::GRU ? dgh.sum(0) : db_ih.clone();
+  }
+  Tensor dw_hr;
+  if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H));
+  return {dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
+}
+
+LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
+                              const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                              const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
+                              const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                              const optional<Tensor>& dc_n, bool need_input_grad) {
+  const LayerShape s =
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+  refuse_complex(x);
+  const c10::DeviceGuard guard(x.device());
+  const auto type = x.scalar_type();
+  if (!computes_in_float(x)) {
+    return backward_checked(s, reverse, x, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, dy, dh_n, dc_n,
+                            need_input_grad, type);
+  }
+  const at::ScalarType product_type = tensor_cores_take_half_types(x.device()) ? type : at::kFloat;
+  return gradients_as(backward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih),
+                                       to_float(w_hh), to_float(w_hr), has_bias, y, saved, to_float(dy),
+                                       to_float(dh_n), to_float(dc_n), need_input_grad, product_type),
+                      type);
+}
+
+}  // namespace
+
+void implement_cuda_ops(torch::Library& m) {
+  m.impl("layer_forward", &layer_forward);
+  m.impl("layer_backward", &layer_backward);
+}
+
+}  // namespace fused_rnn
