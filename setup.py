@@ -119,9 +119,10 @@ def announcement(cpp_sources, cuda_sources, why):
     if cuda_sources:
         arches = [a for a in flag("TORCH_CUDA_ARCH_LIST").replace(",", ";").replace(" ", ";").split(";") if a]
         kernels = [f for f in cuda_sources if f.endswith(".cu")]
-        seconds = (CPP_CORE_SECONDS + CU_CORE_SECONDS_PER_ARCH * len(arches) * len(kernels)) / min(
-            cores, build_jobs())
-        what = (f"the CUDA extension ({why}): {len(cpp_sources) + len(cuda_sources) - len(kernels)} C++ and "
+        host = len(cuda_sources) - len(kernels)  # the CUDA half's C++, priced as the other C++ files
+        seconds = (CPP_CORE_SECONDS * (len(cpp_sources) + host) / len(cpp_sources)
+                   + CU_CORE_SECONDS_PER_ARCH * len(arches) * len(kernels)) / min(cores, build_jobs())
+        what = (f"the CUDA extension ({why}): {len(cpp_sources) + host} C++ and "
                 f"{len(kernels)} CUDA files for compute capability {', '.join(arches)}")
     else:
         seconds = CPP_CORE_SECONDS / min(cores, build_jobs(), len(cpp_sources))

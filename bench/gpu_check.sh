@@ -78,7 +78,7 @@ if [ "$call" = 1 ]; then
   build || { cat "$summary"; exit 1; }
   if [ "$device" = cuda ]; then
     stage tests 150 $PY -m pytest tests/test_cuda.py tests/test_ecosystem.py tests/test_bad_input.py \
-      -q -p no:cacheprovider -k "cuda" > "$OUT/tests.log" 2>&1
+      -q -p no:cacheprovider -k "cuda and not emulated" > "$OUT/tests.log" 2>&1
     note tests "$(last_line "$OUT/tests.log")"
     grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 20
   else

@@ -10,6 +10,6 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "b
            "cpu_cache_bytes", "quantized"]
 __version__ = "0.1.0"
 
-if _os.environ.get("FUSED_RNN_EMULATE_CUDA", "0") not in ("", "0"):  # tests: the CUDA path on CPU tensors
+if _os.environ.get("FUSED_RNN_EMULATE_CUDA") == "1":  # tests: the CUDA path on CPU tensors (fused_rnn.testing)
     from . import testing as _testing
     _testing._emulate_for_the_process()

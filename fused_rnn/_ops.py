@@ -94,6 +94,6 @@ def _quantized_layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w
 
 @torch.library.register_fake("fused_rnn::quantized_pack_weight")
 def _quantized_pack_weight_fake(weight, gates):
-    """[gates·⌈H/16⌉, ⌈K/4⌉, 64] int8 (csrc/layer.h: pack_int8_panels)."""
+    """[gates·⌈H/16⌉, ⌈K/4⌉, 64] int8 (csrc/cpu/layer_cpu.h: pack_int8_panels)."""
     hidden = weight.size(0) // gates
     return weight.new_empty(gates * ((hidden + 15) // 16), (weight.size(1) + 3) // 4, 64)

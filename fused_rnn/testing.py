@@ -17,8 +17,9 @@ cuBLAS's TF32 (`torch.backends.cuda.matmul.allow_tf32`: the emulation's products
 and real occupancy (bench/GPU_NOTES.md lists what stays GPU-only).
 
 The emulation is compiled on first use (about a minute on 2 cores; then kept in the checkout's
-build/ folder and rebuilt only where a source changed), from the sources of a fused_rnn checkout (an editable
-install, `pip install -e .`), with the C++ compiler that built fused_rnn. `FUSED_RNN_EMULATE_CUDA=1` in the environment starts it when fused_rnn is
+build/ folder and rebuilt only where a source changed), from the sources of a fused_rnn checkout
+(an editable install, `pip install -e .`), with the C++ compiler that torch's cpp_extension takes
+($CXX, else c++). `FUSED_RNN_EMULATE_CUDA=1` in the environment starts it when fused_rnn is
 imported, for the whole process: then a test suite written for the CPU runs through the CUDA path.
 It is process-wide while active: every thread's calls take the CUDA path (each host thread runs its
 own launches).
@@ -112,7 +113,7 @@ class CudaEmulation:
                                               dtype == torch.float64)
 
 
-_active: List[EmulatedGpu] = []  # the emulated GPUs of the active contexts, innermost last
+_active: List[CudaEmulation] = []  # the active contexts' emulations, innermost last
 
 
 def _configure(module, gpu: EmulatedGpu) -> None:
@@ -133,17 +134,17 @@ def emulate_cuda(multiprocessors: int = 132, compute_capability: Tuple[int, int]
     Contexts nest; the innermost one's GPU is emulated. Call backward inside the context too, for
     the backward to take the CUDA path."""
     module = _emulation()
-    gpu = EmulatedGpu(multiprocessors, tuple(compute_capability), blocks_descending)
-    _configure(module, gpu)
+    emulation = CudaEmulation(module, EmulatedGpu(multiprocessors, tuple(compute_capability), blocks_descending))
+    _configure(module, emulation.gpu)
     if not _active:
         module.start()
-    _active.append(gpu)
+    _active.append(emulation)
     try:
-        yield CudaEmulation(module, gpu)
+        yield emulation
     finally:
-        _active.pop()
+        _active[:] = [e for e in _active if e is not emulation]
         if _active:
-            _configure(module, _active[-1])
+            _configure(module, _active[-1].gpu)
         else:
             module.stop()
             _configure(module, EmulatedGpu())
@@ -162,8 +163,8 @@ def emulated_launches() -> Optional[int]:
 
 def _emulate_for_the_process() -> None:
     """FUSED_RNN_EMULATE_CUDA=1: the emulation started at import, never stopped."""
-    module, gpu = _emulation(), EmulatedGpu()
-    _configure(module, gpu)
+    module = _emulation()
+    _configure(module, EmulatedGpu())
     if not _active:
         module.start()
-    _active.insert(0, gpu)
+    _active.insert(0, CudaEmulation(module, EmulatedGpu()))

@@ -16,6 +16,8 @@ gate-interleaved copy of W_hh must follow), the half types' tensor-core kernel (
 torch.backends.cudnn.allow_tf32 is set. What only the GPU can answer (speed, its memory ordering, the
 tensor cores' own order of summation) is in bench/GPU_NOTES.md.
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -53,9 +55,23 @@ def dev(request):
         yield "cuda"
         return
     with emulate_cuda() as gpu:
+        request.node.cuda_emulation = gpu
         yield "cpu"
     if request.node.get_closest_marker("launches_nothing") is None:
         assert gpu.launches > 0, "the CUDA path was not taken"
+
+
+@pytest.fixture
+def emulation(dev, request):
+    """The emulation's handle (its launch count) on the emulated device; None on a GPU."""
+    return getattr(request.node, "cuda_emulation", None)
+
+
+def launches(emulation, fn):
+    """fn()'s kernel launches under the emulation (None on a GPU, which does not count them here)."""
+    before = emulation.launches if emulation is not None else None
+    fn()
+    return None if emulation is None else emulation.launches - before
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +178,8 @@ def test_hidden_size_sweep(dev, kind, hidden):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_large_batch_four_rows_per_thread(dev, kind):
     """A batch the cost model gives 16-row blocks (four rows per thread), not a multiple of 16."""
-    T, B, I, H = 3, 261, 8, LARGE_HIDDEN[dev]  # 600: 19 unit tiles x 17 row tiles > SM count of an H100
+    # On a GPU 19 unit tiles x 17 row tiles, more blocks than an H100 has SMs; emulated, 4 x 17.
+    T, B, I, H = 3, 261, 8, LARGE_HIDDEN[dev]
     fused, ref = make_pair(dev, kind, I, H)
     compare(fused, ref, torch.randn(T, B, I, device=dev) * 0.5, state_for(dev, kind, 1, B, H, scale=0.5),
             rtol=1e-5, atol=2e-5)
@@ -249,11 +266,12 @@ def test_every_step_kernel_variant(dev, kind, rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_kernels(dev, kind, dtype, monkeypatch):
+def test_persistent_kernels(dev, emulation, kind, dtype, monkeypatch):
     """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward each in one cooperative launch
     (W_hh's slices resident in shared memory, a grid barrier a step), packed and bidirectional, a
     batch above the default rule's 8, every output and gradient, and bitwise the same on a second
-    run."""
+    run. Under the emulation: 8 launches for the 2 layers' 2 directions, forward and backward (a
+    launch a step would be 56)."""
     I, H = 4, 70
     fused, ref = make_pair(dev, kind, I, H, bidirectional=True, num_layers=2, dtype=dtype)
     monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
@@ -263,7 +281,9 @@ def test_persistent_kernels(dev, kind, dtype, monkeypatch):
     compare(fused, ref, packed_input(dev, I, dtype=dtype), hx, **tol)
     x = torch.randn(7, 100, I, device=dev, dtype=dtype)
     compare(fused, ref, x, **tol)
-    first, again = run(fused, x), run(fused, x)
+    runs = []
+    assert launches(emulation, lambda: runs.append(run(fused, x))) in (None, 8)
+    first, again = runs[0], run(fused, x)
     assert all(torch.equal(a, b) for a, b in zip(first[0] + first[1], again[0] + again[1]))
 
 
@@ -409,31 +429,36 @@ def test_half_packed(dev, dtype, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_tensor_cores(dev, dtype, kind, monkeypatch):
+def test_persistent_tensor_cores(dev, emulation, dtype, kind, monkeypatch):
     """The persistent forward on the tensor cores (FUSED_RNN_CUDA_PERSISTENT=1) gives the per-step
     tensor-core kernel's bits (the same k order and roundings), packed and bidirectional, a batch
-    of two 16-row passes; within the half types' bounds of float32 (compare_half_with_float32)."""
+    of two 16-row passes; within the half types' bounds of float32 (compare_half_with_float32).
+    Under the emulation: one launch a direction and call, 4 in all (a launch a step: 28)."""
     I, H, tf32 = 6, 70, dtype == "tf32"
     module_dtype = torch.float32 if tf32 else dtype
     fused, _ = make_pair(dev, kind, I, H, bidirectional=True, dtype=module_dtype)
     x = torch.randn(9, 20, I, device=dev).to(module_dtype)
     packed = packed_input(dev, I, dtype=module_dtype)
-    runs = {}
+    runs, counts = {}, {}
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         for choice in ("0", "1"):
             monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", choice)
-            with torch.no_grad():
-                runs[choice] = [fused(x)[0], fused(packed)[0].data]
+
+            def forward():
+                with torch.no_grad():
+                    runs[choice] = [fused(x)[0], fused(packed)[0].data]
+            counts[choice] = launches(emulation, forward)
     finally:
         torch.backends.cudnn.allow_tf32 = False
     assert all(torch.equal(a, b) for a, b in zip(runs["0"], runs["1"]))
+    assert emulation is None or (counts["0"], counts["1"]) == (28, 4), counts
     if not tf32:
         monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
         compare_half_with_float32(dev, kind, dtype, x[:, :8], None, I, H)
 
 
-# --- float64 gradcheck on the GPU ----------------------------------------------------------------------
+# --- float64 gradcheck on the CUDA path ----------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,reverse,proj,batch_sizes", [
     ("LSTM", False, 0, [3, 3, 3]),
@@ -481,14 +506,18 @@ def test_gradcheck_float64(dev, kind, reverse, proj, batch_sizes):
     ("RNN_TANH", dict(bidirectional=True), (6, 8, 10, 33)),
 ])
 def test_bitwise_reproducible(dev, kind, kwargs, shape, dtype):
+    """Two runs give the same bits. The emulation runs a grid's blocks in a fixed order, so there
+    the second run takes them in the opposite one: a block that depended on another of its launch
+    would see other values."""
     T, B, I, H = shape
     H = LARGE_HIDDEN[dev] if H == "large" else H
     fused, _ = make_pair(dev, kind, I, H, dtype=dtype, **kwargs)
     x = (torch.randn(T, B, I, device=dev) * 0.5).to(dtype)
     runs = []
-    for _ in range(2):
+    for blocks_descending in (False, True):
         fused.zero_grad(set_to_none=True)
-        runs.append(run(fused, x))
+        with emulate_cuda(blocks_descending=True) if dev == "cpu" and blocks_descending else contextlib.nullcontext():
+            runs.append(run(fused, x))
     (out1, grad1), (out2, grad2) = runs
     for what, a, b in (("output", out1, out2), ("grad", grad1, grad2)):
         for i, (u, v) in enumerate(zip(a, b)):

@@ -30,7 +30,11 @@ import pytest
 import torch
 
 from fused_rnn import _ops  # loads the extension, which registers torch.ops.fused_rnn
+from fused_rnn import testing
 from fused_rnn.testing import emulate_cuda
+
+# The CPU half is the reference here: with the emulation on for the whole process there is none.
+pytestmark = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
 
 CELLS = _ops.CELL_IDS  # the ops' cell ids, and per id the cells' kGates and kSaved (csrc/cells.h)
 LAYOUTS = {
@@ -559,14 +563,17 @@ def test_persistent_tensor_core_choice():
 
 def test_the_emulation_gives_the_cpu_half_its_ops_back():
     """Outside emulate_cuda() nothing is launched; inside it the same call launches; contexts nest,
-    the innermost one's GPU counting."""
+    the innermost one's GPU emulated (4 SMs cannot hold the 128 blocks of an LSTM's persistent
+    forward at H = 1024, 132 can) and the outer one's again after it."""
     layer = Layer("GRU", LAYOUTS["packed"], seed=61)
-    with emulate_cuda() as outer:
+    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as outer:
         layer.forward(False)
+        assert outer.takes_persistent_kernel("forward", "LSTM", 8, 1024)
         with emulate_cuda(multiprocessors=4) as inner:
-            assert inner.gpu.multiprocessors == 4
+            assert not inner.takes_persistent_kernel("forward", "LSTM", 8, 1024)
             layer.forward(False)
-        assert inner.launches == layer.steps()
+        assert outer.takes_persistent_kernel("forward", "LSTM", 8, 1024)
+        assert inner.launches == layer.steps()  # a batch of 18: a launch a step
         layer.forward(False)
     assert outer.launches == 3 * layer.steps()
     layer.forward(False)

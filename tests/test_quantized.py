@@ -64,8 +64,9 @@ def reference_product(x, q_w, scale_w, row_sum, bias=None):
 
 
 def unpacked(panels, gates, H, K):
-    """The int8 matrix [gates·H, K] of weight panels, from their layout's definition (csrc/layer.h:
-    pack_int8_panels): panels[i][j][4r + t] = q[g·H + 16m + r][4j + t], group i = g·⌈H/16⌉ + m."""
+    """The int8 matrix [gates·H, K] of weight panels, from their layout's definition
+    (csrc/cpu/layer_cpu.h: pack_int8_panels): panels[i][j][4r + t] = q[g·H + 16m + r][4j + t],
+    group i = g·⌈H/16⌉ + m."""
     groups, quads = (H + 15) // 16, (K + 3) // 4
     q = panels.view(gates, groups, quads, 16, 4).permute(0, 1, 3, 2, 4).reshape(gates, groups * 16, quads * 4)
     return q[:, :H, :K].reshape(gates * H, K)

@@ -26,6 +26,8 @@ namespace fused_rnn {
 namespace device {
 
 // --- Launches, on the current stream, each checked. --------------------------------------------
+// Defined beside the kernels (device_gpu.cuh, or the emulation's device_emulated.h), which loops.cuh
+// brings into the loops' translation units only: host code elsewhere launches through the loops.
 // kernel<<<grid, block>>>(args).
 template <typename Args>
 void launch(void (*kernel)(Args), dim3 grid, dim3 block, const Args& args);

@@ -509,8 +509,9 @@ bool persistent_backward_wanted(const LayerShape& s) {
       persistent_blocks(s.H, kPersistentUnits<Cell::kGates>));
 }
 
-// A packed sequence's step tables on the device ([2][T]: batch sizes, then offsets), or undefined
-// for a padded one, whose rows and offsets are arithmetic. Not while a graph is being captured.
+// A packed sequence's step tables on the device ([2T]: the batch sizes, then the offsets), or
+// undefined for a padded one, whose rows and offsets are arithmetic. Not while a graph is being
+// captured.
 Tensor device_step_tables(const LayerShape& s, const at::Device& device) {
   if (all_steps_full(s)) return Tensor();
   std::vector<int64_t> tables(s.batch_sizes);

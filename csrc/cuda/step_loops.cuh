@@ -637,7 +637,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     forward_step_tensor_core_kernel(const ForwardArgs<float, typename MmaOperand<Op>::stored> a) {
   static_assert(std::is_same_v<typename Cell::scalar_t, float>, "the tensor cores' gate math runs in float32");
 // mma.sync with float16, bfloat16 and TF32 needs compute capability 8.0; the host launches this only
-// there (cuda_tensor_cores_take_half_types), so older targets compile an empty body.
+// there (tensor_cores_take_half_types in ops_cuda.cpp), so older targets compile an empty body.
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using Operand = MmaOperand<Op>;
   using W = typename Operand::stored;
