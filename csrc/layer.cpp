@@ -147,7 +147,7 @@ LayerShape describe_layer_backward(int64_t cell, const Tensor& x, at::IntArrayRe
   check_matrix(y, "y", s.N, s.P);
   check_same_kind(y, x, "y");
   check_matrix(saved, "saved", s.N, s.saved_cols());
-  TORCH_CHECK(saved.scalar_type() == (computes_in_float(x) ? at::kFloat : x.scalar_type()) &&
+  TORCH_CHECK(saved.scalar_type() == compute_type(x) &&
                   saved.device() == x.device(),
               "fused_rnn: saved must be what layer_forward returned for this input, got dtype ",
               saved.scalar_type(), " on ", saved.device());
@@ -186,30 +186,43 @@ Tensor gru_hidden_bias_n(const LayerShape& s, const Tensor& b_hh) {
 
 ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
-                                 const optional<Tensor>& b_hh, const optional<Tensor>& w_hr) {
+                                 const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
+                                 at::ScalarType operand_type) {
+  const at::ScalarType type = compute_type(x);
   ForwardOperands op;
-  op.x = x.contiguous(), op.w_ih = w_ih.contiguous(), op.w_hh = w_hh.contiguous();
-  const Tensor bias_hh = contiguous_or_undefined(b_hh);
-  op.bias = folded_bias(s, contiguous_or_undefined(b_ih), bias_hh);
+  op.x = contiguous_as(x, operand_type), op.w_ih = contiguous_as(w_ih, operand_type);
+  op.w_hh = contiguous_as(w_hh, operand_type);
+  const Tensor bias_hh = contiguous_as(b_hh, type);
+  op.bias = folded_bias(s, contiguous_as(b_ih, type), bias_hh);
   op.b_hn = gru_hidden_bias_n(s, bias_hh);
-  op.w_hr = contiguous_or_undefined(w_hr);
-  op.h = h0.contiguous().clone();
-  if (s.cell == CellKind::LSTM) op.c = c0->contiguous().clone();
+  op.w_hr = contiguous_as(w_hr, type);
+  op.h = contiguous_as(h0, type).clone();
+  if (s.cell == CellKind::LSTM) op.c = contiguous_as(c0, type).clone();
   return op;
+}
+
+LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const Tensor& y, const ForwardOperands& op,
+                             const Tensor& saved) {
+  if (saved.defined() && s.outputs_in_saved) saved.narrow(1, s.outputs_col(), s.P).copy_(y);
+  const Tensor none = at::empty({0}, y.options());
+  // saved stays in the compute type, for backward.
+  return {y.to(type), op.h.to(type), op.c.defined() ? op.c.to(type) : none.to(type), saved.defined() ? saved : none};
 }
 
 BackwardOperands backward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                    const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& w_hr,
                                    const Tensor& y, const Tensor& saved, const optional<Tensor>& dy,
                                    const optional<Tensor>& dh_n, const optional<Tensor>& dc_n) {
+  const at::ScalarType type = compute_type(x);
   BackwardOperands op;
-  op.x = x.contiguous(), op.saved = saved.contiguous();
-  op.w_ih = w_ih.contiguous(), op.w_hh = w_hh.contiguous(), op.w_hr = contiguous_or_undefined(w_hr);
-  op.h0 = h0.contiguous(), op.c0 = contiguous_or_undefined(c0);
+  op.x = contiguous_as(x, type), op.saved = saved.contiguous();
+  op.w_ih = contiguous_as(w_ih, type), op.w_hh = contiguous_as(w_hh, type), op.w_hr = contiguous_as(w_hr, type);
+  op.h0 = contiguous_as(h0, type), op.c0 = contiguous_as(c0, type);
   op.outputs = s.outputs_in_saved ? op.saved.narrow(1, s.outputs_col(), s.P) : y.contiguous();
-  op.dy = contiguous_or_undefined(dy);
+  op.dy = contiguous_as(dy, type);
   const auto given_or_zeros = [&](const optional<Tensor>& grad, int64_t cols) {
-    return grad.has_value() && grad->defined() ? grad->contiguous().clone() : at::zeros({s.B, cols}, x.options());
+    return grad.has_value() && grad->defined() ? contiguous_as(grad, type).clone()
+                                               : at::zeros({s.B, cols}, op.x.options());
   };
   op.dh = given_or_zeros(dh_n, s.P);
   if (s.cell == CellKind::LSTM) op.dc = given_or_zeros(dc_n, s.H);

@@ -138,38 +138,42 @@ using LayerGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
                                   at::Tensor, at::Tensor>;
 
 // Half types (float16, bfloat16) compute in float32: the state (h, c), the gate math and `saved`
-// (which backward reads) are float32, and y, h_n, c_n are cast back at the end. How the matrix
-// products treat them is each device's choice (the CPU upcasts everything; CUDA multiplies the
-// half operands on the tensor cores).
+// (which backward reads) are float32, and y, h_n, c_n and the gradients are cast back at the end.
+// How the matrix products treat them is each device's choice (the CPU upcasts everything; CUDA
+// multiplies the half operands on the tensor cores).
 inline bool computes_in_float(const at::Tensor& x) {
   return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
 }
-inline at::Tensor to_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
-inline c10::optional<at::Tensor> to_float(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? c10::optional<at::Tensor>(t->to(at::kFloat)) : t;
-}
+// The type an op with input x computes in.
+inline at::ScalarType compute_type(const at::Tensor& x) { return computes_in_float(x) ? at::kFloat : x.scalar_type(); }
 inline at::Tensor to_type(const at::Tensor& t, at::ScalarType type) { return t.defined() ? t.to(type) : t; }
-inline at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+// t contiguous in `type` (the tensor itself where it already is), or undefined.
+inline at::Tensor contiguous_as(const c10::optional<at::Tensor>& t, at::ScalarType type) {
+  return t.has_value() && t->defined() ? t->to(type).contiguous() : at::Tensor();
 }
-// Each of the 8 gradients cast to `type` (the half types' results, computed in float32).
-LayerGradients gradients_as(const LayerGradients& grads, at::ScalarType type);
 
-// The forward's operands as both halves' loops take them: contiguous; the folded bias and GRU's b_hn
-// (folded_bias, gru_hidden_bias_n); h and c fresh copies of h0 and c0 (c undefined unless LSTM),
-// which the loops turn into h_n and c_n.
+// The forward's operands as both halves' loops take them, contiguous: x, w_ih and w_hh in
+// operand_type (the matrix products' operands: the compute type, or a half type that the device
+// multiplies itself), the rest in the compute type; the folded bias and GRU's b_hn (folded_bias,
+// gru_hidden_bias_n); h and c fresh copies of h0 and c0 (c undefined unless LSTM), which the loops
+// turn into h_n and c_n.
 struct ForwardOperands {
   at::Tensor x, w_ih, w_hh, bias, b_hn, w_hr, h, c;
 };
 ForwardOperands forward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
                                  const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
-                                 const c10::optional<at::Tensor>& w_hr);
+                                 const c10::optional<at::Tensor>& w_hr, at::ScalarType operand_type);
+// The forward's results from what the loop wrote (y, op.h, op.c, saved, in the compute type): half
+// types keep a float32 copy of y in `saved`; y, h_n and c_n in x's type `type`; empty placeholders
+// for the absent c_n and saved.
+LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const at::Tensor& y,
+                             const ForwardOperands& op, const at::Tensor& saved);
 
-// The backward's operands likewise: `outputs` the rows of h_t, where backward reads h_{t-1} (y, or
-// for half types its float32 copy in `saved`, a view with saved's row stride); dy undefined if not
-// given; dh and dc the gradients at h_n and c_n as fresh tensors (zeros where not given; dc
-// undefined unless LSTM), which the loops turn into those at h_0 and c_0.
+// The backward's operands likewise, all in the compute type: `outputs` the rows of h_t, where
+// backward reads h_{t-1} (y, or for half types its float32 copy in `saved`, a view with saved's row
+// stride); dy undefined if not given; dh and dc the gradients at h_n and c_n as fresh tensors (zeros
+// where not given; dc undefined unless LSTM), which the loops turn into those at h_0 and c_0.
 struct BackwardOperands {
   at::Tensor x, h0, c0, w_ih, w_hh, w_hr, saved, outputs, dy, dh, dc;
 };
@@ -179,6 +183,8 @@ BackwardOperands backward_operands(const LayerShape& s, const at::Tensor& x, con
                                    const at::Tensor& y, const at::Tensor& saved,
                                    const c10::optional<at::Tensor>& dy, const c10::optional<at::Tensor>& dh_n,
                                    const c10::optional<at::Tensor>& dc_n);
+// Each of the 8 gradients cast to `type` (x's: the half types' results are computed in float32).
+LayerGradients gradients_as(const LayerGradients& grads, at::ScalarType type);
 
 // The biases that only add to x·W_ihᵀ, summed: both, except GRU's b_hn (it is scaled by r), or
 // undefined without biases. And GRU's b_hn [H] (a view of b_hh), undefined for the other cells.

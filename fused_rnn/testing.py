@@ -121,6 +121,24 @@ def _configure(module, gpu: EmulatedGpu) -> None:
     module.configure(gpu.multiprocessors, major * 10 + minor, gpu.blocks_descending)
 
 
+def _push(emulation: CudaEmulation, innermost: bool = True) -> None:
+    """Adds an active emulation (the CUDA half takes the CPU key with the first one) and emulates
+    the innermost one's GPU."""
+    if not _active:
+        emulation._module.start()
+    _active.insert(len(_active) if innermost else 0, emulation)
+    _configure(emulation._module, _active[-1].gpu)
+
+
+def _pop(emulation: CudaEmulation) -> None:
+    """Removes an emulation; the CPU half gets its ops back with the last one."""
+    _active[:] = [e for e in _active if e is not emulation]
+    if _active:
+        _configure(emulation._module, _active[-1].gpu)
+    else:
+        emulation._module.stop()
+
+
 @contextlib.contextmanager
 def emulate_cuda(multiprocessors: int = 132, compute_capability: Tuple[int, int] = (9, 0),
                  blocks_descending: bool = False) -> Iterator[CudaEmulation]:
@@ -133,21 +151,13 @@ def emulate_cuda(multiprocessors: int = 132, compute_capability: Tuple[int, int]
 
     Contexts nest; the innermost one's GPU is emulated. Call backward inside the context too, for
     the backward to take the CUDA path."""
-    module = _emulation()
-    emulation = CudaEmulation(module, EmulatedGpu(multiprocessors, tuple(compute_capability), blocks_descending))
-    _configure(module, emulation.gpu)
-    if not _active:
-        module.start()
-    _active.append(emulation)
+    emulation = CudaEmulation(_emulation(), EmulatedGpu(multiprocessors, tuple(compute_capability),
+                                                        blocks_descending))
+    _push(emulation)
     try:
         yield emulation
     finally:
-        _active[:] = [e for e in _active if e is not emulation]
-        if _active:
-            _configure(module, _active[-1].gpu)
-        else:
-            module.stop()
-            _configure(module, EmulatedGpu())
+        _pop(emulation)
 
 
 def emulating_cuda() -> bool:
@@ -162,9 +172,5 @@ def emulated_launches() -> Optional[int]:
 
 
 def _emulate_for_the_process() -> None:
-    """FUSED_RNN_EMULATE_CUDA=1: the emulation started at import, never stopped."""
-    module = _emulation()
-    _configure(module, EmulatedGpu())
-    if not _active:
-        module.start()
-    _active.insert(0, CudaEmulation(module, EmulatedGpu()))
+    """FUSED_RNN_EMULATE_CUDA=1: the emulation started at import, the outermost one, never stopped."""
+    _push(CudaEmulation(_emulation(), EmulatedGpu()), innermost=False)

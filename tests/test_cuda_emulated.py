@@ -50,17 +50,25 @@ FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
 GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
 
 
+def set_variable(name, value):
+    """os.environ[name] = str(value), or unset for None."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(value)
+
+
 @contextlib.contextmanager
 def environment(**values):
     """The environment variables set (a value of None: unset) for the duration."""
     old = {k: os.environ.get(k) for k in values}
     try:
         for k, v in values.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, str(v))
+            set_variable(k, v)
         yield
     finally:
         for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            set_variable(k, v)
 
 
 @contextlib.contextmanager

@@ -12,39 +12,27 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-// The forward once its arguments are checked, in the type it computes in.
-LayerOutputs forward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
-                             const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-                             const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                             bool need_saved) {
-  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const auto opts = h0.options();
-  Tensor y = empty_large({s.N, s.P}, opts);
-  Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop_cpu(s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
-  if (saved.defined() && s.outputs_in_saved) saved.narrow(1, s.outputs_col(), s.P).copy_(y);
-  return {y, op.h, op.c.defined() ? op.c : at::empty({0}, opts), saved.defined() ? saved : at::empty({0}, opts)};
-}
-
 LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                            bool need_saved) {
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  if (!computes_in_float(x)) return forward_checked(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
-  auto [y, h, c, saved] = forward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih),
-                                          to_float(w_hh), to_float(b_ih), to_float(b_hh), to_float(w_hr), need_saved);
-  const auto type = x.scalar_type();
-  return {y.to(type), h.to(type), c.to(type), saved};  // saved stays in float32 for backward
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, compute_type(x));
+  const auto opts = op.h.options();
+  Tensor y = empty_large({s.N, s.P}, opts);
+  Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, opts) : Tensor();
+  forward_loop_cpu(s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
-// The backward once its arguments are checked, in the type it computes in (`saved` already is).
-LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
-                                const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-                                const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
-                                const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                                const optional<Tensor>& dc_n, bool need_input_grad) {
+LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
+                              const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                              const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
+                              const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                              const optional<Tensor>& dc_n, bool need_input_grad) {
+  const LayerShape s =
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
   BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
@@ -66,24 +54,7 @@ LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor&
   if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H).conj());
-  return {g.dx, op.dh, op.dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr};
-}
-
-LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
-                              const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-                              const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
-                              const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                              const optional<Tensor>& dc_n, bool need_input_grad) {
-  const LayerShape s =
-      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
-  if (!computes_in_float(x)) {
-    return backward_checked(s, reverse, x, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, dy, dh_n, dc_n,
-                            need_input_grad);
-  }
-  return gradients_as(backward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih),
-                                       to_float(w_hh), to_float(w_hr), has_bias, y, saved, to_float(dy),
-                                       to_float(dh_n), to_float(dc_n), need_input_grad),
-                      x.scalar_type());
+  return gradients_as({g.dx, op.dh, op.dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr}, x.scalar_type());
 }
 
 }  // namespace

@@ -568,7 +568,7 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
   describe_steps(s, batch_sizes, h0.dim() == 2 ? h0.size(0) : 0);
   check_states_and_biases(s, x_in, h0, c0, b_ih, b_hh);
 
-  const Tensor bias_ih = contiguous_or_undefined(b_ih), bias_hh = contiguous_or_undefined(b_hh);
+  const Tensor bias_ih = contiguous_as(b_ih, at::kFloat), bias_hh = contiguous_as(b_hh, at::kFloat);
   const Tensor bias = folded_bias(s, bias_ih, bias_hh);
   const Tensor b_hn = gru_hidden_bias_n(s, bias_hh);
   Tensor y = empty_large({s.N, s.H}, x_in.options());

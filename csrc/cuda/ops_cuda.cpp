@@ -89,25 +89,17 @@ void forward_loop(const LayerShape& s, bool reverse, const Tensor& gx, const Ten
   }
 }
 
-// The forward once its arguments are checked. x, w_ih and w_hh are the matrix products' operands
-// (a half type on the tensor-core path); h0, c0, the biases and w_hr are in the type the op
-// computes in, which y, h_n, c_n and `saved` come out in.
-LayerOutputs forward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
-                             const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-                             const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                             bool need_saved) {
-  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-  const auto opts = h0.options();
-  Tensor y = at::empty({s.N, s.P}, opts);
-  Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop(s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
-  if (saved.defined() && s.outputs_in_saved) saved.narrow(1, s.outputs_col(), s.P).copy_(y);
-  return {y, op.h, op.c.defined() ? op.c : at::empty({0}, opts), saved.defined() ? saved : at::empty({0}, opts)};
-}
-
 void refuse_complex(const Tensor& x) {
   TORCH_CHECK(!x.is_complex(), "fused_rnn: complex inputs are not supported on CUDA (the CUDA kernels handle ",
               "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
+}
+
+// The type of the products' operands: the compute type, except for half types on the tensor cores
+// (compute capability 8.0 and up), which multiply the half type itself (cuBLAS for x·W_ihᵀ and the
+// backward's products, h_{t-1}·W_hhᵀ on the tensor cores) and accumulate in float32. Below 8.0 the
+// half types run in float32 throughout, as on the CPU.
+at::ScalarType operand_type(const Tensor& x) {
+  return computes_in_float(x) && tensor_cores_take_half_types(x.device()) ? x.scalar_type() : compute_type(x);
 }
 
 LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
@@ -118,15 +110,12 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
-  if (!computes_in_float(x)) return forward_checked(s, reverse, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
-  // Half types: x, W_ih and W_hh stay in the half type for the products (cuBLAS, the tensor cores),
-  // everything else runs in float32; below compute capability 8.0 everything does, as on the CPU.
-  const bool keep_half = tensor_cores_take_half_types(x.device());
-  const auto operand = [&](const Tensor& t) { return keep_half ? t : to_float(t); };
-  auto [y, h, c, saved] = forward_checked(s, reverse, operand(x), to_float(h0), to_float(c0), operand(w_ih),
-                                          operand(w_hh), to_float(b_ih), to_float(b_hh), to_float(w_hr), need_saved);
-  const auto type = x.scalar_type();
-  return {y.to(type), h.to(type), c.to(type), saved};  // saved stays in float32 for backward
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, operand_type(x));
+  const auto opts = op.h.options();
+  Tensor y = at::empty({s.N, s.P}, opts);
+  Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
+  forward_loop(s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
 // The backward step loop by dtype (half types reach it as float32).
@@ -140,14 +129,15 @@ void backward_loop(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, c
        fused_backward_wanted());
 }
 
-// The backward once its arguments are checked, in the type it computes in (x, the weights, the
-// state and the incoming gradients; `saved` already is). product_type: the operands' type for the
-// once-per-sequence products (a half type on the tensor cores, else x's).
-LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor& x, const Tensor& h0,
-                                const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-                                const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
-                                const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                                const optional<Tensor>& dc_n, bool need_input_grad, at::ScalarType product_type) {
+LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
+                              const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
+                              const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
+                              const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                              const optional<Tensor>& dc_n, bool need_input_grad) {
+  const LayerShape s =
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+  refuse_complex(x);
+  const c10::DeviceGuard guard(x.device());
   BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
@@ -163,6 +153,7 @@ LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor&
   // The once-per-sequence products and sums; plain reductions, so results are reproducible.
   const Tensor h_prev = previous_outputs(s, reverse, op.outputs, op.h0);
   Tensor dx, dw_ih, dw_hh;
+  const at::ScalarType product_type = operand_type(x);
   if (product_type == op.x.scalar_type()) {
     if (need_input_grad) dx = at::mm(dgx, op.w_ih);
     dw_ih = at::mm(dgx.t(), op.x);
@@ -185,28 +176,7 @@ LayerGradients backward_checked(const LayerShape& s, bool reverse, const Tensor&
   }
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H));
-  return {dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr};
-}
-
-LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
-                              const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
-                              const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
-                              const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                              const optional<Tensor>& dc_n, bool need_input_grad) {
-  const LayerShape s =
-      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
-  refuse_complex(x);
-  const c10::DeviceGuard guard(x.device());
-  const auto type = x.scalar_type();
-  if (!computes_in_float(x)) {
-    return backward_checked(s, reverse, x, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, dy, dh_n, dc_n,
-                            need_input_grad, type);
-  }
-  const at::ScalarType product_type = tensor_cores_take_half_types(x.device()) ? type : at::kFloat;
-  return gradients_as(backward_checked(s, reverse, to_float(x), to_float(h0), to_float(c0), to_float(w_ih),
-                                       to_float(w_hh), to_float(w_hr), has_bias, y, saved, to_float(dy),
-                                       to_float(dh_n), to_float(dc_n), need_input_grad, product_type),
-                      type);
+  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr}, x.scalar_type());
 }
 
 }  // namespace
