@@ -1,4 +1,4 @@
-"""Builds fused_rnn._C, CPU only or with the CUDA kernels (README: "What the build builds"):
+"""Builds fused_rnn._C, CPU only or with the CUDA kernels (docs/build.md):
 
 - CUDA when torch has CUDA, nvcc is found and either a GPU is visible (built for that GPU's
   architecture only) or FUSED_RNN_CUDA=1 / TORCH_CUDA_ARCH_LIST asks for it (CI does, so the CUDA
@@ -108,6 +108,20 @@ def cpu_vector_flags():
     return []
 
 
+def warning_flags():
+    """(C++ flags, nvcc flags) for warnings: -Wall on our sources, torch's headers as system headers
+    (-isystem: their warnings, such as ATen's `#pragma unroll` under -Wall, are not ours to fix; no
+    other include folder has a header of the same name, so the same headers are found).
+    FUSED_RNN_WERROR=1 (.ci/run sets it) makes every warning an error; opt-in, so that a user's
+    install never fails on a new compiler's new warning."""
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    isystem = ["-isystem", torch_include, "-isystem", os.path.join(torch_include, "torch", "csrc", "api", "include")]
+    werror = flag("FUSED_RNN_WERROR") == "1"
+    cxx = ["-Wall"] + isystem + (["-Werror"] if werror else [])
+    nvcc = ["-Xcompiler", "-Wall"] + isystem + (["-Werror", "all-warnings", "-Xcompiler", "-Werror"] if werror else [])
+    return cxx, nvcc
+
+
 def build_jobs():
     """ninja's parallel jobs: MAX_JOBS, else ninja's own default (cores + 2)."""
     return int(flag("MAX_JOBS")) if flag("MAX_JOBS").isdigit() else (os.cpu_count() or 1) + 2
@@ -173,12 +187,14 @@ def make_extension():
         link_flags.append("-fopenmp")
     include_dirs = [os.path.join(HERE, "csrc")]
     with_cuda, why = cuda_wanted()
+    cxx_warnings, nvcc_warnings = warning_flags()
+    cxx_flags += cxx_warnings
     # The CUDA half: its kernels (.cu, nvcc) and its host code (.cpp, the host compiler).
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")) if with_cuda else []
     BuildWithProgress.announcement = announcement(cpp_sources, cuda_sources, why)
     if with_cuda:
         nvcc_flags = ["-O3", "-lineinfo",
-                      "-DFUSED_RNN_WITH_CUDA"]
+                      "-DFUSED_RNN_WITH_CUDA"] + nvcc_warnings
         return cpp_extension.CUDAExtension(
             name="fused_rnn._C",
             sources=cpp_sources + cuda_sources,

@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
     std::printf("usage: amx_probe [M N K], M >= 32, N >= 64, K >= 32\n");
     return 1;
   }
-  if (!fused_rnn::cpu::amx_float_kernels()) {  // also no when FUSED_RNN_FLOAT_KERNEL says avx512 or avx2
+  if (!fused_rnn::cpu::amx_granted()) {
     std::printf("no AMX-BF16 here, or the kernel does not grant its state\n");
     return 2;
   }

@@ -51,21 +51,11 @@ class _Timer:
         return (time.perf_counter() - begin) * 1e6
 
 
-def _with_env(name, value, fn):
-    """fn() with the environment variable `name` set to `value` (None: unset), restored after."""
+def _with_override(name, value, fn):
+    """fn() with fused_rnn's override `name` set to `value` (docs/kernels.md), restored after."""
     def run():
-        previous = os.environ.get(name)
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-        try:
+        with fused_rnn.overrides_set(**{name: value}):
             fn()
-        finally:
-            if previous is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = previous
     return run
 
 
@@ -103,24 +93,24 @@ def _contenders(cell, batch, hidden, dtype, device, steps, tf32):
             module(x_grad)[0].sum().backward()
         return run
 
-    unfused = "FUSED_RNN_CUDA_UNFUSED_BACKWARD"
+    unfused = "cuda_unfused_backward"
     runs = {("inference", "fused"): inference(fused), ("inference", "torch.nn"): inference(ref),
-            ("training", "fused"): _with_env(unfused, "0", training(fused)),
-            ("training", "fused, unfused backward"): _with_env(unfused, "1", training(fused)),
+            ("training", "fused"): _with_override(unfused, "0", training(fused)),
+            ("training", "fused, unfused backward"): _with_override(unfused, "1", training(fused)),
             ("training", "torch.nn"): training(ref)}
     if dtype == torch.float32 and not tf32:  # the per-step kernels against the persistent one
-        runs[("inference", "fused, per-step kernels")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "0", inference(fused))
-        runs[("inference", "fused, persistent")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1", inference(fused))
-        runs[("training", "fused, per-step kernels")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "0",
+        runs[("inference", "fused, per-step kernels")] = _with_override("cuda_persistent", "0", inference(fused))
+        runs[("inference", "fused, persistent")] = _with_override("cuda_persistent", "1", inference(fused))
+        runs[("training", "fused, per-step kernels")] = _with_override("cuda_persistent", "0",
                                                                   runs[("training", "fused")])
-        runs[("training", "fused, persistent")] = _with_env("FUSED_RNN_CUDA_PERSISTENT", "1",
+        runs[("training", "fused, persistent")] = _with_override("cuda_persistent", "1",
                                                             runs[("training", "fused")])
     if dtype == torch.float32:
         rows = (64, 16) if tf32 else (16, 4, 1)  # the tensor-core variants, or the CUDA-core ones
         for r in rows:
             name = f"fused, {r} row{'s' if r > 1 else ''} a block"
-            runs[("inference", name)] = _with_env("FUSED_RNN_CUDA_ROWS_PER_BLOCK", str(r),
-                                                  _with_env("FUSED_RNN_CUDA_PERSISTENT", "0", inference(fused)))
+            runs[("inference", name)] = _with_override("cuda_rows_per_block", str(r),
+                                                  _with_override("cuda_persistent", "0", inference(fused)))
         runs = {key: _with_tf32(tf32, fn) for key, fn in runs.items()}
     return runs
 

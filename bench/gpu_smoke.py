@@ -62,11 +62,11 @@ def main(argv=None):
                 if args.reduced and hidden > 100 and dtype != torch.float32:
                     continue
                 for persistent in ("0", "1") if hidden <= 100 else ("0",):
-                    os.environ["FUSED_RNN_CUDA_PERSISTENT"] = persistent
+                    fused_rnn.set_overrides(cuda_persistent=persistent)
                     if not run(cls, kwargs, dtype, args.device, hidden, batch, packed):
                         failures.append(f"{cls.__name__} {kwargs} {dtype} H{hidden} B{batch} packed={packed} "
                                         f"persistent={persistent}")
-    os.environ.pop("FUSED_RNN_CUDA_PERSISTENT", None)
+    fused_rnn.set_overrides(cuda_persistent="auto")
     if args.device == "cuda":
         torch.cuda.synchronize()
     print("non-finite results: " + ("; ".join(failures) if failures else "none"))

@@ -1,17 +1,49 @@
 // The Python module fused_rnn._C. The ops themselves (torch.ops.fused_rnn.*) are registered with the
 // dispatcher: their schemas in csrc/ops.cpp, their implementations by each device's half; importing
-// this module loads them. What it adds is the build's own description and the CPU block cache's
-// controls.
+// this module loads them. What it adds: the build's description, the constants the Python side
+// shares with the C++ (cells, saved columns, the int8 panels), the overrides (csrc/overrides.h),
+// the CPU kernel plan (csrc/cpu/kernel_plan.h) and the CPU block cache's controls.
 #include <torch/extension.h>
 
 #include "cpu/layer_cpu.h"
+#include "overrides.h"
 
 #ifndef FUSED_RNN_CUDA_ARCHS  // set by setup.py for a CUDA build: TORCH_CUDA_ARCH_LIST as built
 #define FUSED_RNN_CUDA_ARCHS ""
 #endif
 
+namespace {
+
+using namespace pybind11::literals;
+using fused_rnn::CellKind;
+
+// The plan of a padded call of T steps with these sizes (kernel_plan.h's plan_cpu).
+std::vector<std::pair<std::string, std::string>> cpu_plan(const std::string& pass, int64_t cell,
+                                                          const std::string& dtype, int64_t T, int64_t B, int64_t I,
+                                                          int64_t H, int64_t proj_size, bool need_input_grad) {
+  using fused_rnn::cpu::Pass;
+  const Pass p = pass == "forward" ? Pass::kForward : pass == "backward" ? Pass::kBackward
+               : pass == "int8"    ? Pass::kInt8Forward
+                                   : throw std::invalid_argument("fused_rnn: pass must be forward, backward or int8, got '" + pass + "'");
+  const at::ScalarType type = dtype == "float32" ? at::kFloat : dtype == "float64" ? at::kDouble
+                              : dtype == "complex64" ? at::kComplexFloat : dtype == "complex128" ? at::kComplexDouble
+                              : throw std::invalid_argument("fused_rnn: the CPU loops compute in float32, float64, complex64 "
+                                                            "or complex128, got '" + dtype + "'");
+  fused_rnn::LayerShape s;
+  fused_rnn::describe_cell(s, cell);
+  s.T = T, s.B = B, s.N = T * B, s.I = I, s.H = H, s.P = proj_size ? proj_size : H, s.proj = proj_size > 0;
+  s.outputs_in_saved = false;
+  s.batch_sizes.assign(T, B);
+  for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
+  return fused_rnn::cpu::plan_cpu(p, s, type, need_input_grad).describe(p);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn compiled ops (registered as torch.ops.fused_rnn)";
+  // The overrides' environment variables, read now: a value that is not valid stops the import.
+  fused_rnn::override_values();
 #ifdef FUSED_RNN_WITH_CUDA
   m.attr("built_with_cuda") = true;
 #else
@@ -28,11 +60,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("built_with_openmp") = false;
 #endif
-  m.def("cpu_float_kernel", &fused_rnn::cpu_float_kernel, "the CPU's float32 product kernel: AVX-512 or AVX2");
-  m.def("cpu_input_projection", &fused_rnn::cpu_input_projection,
-        "what the float32 forward's x·W_ih^T takes on the CPU: AMX, tiles or BLAS");
-  m.def("cpu_gradient_gemm", &fused_rnn::cpu_gradient_gemm,
-        "what the float32 gradient products take: the AVX-512 tiles or BLAS");
+
+  // The constants of cells.h and layer_cpu.h, for fused_rnn/_ops.py and the tests.
+  m.attr("CELL_IDS") = py::dict("LSTM"_a = static_cast<int64_t>(CellKind::LSTM),
+                                "GRU"_a = static_cast<int64_t>(CellKind::GRU),
+                                "RNN_TANH"_a = static_cast<int64_t>(CellKind::RNN_TANH),
+                                "RNN_RELU"_a = static_cast<int64_t>(CellKind::RNN_RELU));
+  py::dict gates, saved;
+  for (const CellKind kind : {CellKind::LSTM, CellKind::GRU, CellKind::RNN_TANH, CellKind::RNN_RELU}) {
+    fused_rnn::LayerShape s;
+    fused_rnn::describe_cell(s, static_cast<int64_t>(kind));
+    gates[py::int_(static_cast<int64_t>(kind))] = s.gates;
+    saved[py::int_(static_cast<int64_t>(kind))] = s.saved_per_unit;
+  }
+  m.attr("GATES") = gates;           // gate blocks of W_ih / W_hh per cell id
+  m.attr("SAVED_PER_UNIT") = saved;  // values saved for backward per hidden unit
+  m.attr("INT8_GROUP_ROWS") = fused_rnn::kInt8GroupRows;  // the int8 panels: rows per group,
+  m.attr("INT8_QUAD") = fused_rnn::kInt8Quad;             //   k per quad,
+  m.attr("INT8_PANEL_BYTES") = fused_rnn::kInt8PanelBytes;  // bytes per (group, quad)
+
+  m.def("overrides", &fused_rnn::overrides_by_name, "the overrides and their values, as (name, value) pairs");
+  m.def("set_override", &fused_rnn::set_override, "set one override by name (ValueError when not valid)");
+  m.def("override_choices", &fused_rnn::override_choices,
+        "for each word-valued override, the values this CPU and build can run");
+  m.def("_overrides_address", [] { return reinterpret_cast<uintptr_t>(&fused_rnn::override_values()); },
+        "the overrides' store, for the emulated CUDA module (fused_rnn.testing)");
+  m.def("cpu_plan", &cpu_plan, "the kernels of a padded CPU call: (product, kernel) pairs", py::arg("pass_"),
+        py::arg("cell"), py::arg("dtype"), py::arg("steps"), py::arg("batch"), py::arg("input_size"),
+        py::arg("hidden_size"), py::arg("proj_size") = 0, py::arg("need_input_grad") = true);
   m.def("cpu_cache_bytes", &fused_rnn::cpu_cache_bytes, "bytes of freed CPU blocks kept for reuse");
   m.def("empty_cpu_cache", &fused_rnn::empty_cpu_cache, "gives the kept CPU blocks back to the system");
 }

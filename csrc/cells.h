@@ -218,7 +218,7 @@ struct ElmanCell {
   }
 
   template <typename M = ScalarMath<T>>
-  C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t H, int64_t j) {
+  C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t /*H*/, int64_t j) {
     using V = typename M::V;
     const V h = M::load(s.saved + j);
     const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));

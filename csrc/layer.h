@@ -65,6 +65,9 @@ struct Predecessor {
 };
 // Of step t of T, from a table of steps: anything with rows(t) (batch_sizes[t]) and first_row(t)
 // (offsets[t]): LayerShape on the host, PersistentSteps (persistent_loops.cuh) on the device.
+#ifdef __NVCC__  // LayerShape's rows() are host-only, and so is its instantiation: no device check
+#pragma nv_exec_check_disable
+#endif
 template <typename Steps>
 C10_HOST_DEVICE Predecessor predecessor(const Steps& steps, int64_t T, bool reverse, int64_t t) {
   const int64_t before = reverse ? t + 1 : t - 1;

@@ -1,4 +1,5 @@
-"""python -m fused_rnn: what this build is, and a tiny check of every module against torch.nn.
+"""python -m fused_rnn: what this build is, which kernels the CPU plan picks for a few shapes, and a
+tiny check of every module against torch.nn.
 
 Exit status 0 when every check passes. The check runs each module forward and backward in float64
 on the CPU and on every visible GPU, with torch.nn's layer (the same state_dict) as the reference.
@@ -25,12 +26,31 @@ def build_report():
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), Python {platform.python_version()}, "
         f"{platform.machine()}",
         f"built with CUDA kernels: {cuda}",
-        f"CPU gate math: {_C.cpu_vector_math}; float32 products: {_C.cpu_float_kernel()} "
-        f"(x·W_ihᵀ: {_C.cpu_input_projection()}; weight gradients' GEMMs: {_C.cpu_gradient_gemm()}); "
-        f"OpenMP: {'yes' if _C.built_with_openmp else 'no'}, "
+        f"CPU vector math: {_C.cpu_vector_math}; OpenMP: {'yes' if _C.built_with_openmp else 'no'}, "
         f"{torch.get_num_threads()} threads",
+        "overrides: " + ", ".join(f"{k}={v}" for k, v in fused_rnn.overrides().items()),
         f"devices visible: {', '.join(devices)}",
     ]
+
+
+# (label, cell, dtype, batch, input size, hidden size): shapes whose plans differ on some CPU.
+PLAN_SHAPES = [("LSTM float32 B1 H256", "LSTM", torch.float32, 1, 256, 256),
+               ("LSTM float32 B64 H512", "LSTM", torch.float32, 64, 512, 512),
+               ("GRU float32 B8 H128", "GRU", torch.float32, 8, 128, 128),
+               ("LSTM float64 B64 H512", "LSTM", torch.float64, 64, 512, 512)]
+
+
+def plan_report():
+    """The CPU kernel plan (csrc/cpu/kernel_plan.h) for a few shapes, forward and backward, and the
+    int8 layers' kernel."""
+    lines = ["CPU kernel plan (fused_rnn.cpu_plan; overrides: docs/kernels.md):"]
+    for label, cell, dtype, batch, inputs, hidden in PLAN_SHAPES:
+        for pass_ in ("forward", "backward"):
+            plan = fused_rnn.cpu_plan(cell, dtype, batch, inputs, hidden, pass_=pass_)
+            lines.append(f"  {label:22} {pass_:8} " + "; ".join(f"{k}: {v}" for k, v in plan.items()))
+    plan = fused_rnn.cpu_plan("LSTM", torch.float32, 8, 128, 128, pass_="int8")
+    lines.append(f"  {'LSTM int8 B8 H128':22} {'forward':8} " + "; ".join(f"{k}: {v}" for k, v in plan.items()))
+    return lines
 
 
 def check(kind, kwargs, device):
@@ -55,7 +75,7 @@ def check(kind, kwargs, device):
 
 
 def main(argv=None) -> int:
-    for line in build_report():
+    for line in build_report() + plan_report():
         print(line)
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if _C.built_with_cuda else [])
     failed = 0

@@ -6,6 +6,9 @@ The fake implementations state only output shapes and dtypes; they must agree wi
 devices' halves, csrc/cpu/ops_cpu.cpp and csrc/cuda/ops_cuda.cpp (tests/test_compile.py checks them
 with torch.library.opcheck).
 """
+import contextlib
+from typing import Iterator
+
 import torch  # first: the extension finds libc10 through it
 
 try:
@@ -25,8 +28,8 @@ def empty_cache() -> None:
 
     On the CPU, the large buffers of a call (outputs, values saved for backward, input gradients)
     come from a cache of freed blocks, which spares the next call the page faults of fresh memory.
-    It holds at most FUSED_RNN_CPU_CACHE_MB megabytes (environment, read at the first call;
-    default 1024, 0 turns the cache off). Like torch.cuda.empty_cache, this frees only blocks no
+    It holds at most `cpu_cache_mb` megabytes (an override: FUSED_RNN_CPU_CACHE_MB, or
+    fused_rnn.set_overrides(cpu_cache_mb=...); default 1024, 0 turns the cache off). Like torch.cuda.empty_cache, this frees only blocks no
     tensor uses.
     """
     _C.empty_cpu_cache()
@@ -37,13 +40,60 @@ def cpu_cache_bytes() -> int:
     return _C.cpu_cache_bytes()
 
 
-# The `cell` argument of the compiled ops; the same numbering as CellKind in csrc/cells.h.
-CELL_IDS = {"LSTM": 0, "GRU": 1, "RNN_TANH": 2, "RNN_RELU": 3}
-LSTM_ID = CELL_IDS["LSTM"]
+def overrides() -> dict:
+    """The overrides of the kernel plans and of the CPU block cache, name -> value (docs/kernels.md).
 
-# Per cell id: gates per hidden unit (kGates) and values saved per hidden unit (kSaved), as in cells.h.
-GATES = {0: 4, 1: 3, 2: 1, 3: 1}
-_SAVED_PER_UNIT = {0: 5, 1: 4, 2: 1, 3: 1}
+    Each starts from its environment variable (FUSED_RNN_ and the name in capitals), read when
+    fused_rnn is imported, and can be changed at run time with set_overrides or overrides_set.
+    """
+    return dict(_C.overrides())
+
+
+def set_overrides(**values) -> None:
+    """Sets overrides by name, e.g. set_overrides(float_kernel="avx2"); values may be given as str or
+    int. A name or value that is not valid raises ValueError naming the valid ones, and a kernel this
+    CPU cannot run is not valid. The next call of a layer follows them."""
+    for name, value in values.items():
+        _C.set_override(name, str(value))
+
+
+@contextlib.contextmanager
+def overrides_set(**values) -> Iterator[dict]:
+    """set_overrides for the body of a with-statement; the previous values come back after it."""
+    before = overrides()
+    try:
+        set_overrides(**values)
+        yield overrides()
+    finally:
+        for name in values:
+            if name in before:
+                _C.set_override(name, before[name])
+
+
+def override_choices() -> dict:
+    """For each word-valued override, the values this CPU and build can run (tests iterate over them)."""
+    return {name: list(words) for name, words in _C.override_choices()}
+
+
+def cpu_plan(cell: str, dtype: torch.dtype = torch.float32, batch: int = 1, input_size: int = 1,
+             hidden_size: int = 1, proj_size: int = 0, steps: int = 1, need_input_grad: bool = True,
+             pass_: str = "forward") -> dict:
+    """Which kernel takes each product of a CPU layer call with these sizes (csrc/cpu/kernel_plan.h):
+    pass_ is "forward", "backward" or "int8" (the int8 layers' forward). cell: LSTM, GRU, RNN_TANH or
+    RNN_RELU. Half types compute in float32 on the CPU, so they take float32's plan."""
+    name = str(dtype).replace("torch.", "")
+    if name in ("float16", "bfloat16"):
+        name = "float32"
+    return dict(_C.cpu_plan(pass_, CELL_IDS[cell], name, steps, batch, input_size, hidden_size, proj_size,
+                            need_input_grad))
+
+
+# The `cell` argument of the compiled ops, and per cell id its gates per hidden unit and values
+# saved per hidden unit: csrc/cells.h's, from the extension.
+CELL_IDS = dict(_C.CELL_IDS)
+LSTM_ID = CELL_IDS["LSTM"]
+GATES = dict(_C.GATES)
+_SAVED_PER_UNIT = dict(_C.SAVED_PER_UNIT)
 
 
 def _computes_in_float(x: torch.Tensor) -> bool:
@@ -96,4 +146,5 @@ def _quantized_layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w
 def _quantized_pack_weight_fake(weight, gates):
     """[gates·⌈H/16⌉, ⌈K/4⌉, 64] int8 (csrc/cpu/layer_cpu.h: pack_int8_panels)."""
     hidden = weight.size(0) // gates
-    return weight.new_empty(gates * ((hidden + 15) // 16), (weight.size(1) + 3) // 4, 64)
+    rows, quad = _C.INT8_GROUP_ROWS, _C.INT8_QUAD
+    return weight.new_empty(gates * (-(-hidden // rows)), -(-weight.size(1) // quad), _C.INT8_PANEL_BYTES)

@@ -228,7 +228,7 @@ def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
     # registered backward: _Layer's apply costs about 0.5 ms a call (autograd.Function binds its
     # arguments through inspect.signature when setup_context is defined). Compiled graphs always
     # hold the op (Dynamo cannot trace a jvp), so a forward-mode transform traced inside
-    # torch.compile would see zero tangents: the README says to apply torch.func outside it.
+    # torch.compile would see zero tangents: docs/ecosystem.md says to apply torch.func outside it.
     run = torch.ops.fused_rnn.layer_forward
     if not torch.compiler.is_compiling() and _transformed():
         run = _Layer.apply

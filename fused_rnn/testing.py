@@ -67,9 +67,13 @@ def _emulation():
             sources=[os.path.join(_CSRC, s) for s in _SOURCES],
             extra_include_paths=[_CSRC],
             build_directory=build,
-            # -O1: the emulated kernels build quickly and run fast enough for the tests.
-            extra_cflags=["-O1", "-DFUSED_RNN_EMULATED_CUDA"],
+            # -O1: the emulated kernels build quickly and run fast enough for the tests. -Wall as
+            # setup.py's build (torch's headers are -isystem here); FUSED_RNN_WERROR=1 (CI): no warning.
+            extra_cflags=["-O1", "-DFUSED_RNN_EMULATED_CUDA", "-Wall"]
+            + (["-Werror"] if os.environ.get("FUSED_RNN_WERROR", "").strip() == "1" else []),
         )
+        # One store of overrides (fused_rnn.overrides_set): the extension's, read by this module too.
+        _module.attach_overrides(_ops._C._overrides_address())
     return _module
 
 

@@ -10,6 +10,7 @@ launches the emulation ran.
 import pytest
 import torch
 
+import fused_rnn
 from fused_rnn import testing
 
 
@@ -41,3 +42,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"fused_rnn: {testing.emulated_launches()} kernel launches emulated "
                                     "(the CUDA path)")
 
+
+
+@pytest.fixture(autouse=True)
+def _overrides_restored():
+    """A test may set fused_rnn's overrides (docs/kernels.md); the next one starts from the values before."""
+    before = fused_rnn.overrides()
+    yield
+    fused_rnn.set_overrides(**before)

@@ -1,5 +1,6 @@
 """Shared test machinery: build a fused module and its torch.nn twin with one state_dict, run both
-forward and backward on the same inputs, and compare everything."""
+forward and backward on the same inputs, and compare everything. On any device (tests/test_cuda.py
+runs it on a GPU and under the CUDA emulation) and in any dtype the modules take."""
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -23,11 +24,22 @@ PAIRS = {
 }
 
 
-def make_pair(kind, *args, dtype=torch.float64, **kwargs):
+# The ops' names of the RNN's two cells (fused_rnn._ops.CELL_IDS), which make_pair takes too.
+RNN_NONLINEARITY = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+
+
+def make_pair(kind, *args, dtype=torch.float64, ref_dtype=None, **kwargs):
+    """A fused module (a key of PAIRS, or "RNN_TANH" / "RNN_RELU") and its torch.nn twin with the
+    twin's initial state_dict. With ref_dtype the twin runs in that dtype, on the fused module's
+    weights as rounded to `dtype`."""
+    if kind in RNN_NONLINEARITY:
+        kind, kwargs = "RNN", dict(kwargs, nonlinearity=RNN_NONLINEARITY[kind])
     fused_cls, ref_cls = PAIRS[kind]
-    ref = ref_cls(*args, dtype=dtype, **kwargs)
+    ref = ref_cls(*args, dtype=ref_dtype or dtype, **kwargs)
     fused = fused_cls(*args, dtype=dtype, **kwargs)
     fused.load_state_dict(ref.state_dict())
+    if ref_dtype is not None:
+        ref.load_state_dict(fused.state_dict())
     return fused, ref
 
 
@@ -45,32 +57,34 @@ def leaves(obj):
     return out
 
 
-def _clone_input(x):
-    if isinstance(x, PackedSequence):
-        return PackedSequence(x.data.detach().clone().requires_grad_(), x.batch_sizes,
-                              x.sorted_indices, x.unsorted_indices)
-    return x.detach().clone().requires_grad_()
-
-
-def _clone_hidden(hx):
-    if hx is None:
+def to_leaf(x, dtype=None):
+    """A fresh leaf that requires grad (in `dtype` where given) of an input or a state: a tensor, a
+    PackedSequence, a tuple of them, or None."""
+    if x is None:
         return None
-    if isinstance(hx, torch.Tensor):
-        return hx.detach().clone().requires_grad_()
-    return tuple(h.detach().clone().requires_grad_() for h in hx)
+    if isinstance(x, PackedSequence):
+        return PackedSequence(to_leaf(x.data, dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(dtype or x.dtype).clone().requires_grad_()
+    return tuple(to_leaf(t, dtype) for t in x)
 
 
-def run(module, x, hx, seed=0):
-    """Forward, then backward of a random linear functional of every output.
+def run(module, x, hx=None, seed=0, dtype=None, loss_dtype=None):
+    """Forward, then backward of a random linear functional of every output. Inputs and state are
+    cast to `dtype` where given; the functional's weights are rounded through `loss_dtype` first
+    where given (so that a half-type run and its float32 reference see the same numbers).
     Returns (outputs, grads of input, hidden and every parameter)."""
-    x = _clone_input(x)
-    hx = _clone_hidden(hx)
+    x = to_leaf(x, dtype)
+    hx = to_leaf(hx, dtype)
     out = module(x, hx) if hx is not None else module(x)
     outputs = leaves(out)
     gen = torch.Generator().manual_seed(seed)
     loss = 0
     for o in outputs:
-        weight = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+        weight = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+        if loss_dtype is not None:
+            weight = weight.to(loss_dtype)
+        weight = weight.to(device=o.device, dtype=o.dtype)
         loss = loss + (o * weight).sum().real if o.is_complex() else loss + (o * weight).sum()
     loss.backward()
     grads = leaves(x) + (leaves(hx) if hx is not None else [])

@@ -423,12 +423,14 @@ TORCH_NN_ACTIONS = {(c[0], c[1]): c[2] for c in _all_cases(nn)}
 # Where torch.nn gives no exception of its own to follow, ours stands alone. Each entry says what
 # torch.nn does; the test checks that it still does, so that a torch release that starts checking
 # one of these makes us follow it.
-TORCH_NN_UNHELPFUL = {  # case -> torch.nn's failure (an exception type's name), or "runs"
+TORCH_NN_UNHELPFUL = {  # case -> torch.nn's failure (an exception type's name, or one a module), or "runs"
     # input or hx of the wrong kind: torch.nn calls .dim() or indexes it
     "input_list": "AttributeError", "input_none": "AttributeError", "input_tuple": "AttributeError",
     "hx_int": "AttributeError", "hx_nested_list": "AttributeError", "hx_tuple": "AttributeError", "hx_none_in_tuple": "AttributeError",
     "hx_list_of_tensors": "AttributeError", "c_0_none": "AttributeError", "c_none": "AttributeError",
-    "hx_tensor_for_lstm": "IndexError", "hx_tuple_of_1": "IndexError|AttributeError", "packed_empty": "IndexError",
+    "hx_tensor_for_lstm": "IndexError", "packed_empty": "IndexError",
+    # a tuple of one state: LSTM indexes its c_0, GRU and RNN call .dim() on the tuple
+    "hx_tuple_of_1": {"LSTM": "IndexError", "GRU": "AttributeError", "RNN": "AttributeError"},
     # accepted silently: a float32 cell state in a float64 computation, a missing bias, a
     # parameter on another device, malformed PackedSequences (h_n loses or repeats a sequence)
     "c_0_float32": "runs", "c_float32": "runs", "param_none": "runs", "param_meta": "runs",
@@ -476,7 +478,8 @@ def test_rejects_as_torch_nn_does(kind, case, action, exc, match):
     else:
         got = "runs" if theirs is None else type(theirs).__name__
         assert case in TORCH_NN_UNHELPFUL, f"torch.nn: {got} ({theirs}); list it with the reason, or follow it"
-        assert got in TORCH_NN_UNHELPFUL[case].split("|"), f"torch.nn now: {got} ({theirs})"
+        expected = TORCH_NN_UNHELPFUL[case]
+        assert got == (expected[kind] if isinstance(expected, dict) else expected), f"torch.nn now: {got} ({theirs})"
 
 
 @pytest.mark.parametrize("fault", ["width", "hx_width"])
@@ -489,11 +492,15 @@ def test_two_faults_get_the_exception_torch_nn_gives(fault):
         hx = torch.randn(3, 21 if fault == "hx_width" else 20, dtype=D)
         hx = (hx, hx) if kind == "LSTMCell" else hx
         theirs = _outcome(lambda: ref(x, hx))
-        with pytest.raises(RuntimeError, match="inconsistent (input|hidden)_size") as info:
+        torch_nn_words = ("input has inconsistent input_size" if fault == "width"
+                          else "hidden0 has inconsistent hidden_size")
+        with pytest.raises(RuntimeError, match=torch_nn_words) as info:
             m(x, hx)
         assert type(info.value) is type(theirs) and str(theirs) in str(info.value)
-        assert ("input.size(-1) must be equal to input_size" if fault == "width" else "must have shape") \
-            in str(info.value), "our words describe the same fault"
+        ours = (f"{kind}: input.size(-1) must be equal to input_size. Expected 10, got 11" if fault == "width" else
+                f"{kind}: {'hx[0]' if kind == 'LSTMCell' else 'hx'} must have shape (3, 20) (batch, hidden_size), "
+                "got (3, 21)")
+        assert ours in str(info.value), "our words describe the same fault"
 
 
 def test_layer_dtype_message_as_torch_nn():
@@ -544,7 +551,8 @@ def test_cuda_device_mismatches(kind):
     m = cls(I, H, dtype=D, device="cuda")
     shape = (1, 2, H) if kind in LAYERS else (2, H)
     hx = (z(*shape), z(*shape).cuda()) if lstm else z(*shape)
-    with pytest.raises(RuntimeError, match=r"(h_0|hx\[0\]|hx) is on cpu but the input is on cuda:0"):
+    state = {"LSTM": "h_0", "LSTMCell": "hx[0]"}.get(kind, "hx")  # the CPU one
+    with pytest.raises(RuntimeError, match=re.escape(f"{kind}: {state} is on cpu but the input is on cuda:0")):
         m(x, hx)
     with pytest.raises(RuntimeError, match="the input is on cpu but parameter weight_ih.* is on cuda:0"):
         m(x.cpu())

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
@@ -94,7 +95,21 @@ def test_limit_from_the_environment():
 def test_a_limit_that_is_not_a_number_is_refused():
     done = _run_with_limit("lots")
     assert done.returncode != 0
-    assert "FUSED_RNN_CPU_CACHE_MB must be a whole number of megabytes" in done.stderr
+    assert "FUSED_RNN_CPU_CACHE_MB='lots' is not valid; it must be a whole number" in done.stderr
+
+
+def test_the_limit_changes_at_run_time():
+    """cpu_cache_mb is an override: 0 turns the cache off for the blocks freed from then on."""
+    layer = fused_rnn.LSTM(H, H)
+    x = torch.randn(T, B, H)
+    fused_rnn.empty_cache()
+    with fused_rnn.overrides_set(cpu_cache_mb=0):
+        layer(x)
+        assert fused_rnn.cpu_cache_bytes() == 0
+    layer(x)
+    assert fused_rnn.cpu_cache_bytes() > 0
+    with pytest.raises(ValueError, match="cpu_cache_mb='-1' is not valid; it must be a whole number"):
+        fused_rnn.set_overrides(cpu_cache_mb=-1)
 
 
 def test_backward_fills_no_zero_gradient_for_outputs_the_loss_leaves_out():

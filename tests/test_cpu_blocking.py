@@ -1,17 +1,40 @@
 """The CPU engine's blocking: hidden sizes that fill panel blocks, vectors and scalar tails in every
 way, row counts around the kernel's row blocks, packed steps whose batch shrinks across a block,
-and results that do not depend on the number of threads. float32 takes the AVX-512 tiles where the
-CPU has them, float64 the AVX2 ones; the last test runs this file again with float32 on AVX2."""
-import os
-import subprocess
-import sys
-
+and results that do not depend on the number of threads. Every test runs once per float32 kernel
+configuration the CPU plan can pick here (csrc/cpu/kernel_plan.h), set by overrides: the defaults,
+then AVX2 in place of AVX-512, the other weight-gradient GEMM, and with AMX the AVX-512 tiles in its
+place and AMX steps from one row. float64 takes the AVX2 tiles and BLAS in all of them."""
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_sequence
 
-from fused_rnn import _C
+import fused_rnn
 from helpers import check_parity, make_pair, run
+
+
+def _float_kernel_configurations():
+    """Overrides for every float32 kernel the plan can pick on this CPU, the defaults first."""
+    choices = fused_rnn.override_choices()["float_kernel"]
+    default_dw = fused_rnn.cpu_plan("LSTM", batch=8, input_size=8, hidden_size=8, pass_="backward")["dW"]
+    configurations = [{}]
+    if "amx" in choices:
+        configurations += [{"float_kernel": "avx512"}, {"amx_step_rows": 1}]
+    if "avx512" in choices:
+        configurations.append({"chunk_gemm": "blas" if default_dw == "AVX-512 tiles" else "tiles"})
+        if "avx2" in choices:
+            configurations.append({"float_kernel": "avx2"})
+    return configurations
+
+
+CONFIGURATIONS = _float_kernel_configurations()
+
+
+@pytest.fixture(autouse=True, params=CONFIGURATIONS,
+                ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default-kernels")
+def float_kernels(request):
+    """The whole file under each configuration (the plan reads the overrides per call)."""
+    with fused_rnn.overrides_set(**request.param):
+        yield request.param
 
 # AVX2 vectors are 8 floats / 4 doubles; a panel block holds 1 vector per gate (LSTM, GRU) or 3 (RNN).
 HIDDEN = [1, 3, 4, 7, 8, 9, 12, 23, 24, 25, 33]
@@ -215,58 +238,13 @@ def test_float32_accurate_to_float32_arithmetic(kind):
     assert 0 < error <= 3 * unit_roundoff * scale, (error, unit_roundoff * scale)
 
 
-def _run_this_file_again(env):
-    """This file in a child with env (the kernel choices are read once per process), all but the
-    tests that start such children; it must pass. (In the AVX2 child the other-gradient-GEMM run
-    would skip itself anyway: it needs the AVX-512 tiles.)"""
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                             "not this_file_again", os.path.join(here, "test_cpu_blocking.py")],
-                            env=env, timeout=1200, cwd=here, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-@pytest.mark.skipif(_C.cpu_input_projection() != "AMX" or "FUSED_RNN_AMX_STEP_ROWS" in os.environ,
-                    reason="no AMX here, or this is that run already")
-def test_this_file_again_with_amx_steps_from_one_row():
-    """The steps' h·W_hhᵀ takes AMX from 16 rows a batch; FUSED_RNN_AMX_STEP_ROWS=1 (in a child)
-    from one, so that every row count and tail of this file runs through the AMX steps too."""
-    env = dict(os.environ, FUSED_RNN_AMX_STEP_ROWS="1")
-    _run_this_file_again(env)
-
-
-@pytest.mark.skipif(_C.cpu_input_projection() != "AMX", reason="x·W_ihᵀ takes no AMX here, or this is that run already")
-def test_this_file_again_without_amx():
-    """FUSED_RNN_FLOAT_KERNEL=avx512 (in a child): x·W_ihᵀ on the AVX-512 tiles instead of AMX, as on
-    AVX-512 CPUs without it, against torch.nn again."""
-    env = dict(os.environ, FUSED_RNN_FLOAT_KERNEL="avx512")
-    kernels = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_float_kernel(), _C.cpu_input_projection())"],
-                             env=env, check=True, timeout=300, capture_output=True, text=True).stdout.split()
-    assert kernels == ["AVX-512", "tiles"]
-    _run_this_file_again(env)
-
-
-@pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or os.environ.get("FUSED_RNN_FLOAT_KERNEL") == "avx2",
-                    reason="float32 already takes the AVX2 kernel here")
-def test_this_file_again_with_the_avx2_float_kernel():
-    """FUSED_RNN_FLOAT_KERNEL=avx2 (read once per process, so in a child): float32 on the AVX2 tiles
-    and BLAS, as on CPUs without AVX-512, against torch.nn again."""
-    env = dict(os.environ, FUSED_RNN_FLOAT_KERNEL="avx2")
-    kernel = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_float_kernel())"], env=env,
-                            check=True, timeout=300, capture_output=True, text=True).stdout.strip()
-    assert kernel != "AVX-512"  # "AVX2", or the portable build's scalar at::vec
-    _run_this_file_again(env)
-
-
-@pytest.mark.skipif(_C.cpu_float_kernel() != "AVX-512" or "FUSED_RNN_CHUNK_GEMM" in os.environ,
-                    reason="float32 takes no AVX-512 tiles here, or this is that run already")
-def test_this_file_again_with_the_other_gradient_gemm():
-    """The float32 gradient products take the tiles on AMD and BLAS on Intel (wide_float.h's
-    wide_chunk_products); FUSED_RNN_CHUNK_GEMM asks for the other one, in a child, so that both
-    are checked against torch.nn on any AVX-512 CPU."""
-    other = "blas" if _C.cpu_gradient_gemm() == "tiles" else "tiles"
-    env = dict(os.environ, FUSED_RNN_CHUNK_GEMM=other)
-    kernel = subprocess.run([sys.executable, "-c", "from fused_rnn import _C; print(_C.cpu_gradient_gemm())"], env=env,
-                            check=True, timeout=300, capture_output=True, text=True).stdout.strip()
-    assert kernel.lower() == other
-    _run_this_file_again(env)
+def test_each_configuration_changes_the_plan(float_kernels):
+    """The overrides this file runs under reach the plan: each configuration but the defaults takes
+    another kernel for some product of a float32 layer (B = 1 and 32, forward and backward)."""
+    def plans():
+        return [fused_rnn.cpu_plan("LSTM", batch=b, input_size=40, hidden_size=48, pass_=p)
+                for b in (1, 32) for p in ("forward", "backward")]
+    current = plans()
+    with fused_rnn.overrides_set(float_kernel="auto", chunk_gemm="auto", amx_step_rows=16):
+        defaults = plans()
+    assert (current == defaults) == (float_kernels == {})

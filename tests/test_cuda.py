@@ -4,45 +4,38 @@
    compiled for the CPU, run on CPU tensors against torch.nn on the CPU; in every CI run. Each such
    test also checks that kernels were launched (the CUDA path was taken).
 
-What is covered: parity of outputs, final states and every gradient in float32 (TF32 off on both
-sides), half types against a float32 reference, float64 gradcheck, bitwise reproducibility, packed
-input, projection, bidirectional stacks, and hidden sizes that are not multiples of the kernel's
-32-unit tile; plus the three variants of the forward and the fused backward step kernels (16 rows
-per block, and 4 or 1 with the reduction split across the warps; chosen by a cost model, forced here
-through FUSED_RNN_CUDA_ROWS_PER_BLOCK; the backward's fused step runs without a projection, with one
-the projection's pointwise kernel and cuBLAS products), weights changed in place between calls (the
-gate-interleaved copy of W_hh must follow), the half types' tensor-core kernel (16-unit, 16-row and
-64-wide k tiles; one and four row tiles per block), and float32 on the tensor cores in TF32 while
-torch.backends.cudnn.allow_tf32 is set. What only the GPU can answer (speed, its memory ordering, the
-tensor cores' own order of summation) is in bench/GPU_NOTES.md.
+Each module and its torch.nn twin come from tests/helpers.py (make_pair, run, check_parity), as in
+the CPU suites. What is covered: parity of outputs, final states and every gradient in float32 (TF32
+off on both sides), half types against a float32 reference, float64 gradcheck, bitwise
+reproducibility, packed input, projection, bidirectional stacks, and hidden sizes that are not
+multiples of the kernel's 32-unit tile; plus the three variants of the forward and the fused
+backward step kernels (16 rows per block, and 4 or 1 with the reduction split across the warps;
+chosen by a cost model, forced here through FUSED_RNN_CUDA_ROWS_PER_BLOCK; the backward's fused step
+runs without a projection, with one the projection's pointwise kernel and cuBLAS products), weights
+changed in place between calls (the gate-interleaved copy of W_hh must follow), the half types'
+tensor-core kernel (16-unit, 16-row and 64-wide k tiles; one and four row tiles per block), and
+float32 on the tensor cores in TF32 while torch.backends.cudnn.allow_tf32 is set. What only the GPU
+can answer (speed, its memory ordering, the tensor cores' own order of summation) is in
+bench/GPU_NOTES.md.
 """
 import contextlib
 
 import pytest
 import torch
-from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_sequence
+from torch.nn.utils.rnn import pack_sequence
 
 import fused_rnn
 from fused_rnn import functional
 from fused_rnn.testing import emulate_cuda
-from helpers import leaves
+import helpers
+from helpers import TOLERANCE, assert_close, check_parity, leaves, run, to_leaf
 
-F32_TOL = dict(rtol=1e-5, atol=1e-5)
 # Under the emulation a hidden size of 600 stands in as 128: on an H100 (the emulated GPU) the cost
-# model picks the same variants for both at B = 261 (16-row blocks on the CUDA cores, 64-row ones
-# with four row tiles a block on the tensor cores), for a twentieth of the emulation's time.
+# model picks the same variants for both at a batch of LARGE_BATCH rows (the test
+# test_the_emulated_stand_in_takes_the_variants_of_the_large_layer checks it), for a twentieth of
+# the emulation's time.
 LARGE_HIDDEN = {"cuda": 600, "cpu": 128}
-
-PAIRS = {
-    "LSTM": (fused_rnn.LSTM, nn.LSTM, {}),
-    "GRU": (fused_rnn.GRU, nn.GRU, {}),
-    "RNN_TANH": (fused_rnn.RNN, nn.RNN, {"nonlinearity": "tanh"}),
-    "RNN_RELU": (fused_rnn.RNN, nn.RNN, {"nonlinearity": "relu"}),
-    "LSTMCell": (fused_rnn.LSTMCell, nn.LSTMCell, {}),
-    "GRUCell": (fused_rnn.GRUCell, nn.GRUCell, {}),
-    "RNNCell": (fused_rnn.RNNCell, nn.RNNCell, {}),
-}
+LARGE_BATCH = 261
 LAYERS = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 
 
@@ -84,65 +77,11 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def make_pair(dev, kind, *args, dtype=torch.float32, ref_dtype=None, seed=0, **kwargs):
-    """A fused module and its torch.nn twin on `dev`, the twin loaded from the fused state_dict
-    (converted to ref_dtype when given)."""
-    fused_cls, ref_cls, extra = PAIRS[kind]
+def make_pair(dev, kind, *args, dtype=torch.float32, seed=0, **kwargs):
+    """helpers.make_pair on `dev`, in float32 unless said, from torch.manual_seed(seed) on (so that
+    the inputs a test draws after it are the same on every run)."""
     torch.manual_seed(seed)
-    fused = fused_cls(*args, **extra, **kwargs, dtype=dtype, device=dev)
-    ref = ref_cls(*args, **extra, **kwargs, dtype=ref_dtype or dtype, device=dev)
-    ref.load_state_dict({k: v.to(ref_dtype or dtype) for k, v in fused.state_dict().items()})
-    return fused, ref
-
-
-def to_leaf(x, dtype=None):
-    if x is None:
-        return None
-    if isinstance(x, PackedSequence):
-        return PackedSequence(to_leaf(x.data, dtype), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(dtype or x.dtype).clone().requires_grad_()
-    return tuple(to_leaf(t, dtype) for t in x)
-
-
-def run(module, x, hx=None, dtype=None, seed=0, loss_dtype=None):
-    """Forward, then backward of a fixed random linear functional of every output. Inputs are cast
-    to `dtype` (the loss weights are rounded through `loss_dtype` first, so that a half run and its
-    float32 reference see the same numbers). Returns (outputs, grads of input, state, parameters)."""
-    x, hx = to_leaf(x, dtype), to_leaf(hx, dtype)
-    out = module(x) if hx is None else module(x, hx)
-    outputs = leaves(out)
-    gen = torch.Generator().manual_seed(seed)
-    loss = 0
-    for o in outputs:
-        w = torch.randn(o.shape, generator=gen, dtype=torch.float32)
-        if loss_dtype is not None:
-            w = w.to(loss_dtype)
-        loss = loss + (o * w.to(device=o.device, dtype=o.dtype)).sum()
-    loss.backward()
-    grads = [t.grad for t in leaves(x) + leaves(hx)] + [p.grad for p in module.parameters()]
-    return [o.detach() for o in outputs], grads
-
-
-def assert_all_close(actual, expected, what, rtol, atol):
-    """atol is relative to each tensor's scale (as in helpers.assert_close): a weight gradient sums
-    hundreds of rows, and its float32 roundings grow with its largest elements."""
-    assert len(actual) == len(expected), f"{what}: {len(actual)} vs {len(expected)} tensors"
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert (a is None) == (e is None), f"{what}[{i}]: one side has no gradient"
-        if a is None:
-            continue
-        assert a.device.type == e.device.type, f"{what}[{i}] is on {a.device}"
-        scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-        torch.testing.assert_close(a, e, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}[{i}]: {m}")
-
-
-def compare(fused, ref, x, hx=None, **tol):
-    tol = tol or F32_TOL
-    out_f, grad_f = run(fused, x, hx)
-    out_r, grad_r = run(ref, x, hx)
-    assert_all_close(out_f, out_r, "output", **tol)
-    assert_all_close(grad_f, grad_r, "grad", **tol)
+    return helpers.make_pair(kind, *args, dtype=dtype, device=dev, **kwargs)
 
 
 def state_for(dev, kind, layers_dirs, batch, hidden, proj=0, scale=1.0):
@@ -163,7 +102,7 @@ def test_parity_float32(dev, kind, batch_first, with_state):
     fused, ref = make_pair(dev, kind, I, H, batch_first=batch_first)
     x = torch.randn(B, T, I, device=dev) if batch_first else torch.randn(T, B, I, device=dev)
     hx = state_for(dev, kind, 1, B, H) if with_state else None
-    compare(fused, ref, x, hx)
+    check_parity(fused, ref, x, hx)
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -172,17 +111,28 @@ def test_hidden_size_sweep(dev, kind, hidden):
     """Sizes around the 32-unit tile and the 32-wide k chunk (P = H), partial tiles included."""
     T, B, I = 3, 5, 6
     fused, ref = make_pair(dev, kind, I, hidden)
-    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, kind, 1, B, hidden))
+    check_parity(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, kind, 1, B, hidden))
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
 def test_large_batch_four_rows_per_thread(dev, kind):
     """A batch the cost model gives 16-row blocks (four rows per thread), not a multiple of 16."""
     # On a GPU 19 unit tiles x 17 row tiles, more blocks than an H100 has SMs; emulated, 4 x 17.
-    T, B, I, H = 3, 261, 8, LARGE_HIDDEN[dev]
+    T, B, I, H = 3, LARGE_BATCH, 8, LARGE_HIDDEN[dev]
     fused, ref = make_pair(dev, kind, I, H)
-    compare(fused, ref, torch.randn(T, B, I, device=dev) * 0.5, state_for(dev, kind, 1, B, H, scale=0.5),
-            rtol=1e-5, atol=2e-5)
+    check_parity(fused, ref, torch.randn(T, B, I, device=dev) * 0.5, state_for(dev, kind, 1, B, H, scale=0.5),
+                 tol=(1e-5, 2e-5))
+
+
+def test_the_emulated_stand_in_takes_the_variants_of_the_large_layer():
+    """LARGE_HIDDEN's stand-in covers under the emulation what the large layer runs on a GPU: at
+    LARGE_BATCH rows the cost model picks the same variant for both hidden sizes, in the forward
+    and the fused backward on the CUDA cores and on the tensor cores (whichever those are)."""
+    with emulate_cuda() as gpu:
+        for kernel in ("forward", "backward", "tensor_core"):
+            for cell in ("LSTM", "GRU", "RNN_TANH"):
+                picks = [gpu.chosen_rows_per_block(kernel, cell, LARGE_BATCH, LARGE_HIDDEN[d]) for d in ("cuda", "cpu")]
+                assert picks[0] == picks[1], (kernel, cell, picks)
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
@@ -191,27 +141,27 @@ def test_cells(dev, kind):
     x = torch.randn(3, 4, device=dev)
     hx = (torch.randn(3, 9, device=dev), torch.randn(3, 9, device=dev)) if kind == "LSTMCell" \
         else torch.randn(3, 9, device=dev)
-    compare(fused, ref, x, hx)
+    check_parity(fused, ref, x, hx)
 
 
 @pytest.mark.parametrize("hidden,proj", [(6, 3), (33, 7), (40, 39)])
 def test_projection(dev, hidden, proj):
     T, B, I = 4, 3, 5
     fused, ref = make_pair(dev, "LSTM", I, hidden, proj_size=proj)
-    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, "LSTM", 1, B, hidden, proj))
+    check_parity(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, "LSTM", 1, B, hidden, proj))
 
 
 @pytest.mark.parametrize("kind", LAYERS)
 def test_bidirectional_two_layers(dev, kind):
     T, B, I, H = 4, 3, 5, 7
     fused, ref = make_pair(dev, kind, I, H, num_layers=2, bidirectional=True)
-    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, kind, 4, B, H))
+    check_parity(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, kind, 4, B, H))
 
 
 def test_projection_bidirectional_two_layers(dev):
     T, B, I, H, P = 4, 3, 5, 8, 3
     fused, ref = make_pair(dev, "LSTM", I, H, num_layers=2, bidirectional=True, proj_size=P)
-    compare(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, "LSTM", 4, B, H, P))
+    check_parity(fused, ref, torch.randn(T, B, I, device=dev), state_for(dev, "LSTM", 4, B, H, P))
 
 
 def packed_input(dev, features, lengths=(5, 2, 4, 1, 4), dtype=torch.float32):
@@ -226,13 +176,13 @@ def test_packed_unsorted(dev, kind, bidirectional):
     fused, ref = make_pair(dev, kind, I, H, bidirectional=bidirectional)
     x = packed_input(dev, I)
     hx = state_for(dev, kind, 2 if bidirectional else 1, 5, H)
-    compare(fused, ref, x, hx)
+    check_parity(fused, ref, x, hx)
 
 
 def test_packed_projection_bidirectional(dev):
     I, H, P = 4, 9, 5
     fused, ref = make_pair(dev, "LSTM", I, H, proj_size=P, bidirectional=True, num_layers=2)
-    compare(fused, ref, packed_input(dev, I), state_for(dev, "LSTM", 4, 5, H, P))
+    check_parity(fused, ref, packed_input(dev, I), state_for(dev, "LSTM", 4, 5, H, P))
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -242,10 +192,10 @@ def test_unfused_backward_on_request(dev, kind, monkeypatch):
     I, H = 4, 40
     fused, ref = make_pair(dev, kind, I, H, bidirectional=True)
     x, hx = packed_input(dev, I), state_for(dev, kind, 2, 5, H)
-    monkeypatch.setenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD", "1")
-    compare(fused, ref, x, hx)
-    monkeypatch.delenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD")
-    compare(fused, ref, x, hx)
+    fused_rnn.set_overrides(cuda_unfused_backward=1)
+    check_parity(fused, ref, x, hx)
+    fused_rnn.set_overrides(cuda_unfused_backward=0)
+    check_parity(fused, ref, x, hx)
 
 
 @pytest.mark.parametrize("rows", [16, 4, 1], ids=["16_rows", "4_rows_split_k", "1_row_split_k"])
@@ -257,11 +207,11 @@ def test_every_step_kernel_variant(dev, kind, rows, monkeypatch):
     I, H = 4, 70
     fused, ref = make_pair(dev, kind, I, H, bidirectional=True)
     x, hx = packed_input(dev, I), state_for(dev, kind, 2, 5, H)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "0")
-    monkeypatch.setenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK", str(rows))
-    compare(fused, ref, x, hx)
-    monkeypatch.delenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK")
-    compare(fused, ref, x, hx)
+    fused_rnn.set_overrides(cuda_persistent=0)
+    fused_rnn.set_overrides(cuda_rows_per_block=rows)
+    check_parity(fused, ref, x, hx)
+    fused_rnn.set_overrides(cuda_rows_per_block=0)
+    check_parity(fused, ref, x, hx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -269,18 +219,16 @@ def test_every_step_kernel_variant(dev, kind, rows, monkeypatch):
 def test_persistent_kernels(dev, emulation, kind, dtype, monkeypatch):
     """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward each in one cooperative launch
     (W_hh's slices resident in shared memory, a grid barrier a step), packed and bidirectional, a
-    batch above the default rule's 8, every output and gradient, and bitwise the same on a second
-    run. Under the emulation: 8 launches for the 2 layers' 2 directions, forward and backward (a
-    launch a step would be 56)."""
+    batch of 100 (the override lifts the default's batch rule), every output and gradient, and
+    bitwise the same on a second run. Under the emulation: 8 launches for the 2 layers' 2
+    directions, forward and backward (a launch a step would be 56)."""
     I, H = 4, 70
     fused, ref = make_pair(dev, kind, I, H, bidirectional=True, num_layers=2, dtype=dtype)
-    monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
-    tol = F32_TOL if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    hx = state_for(dev, kind, 4, 5, H)
-    hx = tuple(t.to(dtype) for t in hx) if isinstance(hx, tuple) else hx.to(dtype)
-    compare(fused, ref, packed_input(dev, I, dtype=dtype), hx, **tol)
+    fused_rnn.set_overrides(cuda_persistent=1)
+    hx = to_leaf(state_for(dev, kind, 4, 5, H), dtype)
+    check_parity(fused, ref, packed_input(dev, I, dtype=dtype), hx)
     x = torch.randn(7, 100, I, device=dev, dtype=dtype)
-    compare(fused, ref, x, **tol)
+    check_parity(fused, ref, x)
     runs = []
     assert launches(emulation, lambda: runs.append(run(fused, x))) in (None, 8)
     first, again = runs[0], run(fused, x)
@@ -318,7 +266,7 @@ def test_inference_without_saved(dev, kind, proj):
     x = torch.randn(5, 3, 4, device=dev)
     with torch.no_grad():
         out_f, out_r = fused(x), ref(x)
-    assert_all_close(leaves(out_f), leaves(out_r), "output", **F32_TOL)
+    assert_close(leaves(out_f), leaves(out_r), *TOLERANCE[torch.float32], "output")
 
 
 @pytest.mark.parametrize("kind", LAYERS)
@@ -334,7 +282,7 @@ def test_weights_changed_in_place_between_calls(dev, kind):
         ref.load_state_dict(fused.state_dict())
         fused.zero_grad(set_to_none=True)
         ref.zero_grad(set_to_none=True)
-        compare(fused, ref, x)
+        check_parity(fused, ref, x)
 
     check_against_reloaded_reference()
     w_hh = fused.weight_hh_l0
@@ -407,9 +355,9 @@ def test_half_tensor_core_tiles(dev, dtype, kind, batch, hidden):
 @pytest.mark.parametrize("kind,kwargs,shape", [
     ("LSTM", dict(proj_size=20), (4, 9, 6, 33)),            # P = 20: a partial k chunk, P != H
     ("GRU", dict(bidirectional=True, num_layers=2), (5, 8, 6, 24)),
-    ("LSTM", {}, (3, 261, 8, "large")),      # 38 unit tiles x 5 row tiles of 64: four row tiles per block
-    ("GRU", {}, (3, 261, 8, "large")),
-    ("RNN_TANH", {}, (3, 261, 8, "large")),
+    ("LSTM", {}, (3, LARGE_BATCH, 8, "large")),      # 38 unit tiles x 5 row tiles of 64: four row tiles per block
+    ("GRU", {}, (3, LARGE_BATCH, 8, "large")),
+    ("RNN_TANH", {}, (3, LARGE_BATCH, 8, "large")),
 ])
 def test_half_tensor_core_layers(dev, dtype, kind, kwargs, shape):
     T, B, I, H = shape
@@ -443,7 +391,7 @@ def test_persistent_tensor_cores(dev, emulation, dtype, kind, monkeypatch):
     torch.backends.cudnn.allow_tf32 = tf32
     try:
         for choice in ("0", "1"):
-            monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", choice)
+            fused_rnn.set_overrides(cuda_persistent=choice)
 
             def forward():
                 with torch.no_grad():
@@ -454,7 +402,7 @@ def test_persistent_tensor_cores(dev, emulation, dtype, kind, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(runs["0"], runs["1"]))
     assert emulation is None or (counts["0"], counts["1"]) == (28, 4), counts
     if not tf32:
-        monkeypatch.setenv("FUSED_RNN_CUDA_PERSISTENT", "1")
+        fused_rnn.set_overrides(cuda_persistent=1)
         compare_half_with_float32(dev, kind, dtype, x[:, :8], None, I, H)
 
 
@@ -502,7 +450,7 @@ def test_gradcheck_float64(dev, kind, reverse, proj, batch_sizes):
 @pytest.mark.parametrize("kind,kwargs,shape", [
     ("LSTM", dict(num_layers=2, bidirectional=True), (6, 8, 10, 40)),
     ("LSTM", dict(proj_size=17), (4, 5, 10, 70)),
-    ("GRU", {}, (5, 261, 16, "large")),   # four rows per thread (float32), four row tiles per block (half)
+    ("GRU", {}, (5, LARGE_BATCH, 16, "large")),   # four rows per thread (float32), four row tiles per block (half)
     ("RNN_TANH", dict(bidirectional=True), (6, 8, 10, 33)),
 ])
 def test_bitwise_reproducible(dev, kind, kwargs, shape, dtype):

@@ -18,7 +18,8 @@ sequences in both directions (steps that grow, shrink and empty), the projection
 gradients, inference without saved values, and outputs read through a row stride (the half types'
 float32 copy in `saved`). Every result must also be bitwise the same across runs and with the
 grid's blocks run in the opposite order. The tensor-core forward (float16, bfloat16, and float32 as
-TF32) is checked against the CPU op on the same rounded values; the cost model's picks on an H100.
+TF32) is checked against the CPU op on the same rounded values. The choices of variant and of
+the persistent kernels are held to their properties (a pick is a variant and runs; chosen => fits).
 
 Not covered here: speed, and everything the GPU itself adds (bench/GPU_NOTES.md); tests/test_cuda.py
 checks whole modules on the CUDA path against torch.nn, on a GPU and under the emulation.
@@ -29,6 +30,7 @@ import os
 import pytest
 import torch
 
+import fused_rnn
 from fused_rnn import _ops  # loads the extension, which registers torch.ops.fused_rnn
 from fused_rnn import testing
 from fused_rnn.testing import emulate_cuda
@@ -50,25 +52,17 @@ FORWARD_NAMES = ["y", "h_n", "c_n", "saved"]
 GRAD_NAMES = ["dx", "dh0", "dc0", "dw_ih", "dw_hh", "db_ih", "db_hh", "dw_hr"]
 
 
-def set_variable(name, value):
-    """os.environ[name] = str(value), or unset for None."""
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = str(value)
-
-
 @contextlib.contextmanager
 def environment(**values):
-    """The environment variables set (a value of None: unset) for the duration."""
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            set_variable(k, v)
+    """The CUDA overrides named by their variables (FUSED_RNN_CUDA_*), set for the duration (None:
+    the default) through fused_rnn.overrides_set, which the emulated CUDA half reads per call."""
+    defaults = {"cuda_persistent": "auto", "cuda_rows_per_block": 0, "cuda_unfused_backward": 0}
+    overrides = {}
+    for variable, value in values.items():
+        name = variable[len("FUSED_RNN_"):].lower()
+        overrides[name] = defaults[name] if value is None else value
+    with fused_rnn.overrides_set(**overrides):
         yield
-    finally:
-        for k, v in old.items():
-            set_variable(k, v)
 
 
 @contextlib.contextmanager
@@ -374,27 +368,6 @@ def test_tf32_rounds_as_the_hardware():
     assert to_tf32(-tie).item() == -(1.0 + ulp)
 
 
-def test_the_cost_model_picks_split_rows_for_small_batches():
-    """On an H100's 132 SMs at H = 512, float32 LSTM. Forward: one row a block at B = 1 (every warp
-    takes a quarter of the reduction instead of three of four multiplying padding), four at B = 8,
-    sixteen (the weights cross from L2 once per 16 rows) once the batch gives every SM blocks. The
-    fused backward's chunks are short (one "gate" of 32 columns): at B = 8 every variant waits out
-    one L2 round trip a chunk, and the 16-row one moves the fewest bytes. The tensor cores: one
-    16-row tile at B = 1, four at B = 256."""
-    with emulate_cuda() as gpu:
-        expected = {"forward": [1, 4, 16], "backward": [1, 16, 16]}
-        for kernel, rows in expected.items():
-            picks = [gpu.chosen_rows_per_block(kernel, "LSTM", b, 512) for b in (1, 8, 256)]
-            assert picks == rows, (kernel, picks)
-        assert [gpu.chosen_rows_per_block("tensor_core", "LSTM", b, 512) for b in (1, 256)] == [16, 64]
-        # FUSED_RNN_CUDA_ROWS_PER_BLOCK wins over the model; a count that no variant has leaves the model's pick
-        with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=16):
-            assert gpu.chosen_rows_per_block("forward", "LSTM", 1, 512) == 16
-            assert gpu.chosen_rows_per_block("tensor_core", "LSTM", 1, 512) == 16
-        with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=7):
-            assert gpu.chosen_rows_per_block("backward", "LSTM", 1, 512) == 1
-
-
 # --- the persistent kernels (csrc/cuda/persistent_loops.cuh): one cooperative launch a sequence ---
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -445,69 +418,6 @@ def test_persistent_bitwise_across_runs_and_block_orders():
                 assert all(torch.equal(a, b) for a, b in zip(first, other))
 
 
-def test_persistent_choice():
-    """Where the persistent forward runs by default, on an H100's 132 SMs and 227 KB a block: LSTM
-    float32 up to H = 1056 (132 blocks of 8 units; 1024: 128 blocks of 146 KB; 1100 needs 138), not in
-    float64 at H = 1024 (its slice needs 270 KB); GRU up to 132 blocks of 10 units, RNN up to
-    227 KB of slice and rows; never with a projection, and only up to B = 8.
-    FUSED_RNN_CUDA_PERSISTENT=1 lifts the batch rule, =0 turns it off."""
-    f64 = torch.float64
-    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
-        chosen = gpu.takes_persistent_kernel
-        assert chosen("forward", "LSTM", 8, 1024)
-        assert not chosen("forward", "LSTM", 8, 1100)
-        assert not chosen("forward", "LSTM", 8, 1024, dtype=f64)
-        assert chosen("forward", "LSTM", 8, 512, dtype=f64)
-        assert not chosen("forward", "LSTM", 8, 512, proj=256)
-        assert chosen("forward", "LSTM", 8, 512)
-        assert not chosen("forward", "LSTM", 9, 512)
-        assert chosen("forward", "GRU", 1, 1300)  # 130 blocks of 10
-        assert not chosen("forward", "GRU", 1, 1340)  # 134
-        assert chosen("forward", "RNN_TANH", 1, 1500)  # 213 KB of slice and rows
-        assert not chosen("forward", "RNN_TANH", 1, 1700)  # 245 KB
-        with environment(FUSED_RNN_CUDA_PERSISTENT=1):
-            assert chosen("forward", "LSTM", 256, 512)
-            assert not chosen("forward", "LSTM", 8, 1100)  # still cannot run
-        with environment(FUSED_RNN_CUDA_PERSISTENT=0):
-            assert not chosen("forward", "LSTM", 8, 512)
-
-
-def test_persistent_backward_choice():
-    """Where the persistent backward runs by default: W's columns [G*H][U] and 4 rows of dG a block,
-    192 bytes a unit in LSTM float32: LSTM up to H = 1056 (132 blocks of 8, 200 KB each), not 1064
-    (133 blocks); float64 to about half (512: 196 KB a block, 1024: 388 KB); GRU up to 1308 and
-    RNN up to 1600 by the shared memory; never with a projection, only up to B = 8; the
-    environment variable as for the forward."""
-    f64 = torch.float64
-    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
-        chosen = gpu.takes_persistent_kernel
-        assert chosen("backward", "LSTM", 8, 1056)
-        assert not chosen("backward", "LSTM", 8, 1064)
-        assert chosen("backward", "LSTM", 8, 512, dtype=f64)
-        assert not chosen("backward", "LSTM", 8, 1024, dtype=f64)
-        assert not chosen("backward", "LSTM", 8, 512, proj=256)
-        assert not chosen("backward", "LSTM", 9, 512)
-        assert chosen("backward", "GRU", 1, 1308)
-        assert not chosen("backward", "GRU", 1, 1316)
-        assert chosen("backward", "RNN_TANH", 1, 1600)
-        assert not chosen("backward", "RNN_TANH", 1, 1620)
-        with environment(FUSED_RNN_CUDA_PERSISTENT=1):
-            assert chosen("backward", "LSTM", 256, 512)
-        with environment(FUSED_RNN_CUDA_PERSISTENT=0):
-            assert not chosen("backward", "LSTM", 8, 512)
-
-
-def test_the_default_choice_runs_the_persistent_kernels_for_small_batches():
-    """With FUSED_RNN_CUDA_PERSISTENT unset, a layer of batch 8 takes one launch forward and one
-    backward; of batch 9, or with a projection, one a step."""
-    for batch, proj, persistent in ((8, 0, True), (9, 0, False), (8, 4, False)):
-        layer = Layer("LSTM", [batch] * 3, hidden=40, proj=proj, seed=59)  # 5 blocks of 8 units
-        with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
-            y, _, _, saved = layer.forward(False)
-            layer.backward(False, y, saved)
-        assert gpu.launches == (2 if persistent else 6), (batch, proj, gpu.launches)
-
-
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_persistent_backward_after_the_per_step_forward(kind):
     """The persistent backward on its own (the forward's launches per step), with and without dy,
@@ -545,42 +455,230 @@ def test_persistent_tensor_core_forward(kind, hidden, dtype, layout, reverse):
         assert torch.equal(a, f), f"{name}: not the same bits in the other block order"
 
 
-def test_persistent_tensor_core_choice():
-    """Where the persistent forward on the tensor cores runs by default (227 KB a block, 132 SMs):
-    the slice [Pk][G*16 + 8] and 16 rows of h in the operand type, 176 bytes a k for LSTM in
-    float16 / bfloat16 (up to H = 1280), 352 in TF32 (up to 640); GRU and RNN further; never with
-    a projection; only up to B = 8 unless FUSED_RNN_CUDA_PERSISTENT=1."""
+# --- the choices of variant and kernel: what they must satisfy, not where their limits fall ---------
+# The cost model (csrc/cuda/step_loops.cuh) and the persistent kernels' rule (persistent_loops.cuh)
+# place their limits by an estimate of a GPU's speed that only a GPU can check (bench/GPU_NOTES.md).
+# The tests hold the choices to what any placement must satisfy, on emulated GPUs of several sizes
+# (an H100's 132 multiprocessors among them): a pick is one of the kernel's variants and is the one
+# that runs; a persistent kernel is chosen only where its grid fits on the GPU at once (the
+# emulation refuses a cooperative launch that does not, as a GPU does), for every hidden size up to
+# a limit, which grows with the GPU and shrinks with wider elements; what runs by default is what
+# the choice says.
+
+GPU_SIZES = [1, 2, 4, 132]  # the emulated GPUs' multiprocessors
+VARIANTS = {"forward": CUDA_CORE_ROWS, "backward": CUDA_CORE_ROWS, "tensor_core": TENSOR_CORE_ROWS}
+PICK_BATCHES = list(range(1, 70)) + [96, 128, 200, 256, 261, 333, 512, 1000, 1024, 4096]
+PICK_HIDDEN = [1, 16, 33, 70, 128, 512, 1024, 2048]
+# The persistent kernels and their dtypes: on the CUDA cores the forward and the fused backward; on
+# the tensor cores the forward, by its operand type (float32 modules take TF32).
+PERSISTENT = {"forward": [torch.float32, torch.float64], "backward": [torch.float32, torch.float64],
+              "float16": [torch.float32], "bfloat16": [torch.float32], "tf32": [torch.float32]}
+PERSISTENT_CASES = [pytest.param(k, d, id=f"{k}-{str(d)[6:]}" if k in ("forward", "backward") else k)
+                    for k, dtypes in PERSISTENT.items() for d in dtypes]
+TENSOR_CORE_TYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "tf32": "tf32"}
+SWEPT_HIDDEN = 4096  # the persistent kernels' limits are looked for in hidden sizes 1 to this
+
+
+def model_picks(gpu, kernel, cell, dtype):
+    """{(batch, hidden): the model's rows per block} over PICK_BATCHES x PICK_HIDDEN."""
+    return {(b, h): gpu.chosen_rows_per_block(kernel, cell, b, h, dtype=dtype)
+            for b in PICK_BATCHES for h in PICK_HIDDEN}
+
+
+@pytest.mark.parametrize("kernel", list(VARIANTS))
+def test_the_cost_model_picks_a_variant_of_the_kernel(kernel):
+    """Over batches of 1 to 4096 rows and hidden sizes of 1 to 2048, on each GPU, every cell and
+    dtype: the model's pick is one of the kernel's variants, and on the H100 each variant is the
+    pick somewhere (none is left to FUSED_RNN_CUDA_ROWS_PER_BLOCK alone). The variable forces each
+    variant for every shape; a count that no variant has leaves the model's pick."""
+    dtypes = [torch.float32] if kernel == "tensor_core" else [torch.float32, torch.float64]
+    for sms in GPU_SIZES:
+        picked = set()
+        with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=None), emulate_cuda(multiprocessors=sms) as gpu:
+            for cell in CELLS:
+                for dtype in dtypes:
+                    picks = model_picks(gpu, kernel, cell, dtype)
+                    assert set(picks.values()) <= set(VARIANTS[kernel]), (sms, cell, dtype, set(picks.values()))
+                    picked |= set(picks.values())
+                    with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=7):
+                        assert model_picks(gpu, kernel, cell, dtype) == picks
+                    for rows in VARIANTS[kernel]:
+                        with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=rows):
+                            assert set(model_picks(gpu, kernel, cell, dtype).values()) == {rows}
+        if sms == 132:
+            assert picked == set(VARIANTS[kernel]), f"on an H100 the model never picks {set(VARIANTS[kernel]) - picked}"
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward"])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_the_model_runs_the_variant_it_picks(kind, kernel):
+    """chosen_rows_per_block names the variant that runs: at a batch where the model (on an H100,
+    H = 70) picks each variant, its run gives that variant's bits when forced. In float32 the bits
+    tell the 16-row variant from the split ones (which split k alike, so agree with each other)."""
+    H = 70
+    with environment(FUSED_RNN_CUDA_ROWS_PER_BLOCK=None), emulate_cuda() as gpu:
+        batch_for = {}
+        for batch in range(1, 300):
+            batch_for.setdefault(gpu.chosen_rows_per_block(kernel, kind, batch, H), batch)
+    assert len(batch_for) > 1, f"the model picks {set(batch_for)} at every batch of H = {H}"
+    for rows, batch in sorted(batch_for.items()):
+        layer = Layer(kind, [batch] * 3, hidden=H, dtype=torch.float32, seed=71)
+        y, _, _, saved = layer.forward(False)
+
+        def run(forced):
+            with cuda_path(forced):
+                return list(layer.forward(False) if kernel == "forward" else layer.backward(False, y, saved))
+
+        def same(a, b):
+            return all((u is None and v is None) or torch.equal(u, v) for u, v in zip(a, b))
+
+        model, forced = run(MODEL), {r: run(r) for r in CUDA_CORE_ROWS}
+        assert same(model, forced[rows]), f"batch {batch}: the model's run is not the {rows}-row variant's"
+        assert not all(same(model, forced[r]) for r in CUDA_CORE_ROWS), f"batch {batch}: the variants agree"
+
+
+def persistent_limit(gpu, kernel, cell, dtype, batch=1):
+    """The largest hidden size at which the persistent `kernel` is chosen for a padded layer of
+    `batch` rows, checked to be a limit: chosen at every size up to it, at none past it (a larger
+    layer needs more blocks and more shared memory a block), and past one unit."""
+    chosen = [gpu.takes_persistent_kernel(kernel, cell, batch, h, dtype=dtype) for h in range(1, SWEPT_HIDDEN + 1)]
+    limit = chosen.index(False) if False in chosen else SWEPT_HIDDEN
+    assert 1 <= limit < SWEPT_HIDDEN, (kernel, cell, dtype, batch, limit)
+    assert True not in chosen[limit:], \
+        f"{kernel} {cell}: chosen at H = {chosen.index(True, limit) + 1}, not at {limit + 1}"
+    return limit
+
+
+def persistent_limits(kernel):
+    """{(multiprocessors, cell, dtype): persistent_limit} on every GPU of GPU_SIZES, by default."""
+    limits = {}
+    for sms in GPU_SIZES:
+        with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda(multiprocessors=sms) as gpu:
+            for cell in CELLS:
+                for dtype in PERSISTENT[kernel]:
+                    limits[sms, cell, dtype] = persistent_limit(gpu, kernel, cell, dtype)
+    return limits
+
+
+@pytest.mark.parametrize("kernel", list(PERSISTENT))
+def test_the_persistent_choice_is_a_limit_on_the_hidden_size(kernel):
+    """For a batch of one, each cell and dtype, on each GPU: the persistent kernel is chosen up to
+    a hidden size and not past it (persistent_limit); the limit does not shrink on a GPU with more
+    multiprocessors, nor grow with float64's wider elements; with a projection, which the persistent
+    kernels do not have, never."""
+    limits = persistent_limits(kernel)
+    for (sms, cell, dtype), limit in limits.items():
+        for more in (s for s in GPU_SIZES if s > sms):
+            assert limits[more, cell, dtype] >= limit, (cell, dtype, {s: limits[s, cell, dtype] for s in GPU_SIZES})
+        assert limit <= limits[sms, cell, torch.float32], (sms, cell, limit, limits[sms, cell, torch.float32])
     with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
-        chosen = gpu.takes_persistent_kernel
-        for half in ("float16", "bfloat16"):
-            assert chosen(half, "LSTM", 8, 1280)
-            assert not chosen(half, "LSTM", 8, 1288)
-            assert chosen(half, "GRU", 1, 1584)
-            assert not chosen(half, "GRU", 1, 1592)
-            assert chosen(half, "RNN_TANH", 1, 2112)  # 132 blocks of 16
-            assert not chosen(half, "RNN_TANH", 1, 2120)
-            assert not chosen(half, "LSTM", 8, 512, proj=256)
-            assert not chosen(half, "LSTM", 9, 512)
-        assert chosen("tf32", "LSTM", 8, 640)
-        assert not chosen("tf32", "LSTM", 8, 648)
-        with environment(FUSED_RNN_CUDA_PERSISTENT=1):
-            assert chosen("bfloat16", "LSTM", 64, 512)
-        with environment(FUSED_RNN_CUDA_PERSISTENT=0):
-            assert not chosen("bfloat16", "LSTM", 8, 512)
+        for hidden in range(2, limits[132, "LSTM", torch.float32] + 1):
+            assert not gpu.takes_persistent_kernel(kernel, "LSTM", 1, hidden, proj=hidden // 2), hidden
+
+
+def test_the_tensor_cores_persistent_limit_follows_the_operand_size():
+    """The tensor cores' persistent forward keeps W_hh in shared memory in the operand type: the two
+    16-bit types reach the same hidden size on every GPU, TF32 (4 bytes) no further."""
+    f16, bf16, tf32 = (persistent_limits(kernel) for kernel in ("float16", "bfloat16", "tf32"))
+    assert f16 == bf16
+    assert all(tf32[key] <= f16[key] for key in f16), (tf32, f16)
+
+
+@pytest.mark.parametrize("kernel", list(PERSISTENT))
+def test_the_persistent_choice_and_the_batch(kernel):
+    """On the H100, at hidden sizes up to and past each cell's limit: what fits does not depend on
+    the batch (the kernels pass over the rows), so FUSED_RNN_CUDA_PERSISTENT=1 takes the kernel at
+    any batch where it takes it at one; =0 never. By default: where it is taken at a batch it is
+    at every smaller one, at one row wherever it fits, and it stops at some batch (beyond, the
+    per-step kernels spread the rows over more multiprocessors)."""
+    batches = list(range(1, 65)) + [100, 256, 1024]
+    for cell in CELLS:
+        for dtype in PERSISTENT[kernel]:
+            with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
+                limit = persistent_limit(gpu, kernel, cell, dtype)
+                hidden_sizes = [1, max(1, limit // 2), limit, limit + 1]
+                default = {h: [gpu.takes_persistent_kernel(kernel, cell, b, h, dtype=dtype) for b in batches]
+                           for h in hidden_sizes}
+                with environment(FUSED_RNN_CUDA_PERSISTENT=1):
+                    forced = {h: [gpu.takes_persistent_kernel(kernel, cell, b, h, dtype=dtype) for b in batches]
+                              for h in hidden_sizes}
+                with environment(FUSED_RNN_CUDA_PERSISTENT=0):
+                    assert not any(gpu.takes_persistent_kernel(kernel, cell, b, h, dtype=dtype)
+                                   for b in batches for h in hidden_sizes)
+            for h in hidden_sizes:
+                assert forced[h] == [h <= limit] * len(batches), (cell, dtype, h)
+                assert default[h][0] == (h <= limit), (cell, dtype, h)
+                taken = default[h].count(True)
+                assert default[h] == [True] * taken + [False] * (len(batches) - taken), (cell, dtype, h)
+                assert taken < len(batches), f"{cell} {dtype} H = {h}: taken by default at a batch of {batches[-1]}"
+
+
+@pytest.mark.parametrize("kernel,dtype", PERSISTENT_CASES)
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_a_chosen_persistent_kernel_fits_the_gpu(kind, kernel, dtype):
+    """Chosen => fits: on a GPU of two multiprocessors (small limits, quick layers), at the largest
+    hidden size where the persistent kernel is chosen for the packed layout's batch, it runs the
+    layer in one cooperative launch, which the emulation makes only where every block of its grid
+    is resident at once, as a GPU does, with the CPU half's results. One unit more it is not chosen
+    even with FUSED_RNN_CUDA_PERSISTENT=1, and the layer runs a launch a step, with the same results."""
+    sms, batch_sizes = 2, LAYOUTS["packed"]
+    with environment(FUSED_RNN_CUDA_PERSISTENT=1), emulate_cuda(multiprocessors=sms) as gpu:
+        limit = persistent_limit(gpu, kernel, kind, dtype, batch=batch_sizes[0])
+    for hidden, chosen in ((limit, True), (limit + 1, False)):
+        layer = Layer(kind, batch_sizes, hidden=hidden, dtype=dtype, seed=73)
+        expected_launches = 1 if chosen else layer.steps()
+        if kernel in TENSOR_CORE_TYPES:
+            layer, reference = tensor_core_layers(layer, TENSOR_CORE_TYPES[kernel])
+            actual, launches = tensor_core_forward(layer, TENSOR_CORE_TYPES[kernel], False, persistent=True,
+                                                   multiprocessors=sms)
+            assert_tensor_core_close(actual, reference.forward(False), TENSOR_CORE_TYPES[kernel])
+        else:
+            expected = layer.forward(False)
+            y, saved = expected[0], expected[3]
+            names = FORWARD_NAMES
+            if kernel == "backward":
+                expected, names = layer.backward(False, y, saved), GRAD_NAMES
+            with cuda_path(persistent=True, multiprocessors=sms) as run:
+                actual = layer.forward(False) if kernel == "forward" else layer.backward(False, y, saved)
+            launches = run.launches
+            assert_close_all(actual, expected, names, TOL[dtype])
+        assert launches == expected_launches, (hidden, launches)
+
+
+def test_the_default_run_follows_the_choice():
+    """With FUSED_RNN_CUDA_PERSISTENT unset, a layer runs as takes_persistent_kernel says, forward
+    and backward (one launch each, or one a step): at the largest batch the default takes each
+    for, one row more, and with a projection."""
+    H, dtype = 40, torch.float64
+    with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as gpu:
+        largest = [max(b for b in range(1, 1025) if gpu.takes_persistent_kernel(kernel, "LSTM", b, H, dtype=dtype))
+                   for kernel in ("forward", "backward")]
+        seen = set()
+        for batch, proj in sorted({(b + more, 0) for b in largest for more in (0, 1)} | {(1, 4)}):
+            layer = Layer("LSTM", [batch] * 3, hidden=H, proj=proj, dtype=dtype, seed=59)
+            persistent = [gpu.takes_persistent_kernel(kernel, "LSTM", batch, H, proj, dtype=dtype)
+                          for kernel in ("forward", "backward")]
+            before = gpu.launches
+            y, _, _, saved = layer.forward(False)
+            layer.backward(False, y, saved)
+            expected = sum(1 if p else layer.steps() for p in persistent)
+            assert gpu.launches - before == expected, (batch, proj, persistent)
+            seen.update(persistent)
+    assert seen == {True, False}, "the default took one way only"
 
 
 def test_the_emulation_gives_the_cpu_half_its_ops_back():
     """Outside emulate_cuda() nothing is launched; inside it the same call launches; contexts nest,
-    the innermost one's GPU emulated (4 SMs cannot hold the 128 blocks of an LSTM's persistent
-    forward at H = 1024, 132 can) and the outer one's again after it."""
+    the innermost one's GPU emulated (4 SMs hold a smaller persistent LSTM forward than 132: not
+    the outer GPU's largest) and the outer one's again after it."""
     layer = Layer("GRU", LAYOUTS["packed"], seed=61)
     with environment(FUSED_RNN_CUDA_PERSISTENT=None), emulate_cuda() as outer:
         layer.forward(False)
-        assert outer.takes_persistent_kernel("forward", "LSTM", 8, 1024)
+        limit = persistent_limit(outer, "forward", "LSTM", torch.float32)
         with emulate_cuda(multiprocessors=4) as inner:
-            assert not inner.takes_persistent_kernel("forward", "LSTM", 8, 1024)
+            assert persistent_limit(inner, "forward", "LSTM", torch.float32) < limit
             layer.forward(False)
-        assert outer.takes_persistent_kernel("forward", "LSTM", 8, 1024)
+        assert persistent_limit(outer, "forward", "LSTM", torch.float32) == limit
         assert inner.launches == layer.steps()  # a batch of 18: a launch a step
         layer.forward(False)
     assert outer.launches == 3 * layer.steps()

@@ -73,7 +73,7 @@ def test_compile_over_changing_shapes_makes_at_most_two_graphs():
 
 def test_compile_packed_input_recompiles_once_per_batch_sizes_pattern():
     """PackedSequence: batch_sizes is a list of step sizes, read as numbers, so each new pattern is
-    one more graph (the README says so); a pattern seen before is not compiled again."""
+    one more graph (docs/ecosystem.md says so); a pattern seen before is not compiled again."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = fused_rnn.GRU(3, 4, bidirectional=True)

@@ -5,6 +5,8 @@ dropout in training, T, B, I, H, packed or padded or unbatched, hx given or not)
 outputs and gradients; random malformed hidden states and batch_sizes must raise, never run.
 The budget is fixed and the examples derandomized, so CI is reproducible and quick.
 """
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -138,7 +140,13 @@ def test_malformed_hidden_state_always_raises(kind, layers, bidirectional, batch
         hx = bad
     with pytest.raises(ERRORS):
         ref(x, hx)
-    with pytest.raises(ERRORS, match="h_0|c_0|hx"):
+    name = ("h_0", "c_0")[which] if kind == "LSTM" else "hx"  # the malformed state, as our message names it
+    if len(shape) != len(expected):
+        words = (f"{kind}: for {'batched 3' if batched else 'unbatched 2'}-D input, {name} should be "
+                 f"{len(expected)}-D but got a {len(shape)}-D tensor")
+    else:
+        words = f"{kind}: Expected {name} of size {expected} "
+    with pytest.raises(RuntimeError, match=re.escape(words)):
         fused(x, hx)
 
 

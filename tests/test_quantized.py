@@ -4,10 +4,7 @@ dynamic-quantization API around it (quantize_dynamic, from_float, state_dict, pi
 convert)."""
 import copy
 import io
-import os
 import pickle
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -67,8 +64,9 @@ def unpacked(panels, gates, H, K):
     """The int8 matrix [gates·H, K] of weight panels, from their layout's definition
     (csrc/cpu/layer_cpu.h: pack_int8_panels): panels[i][j][4r + t] = q[g·H + 16m + r][4j + t],
     group i = g·⌈H/16⌉ + m."""
-    groups, quads = (H + 15) // 16, (K + 3) // 4
-    q = panels.view(gates, groups, quads, 16, 4).permute(0, 1, 3, 2, 4).reshape(gates, groups * 16, quads * 4)
+    rows, quad = fused_rnn._C.INT8_GROUP_ROWS, fused_rnn._C.INT8_QUAD
+    groups, quads = -(-H // rows), -(-K // quad)
+    q = panels.view(gates, groups, quads, rows, quad).permute(0, 1, 3, 2, 4).reshape(gates, groups * rows, quads * quad)
     return q[:, :H, :K].reshape(gates * H, K)
 
 
@@ -126,12 +124,13 @@ def test_weight_panels_hold_the_weights_and_zeros(gates, H, K):
     torch.manual_seed(5)
     q = torch.randint(-128, 128, (gates * H, K), dtype=torch.int8)
     panels = torch.ops.fused_rnn.quantized_pack_weight(q, gates)
-    groups, quads = (H + 15) // 16, (K + 3) // 4
-    assert panels.shape == (gates * groups, quads, 64) and panels.dtype == torch.int8
+    rows, quad = fused_rnn._C.INT8_GROUP_ROWS, fused_rnn._C.INT8_QUAD
+    groups, quads = -(-H // rows), -(-K // quad)
+    assert panels.shape == (gates * groups, quads, fused_rnn._C.INT8_PANEL_BYTES) and panels.dtype == torch.int8
     assert torch.equal(unpacked(panels, gates, H, K), q)
-    padded = torch.zeros(gates, groups * 16, quads * 4, dtype=torch.int8)
+    padded = torch.zeros(gates, groups * rows, quads * quad, dtype=torch.int8)
     padded[:, :H, :K] = q.view(gates, H, K)
-    assert torch.equal(unpacked(panels, gates, groups * 16, quads * 4), padded.view(-1, quads * 4))
+    assert torch.equal(unpacked(panels, gates, groups * rows, quads * quad), padded.view(-1, quads * quad))
     with pytest.raises(RuntimeError, match="int8 CPU weight"):
         torch.ops.fused_rnn.quantized_pack_weight(q.float(), gates)
     fake = torch._subclasses.fake_tensor.FakeTensorMode()
@@ -178,23 +177,30 @@ def test_each_sequence_is_computed_on_its_own(cell):
 
 def test_threads_and_kernels_give_the_same_bits():
     """The same bits for 1 and 2 threads, and for every integer kernel this CPU has (VNNI, AVX2,
-    scalar: FUSED_RNN_INT8_KERNEL, read once per process, so each in its own process)."""
-    script = (
-        "import torch, fused_rnn, warnings; warnings.simplefilter('ignore');"
-        "from fused_rnn import quantized; torch.manual_seed(0);"
-        "f = fused_rnn.LSTM(70, 90, num_layers=2); q = quantized.LSTM.from_float(f);"
-        "x = torch.randn(13, 9, 70); outs = [];"
-        "[outs.append((torch.set_num_threads(n), q(x)[0])[1]) for n in (1, 2)];"
-        "assert torch.equal(outs[0], outs[1]);"
-        "import sys; torch.save(outs[0], sys.argv[1])")
-    results = []
-    for kernel in ("", "avx2", "scalar"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"fused_rnn_int8_{kernel or 'best'}_{os.getpid()}.pt")
-        env = dict(os.environ, FUSED_RNN_INT8_KERNEL=kernel)
-        subprocess.run([sys.executable, "-c", script, path], env=env, check=True, timeout=300)
-        results.append(torch.load(path))
-        os.remove(path)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    scalar: the int8_kernel override, and the plan follows it)."""
+    import warnings
+    from fused_rnn import quantized
+    kernels = fused_rnn.override_choices()["int8_kernel"]
+    assert "scalar" in kernels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        q = quantized.LSTM.from_float(fused_rnn.LSTM(70, 90, num_layers=2))
+    x = torch.randn(13, 9, 70)
+    results, planned = [], set()
+    threads = torch.get_num_threads()
+    try:
+        for kernel in kernels:
+            with fused_rnn.overrides_set(int8_kernel=kernel):
+                planned.add(fused_rnn.cpu_plan("LSTM", batch=9, input_size=70, hidden_size=90, pass_="int8")["products"])
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    results.append(q(x)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(planned) == len([k for k in kernels if k != "auto"])  # each choice is a kernel of its own
+    for r in results[1:]:
+        assert torch.equal(results[0], r)
 
 
 def test_too_wide_for_int32_sums_is_refused():

@@ -184,18 +184,16 @@ def test_two_threads_one_module(kind, extra):
                     reason="needs a GPU with 40 GB")
 def test_sizes_past_2_31_elements_cuda():
     """x·W_ihᵀ for all steps has T·B·4H > 2^31 elements (and so do the row offsets into it): the
-    result must be right, or the call must be refused with a message that says why."""
+    result must be right. The CUDA path refuses no such size (the only size it refuses is a step
+    that its kernel's grid cannot hold, "step too large for the CUDA kernel's grid": 2^31 rows, or
+    65,535 unit tiles, far from these 1,024 rows of 512 units), so a refusal fails the test."""
     torch.manual_seed(2)
     T, B, I, H = 1025, 1024, 1, 512
     assert T * B * 4 * H > 2**31
     lstm = fused_rnn.LSTM(I, H, device="cuda")
     x = torch.randn(T, B, I, device="cuda")
-    try:
-        with torch.no_grad():
-            out, (h_n, c_n) = lstm(x)
-    except RuntimeError as exc:
-        assert any(s in str(exc) for s in ("2^31", "2**31", "int32", "too large", "exceeds", "elements")), exc
-        return
+    with torch.no_grad():
+        out, (h_n, c_n) = lstm(x)
     # The last batch rows, computed alone (a small problem), must agree with the big call.
     rows = slice(B - 4, B)
     with torch.no_grad():

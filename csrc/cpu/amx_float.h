@@ -1,6 +1,6 @@
 // float32 products on AMX where the CPU has it (Intel since Sapphire Rapids), at float32's
 // accuracy: the forward's x·W_ihᵀ and its steps' h·W_hhᵀ, the backward's dG·W_hh and dX = dG·W_ih
-// (layer_cpu.cpp's AmxSplit).
+// (amx_split.h). The CPU's grant of the AMX state is asked for in cpu_features.h.
 //
 // AMX multiplies bfloat16 (8 significant bits) into float32 sums. A float32 splits exactly into
 // three bfloat16s, x = hi + mid + lo, and a product a·b keeps float32's accuracy as the six
@@ -12,7 +12,7 @@
 //
 // Each output is one fixed sequence of tile products over k, whichever thread or block computes
 // it: reproducible, and the same bits for any number of threads. Not the AVX-512 tiles' bits;
-// FUSED_RNN_FLOAT_KERNEL=avx512 asks for those (tests run both). TDPBF16PS treats subnormal
+// the float_kernel override asks for those (tests run both). TDPBF16PS treats subnormal
 // bfloat16s as zero: inputs below 2^-126 in magnitude count as zero, and floats below about
 // 2^-110 lose their lo part.
 #pragma once
@@ -46,13 +46,10 @@ inline int64_t amx_group_size(int64_t K) { return kAmxTile * 3 * amx_depth(K); }
 
 #if defined(__x86_64__) && defined(__linux__)
 
-// Whether the forward's float32 products take AMX: the CPU has AMX-BF16 and AVX512-BF16, the
-// kernel grants this process the AMX state (Linux 5.16+), and FUSED_RNN_FLOAT_KERNEL does not ask
-// for the AVX-512 tiles (avx512) or the AVX2 ones (avx2). Decided once per process.
-inline bool amx_float_kernels() {
-  static const bool amx = [] {
-    const char* asked = std::getenv("FUSED_RNN_FLOAT_KERNEL");
-    if (asked && (std::string(asked) == "avx512" || std::string(asked) == "avx2")) return false;
+// Whether this CPU has AMX-BF16 and AVX512-BF16 and the kernel grants this process the AMX state
+// (Linux 5.16+, arch_prctl). Asks once; cpu_features.h (and bench/amx_probe.cpp) call it.
+inline bool amx_granted() {
+  static const bool granted = [] {
     if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bf16") ||
         !__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) {
       return false;
@@ -60,11 +57,16 @@ inline bool amx_float_kernels() {
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
-  return amx;
+  return granted;
 }
 
 #define FUSED_RNN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bf16,avx512bw")))
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12  // PR 105593: see wide_float.h
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 // bfloat16 as float (exact).
 FUSED_RNN_AMX inline __m512 amx_widen(__m256bh b) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(b)), 16));
@@ -143,6 +145,9 @@ FUSED_RNN_AMX inline void amx_split_kmajor(const float* w, int64_t ldw, int64_t 
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic pop
+#endif
 
 struct AmxTileConfig {  // palette 1: eight tiles of 16 rows x 64 bytes
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -252,7 +257,7 @@ FUSED_RNN_AMX inline void amx_product(const uint16_t* a, int64_t a_group, int64_
 #undef FUSED_RNN_AMX
 
 #else  // not x86-64 Linux
-inline bool amx_float_kernels() { return false; }
+inline bool amx_granted() { return false; }
 inline void amx_split_rows(const float* const*, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
 inline void amx_split_columns(const float*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }
 inline void amx_split_kmajor(const float*, int64_t, int64_t, int64_t, uint16_t*) { __builtin_trap(); }

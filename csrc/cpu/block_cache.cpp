@@ -9,7 +9,7 @@
 // defrag=madvise setting they made the first write stall on compaction at random, 195 to 255 ms
 // for the same forward.
 //
-// The cache holds at most FUSED_RNN_CPU_CACHE_MB megabytes (default 1024; 0 turns it off) of free
+// The cache holds at most cpu_cache_mb megabytes (the FUSED_RNN_CPU_CACHE_MB override; default 1024, 0 turns it off) of free
 // blocks; fused_rnn.empty_cache() gives them all back. Blocks are reused for requests of up to
 // 5/4 their size and taken best-fit, so a training loop over sequences of varying length reuses
 // its blocks too.
@@ -18,10 +18,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
 #include <map>
 #include <mutex>
 
+#include "../overrides.h"
 #include "layer_cpu.h"
 
 namespace fused_rnn {
@@ -37,21 +37,10 @@ class BlockCache final : public c10::Allocator {
   };
 
  public:
-  BlockCache() {
-    const char* limit = std::getenv("FUSED_RNN_CPU_CACHE_MB");
-    if (!limit) {
-      limit_ = size_t{1024} << 20;
-      return;
-    }
-    char* end = nullptr;
-    const unsigned long long megabytes = std::strtoull(limit, &end, 10);
-    TORCH_CHECK(*limit != '\0' && *end == '\0' && *limit != '-' && megabytes < (1ull << 40),
-                "fused_rnn: FUSED_RNN_CPU_CACHE_MB must be a whole number of megabytes (0 turns the CPU block "
-                "cache off), got '", limit, "'");
-    limit_ = static_cast<size_t>(megabytes) << 20;
-  }
-
-  bool enabled() const { return limit_ > 0; }
+  // The limit is the cpu_cache_mb override's (csrc/overrides.h), read at every use, so that a
+  // change applies to the next block freed.
+  static size_t limit() { return static_cast<size_t>(override_value(Override::kCpuCacheMb)) << 20; }
+  bool enabled() const { return limit() > 0; }
 
   c10::DataPtr allocate(size_t bytes) override {
     Block block = take(bytes);
@@ -109,7 +98,7 @@ class BlockCache final : public c10::Allocator {
     if (!data) return;  // a zero-byte request (a tensor resized to nothing)
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_ + size <= limit_) {
+      if (cached_ + size <= limit()) {
         free_.emplace(size, data);
         cached_ += size;
         return;
@@ -120,7 +109,7 @@ class BlockCache final : public c10::Allocator {
 
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;  // size -> block
-  size_t cached_ = 0, limit_ = 0;
+  size_t cached_ = 0;
 };
 
 }  // namespace

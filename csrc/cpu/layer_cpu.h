@@ -1,10 +1,12 @@
 // The CPU half's loops and helpers, shared by the files of csrc/cpu/: ops_cpu.cpp (the ops on the
-// CPU) calls the step loops of layer_cpu.cpp, and quantized_cpu.cpp holds the int8 path.
+// CPU) asks kernel_plan.h for a plan and runs the step loops of forward_loop.cpp and
+// backward_loop.cpp with it; quantized_cpu.cpp holds the int8 path.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "../layer.h"
+#include "kernel_plan.h"
 
 namespace fused_rnn {
 
@@ -15,19 +17,6 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options);
 // The bytes of free blocks the cache holds, and giving them all back (fused_rnn.empty_cache()).
 size_t cpu_cache_bytes();
 void empty_cpu_cache();
-// Which kernel the CPU's float32 matrix products take: "AVX-512" (csrc/cpu/wide_float.h) or
-// "AVX2" (block_product and BLAS; also where FUSED_RNN_FLOAT_KERNEL=avx2 asks for it).
-const char* cpu_float_kernel();
-// What the float32 forward's x·W_ihᵀ takes (batches of two and more): "AMX" (csrc/cpu/amx_float.h,
-// on a CPU with AMX-BF16 unless FUSED_RNN_FLOAT_KERNEL=avx512 or avx2; then also the backward's
-// dX, and the steps' products of batches from 16 rows), "tiles" (wide_float.h) or "BLAS" (with
-// the AVX2 kernel).
-const char* cpu_input_projection();
-// What the float32 backward's weight gradients (dW) take with the AVX-512 kernel: "tiles"
-// (wide_float.h) or "BLAS" (on Intel, or where FUSED_RNN_CHUNK_GEMM=blas asks for it). dX takes
-// the tiles with AVX-512 either way.
-const char* cpu_gradient_gemm();
-
 // The step loops. All tensors are contiguous except the documented views.
 //   x, w_ih, bias  [N, I], [G*H, I], the folded bias [G*H] (or undefined): the loop computes
 //                    x·W_ihᵀ + bias a chunk of steps at a time
@@ -35,7 +24,7 @@ const char* cpu_gradient_gemm();
 //   y      [N, P]    output, written
 //   h, c   [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
 //   saved  [N, saved_cols] written when defined (a gradient is wanted)
-void forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
+void forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
                       const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
                       const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
 
@@ -57,7 +46,7 @@ inline int64_t int8_quads(int64_t K) { return (K + kInt8Quad - 1) / kInt8Quad; }
 // The forward of the int8 inference path (csrc/cpu/quantized_cpu.cpp): x [N, I] and every
 // activation quantized row by row to 8 bits, int32 sums, the gate math in float32. bias is the
 // folded bias [G*H] (or undefined), b_hn GRU's n-gate hidden bias; y, h, c as forward_loop_cpu's.
-void quantized_forward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const QuantizedMatrix& w_ih,
+void quantized_forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const QuantizedMatrix& w_ih,
                                 const QuantizedMatrix& w_hh, const at::Tensor& bias, const at::Tensor& b_hn,
                                 at::Tensor& y, at::Tensor& h, at::Tensor& c);
 
@@ -77,7 +66,7 @@ struct LayerGrads {
 //   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
 // The CPU loop also delivers `grads`, from x [N, I] and w_ih [G*H, I]: it multiplies the gate
 // gradients out a chunk of steps at a time, while they are in cache.
-void backward_loop_cpu(const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
+void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
                        const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, const at::Tensor& outputs,
                        const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads);

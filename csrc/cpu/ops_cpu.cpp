@@ -1,7 +1,7 @@
 // The CPU half of the ops fused_rnn::layer_forward and fused_rnn::layer_backward: after the
-// contract's checks (layer.h), the outputs' allocation and the step loops of layer_cpu.cpp, which
-// compute the input projection and the weight and input gradients themselves, a chunk of steps at
-// a time. Half types are upcast: the whole op runs in float32, as torch.nn does on the CPU.
+// contract's checks (layer.h), the outputs' allocation, the call's kernel plan (kernel_plan.h) and
+// the step loops (forward_loop.cpp, backward_loop.cpp), which compute the input projection and the
+// weight and input gradients themselves, a chunk of steps at a time. Half types are upcast: the whole op runs in float32, as torch.nn does on the CPU.
 #include <torch/library.h>
 
 #include "layer_cpu.h"
@@ -22,7 +22,8 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
   const auto opts = op.h.options();
   Tensor y = empty_large({s.N, s.P}, opts);
   Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop_cpu(s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  const cpu::CpuPlan plan = cpu::plan_cpu(cpu::Pass::kForward, s, op.x.scalar_type());
+  forward_loop_cpu(plan, s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
   return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
@@ -48,7 +49,8 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // resolve_conj makes a real copy for complex types and is free for real ones.
   const Tensor w_hh_conj = op.w_hh.conj().resolve_conj();
   const Tensor w_proj_conj = s.proj ? op.w_hr.conj().resolve_conj() : Tensor();
-  backward_loop_cpu(s, reverse, op.x, op.w_ih, w_hh_conj, w_proj_conj, op.outputs, op.h0, op.c0, op.saved, op.dy,
+  const cpu::CpuPlan plan = cpu::plan_cpu(cpu::Pass::kBackward, s, op.x.scalar_type(), need_input_grad);
+  backward_loop_cpu(plan, s, reverse, op.x, op.w_ih, w_hh_conj, w_proj_conj, op.outputs, op.h0, op.c0, op.saved, op.dy,
                     op.dh, op.dc, dh_total, g);
   // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.
   if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);

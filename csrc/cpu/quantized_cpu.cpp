@@ -15,9 +15,9 @@
 // bits and split each activation into its two 4-bit halves instead, two exact vpmaddubsw products.
 // Both give the same integers, and the scaling is done element by element in a fixed order, so
 // results are bitwise the same for either kernel and any number of threads
-// (FUSED_RNN_INT8_KERNEL=avx2|scalar forces a lesser kernel). W is read in panels, below.
+// (the int8_kernel override, csrc/overrides.h, forces a lesser kernel). W is read in panels, below.
 //
-// The loop is the float forward's (layer_cpu.cpp): one team for the whole sequence, each thread a
+// The loop is the float forward's (forward_loop.cpp): one team for the whole sequence, each thread a
 // fixed share of the hidden units, x's projection a chunk of steps at a time, the gate math in
 // float32 from cells.h.
 #if defined(__AVX2__)
@@ -32,7 +32,11 @@
 #include <limits>
 #include <string>
 
-#include "step_team.h"
+#include "cell_units.h"
+#include "layer_cpu.h"
+#include "chunks.h"
+#include "kernel_plan.h"
+#include "team.h"
 
 namespace fused_rnn {
 namespace {
@@ -246,6 +250,11 @@ FUSED_RNN_VNNI inline GroupVectors group_vectors(const PanelTile& t, int64_t i) 
           t.bias ? _mm512_maskz_loadu_ps(mask, t.bias + col) : _mm512_setzero_ps()};
 }
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12  // PR 105593: see wide_float.h
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 FUSED_RNN_VNNI inline void store_vnni(const PanelTile& t, const GroupVectors& g, int64_t b, __m512i sum) {
   const QuantizedRow& a = t.x.rows[t.b + b];
   const __m512i zero_sums = _mm512_mullo_epi32(_mm512_set1_epi32(a.zero), g.row_sum);
@@ -254,6 +263,9 @@ FUSED_RNN_VNNI inline void store_vnni(const PanelTile& t, const GroupVectors& g,
   _mm512_mask_storeu_ps(t.out + (t.b + b) * t.ld + g.col, g.mask,
                         t.bias ? _mm512_fmadd_ps(value, scale, g.bias) : _mm512_mul_ps(value, scale));
 }
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic pop
+#endif
 
 // The VNNI tiles, GROUPS(F, b) x ROWS(F) written out: with the accumulators in an array, GCC 12
 // keeps them in memory or copies each around every vpdpbusd (2-3x slower, measured). c<g><b>
@@ -333,32 +345,15 @@ FUSED_RNN_TILE(vnni_tile_1x1)
 #undef FUSED_RNN_VNNI
 #endif
 
-// The integer kernel: the best the CPU has, or a lesser one named by FUSED_RNN_INT8_KERNEL
-// (avx2, scalar: for tests, which check that all give the same bits). Chosen once.
-enum class Int8Kernel { kScalar, kAvx2, kVnni };
-
-Int8Kernel int8_kernel() {
-  static const Int8Kernel kernel = [] {
-    const char* asked = std::getenv("FUSED_RNN_INT8_KERNEL");
-    const std::string name = asked ? asked : "";
-#if defined(__AVX2__)
-    if (name == "scalar") return Int8Kernel::kScalar;
-    if (name != "avx2" && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) {
-      return Int8Kernel::kVnni;
-    }
-    return Int8Kernel::kAvx2;
-#else
-    return Int8Kernel::kScalar;
-#endif
-  }();
-  return kernel;
-}
+// The integer kernel is the plan's (kernel_plan.h: the best the CPU has, or the int8_kernel
+// override's): all give the same bits.
+using Int8Kernel = cpu::Kernel;
 
 // G groups (1 or 2) x NB activation rows from t.group and t.b, by the chosen kernel.
 template <int NB>
 void panel_tile(Int8Kernel kernel, int64_t G, const PanelTile& t) {
 #if defined(__AVX2__)
-  if (kernel == Int8Kernel::kVnni) {
+  if (kernel == Int8Kernel::kInt8Vnni) {
     if constexpr (NB == 8) return G == 2 ? vnni_tile_2x8(t) : vnni_tile_1x8(t);
     if constexpr (NB == 4) return G == 2 ? vnni_tile_2x4(t) : vnni_tile_1x4(t);
     if constexpr (NB == 2) return G == 2 ? vnni_tile_2x2(t) : vnni_tile_1x2(t);
@@ -368,7 +363,7 @@ void panel_tile(Int8Kernel kernel, int64_t G, const PanelTile& t) {
   for (int64_t g = 0; g < G; ++g) {
     int32_t sums[NB][kGroupRows];
 #if defined(__AVX2__)
-    if (kernel == Int8Kernel::kAvx2) {
+    if (kernel == Int8Kernel::kInt8Avx2) {
       panel_sums_avx2<NB>(t, t.group + g, sums);
     } else
 #endif
@@ -419,7 +414,7 @@ struct QuantizedForwardLoop {
   static constexpr int64_t W = KernelMath<float>::kWidth;
   static constexpr int G = Cell::kGates;
 
-  static void run(const LayerShape& s, bool reverse, const Tensor& x, const QuantizedMatrix& w_ih,
+  static void run(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const QuantizedMatrix& w_ih,
                   const QuantizedMatrix& w_hh, const Tensor& bias, const Tensor& b_hn, Tensor& y, Tensor& h,
                   Tensor& c) {
     const int64_t H = s.H, I = s.I, GH = G * H;
@@ -440,7 +435,7 @@ struct QuantizedForwardLoop {
     const float* b_hn_p = b_hn.defined() ? b_hn.data_ptr<float>() : nullptr;
     const WeightPanels input_weights(w_ih, H), recurrent_weights(w_hh, H);
     const int64_t per_gate = recurrent_weights.groups_per_gate;  // both matrices' groups: G*H rows
-    const Int8Kernel kernel = int8_kernel();
+    const Int8Kernel kernel = plan.steps;
     float* gx_p = gx_buffer.data_ptr<float>();
     float* gh_p = gh.data_ptr<float>();
     float* y_p = y.data_ptr<float>();
@@ -486,7 +481,7 @@ struct QuantizedForwardLoop {
                 const StepForward<float> io{gx_p + (off - chunk.row0 + b) * GH, gh_p + b * GH, b_hn_p,
                                             h_prev_row(b), c_p ? c_p + b * H : nullptr, y_p + (off + b) * H,
                                             nullptr};
-                cpu::cell_units<Cell, true>(io, H, j, lanes);
+                cpu::cell_units<Cell, true>(io, H, j, lanes, plan.wide_cells);
               }
             }
           }
@@ -503,10 +498,10 @@ struct QuantizedForwardLoop {
 
 }  // namespace
 
-void quantized_forward_loop_cpu(const LayerShape& s, bool reverse, const Tensor& x, const QuantizedMatrix& w_ih,
-                                const QuantizedMatrix& w_hh, const Tensor& bias, const Tensor& b_hn, Tensor& y,
-                                Tensor& h, Tensor& c) {
-  dispatch_cell<QuantizedForwardLoop, float>(s.cell, s, reverse, x, w_ih, w_hh, bias, b_hn, y, h, c);
+void quantized_forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x,
+                                const QuantizedMatrix& w_ih, const QuantizedMatrix& w_hh, const Tensor& bias,
+                                const Tensor& b_hn, Tensor& y, Tensor& h, Tensor& c) {
+  dispatch_cell<QuantizedForwardLoop, float>(s.cell, plan, s, reverse, x, w_ih, w_hh, bias, b_hn, y, h, c);
 }
 
 namespace {
@@ -574,7 +569,8 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer_forward(
   Tensor y = empty_large({s.N, s.H}, x_in.options());
   Tensor h = h0.contiguous().clone();
   Tensor c = s.cell == CellKind::LSTM ? c0->contiguous().clone() : Tensor();
-  quantized_forward_loop_cpu(s, reverse, x_in.contiguous(), input_weights, recurrent_weights, bias, b_hn, y, h, c);
+  const cpu::CpuPlan plan = cpu::plan_cpu(cpu::Pass::kInt8Forward, s, at::kFloat);
+  quantized_forward_loop_cpu(plan, s, reverse, x_in.contiguous(), input_weights, recurrent_weights, bias, b_hn, y, h, c);
   if (!c.defined()) c = at::empty({0}, x_in.options());
   return {y, h, c};
 }

@@ -98,6 +98,11 @@ FUSED_RNN_AVX512F_INLINE WideVector operator-(WideVector a, WideVector b) { retu
 FUSED_RNN_AVX512F_INLINE WideVector operator*(WideVector a, WideVector b) { return _mm512_mul_ps(a.v, b.v); }
 FUSED_RNN_AVX512F_INLINE WideVector operator/(WideVector a, WideVector b) { return _mm512_div_ps(a.v, b.v); }
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12  // PR 105593: see wide_float.h
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 struct WideMath {
   using V = WideVector;
   static constexpr int64_t kWidth = 16;
@@ -133,6 +138,9 @@ struct WideMath {
   }
   FUSED_RNN_AVX512F_INLINE static V cj(V x) { return x; }
 };
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic pop
+#endif
 #undef FUSED_RNN_AVX512F_INLINE
 #endif
 

@@ -12,14 +12,12 @@
 // The panels are block_product's (layer_cpu.cpp) with 16-float groups. Each output element is one
 // chain of FMAs over k in order, starting from zero or its bias: the same bits whatever tile, row
 // block or thread computes it. Not the same bits as the AVX2 kernel (whose k chunks add partial
-// sums); FUSED_RNN_FLOAT_KERNEL=avx2 asks for that one (tests run both).
+// sums); the float_kernel override asks for that one (tests run both).
 #pragma once
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 #include <utility>
 
 #include <unistd.h>
@@ -57,33 +55,6 @@ inline int64_t l2_cache_bytes() {
 }
 
 #if defined(__x86_64__)
-
-// Whether the float products take the AVX-512 tiles: the CPU has AVX-512F and
-// FUSED_RNN_FLOAT_KERNEL does not say avx2. Decided once per process.
-inline bool wide_float_kernels() {
-  static const bool wide = [] {
-    const char* asked = std::getenv("FUSED_RNN_FLOAT_KERNEL");
-    return !(asked && std::string(asked) == "avx2") && __builtin_cpu_supports("avx512f");
-  }();
-  return wide;
-}
-
-// Whether the backward's weight gradients (dW_ih, dW_hh) take the tiles too, or BLAS. On AMD,
-// MKL's sgemm runs its AVX2 path and the tiles are faster (92-101 Gflop/s a thread against 49-68,
-// Zen 4); on Intel it runs AVX-512 kernels that reach 180-200 in place, and training was 6-12%
-// faster with them (bench/NOTES.md, session 12). FUSED_RNN_CHUNK_GEMM=tiles or blas decides
-// instead (the tests run both). The steps' products, the forward's x·W_ihᵀ and the backward's dX
-// take the tiles on either (dX: MKL's kernels ran it at about 127 Gflop/s a thread on the Xeon,
-// session 13).
-inline bool wide_chunk_products() {
-  static const bool tiles = [] {
-    const char* asked = std::getenv("FUSED_RNN_CHUNK_GEMM");
-    if (asked && std::string(asked) == "tiles") return true;
-    if (asked && std::string(asked) == "blas") return false;
-    return !__builtin_cpu_is("intel");
-  }();
-  return tiles;
-}
 
 #define FUSED_RNN_AVX512F __attribute__((target("avx512f")))
 
@@ -132,6 +103,15 @@ FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* r
   }
 }
 
+// GCC 12.1-12.2 (PR 105593): the AVX-512 intrinsics pass _mm512_undefined_*() ("__Y") as the unused
+// merge source of an all-lanes mask, and wherever they are inlined GCC 12 warns that it is
+// uninitialized: false positives, silenced around the functions that call such intrinsics (here,
+// amx_float.h, vec_math.h's WideMath and quantized_cpu.cpp's store_vnni).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 // out[k·out_stride + l] = rows[l][k] for k < K, l < 16, and 0 for l >= n (rows missing): packing
 // 16 weight rows into a panel's groups, 16 x 16 at a time transposed in registers (unpack within
 // 128-bit lanes, then lanes exchanged), 3x faster than element by element (bench/NOTES.md).
@@ -181,6 +161,9 @@ FUSED_RNN_AVX512F __attribute__((noinline)) void wide_dots(const float* w, int64
   }
   for (int r = 0; r < M; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic pop
+#endif
 
 // out[i] = w[i, :] · x for `rows` rows of w (row stride ld, K columns): the product of one row of
 // h_{t-1} with the weights as they are, with no panels to pack (the steps of a batch of one).
@@ -241,9 +224,7 @@ void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const R
 }
 
 #else  // not x86-64: the AVX2 tiles only
-// Never called (wide_float_kernels() is false); a trap rather than outputs left unwritten.
-inline bool wide_float_kernels() { return false; }
-inline bool wide_chunk_products() { return false; }
+// Never called (the plan has no AVX-512 off x86-64); a trap rather than outputs left unwritten.
 inline void wide_transpose_rows(const float* const*, int64_t, int64_t, float*, int64_t) { __builtin_trap(); }
 inline void wide_row_dots(const float*, int64_t, int64_t, const float*, int64_t, float*) { __builtin_trap(); }
 template <typename RowFn, typename OutFn>

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "../layer.h"
+#include "../overrides.h"
 #include "device.h"
 #include "loops_by_dtype.h"
 
@@ -39,12 +40,6 @@ bool tf32_as_cudnn_would(const at::Device& d) {
   const bool allowed = at::globalContext().allowTF32CuDNN();
 #endif
   return allowed && tensor_cores_take_half_types(d);
-}
-
-// FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: two launches per backward step (step_loops.cuh), read per call.
-bool fused_backward_wanted() {
-  const char* value = std::getenv("FUSED_RNN_CUDA_UNFUSED_BACKWARD");
-  return value == nullptr || std::string(value).empty() || std::string(value) == "0";
 }
 
 // Gx = x·W_ihᵀ + the folded bias, in the type the op computes in: half operands accumulate and
@@ -126,7 +121,7 @@ void backward_loop(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, c
               "fused_rnn: the CUDA loops do not take dtype ", saved.scalar_type());
   const auto loop = saved.scalar_type() == at::kFloat ? &backward_loop_cuda_float : &backward_loop_cuda_double;
   loop(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total,
-       fused_backward_wanted());
+       override_value(Override::kCudaUnfusedBackward) == 0);  // 1: two launches a step (step_loops.cuh)
 }
 
 LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,

@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const P
   constexpr int kRegK = kPersistentRegisterK<T>;
   const int64_t mine = k_end - k_begin;  // the warp's k (none for the last warps of a short P)
   T w_reg[kRegK];  // W[k_begin + i][tx] for the first kRegK of them
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int i = 0; i < kRegK; ++i) w_reg[i] = i < mine && tx < kCols ? slab[(k_begin + i) * kCols + tx] : T(0);
 
   for (int64_t step = 0; step < a.walk.T; ++step) {
@@ -150,20 +150,20 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const P
                                                           [](T v) { return v; });
       __syncthreads();
       T acc[R] = {};
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int i = 0; i < kRegK; ++i) {  // k in order: first the registers' ...
         if (i < mine) {
-#pragma unroll
+          FUSED_RNN_UNROLL
           for (int r = 0; r < R; ++r) acc[r] += h_s[r * Pk + k_begin + i] * w_reg[i];  // one address a warp
         }
       }
-#pragma unroll 4
+      FUSED_RNN_UNROLL_4
       for (int64_t k = k_begin + kRegK; k < k_end; ++k) {  // ... then the slice's
         const T w = w_s[k * kTileUnits + tx];
-#pragma unroll
+        FUSED_RNN_UNROLL
         for (int r = 0; r < R; ++r) acc[r] += h_s[r * Pk + k] * w;
       }
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int r = 0; r < R; ++r) part_s[(ty * R + r) * kTileUnits + tx] = acc[r];
       __syncthreads();
       for (int e = tid; e < R * U; e += kThreads) {  // the cell on (row, unit) pairs
@@ -171,11 +171,11 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const P
         const int64_t b = row0 + r, j = static_cast<int64_t>(blockIdx.x) * U + u;
         if (b >= n || j >= H) continue;
         T sum[G];
-#pragma unroll
+        FUSED_RNN_UNROLL
         for (int g = 0; g < G; ++g) {
           const int col = g * U + u;
           T total = part_s[r * kTileUnits + col];
-#pragma unroll
+          FUSED_RNN_UNROLL
           for (int w = 1; w < kWarps; ++w) total += part_s[(w * R + r) * kTileUnits + col];  // warp order
           sum[g] = total;
         }
@@ -294,7 +294,7 @@ C10_HOST_DEVICE inline int64_t persistent_backward_quarter(int64_t GH, int subs)
 // units, S consecutive m to a row of 32 lanes: element (k, i, lane) is
 // W_hh[i * S + lane / U, k * U + lane % U], zero past G*H, past H and in the lanes past S * U.
 // A block's slice is one contiguous slab, copied to shared memory as it lies.
-Tensor persistent_backward_columns(const Tensor& w_hh, int64_t G, int64_t H, int units, int subs) {
+inline Tensor persistent_backward_columns(const Tensor& w_hh, int64_t G, int64_t H, int units, int subs) {
   const int64_t GH = G * H, padded_m = kWarps * persistent_backward_quarter(GH, subs);
   const int64_t blocks = persistent_blocks(H, units);
   const Tensor padded = at::constant_pad_nd(w_hh, {0, blocks * units - w_hh.size(1), 0, padded_m - GH});
@@ -359,20 +359,20 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
                                                           pitch, GH, tid, [](T v) { return v; });
       __syncthreads();
       T acc[R] = {};
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int i = 0; i < kRegK; ++i) {  // rows in order: first the registers' ...
         if (i < rows_w) {
-#pragma unroll
+          FUSED_RNN_UNROLL
           for (int r = 0; r < R; ++r) acc[r] += g_lane[r * pitch + i * S] * w_reg[i];
         }
       }
-#pragma unroll 4
+      FUSED_RNN_UNROLL_4
       for (int64_t i = kRegK; i < rows_w; ++i) {  // ... then the slice's
         const T w = w_lane[i * kTileUnits];
-#pragma unroll
+        FUSED_RNN_UNROLL
         for (int r = 0; r < R; ++r) acc[r] += g_lane[r * pitch + i * S] * w;
       }
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int r = 0; r < R; ++r) part_s[(ty * R + r) * kTileUnits + tx] = acc[r];
       __syncthreads();
     }
@@ -382,9 +382,9 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
       if (b >= rows || j >= H) continue;
       if (b < before) {
         T total = T(0);
-#pragma unroll
+        FUSED_RNN_UNROLL
         for (int w = 0; w < kWarps; ++w) {
-#pragma unroll
+          FUSED_RNN_UNROLL
           for (int q = 0; q < S; ++q) total += part_s[(w * R + r) * kTileUnits + q * U + u];  // subs, then warps
         }
         T* dh = cell.dh + b * cell.dh_stride + j;
@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
   constexpr int kRegK = kPersistentRegisterK<T>;
   const int64_t rows_w = quarter / S;
   T w_reg[kRegK];  // the lane's first kRegK rows of the warp's slice, also in registers
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int i = 0; i < kRegK; ++i) {
     w_reg[i] = i < rows_w ? slab[(threadIdx.y * rows_w + i) * kTileUnits + threadIdx.x] : T(0);
   }
@@ -451,14 +451,6 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
   if (before > 0) persistent_backward_step<Cell>(cell, dg_before, before, w_s, w_reg, g_s, part_s);
 }
 
-// FUSED_RNN_CUDA_PERSISTENT: "1" takes the persistent forward wherever it can run, "0" never;
-// unset, the rule below. Read per call, for A/B runs.
-int persistent_override() {
-  const char* value = std::getenv("FUSED_RNN_CUDA_PERSISTENT");
-  if (value == nullptr || std::string(value).empty()) return -1;
-  return std::string(value) == "0" ? 0 : 1;
-}
-
 // Every step has all B rows (a padded sequence).
 inline bool all_steps_full(const LayerShape& s) {
   return std::all_of(s.batch_sizes.begin(), s.batch_sizes.end(), [&](int64_t n) { return n == s.B; });
@@ -481,11 +473,12 @@ inline bool all_steps_full(const LayerShape& s) {
 //    TF32 up to 640.
 template <typename Args>
 bool persistent_wanted(const LayerShape& s, void (*kernel)(Args), dim3 block, size_t shared_bytes, int64_t blocks) {
-  const int override_choice = persistent_override();
-  if (override_choice == 0 || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
+  // The cuda_persistent override (csrc/overrides.h): always where it can run, never, or the rule.
+  const int64_t override_choice = override_value(Override::kCudaPersistent);
+  if (override_choice == kPersistentNever || s.proj || s.H == 0 || s.T == 0 || s.B == 0) return false;
   if (!all_steps_full(s) && device::capturing_a_graph()) return false;  // its step tables' copy cannot be captured
   const bool fits = blocks <= device::cooperative_capacity(kernel, block, shared_bytes);
-  return fits && (override_choice == 1 || s.B <= 8);
+  return fits && (override_choice == kPersistentAlways || s.B <= 8);
 }
 
 template <typename Cell>

@@ -54,20 +54,23 @@
 #include <type_traits>
 
 #include "../layer.h"
+#include "../overrides.h"
 #include "device.h"
+
+// `#pragma unroll` (and `unroll 4`) for the kernels' loops where nvcc compiles them for the GPU; in
+// host code (nvcc's host pass, the CPU emulation) nothing, as before: GCC ignored it, with a warning.
+#ifdef __CUDA_ARCH__
+#define FUSED_RNN_UNROLL _Pragma("unroll")
+#define FUSED_RNN_UNROLL_4 _Pragma("unroll 4")
+#else
+#define FUSED_RNN_UNROLL
+#define FUSED_RNN_UNROLL_4
+#endif
 
 namespace fused_rnn {
 namespace {
 
 using at::Tensor;
-
-// The variant with this many rows per block runs instead of the model's pick (choose_variant), or
-// 0: FUSED_RNN_CUDA_ROWS_PER_BLOCK, for A/B runs and tests; read per call, so that they can switch
-// it between runs. A kernel with no such variant keeps the model's.
-int forced_rows_per_block() {
-  const char* value = std::getenv("FUSED_RNN_CUDA_ROWS_PER_BLOCK");
-  return value == nullptr ? 0 : std::atoi(value);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Weight layouts and tiles shared by the kernels.
@@ -115,7 +118,7 @@ struct WeightChunk {
   uint4 bits[kPerThread];
 
   __device__ __forceinline__ void load(const W* slab, int64_t k0, int64_t rows, int tid) {
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int i = 0; i < kPerThread; ++i) {
       const int e = tid + i * kThreads, r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
       const int64_t k = k0 + r;
@@ -127,7 +130,7 @@ struct WeightChunk {
   }
 
   __device__ __forceinline__ void store(W* dst, int tid) const {
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int i = 0; i < kPerThread; ++i) {
       const int e = tid + i * kThreads, r = e / kPiecesPerRow, piece = e % kPiecesPerRow;
       if (kPieces % kThreads == 0 || e < kPieces) {
@@ -170,7 +173,7 @@ struct MatrixChunk {
   template <typename Rows>
   __device__ __forceinline__ void load(const Rows& rows_of, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
                                        int tid) {
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int i = 0; i < kPerThread; ++i) {
       const int e = tid + i * kThreads;
       const int64_t row = row0 + e / kCols, col = col0 + e % kCols;
@@ -180,7 +183,7 @@ struct MatrixChunk {
   }
 
   __device__ __forceinline__ void store(T* dst, int tid) const {
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int i = 0; i < kPerThread; ++i) {
       const int e = tid + i * kThreads;
       if (kElems % kThreads == 0 || e < kElems) dst[e] = values[i];
@@ -200,13 +203,13 @@ __device__ __forceinline__ void stage_rows_grouped(Dst* dst, int pitch, const Ro
   const int elems = kRows * cols;  // a shared-memory tile's, so an int
   for (int e0 = tid; e0 < elems; e0 += kThreads * kGroup) {
     T v[kGroup];
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int i = 0; i < kGroup; ++i) {
       const int e = e0 + i * kThreads;
       const int64_t b = row0 + e / cols, k = col0 + e % cols;
       v[i] = e < elems && b < rows && k < width ? rows_of(b)[k] : T(0);
     }
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int i = 0; i < kGroup; ++i) {
       const int e = e0 + i * kThreads;
       if (e < elems) dst[(e / cols) * pitch + e % cols] = convert(v[i]);
@@ -278,7 +281,8 @@ ModelledStep modelled_step(const VariantCost& v, const StepShape& s, int sms) {
 // fast ones (latency-bound small steps), the one that moves the fewest bytes from L2.
 template <int kVariants>
 int choose_variant(const VariantCost (&costs)[kVariants], const StepShape& shape, int sms) {
-  const int forced = forced_rows_per_block();
+  // The cuda_rows_per_block override (csrc/overrides.h): that variant where the kernel has one.
+  const int64_t forced = override_value(Override::kCudaRowsPerBlock);
   for (int v = 0; v < kVariants; ++v) {
     if (forced > 0 && costs[v].rows_per_block == forced) return v;
   }
@@ -357,15 +361,15 @@ __device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* 
       w_next.load(slab, k0 + kTileK, K, tid);
       l_next.load(left, row0, rows, k0 + kTileK, K, tid);
     }
-#pragma unroll 4
+    FUSED_RNN_UNROLL_4
     for (int kk = kk0; kk < kk0 + Tile::kKPerWarp; ++kk) {
       T w[kG];
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int g = 0; g < kG; ++g) w[g] = w_s[kk * kWCols + g * kTileUnits + tx];
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int r = 0; r < kRows; ++r) {
         const T lv = l_s[(l0 + r) * kTileK + kk];  // the same address across the warp: a broadcast
-#pragma unroll
+        FUSED_RNN_UNROLL
         for (int g = 0; g < kG; ++g) acc[r][g] += lv * w[g];
       }
     }
@@ -376,17 +380,17 @@ __device__ __forceinline__ void accumulate_tile_product(T (&acc)[kRows][kG], T* 
     // row ty's, in warp order.
     static_assert(kWarps * kRows * kG * kTileUnits <= kTileK * kWCols, "the partial sums fit in w_s");
     const auto partial = [&](int warp, int r, int g) -> T& { return w_s[((warp * kRows + r) * kG + g) * kTileUnits + tx]; };
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int r = 0; r < kRows; ++r) {
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int g = 0; g < kG; ++g) partial(ty, r, g) = acc[r][g];
     }
     __syncthreads();
     if (ty < kRows) {
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int g = 0; g < kG; ++g) {
         T total = partial(0, ty, g);
-#pragma unroll
+        FUSED_RNN_UNROLL
         for (int warp = 1; warp < kWarps; ++warp) total += partial(warp, ty, g);
         acc[0][g] = total;
       }
@@ -427,7 +431,7 @@ __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::sca
   using Sums = UnitGateSums<T, Cell::kGates>;
   const int64_t H = a.H, GH = Cell::kGates * H;
   Sums own;
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int g = 0; g < Cell::kGates; ++g) own.value[g] = sum[g];
   StepForward<T, Sums> io{a.gx + b * GH, own, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
                           a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr};
@@ -458,16 +462,16 @@ __global__ void __launch_bounds__(kThreads)
   const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * P * kWCols;
 
   T acc[kRows][G];
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int r = 0; r < kRows; ++r) {
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int g = 0; g < G; ++g) acc[r][g] = T(0);
   }
   accumulate_tile_product<G, kRows, kSplit>(acc, &w_s[0][0], &h_s[0][0], slab, a.h_prev, row0, n, P);
 
   const int64_t j = unit0 + tx;
   if (j >= a.H) return;
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t b = row0 + Tile::first(ty) + r;
     if (r >= Tile::count(ty) || b >= n) break;
@@ -540,7 +544,7 @@ struct SixteenBitOperand {
     const int row = lane & 15, col = (lane >> 4) * 8;
     uint32_t w[4];  // units col0 .. +7: w[0], w[1]; units col0+8 .. +15: w[2], w[3]
     ptx::ldmatrix_x4_trans(w, w_s + (kk + row) * kWPitch + col0 + col);
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int m = 0; m < kRowTiles; ++m) {
       uint32_t h[4];
       ptx::ldmatrix_x4(h, h_s + (m * 16 + row) * kHPitch + kk + col);
@@ -580,13 +584,13 @@ struct MmaOperand<Tf32> {
                                                   const float* h_s, int kHPitch, int kk, int col0, int lane) {
     const int g = lane >> 2, t = lane & 3;
     uint32_t w[2][2];  // per 8-unit tile: W[t][g], W[t+4][g]
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int u = 0; u < 2; ++u) {
       const float* column = w_s + (kk + t) * kWPitch + col0 + u * 8 + g;
       w[u][0] = ptx::to_tf32(column[0]);
       w[u][1] = ptx::to_tf32(column[4 * kWPitch]);
     }
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int m = 0; m < kRowTiles; ++m) {
       const float* a = h_s + (m * 16 + g) * kHPitch + kk + t;  // A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]
       const uint32_t h[4] = {__float_as_uint(a[0]), __float_as_uint(a[8 * kHPitch]), __float_as_uint(a[4]),
@@ -603,11 +607,11 @@ template <int kRowTiles, int kSumPitch>
 __device__ __forceinline__ void store_accumulators(float* sum_s, const float (&acc)[kRowTiles][2][4], int col0,
                                                    int lane) {
   const int g = lane >> 2, t = lane & 3;
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int m = 0; m < kRowTiles; ++m) {
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int u = 0; u < 2; ++u) {
-#pragma unroll
+      FUSED_RNN_UNROLL
       for (int i = 0; i < 4; ++i) {
         sum_s[(m * 16 + g + 8 * (i / 2)) * kSumPitch + col0 + u * 8 + 2 * t + i % 2] = acc[m][u][i];
       }
@@ -626,7 +630,7 @@ __device__ __forceinline__ void finish_tensor_core_tile(const ForwardArgs<float,
     const int64_t b = row0 + r, j = unit0 + u;
     if (b >= a.n || j >= a.H) continue;
     float sum[G];
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int g = 0; g < G; ++g) sum[g] = sum_s[r * kSumPitch + g * kMmaUnits + u];
     finish_unit<Cell>(a, b, j, sum);
   }
@@ -674,7 +678,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
                                                 [](float v) { return Operand::round(v); });
     __syncthreads();
     // Zero padding past P in both operands adds exact zeros; the k order is fixed.
-#pragma unroll
+    FUSED_RNN_UNROLL
     for (int kk = 0; kk < kChunk; kk += kStep) {
       Operand::template multiply<kRowTiles>(acc, w_s, kWPitch, h_s, kHPitch, kk, gate * kMmaUnits, lane);
     }
@@ -901,7 +905,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* slab = a.w_tiles + static_cast<int64_t>(blockIdx.y) * GH * kTileUnits;
 
   T acc[kRows][1];  // one "gate": the block's columns of dh
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int r = 0; r < kRows; ++r) acc[r][0] = T(0);
   if (row0 < before) {  // the same for every thread of the block, so all of them reach the barriers
     accumulate_tile_product<1, kRows, kSplit>(acc, &w_s[0][0], &g_s[0][0], slab, DenseRows<T>{a.dg_before, GH}, row0,
@@ -910,7 +914,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t j = unit0 + tx, rows = cell.n > before ? cell.n : before;
   if (j >= H) return;
-#pragma unroll
+  FUSED_RNN_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t b = row0 + Tile::first(ty) + r;
     if (r >= Tile::count(ty) || b >= rows) break;

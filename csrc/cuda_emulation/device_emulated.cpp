@@ -7,6 +7,7 @@
 
 #include <memory>
 
+#include "../overrides.h"
 #include "device_emulated.h"
 
 namespace fused_rnn {
@@ -30,6 +31,19 @@ at::Tensor product_in_float(const at::Tensor& a, const at::Tensor& b) {
 }
 
 }  // namespace device
+
+// The overrides this module's CUDA half reads are the extension's (csrc/overrides.h): one store,
+// attached by fused_rnn.testing when it loads this module.
+namespace {
+OverrideValues* attached_overrides = nullptr;
+}  // namespace
+
+void attach_overrides(OverrideValues* values) { attached_overrides = values; }
+
+OverrideValues& override_values() {
+  TORCH_CHECK(attached_overrides, "fused_rnn: the CUDA emulation was loaded without fused_rnn._C's overrides");
+  return *attached_overrides;
+}
 
 namespace {
 
@@ -70,6 +84,10 @@ LayerShape padded_layer(int64_t cell, int64_t B, int64_t H, int64_t proj) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace fused_rnn;
   m.doc() = "fused_rnn's CUDA half compiled for the CPU over an emulation of CUDA (fused_rnn.testing)";
+  m.def(
+      "attach_overrides",
+      [](uintptr_t address) { fused_rnn::attach_overrides(reinterpret_cast<fused_rnn::OverrideValues*>(address)); },
+      "read the overrides of fused_rnn._C, at this address (fused_rnn._C._overrides_address())");
   m.def("start", &start, "route fused_rnn's ops on CPU tensors to the CUDA half");
   m.def("stop", &stop, "give the CPU half its ops back");
   m.def("configure", &configure, "the emulated GPU: multiprocessors, compute capability (major * 10 + minor), "

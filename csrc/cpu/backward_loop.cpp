@@ -1,0 +1,365 @@
+// The backward step loop on the CPU.
+//
+// It has the forward's shape (forward_loop.cpp), walking the steps the other way: at each step a
+// thread first propagates the step after's gate gradients into its columns of dh (dG·W_hh), then
+// runs the cell backward on them. Once a chunk of steps is done, each thread adds its share of the
+// rows of dW_ih, dW_hh and the bias gradients while the chunk's gate gradients are in cache, and
+// computes its share of the chunk's rows of dX. h_{t-1} is read from the outputs (or h_0), c_{t-1}
+// from the step before's saved c_t (or c_0): neither is saved twice. Which kernel takes each
+// product is the plan's (kernel_plan.h). Chunks are added in a fixed order, nothing across
+// threads: reproducible, as the forward.
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "amx_split.h"
+#include "blas.h"
+#include "cell_units.h"
+#include "chunks.h"
+#include "kernel_plan.h"
+#include "panels.h"
+#include "team.h"
+
+namespace fused_rnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// One call's backward: its operands, its plan's kernels and buffers (set up once), and the walk's
+// named steps, which each thread of the team runs on its own share (Share).
+template <typename Cell>
+class BackwardLoop {
+  using T = typename Cell::scalar_t;
+  static constexpr int64_t W = KernelMath<T>::kWidth;
+  static constexpr int C = kVectorsPerGate<1>;
+
+ public:
+  static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
+                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0,
+                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
+                  LayerGrads& grads) {
+    const BackwardLoop loop(plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc,
+                            dh_total, grads);
+    Team(2.0 * s.B * loop.GH * (2 * s.P + 2 * s.I)).run([&](const Member& me) { loop.walk(me); });
+  }
+
+ private:
+  // What one thread keeps from step to step: its columns of dh (blocks of P), with a projection
+  // its hidden units (in vectors), and the gate gradients of the step before, still to propagate.
+  struct Share {
+    const Member& me;
+    int64_t u0, u1, v0, v1;
+    const T* pending_dg = nullptr;
+    int64_t pending_rows = 0;
+  };
+
+  BackwardLoop(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
+               const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0,
+               const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
+               LayerGrads& grads)
+      : s(s), reverse(reverse), H(s.H), P(s.P), I(s.I), GH(s.gates * s.H), K(s.saved_cols()) {
+    // dG·W_hh and dX on AMX take k in ranges of kAmxRange, so that the rows' part of a range stays
+    // in L2 while the weights pass (a split row of dG is 6 bytes a k: 3 KB a range).
+    amx_steps = plan.steps == Kernel::kAmx;
+    amx_dx = plan.input == Kernel::kAmx;
+    tiled_dx = plan.input == Kernel::kAvx512Tiles;
+    tiled_dw = plan.weight_grads == Kernel::kAvx512Tiles;
+    wide_cells = plan.wide_cells;
+    panels = amx_steps            ? Panels<T>::geometry(GH, 1, wide_vectors_per_gate(1, P), P, kWideWidth)
+             : plan.wide_panels() ? Panels<T>::of_columns(w_hh_conj, wide_vectors_per_gate(1, P), kWideWidth)
+                                  : Panels<T>::of_columns(w_hh_conj, C);
+    d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
+    // The gate gradients, a chunk of steps at a time (chunks.h), in two buffers taken in turn: a
+    // chunk's first step still propagates the last step of the chunk before. A buffer is written
+    // again two chunks later, past the step barriers of the chunk between, so every thread has
+    // finished its dX rows from it by then.
+    chunk_cap = chunk_rows(s, GH);
+    buffer_rows = std::min(s.N, chunk_cap);
+    dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
+    dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
+    // dX on the tiles takes panels of W_ih's columns, only where dX is asked for (not for a first
+    // layer whose input needs no gradient: 16 MB packed for nothing at H = 1024).
+    x_groups = wide_vectors_per_gate(1, I);
+    h_groups = wide_vectors_per_gate(1, P);
+    input_panels = tiled_dx ? Panels<T>::of_columns(w_ih, x_groups, kWideWidth) : Panels<T>();
+    dh_split = amx_steps ? AmxSplit::of_columns(w_hh_conj, s.B) : AmxSplit();
+    dx_split = amx_dx ? AmxSplit::of_columns(w_ih, buffer_rows) : AmxSplit();
+    // dW on the tiles: each chunk's x and h_{t-1} packed into panels by the team, and a strip of
+    // dG's columns per thread (see weight_grads_tiled).
+    x_panels_size = Panels<T>::columns_size(buffer_rows, I, x_groups, kWideWidth);
+    const int64_t h_panels_size = Panels<T>::columns_size(buffer_rows, P, h_groups, kWideWidth);
+    strip_columns = std::min(kWideWidth, GH);  // no wider than dG itself
+    if (tiled_dw) {
+      chunk_panels = empty_large({std::max<int64_t>(1, x_panels_size + h_panels_size)}, dh.options());
+      strips = empty_large({std::max<int64_t>(1, at::get_num_threads()) * buffer_rows * strip_columns}, dh.options());
+    }
+    // Rows of dG a pass of dX takes: the thread's whole share where a panel block of W_ih (G*H k
+    // by 64 columns, 1 MB at H = 1024) fits in half of L2, so that every row tile reads it from
+    // there; else about 384 KB of rows, which stay in L2 while the panels stream past.
+    const int64_t dx_block_bytes = input_panels.block_size() * static_cast<int64_t>(sizeof(T));
+    dx_rows = 2 * dx_block_bytes <= l2_cache_bytes() ? buffer_rows : projection_rows(GH);
+
+    x_p = x.data_ptr<T>();
+    w_ih_p = w_ih.data_ptr<T>();
+    saved_p = saved.data_ptr<T>();
+    out_p = outputs.data_ptr<T>();
+    out_ld = outputs.stride(0);
+    h0_p = h0.data_ptr<T>();
+    c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
+    runs = previous_runs(s, reverse);
+    dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
+    w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
+    dh_p = dh.data_ptr<T>();
+    dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
+    dgx_buffers_p = dgx_buffers.data_ptr<T>();
+    dgh_buffers_p = dgh_buffers.data_ptr<T>();
+    dh_total_p = s.proj ? dh_total.data_ptr<T>() : nullptr;
+    d_proj_p = s.proj ? d_proj_input.data_ptr<T>() : nullptr;
+    dx_p = grads.dx.defined() ? grads.dx.data_ptr<T>() : nullptr;
+    dw_ih_p = grads.dw_ih.data_ptr<T>();
+    dw_hh_p = grads.dw_hh.data_ptr<T>();
+    db_ih_p = grads.db_ih.defined() ? grads.db_ih.data_ptr<T>() : nullptr;
+    db_hh_p = grads.db_hh.defined() && Cell::kSeparateRecurrentGrad ? grads.db_hh.data_ptr<T>() : nullptr;
+    x_panels_p = tiled_dw ? chunk_panels.data_ptr<T>() : nullptr;
+    h_panels_p = tiled_dw ? x_panels_p + x_panels_size : nullptr;
+    strips_p = tiled_dw ? strips.data_ptr<T>() : nullptr;
+  }
+
+  // The walk: steps in the forward's order, backwards, a chunk at a time; after each chunk's steps
+  // the products that need the whole chunk's gate gradients.
+  void walk(const Member& me) const {
+    Share share{me, 0, 0, 0, 0};
+    std::tie(share.u0, share.u1) = me.share(panels.blocks);
+    std::tie(share.v0, share.v1) = me.share((H + W - 1) / W);
+    for (int64_t step = 0, chunk_index = 0; step < s.T; ++chunk_index) {
+      const StepChunk chunk = next_chunk(s, !reverse, step, chunk_cap);
+      T* dgx_chunk = dgx_buffers_p + (chunk_index % 2) * buffer_rows * GH;
+      T* dgh_chunk = dgh_buffers_p + (chunk_index % 2) * buffer_rows * GH;
+      for (; step < chunk.end; ++step) {
+        const int64_t t = reverse ? step : s.T - 1 - step;
+        if (s.batch_sizes[t] == 0) continue;
+        backward_step(share, t, chunk, dgx_chunk, dgh_chunk);
+      }
+      weight_grads(share, chunk, dgx_chunk, dgh_chunk);
+      bias_grads(share, chunk, dgx_chunk, dgh_chunk);
+      input_grads(share, chunk, dgx_chunk);
+    }
+    propagate_amx(share);  // the first step's gate gradients reach h_0
+    for (int64_t u = share.u0; u < share.u1; ++u) propagate(share, u);
+  }
+
+  // Step t: the step after's gate gradients propagated into dh, then the cell backward on this
+  // thread's units, writing dG_t into the chunk's buffers.
+  void backward_step(Share& share, int64_t t, const StepChunk& chunk, T* dgx_chunk, T* dgh_chunk) const {
+    const Member& me = share.me;
+    const int64_t n = s.batch_sizes[t], off = s.offsets[t];
+    const int64_t first = off - chunk.row0;  // the step's first row in the chunk buffers
+    const Predecessor before = predecessor(s, reverse, t);
+    // The cell backward on rows [0, n), units [j, j + lanes), the gradient at h_t read from cell_dh.
+    const auto cell_rows = [&](int64_t j, int64_t lanes, const T* step_dy, T* cell_dh, int64_t dh_stride) {
+      for (int64_t b = 0; b < n && lanes > 0; ++b) {
+        const T* h_prev = before.row(b, out_p, out_ld, h0_p, P);
+        const T* c_prev = c0_p ? before.row(b, saved_p + s.cell_state_col(), K, c0_p, H) : nullptr;
+        const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
+                                 dc_p ? dc_p + b * H : nullptr, saved_p + (off + b) * K, h_prev, c_prev,
+                                 dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH};
+        cell_units<Cell, false>(io, H, j, lanes, wide_cells);
+      }
+    };
+
+    propagate_amx(share);
+    if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
+      for (int64_t u = share.u0; u < share.u1; ++u) {
+        propagate(share, u);
+        for (int64_t v = 0; v < panels.C; ++v) {
+          cell_rows(panels.first_column(u, v), panels.lanes(u, v), dy_p ? dy_p + off * P : nullptr, dh_p, P);
+        }
+      }
+    } else {  // dh over output features first; the projection's backward needs all of them
+      for (int64_t u = share.u0; u < share.u1; ++u) {
+        propagate(share, u);
+        const int64_t p_begin = panels.first_column(u, 0), p_end = std::min(P, panels.first_column(u + 1, 0));
+        for (int64_t b = 0; b < n; ++b) {  // the full gradient at h_t, kept for dW_hr
+          T* total = dh_total_p + (off + b) * P;
+          for (int64_t p = p_begin; p < p_end; ++p) {
+            total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+          }
+        }
+      }
+      me.barrier();
+      const int64_t j0 = std::min(H, share.v0 * W), j1 = std::min(H, share.v1 * W);
+      gemm_rows<T>(n, j1 - j0, P, {dh_total_p + off * P, P}, {w_hr_p + j0, H}, false, d_proj_p + j0, H);
+      for (int64_t v = share.v0; v < share.v1; ++v) cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
+    }
+    me.barrier();  // dG_t complete before anyone propagates it
+    share.pending_dg = dgh_chunk + first * GH;
+    share.pending_rows = n;
+  }
+
+  // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients are
+  // pending (GRU's cell has already written its direct z-path into dh: accumulate).
+  void propagate(const Share& share, int64_t u) const {
+    if (amx_steps) return;  // propagate_amx did it
+    const int64_t j0 = panels.first_column(u, 0);
+    rows_product<T, C>(panels, u, share.pending_rows, [&](int64_t r) { return share.pending_dg + r * GH; },
+                       [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
+  }
+
+  // The same on AMX for all of this thread's blocks at once: the pending rows split by the team,
+  // then k in ranges.
+  void propagate_amx(const Share& share) const {
+    if (!amx_steps || share.pending_rows == 0) return;
+    dh_split.split_rows(share.me, share.pending_rows, [&](int64_t r) { return share.pending_dg + r * GH; });
+    share.me.barrier();  // every row split before anyone multiplies
+    const int64_t q0 = panels.first_column(share.u0, 0) / kAmxTile;
+    const int64_t q1 = std::min(dh_split.groups(), panels.first_column(share.u1, 0) / kAmxTile);
+    for (int64_t k0 = 0; k0 < GH && q0 < q1; k0 += kAmxRange) {
+      dh_split.product(0, share.pending_rows, q0, q1, dh_p, P, k0, std::min(GH, k0 + kAmxRange),
+                       k0 > 0 || Cell::kSeparateRecurrentGrad);
+    }
+  }
+
+  // f(lo, hi, h_prev, ld) for each part [lo, hi) of a run of h_{t-1} that lies in the chunk's rows:
+  // h_prev is row lo's h_{t-1} (from h_0 or the outputs), ld its row stride.
+  template <typename F>
+  void previous_runs_in(const StepChunk& chunk, const F& f) const {
+    for (const PreviousRun& run : runs) {
+      const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
+      if (lo >= hi) continue;
+      const int64_t source = run.source + lo - run.row;
+      f(lo, hi, run.from_h0 ? h0_p + source * P : out_p + source * out_ld, run.from_h0 ? P : out_ld);
+    }
+  }
+
+  // A complete chunk's share of dW_ih and dW_hh (+)= dGᵀ·[x, h_{t-1}] (after its last step's
+  // barrier), on the plan's kernel, chunk after chunk in a fixed order.
+  void weight_grads(const Share& share, const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) const {
+    if (tiled_dw) {
+      weight_grads_tiled(share.me, chunk, dgx_chunk, dgh_chunk);
+      return;
+    }
+    // BLAS: this thread's pieces of the G*H rows, each a single GEMM (per run of h_{t-1} for
+    // dW_hh), so that BLAS packs the chunk's x once.
+    const int64_t piece = gemm_piece(GH);
+    const auto [g0, g1] = share.me.share(GH, piece);
+    for_each_piece(g0, g1, piece, [&](int64_t j0, int64_t j1) {
+      gemm_rows<T>(j1 - j0, I, chunk.rows, {dgx_chunk + j0, GH, true}, {x_p + chunk.row0 * I, I, false, true}, true,
+                   dw_ih_p + j0 * I, I);
+      previous_runs_in(chunk, [&](int64_t lo, int64_t hi, const T* h_prev, int64_t ld) {
+        gemm_rows<T>(j1 - j0, P, hi - lo, {dgh_chunk + (lo - chunk.row0) * GH + j0, GH, true},
+                     {h_prev, ld, false, true}, true, dw_hh_p + j0 * P, P);
+      });
+    });
+  }
+
+  // The same on the AVX-512 tiles: the chunk's x and h_{t-1} packed into panels (each thread a
+  // share of the blocks, then a barrier); each thread its share of dG's columns, 16 at a time
+  // copied into a strip whose k lie 16 floats apart (dG's are 4·G·H bytes apart, too far for the
+  // tiles' broadcasts), times every block.
+  void weight_grads_tiled(const Member& me, const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) const {
+    const Panels<T> xs = Panels<T>::columns_in(x_panels_p, buffer_rows, chunk.rows, I, x_groups, kWideWidth);
+    const Panels<T> hs = Panels<T>::columns_in(h_panels_p, buffer_rows, chunk.rows, P, h_groups, kWideWidth);
+    me.barrier();  // everyone is done with the chunk before's panels (its steps may all have been empty)
+    {
+      const auto [u0, u1] = me.share(xs.blocks);
+      for (int64_t u = u0; u < u1; ++u) xs.pack_rows(u, x_p + chunk.row0 * I, I, 0, chunk.rows);
+    }
+    const auto [h0_block, h1_block] = me.share(hs.blocks);
+    previous_runs_in(chunk, [&](int64_t lo, int64_t hi, const T* h_prev, int64_t ld) {
+      for (int64_t v = h0_block; v < h1_block; ++v) hs.pack_rows(v, h_prev, ld, lo - chunk.row0, hi - lo);
+    });
+    me.barrier();
+    T* strip = strips_p + me.index * buffer_rows * strip_columns;
+    const auto copy_strip = [&](const T* dg, int64_t j0, int64_t n) {
+      for (int64_t k = 0; k < chunk.rows; ++k) std::memcpy(strip + k * strip_columns, dg + k * GH + j0, n * sizeof(T));
+    };
+    const auto strip_times = [&](const Panels<T>& blocks, int64_t j0, int64_t n, T* dw, int64_t ld) {
+      for (int64_t u = 0; u < blocks.blocks; ++u) {
+        T* out = dw + j0 * ld + blocks.first_column(u, 0);
+        rows_product<T, C>(blocks, u, n, [&](int64_t r) { return strip + r; }, [&](int64_t r) { return out + r * ld; },
+                           0, true, nullptr, strip_columns);
+      }
+    };
+    const auto [g0, g1] = me.share(GH, strip_columns);
+    for (int64_t j0 = g0; j0 < g1; j0 += strip_columns) {
+      const int64_t n = std::min(strip_columns, g1 - j0);
+      copy_strip(dgx_chunk, j0, n);
+      strip_times(xs, j0, n, dw_ih_p, I);
+      if (dgh_chunk != dgx_chunk) copy_strip(dgh_chunk, j0, n);
+      strip_times(hs, j0, n, dw_hh_p, P);
+    }
+  }
+
+  // This thread's share of the bias gradients' columns (the same pieces as weight_grads' BLAS).
+  void bias_grads(const Share& share, const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) const {
+    const auto [g0, g1] = share.me.share(GH, gemm_piece(GH));
+    for (int64_t r = 0; r < chunk.rows && db_ih_p; ++r) {
+      for (int64_t j = g0; j < g1; ++j) db_ih_p[j] += dgx_chunk[r * GH + j];
+    }
+    for (int64_t r = 0; r < chunk.rows && db_hh_p; ++r) {
+      for (int64_t j = g0; j < g1; ++j) db_hh_p[j] += dgh_chunk[r * GH + j];
+    }
+  }
+
+  // This thread's share of the chunk's rows of dX = dG·W_ih, on the plan's kernel.
+  void input_grads(const Share& share, const StepChunk& chunk, const T* dgx_chunk) const {
+    const Member& me = share.me;
+    if (!dx_p) return;
+    if (amx_dx) {  // this thread's rows of dG, split, times W_ih over k in ranges
+      const auto [r0, r1] = me.share(chunk.rows, 2 * kAmxTile);
+      dx_split.split_rows(r0, r1, [&](int64_t r) { return dgx_chunk + r * GH; });
+      for (int64_t k0 = 0; k0 < GH && r0 < r1; k0 += kAmxRange) {
+        dx_split.product(r0, r1 - r0, 0, dx_split.groups(), dx_p + (chunk.row0 + r0) * I, I, k0,
+                         std::min(GH, k0 + kAmxRange), k0 > 0);
+      }
+    } else if (tiled_dx) {
+      const auto [r0, r1] = me.share(chunk.rows);
+      for (int64_t q0 = r0; q0 < r1; q0 += dx_rows) {
+        for (int64_t u = 0; u < input_panels.blocks; ++u) {
+          T* dx_rows_p = dx_p + (chunk.row0 + q0) * I + input_panels.first_column(u, 0);
+          rows_product<T, C>(input_panels, u, std::min(dx_rows, r1 - q0), [&](int64_t r) { return dgx_chunk + (q0 + r) * GH; },
+                             [&](int64_t r) { return dx_rows_p + r * I; }, 0, false);
+        }
+      }
+    } else {
+      const auto [r0, r1] = me.share(chunk.rows, kGemmRowPiece);
+      for_each_piece(r0, r1, kGemmRowPiece, [&](int64_t q0, int64_t q1) {
+        gemm_rows<T>(q1 - q0, I, GH, {dgx_chunk + q0 * GH, GH}, {w_ih_p, I, false, true}, false,
+                     dx_p + (chunk.row0 + q0) * I, I);
+      });
+    }
+  }
+
+  const LayerShape& s;
+  const bool reverse;
+  const int64_t H, P, I, GH, K;
+  bool amx_steps = false, amx_dx = false, tiled_dx = false, tiled_dw = false, wide_cells = false;
+  Panels<T> panels, input_panels;
+  AmxSplit dh_split, dx_split;
+  Tensor d_proj_input, dgx_buffers, dgh_buffers, chunk_panels, strips;
+  int64_t chunk_cap = 0, buffer_rows = 0, x_groups = 0, h_groups = 0, x_panels_size = 0, strip_columns = 0, dx_rows = 0;
+  std::vector<PreviousRun> runs;  // of h_{t-1}, for dW_hh
+  const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p;
+  int64_t out_ld = 0;
+  T *dh_p, *dc_p, *dgx_buffers_p, *dgh_buffers_p, *dh_total_p, *d_proj_p, *dx_p, *dw_ih_p, *dw_hh_p, *db_ih_p, *db_hh_p;
+  T *x_panels_p, *h_panels_p, *strips_p;
+};
+
+}  // namespace
+}  // namespace cpu
+
+void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x,
+                       const at::Tensor& w_ih, const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj,
+                       const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved,
+                       const at::Tensor& dy, at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads) {
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
+    dispatch_cell<cpu::BackwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, outputs, h0,
+                                               c0, saved, dy, dh, dc, dh_total, grads);
+  });
+}
+
+}  // namespace fused_rnn
