@@ -109,16 +109,15 @@ def cpu_vector_flags():
 
 
 def warning_flags():
-    """(C++ flags, nvcc flags) for warnings: -Wall on our sources, torch's headers as system headers
-    (-isystem: their warnings, such as ATen's `#pragma unroll` under -Wall, are not ours to fix; no
-    other include folder has a header of the same name, so the same headers are found).
-    FUSED_RNN_WERROR=1 (.ci/run sets it) makes every warning an error; opt-in, so that a user's
-    install never fails on a new compiler's new warning."""
+    """(C++ flags, nvcc flags) for warnings: -Wall -Wextra on our sources (nvcc: its host compiler's),
+    torch's headers as system headers (-isystem: their warnings, such as ATen's `#pragma unroll`, are
+    not ours to fix; the same headers are found). FUSED_RNN_WERROR=1 (.ci/run sets it) makes every
+    warning an error: opt-in, so that a user's install never fails on a new compiler's new warning."""
     torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
     isystem = ["-isystem", torch_include, "-isystem", os.path.join(torch_include, "torch", "csrc", "api", "include")]
     werror = flag("FUSED_RNN_WERROR") == "1"
-    cxx = ["-Wall"] + isystem + (["-Werror"] if werror else [])
-    nvcc = ["-Xcompiler", "-Wall"] + isystem + (["-Werror", "all-warnings", "-Xcompiler", "-Werror"] if werror else [])
+    cxx = ["-Wall", "-Wextra"] + isystem + (["-Werror"] if werror else [])
+    nvcc = ["-Xcompiler", "-Wall,-Wextra"] + isystem + (["-Werror", "all-warnings", "-Xcompiler", "-Werror"] if werror else [])
     return cxx, nvcc
 
 

@@ -7,6 +7,11 @@
 
 #include "cpu/layer_cpu.h"
 #include "overrides.h"
+#ifdef FUSED_RNN_WITH_CUDA
+#include <c10/core/DeviceGuard.h>
+
+#include "cuda/cuda_plan.h"
+#endif
 
 #ifndef FUSED_RNN_CUDA_ARCHS  // set by setup.py for a CUDA build: TORCH_CUDA_ARCH_LIST as built
 #define FUSED_RNN_CUDA_ARCHS ""
@@ -16,6 +21,17 @@ namespace {
 
 using namespace pybind11::literals;
 using fused_rnn::CellKind;
+
+// A padded layer of T steps of B rows with these sizes, as describe_layer gives it.
+fused_rnn::LayerShape padded_shape(int64_t cell, int64_t T, int64_t B, int64_t I, int64_t H, int64_t proj_size) {
+  fused_rnn::LayerShape s;
+  fused_rnn::describe_cell(s, cell);
+  s.T = T, s.B = B, s.N = T * B, s.I = I, s.H = H, s.P = proj_size ? proj_size : H, s.proj = proj_size > 0;
+  s.outputs_in_saved = false;
+  s.batch_sizes.assign(T, B);
+  for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
+  return s;
+}
 
 // The plan of a padded call of T steps with these sizes (kernel_plan.h's plan_cpu).
 std::vector<std::pair<std::string, std::string>> cpu_plan(const std::string& pass, int64_t cell,
@@ -29,14 +45,23 @@ std::vector<std::pair<std::string, std::string>> cpu_plan(const std::string& pas
                               : dtype == "complex64" ? at::kComplexFloat : dtype == "complex128" ? at::kComplexDouble
                               : throw std::invalid_argument("fused_rnn: the CPU loops compute in float32, float64, complex64 "
                                                             "or complex128, got '" + dtype + "'");
-  fused_rnn::LayerShape s;
-  fused_rnn::describe_cell(s, cell);
-  s.T = T, s.B = B, s.N = T * B, s.I = I, s.H = H, s.P = proj_size ? proj_size : H, s.proj = proj_size > 0;
-  s.outputs_in_saved = false;
-  s.batch_sizes.assign(T, B);
-  for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
-  return fused_rnn::cpu::plan_cpu(p, s, type, need_input_grad).describe(p);
+  return fused_rnn::cpu::plan_cpu(p, padded_shape(cell, T, B, I, H, proj_size), type, need_input_grad).describe(p);
 }
+
+#ifdef FUSED_RNN_WITH_CUDA
+// The plan of a padded call on GPU `device` (cuda_plan.h's plan_cuda).
+std::vector<std::pair<std::string, std::string>> cuda_plan(bool backward, int64_t cell, const std::string& dtype,
+                                                           int64_t T, int64_t B, int64_t I, int64_t H,
+                                                           int64_t proj_size, int64_t device) {
+  const at::ScalarType type = dtype == "float32" ? at::kFloat : dtype == "float64" ? at::kDouble
+                              : dtype == "float16" ? at::kHalf : dtype == "bfloat16" ? at::kBFloat16
+                              : throw std::invalid_argument("fused_rnn: the CUDA loops take float32, float64, float16 "
+                                                            "or bfloat16, got '" + dtype + "'");
+  const at::Device gpu(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+  const c10::DeviceGuard guard(gpu);
+  return fused_rnn::cuda::plan_cuda(backward, padded_shape(cell, T, B, I, H, proj_size), type, gpu).describe(backward);
+}
+#endif
 
 }  // namespace
 
@@ -88,6 +113,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_plan", &cpu_plan, "the kernels of a padded CPU call: (product, kernel) pairs", py::arg("pass_"),
         py::arg("cell"), py::arg("dtype"), py::arg("steps"), py::arg("batch"), py::arg("input_size"),
         py::arg("hidden_size"), py::arg("proj_size") = 0, py::arg("need_input_grad") = true);
+#ifdef FUSED_RNN_WITH_CUDA
+  m.def("cuda_plan", &cuda_plan, "the CUDA plan of a padded call on a GPU: (decision, choice) pairs",
+        py::arg("backward"), py::arg("cell"), py::arg("dtype"), py::arg("steps"), py::arg("batch"),
+        py::arg("input_size"), py::arg("hidden_size"), py::arg("proj_size"), py::arg("device"));
+#endif
   m.def("cpu_cache_bytes", &fused_rnn::cpu_cache_bytes, "bytes of freed CPU blocks kept for reuse");
   m.def("empty_cpu_cache", &fused_rnn::empty_cpu_cache, "gives the kept CPU blocks back to the system");
 }

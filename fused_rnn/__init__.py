@@ -1,14 +1,14 @@
 """fused_rnn: fused LSTM, GRU and RNN layers, drop-ins for their torch.nn namesakes."""
 import os as _os
 
-from ._ops import (built_with_cuda, cpu_cache_bytes, cpu_plan, empty_cache, override_choices, overrides,
+from ._ops import (built_with_cuda, cpu_cache_bytes, cpu_plan, cuda_plan, empty_cache, override_choices, overrides,
                    overrides_set, set_overrides)
 from .convert import convert
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from . import quantized  # noqa: E402 - registers the int8 layers with torch's quantize_dynamic
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "built_with_cuda", "empty_cache",
-           "cpu_cache_bytes", "quantized", "cpu_plan", "overrides", "set_overrides", "overrides_set",
+           "cpu_cache_bytes", "quantized", "cpu_plan", "cuda_plan", "overrides", "set_overrides", "overrides_set",
            "override_choices"]
 __version__ = "0.1.0"
 

@@ -50,6 +50,14 @@ def plan_report():
             lines.append(f"  {label:22} {pass_:8} " + "; ".join(f"{k}: {v}" for k, v in plan.items()))
     plan = fused_rnn.cpu_plan("LSTM", torch.float32, 8, 128, 128, pass_="int8")
     lines.append(f"  {'LSTM int8 B8 H128':22} {'forward':8} " + "; ".join(f"{k}: {v}" for k, v in plan.items()))
+    for device in range(torch.cuda.device_count() if _C.built_with_cuda else 0):
+        lines.append(f"CUDA kernel plan on cuda:{device} (fused_rnn.cuda_plan):")
+        for label, cell, dtype, batch, inputs, hidden in PLAN_SHAPES:
+            for backward in (False, True):
+                plan = fused_rnn.cuda_plan(cell, dtype, batch, inputs, hidden, steps=50, backward=backward,
+                                           device=device)
+                lines.append(f"  {label:22} {'backward' if backward else 'forward':8} "
+                             + "; ".join(f"{k}: {v}" for k, v in plan.items()))
     return lines
 
 

@@ -70,6 +70,18 @@ def overrides_set(**values) -> Iterator[dict]:
                 _C.set_override(name, before[name])
 
 
+def cuda_plan(cell: str, dtype: torch.dtype = torch.float32, batch: int = 1, input_size: int = 1,
+              hidden_size: int = 1, proj_size: int = 0, steps: int = 1, backward: bool = False,
+              device: int = 0) -> dict:
+    """The CUDA plan (csrc/cuda/cuda_plan.h) of a padded call on GPU `device`: the operands of the
+    products, the recurrent loop, persistent or per-step launches, the fused backward. Needs the CUDA
+    build and a GPU (fused_rnn.testing's emulation has its own: CudaEmulation.plan)."""
+    if not built_with_cuda:
+        raise RuntimeError("fused_rnn: this build has no CUDA kernels (docs/build.md)")
+    return dict(_C.cuda_plan(backward, CELL_IDS[cell], str(dtype).replace("torch.", ""), steps, batch, input_size,
+                             hidden_size, proj_size, device))
+
+
 def override_choices() -> dict:
     """For each word-valued override, the values this CPU and build can run (tests iterate over them)."""
     return {name: list(words) for name, words in _C.override_choices()}

@@ -67,9 +67,9 @@ def _emulation():
             sources=[os.path.join(_CSRC, s) for s in _SOURCES],
             extra_include_paths=[_CSRC],
             build_directory=build,
-            # -O1: the emulated kernels build quickly and run fast enough for the tests. -Wall as
-            # setup.py's build (torch's headers are -isystem here); FUSED_RNN_WERROR=1 (CI): no warning.
-            extra_cflags=["-O1", "-DFUSED_RNN_EMULATED_CUDA", "-Wall"]
+            # -O1: the emulated kernels build quickly and run fast enough for the tests. Warnings as
+            # setup.py's build (torch's headers are -isystem here); FUSED_RNN_WERROR=1 (CI): none.
+            extra_cflags=["-O1", "-DFUSED_RNN_EMULATED_CUDA", "-Wall", "-Wextra"]
             + (["-Werror"] if os.environ.get("FUSED_RNN_WERROR", "").strip() == "1" else []),
         )
         # One store of overrides (fused_rnn.overrides_set): the extension's, read by this module too.
@@ -107,6 +107,13 @@ class CudaEmulation:
         FUSED_RNN_CUDA_ROWS_PER_BLOCK forces one, as on a GPU."""
         return self._module.chosen_rows_per_block(kernel, _ops.CELL_IDS[cell], rows, hidden, proj or hidden,
                                                   dtype == torch.float64)
+
+    def plan(self, cell: str, dtype: torch.dtype = torch.float32, batch: int = 1, input_size: int = 1,
+             hidden_size: int = 1, proj_size: int = 0, steps: int = 1, backward: bool = False) -> dict:
+        """The CUDA plan (csrc/cuda/cuda_plan.h) of a padded call on this emulated GPU, with the
+        current overrides: decision -> choice."""
+        return dict(self._module.cuda_plan(backward, _ops.CELL_IDS[cell], str(dtype).replace("torch.", ""), steps,
+                                           batch, input_size, hidden_size, proj_size))
 
     def takes_persistent_kernel(self, kernel: str, cell: str, batch: int, hidden: int, proj: int = 0,
                                 dtype: torch.dtype = torch.float32) -> bool:

@@ -706,3 +706,49 @@ def test_the_environment_variable_takes_the_cuda_path_for_the_whole_process(tmp_
     assert result.returncode == 0, result.stderr[-3000:]
     launches, refused = result.stdout.split()
     assert int(launches) > 0 and refused == "refused"
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_the_cuda_plan_is_what_the_call_runs(cell):
+    """plan_cuda (csrc/cuda/cuda_plan.h) decides per call: its persistent choice is the cost model's
+    (takes_persistent_kernel) at every batch and size, on a large and a small GPU; the overrides
+    reach it; half types multiply in their own type from compute capability 8.0, in float32 below."""
+    for gpu_config in ({}, {"multiprocessors": 2}):
+        with emulate_cuda(**gpu_config) as gpu:
+            for batch, hidden in ((1, 32), (8, 200), (9, 200), (4, 1300)):
+                plan = gpu.plan(cell, torch.float64, batch, 16, hidden, steps=3)
+                persistent = plan["launches"].startswith("one per sequence")
+                assert persistent == gpu.takes_persistent_kernel("forward", cell, batch, hidden, dtype=torch.float64)
+                backward = gpu.plan(cell, torch.float64, batch, 16, hidden, steps=3, backward=True)
+                assert backward["launches"].startswith("one") == gpu.takes_persistent_kernel(
+                    "backward", cell, batch, hidden, dtype=torch.float64)
+            with fused_rnn.overrides_set(cuda_persistent="0", cuda_unfused_backward=1):
+                assert gpu.plan(cell, torch.float32, 1, 16, 32)["launches"] == "per step"
+                unfused = gpu.plan(cell, torch.float32, 1, 16, 32, backward=True)
+                assert unfused["step"] == "cell kernel, then cuBLAS" and unfused["launches"] == "per step"
+            with fused_rnn.overrides_set(cuda_persistent="1"):
+                assert gpu.plan(cell, torch.float32, 64, 16, 32)["launches"] != "per step"
+    with emulate_cuda() as gpu:
+        half = gpu.plan(cell, torch.float16, 4, 16, 32)
+        assert half["cuBLAS operands"] == "float16" and half["h·W_hhᵀ"] == "float16 (tensor cores)"
+        assert gpu.plan(cell, torch.bfloat16, 4, 16, 32, backward=True)["dG·W_hh"] == "float32 (CUDA cores)"
+    with emulate_cuda(compute_capability=(7, 5)) as gpu:
+        old = gpu.plan(cell, torch.float16, 4, 16, 32)
+        assert old["cuBLAS operands"] == "float32" and old["h·W_hhᵀ"] == "float32 (CUDA cores)"
+
+
+def test_the_run_follows_the_cuda_plan():
+    """A layer the plan runs persistent takes one launch forward; one it runs per step takes one or
+    more per step (the emulation counts launches)."""
+    layer = fused_rnn.GRU(16, 32).double()
+    x = torch.randn(6, 2, 16, dtype=torch.float64)
+    with emulate_cuda() as gpu:
+        for choice in ("1", "0"):
+            with fused_rnn.overrides_set(cuda_persistent=choice):
+                persistent = gpu.plan("GRU", torch.float64, 2, 16, 32, steps=6)["launches"] != "per step"
+                before = gpu.launches
+                with torch.no_grad():
+                    layer(x)
+                launches = gpu.launches - before
+                assert persistent == (choice == "1")
+                assert launches == 1 if persistent else launches >= 6

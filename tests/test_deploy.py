@@ -226,6 +226,6 @@ def test_python_m_fused_rnn_reports_the_build_and_checks_against_torch_nn():
     assert run.returncode == 0, run.stdout + run.stderr
     for line in (f"torch {torch.__version__}", "built with CUDA kernels: " + ("yes" if fused_rnn.built_with_cuda
                                                                               else "no"),
-                 "CPU gate math:", "threads", "devices visible: cpu", "all checks passed"):
+                 "CPU vector math:", "threads", "devices visible: cpu", "CPU kernel plan", "all checks passed"):
         assert line in run.stdout, run.stdout
     assert run.stdout.count(" ok") >= 6

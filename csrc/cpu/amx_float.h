@@ -5,10 +5,9 @@
 // AMX multiplies bfloat16 (8 significant bits) into float32 sums. A float32 splits exactly into
 // three bfloat16s, x = hi + mid + lo, and a product a·b keeps float32's accuracy as the six
 // largest of its nine partial products (hi·hi, hi·mid, mid·hi, hi·lo, mid·mid, lo·hi: each exact
-// in float32; the three left out are below 2^-24 relative). Measured against float64
-// (bench/amx_probe.cpp), the largest error was 0.4-0.6 of a float32 FMA chain's. Six TDPBF16PS per
-// 16 x 16 x 32 block still do more float32-equivalent work per cycle than two AVX-512 FMA units:
-// the probe ran 176-234 Gflop/s a thread where the AVX-512 tiles ran 140-157 (bench/NOTES.md).
+// in float32; the three left out are below 2^-24 relative): bench/amx_probe.cpp checks the error
+// against float64. Six TDPBF16PS per 16 x 16 x 32 block still do more float32-equivalent work per
+// cycle than two AVX-512 FMA units (bench/NOTES.md has the figures).
 //
 // Each output is one fixed sequence of tile products over k, whichever thread or block computes
 // it: reproducible, and the same bits for any number of threads. Not the AVX-512 tiles' bits;

@@ -3,11 +3,10 @@
 // going back to the system.
 //
 // Why: glibc serves blocks this large with a fresh mmap and returns them with munmap, so every
-// call paid a page fault and the kernel's zeroing per 4 KB of them, on every call: at T=100, B=64,
-// H=512 an LSTM training step allocates about 100 MB that way, 70 ms of its 590 measured here.
-// A kept block is already mapped. Huge pages (MADV_HUGEPAGE) were tried first; with the kernel's
-// defrag=madvise setting they made the first write stall on compaction at random, 195 to 255 ms
-// for the same forward.
+// call paid a page fault and the kernel's zeroing per 4 KB of them, on every call (an LSTM
+// training step at T=100, B=64, H=512 allocates about 100 MB that way). A kept block is already
+// mapped. Huge pages (MADV_HUGEPAGE) were tried first; with the kernel's defrag=madvise setting they
+// made the first write stall on compaction at random (bench/NOTES.md has both measurements).
 //
 // The cache holds at most cpu_cache_mb megabytes (the FUSED_RNN_CPU_CACHE_MB override; default 1024, 0 turns it off) of free
 // blocks; fused_rnn.empty_cache() gives them all back. Blocks are reused for requests of up to

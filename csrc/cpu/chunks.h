@@ -19,8 +19,8 @@ constexpr int64_t kChunkElements = int64_t{1} << 20;
 // the same calls whatever the number of threads, each thread taking whole ones: MKL's AVX-512
 // kernels (on Intel) can give an element other bits when the call around it has another shape.
 // Pieces of G*H (dW's rows, x·W_ihᵀ's columns): a quarter of it, 64 to 512, as large as keeps
-// two threads busy (training at B=256 on the Xeon VM: 64 -> 512 took LSTM from 0.89x to 0.95x of
-// torch.nn, RNN from 0.90x to 1.01x); of a chunk's rows (dX): 64, a chunk being 256 rows or more.
+// two threads busy (larger pieces were faster on Intel: bench/NOTES.md); of a chunk's rows (dX): 64,
+// a chunk being 256 rows or more.
 inline int64_t gemm_piece(int64_t size) { return std::clamp<int64_t>((size / 4 + 63) / 64 * 64, 64, 512); }
 constexpr int64_t kGemmRowPiece = 64;
 

@@ -79,7 +79,7 @@ struct KernelMath<c10::complex<T>> : ScalarMath<c10::complex<T>> {
 };
 
 #if defined(__x86_64__)
-// The same Math for float with AVX-512, 16 units a call (wide_cell_units, step_team.h): the same
+// The same Math for float with AVX-512, 16 units a call (wide_cell_units, cell_units.h): the same
 // operations in the same order as KernelMath<float> (SLEEF's exp, the rational tanh), on zmm
 // registers. Every member is AVX-512 code, called only from functions compiled for it.
 #define FUSED_RNN_AVX512F_INLINE __attribute__((target("avx512f"))) inline

@@ -5,13 +5,12 @@
 // work of two 256-bit ones in one instruction, so a tile of 6 rows x 4 vectors (24 accumulators,
 // 64 output columns) needs about a third of the loads and broadcasts per multiply-add that the
 // AVX2 tile (3 rows x 4 ymm) needs, and its panel of weights streams from L2 at half the bytes
-// per cycle. Measured on the 2-core Zen 4 VM, one thread (bench/NOTES.md): 92-101 Gflop/s for the
-// LSTM's products, where the AVX2 tile ran 60-68 in place and MKL's sgemm (its AVX2 path on AMD)
-// 49-68.
+// per cycle: on Zen 4 about 1.5x the AVX2 tile's and MKL's sgemm's (its AVX2 path on AMD) speed a
+// thread (bench/NOTES.md).
 //
-// The panels are block_product's (layer_cpu.cpp) with 16-float groups. Each output element is one
-// chain of FMAs over k in order, starting from zero or its bias: the same bits whatever tile, row
-// block or thread computes it. Not the same bits as the AVX2 kernel (whose k chunks add partial
+// The panels are block_product's (vec_tiles.h; panels.h packs both) with 16-float groups. Each
+// output element is one chain of FMAs over k in order, starting from zero or its bias: the same
+// bits whatever tile, row block or thread computes it. Not the same bits as the AVX2 kernel (whose k chunks add partial
 // sums); the float_kernel override asks for that one (tests run both).
 #pragma once
 
@@ -75,15 +74,15 @@ FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* r
     for (int r = 0; r < MR; ++r) acc[r][q] = start;
   }
   const float* a_columns = rows[0];
-  // Unrolled by 4: on the 2-core Xeon VM a tile then runs at 195-225 Gflop/s a thread in place,
-  // against 170-190 rolled (the loop's own uops and the branch shared the cycles with the FMAs).
+  // Unrolled by 4: rolled, the loop's own uops and the branch shared the cycles with the FMAs
+  // (bench/NOTES.md).
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
     __m512 w[NV];
     for (int q = 0; q < NV; ++q) w[q] = _mm512_loadu_ps(panel + k * stride + q * kWideWidth);
     // The panel 16 k ahead: a block of W_hh larger than L2 streams from L3 or memory at small
-    // batches, where the hardware prefetcher alone left the tile waiting (LSTM B8 H1024: 0.40 ->
-    // 0.35 ms a step); at large batches the panel is in L2 and this costs nothing measurable.
+    // batches, where the hardware prefetcher alone left the tile waiting; at large batches the
+    // panel is in L2 and this costs nothing measurable (bench/NOTES.md).
     for (int q = 0; q < NV; ++q) {
       _mm_prefetch(reinterpret_cast<const char*>(panel + (k + 16) * stride + q * kWideWidth), _MM_HINT_T0);
     }
@@ -195,8 +194,7 @@ inline constexpr std::array<WideTiles, 2> wide_tiles = {
 // Rows [0, n) times one panel block of NG (<= 4) groups over all K: row(r) gives row r of the left
 // factor (with a_stride > 0: its column r, k at stride a_stride), out(r) where row r of the
 // block's output starts (group q at offset[q]). Tiles of 24 accumulators (or less): 6 rows for 4
-// groups, 8 for 3, 12 for 2 and 8 for 1 (measured on the Xeon VM: 8 x 3 at 215-225 Gflop/s, 6 x 4
-// at 205-215). 6-8 rows with 4 groups take two halves of the groups over all rows instead, so that
+// groups, 8 for 3, 12 for 2 and 8 for 1 (the fastest shapes measured: bench/NOTES.md). 6-8 rows with 4 groups take two halves of the groups over all rows instead, so that
 // the panel is read twice rather than the rows 6 + 2.
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float* panel, int64_t K, int NG, int64_t n, const RowFn& row, const OutFn& out,

@@ -14,24 +14,26 @@
 //   dh, dc   [B, P], [B, H]  gradient at h_n, c_n in; at h_0, c_0 out
 //   dgx, dgh [N, G*H] the gate gradients, written (dgh: GRU's recurrent side, else the same as dgx)
 //   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
-//   fuse     one launch per step where the shape allows (FUSED_RNN_CUDA_UNFUSED_BACKWARD unset)
+//   fuse     one launch per step where the shape allows (the plan's fused_backward)
+// and both loops' `persistent`: the plan's (cuda_plan.h), one cooperative launch for the sequence.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include "../layer.h"
+#include "cuda_plan.h"
 
 namespace fused_rnn {
 
 #define FUSED_RNN_DECLARE_FORWARD_LOOP(name)                                                                    \
   void name(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,                   \
             const at::Tensor& b_hn, const at::Tensor& w_hr, at::Tensor& y, at::Tensor& h, at::Tensor& c,       \
-            at::Tensor& saved)
+            at::Tensor& saved, bool persistent)
 #define FUSED_RNN_DECLARE_BACKWARD_LOOP(name)                                                                   \
   void name(const LayerShape& s, bool reverse, const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj,       \
             const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved,    \
             const at::Tensor& dy, at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx, at::Tensor& dgh,            \
-            at::Tensor& dh_total, bool fuse)
+            at::Tensor& dh_total, bool fuse, bool persistent)
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_float);
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_double);
@@ -40,5 +42,11 @@ FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_bfloat16);  // bfloat16 W_hh, t
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_tf32);      // float32 W_hh, tensor cores in TF32
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_float);
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_double);
+
+// Whether the persistent kernel can and should run the layer (persistent_loops.cuh's rule, the
+// cuda_persistent override and the GPU's room for its grid): plan_cuda's question, answered where
+// the kernels are (forward.cu, backward.cu; the backward's only for the fused backward).
+bool persistent_forward_chosen(cuda::Recurrent recurrent, const LayerShape& s);
+bool persistent_backward_chosen(cuda::Recurrent recurrent, const LayerShape& s);
 
 }  // namespace fused_rnn

@@ -62,26 +62,23 @@ Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs
   return h_prev;
 }
 
-// The forward step loop for the operands' types: w_hh in gx's type (float32 exactly, or as TF32,
-// or float64), or float16 / bfloat16 with everything else float32 (the tensor cores).
-void forward_loop(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-  const auto w_type = w_hh.scalar_type();
-  if (w_type == at::kHalf || w_type == at::kBFloat16) {
-    TORCH_CHECK(gx.scalar_type() == at::kFloat, "fused_rnn: half-type weights need a float32 gx, got ",
-                gx.scalar_type());
-    const auto loop = w_type == at::kHalf ? &forward_loop_cuda_half : &forward_loop_cuda_bfloat16;
-    loop(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
-    return;
-  }
-  TORCH_CHECK(w_type == gx.scalar_type(), "fused_rnn: weight_hh has dtype ", w_type, " but gx ", gx.scalar_type());
-  if (gx.scalar_type() == at::kFloat) {
-    const auto loop = tf32_as_cudnn_would(gx.device()) ? &forward_loop_cuda_tf32 : &forward_loop_cuda_float;
-    loop(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
-  } else {
-    TORCH_CHECK(gx.scalar_type() == at::kDouble, "fused_rnn: the CUDA loops do not take dtype ", gx.scalar_type());
-    forward_loop_cuda_double(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
-  }
+// The forward step loop the plan names.
+void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh,
+                  const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+  using cuda::Recurrent;
+  const auto loop = plan.recurrent == Recurrent::kHalf       ? &forward_loop_cuda_half
+                    : plan.recurrent == Recurrent::kBFloat16 ? &forward_loop_cuda_bfloat16
+                    : plan.recurrent == Recurrent::kTf32     ? &forward_loop_cuda_tf32
+                    : plan.recurrent == Recurrent::kDouble   ? &forward_loop_cuda_double
+                                                             : &forward_loop_cuda_float;
+  const at::ScalarType state_type = plan.recurrent == Recurrent::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType weight_type = plan.recurrent == Recurrent::kHalf       ? at::kHalf
+                                     : plan.recurrent == Recurrent::kBFloat16 ? at::kBFloat16
+                                                                              : state_type;
+  TORCH_CHECK(gx.scalar_type() == state_type && w_hh.scalar_type() == weight_type, "fused_rnn: the ",
+              cuda::recurrent_name(plan.recurrent), " step loop takes gx in ", state_type, " and weight_hh in ",
+              weight_type, ", got ", gx.scalar_type(), " and ", w_hh.scalar_type());
+  loop(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved, plan.persistent);
 }
 
 void refuse_complex(const Tensor& x) {
@@ -89,13 +86,61 @@ void refuse_complex(const Tensor& x) {
               "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
 }
 
-// The type of the products' operands: the compute type, except for half types on the tensor cores
-// (compute capability 8.0 and up), which multiply the half type itself (cuBLAS for x·W_ihᵀ and the
-// backward's products, h_{t-1}·W_hhᵀ on the tensor cores) and accumulate in float32. Below 8.0 the
-// half types run in float32 throughout, as on the CPU.
-at::ScalarType operand_type(const Tensor& x) {
-  return computes_in_float(x) && tensor_cores_take_half_types(x.device()) ? x.scalar_type() : compute_type(x);
+}  // namespace
+
+namespace cuda {
+
+const char* recurrent_name(Recurrent r) {
+  switch (r) {
+    case Recurrent::kFloat: return "float32 (CUDA cores)";
+    case Recurrent::kDouble: return "float64 (CUDA cores)";
+    case Recurrent::kHalf: return "float16 (tensor cores)";
+    case Recurrent::kBFloat16: return "bfloat16 (tensor cores)";
+    case Recurrent::kTf32: return "TF32 (tensor cores)";
+  }
+  return "?";
 }
+
+std::vector<std::pair<std::string, std::string>> CudaPlan::describe(bool backward) const {
+  std::vector<std::pair<std::string, std::string>> out = {
+      {"cuBLAS operands", products == at::kDouble     ? "float64"
+                          : products == at::kHalf     ? "float16"
+                          : products == at::kBFloat16 ? "bfloat16"
+                                                      : "float32"},
+      {backward ? "dG·W_hh" : "h·W_hhᵀ", recurrent_name(recurrent)},
+      {"launches", persistent ? "one per sequence (persistent)" : "per step"}};
+  if (backward) out.emplace_back("step", fused_backward ? "fused (one launch)" : "cell kernel, then cuBLAS");
+  return out;
+}
+
+CudaPlan plan_cuda(bool backward, const LayerShape& s, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fused_rnn: the CUDA loops do not take dtype ", dtype);
+  CudaPlan plan;
+  // The products' operands: the compute type, except for half types on the tensor cores (compute
+  // capability 8.0 and up), which multiply the half type itself (cuBLAS for x·W_ihᵀ and the
+  // backward's products, h_{t-1}·W_hhᵀ on the tensor cores) and accumulate in float32. Below 8.0
+  // the half types run in float32 throughout, as on the CPU.
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  plan.products = !half ? dtype : tensor_cores_take_half_types(device) ? dtype : at::kFloat;
+  if (backward) {  // on the CUDA cores, in the compute type
+    plan.recurrent = dtype == at::kDouble ? Recurrent::kDouble : Recurrent::kFloat;
+    plan.fused_backward = override_value(Override::kCudaUnfusedBackward) == 0;
+    plan.persistent = plan.fused_backward && persistent_backward_chosen(plan.recurrent, s);
+  } else {
+    plan.recurrent = plan.products == at::kHalf       ? Recurrent::kHalf
+                     : plan.products == at::kBFloat16 ? Recurrent::kBFloat16
+                     : dtype == at::kDouble           ? Recurrent::kDouble
+                     : tf32_as_cudnn_would(device)    ? Recurrent::kTf32
+                                                      : Recurrent::kFloat;
+    plan.persistent = persistent_forward_chosen(plan.recurrent, s);
+  }
+  return plan;
+}
+
+}  // namespace cuda
+
+namespace {
 
 LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
@@ -105,23 +150,26 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
-  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, operand_type(x));
+  const cuda::CudaPlan plan = cuda::plan_cuda(false, s, x.scalar_type(), x.device());
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan.products);
   const auto opts = op.h.options();
   Tensor y = at::empty({s.N, s.P}, opts);
   Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop(s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
   return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
-// The backward step loop by dtype (half types reach it as float32).
-void backward_loop(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
-                   Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
-  TORCH_CHECK(saved.scalar_type() == at::kFloat || saved.scalar_type() == at::kDouble,
-              "fused_rnn: the CUDA loops do not take dtype ", saved.scalar_type());
-  const auto loop = saved.scalar_type() == at::kFloat ? &backward_loop_cuda_float : &backward_loop_cuda_double;
-  loop(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total,
-       override_value(Override::kCudaUnfusedBackward) == 0);  // 1: two launches a step (step_loops.cuh)
+// The backward step loop the plan names (half types reach it as float32).
+void backward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& w_hh_conj,
+                   const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                   const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                   Tensor& dh_total) {
+  const bool float64 = plan.recurrent == cuda::Recurrent::kDouble;
+  TORCH_CHECK(saved.scalar_type() == (float64 ? at::kDouble : at::kFloat), "fused_rnn: the ",
+              cuda::recurrent_name(plan.recurrent), " backward loop does not take dtype ", saved.scalar_type());
+  const auto loop = float64 ? &backward_loop_cuda_double : &backward_loop_cuda_float;
+  loop(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total, plan.fused_backward,
+       plan.persistent);
 }
 
 LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
@@ -133,6 +181,7 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
       describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
+  const cuda::CudaPlan plan = cuda::plan_cuda(true, s, x.scalar_type(), x.device());
   BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
@@ -142,13 +191,13 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // real types here are the weights.
   Tensor dgx = at::empty({s.N, GH}, opts);
   Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
-  backward_loop(s, reverse, op.w_hh, op.w_hr, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh, op.dc, dgx, dgh,
+  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh, op.dc, dgx, dgh,
                 dh_total);
 
   // The once-per-sequence products and sums; plain reductions, so results are reproducible.
   const Tensor h_prev = previous_outputs(s, reverse, op.outputs, op.h0);
   Tensor dx, dw_ih, dw_hh;
-  const at::ScalarType product_type = operand_type(x);
+  const at::ScalarType product_type = plan.products;
   if (product_type == op.x.scalar_type()) {
     if (need_input_grad) dx = at::mm(dgx, op.w_ih);
     dw_ih = at::mm(dgx.t(), op.x);

@@ -561,13 +561,13 @@ struct PersistentForwardLoop {
   }
 };
 
-// float32 and float64 forward: the persistent kernel where persistent_forward_wanted says, else a
-// launch per step.
+// float32 and float64 forward: the persistent kernel where the plan says (persistent_forward_wanted),
+// else a launch per step.
 template <typename Cell>
 struct CudaCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-    if (persistent_forward_wanted<Cell>(s)) {
+                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved, bool persistent) {
+    if (persistent) {
       PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, y, h, c, saved);
     } else {
       StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
@@ -576,12 +576,12 @@ struct CudaCoreForwardLoop {
 };
 
 // float16 and bfloat16 W_hh, and float32 as TF32, on the tensor cores: the persistent kernel where
-// persistent_tensor_core_wanted says, else a launch per step.
+// the plan says (persistent_tensor_core_wanted), else a launch per step.
 template <typename Cell, typename Op>
 struct TensorCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
-    if (persistent_tensor_core_wanted<Cell, Op>(s)) {
+                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved, bool persistent) {
+    if (persistent) {
       PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, y, h, c, saved);
     } else {
       ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
@@ -630,14 +630,14 @@ struct PersistentBackwardLoop {
 };
 
 // float32 and float64 backward (the half types reach it as float32): the persistent kernel where
-// persistent_backward_wanted says and the fused backward is wanted, else BackwardLoop's launches
+// the plan says (the fused backward and persistent_backward_wanted), else BackwardLoop's launches
 // per step.
 template <typename Cell>
 struct CudaCoreBackwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
-                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total, bool fuse) {
-    if (fuse && persistent_backward_wanted<Cell>(s)) {
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total, bool fuse, bool persistent) {
+    if (persistent) {
       PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
     } else {
       BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,

@@ -1,5 +1,5 @@
-// The step loops on CUDA and their kernels: the same two functions as
-// csrc/cpu/layer_cpu.cpp, with the same buffers and packed-sequence semantics (step t works on rows
+// The step loops on CUDA and their kernels: the same two functions as csrc/cpu/forward_loop.cpp and
+// backward_loop.cpp, with the same buffers and packed-sequence semantics (step t works on rows
 // [offsets[t], offsets[t] + batch_sizes[t]) of x / y / saved and on the first batch_sizes[t] rows
 // of the state; reverse walks t downwards).
 //

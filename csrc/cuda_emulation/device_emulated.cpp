@@ -105,8 +105,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "persistent_chosen",
       [](const std::string& kernel, int64_t cell, int64_t B, int64_t H, int64_t proj, bool float64) {
         const LayerShape s = padded_layer(cell, B, H, proj);
-        return kernel == "backward" ? persistent_backward_chosen(s, float64)
-                                    : persistent_forward_chosen(s, kernel, float64);
+        using cuda::Recurrent;
+        const bool cuda_cores = kernel == "forward" || kernel == "backward";
+        TORCH_CHECK(cuda_cores || !float64, "fused_rnn: the tensor cores' cells run in float32");
+        const Recurrent recurrent = kernel == "float16"    ? Recurrent::kHalf
+                                    : kernel == "bfloat16" ? Recurrent::kBFloat16
+                                    : kernel == "tf32"     ? Recurrent::kTf32
+                                    : float64              ? Recurrent::kDouble
+                                                           : Recurrent::kFloat;
+        TORCH_CHECK(cuda_cores || kernel == "float16" || kernel == "bfloat16" || kernel == "tf32", "unknown kernel ",
+                    kernel);
+        return kernel == "backward" ? persistent_backward_chosen(recurrent, s) : persistent_forward_chosen(recurrent, s);
       },
       "whether a padded layer takes a persistent kernel");
+  m.def(
+      "cuda_plan",
+      [](bool backward, int64_t cell, const std::string& dtype, int64_t T, int64_t B, int64_t I, int64_t H,
+         int64_t proj) {
+        LayerShape s = padded_layer(cell, B, H, proj);
+        s.T = T, s.N = T * B, s.I = I;
+        s.batch_sizes.assign(T, B);
+        s.offsets.clear();
+        for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
+        const at::ScalarType type = dtype == "float64" ? at::kDouble : dtype == "float16" ? at::kHalf
+                                    : dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+        return cuda::plan_cuda(backward, s, type, at::Device(at::kCPU)).describe(backward);
+      },
+      "the CUDA plan of a padded call on the emulated GPU: (decision, choice) pairs");
 }

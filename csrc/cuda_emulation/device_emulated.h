@@ -14,6 +14,7 @@
 
 #include "emulated_cuda.h"
 #include "../cuda/device.h"
+#include "../cuda/loops_by_dtype.h"
 #include "../layer.h"
 
 namespace emulated_cuda {
@@ -61,12 +62,9 @@ void launch_cooperative(void (*kernel)(Args), dim3 grid, dim3 block, std::size_t
 
 // What the kernels' translation units tell the emulation's module of the cost model, for tests, on
 // the emulated GPU: the rows per block of the variant that a step of n rows runs ("forward" on the
-// CUDA cores, "tensor_core" with float16 W_hh, "backward" the fused one; forward_emulated.cpp), and
-// whether layer s takes a persistent kernel: "forward", or on the tensor cores "float16",
-// "bfloat16", "tf32" (forward_emulated.cpp), and the backward (backward_emulated.cpp).
+// CUDA cores, "tensor_core" with float16 W_hh, "backward" the fused one; forward_emulated.cpp).
+// Whether a layer takes a persistent kernel is the plan's question (loops_by_dtype.h).
 int64_t chosen_rows_per_block(const std::string& kernel, CellKind cell, int64_t n, int64_t H, int64_t P,
                               bool float64);
-bool persistent_forward_chosen(const LayerShape& s, const std::string& kernel, bool float64);
-bool persistent_backward_chosen(const LayerShape& s, bool float64);
 
 }  // namespace fused_rnn

@@ -1,5 +1,5 @@
 // csrc/cuda/forward.cu compiled for the CPU over the emulation (built with FUSED_RNN_EMULATED_CUDA,
-// which makes loops.cuh take device_emulated.h), and the forward's choices of the cost model.
+// which makes loops.cuh take device_emulated.h), and the forward's per-step variant of the cost model.
 #include "../cuda/forward.cu"
 
 namespace fused_rnn {
@@ -29,27 +29,6 @@ struct ChosenRows {
   }
 };
 
-template <typename Cell>
-struct PersistentForwardChoice {
-  static void run(const LayerShape& s, const std::string& kernel, bool& chosen) {
-    using T = typename Cell::scalar_t;
-    if (kernel == "forward") {
-      chosen = persistent_forward_wanted<Cell>(s);
-    } else if constexpr (std::is_same_v<T, float>) {
-      if (kernel == "float16") {
-        chosen = persistent_tensor_core_wanted<Cell, __half>(s);
-      } else if (kernel == "bfloat16") {
-        chosen = persistent_tensor_core_wanted<Cell, __nv_bfloat16>(s);
-      } else {
-        TORCH_CHECK(kernel == "tf32", "unknown kernel ", kernel);
-        chosen = persistent_tensor_core_wanted<Cell, Tf32>(s);
-      }
-    } else {
-      TORCH_CHECK(false, "the tensor cores' cells run in float32");
-    }
-  }
-};
-
 }  // namespace
 
 int64_t chosen_rows_per_block(const std::string& kernel, CellKind cell, int64_t n, int64_t H, int64_t P,
@@ -61,16 +40,6 @@ int64_t chosen_rows_per_block(const std::string& kernel, CellKind cell, int64_t 
     dispatch_cell<ChosenRows, float>(cell, kernel, n, H, P, rows);
   }
   return rows;
-}
-
-bool persistent_forward_chosen(const LayerShape& s, const std::string& kernel, bool float64) {
-  bool chosen = false;
-  if (float64) {
-    dispatch_cell<PersistentForwardChoice, double>(s.cell, s, kernel, chosen);
-  } else {
-    dispatch_cell<PersistentForwardChoice, float>(s.cell, s, kernel, chosen);
-  }
-  return chosen;
 }
 
 }  // namespace fused_rnn
