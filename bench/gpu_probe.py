@@ -51,11 +51,18 @@ class _Timer:
         return (time.perf_counter() - begin) * 1e6
 
 
-def _with_override(name, value, fn):
-    """fn() with fused_rnn's override `name` set to `value` (docs/kernels.md), restored after."""
+_CUDA_DEFAULTS = {"cuda_persistent": "auto", "cuda_unfused_backward": "0", "cuda_rows_per_block": "0"}
+
+
+def _fused(fn, **overrides):
+    """fn() under these CUDA overrides, the others at their defaults (docs/kernels.md): every fused
+    contender sets all three, one call each (microseconds), so that none inherits another's."""
+    values = {**_CUDA_DEFAULTS, **{k: str(v) for k, v in overrides.items()}}
+
     def run():
-        with fused_rnn.overrides_set(**{name: value}):
-            fn()
+        for name, value in values.items():
+            fused_rnn._C.set_override(name, value)
+        fn()
     return run
 
 
@@ -93,24 +100,20 @@ def _contenders(cell, batch, hidden, dtype, device, steps, tf32):
             module(x_grad)[0].sum().backward()
         return run
 
-    unfused = "cuda_unfused_backward"
-    runs = {("inference", "fused"): inference(fused), ("inference", "torch.nn"): inference(ref),
-            ("training", "fused"): _with_override(unfused, "0", training(fused)),
-            ("training", "fused, unfused backward"): _with_override(unfused, "1", training(fused)),
+    runs = {("inference", "fused"): _fused(inference(fused)), ("inference", "torch.nn"): inference(ref),
+            ("training", "fused"): _fused(training(fused)),
+            ("training", "fused, unfused backward"): _fused(training(fused), cuda_unfused_backward=1),
             ("training", "torch.nn"): training(ref)}
     if dtype == torch.float32 and not tf32:  # the per-step kernels against the persistent one
-        runs[("inference", "fused, per-step kernels")] = _with_override("cuda_persistent", "0", inference(fused))
-        runs[("inference", "fused, persistent")] = _with_override("cuda_persistent", "1", inference(fused))
-        runs[("training", "fused, per-step kernels")] = _with_override("cuda_persistent", "0",
-                                                                  runs[("training", "fused")])
-        runs[("training", "fused, persistent")] = _with_override("cuda_persistent", "1",
-                                                            runs[("training", "fused")])
+        runs[("inference", "fused, per-step kernels")] = _fused(inference(fused), cuda_persistent=0)
+        runs[("inference", "fused, persistent")] = _fused(inference(fused), cuda_persistent=1)
+        runs[("training", "fused, per-step kernels")] = _fused(training(fused), cuda_persistent=0)
+        runs[("training", "fused, persistent")] = _fused(training(fused), cuda_persistent=1)
     if dtype == torch.float32:
         rows = (64, 16) if tf32 else (16, 4, 1)  # the tensor-core variants, or the CUDA-core ones
         for r in rows:
             name = f"fused, {r} row{'s' if r > 1 else ''} a block"
-            runs[("inference", name)] = _with_override("cuda_rows_per_block", str(r),
-                                                  _with_override("cuda_persistent", "0", inference(fused)))
+            runs[("inference", name)] = _fused(inference(fused), cuda_rows_per_block=r, cuda_persistent=0)
         runs = {key: _with_tf32(tf32, fn) for key, fn in runs.items()}
     return runs
 

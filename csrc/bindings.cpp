@@ -5,6 +5,9 @@
 // the CPU kernel plan (csrc/cpu/kernel_plan.h) and the CPU block cache's controls.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <stdexcept>
+
 #include "cpu/layer_cpu.h"
 #include "overrides.h"
 #ifdef FUSED_RNN_WITH_CUDA
@@ -24,6 +27,10 @@ using fused_rnn::CellKind;
 
 // A padded layer of T steps of B rows with these sizes, as describe_layer gives it.
 fused_rnn::LayerShape padded_shape(int64_t cell, int64_t T, int64_t B, int64_t I, int64_t H, int64_t proj_size) {
+  if (T < 1 || T > 100000 || B < 1 || I < 0 || H < 1 || proj_size < 0 || proj_size >= std::max<int64_t>(H, 1)) {
+    throw std::invalid_argument("fused_rnn: a plan needs 1 to 100000 steps, a batch and a hidden size of at least "
+                                "1, an input size of at least 0 and a proj_size below the hidden size");
+  }
   fused_rnn::LayerShape s;
   fused_rnn::describe_cell(s, cell);
   s.T = T, s.B = B, s.N = T * B, s.I = I, s.H = H, s.P = proj_size ? proj_size : H, s.proj = proj_size > 0;

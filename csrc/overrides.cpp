@@ -52,8 +52,8 @@ std::vector<std::string> runnable_words(const Definition& d) {
   std::vector<std::string> words;
   for (size_t i = 0; i < d.words.size(); ++i) {
     const auto v = static_cast<int64_t>(i);
-    if (d.which == Override::kFloatKernel && ((v == kFloatAmx && !f.amx) || (v == kFloatAvx512 && !f.avx512) ||
-                                              (v == kFloatAvx2 && !f.avx2_build))) {
+    if (d.which == Override::kFloatKernel &&
+        ((v == kFloatAmx && !cpu::amx_granted()) || (v == kFloatAvx512 && !f.avx512) || (v == kFloatAvx2 && !f.avx2_build))) {
       continue;
     }
     if (d.which == Override::kInt8Kernel && ((v == kInt8Vnni && !f.vnni) || (v == kInt8Avx2 && !f.avx2_build))) {
@@ -79,9 +79,11 @@ int64_t parse(const Definition& d, const std::string& text, const std::string& s
     throw std::invalid_argument("fused_rnn: " + source + "='" + text + "' is not valid; it must be one of " +
                                 joined(d.words));
   }
-  char* end = nullptr;
-  const long long number = text.empty() || text[0] == '-' ? -1 : std::strtoll(text.c_str(), &end, 10);
-  if (number < d.low || number > d.high || (end && *end != '\0')) {
+  // Digits only (no sign, no spaces), and at most 13 of them: no overflow, and [low, high] decides.
+  const bool digits = !text.empty() && text.size() <= 13 &&
+                      std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+  const long long number = digits ? std::strtoll(text.c_str(), nullptr, 10) : -1;
+  if (number < d.low || number > d.high) {
     throw std::invalid_argument("fused_rnn: " + source + "='" + text + "' is not valid; it must be a whole number "
                                 "from " + std::to_string(d.low) + " to " + std::to_string(d.high) +
                                 (d.which == Override::kCpuCacheMb ? " (megabytes; 0 turns the CPU block cache off)"

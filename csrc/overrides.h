@@ -15,7 +15,7 @@ namespace fused_rnn {
 
 enum class Override : int {
   kFloatKernel,          // float_kernel: auto | amx | avx512 | avx2 (the float32 products on the CPU)
-  kChunkGemm,            // chunk_gemm: auto | tiles | blas (the float32 weight gradients' products)
+  kChunkGemm,            // chunk_gemm: auto | tiles | blas (float32 dW, and x·W_ihᵀ at a batch of one)
   kInt8Kernel,           // int8_kernel: auto | vnni | avx2 | scalar (the int8 products)
   kAmxStepRows,          // amx_step_rows: from how many rows a step's product takes AMX (16)
   kCpuCacheMb,           // cpu_cache_mb: the CPU block cache's limit in MB (1024; 0 turns it off)

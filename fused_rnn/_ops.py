@@ -14,6 +14,8 @@ import torch  # first: the extension finds libc10 through it
 try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - the message is the point
+    if "fused_rnn: FUSED_RNN_" in str(exc):  # an override's variable that is not valid (docs/kernels.md)
+        raise ValueError(str(exc)) from None
     raise ImportError(
         "fused_rnn: the compiled extension fused_rnn._C could not be loaded "
         f"({exc}). Build it against the installed torch with "
@@ -50,11 +52,20 @@ def overrides() -> dict:
 
 
 def set_overrides(**values) -> None:
-    """Sets overrides by name, e.g. set_overrides(float_kernel="avx2"); values may be given as str or
-    int. A name or value that is not valid raises ValueError naming the valid ones, and a kernel this
-    CPU cannot run is not valid. The next call of a layer follows them."""
-    for name, value in values.items():
-        _C.set_override(name, str(value))
+    """Sets overrides by name, e.g. set_overrides(float_kernel="avx2"); values may be given as str,
+    int or bool. A name or value that is not valid raises ValueError naming the valid ones, and a
+    kernel this CPU cannot run is not valid; then none is set. The next call of a layer follows them.
+    Lowering cpu_cache_mb below what the cache holds gives its blocks back."""
+    before = overrides()
+    try:
+        for name, value in values.items():
+            _C.set_override(name, str(int(value)) if isinstance(value, bool) else str(value))
+    except Exception:
+        for name, value in before.items():  # all or nothing
+            _C.set_override(name, value)
+        raise
+    if "cpu_cache_mb" in values and _C.cpu_cache_bytes() > int(overrides()["cpu_cache_mb"]) << 20:
+        _C.empty_cpu_cache()  # a lower limit: the blocks kept beyond it go back now
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ def _emulation():
         # two torch builds, never share one.
         build = os.path.join(_CHECKOUT, "build", f"emulated_cuda-torch{torch.__version__.replace('+', '-')}")
         os.makedirs(build, exist_ok=True)
-        _module = cpp_extension.load(
+        module = cpp_extension.load(
             name="fused_rnn_emulated_cuda",
             sources=[os.path.join(_CSRC, s) for s in _SOURCES],
             extra_include_paths=[_CSRC],
@@ -73,7 +73,8 @@ def _emulation():
             + (["-Werror"] if os.environ.get("FUSED_RNN_WERROR", "").strip() == "1" else []),
         )
         # One store of overrides (fused_rnn.overrides_set): the extension's, read by this module too.
-        _module.attach_overrides(_ops._C._overrides_address())
+        module.attach_overrides(_ops._C._overrides_address(), len(_ops._C.overrides()))
+        _module = module
     return _module
 
 

@@ -12,10 +12,15 @@ import fused_rnn
 from helpers import check_parity, make_pair, run
 
 
+# The float32 overrides at their defaults, whatever the environment says.
+DEFAULTS = {"float_kernel": "auto", "chunk_gemm": "auto", "amx_step_rows": 16}
+
+
 def _float_kernel_configurations():
-    """Overrides for every float32 kernel the plan can pick on this CPU, the defaults first."""
+    """Changes from DEFAULTS for every float32 kernel the plan can pick on this CPU, none first."""
     choices = fused_rnn.override_choices()["float_kernel"]
-    default_dw = fused_rnn.cpu_plan("LSTM", batch=8, input_size=8, hidden_size=8, pass_="backward")["dW"]
+    with fused_rnn.overrides_set(**DEFAULTS):
+        default_dw = fused_rnn.cpu_plan("LSTM", batch=8, input_size=8, hidden_size=8, pass_="backward")["dW"]
     configurations = [{}]
     if "amx" in choices:
         configurations += [{"float_kernel": "avx512"}, {"amx_step_rows": 1}]
@@ -33,7 +38,7 @@ CONFIGURATIONS = _float_kernel_configurations()
                 ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default-kernels")
 def float_kernels(request):
     """The whole file under each configuration (the plan reads the overrides per call)."""
-    with fused_rnn.overrides_set(**request.param):
+    with fused_rnn.overrides_set(**{**DEFAULTS, **request.param}):
         yield request.param
 
 # AVX2 vectors are 8 floats / 4 doubles; a panel block holds 1 vector per gate (LSTM, GRU) or 3 (RNN).
@@ -245,6 +250,6 @@ def test_each_configuration_changes_the_plan(float_kernels):
         return [fused_rnn.cpu_plan("LSTM", batch=b, input_size=40, hidden_size=48, pass_=p)
                 for b in (1, 32) for p in ("forward", "backward")]
     current = plans()
-    with fused_rnn.overrides_set(float_kernel="auto", chunk_gemm="auto", amx_step_rows=16):
+    with fused_rnn.overrides_set(**DEFAULTS):
         defaults = plans()
     assert (current == defaults) == (float_kernels == {})

@@ -186,9 +186,9 @@ def test_packed_projection_bidirectional(dev):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_unfused_backward_on_request(dev, kind, monkeypatch):
+def test_unfused_backward_on_request(dev, kind):
     """FUSED_RNN_CUDA_UNFUSED_BACKWARD=1: the cell kernel and cuBLAS per step give the same
-    gradients, packed and bidirectional (and the fused path again once it is unset)."""
+    gradients, packed and bidirectional (and the fused path again once the override is back at 0)."""
     I, H = 4, 40
     fused, ref = make_pair(dev, kind, I, H, bidirectional=True)
     x, hx = packed_input(dev, I), state_for(dev, kind, 2, 5, H)
@@ -200,10 +200,10 @@ def test_unfused_backward_on_request(dev, kind, monkeypatch):
 
 @pytest.mark.parametrize("rows", [16, 4, 1], ids=["16_rows", "4_rows_split_k", "1_row_split_k"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_every_step_kernel_variant(dev, kind, rows, monkeypatch):
+def test_every_step_kernel_variant(dev, kind, rows):
     """FUSED_RNN_CUDA_ROWS_PER_BLOCK forces each variant of the forward and the fused backward (the
     split ones add the warps' partial sums in shared memory), packed and bidirectional, with more
-    than one k chunk; and the model's own pick again once it is unset."""
+    than one k chunk; and the model's own pick again once the override is back at 0."""
     I, H = 4, 70
     fused, ref = make_pair(dev, kind, I, H, bidirectional=True)
     x, hx = packed_input(dev, I), state_for(dev, kind, 2, 5, H)
@@ -216,7 +216,7 @@ def test_every_step_kernel_variant(dev, kind, rows, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_kernels(dev, emulation, kind, dtype, monkeypatch):
+def test_persistent_kernels(dev, emulation, kind, dtype):
     """FUSED_RNN_CUDA_PERSISTENT=1: the forward and the backward each in one cooperative launch
     (W_hh's slices resident in shared memory, a grid barrier a step), packed and bidirectional, a
     batch of 100 (the override lifts the default's batch rule), every output and gradient, and
@@ -377,7 +377,7 @@ def test_half_packed(dev, dtype, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "tf32"])
 @pytest.mark.parametrize("kind", LAYERS)
-def test_persistent_tensor_cores(dev, emulation, dtype, kind, monkeypatch):
+def test_persistent_tensor_cores(dev, emulation, dtype, kind):
     """The persistent forward on the tensor cores (FUSED_RNN_CUDA_PERSISTENT=1) gives the per-step
     tensor-core kernel's bits (the same k order and roundings), packed and bidirectional, a batch
     of two 16-row passes; within the half types' bounds of float32 (compare_half_with_float32).

@@ -709,10 +709,11 @@ def test_the_environment_variable_takes_the_cuda_path_for_the_whole_process(tmp_
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
-def test_the_cuda_plan_is_what_the_call_runs(cell):
-    """plan_cuda (csrc/cuda/cuda_plan.h) decides per call: its persistent choice is the cost model's
-    (takes_persistent_kernel) at every batch and size, on a large and a small GPU; the overrides
-    reach it; half types multiply in their own type from compute capability 8.0, in float32 below."""
+def test_the_cuda_plan_follows_the_gpu_and_the_overrides(cell):
+    """plan_cuda (csrc/cuda/cuda_plan.h) decides per call: its persistent choice agrees with the
+    cost model's handle (takes_persistent_kernel) at every batch and size, on a large and a small
+    GPU; the overrides reach it; half types multiply in their own type from compute capability 8.0,
+    in float32 below. (What the call then runs: the next test.)"""
     for gpu_config in ({}, {"multiprocessors": 2}):
         with emulate_cuda(**gpu_config) as gpu:
             for batch, hidden in ((1, 32), (8, 200), (9, 200), (4, 1300)):
@@ -737,18 +738,23 @@ def test_the_cuda_plan_is_what_the_call_runs(cell):
         assert old["cuBLAS operands"] == "float32" and old["h·W_hhᵀ"] == "float32 (CUDA cores)"
 
 
-def test_the_run_follows_the_cuda_plan():
-    """A layer the plan runs persistent takes one launch forward; one it runs per step takes one or
-    more per step (the emulation counts launches)."""
-    layer = fused_rnn.GRU(16, 32).double()
-    x = torch.randn(6, 2, 16, dtype=torch.float64)
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+def test_the_run_follows_the_cuda_plan(cell):
+    """A layer the plan runs persistent takes one launch forward and one backward; one it runs per
+    step takes one or more a step (the emulation counts launches)."""
+    layer = getattr(fused_rnn, cell)(16, 32).double()
+    name = "RNN_TANH" if cell == "RNN" else cell
+    x = torch.randn(6, 2, 16, dtype=torch.float64, requires_grad=True)
     with emulate_cuda() as gpu:
         for choice in ("1", "0"):
             with fused_rnn.overrides_set(cuda_persistent=choice):
-                persistent = gpu.plan("GRU", torch.float64, 2, 16, 32, steps=6)["launches"] != "per step"
+                forward = gpu.plan(name, torch.float64, 2, 16, 32, steps=6)["launches"] != "per step"
+                backward = gpu.plan(name, torch.float64, 2, 16, 32, steps=6, backward=True)["launches"] != "per step"
+                assert forward == backward == (choice == "1")
                 before = gpu.launches
-                with torch.no_grad():
-                    layer(x)
-                launches = gpu.launches - before
-                assert persistent == (choice == "1")
-                assert launches == 1 if persistent else launches >= 6
+                y, _ = layer(x)
+                forward_launches = gpu.launches - before
+                y.sum().backward()
+                backward_launches = gpu.launches - before - forward_launches
+                for persistent, launches in ((forward, forward_launches), (backward, backward_launches)):
+                    assert (launches == 1) if persistent else (launches >= 6)

@@ -229,3 +229,5 @@ def test_python_m_fused_rnn_reports_the_build_and_checks_against_torch_nn():
                  "CPU vector math:", "threads", "devices visible: cpu", "CPU kernel plan", "all checks passed"):
         assert line in run.stdout, run.stdout
     assert run.stdout.count(" ok") >= 6
+    plan = fused_rnn.cpu_plan("LSTM", torch.float32, 64, 512, 512, pass_="backward")  # the plan's own words
+    assert "; ".join(f"{k}: {v}" for k, v in plan.items()) in run.stdout

@@ -178,8 +178,6 @@ def test_each_sequence_is_computed_on_its_own(cell):
 def test_threads_and_kernels_give_the_same_bits():
     """The same bits for 1 and 2 threads, and for every integer kernel this CPU has (VNNI, AVX2,
     scalar: the int8_kernel override, and the plan follows it)."""
-    import warnings
-    from fused_rnn import quantized
     kernels = fused_rnn.override_choices()["int8_kernel"]
     assert "scalar" in kernels
     with warnings.catch_warnings():

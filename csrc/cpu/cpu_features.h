@@ -1,5 +1,7 @@
 // What this CPU (and this build) can run, detected once per process: the facts the CPU kernel plan
-// (kernel_plan.h) and the overrides' checks (csrc/overrides.cpp) decide from.
+// (kernel_plan.h) and the overrides' checks (csrc/overrides.cpp) decide from. AMX is asked of the
+// kernel only where the plan would take it (amx_granted, amx_float.h): the grant enlarges this
+// process's signal frames.
 #pragma once
 
 #include "amx_float.h"
@@ -12,7 +14,6 @@ struct CpuFeatures {
   bool avx2_build = false;  // compiled with AVX2+FMA (setup.py), the AVX2 tiles' and at::vec's width
   bool avx512 = false;      // AVX-512F: wide_float.h's tiles
   bool avx512_exp = false;  // torch's SLEEF has its AVX-512 exp: the cells on 16 floats (WideMath)
-  bool amx = false;         // AMX-BF16 with AVX512-BF16, and the kernel grants this process the AMX state
   bool vnni = false;        // AVX512-VNNI and AVX512-BW: the int8 products' best kernel
   bool intel = false;       // MKL's sgemm runs its AVX-512 kernels here (see kernel_plan.cpp)
 };
@@ -28,7 +29,6 @@ inline const CpuFeatures& cpu_features() {
     f.avx512_exp = f.avx512 && Sleef_expf16_u10 != nullptr;
     f.vnni = f.avx2_build && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
     f.intel = __builtin_cpu_is("intel");
-    f.amx = amx_granted();
 #endif
     return f;
   }();

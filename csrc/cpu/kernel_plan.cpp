@@ -47,7 +47,7 @@ CpuPlan plan_cpu(Pass pass, const LayerShape& s, at::ScalarType dtype, bool need
   // where the CPU has it, unless the AVX-512 tiles are asked for.
   const bool wide_cpu = cpu.avx512 && float_kernel != kFloatAvx2;
   const bool wide = dtype == at::kFloat && wide_cpu;
-  const bool amx = wide && cpu.amx && (float_kernel == kFloatAuto || float_kernel == kFloatAmx);
+  const bool amx = wide && (float_kernel == kFloatAuto || float_kernel == kFloatAmx) && amx_granted();
   // The weight gradients on the AVX-512 tiles, or on BLAS: on AMD, MKL's sgemm runs its AVX2 path
   // and the tiles are faster; on Intel it runs AVX-512 kernels that are faster than the tiles
   // (bench/NOTES.md has the figures).

@@ -86,8 +86,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_rnn's CUDA half compiled for the CPU over an emulation of CUDA (fused_rnn.testing)";
   m.def(
       "attach_overrides",
-      [](uintptr_t address) { fused_rnn::attach_overrides(reinterpret_cast<fused_rnn::OverrideValues*>(address)); },
-      "read the overrides of fused_rnn._C, at this address (fused_rnn._C._overrides_address())");
+      [](uintptr_t address, int64_t count) {
+        TORCH_CHECK(count == static_cast<int64_t>(fused_rnn::Override::kCount), "fused_rnn: fused_rnn._C has ", count,
+                    " overrides and this emulation ", static_cast<int>(fused_rnn::Override::kCount),
+                    ": they were built from different sources; rebuild both");
+        fused_rnn::attach_overrides(reinterpret_cast<fused_rnn::OverrideValues*>(address));
+      },
+      "read the overrides of fused_rnn._C (count of them), at this address (fused_rnn._C._overrides_address())");
   m.def("start", &start, "route fused_rnn's ops on CPU tensors to the CUDA half");
   m.def("stop", &stop, "give the CPU half its ops back");
   m.def("configure", &configure, "the emulated GPU: multiprocessors, compute capability (major * 10 + minor), "
@@ -107,14 +112,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         const LayerShape s = padded_layer(cell, B, H, proj);
         using cuda::Recurrent;
         const bool cuda_cores = kernel == "forward" || kernel == "backward";
+        TORCH_CHECK(cuda_cores || kernel == "float16" || kernel == "bfloat16" || kernel == "tf32", "unknown kernel ",
+                    kernel);
         TORCH_CHECK(cuda_cores || !float64, "fused_rnn: the tensor cores' cells run in float32");
         const Recurrent recurrent = kernel == "float16"    ? Recurrent::kHalf
                                     : kernel == "bfloat16" ? Recurrent::kBFloat16
                                     : kernel == "tf32"     ? Recurrent::kTf32
                                     : float64              ? Recurrent::kDouble
                                                            : Recurrent::kFloat;
-        TORCH_CHECK(cuda_cores || kernel == "float16" || kernel == "bfloat16" || kernel == "tf32", "unknown kernel ",
-                    kernel);
         return kernel == "backward" ? persistent_backward_chosen(recurrent, s) : persistent_forward_chosen(recurrent, s);
       },
       "whether a padded layer takes a persistent kernel");
@@ -127,6 +132,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         s.batch_sizes.assign(T, B);
         s.offsets.clear();
         for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
+        TORCH_CHECK(dtype == "float32" || dtype == "float64" || dtype == "float16" || dtype == "bfloat16",
+                    "fused_rnn: the CUDA loops take float32, float64, float16 or bfloat16, got ", dtype);
         const at::ScalarType type = dtype == "float64" ? at::kDouble : dtype == "float16" ? at::kHalf
                                     : dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
         return cuda::plan_cuda(backward, s, type, at::Device(at::kCPU)).describe(backward);
