@@ -284,3 +284,67 @@ def test_flatten_parameters_is_a_harmless_no_op(kind, kwargs):
     assert fused.flatten_parameters() is None
     assert [(p, p.data_ptr()) for p in fused.parameters()] == before
     _parity(fused, ref, _x(kind))
+
+
+def _allowlist_torch_needs(buffer):
+    """The globals torch.load(weights_only=True) asks for, one refusal at a time, as a caller would
+    list them for a model with torch's layers."""
+    import importlib
+    import re
+    allowed = []
+    for _ in range(50):
+        buffer.seek(0)
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(buffer, weights_only=True)
+            return allowed
+        except Exception as exc:  # UnpicklingError, naming the global it refused
+            found = re.search(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
+            assert found, str(exc)
+            module, _, name = found.group(1).rpartition(".")
+            allowed.append(getattr(importlib.import_module(module), name))
+    raise AssertionError("no allowlist found")
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(10, 6)
+        self.layer = layer
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "int8 LSTM", "int8 GRU"])
+def test_a_model_saved_whole_loads_where_torch_nn_would(name):
+    """torch.load(weights_only=True) with the allowlist a model of torch's layers needs (torch.nn's or
+    torch's int8 classes, never ours) loads the same model with our layers, after import fused_rnn,
+    and it computes what it computed before (PyTorch's word_language_model/generate.py does this)."""
+    import io
+    import warnings
+    int8 = name.startswith("int8 ")
+    kind = name.split()[-1]
+    models = []
+    for lib in (torch.nn, fused_rnn):
+        torch.manual_seed(0)
+        layer = getattr(lib, kind)(6, 8)
+        if int8:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                layer = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(layer), {type(layer)}, torch.qint8)
+        models.append(_Wrapper(layer).eval())
+    buffers = []
+    for model in models:
+        buffers.append(io.BytesIO())
+        torch.save(model, buffers[-1])
+    allowed = _allowlist_torch_needs(buffers[0])
+    assert not any(getattr(g, "__module__", "").startswith("fused_rnn") for g in allowed)
+    buffers[1].seek(0)
+    with torch.serialization.safe_globals(allowed):
+        loaded = torch.load(buffers[1], weights_only=True)
+    assert type(loaded.layer) is type(models[1].layer)
+    x = models[1].embedding(torch.tensor([[1, 2], [3, 4], [5, 6]]))
+    if kind.endswith("Cell"):
+        x = x[0]
+    with torch.no_grad():
+        want, got = models[1].layer(x), loaded.layer(x)
+    for a, b in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+        assert torch.equal(a, b)
