@@ -5,7 +5,6 @@
 // the CPU kernel plan (csrc/cpu/kernel_plan.h) and the CPU block cache's controls.
 #include <torch/extension.h>
 
-#include <algorithm>
 #include <stdexcept>
 
 #include "cpu/layer_cpu.h"
@@ -25,48 +24,33 @@ namespace {
 using namespace pybind11::literals;
 using fused_rnn::CellKind;
 
-// A padded layer of T steps of B rows with these sizes, as describe_layer gives it.
-fused_rnn::LayerShape padded_shape(int64_t cell, int64_t T, int64_t B, int64_t I, int64_t H, int64_t proj_size) {
-  if (T < 1 || T > 100000 || B < 1 || I < 0 || H < 1 || proj_size < 0 || proj_size >= std::max<int64_t>(H, 1)) {
-    throw std::invalid_argument("fused_rnn: a plan needs 1 to 100000 steps, a batch and a hidden size of at least "
-                                "1, an input size of at least 0 and a proj_size below the hidden size");
-  }
-  fused_rnn::LayerShape s;
-  fused_rnn::describe_cell(s, cell);
-  s.T = T, s.B = B, s.N = T * B, s.I = I, s.H = H, s.P = proj_size ? proj_size : H, s.proj = proj_size > 0;
-  s.outputs_in_saved = false;
-  s.batch_sizes.assign(T, B);
-  for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
-  return s;
-}
-
 // The plan of a padded call of T steps with these sizes (kernel_plan.h's plan_cpu).
-std::vector<std::pair<std::string, std::string>> cpu_plan(const std::string& pass, int64_t cell,
-                                                          const std::string& dtype, int64_t T, int64_t B, int64_t I,
-                                                          int64_t H, int64_t proj_size, bool need_input_grad) {
+// Half types compute in float32 on the CPU, as torch.nn does: they take float32's plan.
+std::vector<std::pair<std::string, std::string>> cpu_plan(const std::string& pass, int64_t cell, at::ScalarType dtype,
+                                                          int64_t T, int64_t B, int64_t I, int64_t H,
+                                                          int64_t proj_size, bool need_input_grad) {
   using fused_rnn::cpu::Pass;
   const Pass p = pass == "forward" ? Pass::kForward : pass == "backward" ? Pass::kBackward
                : pass == "int8"    ? Pass::kInt8Forward
                                    : throw std::invalid_argument("fused_rnn: pass must be forward, backward or int8, got '" + pass + "'");
-  const at::ScalarType type = dtype == "float32" ? at::kFloat : dtype == "float64" ? at::kDouble
-                              : dtype == "complex64" ? at::kComplexFloat : dtype == "complex128" ? at::kComplexDouble
-                              : throw std::invalid_argument("fused_rnn: the CPU loops compute in float32, float64, complex64 "
-                                                            "or complex128, got '" + dtype + "'");
-  return fused_rnn::cpu::plan_cpu(p, padded_shape(cell, T, B, I, H, proj_size), type, need_input_grad).describe(p);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16 ||
+                        dtype == at::kComplexFloat || dtype == at::kComplexDouble,
+                    "fused_rnn: the CPU layers take float32, float64, float16, bfloat16, complex64 and complex128, "
+                    "got ", dtype);
+  const at::ScalarType compute = dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+  const fused_rnn::LayerShape s = fused_rnn::padded_layer(cell, T, B, I, H, proj_size);
+  return fused_rnn::cpu::plan_cpu(p, s, compute, need_input_grad).describe(p);
 }
 
 #ifdef FUSED_RNN_WITH_CUDA
 // The plan of a padded call on GPU `device` (cuda_plan.h's plan_cuda).
-std::vector<std::pair<std::string, std::string>> cuda_plan(bool backward, int64_t cell, const std::string& dtype,
+std::vector<std::pair<std::string, std::string>> cuda_plan(bool backward, int64_t cell, at::ScalarType dtype,
                                                            int64_t T, int64_t B, int64_t I, int64_t H,
                                                            int64_t proj_size, int64_t device) {
-  const at::ScalarType type = dtype == "float32" ? at::kFloat : dtype == "float64" ? at::kDouble
-                              : dtype == "float16" ? at::kHalf : dtype == "bfloat16" ? at::kBFloat16
-                              : throw std::invalid_argument("fused_rnn: the CUDA loops take float32, float64, float16 "
-                                                            "or bfloat16, got '" + dtype + "'");
+  const fused_rnn::LayerShape s = fused_rnn::padded_layer(cell, T, B, I, H, proj_size);
   const at::Device gpu(at::kCUDA, static_cast<c10::DeviceIndex>(device));
   const c10::DeviceGuard guard(gpu);
-  return fused_rnn::cuda::plan_cuda(backward, padded_shape(cell, T, B, I, H, proj_size), type, gpu).describe(backward);
+  return fused_rnn::cuda::plan_cuda(backward, s, dtype, gpu).describe(backward);
 }
 #endif
 

@@ -108,6 +108,18 @@ void describe_steps(LayerShape& s, at::IntArrayRef batch_sizes, int64_t padded_b
   TORCH_CHECK(rows == s.N, "fused_rnn: batch_sizes sum to ", rows, " but the input has ", s.N, " rows");
 }
 
+LayerShape padded_layer(int64_t cell, int64_t T, int64_t B, int64_t I, int64_t H, int64_t proj) {
+  TORCH_CHECK_VALUE(T >= 1 && T <= 100000 && B >= 1 && I >= 0 && H >= 1 && proj >= 0 && proj < H,
+                    "fused_rnn: a plan needs 1 to 100000 steps, a batch and a hidden size of at least 1, an input ",
+                    "size of at least 0 and a proj_size below the hidden size");
+  LayerShape s;
+  describe_cell(s, cell);
+  s.N = T * B, s.I = I, s.H = H, s.P = proj ? proj : H, s.proj = proj > 0;
+  s.outputs_in_saved = false;
+  describe_steps(s, {}, B);
+  return s;
+}
+
 std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
   std::vector<PreviousRun> runs;
   const auto add = [&](int64_t row, int64_t rows, int64_t source, bool from_h0) {

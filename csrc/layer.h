@@ -113,6 +113,11 @@ void describe_cell(LayerShape& s, int64_t cell);
 // empty batch_sizes is a padded input whose steps all have padded_batch rows (h0's).
 void describe_steps(LayerShape& s, at::IntArrayRef batch_sizes, int64_t padded_batch);
 
+// A padded layer of T steps of B rows, I inputs, H units and proj_size `proj` (0: none), as
+// describe_layer gives it for real-type inputs: what the plans are asked about (bindings.cpp and the
+// emulation's queries).
+LayerShape padded_layer(int64_t cell, int64_t T, int64_t B, int64_t I, int64_t H, int64_t proj);
+
 // Validates the forward op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
 LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,
                           const at::Tensor& h0, const c10::optional<at::Tensor>& c0,

@@ -31,8 +31,8 @@ def empty_cache() -> None:
     On the CPU, the large buffers of a call (outputs, values saved for backward, input gradients)
     come from a cache of freed blocks, which spares the next call the page faults of fresh memory.
     It holds at most `cpu_cache_mb` megabytes (an override: FUSED_RNN_CPU_CACHE_MB, or
-    fused_rnn.set_overrides(cpu_cache_mb=...); default 1024, 0 turns the cache off). Like torch.cuda.empty_cache, this frees only blocks no
-    tensor uses.
+    fused_rnn.set_overrides(cpu_cache_mb=...); default 1024, 0 turns the cache off). Like
+    torch.cuda.empty_cache, this frees only blocks no tensor uses.
     """
     _C.empty_cpu_cache()
 
@@ -89,8 +89,8 @@ def cuda_plan(cell: str, dtype: torch.dtype = torch.float32, batch: int = 1, inp
     build and a GPU (fused_rnn.testing's emulation has its own: CudaEmulation.plan)."""
     if not built_with_cuda:
         raise RuntimeError("fused_rnn: this build has no CUDA kernels (docs/build.md)")
-    return dict(_C.cuda_plan(backward, CELL_IDS[cell], str(dtype).replace("torch.", ""), steps, batch, input_size,
-                             hidden_size, proj_size, device))
+    return dict(_C.cuda_plan(backward, CELL_IDS[cell], dtype, steps, batch, input_size, hidden_size, proj_size,
+                             device))
 
 
 def override_choices() -> dict:
@@ -104,10 +104,7 @@ def cpu_plan(cell: str, dtype: torch.dtype = torch.float32, batch: int = 1, inpu
     """Which kernel takes each product of a CPU layer call with these sizes (csrc/cpu/kernel_plan.h):
     pass_ is "forward", "backward" or "int8" (the int8 layers' forward). cell: LSTM, GRU, RNN_TANH or
     RNN_RELU. Half types compute in float32 on the CPU, so they take float32's plan."""
-    name = str(dtype).replace("torch.", "")
-    if name in ("float16", "bfloat16"):
-        name = "float32"
-    return dict(_C.cpu_plan(pass_, CELL_IDS[cell], name, steps, batch, input_size, hidden_size, proj_size,
+    return dict(_C.cpu_plan(pass_, CELL_IDS[cell], dtype, steps, batch, input_size, hidden_size, proj_size,
                             need_input_grad))
 
 

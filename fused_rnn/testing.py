@@ -113,8 +113,8 @@ class CudaEmulation:
              hidden_size: int = 1, proj_size: int = 0, steps: int = 1, backward: bool = False) -> dict:
         """The CUDA plan (csrc/cuda/cuda_plan.h) of a padded call on this emulated GPU, with the
         current overrides: decision -> choice."""
-        return dict(self._module.cuda_plan(backward, _ops.CELL_IDS[cell], str(dtype).replace("torch.", ""), steps,
-                                           batch, input_size, hidden_size, proj_size))
+        return dict(self._module.cuda_plan(backward, _ops.CELL_IDS[cell], dtype, steps, batch, input_size,
+                                           hidden_size, proj_size))
 
     def takes_persistent_kernel(self, kernel: str, cell: str, batch: int, hidden: int, proj: int = 0,
                                 dtype: torch.dtype = torch.float32) -> bool:

@@ -114,8 +114,8 @@ std::vector<std::pair<std::string, std::string>> CudaPlan::describe(bool backwar
 }
 
 CudaPlan plan_cuda(bool backward, const LayerShape& s, at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-              "fused_rnn: the CUDA loops do not take dtype ", dtype);
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                    "fused_rnn: the CUDA loops do not take dtype ", dtype);
   CudaPlan plan;
   // The products' operands: the compute type, except for half types on the tensor cores (compute
   // capability 8.0 and up), which multiply the half type itself (cuBLAS for x·W_ihᵀ and the

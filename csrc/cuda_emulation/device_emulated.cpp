@@ -67,17 +67,6 @@ void configure(int multiprocessors, int compute_capability, bool blocks_descendi
   emulated_cuda::blocks_descending = blocks_descending;
 }
 
-// A padded layer of one step, B rows, H units and proj_size `proj` (or 0), as describe_layer gives it.
-LayerShape padded_layer(int64_t cell, int64_t B, int64_t H, int64_t proj) {
-  LayerShape s;
-  describe_cell(s, cell);
-  s.T = 1, s.B = B, s.N = B, s.I = 0, s.H = H, s.P = proj ? proj : H, s.proj = proj > 0;
-  s.outputs_in_saved = false;
-  s.batch_sizes = {B};
-  s.offsets = {0};
-  return s;
-}
-
 }  // namespace
 }  // namespace fused_rnn
 
@@ -109,7 +98,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "persistent_chosen",
       [](const std::string& kernel, int64_t cell, int64_t B, int64_t H, int64_t proj, bool float64) {
-        const LayerShape s = padded_layer(cell, B, H, proj);
+        const LayerShape s = padded_layer(cell, 1, B, 0, H, proj);
         using cuda::Recurrent;
         const bool cuda_cores = kernel == "forward" || kernel == "backward";
         TORCH_CHECK(cuda_cores || kernel == "float16" || kernel == "bfloat16" || kernel == "tf32", "unknown kernel ",
@@ -125,18 +114,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "whether a padded layer takes a persistent kernel");
   m.def(
       "cuda_plan",
-      [](bool backward, int64_t cell, const std::string& dtype, int64_t T, int64_t B, int64_t I, int64_t H,
+      [](bool backward, int64_t cell, at::ScalarType dtype, int64_t T, int64_t B, int64_t I, int64_t H,
          int64_t proj) {
-        LayerShape s = padded_layer(cell, B, H, proj);
-        s.T = T, s.N = T * B, s.I = I;
-        s.batch_sizes.assign(T, B);
-        s.offsets.clear();
-        for (int64_t t = 0; t < T; ++t) s.offsets.push_back(t * B);
-        TORCH_CHECK(dtype == "float32" || dtype == "float64" || dtype == "float16" || dtype == "bfloat16",
-                    "fused_rnn: the CUDA loops take float32, float64, float16 or bfloat16, got ", dtype);
-        const at::ScalarType type = dtype == "float64" ? at::kDouble : dtype == "float16" ? at::kHalf
-                                    : dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
-        return cuda::plan_cuda(backward, s, type, at::Device(at::kCPU)).describe(backward);
+        return cuda::plan_cuda(backward, padded_layer(cell, T, B, I, H, proj), dtype, at::Device(at::kCPU))
+            .describe(backward);
       },
       "the CUDA plan of a padded call on the emulated GPU: (decision, choice) pairs");
 }
