@@ -8,7 +8,9 @@ Contenders, in one run and with the same weights: fused_rnn and torch.nn (the re
 they apply: a plain PyTorch loop of the same cell (bench/loop.py, --loop), ONNX Runtime running
 torch.nn's exported layer and torch's dynamic int8 LSTM/GRU (inference only; optional peers,
 skipped with a note when absent), and for packed input (lengths uniform in [T/4, T]) torch.nn on
-the same PackedSequence and torch.nn on the padded batch.
+the same PackedSequence and torch.nn on the padded batch. The cells' rows (LSTMCell, GRUCell,
+RNNCell) time what a decoder does: a loop of 20 calls from Python, then backward through the chain
+in training; the grid also holds short layer calls (T = 1 and 4).
 
 Timing: warm-up first; on a GPU CUDA events around each call, on the CPU perf_counter. The
 contenders run interleaved, round after round (the order rotating), so that a drift of the machine
@@ -62,6 +64,13 @@ FULL_CASES = [
 # #23 asks for B = 1-8, H = 512-1024.
 LOW_PRECISION_CASES = [(100, b, h, h, 1, False) for b in (1, 2, 4, 8) for h in (512, 1024)]
 QUICK_LOW_PRECISION_CASES = [(100, 1, 1024, 1024, 1, False)]
+# Cell loops (#40): a decoder's loop of `T` calls of LSTMCell / GRUCell / RNNCell from Python, then (in
+# training) backward through the chain; cases (T, B, I, H, 1, False). And short layer calls, T = 1-4.
+CELL_LOOP_STEPS = 20
+FULL_CELL_LOOP_CASES = [(CELL_LOOP_STEPS, b, h, h, 1, False) for b in (1, 8, 64) for h in (64, 256, 512)]
+QUICK_CELL_LOOP_CASES = [(CELL_LOOP_STEPS, 1, 64, 64, 1, False), (CELL_LOOP_STEPS, 1, 256, 256, 1, False),
+                         (CELL_LOOP_STEPS, 8, 256, 256, 1, False), (CELL_LOOP_STEPS, 64, 512, 512, 1, False)]
+SHORT_CASES = [(1, 1, 256, 256, 1, False), (4, 8, 256, 256, 1, False)]
 FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),
                      (100, 64, 512, 512, 1, True)]
 RECORD_FIELDS = ["device", "torch", "threads", "cores", "date", "tf32", "load_average", "cell", "T", "B", "I",
@@ -72,7 +81,9 @@ WIDE_SPREAD = 0.10  # a row is marked `~` when a timing's interquartile range ex
 ROUND_BUDGET_S = {"cpu": 1.5, "cuda": 0.5}  # time per case for the timed rounds, when --repeats is not given
 MIN_ROUNDS, MAX_ROUNDS = 5, 25
 CELLS = {"LSTM": (fused_rnn.LSTM, torch.nn.LSTM), "GRU": (fused_rnn.GRU, torch.nn.GRU),
-         "RNN": (fused_rnn.RNN, torch.nn.RNN)}
+         "RNN": (fused_rnn.RNN, torch.nn.RNN), "LSTMCell": (fused_rnn.LSTMCell, torch.nn.LSTMCell),
+         "GRUCell": (fused_rnn.GRUCell, torch.nn.GRUCell), "RNNCell": (fused_rnn.RNNCell, torch.nn.RNNCell)}
+LAYER_KINDS, CELL_KINDS = ("LSTM", "GRU", "RNN"), ("LSTMCell", "GRUCell", "RNNCell")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": "int8"}
 INT8 = "int8"  # the dtype of the int8 rows: the inputs are float32, the weights int8
 REFERENCE = "torch.nn"
@@ -156,6 +167,24 @@ def make_step(module, inputs, mode):
         else:
             out, _ = module(x)
             (out.data if isinstance(out, PackedSequence) else out).sum().backward()
+    return step
+
+
+def make_cell_loop(cell, inputs, mode):
+    """A decoder's loop: the cell called once per step of the next input [T, B, I] from Python,
+    the state carried; in training, backward from the sum of every step's h through the chain."""
+    state = {"k": 0}
+
+    def step():
+        xs = inputs[state["k"] % len(inputs)]
+        state["k"] += 1
+        with torch.set_grad_enabled(mode == "training"):
+            hx, total = None, 0
+            for x in xs:
+                hx = cell(x, hx)
+                total = total + (hx[0] if isinstance(hx, tuple) else hx).sum()
+            if mode == "training":
+                total.backward()
     return step
 
 
@@ -251,6 +280,12 @@ def contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes):
     steps, batch, inputs, hidden, layers, bidirectional = case
     fused_cls, ref_cls = CELLS[cell]
     torch.manual_seed(0)
+    if cell in CELL_KINDS:  # a loop of cell calls: fused_rnn's cell and torch.nn's, nothing else
+        ref = ref_cls(inputs, hidden, device=device, dtype=dtype)
+        fused = fused_cls(inputs, hidden, device=device, dtype=dtype)
+        fused.load_state_dict(ref.state_dict())
+        xs = [torch.randn(steps, batch, inputs, device=device, dtype=dtype) for _ in range(ROTATION)]
+        return {"fused": make_cell_loop(fused, xs, mode), REFERENCE: make_cell_loop(ref, xs, mode)}
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, device=device, dtype=dtype)
     ref = ref_cls(inputs, hidden, **kwargs)
     fused = fused_cls(inputs, hidden, **kwargs)
@@ -348,6 +383,8 @@ def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loo
 # ------------------------------------------------------------------------------------------------
 
 def case_label(r):
+    if r["cell"] in CELL_KINDS:
+        return f"{r['cell']} x{r['T']} calls B{r['B']} H{r['H']} {r['dtype']}"
     return (f"{r['cell']} T{r['T']} B{r['B']} H{r['H']}" + (f" L{r['layers']}" if r["layers"] > 1 else "")
             + (" bi" if r["bidirectional"] else "") + f" {r['dtype']}")
 
@@ -505,7 +542,9 @@ def parse_case(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="the whole grid instead of the quick one")
-    p.add_argument("--cells", default="LSTM,GRU,RNN")
+    p.add_argument("--cells", default=None,
+                   help=f"layers and cells, default {','.join(LAYER_KINDS + CELL_KINDS)} (with --shapes: the "
+                        f"layers); a cell's rows time a loop of T calls from Python (CELL_LOOP_* cases)")
     p.add_argument("--shapes", type=parse_case, nargs="+", help="TxBxH or TxBxIxH (replaces the grid)")
     p.add_argument("--packed-shapes", type=parse_case, nargs="*", default=None,
                    help="shapes for packed input (default: the grid's; none with --shapes)")
@@ -526,19 +565,27 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    kinds = (args.cells or ",".join(LAYER_KINDS if args.shapes else LAYER_KINDS + CELL_KINDS)).split(",")
+    unknown = [k for k in kinds if k not in CELLS]
+    if unknown:
+        p.error(f"--cells: unknown {', '.join(unknown)} (choose from {', '.join(CELLS)})")
     if args.shapes:
         cases = [s + (args.layers, args.bidirectional) for s in args.shapes]
-        packed_cases = []
+        cell_loop_cases, packed_cases = cases, []
     else:
-        cases = FULL_CASES if args.full else quick_cases(device)
+        cases = (FULL_CASES if args.full else quick_cases(device)) + SHORT_CASES
+        cell_loop_cases = FULL_CELL_LOOP_CASES if args.full else QUICK_CELL_LOOP_CASES
         packed_cases = FULL_PACKED_CASES if args.full else QUICK_PACKED_CASES
+    layer_kinds = [k for k in kinds if k in LAYER_KINDS]
     if args.packed_shapes is not None:
         packed_cases = [s + (args.layers, args.bidirectional) for s in args.packed_shapes]
     dtypes = (args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")).split(",")
-    grid = [(c, s, d, m, "full") for c in args.cells.split(",") for s in cases for d in dtypes
+    grid = [(c, s, d, m, "full") for c in layer_kinds for s in cases for d in dtypes
             for m in args.modes.split(",")]
+    grid += [(c, s, d, m, "full") for c in kinds if c in CELL_KINDS for s in cell_loop_cases for d in dtypes
+             if d != INT8 for m in args.modes.split(",")]
     if "float32" in dtypes:  # packed input: float32 rows
-        grid += [(c, s, "float32", m, "packed") for c in args.cells.split(",") for s in packed_cases
+        grid += [(c, s, "float32", m, "packed") for c in layer_kinds for s in packed_cases
                  for m in args.modes.split(",")]
     # The int8 rows (CPU inference, LSTM and GRU): their own cases in the grids, or the --shapes when
     # --dtypes names int8; not with --dtypes that does not.
@@ -546,7 +593,7 @@ def main(argv=None):
     int8_cases = cases if args.shapes else (LOW_PRECISION_CASES if args.full else QUICK_LOW_PRECISION_CASES)
     if (INT8 in dtypes if args.dtypes else not args.shapes) and device.type == "cpu" and \
             "inference" in args.modes.split(","):
-        grid += [(c, s, INT8, "inference", "full") for c in args.cells.split(",") if c in ("LSTM", "GRU")
+        grid += [(c, s, INT8, "inference", "full") for c in layer_kinds if c in ("LSTM", "GRU")
                  for s in int8_cases]
 
     records, notes = [], set()

@@ -54,6 +54,51 @@ std::vector<std::pair<std::string, std::string>> cuda_plan(bool backward, int64_
 }
 #endif
 
+// torch.ops.fused_rnn.layer_forward below autograd, for fused_rnn/functional.py's plain eager calls:
+// the op's autograd kernel is Python (functional.py's register_autograd), and a call through it costs
+// about 30 µs when it records a backward and 8 µs when it finds nothing to record, more than a small
+// cell's whole step (bench/NOTES.md). The caller records the backward itself where one is wanted
+// (functional.py's _EagerLayer). Devices, Python dispatch modes and tensor subclasses with
+// __torch_dispatch__ are dispatched as usual.
+fused_rnn::LayerOutputs layer_forward_below_autograd(int64_t cell, const at::Tensor& x,
+                                                     const std::vector<int64_t>& batch_sizes, bool reverse,
+                                                     const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+                                                     const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                                     const c10::optional<at::Tensor>& b_ih,
+                                                     const c10::optional<at::Tensor>& b_hh,
+                                                     const c10::optional<at::Tensor>& w_hr, bool need_saved) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_rnn::layer_forward", "")
+          .typed<fused_rnn::LayerOutputs(int64_t, const at::Tensor&, at::IntArrayRef, bool, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&, bool)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
+}
+
+// torch.ops.fused_rnn.layer_backward the same way (it has no autograd kernel of its own: the
+// dispatcher's fallback, and the boxing of 16 arguments from Python, are what this spares).
+fused_rnn::LayerGradients layer_backward_below_autograd(
+    int64_t cell, const at::Tensor& x, const std::vector<int64_t>& batch_sizes, bool reverse, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& w_hr, bool has_bias, const at::Tensor& y, const at::Tensor& saved,
+    const c10::optional<at::Tensor>& grad_y, const c10::optional<at::Tensor>& grad_h_n,
+    const c10::optional<at::Tensor>& grad_c_n, bool need_input_grad) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fused_rnn::layer_backward", "")
+          .typed<fused_rnn::LayerGradients(
+              int64_t, const at::Tensor&, at::IntArrayRef, bool, const at::Tensor&, const c10::optional<at::Tensor>&,
+              const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool, const at::Tensor&,
+              const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+              const c10::optional<at::Tensor>&, bool)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y, grad_h_n,
+                 grad_c_n, need_input_grad);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -109,6 +154,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("backward"), py::arg("cell"), py::arg("dtype"), py::arg("steps"), py::arg("batch"),
         py::arg("input_size"), py::arg("hidden_size"), py::arg("proj_size"), py::arg("device"));
 #endif
+  m.def("layer_forward_below_autograd", &layer_forward_below_autograd,
+        "torch.ops.fused_rnn.layer_forward below autograd (fused_rnn/functional.py's plain eager calls)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layer_backward_below_autograd", &layer_backward_below_autograd,
+        "torch.ops.fused_rnn.layer_backward below autograd (fused_rnn/functional.py's plain eager calls)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("cpu_cache_bytes", &fused_rnn::cpu_cache_bytes, "bytes of freed CPU blocks kept for reuse");
   m.def("empty_cpu_cache", &fused_rnn::empty_cpu_cache, "gives the kept CPU blocks back to the system");
 }

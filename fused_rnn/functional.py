@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._decomp import decompositions as _torch_cells
 
-from ._ops import CELL_IDS, LSTM_ID
+from ._ops import CELL_IDS, LSTM_ID, _C
 
 def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
     """One step of the cell by torch's own out-of-place formulas (the decompositions that
@@ -82,7 +82,13 @@ def _setup_layer_context(ctx, inputs, output):
 
 
 def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
-    """Gradients of layer_forward.
+    """Gradients of layer_forward (its registration's backward, and _Layer's)."""
+    return _layer_grads(ctx, torch.ops.fused_rnn.layer_backward, grad_y, grad_h_n, grad_c_n)
+
+
+def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
+    """Gradients of layer_forward, by fused_backward (the op layer_backward, or its call below
+    autograd) or differentiably.
 
     Plain backward (create_graph=False) runs our fused backward op, whose result is not itself
     differentiable. For a differentiable backward (create_graph=True: double backward, gradient
@@ -102,7 +108,7 @@ def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
             grads = _differentiable_grads(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, needs,
                                           grad_y, grad_h_n, grad_c_n)
         else:
-            grads = torch.ops.fused_rnn.layer_backward(
+            grads = fused_backward(
                 ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
                 saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
@@ -191,6 +197,25 @@ class _Layer(torch.autograd.Function):
 torch.library.register_autograd("fused_rnn::layer_forward", _layer_backward, setup_context=_setup_layer_context)
 
 
+class _EagerLayer(torch.autograd.Function):
+    """layer_forward and its backward for plain eager calls (plain_call) that record a backward: the
+    registration's context and gradients, without its Python autograd kernel, which costs about
+    30 µs a call (bench/NOTES.md), and with both ops called below autograd. Not for torch.func (no
+    setup_context, no jvp: _Layer), nor torch.compile (the op and its registration)."""
+
+    @staticmethod
+    def forward(ctx, cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+        output = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                 w_hr, need_saved)
+        _setup_layer_context(ctx, (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved),
+                             output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
+        return _layer_grads(ctx, _C.layer_backward_below_autograd, grad_y, grad_h_n, grad_c_n)
+
+
 def _autocast_dtypes(cell: int, device_type: str, h0: Tensor, has_proj: bool) -> Tuple[torch.dtype, torch.dtype]:
     """(dtype the op runs in, dtype of y and h_n) under autocast, as torch.nn's layers give them.
 
@@ -221,17 +246,60 @@ def _transformed() -> bool:
             or torch.autograd.forward_ad._current_level >= 0)
 
 
+def plain_call(tensors: Tuple[Optional[Tensor], ...]) -> bool:
+    """Is this an ordinary eager call: no autocast, torch.compile or torch.export tracing, TorchScript
+    tracing or ONNX export, torch.func transform or forward-mode level, and no __torch_function__ of
+    a tensor or a mode? Then the op may be called below its Python autograd kernel where no gradient
+    is wanted, its backward recorded by _EagerLayer (_run_plain_layer), and step() may be called."""
+    return not (torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
+                or torch._C._get_tracing_state() is not None or _onnx_exporting() or _transformed()
+                or torch._C._has_torch_function(tensors))
+
+
+def _onnx_exporting() -> bool:
+    return _ONNX_EXPORT_STATE.in_onnx_export or _ONNX_EXPORT_FLAGS._is_onnx_exporting
+
+
+try:  # torch.onnx.is_in_onnx_export's own flags, without its imports at every call (1 µs)
+    from torch.onnx._internal.exporter import _flags as _ONNX_EXPORT_FLAGS
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ONNX_EXPORT_STATE
+except ImportError:  # pragma: no cover - another layout of torch.onnx's internals
+    _onnx_exporting = torch.onnx.is_in_onnx_export  # noqa: F811
+
+
+def step(cell: int, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
+         b_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """One step of a cell, x [B, I] -> (h_1, c_1; c_1 empty but for LSTM), where plain_call holds:
+    layer()'s work for a one-step padded sequence less its decisions. The same op, so the same bits."""
+    need_saved = _wants_grad((x, h, c, w_ih, w_hh, b_ih, b_hh))
+    h_1, _, c_1 = _run_plain_layer(cell, x, [], False, h, c, w_ih, w_hh, b_ih, b_hh, None, need_saved)
+    return h_1, c_1
+
+
+def _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+    """layer_forward below autograd, its backward recorded by _EagerLayer where one is wanted."""
+    if need_saved:
+        y, h_n, c_n, _ = _EagerLayer.apply(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True)
+    else:
+        y, h_n, c_n, _ = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
+                                                         b_hh, w_hr, False)
+    return y, h_n, c_n
+
+
 def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
     # Under a torch.func transform or a forward-mode level, eager calls go through _Layer, which
-    # adds forward mode and torch.func's transforms. Everything else calls the op itself, with its
-    # registered backward: _Layer's apply costs about 0.5 ms a call (autograd.Function binds its
-    # arguments through inspect.signature when setup_context is defined). Compiled graphs always
-    # hold the op (Dynamo cannot trace a jvp), so a forward-mode transform traced inside
+    # adds forward mode and torch.func's transforms (its apply costs about 0.5 ms a call:
+    # autograd.Function binds its arguments through inspect.signature when setup_context is
+    # defined). Plain eager calls go below the op's autograd kernel (_run_plain_layer). Compiled
+    # graphs (and calls under autocast, tracing, export or __torch_function__) hold the op with its
+    # registered backward; Dynamo cannot trace a jvp, so a forward-mode transform traced inside
     # torch.compile would see zero tangents: docs/ecosystem.md says to apply torch.func outside it.
     run = torch.ops.fused_rnn.layer_forward
     if not torch.compiler.is_compiling() and _transformed():
         run = _Layer.apply
+    elif plain_call((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
+        return _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
     y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
     return y, h_n, c_n
 

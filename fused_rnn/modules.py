@@ -533,7 +533,54 @@ class _FusedCellBase(nn.RNNCellBase):
             states = [state if is_batched else state.unsqueeze(0) for state in states]
         return mode, x, states
 
+    def _plain_step(self, input, hx, num_states: int):
+        """The common call, for the price of a few attribute reads (a decoder calls its cell once a
+        step, so per-call costs are its speed): a 2-D input of the module's width, hx absent or of
+        the right kinds and shapes, functional.plain_call(). Returns None for any other call, which
+        takes _step's checks in torch.nn's order. Dtypes and devices are left to the op's own checks
+        (csrc/layer.cpp; meta tensors excepted): a call it rejects is run again through _step's,
+        which raise as torch.nn does."""
+        if type(input) is not Tensor or input.dim() != 2:
+            return None
+        batch, width = input.shape
+        if width != self.input_size:
+            return None
+        shape = (batch, self.hidden_size)
+        if hx is None:
+            h = input.new_zeros(shape)
+            c = input.new_zeros(shape) if num_states == 2 else None
+        elif num_states == 2:
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h, c = hx
+            if type(h) is not Tensor or type(c) is not Tensor or h.shape != shape or c.shape != shape:
+                return None
+        else:
+            h, c = hx, None
+            if type(h) is not Tensor or h.shape != shape:
+                return None
+        weights = self._parameters  # not four nn.Module.__getattr__ calls
+        try:  # a parametrized or hooked weight is no longer there (KeyError): _step's getattr finds it
+            operands = (input, h, c, weights["weight_ih"], weights["weight_hh"], weights["bias_ih"],
+                        weights["bias_hh"])
+        except KeyError:
+            return None
+        if self.bias and (operands[5] is None or operands[6] is None):  # a bias set to None: torch.nn refuses it
+            return None
+        if any(t is not None and t.is_meta for t in operands):  # the op's meta kernel checks no devices
+            return None
+        if not functional.plain_call(operands):
+            return None
+        try:
+            h_1, c_1 = functional.step(functional.CELL_IDS[self.mode], *operands)
+        except _ORDINARY_ERRORS:
+            return None
+        return (h_1, c_1) if num_states == 2 else h_1
+
     def _step(self, input: Tensor, hx, num_states: int):
+        plain = self._plain_step(input, hx, num_states)
+        if plain is not None:
+            return plain
         if _exports_through_torch_nn():
             return self._torch_nn_class.forward(self, input, hx)
         try:

@@ -225,3 +225,24 @@ def test_amx_probe_builds_and_its_split_product_is_float32_accurate(tmp_path):
     tiles, amx, chain = _amx_probe_errors(probe.stdout)
     assert 0 < amx <= chain and tiles == chain, probe.stdout
     assert "differ from the FMA chain's bits: 0" in probe.stdout, probe.stdout
+
+
+def test_cell_loops_are_timed_against_torch_nn_cells(tmp_path, capsys):
+    """A cell's row times a loop of T calls, inference and training, beside torch.nn's cell."""
+    records = run.main(TINY + ["--cells", "GRUCell,LSTMCell", "--no-save"])
+    out = capsys.readouterr().out
+    assert {(r["cell"], r["mode"]) for r in records} == {(c, m) for c in ("GRUCell", "LSTMCell")
+                                                         for m in ("inference", "training")}
+    for r in records:
+        assert set(r["ms"]) == {"fused", "torch.nn"}
+        check_spread(r)
+    assert "GRUCell x3 calls B2 H4 float32" in out
+    step = run.make_cell_loop(fused_rnn.LSTMCell(4, 4), [torch.randn(3, 2, 4)], "training")
+    step()  # backward through the chain of calls, once per loop
+
+
+def test_the_default_grid_has_cell_loops_and_short_layer_calls():
+    assert set(run.CELL_KINDS) <= set(run.CELLS)
+    assert any(case[0] <= 4 for case in run.SHORT_CASES)
+    assert {(b, h) for _, b, _, h, _, _ in run.FULL_CELL_LOOP_CASES} == {(b, h) for b in (1, 8, 64)
+                                                                          for h in (64, 256, 512)}
