@@ -76,7 +76,7 @@ struct TileProduct {
     const int64_t offset[4] = {0, 16, 32, 48}, lanes[4] = {16, 16, 16, 16};
     for (int u = 0; u < N / 64; ++u)
       fused_rnn::cpu::wide_rows_product(
-          &panels[size_t(u) * K * 64], K, 4, M, [&](int64_t r) { return a + r * K; },
+          &panels[size_t(u) * K * 64], K, 64, 4, M, [&](int64_t r) { return a + r * K; },
           [&](int64_t r) { return c + r * N + u * 64; }, offset, lanes, nullptr, false);
   }
 };

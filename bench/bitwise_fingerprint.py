@@ -67,7 +67,24 @@ def calls():
             return outs + list(grads)
         return run
 
-    shapes = [(7, 1, 12, 40), (6, 5, 20, 48), (5, 24, 33, 100), (4, 64, 64, 256)]
+    def cell_chain(cls, B, I, H, steps=5):  # a decoder's loop of cell calls, then backward through it
+        def run():
+            torch.manual_seed(0)
+            ref = getattr(torch.nn, cls)(I, H)
+            mod = getattr(fused_rnn, cls)(I, H)
+            mod.load_state_dict(ref.state_dict())
+            xs = torch.randn(steps, B, I, requires_grad=True)
+            hx, outs = None, []
+            for x in xs:
+                hx = mod(x, hx)
+                outs.append(hx[0] if isinstance(hx, tuple) else hx)
+            loss = sum(o.sum() * (i + 1) for i, o in enumerate(outs))
+            return outs + list(torch.autograd.grad(loss, [xs] + list(mod.parameters())))
+        return run
+
+    for cls, (B, I, H) in itertools.product(["LSTMCell", "GRUCell", "RNNCell"], [(1, 64, 64), (3, 20, 128)]):
+        yield f"{cls} x5 B{B} I{I} H{H}", cell_chain(cls, B, I, H)
+    shapes = [(7, 1, 12, 40), (6, 5, 20, 48), (5, 24, 33, 100), (4, 64, 64, 256), (5, 1, 64, 128)]
     for cls, dtype, (T, B, I, H) in itertools.product(["RNN", "LSTM", "GRU"], [torch.float32, torch.float64], shapes):
         yield f"{cls} {dtype} T{T} B{B} I{I} H{H}", layer_call(cls, dtype, T, B, I, H, {})
     yield "RNN relu", layer_call("RNN", torch.float32, 6, 5, 20, 48, {"nonlinearity": "relu"})

@@ -74,6 +74,12 @@ fused_rnn::LayerOutputs layer_forward_below_autograd(int64_t cell, const at::Ten
                                          const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                                          const c10::optional<at::Tensor>&, bool)>();
+  // Devices first: a meta tensor among CPU ones would take the op's meta kernel, which checks none.
+  for (const c10::optional<at::Tensor>& t : {c10::optional<at::Tensor>(h0), c0, c10::optional<at::Tensor>(w_ih),
+                                             c10::optional<at::Tensor>(w_hh), b_ih, b_hh, w_hr}) {
+    TORCH_CHECK(!t.has_value() || !t->defined() || t->device() == x.device(), "fused_rnn: the operands of ",
+                "layer_forward must be on the input's device ", x.device(), ", found one on ", t->device());
+  }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
 }

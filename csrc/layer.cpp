@@ -2,6 +2,8 @@
 // description of the layer they work on, and the packed-sequence and bias rules they share.
 #include "layer.h"
 
+#include <ATen/Dispatch.h>
+
 namespace fused_rnn {
 namespace {
 
@@ -182,10 +184,23 @@ LayerGradients gradients_as(const LayerGradients& grads, at::ScalarType type) {
 }
 
 Tensor folded_bias(const LayerShape& s, const Tensor& b_ih, const Tensor& b_hh) {
+  const int64_t additive = s.cell == CellKind::GRU ? 2 * s.H : s.gates * s.H;
+  if (b_ih.defined() && b_hh.defined() && b_ih.is_cpu() && b_ih.is_contiguous() && b_hh.is_contiguous()) {
+    // One pass, no dispatcher call but the allocation: a cell's step pays this at every call, and
+    // clone + add_ took more than a small step's products. Each element is the same one addition.
+    Tensor bias = at::empty_like(b_ih);
+    AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(bias.scalar_type(), "fused_rnn_folded_bias", [&] {
+      const scalar_t* a = b_ih.data_ptr<scalar_t>();
+      const scalar_t* b = b_hh.data_ptr<scalar_t>();
+      scalar_t* out = bias.data_ptr<scalar_t>();
+      const int64_t n = bias.numel();
+      for (int64_t i = 0; i < n; ++i) out[i] = i < additive ? a[i] + b[i] : a[i];
+    });
+    return bias;
+  }
   Tensor bias;
   if (b_ih.defined()) bias = b_ih.clone();
   if (b_hh.defined()) {
-    const int64_t additive = s.cell == CellKind::GRU ? 2 * s.H : s.gates * s.H;
     if (!bias.defined()) bias = at::zeros({s.gates * s.H}, b_hh.options());
     bias.narrow(0, 0, additive).add_(b_hh.narrow(0, 0, additive));
   }

@@ -101,16 +101,16 @@ def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, saved = ctx.saved_tensors
     if ctx.cell != LSTM_ID:
         grad_c_n = None  # c_n is an empty placeholder for the other cells
-    with torch.autocast(x.device.type, enabled=False):  # as the forward ran
-        if torch.is_grad_enabled():
-            inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-            needs = ctx.needs_input_grad[1:2] + ctx.needs_input_grad[4:11]  # those of `inputs`
+    if torch.is_grad_enabled():
+        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        needs = ctx.needs_input_grad[1:2] + ctx.needs_input_grad[4:11]  # those of `inputs`
+        with torch.autocast(x.device.type, enabled=False):  # torch's cell formulas, as the forward ran
             grads = _differentiable_grads(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, needs,
                                           grad_y, grad_h_n, grad_c_n)
-        else:
-            grads = fused_backward(
-                ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
-                saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
+    else:  # the op has no autocast rule: none to turn off
+        grads = fused_backward(
+            ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
+            saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
     return None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
 

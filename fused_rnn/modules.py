@@ -538,8 +538,8 @@ class _FusedCellBase(nn.RNNCellBase):
         step, so per-call costs are its speed): a 2-D input of the module's width, hx absent or of
         the right kinds and shapes, functional.plain_call(). Returns None for any other call, which
         takes _step's checks in torch.nn's order. Dtypes and devices are left to the op's own checks
-        (csrc/layer.cpp; meta tensors excepted): a call it rejects is run again through _step's,
-        which raise as torch.nn does."""
+        (csrc/layer.cpp, and csrc/bindings.cpp's for devices): a call it rejects is run again through
+        _step's, which raise as torch.nn does."""
         if type(input) is not Tensor or input.dim() != 2:
             return None
         batch, width = input.shape
@@ -566,8 +566,6 @@ class _FusedCellBase(nn.RNNCellBase):
         except KeyError:
             return None
         if self.bias and (operands[5] is None or operands[6] is None):  # a bias set to None: torch.nn refuses it
-            return None
-        if any(t is not None and t.is_meta for t in operands):  # the op's meta kernel checks no devices
             return None
         if not functional.plain_call(operands):
             return None

@@ -253,3 +253,35 @@ def test_each_configuration_changes_the_plan(float_kernels):
     with fused_rnn.overrides_set(**DEFAULTS):
         defaults = plans()
     assert (current == defaults) == (float_kernels == {})
+
+
+@pytest.mark.parametrize("hidden", [15, 17, 40, 64, 65])
+@pytest.mark.parametrize("inputs", [1, 17, 33])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_call_of_a_few_rows_gives_the_bits_of_a_longer_one(kind, inputs, hidden):
+    """A call of at most 4 rows (a cell's step) multiplies x by W_ih as it lies, a longer one by its
+    packed panels (forward_loop.cpp): the same sums in the same order, so the first step's outputs
+    are the same bits either way, for every batch that fits."""
+    torch.manual_seed(9)
+    fused, _ = make_pair(kind, inputs, hidden, dtype=torch.float32)
+    for batch in (1, 2, 4):
+        cell = kind if kind != "RNN" else "RNN_TANH"
+        plans = [fused_rnn.cpu_plan(cell, batch=batch, input_size=inputs, hidden_size=hidden, steps=steps)
+                 for steps in (1, 3)]
+        if any(plan["x·W_ihᵀ"] != "AVX-512 tiles" for plan in plans):
+            continue  # BLAS's bits may depend on the rows (the other configurations)
+        x = torch.randn(3, batch, inputs)
+        with torch.no_grad():
+            assert torch.equal(fused(x[:1])[0], fused(x)[0][:1])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_weight_gradients_of_no_rows_are_zeros(kind):
+    """The tiles write dW whole from the first chunk, which here has no rows: zeros, not leftovers."""
+    fused, _ = make_pair(kind, 6, 64, dtype=torch.float32)
+    for _ in range(2):  # the second call's dW may come from the first's freed blocks
+        fused.zero_grad(set_to_none=True)
+        out, _ = fused(torch.randn(4, 0, 6, requires_grad=True))
+        out.sum().backward()
+        for p in fused.parameters():
+            assert p.grad is not None and not p.grad.any()

@@ -144,7 +144,7 @@ class BackwardLoop {
         if (s.batch_sizes[t] == 0) continue;
         backward_step(share, t, chunk, dgx_chunk, dgh_chunk);
       }
-      weight_grads(share, chunk, dgx_chunk, dgh_chunk);
+      weight_grads(share, chunk, chunk_index == 0, dgx_chunk, dgh_chunk);
       bias_grads(share, chunk, dgx_chunk, dgh_chunk);
       input_grads(share, chunk, dgx_chunk);
     }
@@ -236,10 +236,12 @@ class BackwardLoop {
   }
 
   // A complete chunk's share of dW_ih and dW_hh (+)= dGᵀ·[x, h_{t-1}] (after its last step's
-  // barrier), on the plan's kernel, chunk after chunk in a fixed order.
-  void weight_grads(const Share& share, const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) const {
+  // barrier), on the plan's kernel, chunk after chunk in a fixed order. The tiles write the first
+  // chunk's as 0 + its sum (ops_cpu.cpp then leaves dW unzeroed); BLAS adds to zeros.
+  void weight_grads(const Share& share, const StepChunk& chunk, bool first, const T* dgx_chunk,
+                    const T* dgh_chunk) const {
     if (tiled_dw) {
-      weight_grads_tiled(share.me, chunk, dgx_chunk, dgh_chunk);
+      weight_grads_tiled(share.me, chunk, first, dgx_chunk, dgh_chunk);
       return;
     }
     // BLAS: this thread's pieces of the G*H rows, each a single GEMM (per run of h_{t-1} for
@@ -260,7 +262,8 @@ class BackwardLoop {
   // share of the blocks, then a barrier); each thread its share of dG's columns, 16 at a time
   // copied into a strip whose k lie 16 floats apart (dG's are 4·G·H bytes apart, too far for the
   // tiles' broadcasts), times every block.
-  void weight_grads_tiled(const Member& me, const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk) const {
+  void weight_grads_tiled(const Member& me, const StepChunk& chunk, bool first, const T* dgx_chunk,
+                          const T* dgh_chunk) const {
     const Panels<T> xs = Panels<T>::columns_in(x_panels_p, buffer_rows, chunk.rows, I, x_groups, kWideWidth);
     const Panels<T> hs = Panels<T>::columns_in(h_panels_p, buffer_rows, chunk.rows, P, h_groups, kWideWidth);
     me.barrier();  // everyone is done with the chunk before's panels (its steps may all have been empty)
@@ -281,7 +284,7 @@ class BackwardLoop {
       for (int64_t u = 0; u < blocks.blocks; ++u) {
         T* out = dw + j0 * ld + blocks.first_column(u, 0);
         rows_product<T, C>(blocks, u, n, [&](int64_t r) { return strip + r; }, [&](int64_t r) { return out + r * ld; },
-                           0, true, nullptr, strip_columns);
+                           0, !first, nullptr, strip_columns, first);
       }
     };
     const auto [g0, g1] = me.share(GH, strip_columns);

@@ -50,13 +50,18 @@ struct ForwardLoop {
     // AMX read it as it is and as split tiles, and take the panels' geometry only.
     const bool row_dots = plan.steps == Kernel::kAvx512RowDots, amx_steps = plan.steps == Kernel::kAmx;
     const bool amx = plan.input == Kernel::kAmx, tiled_projection = plan.input == Kernel::kAvx512Tiles;
+    // A call of a few rows (a cell's step) multiplies W_ih as it lies: packing it would cost more
+    // than the product, every call (wide_rows_of_rows: the tiles' sums, the same bits).
+    const bool projection_of_rows = tiled_projection && s.N <= kWideRowsOfRows;
     const Panels<T> panels =
         row_dots || amx_steps ? Panels<T>::geometry(P, G, wide_vectors_per_gate(G, H), H, kWideWidth)
         : plan.wide_panels()  ? Panels<T>::of_rows(w_hh, G, wide_vectors_per_gate(G, H), H, kWideWidth)
                               : Panels<T>::of_rows(w_hh, G, C, H);
     const T* w_hh_p = w_hh.data_ptr<T>();
     const Panels<T> input_panels =
-        tiled_projection ? Panels<T>::of_rows(w_ih, 1, wide_vectors_per_gate(1, GH), GH, kWideWidth) : Panels<T>();
+        projection_of_rows ? Panels<T>::geometry(s.I, 1, wide_vectors_per_gate(1, GH), GH, kWideWidth)
+        : tiled_projection ? Panels<T>::of_rows(w_ih, 1, wide_vectors_per_gate(1, GH), GH, kWideWidth)
+                           : Panels<T>();
     const int64_t input_rows = projection_rows(s.I);
     // x·W_ihᵀ + bias, a chunk of steps at a time (see kChunkElements).
     const int64_t chunk_cap = chunk_rows(s, GH);
@@ -102,6 +107,18 @@ struct ForwardLoop {
           const auto [q0, q1] = me.share(x_split.groups(), 2);
           for (int64_t r0 = 0; r0 < rows && q0 < q1; r0 += amx_rows) {
             x_split.product(r0, std::min(amx_rows, rows - r0), q0, q1, gx_buffer_p + r0 * GH, GH);
+          }
+        } else if (projection_of_rows) {
+          if constexpr (std::is_same_v<T, float>) {
+            const auto [b0, b1] = me.share(input_panels.blocks);
+            for (int64_t u = b0; u < b1; ++u)
+              for (int64_t v = 0; v < input_panels.C && input_panels.lanes(u, v) > 0; ++v) {
+                const int64_t j = input_panels.first_column(u, v);
+                wide_rows_of_rows(w_ih_p, j, input_panels.lanes(u, v), s.I, rows,
+                                  [&](int64_t r) { return x_p + (row0 + r) * s.I; },
+                                  [&](int64_t r) { return gx_buffer_p + r * GH + j; }, bias_p ? bias_p + j : nullptr,
+                                  false);
+              }
           }
         } else if (tiled_projection) {
           const auto [b0, b1] = me.share(input_panels.blocks);

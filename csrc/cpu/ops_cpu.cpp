@@ -39,8 +39,18 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   const int64_t GH = s.gates * s.H;
   LayerGrads g;
   g.dx = need_input_grad ? empty_large({s.N, s.I}, opts) : Tensor();
-  g.dw_ih = at::zeros({GH, s.I}, opts);
-  g.dw_hh = at::zeros({GH, s.P}, opts);
+  const cpu::CpuPlan plan = cpu::plan_cpu(cpu::Pass::kBackward, s, op.x.scalar_type(), need_input_grad);
+  // From the block cache like the outputs: a chain of cell calls frees and asks for these every
+  // step, and fresh pages cost more than the step's products (bench/NOTES.md). The AVX-512 tiles
+  // write the first chunk's dW whole (backward_loop.cpp: weight_grads); there is a chunk when there
+  // is a step. Elsewhere dW is summed onto zeros.
+  const bool dw_written_whole = plan.weight_grads == cpu::Kernel::kAvx512Tiles && s.T > 0;
+  g.dw_ih = empty_large({GH, s.I}, opts);
+  g.dw_hh = empty_large({GH, s.P}, opts);
+  if (!dw_written_whole) {
+    g.dw_ih.zero_();
+    g.dw_hh.zero_();
+  }
   if (has_bias) {
     g.db_ih = at::zeros({GH}, opts);
     g.db_hh = at::zeros({GH}, opts);
@@ -49,7 +59,6 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // resolve_conj makes a real copy for complex types and is free for real ones.
   const Tensor w_hh_conj = op.w_hh.conj().resolve_conj();
   const Tensor w_proj_conj = s.proj ? op.w_hr.conj().resolve_conj() : Tensor();
-  const cpu::CpuPlan plan = cpu::plan_cpu(cpu::Pass::kBackward, s, op.x.scalar_type(), need_input_grad);
   backward_loop_cpu(plan, s, reverse, op.x, op.w_ih, w_hh_conj, w_proj_conj, op.outputs, op.h0, op.c0, op.saved, op.dy,
                     op.dh, op.dc, dh_total, g);
   // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.

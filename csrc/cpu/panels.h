@@ -28,14 +28,17 @@ static_assert(KernelMath<float>::kWidth != cpu::kWideWidth, "AVX2 and AVX-512 pa
 template <typename T>
 struct Panels {
   static constexpr int64_t kWidth = KernelMath<T>::kWidth;
-  at::Tensor storage;  // undefined for panels packed into memory of the caller's (columns_in)
+  at::Tensor storage;  // undefined for panels in memory of the caller's (columns_in, in place)
   T* data = nullptr;
   int64_t K = 0, G = 1, C = 1, cols = 0, blocks = 0, width = kWidth;
   int64_t block_rows = 0;  // the k a block has room for: K, or columns_in's capacity
+  // Elements from one k of a block to the next, and from one block to the next: packed, a block's
+  // k lie groups()·width apart; in place (of_columns on AVX-512), they are W's rows.
+  int64_t k_stride = 0, block_step = 0;
 
   int64_t groups() const { return G * C; }
   int64_t block_size() const { return block_rows * groups() * width; }  // in elements
-  const T* block(int64_t u) const { return data + u * block_size(); }
+  const T* block(int64_t u) const { return data + u * block_step; }
   int64_t first_column(int64_t u, int64_t c) const { return (u * C + c) * width; }
   // How many of the `width` columns of vector c of block u exist (0 past the end).
   int64_t lanes(int64_t u, int64_t c) const { return std::clamp<int64_t>(cols - first_column(u, c), 0, width); }
@@ -73,8 +76,20 @@ struct Panels {
     return p;
   }
 
-  // Column j is column j of w [K, cols]: for the backward product dG·W_hh.
+  // Column j is column j of w [K, cols]: for the backward products dG·W_hh and dG·W_ih. W's own
+  // rows are such panels already where every block is whole (cols a multiple of C·width) and the
+  // kernel reads a block's k at any stride (AVX-512, float): then nothing is copied, which at one
+  // row of dG (a cell's step) was a third of the backward (bench/NOTES.md). The same products, the
+  // same bits.
   static Panels of_columns(const at::Tensor& w, int64_t C, int64_t width = kWidth) {
+    if (std::is_same_v<T, float> && width == cpu::kWideWidth && w.size(1) % (C * width) == 0 &&
+        w.is_contiguous()) {
+      Panels p = shaped(w.size(0), 1, C, w.size(1), width, w.size(0));
+      p.data = const_cast<T*>(w.data_ptr<T>());  // read only: the products never write panels
+      p.k_stride = p.cols;
+      p.block_step = C * width;
+      return p;
+    }
     Panels p = make(w, w.size(0), 1, C, w.size(1), width);
     p.for_each_block([&](int64_t u) { p.pack_rows(u, w.data_ptr<T>(), p.cols, 0, p.K); });
     return p;
@@ -129,6 +144,8 @@ struct Panels {
     p.width = width;
     p.block_rows = block_rows;
     p.blocks = block_count(cols, C, width);
+    p.k_stride = p.groups() * width;
+    p.block_step = p.block_size();
     return p;
   }
 
@@ -147,10 +164,11 @@ struct Panels {
 // AVX-512 panels (float), wide_rows_product over all of k, each output starting from `bias` (laid
 // out as the output, or null). Else block_product: k is walked in chunks that keep a chunk of the
 // panel (16 KB) in L1 while every row block uses it, the partial sums added chunk after chunk in a
-// fixed order (no bias there).
+// fixed order (no bias there, nor onto_zero: wide_tile's, which only the AVX-512 weight gradients take).
 template <typename T, int NG, typename RowFn, typename OutFn>
 void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& row, const OutFn& out,
-                  int64_t gate_stride, bool accumulate, const T* bias = nullptr, int64_t a_stride = 0) {
+                  int64_t gate_stride, bool accumulate, const T* bias = nullptr, int64_t a_stride = 0,
+                  bool onto_zero = false) {
   constexpr int64_t W = Panels<T>::kWidth;
   constexpr int64_t kDepth = std::max<int64_t>(16, 16384 / (NG * W * sizeof(T)));
   constexpr int kMaxGroups = std::max(NG, cpu::kWideMaxVectors);
@@ -165,11 +183,12 @@ void rows_product(const Panels<T>& panels, int64_t u, int64_t n, const RowFn& ro
     if (panels.width == cpu::kWideWidth) {
       const float* init[kMaxGroups];
       for (int64_t q = 0; q < panels.groups() && bias; ++q) init[q] = bias + panels.first_column(u, 0) + offset[q];
-      cpu::wide_rows_product(panel, panels.K, static_cast<int>(panels.groups()), n, row, out, offset, lanes,
-                             bias ? init : nullptr, accumulate, a_stride);
+      cpu::wide_rows_product(panel, panels.K, panels.k_stride, static_cast<int>(panels.groups()), n, row, out,
+                             offset, lanes, bias ? init : nullptr, accumulate, a_stride, onto_zero);
       return;
     }
   }
+  // (Panels in place are AVX-512 panels of float only: never here.)
   for (int64_t k0 = 0; k0 < panels.K; k0 += kDepth) {
     row_blocks<T, NG>(n, row, out, k0, std::min(kDepth, panels.K - k0), panel + k0 * NG * W, offset, lanes,
                       accumulate || k0 > 0);
