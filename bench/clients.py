@@ -13,9 +13,10 @@ is a child process in a scratch folder with the example's files copied in.
   dropout 0.2, its defaults) for LSTM, GRU, RNN_TANH and the tied LSTM. Timed: main.py's own
   "ms/batch" reports (their median, the first interval left out as warm-up). Its training text is
   wikitext-2's valid.txt (--wlm-train valid, the default: a tenth of train.txt's length; a checkout
-  without Git LFS has no train.txt). Checked: the validation loss agrees (1e-3 relative: the loss
-  curves of two float32 summation orders drift apart over an epoch, as do those of torch.nn under
-  a one-ulp change of one weight).
+  without Git LFS has no train.txt). Checked: the validation loss agrees to 2% (a sanity bound, not
+  a precision claim: at the example's learning rate of 20 two float32 summation orders drift apart
+  over an epoch, 6.32 against 6.35 for the LSTM on 2026-12-07; a wrong gradient lands far outside
+  it; the precision is tests/'s, 1e-5 in float32 against torch.nn).
 
 Records go to bench/out/clients-<date>.json (ignored by git). The ratio is torch.nn's time over
 fused_rnn's (> 1: fused_rnn faster), of the medians over the rounds.
@@ -49,8 +50,12 @@ RUN = ("import runpy, sys\n"
 def run_example(workdir, script, argv, fused, timeout):
     """(wall seconds, stdout) of one run of `script` in workdir, with fused_rnn's classes or torch.nn's."""
     code = (SWAP if fused else "") + RUN.format(argv=[script] + argv, script=script)
+    # time_sequence_prediction loads its numpy data with torch.load, refused since torch 2.6 by the
+    # weights_only default: torch's own switch back, not an edit of the example.
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                         env=env)
     seconds = time.perf_counter() - start
     if out.returncode:
         raise RuntimeError(f"{script} {' '.join(argv)} ({'fused_rnn' if fused else 'torch.nn'}) failed:\n"
@@ -106,7 +111,7 @@ def word_language_model(examples, rounds, model, tied, train_text, timeout):
     shutil.rmtree(work, ignore_errors=True)
     return {"client": "word_language_model", "what": f"main.py --model {model}{' --tied' if tied else ''}, "
             f"one epoch of {train_text}.txt", "unit": "ms per batch", "torch.nn": per_batch[False],
-            "fused": per_batch[True], "losses_agree": abs(valid[False] - valid[True]) <= 1e-3 * abs(valid[False]),
+            "fused": per_batch[True], "losses_agree": abs(valid[False] - valid[True]) <= 2e-2 * abs(valid[False]),
             "final_loss": {"torch.nn": valid[False], "fused": valid[True]}}
 
 
@@ -135,7 +140,8 @@ def main(argv=None):
         records.append(record)
         print(f"| {record['client']} | {record['what']} | torch.nn {statistics.median(record['torch.nn']):.2f} | "
               f"fused {statistics.median(record['fused']):.2f} {record['unit']} | {ratio:.2f}x | "
-              f"losses agree: {record['losses_agree']} |", flush=True)
+              f"final loss {record['final_loss']['torch.nn']:.6g} / {record['final_loss']['fused']:.6g}, "
+              f"agree: {record['losses_agree']} |", flush=True)
     if not args.no_save:
         os.makedirs(OUT_DIR, exist_ok=True)
         path = os.path.join(OUT_DIR, f"clients-{records[0]['date'][:19].replace(':', '')}.json")

@@ -252,11 +252,15 @@ def plain_call(tensors: Tuple[Optional[Tensor], ...]) -> bool:
     a tensor or a mode? Then the op may be called below its Python autograd kernel where no gradient
     is wanted, its backward recorded by _EagerLayer (_run_plain_layer), and step() may be called."""
     return not (torch._C._is_any_autocast_enabled() or torch.compiler.is_compiling()
-                or torch._C._get_tracing_state() is not None or _onnx_exporting() or _transformed()
+                or torch._C._get_tracing_state() is not None or onnx_exporting() or _transformed()
                 or torch._C._has_torch_function(tensors))
 
 
-def _onnx_exporting() -> bool:
+def onnx_exporting() -> bool:
+    """torch.onnx.is_in_onnx_export, without its two imports at every eager call (1 µs). Traced,
+    torch's own: Dynamo knows that one and skips reading the flags' module."""
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
     return _ONNX_EXPORT_STATE.in_onnx_export or _ONNX_EXPORT_FLAGS._is_onnx_exporting
 
 
@@ -264,7 +268,7 @@ try:  # torch.onnx.is_in_onnx_export's own flags, without its imports at every c
     from torch.onnx._internal.exporter import _flags as _ONNX_EXPORT_FLAGS
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _ONNX_EXPORT_STATE
 except ImportError:  # pragma: no cover - another layout of torch.onnx's internals
-    _onnx_exporting = torch.onnx.is_in_onnx_export  # noqa: F811
+    onnx_exporting = torch.onnx.is_in_onnx_export  # noqa: F811
 
 
 def step(cell: int, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
@@ -377,4 +381,6 @@ def stack_layers(run_layer, x: Tensor, hx: Tensor, cx: Optional[Tensor], num_lay
         layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=1)
         if dropout > 0 and l < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, True)
+    if len(h_n) == 1:  # one layer, one direction: a view, not a copy (a short call pays each µs)
+        return layer_input, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if cx is not None else None)
     return layer_input, torch.stack(h_n), (torch.stack(c_n) if cx is not None else None)

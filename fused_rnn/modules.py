@@ -216,7 +216,7 @@ def _exports_through_torch_nn() -> bool:
     exporters already make of torch.nn's layers (gates reordered, biases split), and a trace of
     torch.nn's ops runs without fused_rnn and on any shape (ours would record a Python
     autograd.Function and the shapes of the traced call)."""
-    return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    return functional.onnx_exporting() or torch.jit.is_tracing()
 
 
 def _refuse_scripting(module):
@@ -238,6 +238,18 @@ class _FusedRNNBase(nn.RNNBase):
         there is no cuDNN weight buffer to pack (nn.RNNBase would pack one on every .to(cuda))."""
 
     __prepare_scriptable__ = _refuse_scripting
+
+    def _refresh_flat_weights(self) -> None:
+        """nn.RNNBase._update_flat_weights (weights swapped by torch.func.functional_call or a
+        parametrization are followed), for a dict read per weight where each is still the parameter
+        that _flat_weights holds: torch's check reads each through getattr and hasattr, 8 µs a call
+        for one layer, more than a short call's kernels."""
+        parameters = self._parameters
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names):
+            weight = parameters.get(name)  # absent where a parametrization or functional_call holds it
+            if weight is None or ref is None or ref() is not weight:
+                self._update_flat_weights()
+                return
 
     def _state_names(self):
         return ("h_0", "c_0") if self.mode == "LSTM" else ("hx",)
@@ -315,7 +327,7 @@ class _FusedRNNBase(nn.RNNBase):
                     "fused_rnn: an LSTM with proj_size cannot be exported to ONNX: ONNX's LSTM operator has "
                     "no projection of the hidden state (torch.nn.LSTM with proj_size does not export either)")
             return self._torch_nn_class.forward(self, input, hx)
-        self._update_flat_weights()
+        self._refresh_flat_weights()
         name = type(self).__name__
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         batch_sizes = _check_packed(name, *input) if isinstance(input, PackedSequence) else None
