@@ -328,6 +328,9 @@ class _FusedRNNBase(nn.RNNBase):
                     "no projection of the hidden state (torch.nn.LSTM with proj_size does not export either)")
             return self._torch_nn_class.forward(self, input, hx)
         self._refresh_flat_weights()
+        plain = self._plain_forward(input, hx)
+        if plain is not None:
+            return plain
         name = type(self).__name__
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         batch_sizes = _check_packed(name, *input) if isinstance(input, PackedSequence) else None
@@ -336,13 +339,48 @@ class _FusedRNNBase(nn.RNNBase):
         except _ORDINARY_ERRORS as ours:
             device = input.data.device if isinstance(input, (Tensor, PackedSequence)) else torch.device("cpu")
             raise _as_torch_nn_would(ours, lambda: self._torch_nn_class.forward(self, input, hx), device) from None
+        return _sequence_forward(self, input, data, batch, is_batched, states, batch_sizes, out_size, self._run_stack)
 
-        def run_stack(x, batch_sizes, h0, c0):
-            return functional.stacked_rnn(
-                self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
-                self.bidirectional, self.dropout, self.training, self.proj_size > 0)
+    def _run_stack(self, x, batch_sizes, h0, c0):
+        return functional.stacked_rnn(
+            self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
+            self.bidirectional, self.dropout, self.training, self.proj_size > 0)
 
-        return _sequence_forward(self, input, data, batch, is_batched, states, batch_sizes, out_size, run_stack)
+    def _plain_forward(self, input, hx):
+        """The common call for the price of a few attribute reads (a short sequence's Python costs
+        more than its kernels): a 3-D tensor of the module's width with a step and a row, hx absent
+        or of the right kinds and shapes, functional.plain_call. Returns None for any other call,
+        which takes _checked_input's checks in torch.nn's order; so does a call the op refuses
+        (dtypes and devices are its checks, csrc/layer.cpp and csrc/bindings.cpp), which then
+        raises as torch.nn does."""
+        if type(input) is not Tensor or input.dim() != 3 or input.size(2) != self.input_size:
+            return None
+        batch, steps = (input.size(0), input.size(1)) if self.batch_first else (input.size(1), input.size(0))
+        if batch == 0 or steps == 0:
+            return None
+        out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        shape = (self.num_layers * (2 if self.bidirectional else 1), batch, out_size)
+        if hx is None:
+            states = None
+        elif self.mode == "LSTM":
+            if type(hx) is not tuple or len(hx) != 2:
+                return None
+            h, c = hx
+            if (type(h) is not Tensor or type(c) is not Tensor or h.shape != shape
+                    or c.shape != shape[:2] + (self.hidden_size,)):
+                return None
+            states = (h, c)
+        else:
+            if type(hx) is not Tensor or hx.shape != shape:
+                return None
+            states = (hx,)
+        weights = self._flat_weights
+        if any(w is None for w in weights) or not functional.plain_call((input,) + (states or ()) + tuple(weights)):
+            return None
+        try:
+            return _sequence_forward(self, input, input, batch, True, states, None, out_size, self._run_stack)
+        except _ORDINARY_ERRORS:
+            return None
 
 
 def _sequence_input(name: str, input, packed_sizes: Optional[List[int]], batch_first: bool, rank_error):

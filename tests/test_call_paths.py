@@ -185,3 +185,31 @@ def test_plain_path_leaves_bad_input_to_the_full_checks():
         cell(torch.randn(B, I, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="hx\\[0\\] must have shape"):
         cell(torch.randn(B, I), (torch.randn(B + 1, H), torch.randn(B, H)))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_a_layers_common_call_skips_the_full_checks_and_a_bad_one_does_not(kind, monkeypatch):
+    module = _module(kind, torch.float64)
+    x, hx = _inputs(kind, torch.float64)
+    expected = module(x, hx)
+    checked = []
+    original = type(module)._checked_input
+
+    def counted(self, *args):
+        checked.append(args)
+        return original(self, *args)
+
+    monkeypatch.setattr(type(module), "_checked_input", counted)
+    for state in (hx, None):
+        module(x, state)
+    assert not checked, "a well-formed call takes the plain path"
+    assert all(torch.equal(a, b) for a, b in zip(_flat(module(x, hx)), _flat(expected)))
+    bad = tuple(s[:, :1] for s in hx) if kind == "LSTM" else hx[:, :1]  # a batch of one for a batch of 3
+    with pytest.raises(RuntimeError, match="Expected hidden|Expected h_0|size"):
+        module(x, bad)
+    assert checked, "a malformed one takes the full checks, which raise as torch.nn does"
+
+
+def _flat(out):
+    y, h = out
+    return [y] + (list(h) if isinstance(h, tuple) else [h])
