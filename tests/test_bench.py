@@ -246,3 +246,19 @@ def test_the_default_grid_has_cell_loops_and_short_layer_calls():
     assert any(case[0] <= 4 for case in run.SHORT_CASES)
     assert {(b, h) for _, b, _, h, _, _ in run.FULL_CELL_LOOP_CASES} == {(b, h) for b in (1, 8, 64)
                                                                           for h in (64, 256, 512)}
+
+
+def test_clients_run_an_unmodified_script_with_fused_rnn_swapped_in(tmp_path):
+    """bench/clients.py's runner: the same script, once with torch.nn's classes and once with
+    fused_rnn's in their place, built by the script's own `nn.LSTM(...)`; its numbers parsed."""
+    from bench import clients
+    (tmp_path / "example.py").write_text(
+        "import sys, torch.nn as nn\n"
+        "for name in ('LSTM', 'GRU', 'RNN', 'LSTMCell', 'GRUCell', 'RNNCell'):\n"
+        "    print(name, getattr(nn, name)(2, 3).__class__.__module__)\n"
+        "print('loss:', float(sys.argv[1]))\n")
+    _, plain = clients.run_example(str(tmp_path), "example.py", ["1.5"], False, 120)
+    _, swapped = clients.run_example(str(tmp_path), "example.py", ["1.5"], True, 120)
+    assert plain.count("torch.nn.modules.rnn") == 6 and "fused_rnn" not in plain
+    assert swapped.count("fused_rnn.modules") == 6
+    assert clients.floats_after("loss:", swapped) == [1.5]
