@@ -2,7 +2,8 @@
 // dispatcher: their schemas in csrc/ops.cpp, their implementations by each device's half; importing
 // this module loads them. What it adds: the build's description, the constants the Python side
 // shares with the C++ (cells, saved columns, the int8 panels), the overrides (csrc/overrides.h),
-// the CPU kernel plan (csrc/cpu/kernel_plan.h) and the CPU block cache's controls.
+// the CPU kernel plan (csrc/cpu/kernel_plan.h), the CPU block cache's controls, and the two ops
+// called below autograd for fused_rnn/functional.py's plain eager calls.
 #include <torch/extension.h>
 
 #include <stdexcept>

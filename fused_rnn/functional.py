@@ -10,7 +10,9 @@ Calls go to torch.ops.fused_rnn.layer_forward, whose gradient is registered with
 torch.library.register_autograd and its shapes with register_fake (_ops.py), so that torch.compile
 traces a whole model, forward and backward, without graph breaks; under torch.func's transforms
 and forward-mode AD (eager) they go through _Layer, an autograd.Function with a jvp and a
-functorch-ready setup_context, since the op's registration has neither.
+functorch-ready setup_context, since the op's registration has neither. Plain eager calls
+(plain_call) go below the op's Python autograd kernel, which costs more than a small step:
+_C.layer_forward_below_autograd, with _EagerLayer recording the same backward where one is wanted.
 """
 from typing import List, Optional, Sequence, Tuple
 

@@ -128,7 +128,7 @@ class _FusedQuantizedRNN:
         return data, batch, is_batched, states
 
     def forward(self, input, hx=None):
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if modules._exports_through_torch_nn():
             return self._torch_class.forward(self, input, hx)  # records torch's quantized ops
         name = self._get_name()
         batch_sizes = modules._check_packed(name, *input) if isinstance(input, PackedSequence) else None
