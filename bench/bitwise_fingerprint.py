@@ -84,7 +84,7 @@ def calls():
 
     for cls, (B, I, H) in itertools.product(["LSTMCell", "GRUCell", "RNNCell"], [(1, 64, 64), (3, 20, 128)]):
         yield f"{cls} x5 B{B} I{I} H{H}", cell_chain(cls, B, I, H)
-    shapes = [(7, 1, 12, 40), (6, 5, 20, 48), (5, 24, 33, 100), (4, 64, 64, 256), (5, 1, 64, 128)]
+    shapes = [(7, 1, 12, 40), (6, 5, 20, 48), (5, 24, 33, 100), (4, 64, 64, 256), (5, 1, 64, 128), (3, 20, 200, 200)]
     for cls, dtype, (T, B, I, H) in itertools.product(["RNN", "LSTM", "GRU"], [torch.float32, torch.float64], shapes):
         yield f"{cls} {dtype} T{T} B{B} I{I} H{H}", layer_call(cls, dtype, T, B, I, H, {})
     yield "RNN relu", layer_call("RNN", torch.float32, 6, 5, 20, 48, {"nonlinearity": "relu"})

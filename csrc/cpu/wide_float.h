@@ -233,11 +233,14 @@ inline constexpr std::array<WideTiles, 2> wide_tiles = {
 // (NG·16 packed): row(r) gives row r of the left factor (with a_stride > 0: its column r, k at
 // stride a_stride), out(r) where row r of the block's output starts (group q at offset[q]). Tiles of 24 accumulators (or less): 6 rows for 4
 // groups, 8 for 3, 12 for 2 and 8 for 1 (the fastest shapes measured: bench/NOTES.md). 6-8 rows with 4 groups take two halves of the groups over all rows instead, so that
-// the panel is read twice rather than the rows 6 + 2.
+// the panel is read twice rather than the rows 6 + 2. Trailing groups past the matrix's last
+// column are left out: the last block of 200 columns in blocks of 64 holds 8, and multiplying its
+// three empty groups made every backward product at H = 200 do 256 columns' work.
 template <typename RowFn, typename OutFn>
 void wide_rows_product(const float* panel, int64_t K, int64_t stride, int NG, int64_t n, const RowFn& row,
                        const OutFn& out, const int64_t* offset, const int64_t* lanes, const float* const* init,
                        bool accumulate, int64_t a_stride = 0, bool onto_zero = false) {
+  while (NG > 1 && lanes[NG - 1] == 0) --NG;
   const WideTiles& table = wide_tiles[a_stride > 0];
   const auto tiles = [&](int q0, int nv, int64_t tile_rows) {
     const float* const* tile_init = init ? init + q0 : nullptr;
