@@ -172,13 +172,12 @@ class BackwardLoop {
     };
 
     propagate_amx(share);
-    if (!s.proj) {  // dh's columns are the hidden units: finish dh on a block, then the cell on it
-      for (int64_t u = share.u0; u < share.u1; ++u) {
-        propagate(share, u);
-        for (int64_t v = 0; v < panels.C; ++v) {
-          cell_rows(panels.first_column(u, v), panels.lanes(u, v), dy_p ? dy_p + off * P : nullptr, dh_p, P);
-        }
-      }
+    if (!s.proj) {  // dh's columns are the hidden units: finish dh on this thread's blocks, then the
+                    // cell on all their units of a row at once (vectors for the gate math to interleave)
+      for (int64_t u = share.u0; u < share.u1; ++u) propagate(share, u);
+      const int64_t j_begin = std::min(H, panels.first_column(share.u0, 0));
+      cell_rows(j_begin, std::min(H, panels.first_column(share.u1, 0)) - j_begin, dy_p ? dy_p + off * P : nullptr,
+                dh_p, P);
     } else {  // dh over output features first; the projection's backward needs all of them
       for (int64_t u = share.u0; u < share.u1; ++u) {
         propagate(share, u);

@@ -11,24 +11,35 @@
 namespace fused_rnn {
 namespace cpu {
 
-// The cell's forward or backward on WideMath over units [j, j + 16·n) of one row, for the largest n
-// that fits in lanes; returns 16·n. Flattened so that the cell and WideMath's members are compiled
-// into this AVX-512 function.
+#if defined(__x86_64__)
+// Units [j + l, j + lanes) of one row on M, M::kWidth at a time while they fit; l moves past them.
+template <typename Cell, bool kForward, typename M, typename Io>
+__attribute__((target("avx512f"))) inline void wide_units(const Io& io, int64_t H, int64_t j, int64_t lanes,
+                                                          int64_t& l) {
+  for (; l + M::kWidth <= lanes; l += M::kWidth) {
+    if constexpr (kForward) {
+      Cell::template forward<M>(io, H, j + l);
+    } else {
+      Cell::template backward<M>(io, H, j + l);
+    }
+  }
+}
+#endif
+
+// The cell's forward or backward on WideMathOf over units [j, j + 16·n) of one row, for the
+// largest n that fits in lanes, 4 vectors a call while they last (vec_math.h says why); returns
+// 16·n. Flattened so that the cell and WideMathOf's members are compiled into this AVX-512 function.
 template <typename Cell, bool kForward, typename Io>
 #if defined(__x86_64__)
 __attribute__((target("avx512f"), flatten))
 #endif
 int64_t wide_cell_units(const Io& io, int64_t H, int64_t j, int64_t lanes) {
 #if defined(__x86_64__)
-  const int64_t n = lanes / WideMath::kWidth * WideMath::kWidth;
-  for (int64_t l = 0; l < n; l += WideMath::kWidth) {
-    if constexpr (kForward) {
-      Cell::template forward<WideMath>(io, H, j + l);
-    } else {
-      Cell::template backward<WideMath>(io, H, j + l);
-    }
-  }
-  return n;
+  int64_t l = 0;
+  wide_units<Cell, kForward, WideMathOf<4>>(io, H, j, lanes, l);
+  wide_units<Cell, kForward, WideMathOf<2>>(io, H, j, lanes, l);
+  wide_units<Cell, kForward, WideMathOf<1>>(io, H, j, lanes, l);
+  return l;
 #else
   return 0;
 #endif

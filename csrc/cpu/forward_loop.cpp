@@ -93,6 +93,7 @@ struct ForwardLoop {
 
     Team(2.0 * s.B * GH * (P + s.I)).run([&](const Member& me) {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's blocks of hidden units
+      const int64_t j_begin = std::min(H, panels.first_column(u0, 0)), j_end = std::min(H, panels.first_column(u1, 0));
       const auto [p0, p1] = me.share(P);               // and output features of the projection
       for (int64_t step = 0; step < s.T;) {
         const StepChunk chunk = next_chunk(s, reverse, step, chunk_cap);
@@ -177,22 +178,24 @@ struct ForwardLoop {
               rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
                                      false);
             }
-            for (int64_t v = 0; v < panels.C; ++v) {
-              const int64_t j = panels.first_column(u, v), lanes = panels.lanes(u, v);
-              for (int64_t b = 0; b < n && lanes > 0; ++b) {
-                // The rows of x's projection are 4·G·H bytes apart, which the hardware prefetcher
-                // does not follow: ask for the gates of a row a few rows ahead.
-                if (b + kPrefetchRows < n) {
-                  for (int g = 0; g < G; ++g) __builtin_prefetch(gx_buffer_p + (off - row0 + b + kPrefetchRows) * GH + g * H + j);
+          }
+          // The cells on all of this thread's units of a row at once (the gate sums of its blocks
+          // are in cache still), so that the gate math has several vectors to interleave.
+          for (int64_t b = 0; b < n && j_begin < j_end; ++b) {
+            // The rows of x's projection are 4·G·H bytes apart, which the hardware prefetcher
+            // does not follow: ask for the gates of a row a few rows ahead.
+            if (b + kPrefetchRows < n) {
+              for (int g = 0; g < G; ++g)
+                for (int64_t j = j_begin; j < j_end; j += kWideWidth) {
+                  __builtin_prefetch(gx_buffer_p + (off - row0 + b + kPrefetchRows) * GH + g * H + j);
                 }
-                const T* h_prev = h_prev_row(b);
-                T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
-                T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
-                const StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
-                                        c_p ? c_p + b * H : nullptr, out_row, saved_row};
-                cell_units<Cell, true>(io, H, j, lanes, plan.wide_cells);
-              }
             }
+            const T* h_prev = h_prev_row(b);
+            T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
+            T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
+            const StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
+                                    c_p ? c_p + b * H : nullptr, out_row, saved_row};
+            cell_units<Cell, true>(io, H, j_begin, j_end - j_begin, plan.wide_cells);
           }
           if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ once every unit is done, by output features
             me.barrier();

@@ -79,43 +79,53 @@ struct KernelMath<c10::complex<T>> : ScalarMath<c10::complex<T>> {
 };
 
 #if defined(__x86_64__)
-// The same Math for float with AVX-512, 16 units a call (wide_cell_units, cell_units.h): the same
-// operations in the same order as KernelMath<float> (SLEEF's exp, the rational tanh), on zmm
-// registers. Every member is AVX-512 code, called only from functions compiled for it.
+// The same Math for float with AVX-512, N vectors of 16 units a call (wide_cell_units,
+// cell_units.h): the same operations in the same order as KernelMath<float> (SLEEF's exp, the
+// rational tanh), on zmm registers, each vector on its own. Why N: one vector's gate math is a
+// chain of dependent steps (exp, divide, the tanh's polynomial, divide) that leaves the core waiting
+// on latencies; N independent vectors a call fill those waits. Every member is AVX-512 code,
+// called only from functions compiled for it.
 #define FUSED_RNN_AVX512F_INLINE __attribute__((target("avx512f"))) inline
 
 // torch's SLEEF, its AVX-512 build (weak: where it is missing, cells stay on AVX2).
 extern "C" __attribute__((weak, target("avx512f"))) __m512 Sleef_expf16_u10(__m512);
 
-struct WideVector {
-  __m512 v;
-  WideVector() = default;
-  FUSED_RNN_AVX512F_INLINE WideVector(__m512 x) : v(x) {}
-  FUSED_RNN_AVX512F_INLINE WideVector(float x) : v(_mm512_set1_ps(x)) {}
+template <int N>
+struct WideVectors {
+  __m512 v[N];
+  WideVectors() = default;
+  FUSED_RNN_AVX512F_INLINE WideVectors(float x) {
+    for (int i = 0; i < N; ++i) v[i] = _mm512_set1_ps(x);
+  }
 };
-FUSED_RNN_AVX512F_INLINE WideVector operator+(WideVector a, WideVector b) { return _mm512_add_ps(a.v, b.v); }
-FUSED_RNN_AVX512F_INLINE WideVector operator-(WideVector a, WideVector b) { return _mm512_sub_ps(a.v, b.v); }
-FUSED_RNN_AVX512F_INLINE WideVector operator*(WideVector a, WideVector b) { return _mm512_mul_ps(a.v, b.v); }
-FUSED_RNN_AVX512F_INLINE WideVector operator/(WideVector a, WideVector b) { return _mm512_div_ps(a.v, b.v); }
+#define FUSED_RNN_WIDE_OPERATOR(op, intrinsic)                                                     \
+  template <int N>                                                                                \
+  FUSED_RNN_AVX512F_INLINE WideVectors<N> operator op(const WideVectors<N>& a, const WideVectors<N>& b) { \
+    WideVectors<N> r;                                                                             \
+    for (int i = 0; i < N; ++i) r.v[i] = intrinsic(a.v[i], b.v[i]);                               \
+    return r;                                                                                     \
+  }
+FUSED_RNN_WIDE_OPERATOR(+, _mm512_add_ps)
+FUSED_RNN_WIDE_OPERATOR(-, _mm512_sub_ps)
+FUSED_RNN_WIDE_OPERATOR(*, _mm512_mul_ps)
+FUSED_RNN_WIDE_OPERATOR(/, _mm512_div_ps)
+#undef FUSED_RNN_WIDE_OPERATOR
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12  // PR 105593: see wide_float.h
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
-struct WideMath {
-  using V = WideVector;
-  static constexpr int64_t kWidth = 16;
-
-  FUSED_RNN_AVX512F_INLINE static V load(const float* p) { return _mm512_loadu_ps(p); }
-  FUSED_RNN_AVX512F_INLINE static void store(float* p, V v) { _mm512_storeu_ps(p, v.v); }
-  FUSED_RNN_AVX512F_INLINE static V sigmoid(V x) {
-    return V(1.0f) / (V(1.0f) + Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x.v)));
+// One vector's functions, for WideMathOf.
+struct WideFunctions {
+  FUSED_RNN_AVX512F_INLINE static __m512 sigmoid(__m512 x) {
+    return _mm512_div_ps(_mm512_set1_ps(1.0f),
+                         _mm512_add_ps(_mm512_set1_ps(1.0f), Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x))));
   }
   // KernelMath<float>::rational_tanh; min and max take x second, so that NaN passes through.
-  FUSED_RNN_AVX512F_INLINE static V tanh(V x) {
+  FUSED_RNN_AVX512F_INLINE static __m512 tanh(__m512 x) {
     const __m512 clamp = _mm512_set1_ps(7.90531110763549805f);
-    const __m512 xc = _mm512_min_ps(clamp, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), clamp), x.v));
+    const __m512 xc = _mm512_min_ps(clamp, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), clamp), x));
     const __m512 x2 = _mm512_mul_ps(xc, xc);
     __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.76076847742355e-16f), _mm512_set1_ps(2.00018790482477e-13f));
     p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-8.60467152213735e-11f));
@@ -127,17 +137,54 @@ struct WideMath {
     q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(2.26843463243900e-03f));
     q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(4.89352518554385e-03f));
     const __m512 ratio = _mm512_div_ps(_mm512_mul_ps(xc, p), q);
-    const __m512 magnitude = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(0x7fffffff)));
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(0.0004f), _CMP_LT_OQ), ratio, x.v);
+    const __m512 magnitude = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(0.0004f), _CMP_LT_OQ), ratio, x);
   }
-  FUSED_RNN_AVX512F_INLINE static V relu(V x) {  // NaN passes through, as KernelMath's
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q), _mm512_max_ps(x.v, _mm512_setzero_ps()), x.v);
+  FUSED_RNN_AVX512F_INLINE static __m512 relu(__m512 x) {  // NaN passes through, as KernelMath's
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_max_ps(x, _mm512_setzero_ps()), x);
   }
-  FUSED_RNN_AVX512F_INLINE static V relu_grad(V h, V dh) {
-    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(h.v, _mm512_setzero_ps(), _CMP_LE_OQ), dh.v, _mm512_setzero_ps());
+  FUSED_RNN_AVX512F_INLINE static __m512 relu_grad(__m512 h, __m512 dh) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_LE_OQ), dh, _mm512_setzero_ps());
   }
-  FUSED_RNN_AVX512F_INLINE static V cj(V x) { return x; }
 };
+
+template <int N>
+struct WideMathOf {
+  using V = WideVectors<N>;
+  static constexpr int64_t kWidth = 16 * N;
+
+  FUSED_RNN_AVX512F_INLINE static V load(const float* p) {
+    V r;
+    for (int i = 0; i < N; ++i) r.v[i] = _mm512_loadu_ps(p + 16 * i);
+    return r;
+  }
+  FUSED_RNN_AVX512F_INLINE static void store(float* p, const V& x) {
+    for (int i = 0; i < N; ++i) _mm512_storeu_ps(p + 16 * i, x.v[i]);
+  }
+  // WideFunctions::sigmoid's operations, the N exps first.
+  FUSED_RNN_AVX512F_INLINE static V sigmoid(const V& x) {
+    V e;
+    for (int i = 0; i < N; ++i) e.v[i] = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x.v[i]));
+    return V(1.0f) / (V(1.0f) + e);
+  }
+  FUSED_RNN_AVX512F_INLINE static V tanh(const V& x) { return each<&WideFunctions::tanh>(x); }
+  FUSED_RNN_AVX512F_INLINE static V relu(const V& x) { return each<&WideFunctions::relu>(x); }
+  FUSED_RNN_AVX512F_INLINE static V relu_grad(const V& h, const V& dh) {
+    V r;
+    for (int i = 0; i < N; ++i) r.v[i] = WideFunctions::relu_grad(h.v[i], dh.v[i]);
+    return r;
+  }
+  FUSED_RNN_AVX512F_INLINE static V cj(const V& x) { return x; }
+
+ private:
+  template <__m512 (*f)(__m512)>
+  FUSED_RNN_AVX512F_INLINE static V each(const V& x) {
+    V r;
+    for (int i = 0; i < N; ++i) r.v[i] = f(x.v[i]);
+    return r;
+  }
+};
+using WideMath = WideMathOf<1>;
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
 #pragma GCC diagnostic pop
 #endif
