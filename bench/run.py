@@ -23,6 +23,8 @@ Records and plot go to bench/out/ (ignored by git), one file pair per run; --upd
 also replaces the committed reference results in bench/results/.
 """
 import argparse
+import ctypes
+import ctypes.util
 import datetime
 import json
 import os
@@ -75,7 +77,7 @@ FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False
                      (100, 64, 512, 512, 1, True)]
 RECORD_FIELDS = ["device", "torch", "threads", "cores", "date", "tf32", "load_average", "cell", "T", "B", "I",
                  "H", "layers", "bidirectional", "dtype", "mode", "lengths", "reference", "rounds", "ms", "spread",
-                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb", "error"]
+                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb", "error", "malloc"]
 ROTATION = 3  # distinct inputs cycled through
 WIDE_SPREAD = 0.10  # a row is marked `~` when a timing's interquartile range exceeds this share of its median
 ROUND_BUDGET_S = {"cpu": 1.5, "cuda": 0.5}  # time per case for the timed rounds, when --repeats is not given
@@ -100,6 +102,28 @@ def tf32_flags(device):
     if device.type != "cuda":
         return None
     return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+
+
+def keep_freed_memory():
+    """glibc's malloc as a long-running program has it: blocks up to 32 MB served from the heap and
+    freed memory kept there, instead of a fresh mmap per block and the heap trimmed at each free.
+
+    With glibc's start-up settings, every call of torch.nn's CPU layers maps its workspace anew and
+    pays a page fault per 4 KB of it (LSTM T35 B20 H200, 2 layers, training: 13.7 ms against 8.5 on
+    the Zen 5 VM, bench/NOTES.md); in a real training script glibc has raised its thresholds after
+    the first large free (word_language_model's profile shows torch.nn's layers at the lower time),
+    and fused_rnn's own block cache (csrc/cpu/block_cache.cpp) keeps its blocks either way. Timing
+    torch.nn cold would flatter us. Returns what the records say, or None where the C library has no
+    mallopt (not glibc)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if not (mallopt(m_mmap_threshold, 32 << 20) and mallopt(m_trim_threshold, 1 << 30)):
+        return None
+    return "glibc: mmap threshold 32 MB, trim threshold 1 GB"
 
 
 def load_average():
@@ -562,7 +586,11 @@ def main(argv=None):
     p.add_argument("--update-reference", action="store_true",
                    help="also replace the committed reference results, bench/results/<device>.json and .png")
     p.add_argument("--no-save", action="store_true", help="neither records nor plot")
+    p.add_argument("--cold-malloc", action="store_true",
+                   help="leave glibc's malloc at its start-up settings, where torch.nn's CPU layers map their "
+                        "workspace anew at every call (default: as a long-running program has it)")
     args = p.parse_args(argv)
+    malloc = "glibc start-up settings" if args.cold_malloc else keep_freed_memory()
 
     device = torch.device(args.device)
     kinds = (args.cells or ",".join(LAYER_KINDS if args.shapes else LAYER_KINDS + CELL_KINDS)).split(",")
@@ -599,7 +627,8 @@ def main(argv=None):
     records, notes = [], set()
     load = load_average()
     print(f"# fused_rnn benchmark on {device_name(device)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {load} on {os.cpu_count()} cores", file=sys.stderr)
+          f"{torch.get_num_threads()} threads, load average {load} on {os.cpu_count()} cores, "
+          f"malloc: {malloc or 'as the C library has it'}", file=sys.stderr)
     if machine_is_loaded(load):
         print(f"# the machine is loaded before the start (load average {load} > {os.cpu_count()} cores): "
               "expect noisy, pessimistic ratios", file=sys.stderr)
@@ -607,8 +636,9 @@ def main(argv=None):
     for k, (cell, case, dtype, mode, lengths) in enumerate(grid, 1):
         print(f"[{k}/{len(grid)} {time.perf_counter() - t0:4.0f}s] {cell} T,B,I,H,layers,bi={case} "
               f"{dtype} {mode}" + (" packed" if lengths == "packed" else ""), file=sys.stderr, flush=True)
-        records.append(bench_one(cell, case, DTYPES[dtype], mode, device, args.repeats, lengths=lengths,
-                                 with_loop=args.loop, notes=notes))
+        record = bench_one(cell, case, DTYPES[dtype], mode, device, args.repeats, lengths=lengths,
+                           with_loop=args.loop, notes=notes)
+        records.append(dict(record, malloc=malloc))
     print_tables(records)
     for line in warnings_for(records, notes):
         print(f"note: {line}")

@@ -47,6 +47,9 @@ def test_harness_writes_records_with_spread_and_plot(tmp_path, capsys):
         assert {"fused", "torch.nn"} <= set(r["ms"]) and "loop" not in r["ms"]  # the loop only with --loop
         check_spread(r)
         assert isinstance(r["wide_spread"], bool) and isinstance(r["loaded"], bool)
+        # torch.nn timed as a long-running program runs it: glibc's malloc keeps freed memory
+        if platform.libc_ver()[0] == "glibc":
+            assert r["malloc"] == "glibc: mmap threshold 32 MB, trim threshold 1 GB"
     assert {(r["cell"], r["mode"]) for r in records} == {(c, m) for c in ("LSTM", "GRU", "RNN")
                                                          for m in ("inference", "training")}
     rows = [line for line in out.splitlines() if line.startswith("|")]
@@ -262,3 +265,13 @@ def test_clients_run_an_unmodified_script_with_fused_rnn_swapped_in(tmp_path):
     assert plain.count("torch.nn.modules.rnn") == 6 and "fused_rnn" not in plain
     assert swapped.count("fused_rnn.modules") == 6
     assert clients.floats_after("loss:", swapped) == [1.5]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_setting_is_recorded_and_cold_malloc_leaves_glibc_alone(monkeypatch):
+    calls = []
+    monkeypatch.setattr(run, "keep_freed_memory", lambda: calls.append(1) or "kept")
+    kept = run.main(TINY + ["--cells", "RNN", "--modes", "inference", "--no-save"])
+    cold = run.main(TINY + ["--cells", "RNN", "--modes", "inference", "--no-save", "--cold-malloc"])
+    assert calls == [1]  # mallopt only when not --cold-malloc
+    assert [r["malloc"] for r in kept] == ["kept"] and [r["malloc"] for r in cold] == ["glibc start-up settings"]
