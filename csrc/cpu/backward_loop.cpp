@@ -31,6 +31,11 @@ using at::Tensor;
 
 // One call's backward: its operands, its plan's kernels and buffers (set up once), and the walk's
 // named steps, which each thread of the team runs on its own share (Share).
+// Calls of up to this many steps read W_hh and W_ih as panels in place (Panels::of_columns);
+// longer ones pack them once. LSTM T100 B8 H1024 backward on the Zen 5: 94-101 ms in place, 76-78
+// packed; a cell's step (T = 1) packed spent a third of its backward packing (bench/NOTES.md).
+constexpr int64_t kStepsInPlace = 4;
+
 template <typename Cell>
 class BackwardLoop {
   using T = typename Cell::scalar_t;
@@ -70,7 +75,8 @@ class BackwardLoop {
     tiled_dw = plan.weight_grads == Kernel::kAvx512Tiles;
     wide_cells = plan.wide_cells;
     panels = amx_steps            ? Panels<T>::geometry(GH, 1, wide_vectors_per_gate(1, P), P, kWideWidth)
-             : plan.wide_panels() ? Panels<T>::of_columns(w_hh_conj, wide_vectors_per_gate(1, P), kWideWidth)
+             : plan.wide_panels() ? Panels<T>::of_columns(w_hh_conj, wide_vectors_per_gate(1, P), kWideWidth,
+                                                          s.T <= kStepsInPlace)
                                   : Panels<T>::of_columns(w_hh_conj, C);
     d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     // The gate gradients, a chunk of steps at a time (chunks.h), in two buffers taken in turn: a
@@ -85,7 +91,7 @@ class BackwardLoop {
     // layer whose input needs no gradient: 16 MB packed for nothing at H = 1024).
     x_groups = wide_vectors_per_gate(1, I);
     h_groups = wide_vectors_per_gate(1, P);
-    input_panels = tiled_dx ? Panels<T>::of_columns(w_ih, x_groups, kWideWidth) : Panels<T>();
+    input_panels = tiled_dx ? Panels<T>::of_columns(w_ih, x_groups, kWideWidth, s.T <= kStepsInPlace) : Panels<T>();
     dh_split = amx_steps ? AmxSplit::of_columns(w_hh_conj, s.B) : AmxSplit();
     dx_split = amx_dx ? AmxSplit::of_columns(w_ih, buffer_rows) : AmxSplit();
     // dW on the tiles: each chunk's x and h_{t-1} packed into panels by the team, and a strip of

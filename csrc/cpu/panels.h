@@ -80,9 +80,10 @@ struct Panels {
   // rows are such panels already where every block is whole (cols a multiple of C·width) and the
   // kernel reads a block's k at any stride (AVX-512, float): then nothing is copied, which at one
   // row of dG (a cell's step) was a third of the backward (bench/NOTES.md). The same products, the
-  // same bits.
-  static Panels of_columns(const at::Tensor& w, int64_t C, int64_t width = kWidth) {
-    if (std::is_same_v<T, float> && width == cpu::kWideWidth && w.size(1) % (C * width) == 0 &&
+  // same bits. Only where the caller allows it (in_place): a long sequence streams the panels at
+  // every step, and W's rows lie a page apart at H = 1024, a TLB miss for each k of a block.
+  static Panels of_columns(const at::Tensor& w, int64_t C, int64_t width = kWidth, bool in_place = true) {
+    if (in_place && std::is_same_v<T, float> && width == cpu::kWideWidth && w.size(1) % (C * width) == 0 &&
         w.is_contiguous()) {
       Panels p = shaped(w.size(0), 1, C, w.size(1), width, w.size(0));
       p.data = const_cast<T*>(w.data_ptr<T>());  // read only: the products never write panels
