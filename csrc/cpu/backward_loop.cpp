@@ -29,13 +29,13 @@ namespace {
 
 using at::Tensor;
 
-// One call's backward: its operands, its plan's kernels and buffers (set up once), and the walk's
-// named steps, which each thread of the team runs on its own share (Share).
 // Calls of up to this many steps read W_hh and W_ih as panels in place (Panels::of_columns);
 // longer ones pack them once. LSTM T100 B8 H1024 backward on the Zen 5: 94-101 ms in place, 76-78
 // packed; a cell's step (T = 1) packed spent a third of its backward packing (bench/NOTES.md).
 constexpr int64_t kStepsInPlace = 4;
 
+// One call's backward: its operands, its plan's kernels and buffers (set up once), and the walk's
+// named steps, which each thread of the team runs on its own share (Share).
 template <typename Cell>
 class BackwardLoop {
   using T = typename Cell::scalar_t;

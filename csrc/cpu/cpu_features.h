@@ -13,7 +13,7 @@ namespace cpu {
 struct CpuFeatures {
   bool avx2_build = false;  // compiled with AVX2+FMA (setup.py), the AVX2 tiles' and at::vec's width
   bool avx512 = false;      // AVX-512F: wide_float.h's tiles
-  bool avx512_exp = false;  // torch's SLEEF has its AVX-512 exp: the cells on 16 floats (WideMath)
+  bool avx512_exp = false;  // torch's SLEEF has its AVX-512 exp: the cells on 16-float vectors (WideMathOf)
   bool vnni = false;        // AVX512-VNNI and AVX512-BW: the int8 products' best kernel
   bool intel = false;       // MKL's sgemm runs its AVX-512 kernels here (see kernel_plan.cpp)
 };

@@ -38,7 +38,7 @@ struct CpuPlan {
   Kernel input = Kernel::kBlas;
   // backward: dW_ih and dW_hh (+)= dGᵀ·[x, h_{t-1}].
   Kernel weight_grads = Kernel::kNone;
-  // The cells' math on AVX-512, 16 float32 units a call (WideMath), else at::vec's width.
+  // The cells' math on AVX-512, 16-64 float32 units a call (WideMathOf), else at::vec's width.
   bool wide_cells = false;
 
   // The AVX-512 tiles' panels (16 floats wide) for the steps' products: packing and geometry.

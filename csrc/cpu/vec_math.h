@@ -118,10 +118,6 @@ FUSED_RNN_WIDE_OPERATOR(/, _mm512_div_ps)
 #endif
 // One vector's functions, for WideMathOf.
 struct WideFunctions {
-  FUSED_RNN_AVX512F_INLINE static __m512 sigmoid(__m512 x) {
-    return _mm512_div_ps(_mm512_set1_ps(1.0f),
-                         _mm512_add_ps(_mm512_set1_ps(1.0f), Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-  }
   // KernelMath<float>::rational_tanh; min and max take x second, so that NaN passes through.
   FUSED_RNN_AVX512F_INLINE static __m512 tanh(__m512 x) {
     const __m512 clamp = _mm512_set1_ps(7.90531110763549805f);
@@ -161,7 +157,7 @@ struct WideMathOf {
   FUSED_RNN_AVX512F_INLINE static void store(float* p, const V& x) {
     for (int i = 0; i < N; ++i) _mm512_storeu_ps(p + 16 * i, x.v[i]);
   }
-  // WideFunctions::sigmoid's operations, the N exps first.
+  // 1 / (1 + exp(0 - x)), KernelMath's operations, the N exps first.
   FUSED_RNN_AVX512F_INLINE static V sigmoid(const V& x) {
     V e;
     for (int i = 0; i < N; ++i) e.v[i] = Sleef_expf16_u10(_mm512_sub_ps(_mm512_setzero_ps(), x.v[i]));
@@ -184,7 +180,6 @@ struct WideMathOf {
     return r;
   }
 };
-using WideMath = WideMathOf<1>;
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
 #pragma GCC diagnostic pop
 #endif

@@ -109,7 +109,7 @@ FUSED_RNN_AVX512F __attribute__((noinline)) void wide_tile(const float* const* r
 // GCC 12.1-12.2 (PR 105593): the AVX-512 intrinsics pass _mm512_undefined_*() ("__Y") as the unused
 // merge source of an all-lanes mask, and wherever they are inlined GCC 12 warns that it is
 // uninitialized: false positives, silenced around the functions that call such intrinsics (here,
-// amx_float.h, vec_math.h's WideMath and quantized_cpu.cpp's store_vnni).
+// amx_float.h, vec_math.h's WideMathOf and quantized_cpu.cpp's store_vnni).
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
