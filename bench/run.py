@@ -17,7 +17,9 @@ contenders run interleaved, round after round (the order rotating), so that a dr
 hits all alike; each row reports every contender's median and quartiles, and each speedup is the
 median (and quartiles) of the per-round ratios. Rows whose spread is wide (`~`) or that ran while
 the load average exceeded the cores (`!`) are marked. Inputs rotate among a few tensors so that
-caches do not flatter.
+caches do not flatter. glibc's malloc keeps freed memory during the run, as in a long-running
+program (--cold-malloc: its start-up settings, where torch.nn's CPU layers page-fault their
+workspace in at every call).
 
 Records and plot go to bench/out/ (ignored by git), one file pair per run; --update-reference
 also replaces the committed reference results in bench/results/.
