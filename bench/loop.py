@@ -1,18 +1,25 @@
 """The plain PyTorch reference: the same cells as a Python loop of torch ops over time, layers and
-directions, reading the parameters of a torch.nn module (so all contenders share weights)."""
+directions, reading the parameters of a torch.nn module or of fused_rnn's (so all contenders share
+weights), fused_rnn's peephole LSTM included; optionally with the step compiled by torch.compile, as
+a user who writes the loop would."""
 import torch
 from torch import nn
 
 
-def _cell_step(mode, x_proj, h, c, w_hh, b_hh):
-    """One step from the input projection x_proj (with b_ih) and the previous state."""
+def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None):
+    """One step from the input projection x_proj (with b_ih) and the previous state; an LSTM's
+    peephole weights (p_i, p_f, p_o) where given."""
     gh = h @ w_hh.t()
     if b_hh is not None:
         gh = gh + b_hh
     if mode == "LSTM":
         i, f, g, o = (x_proj + gh).chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        if peephole is None:
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        p_i, p_f, p_o = peephole.chunk(3)
+        c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
+        return torch.sigmoid(o + p_o * c) * torch.tanh(c), c
     if mode == "GRU":
         xr, xz, xn = x_proj.chunk(3, dim=1)
         hr, hz, hn = gh.chunk(3, dim=1)
@@ -24,13 +31,15 @@ def _cell_step(mode, x_proj, h, c, w_hh, b_hh):
 
 
 class LoopRNN(nn.Module):
-    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection) in a plain loop."""
+    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection, or fused_rnn's, peephole
+    LSTM included) in a plain loop; with compile_step, each step through torch.compile."""
 
-    def __init__(self, ref: nn.RNNBase):
+    def __init__(self, ref: nn.RNNBase, compile_step: bool = False):
         super().__init__()
         if ref.proj_size:
             raise ValueError("LoopRNN: proj_size is not supported")
         self.ref = ref
+        self.step = torch.compile(_cell_step, dynamic=False) if compile_step else _cell_step
 
     def forward(self, x):
         ref = self.ref
@@ -50,9 +59,10 @@ class LoopRNN(nn.Module):
                 x_proj = layer_input @ w_ih.t()
                 if b_ih is not None:
                     x_proj = x_proj + b_ih
+                peephole = getattr(ref, "weight_peephole" + sfx, None)
                 h, c, ys = zeros, zeros, [None] * steps
                 for t in (range(steps - 1, -1, -1) if d else range(steps)):
-                    h, c = _cell_step(ref.mode, x_proj[t], h, c, w_hh, b_hh)
+                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole)
                     ys[t] = h
                 outputs.append(torch.stack(ys))
                 finals.append(h)

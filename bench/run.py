@@ -75,11 +75,17 @@ FULL_CELL_LOOP_CASES = [(CELL_LOOP_STEPS, b, h, h, 1, False) for b in (1, 8, 64)
 QUICK_CELL_LOOP_CASES = [(CELL_LOOP_STEPS, 1, 64, 64, 1, False), (CELL_LOOP_STEPS, 1, 256, 256, 1, False),
                          (CELL_LOOP_STEPS, 8, 256, 256, 1, False), (CELL_LOOP_STEPS, 64, 512, 512, 1, False)]
 SHORT_CASES = [(1, 1, 256, 256, 1, False), (4, 8, 256, 256, 1, False)]
+# Variants beyond torch.nn (#41): fused_rnn's LSTM with the variant's arguments beside its plain layer (the
+# variant's cost), torch.nn's plain layer and the variant's equations as a loop whose step is compiled
+# by torch.compile (what a user would otherwise write). The targets are for B >= 8, H >= 256.
+VARIANTS = {"peephole": ("LSTM", {"peephole": True})}
+QUICK_VARIANT_CASES = [(100, 8, 256, 256, 1, False)]
+FULL_VARIANT_CASES = [(100, 8, 256, 256, 1, False), (100, 8, 512, 512, 1, False), (100, 64, 512, 512, 1, False)]
 FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),
                      (100, 64, 512, 512, 1, True)]
 RECORD_FIELDS = ["device", "torch", "threads", "cores", "date", "tf32", "load_average", "cell", "T", "B", "I",
                  "H", "layers", "bidirectional", "dtype", "mode", "lengths", "reference", "rounds", "ms", "spread",
-                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb", "error", "malloc"]
+                 "speedup", "wide_spread", "loaded", "ms_fused", "ms_reference", "mb", "error", "malloc", "variant"]
 ROTATION = 3  # distinct inputs cycled through
 WIDE_SPREAD = 0.10  # a row is marked `~` when a timing's interquartile range exceeds this share of its median
 ROUND_BUDGET_S = {"cpu": 1.5, "cuda": 0.5}  # time per case for the timed rounds, when --repeats is not given
@@ -258,6 +264,7 @@ def int8_step(ref, xs, device, cell):
 
 
 PEER_LABELS = {"onnxruntime": "ONNX Runtime", "int8": "torch int8 (dynamic)"}
+PLAIN, COMPILED_LOOP = "fused plain", "compiled-step loop"  # a variant row's other contenders
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +309,29 @@ def int8_contenders(cell, case, device, errors):
             "int8": make_step(theirs, xs, "inference")}
 
 
-def contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes):
+def variant_contenders(variant, case, dtype, mode, device):
+    """A variant row: the variant, fused_rnn's plain layer, torch.nn's, and the variant's loop with its
+    step compiled (compiling the whole loop unrolls it: 48 s for T = 100 inference on a 2-core Zen 5,
+    too long for the main job; bench/NOTES.md has its timings)."""
+    cell, arguments = VARIANTS[variant]
+    steps, batch, inputs, hidden, layers, bidirectional = case
+    fused_cls, ref_cls = CELLS[cell]
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, device=device, dtype=dtype)
+    ref = ref_cls(inputs, hidden, **kwargs)
+    plain = fused_cls(inputs, hidden, **kwargs)
+    ours = fused_cls(inputs, hidden, **kwargs, **arguments)
+    plain.load_state_dict(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=False)  # and the variant's own parameters, as initialised
+    xs = [torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=(mode == "training"))
+          for _ in range(ROTATION)]
+    return {"fused": make_step(ours, xs, mode), PLAIN: make_step(plain, xs, mode), REFERENCE: make_step(ref, xs, mode),
+            COMPILED_LOOP: make_step(LoopRNN(ours, compile_step=True), xs, mode)}
+
+
+def contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes, variant=None):
+    if variant is not None:
+        return variant_contenders(variant, case, dtype, mode, device)
     steps, batch, inputs, hidden, layers, bidirectional = case
     fused_cls, ref_cls = CELLS[cell]
     torch.manual_seed(0)
@@ -363,14 +392,14 @@ def time_interleaved(contenders, device, repeats):
     return samples
 
 
-def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loop=False, notes=None):
+def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loop=False, notes=None, variant=None):
     notes = set() if notes is None else notes
     load_before = load_average()
     errors = {}
     if dtype == INT8:
         contenders = int8_contenders(cell, case, device, errors)
     else:
-        contenders = contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes)
+        contenders = contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes, variant)
     memory = {name: peak_megabytes(fn, device) for name, fn in contenders.items()} if device.type == "cuda" else None
     samples = time_interleaved(contenders, device, repeats)
     load_after = load_average()
@@ -401,6 +430,7 @@ def bench_one(cell, case, dtype, mode, device, repeats, lengths="full", with_loo
         "ms_fused": ms["fused"], "ms_reference": ms[REFERENCE], "mb": memory,
         # int8 rows: the largest |output - float32 output| of fused_rnn's and torch's int8 layers
         "error": {name: float(f"{e:.3g}") for name, e in errors.items()} or None,
+        "variant": variant,  # a variant row (VARIANTS): "fused" is the variant
     }
 
 
@@ -412,7 +442,7 @@ def case_label(r):
     if r["cell"] in CELL_KINDS:
         return f"{r['cell']} x{r['T']} calls B{r['B']} H{r['H']} {r['dtype']}"
     return (f"{r['cell']} T{r['T']} B{r['B']} H{r['H']}" + (f" L{r['layers']}" if r["layers"] > 1 else "")
-            + (" bi" if r["bidirectional"] else "") + f" {r['dtype']}")
+            + (" bi" if r["bidirectional"] else "") + f" {r['dtype']}" + (f" {r['variant']}" if r.get("variant") else ""))
 
 
 def marks(r):
@@ -436,6 +466,8 @@ def fmt_speedup(r, name):
 def print_tables(records, out=None):
     """One table for full-length input, one for packed; ms as median (quartiles)."""
     out = out or sys.stdout
+    variants = [r for r in records if r.get("variant")]
+    records = [r for r in records if not r.get("variant")]
     full = [r for r in records if r["lengths"] == "full"]
     packed = [r for r in records if r["lengths"] != "full"]
     if full:
@@ -459,11 +491,21 @@ def print_tables(records, out=None):
             print(f"| {case_label(r)} | {r['mode']} | {fmt_ms(r, 'fused')} | {fmt_ms(r, REFERENCE)} | "
                   f"{fmt_ms(r, 'torch.nn padded')} | {fmt_speedup(r, REFERENCE)} | "
                   f"{fmt_speedup(r, 'torch.nn padded')} | {marks(r)} |", file=out)
+    if variants:
+        print("\nVariants beyond torch.nn (fused ms is the variant's; its cost is its time over fused_rnn's plain "
+              "layer's, the inverse of \"vs fused plain\"):\n", file=out)
+        print(f"| case | mode | fused ms | fused plain ms | fused vs fused plain | torch.nn ms | {COMPILED_LOOP} ms "
+              f"| fused vs {COMPILED_LOOP} | flag |", file=out)
+        print("|" + "---|" * 9, file=out)
+        for r in variants:
+            print(f"| {case_label(r)} | {r['mode']} | {fmt_ms(r, 'fused')} | {fmt_ms(r, PLAIN)} | "
+                  f"{fmt_speedup(r, PLAIN)} | {fmt_ms(r, REFERENCE)} | {fmt_ms(r, COMPILED_LOOP)} | "
+                  f"{fmt_speedup(r, COMPILED_LOOP)} | {marks(r)} |", file=out)
     int8_rows = [r for r in full if r.get("error")]
     if int8_rows:
         print("\nint8 rows: largest |output - float32 output|, fused_rnn's int8 / torch's int8: " + ", ".join(
             f"{case_label(r)} {r['error']['fused']:.2g} / {r['error']['int8']:.2g}" for r in int8_rows), file=out)
-    if records:
+    if records or variants:
         speedups = [r["speedup"][REFERENCE]["median"] for r in full if not r.get("error")]
         if speedups:
             print(f"\nfull-length input: geometric-mean speedup over torch.nn {statistics.geometric_mean(speedups):.2f}x "
@@ -493,6 +535,9 @@ def plot(records, path):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    records = [r for r in records if not r.get("variant")]  # their table says what matters there
+    if not records:
+        return
     panels = sorted({(r["lengths"], r["mode"]) for r in records})
     fig, axes = plt.subplots(len(panels), 1, squeeze=False,
                              figsize=(max(7, 0.7 * max(sum(1 for r in records if (r["lengths"], r["mode"]) == p)
@@ -612,6 +657,10 @@ def main(argv=None):
     dtypes = (args.dtypes or ("float32,bfloat16,float16" if device.type == "cuda" else "float32")).split(",")
     grid = [(c, s, d, m, "full") for c in layer_kinds for s in cases for d in dtypes
             for m in args.modes.split(",")]
+    if not args.shapes and "float32" in dtypes:  # the variants' rows (float32), for the layers they extend
+        variant_cases = FULL_VARIANT_CASES if args.full else QUICK_VARIANT_CASES
+        grid += [(c, s, "float32", m, "full", v) for v, (c, _) in VARIANTS.items() if c in layer_kinds
+                 for s in variant_cases for m in args.modes.split(",")]
     grid += [(c, s, d, m, "full") for c in kinds if c in CELL_KINDS for s in cell_loop_cases for d in dtypes
              if d != INT8 for m in args.modes.split(",")]
     if "float32" in dtypes:  # packed input: float32 rows
@@ -635,11 +684,13 @@ def main(argv=None):
         print(f"# the machine is loaded before the start (load average {load} > {os.cpu_count()} cores): "
               "expect noisy, pessimistic ratios", file=sys.stderr)
     t0 = time.perf_counter()
-    for k, (cell, case, dtype, mode, lengths) in enumerate(grid, 1):
+    for k, (cell, case, dtype, mode, lengths, *variant) in enumerate(grid, 1):
+        variant = variant[0] if variant else None
         print(f"[{k}/{len(grid)} {time.perf_counter() - t0:4.0f}s] {cell} T,B,I,H,layers,bi={case} "
-              f"{dtype} {mode}" + (" packed" if lengths == "packed" else ""), file=sys.stderr, flush=True)
+              f"{dtype} {mode}" + (" packed" if lengths == "packed" else "") + (f" {variant}" if variant else ""),
+              file=sys.stderr, flush=True)
         record = bench_one(cell, case, DTYPES[dtype], mode, device, args.repeats, lengths=lengths,
-                           with_loop=args.loop, notes=notes)
+                           with_loop=args.loop, notes=notes, variant=variant)
         records.append(dict(record, malloc=malloc))
     print_tables(records)
     for line in warnings_for(records, notes):

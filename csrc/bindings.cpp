@@ -67,22 +67,24 @@ fused_rnn::LayerOutputs layer_forward_below_autograd(int64_t cell, const at::Ten
                                                      const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                      const c10::optional<at::Tensor>& b_ih,
                                                      const c10::optional<at::Tensor>& b_hh,
-                                                     const c10::optional<at::Tensor>& w_hr, bool need_saved) {
+                                                     const c10::optional<at::Tensor>& w_hr, bool need_saved,
+                                                     const c10::optional<at::Tensor>& w_peephole) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fused_rnn::layer_forward", "")
           .typed<fused_rnn::LayerOutputs(int64_t, const at::Tensor&, at::IntArrayRef, bool, const at::Tensor&,
                                          const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
                                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                         const c10::optional<at::Tensor>&, bool)>();
+                                         const c10::optional<at::Tensor>&, bool,
+                                         const c10::optional<at::Tensor>&)>();
   // Devices first: a meta tensor among CPU ones would take the op's meta kernel, which checks none.
   for (const c10::optional<at::Tensor>& t : {c10::optional<at::Tensor>(h0), c0, c10::optional<at::Tensor>(w_ih),
-                                             c10::optional<at::Tensor>(w_hh), b_ih, b_hh, w_hr}) {
+                                             c10::optional<at::Tensor>(w_hh), b_ih, b_hh, w_hr, w_peephole}) {
     TORCH_CHECK(!t.has_value() || !t->defined() || t->device() == x.device(), "fused_rnn: the operands of ",
                 "layer_forward must be on the input's device ", x.device(), ", found one on ", t->device());
   }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved);
+  return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole);
 }
 
 // torch.ops.fused_rnn.layer_backward the same way (it has no autograd kernel of its own: the
@@ -92,7 +94,7 @@ fused_rnn::LayerGradients layer_backward_below_autograd(
     const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const c10::optional<at::Tensor>& w_hr, bool has_bias, const at::Tensor& y, const at::Tensor& saved,
     const c10::optional<at::Tensor>& grad_y, const c10::optional<at::Tensor>& grad_h_n,
-    const c10::optional<at::Tensor>& grad_c_n, bool need_input_grad) {
+    const c10::optional<at::Tensor>& grad_c_n, bool need_input_grad, const c10::optional<at::Tensor>& w_peephole) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fused_rnn::layer_backward", "")
@@ -100,10 +102,10 @@ fused_rnn::LayerGradients layer_backward_below_autograd(
               int64_t, const at::Tensor&, at::IntArrayRef, bool, const at::Tensor&, const c10::optional<at::Tensor>&,
               const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool, const at::Tensor&,
               const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-              const c10::optional<at::Tensor>&, bool)>();
+              const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&)>();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y, grad_h_n,
-                 grad_c_n, need_input_grad);
+                 grad_c_n, need_input_grad, w_peephole);
 }
 
 }  // namespace

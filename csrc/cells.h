@@ -87,6 +87,7 @@ struct StepForward {
   T* c;             // LSTM: cell state, c_{t-1} in, c_t out (in place)
   T* h;             // the cell's output h_t (LSTM: before the projection), [H]
   T* saved;         // what backward needs, [kSaved*H]; null when no gradient is wanted
+  const T* peephole = nullptr;  // LSTM: peephole weights (p_i, p_f, p_o) [3*H], or null
 };
 
 template <typename T>
@@ -99,9 +100,14 @@ struct StepBackward {
   const T* c_prev;  // LSTM: c_{t-1}, [H] (the previous step's saved c_t, or c_0)
   T* dgx;           // gradient of the pre-activations, input side, [G*H]
   T* dgh;           // recurrent side, [G*H]; differs from dgx only for GRU's n gate
+  const T* peephole = nullptr;  // LSTM: peephole weights [3*H], or null
+  T* d_peephole = nullptr;      // and their gradient [3*H], added to (one caller per unit: no races)
 };
 
 // LSTM: i, f, o = σ(·), g = tanh(·); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
+// With peephole weights p (Gers and Schmidhuber's connections, as fused_rnn.LSTM(peephole=True)):
+// i = σ(· + p_i c_{t-1}), f = σ(· + p_f c_{t-1}), o = σ(· + p_o c_t). Without, the operations are
+// exactly those of the plain cell (the same bits as before the peephole existed).
 template <typename T>
 struct LSTMCell {
   using scalar_t = T;
@@ -115,12 +121,20 @@ struct LSTMCell {
   template <typename M = ScalarMath<T>, typename GateSums>
   C10_HOST_DEVICE static void forward(const StepForward<T, GateSums>& s, int64_t H, int64_t j) {
     using V = typename M::V;
-    const V i = M::sigmoid(M::load(s.gx + j) + gate_sum<M>(s.gh, 0, H, j));
-    const V f = M::sigmoid(M::load(s.gx + H + j) + gate_sum<M>(s.gh, 1, H, j));
-    const V g = M::tanh(M::load(s.gx + 2 * H + j) + gate_sum<M>(s.gh, 2, H, j));
-    const V o = M::sigmoid(M::load(s.gx + 3 * H + j) + gate_sum<M>(s.gh, 3, H, j));
     const V c_prev = M::load(s.c + j);
+    V i_in = M::load(s.gx + j) + gate_sum<M>(s.gh, 0, H, j);
+    V f_in = M::load(s.gx + H + j) + gate_sum<M>(s.gh, 1, H, j);
+    if (s.peephole) {
+      i_in = i_in + M::load(s.peephole + j) * c_prev;
+      f_in = f_in + M::load(s.peephole + H + j) * c_prev;
+    }
+    const V i = M::sigmoid(i_in);
+    const V f = M::sigmoid(f_in);
+    const V g = M::tanh(M::load(s.gx + 2 * H + j) + gate_sum<M>(s.gh, 2, H, j));
     const V c = f * c_prev + i * g;
+    V o_in = M::load(s.gx + 3 * H + j) + gate_sum<M>(s.gh, 3, H, j);
+    if (s.peephole) o_in = o_in + M::load(s.peephole + 2 * H + j) * c;
+    const V o = M::sigmoid(o_in);
     const V tc = M::tanh(c);
     M::store(s.c + j, c);
     M::store(s.h + j, o * tc);
@@ -141,14 +155,26 @@ struct LSTMCell {
     const V g = M::load(s.saved + 2 * H + j), o = M::load(s.saved + 3 * H + j);
     const V tc = M::tanh(M::load(s.saved + kCellStateSlot * H + j)), c_prev = M::load(s.c_prev + j);
     const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
-    const V dc = M::load(s.dc_carry + j) + dh * M::cj(o * (V(1) - tc * tc));
+    V dc = M::load(s.dc_carry + j) + dh * M::cj(o * (V(1) - tc * tc));
     const V d_o = dh * M::cj(tc);
+    const V do_in = d_o * M::cj(o * (V(1) - o));
+    if (s.peephole) dc = dc + do_in * M::cj(M::load(s.peephole + 2 * H + j));  // o saw c_t
     const V d_i = dc * M::cj(g), d_f = dc * M::cj(c_prev), d_g = dc * M::cj(i);
-    M::store(s.dc_carry + j, dc * M::cj(f));
-    M::store(s.dgx + j, d_i * M::cj(i * (V(1) - i)));
-    M::store(s.dgx + H + j, d_f * M::cj(f * (V(1) - f)));
+    const V di_in = d_i * M::cj(i * (V(1) - i)), df_in = d_f * M::cj(f * (V(1) - f));
+    if (s.peephole) {  // i and f saw c_{t-1}; the weights' gradients summed over rows and steps
+      const V c = M::load(s.saved + kCellStateSlot * H + j);
+      M::store(s.dc_carry + j, dc * M::cj(f) + di_in * M::cj(M::load(s.peephole + j)) +
+                                   df_in * M::cj(M::load(s.peephole + H + j)));
+      M::store(s.d_peephole + j, M::load(s.d_peephole + j) + di_in * M::cj(c_prev));
+      M::store(s.d_peephole + H + j, M::load(s.d_peephole + H + j) + df_in * M::cj(c_prev));
+      M::store(s.d_peephole + 2 * H + j, M::load(s.d_peephole + 2 * H + j) + do_in * M::cj(c));
+    } else {
+      M::store(s.dc_carry + j, dc * M::cj(f));
+    }
+    M::store(s.dgx + j, di_in);
+    M::store(s.dgx + H + j, df_in);
     M::store(s.dgx + 2 * H + j, d_g * M::cj(V(1) - g * g));
-    M::store(s.dgx + 3 * H + j, d_o * M::cj(o * (V(1) - o)));
+    M::store(s.dgx + 3 * H + j, do_in);
   }
 };
 

@@ -144,9 +144,16 @@ std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
 LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                          const optional<Tensor>& w_hr) {
+                          const optional<Tensor>& w_hr, const optional<Tensor>& w_peephole) {
   LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr, h0.dim() == 2 ? h0.size(0) : 0);
   check_states_and_biases(s, x, h0, c0, b_ih, b_hh);
+  s.peephole = w_peephole.has_value() && w_peephole->defined();
+  if (s.peephole) {
+    TORCH_CHECK(s.cell == CellKind::LSTM, "fused_rnn: only LSTM has peephole weights");
+    TORCH_CHECK(w_peephole->dim() == 1 && w_peephole->size(0) == 3 * s.H,
+                "fused_rnn: weight_peephole must have shape [", 3 * s.H, "] (i, f, o), got ", w_peephole->sizes());
+    check_same_kind(*w_peephole, x, "weight_peephole");
+  }
   return s;
 }
 
@@ -154,10 +161,10 @@ LayerShape describe_layer_backward(int64_t cell, const Tensor& x, at::IntArrayRe
                                    const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                                    const optional<Tensor>& w_hr, const Tensor& y, const Tensor& saved,
                                    const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                                   const optional<Tensor>& dc_n) {
+                                   const optional<Tensor>& dc_n, const optional<Tensor>& w_peephole) {
   // Checked in the caller's dtypes, as forward: the same shape, hence the same layout of `saved`.
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, optional<Tensor>(),
-                                      optional<Tensor>(), w_hr);
+                                      optional<Tensor>(), w_hr, w_peephole);
   check_matrix(y, "y", s.N, s.P);
   check_same_kind(y, x, "y");
   check_matrix(saved, "saved", s.N, s.saved_cols());
@@ -178,9 +185,10 @@ LayerShape describe_layer_backward(int64_t cell, const Tensor& x, at::IntArrayRe
 }
 
 LayerGradients gradients_as(const LayerGradients& grads, at::ScalarType type) {
-  const auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr] = grads;
+  const auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole] = grads;
   return {to_type(dx, type),    to_type(dh, type),    to_type(dc, type),    to_type(dw_ih, type),
-          to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type)};
+          to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type),
+          to_type(dw_peephole, type)};
 }
 
 Tensor folded_bias(const LayerShape& s, const Tensor& b_ih, const Tensor& b_hh) {
@@ -214,7 +222,7 @@ Tensor gru_hidden_bias_n(const LayerShape& s, const Tensor& b_hh) {
 ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                                  const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                                 at::ScalarType operand_type) {
+                                 const optional<Tensor>& w_peephole, at::ScalarType operand_type) {
   const at::ScalarType type = compute_type(x);
   ForwardOperands op;
   op.x = contiguous_as(x, operand_type), op.w_ih = contiguous_as(w_ih, operand_type);
@@ -223,6 +231,7 @@ ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Ten
   op.bias = folded_bias(s, contiguous_as(b_ih, type), bias_hh);
   op.b_hn = gru_hidden_bias_n(s, bias_hh);
   op.w_hr = contiguous_as(w_hr, type);
+  op.peephole = contiguous_as(w_peephole, type);
   op.h = contiguous_as(h0, type).clone();
   if (s.cell == CellKind::LSTM) op.c = contiguous_as(c0, type).clone();
   return op;
@@ -238,12 +247,14 @@ LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const Ten
 
 BackwardOperands backward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                    const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& w_hr,
-                                   const Tensor& y, const Tensor& saved, const optional<Tensor>& dy,
-                                   const optional<Tensor>& dh_n, const optional<Tensor>& dc_n) {
+                                   const optional<Tensor>& w_peephole, const Tensor& y, const Tensor& saved,
+                                   const optional<Tensor>& dy, const optional<Tensor>& dh_n,
+                                   const optional<Tensor>& dc_n) {
   const at::ScalarType type = compute_type(x);
   BackwardOperands op;
   op.x = contiguous_as(x, type), op.saved = saved.contiguous();
   op.w_ih = contiguous_as(w_ih, type), op.w_hh = contiguous_as(w_hh, type), op.w_hr = contiguous_as(w_hr, type);
+  op.peephole = contiguous_as(w_peephole, type);
   op.h0 = contiguous_as(h0, type), op.c0 = contiguous_as(c0, type);
   op.outputs = s.outputs_in_saved ? op.saved.narrow(1, s.outputs_col(), s.P) : y.contiguous();
   op.dy = contiguous_as(dy, type);

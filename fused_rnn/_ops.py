@@ -123,7 +123,8 @@ def _computes_in_float(x: torch.Tensor) -> bool:
 
 
 @torch.library.register_fake("fused_rnn::layer_forward")
-def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
+                        w_peephole=None):
     hidden = w_ih.size(0) // GATES[cell]
     out_size = w_hr.size(0) if w_hr is not None else hidden
     y = x.new_empty(x.size(0), out_size)
@@ -143,7 +144,7 @@ def _saved_cols(cell, x, hidden, out_size, has_proj):
 
 @torch.library.register_fake("fused_rnn::layer_backward")
 def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y,
-                         grad_h_n, grad_c_n, need_input_grad):
+                         grad_h_n, grad_c_n, need_input_grad, w_peephole=None):
     # None where the op returns an undefined tensor, as the op itself does.
     bias = x.new_empty(w_ih.size(0)) if has_bias else None
     return (torch.empty_like(x) if need_input_grad else None,
@@ -151,7 +152,8 @@ def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr
             x.new_empty(c0.shape) if cell == LSTM_ID else None,
             torch.empty_like(w_ih), torch.empty_like(w_hh), bias,
             None if bias is None else torch.empty_like(bias),
-            None if w_hr is None else torch.empty_like(w_hr))
+            None if w_hr is None else torch.empty_like(w_hr),
+            None if w_peephole is None else torch.empty_like(w_peephole))
 
 
 @torch.library.register_fake("fused_rnn::quantized_layer_forward")

@@ -40,6 +40,11 @@ def convert(model: nn.Module, to: str = "fused") -> nn.Module:
     if to not in ("fused", "torch"):
         raise ValueError(f"convert: to must be 'fused' or 'torch', got {to!r}")
     twins = _twins(to)
+    if to == "torch":  # all or nothing: refused before any layer changes
+        for name, module in model.named_modules():
+            if type(module) in twins and getattr(module, "peephole", False):
+                raise ValueError(f"convert: {name or 'the model'} ({type(module).__name__}) has peephole connections, "
+                                 f"which torch.nn's {twins[type(module)].__name__} does not have")
     for module in model.modules():
         twin = twins.get(type(module))
         if twin is None or (isinstance(module, (nnqd.LSTM, nnqd.GRU)) and module.dtype != torch.qint8):

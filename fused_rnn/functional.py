@@ -23,10 +23,13 @@ from torch._decomp import decompositions as _torch_cells
 
 from ._ops import CELL_IDS, LSTM_ID, _C
 
-def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
+def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None):
     """One step of the cell by torch's own out-of-place formulas (the decompositions that
     torch.compile uses for its recurrent layers): differentiable to any order and in forward mode,
-    and safe under vmap, which torch._VF's cells are not (they add the gates in place)."""
+    and safe under vmap, which torch._VF's cells are not (they add the gates in place). A peephole
+    LSTM, which torch has no formula for, by _peephole_lstm_step."""
+    if w_peephole is not None:
+        return _peephole_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
     if cell == LSTM_ID:
         return _torch_cells.lstm_cell(F.linear(x_t, w_ih, b_ih), h, c, w_hh, b_hh, w_hr, 1)
     if cell == CELL_IDS["GRU"]:
@@ -35,11 +38,21 @@ def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
     return _torch_cells.rnn_cell_data(nonlinearity)(x_t, h, w_ih, b_ih, w_hh, b_hh), None
 
 
+def _peephole_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole):
+    """csrc/cells.h's peephole LSTM in PyTorch, out of place: i = σ(·+p_i c_{t-1}), f = σ(·+p_f c_{t-1}),
+    o = σ(·+p_o c_t), for the derivatives beyond a plain backward (as _torch_cell_step)."""
+    gate_i, gate_f, gate_g, gate_o = (F.linear(x_t, w_ih, b_ih) + F.linear(h, w_hh, b_hh)).chunk(4, 1)
+    p_i, p_f, p_o = w_peephole.chunk(3)
+    c_t = torch.sigmoid(gate_f + p_f * c) * c + torch.sigmoid(gate_i + p_i * c) * torch.tanh(gate_g)
+    h_t = torch.sigmoid(gate_o + p_o * c_t) * torch.tanh(c_t)
+    return (h_t if w_hr is None else F.linear(h_t, w_hr)), c_t
+
+
 def _wants_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None):
     """The layer of layer_forward, recomputed step by step with torch's cell formulas over the
     same packed layout: the forward direction drops the rows whose sequences have ended, the
     reverse direction adds each row at its sequence's last step."""
@@ -62,7 +75,7 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
             ended_c.append(c[n:] if c is not None else None)
             h, c = h[:n], (c[:n] if c is not None else None)
         rows = n
-        h, c = _torch_cell_step(cell, x[starts[t]:starts[t] + n], h, c, w_ih, w_hh, b_ih, b_hh, w_hr)
+        h, c = _torch_cell_step(cell, x[starts[t]:starts[t] + n], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
         ys[t] = h
     y = torch.cat(ys) if ys else x.new_empty(0, h0.size(1))
     h_n = torch.cat([h] + ended_h[::-1])
@@ -71,16 +84,21 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
 
 
 def _setup_layer_context(ctx, inputs, output):
-    cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved = inputs
+    cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved, w_peephole = _with_peephole(inputs)
     ctx.cell, ctx.batch_sizes, ctx.reverse = cell, batch_sizes, reverse
     # All references, no copies. Backward reads h_{t-1} from y (the step before's output) or h0, and
     # c_{t-1} from saved or c0; the biases serve the differentiable recomputation. Saving y means
     # that changing it in place before backward is an error, as with torch.nn on cuDNN.
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, output[0], output[3])
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, output[0], output[3])
     # Outputs the loss does not reach get None, not zeros: autograd would otherwise fill a tensor
     # of zeros for `saved` at every backward (262 MB for LSTM T50 B256 H1024, about 5% of the
     # backward's time) and for y or h_n where the loss leaves them out. The op takes None for any.
     ctx.set_materialize_grads(False)
+
+
+def _with_peephole(inputs):
+    """layer_forward's arguments with w_peephole (which its schema defaults to None) spelt out."""
+    return tuple(inputs) + (None,) * (13 - len(inputs))
 
 
 def _layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_saved):
@@ -100,25 +118,36 @@ def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
     exists. That path is step by step, hence slow: meant for gradient penalties, gradgradcheck and
     torch.func, not for training.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, y, saved = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, y, saved = ctx.saved_tensors
     if ctx.cell != LSTM_ID:
         grad_c_n = None  # c_n is an empty placeholder for the other cells
     if torch.is_grad_enabled():
-        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-        needs = ctx.needs_input_grad[1:2] + ctx.needs_input_grad[4:11]  # those of `inputs`
+        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
+        needs = _needs_of_inputs(ctx.needs_input_grad)  # those of `inputs`
         with torch.autocast(x.device.type, enabled=False):  # torch's cell formulas, as the forward ran
             grads = _differentiable_grads(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, needs,
                                           grad_y, grad_h_n, grad_c_n)
     else:  # the op has no autocast rule: none to turn off
         grads = fused_backward(
             ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
-            saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1])
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = grads
-    return None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None
+            saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1], w_peephole)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole = grads
+    # one for each argument the call had (w_peephole may have been left to its default)
+    return (None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None,
+            dw_peephole)[:len(ctx.needs_input_grad)]
+
+
+def _needs_of_inputs(needs_input_grad):
+    """Of layer_forward's arguments' needs_input_grad, those of its tensors (x, h0, c0, w_ih, w_hh,
+    b_ih, b_hh, w_hr, w_peephole); False for a w_peephole the call left to its default."""
+    needs = tuple(needs_input_grad)
+    return needs[1:2] + needs[4:11] + (needs[12:13] or (False,))
 
 
 def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted):
     """(the layer as a function of inputs[i] for i in wanted, those inputs): for torch.func."""
+    inputs = tuple(inputs) + (None,) * (9 - len(inputs))  # w_peephole, where the call had none
+
     def layer_of(*chosen):
         args = list(inputs)
         for i, t in zip(wanted, chosen):
@@ -129,7 +158,7 @@ def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted):
 
 
 def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n):
-    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr) as a graph, None where
+    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) as a graph, None where
     not needed. torch.func.vjp rather than autograd.grad: under torch.func's transforms the saved
     inputs are not autograd leaves of this level, and vjp differentiates them all the same."""
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
@@ -151,7 +180,8 @@ def _layer_tangents(ctx, *input_tangents):
     cotangent t is J·t. Reverse mode only, so it works under torch.autograd.forward_ad (where a
     nested forward-mode level is refused) and under every torch.func transform alike; step by step,
     hence slow, as the differentiable backward."""
-    tangents = [input_tangents[1]] + list(input_tangents[4:11])  # those of (x, h0, c0, w_ih, ..., w_hr)
+    # those of (x, h0, c0, w_ih, ..., w_hr, w_peephole)
+    tangents = [input_tangents[1]] + list(input_tangents[4:11]) + (list(input_tangents[12:13]) or [None])
     present = iter(ctx.saved_tensors)
     inputs = [next(present) if here else None for here in ctx.present]
     wanted = [i for i, (t, d) in enumerate(zip(inputs, tangents)) if t is not None and d is not None]
@@ -177,16 +207,16 @@ class _Layer(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+    def forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole):
         return torch.ops.fused_rnn.layer_forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                 w_hr, need_saved)
+                                                 w_hr, need_saved, w_peephole)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_layer_context(ctx, inputs, output)
-        # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr for jvp; save_for_forward takes no None (an absent
-        # c0, bias or w_hr), so the absent ones are remembered by position.
-        primals = inputs[1:2] + inputs[4:11]
+        # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole for jvp; save_for_forward takes no None
+        # (an absent c0, bias, w_hr or w_peephole), so the absent ones are remembered by position.
+        primals = inputs[1:2] + inputs[4:11] + inputs[12:13]
         ctx.present = [t is not None for t in primals]
         ctx.save_for_forward(*(t for t in primals if t is not None))
         # saved, and c_n of the cells without one (an empty placeholder), carry no derivative.
@@ -206,11 +236,11 @@ class _EagerLayer(torch.autograd.Function):
     setup_context, no jvp: _Layer), nor torch.compile (the op and its registration)."""
 
     @staticmethod
-    def forward(ctx, cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+    def forward(ctx, cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole):
         output = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                 w_hr, need_saved)
-        _setup_layer_context(ctx, (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved),
-                             output)
+                                                 w_hr, need_saved, w_peephole)
+        _setup_layer_context(ctx, (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
+                                   w_peephole), output)
         return output
 
     @staticmethod
@@ -274,26 +304,27 @@ except ImportError:  # pragma: no cover - another layout of torch.onnx's interna
 
 
 def step(cell: int, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-         b_hh: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+         b_hh: Optional[Tensor], w_peephole: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """One step of a cell, x [B, I] -> (h_1, c_1; c_1 empty but for LSTM), where plain_call holds:
     layer()'s work for a one-step padded sequence less its decisions. The same op, so the same bits."""
-    need_saved = _wants_grad((x, h, c, w_ih, w_hh, b_ih, b_hh))
-    h_1, _, c_1 = _run_plain_layer(cell, x, [], False, h, c, w_ih, w_hh, b_ih, b_hh, None, need_saved)
+    need_saved = _wants_grad((x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole))
+    h_1, _, c_1 = _run_plain_layer(cell, x, [], False, h, c, w_ih, w_hh, b_ih, b_hh, None, need_saved, w_peephole)
     return h_1, c_1
 
 
-def _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved):
+def _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole):
     """layer_forward below autograd, its backward recorded by _EagerLayer where one is wanted."""
     if need_saved:
-        y, h_n, c_n, _ = _EagerLayer.apply(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True)
+        y, h_n, c_n, _ = _EagerLayer.apply(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True,
+                                           w_peephole)
     else:
         y, h_n, c_n, _ = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
-                                                         b_hh, w_hr, False)
+                                                         b_hh, w_hr, False, w_peephole)
     return y, h_n, c_n
 
 
-def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
-    need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))
+def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole):
+    need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole))
     # Under a torch.func transform or a forward-mode level, eager calls go through _Layer, which
     # adds forward mode and torch.func's transforms (its apply costs about 0.5 ms a call:
     # autograd.Function binds its arguments through inspect.signature when setup_context is
@@ -304,16 +335,19 @@ def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
     run = torch.ops.fused_rnn.layer_forward
     if not torch.compiler.is_compiling() and _transformed():
         run = _Layer.apply
-    elif plain_call((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)):
-        return _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
-    y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved)
+    elif plain_call((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
+        return _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
+                                w_peephole)
+    y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole)
     return y, h_n, c_n
 
 
 def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tensor,
           c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
-          b_hh: Optional[Tensor], w_hr: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+          b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+          w_peephole: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer and direction through the compiled op (differentiable through its registration).
+    w_peephole: an LSTM's peephole weights [3H] (i, f, o), or None for torch.nn's LSTM.
 
     Under autocast the inputs are cast as torch.nn's layers would be (see _autocast_dtypes) and the
     op runs with autocast off: the op handles half types itself (float32 state and gate math), and
@@ -322,9 +356,10 @@ def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tenso
     device_type = x.device.type
     if not (_autocast_eligible(x) and torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
-        return _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+        return _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
     compute, out = _autocast_dtypes(cell, device_type, h0, w_hr is not None)
-    tensors = [t.to(compute) if _autocast_eligible(t) else t for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)]
+    tensors = [t.to(compute) if _autocast_eligible(t) else t
+               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)]
     with torch.autocast(device_type, enabled=False):
         y, h_n, c_n = _run_layer(cell, tensors[0], batch_sizes, reverse, *tensors[1:])
     return y.to(out), h_n.to(out), c_n
@@ -349,17 +384,20 @@ def group_weights(flat_weights: Sequence[Optional[Tensor]], num_layers: int, num
 
 def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Optional[Tensor],
                 flat_weights: Sequence[Optional[Tensor]], has_bias: bool, num_layers: int,
-                bidirectional: bool, dropout: float, training: bool, has_proj: bool):
+                bidirectional: bool, dropout: float, training: bool, has_proj: bool,
+                peepholes: Optional[Sequence[Tensor]] = None):
     """A stack of layers over packed-layout `x` [N, I].
 
     hx: [L*D, B, P]; cx: [L*D, B, H] for LSTM, else None. Returns (y [N, D*P], h_n, c_n or None).
     Dropout is applied to the output of every layer but the last, in training only, as torch.nn.
+    peepholes: a peephole LSTM's weights, one [3H] per layer and direction in torch.nn's order.
     """
     cell = CELL_IDS[mode]
     weights = group_weights(flat_weights, num_layers, 2 if bidirectional else 1, has_bias, has_proj)
 
     def run_layer(k, layer_input, reverse, h0, c0):
-        return layer(cell, layer_input, batch_sizes, reverse, h0, c0, *weights[k])
+        return layer(cell, layer_input, batch_sizes, reverse, h0, c0, *weights[k],
+                     peepholes[k] if peepholes else None)
 
     return stack_layers(run_layer, x, hx, cx, num_layers, bidirectional, dropout if training else 0.0)
 

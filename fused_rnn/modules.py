@@ -4,6 +4,7 @@ The layers subclass nn.RNNBase and the cells nn.RNNCellBase, so parameter names,
 initialisation, repr, state_dict and the constructor checks are torch.nn's own. What differs is the
 forward: it puts the input in packed layout and runs functional.stacked_rnn over our compiled ops.
 """
+import math
 import operator
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
@@ -133,11 +134,43 @@ def _checked_constructor(torch_nn_class, checks, *args, **kwargs) -> None:
 
 
 def _refuse_extra_arguments(owner: str, kwargs) -> None:
-    """GRU and RNN take no proj_size (torch.nn refuses it with a ValueError), nor anything else."""
+    """GRU and RNN take no proj_size (torch.nn refuses it with a ValueError) or peephole, nor anything else."""
     if "proj_size" in kwargs:
         raise ValueError(f"{owner}: proj_size (a projection of the hidden state) is an argument of LSTM only")
+    if "peephole" in kwargs:
+        raise ValueError(f"{owner}: peephole connections (from the cell state to the gates) are an LSTM's; "
+                         f"{owner} has no cell state")
     if kwargs:
         raise TypeError(f"{owner}.__init__() got an unexpected keyword argument '{next(iter(kwargs))}'")
+
+
+def _check_flag(owner: str, arg: str, value) -> bool:
+    """A keyword flag of fused_rnn's own (not torch.nn's): True or False, nothing that merely converts."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {arg} should be of type bool, got: {type(value).__name__}")
+    return value
+
+
+def _peephole_parameters(module, suffixes: Sequence[str], hidden_size: int, device, dtype) -> List[str]:
+    """Registers a peephole weight [3 * hidden_size] (p_i, p_f, p_o) per name suffix, after torch.nn's
+    parameters, initialised as torch.nn initialises every recurrent parameter: U(-1/√H, 1/√H)."""
+    names = []
+    bound = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
+    for suffix in suffixes:
+        weight = nn.Parameter(torch.empty(3 * hidden_size, device=device, dtype=dtype))
+        nn.init.uniform_(weight, -bound, bound)
+        module.register_parameter("weight_peephole" + suffix, weight)
+        names.append("weight_peephole" + suffix)
+    return names
+
+
+def _refuse_peephole_export(module) -> None:
+    """ONNX export and tracing record torch.nn's forward, which has no peephole connections."""
+    if module.peephole:
+        raise NotImplementedError(
+            f"fused_rnn: a {type(module).__name__} with peephole connections cannot be exported or traced "
+            f"(ONNX export and torch.jit.trace record torch.nn's {type(module).__name__}, which has none; "
+            f"ONNX's LSTM with its P input is not written yet). torch.export and torch.compile hold it.")
 
 
 def _check_nonlinearity_dtype(name: str, mode: str, input: Tensor) -> None:
@@ -318,8 +351,20 @@ class _FusedRNNBase(nn.RNNBase):
             states = tuple(s.unsqueeze(1) for s in states)
         return data, batch, is_batched, states
 
+    peephole = False  # LSTM(peephole=True) sets its own; a converted torch.nn layer has none
+    _peephole_names: Sequence[str] = ()
+
+    def _peepholes(self) -> Optional[List[Tensor]]:
+        """The peephole weights per layer and direction (through getattr: a parametrization or
+        torch.func.functional_call may hold them), or None."""
+        return [getattr(self, name) for name in self._peephole_names] if self.peephole else None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", peephole=True" if self.peephole else "")
+
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
+            _refuse_peephole_export(self)
             if self.proj_size > 0 and torch.onnx.is_in_onnx_export():
                 # torch's TorchScript-based exporter refuses it; its torch.export-based one writes an
                 # ONNX LSTM that ONNX Runtime rejects (initial_c of the projected width).
@@ -344,7 +389,7 @@ class _FusedRNNBase(nn.RNNBase):
     def _run_stack(self, x, batch_sizes, h0, c0):
         return functional.stacked_rnn(
             self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
-            self.bidirectional, self.dropout, self.training, self.proj_size > 0)
+            self.bidirectional, self.dropout, self.training, self.proj_size > 0, self._peepholes())
 
     def _plain_forward(self, input, hx):
         """The common call for the price of a few attribute reads (a short sequence's Python costs
@@ -374,8 +419,8 @@ class _FusedRNNBase(nn.RNNBase):
             if type(hx) is not Tensor or hx.shape != shape:
                 return None
             states = (hx,)
-        weights = self._flat_weights
-        if any(w is None for w in weights) or not functional.plain_call((input,) + (states or ()) + tuple(weights)):
+        weights = tuple(self._flat_weights) + tuple(self._peepholes() or ())
+        if any(w is None for w in weights) or not functional.plain_call((input,) + (states or ()) + weights):
             return None
         try:
             return _sequence_forward(self, input, input, batch, True, states, None, out_size, self._run_stack)
@@ -457,11 +502,15 @@ def _check_batch_sizes(name: str, batch_sizes, rows: int) -> None:
 
 
 class LSTM(_FusedRNNBase):
-    """Drop-in for torch.nn.LSTM (same arguments, parameters, outputs), computed by fused kernels."""
+    """Drop-in for torch.nn.LSTM (same arguments, parameters, outputs), computed by fused kernels.
+
+    peephole (keyword, default False): peephole connections, i = σ(· + p_i ⊙ c_{t-1}),
+    f = σ(· + p_f ⊙ c_{t-1}), o = σ(· + p_o ⊙ c_t), with weights weight_peephole_l{k} (and _reverse)
+    of 3 * hidden_size (p_i, p_f, p_o) after torch.nn's parameters; CPU only so far."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None) -> None:
+                 proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False) -> None:
         def checks():
             _check_int_arg("LSTM", "num_layers", num_layers, 1)
             _check_dtype_arg("LSTM", dtype)
@@ -469,8 +518,15 @@ class LSTM(_FusedRNNBase):
 
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
                              dropout, bidirectional, proj_size, dtype=dtype)
+        _check_flag("LSTM", "peephole", peephole)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
+        if peephole:  # after torch.nn's parameters, which are then initialised as torch.nn's from the same seed
+            self.peephole = True
+            self._peephole_names = _peephole_parameters(
+                self, [f"_l{layer}{suffix}" for layer in range(num_layers)
+                               for suffix in ([""] + (["_reverse"] if bidirectional else []))],
+                hidden_size, device, dtype)
 
     _torch_nn_class = nn.LSTM  # the twin: its forward is asked of input we reject, and records exports
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -522,7 +578,11 @@ class _FusedCellBase(nn.RNNCellBase):
     """One step of a layer: the same compiled op over a one-step sequence."""
 
     mode = ""
+    peephole = False  # LSTMCell(peephole=True) sets its own
     __prepare_scriptable__ = _refuse_scripting
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", peephole=True" if self.peephole else "")
 
     def _check_args(self, input_size, hidden_size, bias, dtype, *torch_nn_args) -> None:
         """torch.nn's cells accept zero sizes; negative or non-integer sizes and non-float dtypes get
@@ -617,10 +677,13 @@ class _FusedCellBase(nn.RNNCellBase):
             return None
         if self.bias and (operands[5] is None or operands[6] is None):  # a bias set to None: torch.nn refuses it
             return None
-        if not functional.plain_call(operands):
+        peephole = weights.get("weight_peephole") if self.peephole else None
+        if self.peephole and peephole is None:  # parametrized or hooked: _step's getattr finds it
+            return None
+        if not functional.plain_call(operands + (peephole,)):
             return None
         try:
-            h_1, c_1 = functional.step(functional.CELL_IDS[self.mode], *operands)
+            h_1, c_1 = functional.step(functional.CELL_IDS[self.mode], *operands, peephole)
         except _ORDINARY_ERRORS:
             return None
         return (h_1, c_1) if num_states == 2 else h_1
@@ -630,6 +693,7 @@ class _FusedCellBase(nn.RNNCellBase):
         if plain is not None:
             return plain
         if _exports_through_torch_nn():
+            _refuse_peephole_export(self)
             return self._torch_nn_class.forward(self, input, hx)
         try:
             mode, x, states = self._checked_step_input(input, hx, num_states)
@@ -642,21 +706,27 @@ class _FusedCellBase(nn.RNNCellBase):
         h, _, c = functional.layer(
             functional.CELL_IDS[mode], x, [], False, states[0],
             states[1] if num_states == 2 else None, self.weight_ih, self.weight_hh,
-            self.bias_ih, self.bias_hh, None)
+            self.bias_ih, self.bias_hh, None, self.weight_peephole if self.peephole else None)
         if input.dim() == 1:
             h, c = h.squeeze(0), c.squeeze(0)
         return (h, c) if num_states == 2 else h
 
 
 class LSTMCell(_FusedCellBase):
-    """Drop-in for torch.nn.LSTMCell."""
+    """Drop-in for torch.nn.LSTMCell. peephole (keyword, default False): as fused_rnn.LSTM's, with
+    one weight_peephole of 3 * hidden_size."""
 
     mode = "LSTM"
     _torch_nn_class = nn.LSTMCell
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 peephole: bool = False) -> None:
         self._check_args(input_size, hidden_size, bias, dtype)
+        _check_flag("LSTMCell", "peephole", peephole)
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        if peephole:  # after torch.nn's parameters, as LSTM's
+            self.peephole = True
+            _peephole_parameters(self, [""], hidden_size, device, dtype)
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         return self._step(input, hx, 2)

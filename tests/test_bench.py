@@ -75,6 +75,11 @@ def test_peers_and_packed_rows():
     assert packed["lengths"].startswith("packed") and packed["rounds"] == 3
     assert set(packed["ms"]) == {"fused", "torch.nn", "torch.nn padded"}
     check_spread(packed)
+    peephole = run.bench_one("LSTM", (4, 3, 4, 4, 1, False), torch.float32, "training", torch.device("cpu"), 2,
+                             variant="peephole")
+    assert peephole["variant"] == "peephole" and set(peephole["ms"]) == {"fused", run.PLAIN, "torch.nn",
+                                                                          run.COMPILED_LOOP}
+    check_spread(peephole)
     lengths = run.packed_lengths(100, 64)
     assert 25 <= lengths.min() and lengths.max() <= 100 and len(set(lengths.tolist())) > 10
 
@@ -170,6 +175,23 @@ def test_loop_reference_matches_torch_nn():
         out_loop, h_loop = LoopRNN(ref)(x)
         torch.testing.assert_close(out_loop, out)
         torch.testing.assert_close(h_loop, h if not isinstance(h, tuple) else h[0])
+
+
+def test_loop_reference_of_a_peephole_lstm_matches_it():
+    """The variant rows' loop (eager and with its step compiled) computes fused_rnn's peephole LSTM."""
+    from bench.loop import LoopRNN
+    fused = fused_rnn.LSTM(4, 5, num_layers=2, bidirectional=True, dtype=torch.float64, peephole=True)
+    with torch.no_grad():
+        for name, p in fused.named_parameters():
+            if "peephole" in name:
+                p.uniform_(-1, 1)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    out, (h, _) = fused(x)
+    for loop in (LoopRNN(fused), LoopRNN(fused, compile_step=True)):
+        out_loop, h_loop = loop(x)
+        torch.testing.assert_close(out_loop, out)
+        torch.testing.assert_close(h_loop, h)
+    assert all(case[1] >= 8 and case[3] >= 256 for case in run.QUICK_VARIANT_CASES + run.FULL_VARIANT_CASES)
 
 
 def test_quick_grid_on_a_gpu_has_the_issue_shapes():

@@ -36,7 +36,7 @@ def plain_calls(monkeypatch):
     original = functional._run_plain_layer
 
     def counted(*args):
-        calls.append(args[-1])  # need_saved
+        calls.append(args[11])  # need_saved (then w_peephole)
         return original(*args)
 
     monkeypatch.setattr(functional, "_run_plain_layer", counted)

@@ -44,11 +44,11 @@ class BackwardLoop {
 
  public:
   static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0,
-                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
-                  LayerGrads& grads) {
-    const BackwardLoop loop(plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc,
-                            dh_total, grads);
+                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& outputs,
+                  const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
+                  Tensor& dh_total, LayerGrads& grads) {
+    const BackwardLoop loop(plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh,
+                            dc, dh_total, grads);
     Team(2.0 * s.B * loop.GH * (2 * s.P + 2 * s.I)).run([&](const Member& me) { loop.walk(me); });
   }
 
@@ -63,9 +63,9 @@ class BackwardLoop {
   };
 
   BackwardLoop(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-               const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0,
-               const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total,
-               LayerGrads& grads)
+               const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& outputs,
+               const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
+               Tensor& dh_total, LayerGrads& grads)
       : s(s), reverse(reverse), H(s.H), P(s.P), I(s.I), GH(s.gates * s.H), K(s.saved_cols()) {
     // dG·W_hh and dX on AMX take k in ranges of kAmxRange, so that the rows' part of a range stays
     // in L2 while the weights pass (a split row of dG is 6 bytes a k: 3 KB a range).
@@ -118,6 +118,8 @@ class BackwardLoop {
     c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
     runs = previous_runs(s, reverse);
     dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
+    peephole_p = peephole.defined() ? peephole.data_ptr<T>() : nullptr;
+    d_peephole_p = grads.d_peephole.defined() ? grads.d_peephole.data_ptr<T>() : nullptr;
     w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
     dh_p = dh.data_ptr<T>();
     dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
@@ -172,7 +174,8 @@ class BackwardLoop {
         const T* c_prev = c0_p ? before.row(b, saved_p + s.cell_state_col(), K, c0_p, H) : nullptr;
         const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
                                  dc_p ? dc_p + b * H : nullptr, saved_p + (off + b) * K, h_prev, c_prev,
-                                 dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH};
+                                 dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH, peephole_p,
+                                 d_peephole_p};
         cell_units<Cell, false>(io, H, j, lanes, wide_cells);
       }
     };
@@ -351,8 +354,9 @@ class BackwardLoop {
   Tensor d_proj_input, dgx_buffers, dgh_buffers, chunk_panels, strips;
   int64_t chunk_cap = 0, buffer_rows = 0, x_groups = 0, h_groups = 0, x_panels_size = 0, strip_columns = 0, dx_rows = 0;
   std::vector<PreviousRun> runs;  // of h_{t-1}, for dW_hh
-  const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p;
+  const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p, *peephole_p;
   int64_t out_ld = 0;
+  T *d_peephole_p;  // each unit's sums added by the thread that owns the unit, in the walk's order
   T *dh_p, *dc_p, *dgx_buffers_p, *dgh_buffers_p, *dh_total_p, *d_proj_p, *dx_p, *dw_ih_p, *dw_hh_p, *db_ih_p, *db_hh_p;
   T *x_panels_p, *h_panels_p, *strips_p;
 };
@@ -362,11 +366,12 @@ class BackwardLoop {
 
 void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x,
                        const at::Tensor& w_ih, const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj,
-                       const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved,
-                       const at::Tensor& dy, at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads) {
+                       const at::Tensor& peephole, const at::Tensor& outputs, const at::Tensor& h0,
+                       const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy, at::Tensor& dh,
+                       at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads) {
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
-    dispatch_cell<cpu::BackwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, outputs, h0,
-                                               c0, saved, dy, dh, dc, dh_total, grads);
+    dispatch_cell<cpu::BackwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole,
+                                               outputs, h0, c0, saved, dy, dh, dc, dh_total, grads);
   });
 }
 

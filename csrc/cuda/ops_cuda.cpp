@@ -86,6 +86,12 @@ void refuse_complex(const Tensor& x) {
               "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
 }
 
+// cells.h has the peephole's equations, but the CUDA loops do not pass the weights to them yet.
+void refuse_peephole(const LayerShape& s) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!s.peephole, "fused_rnn: peephole LSTMs run on the CPU only so far (the CUDA ",
+                              "kernels do not take the peephole weights yet); move the layer and its input to the CPU");
+}
+
 }  // namespace
 
 namespace cuda {
@@ -145,13 +151,14 @@ namespace {
 LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                           bool need_saved) {
+                           bool need_saved, const optional<Tensor>& w_peephole) {
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
-  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   refuse_complex(x);
+  refuse_peephole(s);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(false, s, x.scalar_type(), x.device());
-  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, plan.products);
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, plan.products);
   const auto opts = op.h.options();
   Tensor y = at::empty({s.N, s.P}, opts);
   Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
@@ -176,13 +183,14 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
                               const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                               const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
                               const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                              const optional<Tensor>& dc_n, bool need_input_grad) {
+                              const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole) {
   const LayerShape s =
-      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, w_peephole);
   refuse_complex(x);
+  refuse_peephole(s);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(true, s, x.scalar_type(), x.device());
-  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n);
+  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, w_peephole, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
   Tensor dh_total = s.proj ? at::empty({s.N, s.P}, opts) : Tensor();
@@ -220,7 +228,7 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   }
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H));
-  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr}, x.scalar_type());
+  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, Tensor()}, x.scalar_type());
 }
 
 }  // namespace
