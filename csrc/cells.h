@@ -101,7 +101,8 @@ struct StepBackward {
   T* dgx;           // gradient of the pre-activations, input side, [G*H]
   T* dgh;           // recurrent side, [G*H]; differs from dgx only for GRU's n gate
   const T* peephole = nullptr;  // LSTM: peephole weights [3*H], or null
-  T* d_peephole = nullptr;      // and their gradient [3*H], added to (one caller per unit: no races)
+  T* d_peephole = nullptr;      // and their gradient [3*H], added to (one caller per unit: no races),
+                                // or null where the caller sums it from dgx afterwards (CUDA)
 };
 
 // LSTM: i, f, o = σ(·), g = tanh(·); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
@@ -162,12 +163,14 @@ struct LSTMCell {
     const V d_i = dc * M::cj(g), d_f = dc * M::cj(c_prev), d_g = dc * M::cj(i);
     const V di_in = d_i * M::cj(i * (V(1) - i)), df_in = d_f * M::cj(f * (V(1) - f));
     if (s.peephole) {  // i and f saw c_{t-1}; the weights' gradients summed over rows and steps
-      const V c = M::load(s.saved + kCellStateSlot * H + j);
       M::store(s.dc_carry + j, dc * M::cj(f) + di_in * M::cj(M::load(s.peephole + j)) +
                                    df_in * M::cj(M::load(s.peephole + H + j)));
-      M::store(s.d_peephole + j, M::load(s.d_peephole + j) + di_in * M::cj(c_prev));
-      M::store(s.d_peephole + H + j, M::load(s.d_peephole + H + j) + df_in * M::cj(c_prev));
-      M::store(s.d_peephole + 2 * H + j, M::load(s.d_peephole + 2 * H + j) + do_in * M::cj(c));
+      if (s.d_peephole) {
+        const V c = M::load(s.saved + kCellStateSlot * H + j);
+        M::store(s.d_peephole + j, M::load(s.d_peephole + j) + di_in * M::cj(c_prev));
+        M::store(s.d_peephole + H + j, M::load(s.d_peephole + H + j) + df_in * M::cj(c_prev));
+        M::store(s.d_peephole + 2 * H + j, M::load(s.d_peephole + 2 * H + j) + do_in * M::cj(c));
+      }
     } else {
       M::store(s.dc_carry + j, dc * M::cj(f));
     }

@@ -506,7 +506,7 @@ class LSTM(_FusedRNNBase):
 
     peephole (keyword, default False): peephole connections, i = σ(· + p_i ⊙ c_{t-1}),
     f = σ(· + p_f ⊙ c_{t-1}), o = σ(· + p_o ⊙ c_t), with weights weight_peephole_l{k} (and _reverse)
-    of 3 * hidden_size (p_i, p_f, p_o) after torch.nn's parameters; CPU only so far."""
+    of 3 * hidden_size (p_i, p_f, p_o) after torch.nn's parameters."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,

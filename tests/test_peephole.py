@@ -16,8 +16,18 @@ import fused_rnn
 from fused_rnn import testing
 from helpers import TOLERANCE, assert_close, leaves, run, to_leaf
 
-# The CUDA kernels do not take peephole weights yet (test_the_cuda_path_refuses_peepholes_clearly).
-pytestmark = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
+# Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
+cuda_half = pytest.mark.skipif(not fused_rnn.built_with_cuda, reason="a CPU-only build has no CUDA path")
+cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 exactly on the CUDA path (cuDNN's policy, which it follows, would take TF32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 def reference_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, p):
@@ -115,7 +125,7 @@ def test_layer_matches_the_equations_float64(num_layers, bidirectional, proj_siz
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in fused.named_parameters() if "peephole" in n)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.complex128])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.complex128, marks=cpu_half)])
 def test_layer_matches_the_equations_in_other_dtypes(dtype):
     torch.manual_seed(2)
     fused = fused_rnn.LSTM(4, 5, 2, bidirectional=True, dtype=dtype, peephole=True)
@@ -353,11 +363,44 @@ def test_bad_arguments_and_unsupported_transforms():
         torch.jit.trace(cell, (torch.randn(2, 3),))
 
 
-def test_the_cuda_path_refuses_peepholes_clearly():
-    if not fused_rnn.built_with_cuda:
-        pytest.skip("a CPU-only build has no CUDA path")
-    lstm = fused_rnn.LSTM(3, 4, peephole=True)
-    with testing.emulate_cuda():
-        with pytest.raises(NotImplementedError, match="peephole LSTMs run on the CPU only"):
-            lstm(torch.randn(2, 1, 3))
-    assert leaves(lstm(torch.randn(2, 1, 3)))  # and on the CPU after it
+@cuda_half
+@cpu_half
+@pytest.mark.parametrize("persistent,unfused_backward", [("0", 0), ("0", 1), ("1", 0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_cuda_path_matches_the_cpu(persistent, unfused_backward, dtype, exact_float32):
+    """The CUDA kernels under the emulation (a launch per step or the persistent kernel; the fused or
+    the unfused backward; the tensor cores for bfloat16), forward and backward, against the CPU half."""
+    torch.manual_seed(14)
+    fused = fused_rnn.LSTM(5, 24, 2, bidirectional=True, dtype=dtype, peephole=True)
+    random_peepholes(fused)
+    x = torch.randn(6, 3, 5, dtype=dtype)
+    out_cpu, grads_cpu = run(fused, x)
+    fused.zero_grad()
+    with fused_rnn.overrides_set(cuda_persistent=persistent, cuda_unfused_backward=unfused_backward):
+        with testing.emulate_cuda() as gpu:
+            out_gpu, grads_gpu = run(fused, x)
+            assert gpu.launches > 0
+            kernel = "bfloat16" if dtype == torch.bfloat16 else "forward"  # the tensor cores' or the CUDA cores'
+            takes_persistent = gpu.takes_persistent_kernel(kernel, "LSTM", 3, 24, dtype=dtype)
+    assert takes_persistent == (persistent == "1")
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert_close(out_gpu, out_cpu, tol, tol, "outputs")
+    assert_close(grads_gpu, grads_cpu, tol, tol, "gradients")
+
+
+@cuda_half
+@cpu_half
+def test_the_cuda_path_with_a_projection_and_packed_input():
+    torch.manual_seed(15)
+    fused = fused_rnn.LSTM(4, 9, proj_size=3, dtype=torch.float64, peephole=True)
+    random_peepholes(fused)
+    x = torch.randn(7, 4, 4, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([7, 5, 5, 2]), enforce_sorted=False)
+    for inputs in (x, packed):
+        fused.zero_grad()
+        out_cpu, grads_cpu = run(fused, inputs)
+        fused.zero_grad()
+        with testing.emulate_cuda():
+            out_gpu, grads_gpu = run(fused, inputs)
+        assert_close(out_gpu, out_cpu, 1e-10, 1e-10, "outputs")
+        assert_close(grads_gpu, grads_cpu, 1e-10, 1e-10, "gradients")

@@ -53,9 +53,10 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& bias)
 }
 
 // h_{t-1} of every row, [N, P], copied from the outputs and h_0 run by run (device to device, so
-// that a CUDA graph can capture it): the right factor of dW_hh in one GEMM.
+// that a CUDA graph can capture it): the right factor of dW_hh in one GEMM. The same for LSTM's
+// c_{t-1} [N, H] from saved's c_t and c_0 (the peepholes' gradient).
 Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs, const Tensor& h0) {
-  Tensor h_prev = at::empty({s.N, s.P}, outputs.options());
+  Tensor h_prev = at::empty({s.N, outputs.size(1)}, outputs.options());
   for (const PreviousRun& run : previous_runs(s, reverse)) {
     h_prev.narrow(0, run.row, run.rows).copy_((run.from_h0 ? h0 : outputs).narrow(0, run.source, run.rows));
   }
@@ -64,7 +65,8 @@ Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs
 
 // The forward step loop the plan names.
 void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh,
-                  const Tensor& b_hn, const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c,
+                  Tensor& saved) {
   using cuda::Recurrent;
   const auto loop = plan.recurrent == Recurrent::kHalf       ? &forward_loop_cuda_half
                     : plan.recurrent == Recurrent::kBFloat16 ? &forward_loop_cuda_bfloat16
@@ -78,7 +80,7 @@ void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse,
   TORCH_CHECK(gx.scalar_type() == state_type && w_hh.scalar_type() == weight_type, "fused_rnn: the ",
               cuda::recurrent_name(plan.recurrent), " step loop takes gx in ", state_type, " and weight_hh in ",
               weight_type, ", got ", gx.scalar_type(), " and ", w_hh.scalar_type());
-  loop(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved, plan.persistent);
+  loop(s, reverse, gx, w_hh, b_hn, w_hr, peephole, y, h, c, saved, plan.persistent);
 }
 
 void refuse_complex(const Tensor& x) {
@@ -86,11 +88,6 @@ void refuse_complex(const Tensor& x) {
               "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
 }
 
-// cells.h has the peephole's equations, but the CUDA loops do not pass the weights to them yet.
-void refuse_peephole(const LayerShape& s) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!s.peephole, "fused_rnn: peephole LSTMs run on the CPU only so far (the CUDA ",
-                              "kernels do not take the peephole weights yet); move the layer and its input to the CPU");
-}
 
 }  // namespace
 
@@ -155,28 +152,28 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
   refuse_complex(x);
-  refuse_peephole(s);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(false, s, x.scalar_type(), x.device());
   ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, plan.products);
   const auto opts = op.h.options();
   Tensor y = at::empty({s.N, s.P}, opts);
   Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, y, op.h, op.c, saved);
+  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, op.peephole, y,
+               op.h, op.c, saved);
   return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
 // The backward step loop the plan names (half types reach it as float32).
 void backward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& w_hh_conj,
-                   const Tensor& w_hr_conj, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                   const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                   Tensor& dh_total) {
+                   const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& outputs, const Tensor& h0,
+                   const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
+                   Tensor& dgh, Tensor& dh_total) {
   const bool float64 = plan.recurrent == cuda::Recurrent::kDouble;
   TORCH_CHECK(saved.scalar_type() == (float64 ? at::kDouble : at::kFloat), "fused_rnn: the ",
               cuda::recurrent_name(plan.recurrent), " backward loop does not take dtype ", saved.scalar_type());
   const auto loop = float64 ? &backward_loop_cuda_double : &backward_loop_cuda_float;
-  loop(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total, plan.fused_backward,
-       plan.persistent);
+  loop(s, reverse, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total,
+       plan.fused_backward, plan.persistent);
 }
 
 LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
@@ -187,7 +184,6 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   const LayerShape s =
       describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, w_peephole);
   refuse_complex(x);
-  refuse_peephole(s);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(true, s, x.scalar_type(), x.device());
   BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, w_peephole, y, saved, dy, dh_n, dc_n);
@@ -199,8 +195,8 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // real types here are the weights.
   Tensor dgx = at::empty({s.N, GH}, opts);
   Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
-  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh, op.dc, dgx, dgh,
-                dh_total);
+  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.peephole, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh,
+                op.dc, dgx, dgh, dh_total);
 
   // The once-per-sequence products and sums; plain reductions, so results are reproducible.
   const Tensor h_prev = previous_outputs(s, reverse, op.outputs, op.h0);
@@ -228,7 +224,16 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   }
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H));
-  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, Tensor()}, x.scalar_type());
+  // The peepholes' gradient from the gate gradients: p_i and p_f saw c_{t-1}, p_o saw c_t (cells.h).
+  Tensor dw_peephole;
+  if (s.peephole) {
+    const int64_t H = s.H;
+    const Tensor c_t = op.saved.narrow(1, s.cell_state_col(), H);
+    const Tensor c_prev = previous_outputs(s, reverse, c_t, op.c0);
+    dw_peephole = at::cat({(dgx.narrow(1, 0, H) * c_prev).sum(0), (dgx.narrow(1, H, H) * c_prev).sum(0),
+                           (dgx.narrow(1, 3 * H, H) * c_t).sum(0)});
+  }
+  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole}, x.scalar_type());
 }
 
 }  // namespace

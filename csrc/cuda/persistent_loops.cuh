@@ -74,6 +74,7 @@ struct PersistentArgs {
   T* y;                        // [N, P]: h_t of every row (no projection: P = H)
   T* c;                        // LSTM: [B, H] in place, else null
   T* saved;                    // [N, K] or null
+  const T* peephole;           // LSTM: [3*H] or null
   int64_t K, H, P;
   PersistentSteps walk;
 
@@ -89,6 +90,7 @@ struct PersistentArgs {
     cell.out_stride = P;
     cell.saved = saved ? saved + off * K : nullptr;
     cell.saved_stride = K;
+    cell.peephole = peephole;
     cell.n = walk.rows(t);
     cell.H = H;
     cell.P = P;
@@ -327,6 +329,7 @@ struct PersistentBackwardArgs {
   const T* c0;                 // LSTM, else null
   T* dgx;                      // [N, G*H]
   T* dgh;                      // [N, G*H] (the same as dgx except for GRU)
+  const T* peephole;           // LSTM: [3*H] or null
   int64_t K, H, P;
   PersistentSteps walk;
 };
@@ -427,6 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
   cell.saved_c = a.saved_c;
   cell.h0 = a.h0;
   cell.c0 = a.c0;
+  cell.peephole = a.peephole;
   cell.H = H;
   cell.P = P;
   cell.K = a.K;
@@ -533,7 +537,7 @@ struct PersistentForwardLoop {
   static constexpr int kUnits = kTensorCores ? kMmaUnits : kPersistentUnits<Cell::kGates>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnits);  // in W_hh's type: the operand's
     const Tensor tables = device_step_tables(s, gx.device());
@@ -545,6 +549,7 @@ struct PersistentForwardLoop {
     a.y = y.data_ptr<T>();
     a.c = c.defined() ? c.data_ptr<T>() : nullptr;
     a.saved = saved.defined() ? saved.data_ptr<T>() : nullptr;
+    a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
     a.K = saved.defined() ? s.saved_cols() : 0;
     a.H = H;
     a.P = P;
@@ -566,11 +571,12 @@ struct PersistentForwardLoop {
 template <typename Cell>
 struct CudaCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved, bool persistent) {
+                  const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved,
+                  bool persistent) {
     if (persistent) {
-      PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, y, h, c, saved);
+      PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, peephole, y, h, c, saved);
     } else {
-      StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+      StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, y, h, c, saved);
     }
   }
 };
@@ -580,11 +586,12 @@ struct CudaCoreForwardLoop {
 template <typename Cell, typename Op>
 struct TensorCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, Tensor& y, Tensor& h, Tensor& c, Tensor& saved, bool persistent) {
+                  const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved,
+                  bool persistent) {
     if (persistent) {
-      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, y, h, c, saved);
+      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, peephole, y, h, c, saved);
     } else {
-      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, y, h, c, saved);
+      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, y, h, c, saved);
     }
   }
 };
@@ -599,9 +606,9 @@ template <typename Cell>
 struct PersistentBackwardLoop {
   using T = typename Cell::scalar_t;
 
-  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& outputs, const Tensor& h0,
-                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
-                  Tensor& dgh) {
+  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& peephole,
+                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
     constexpr int G = Cell::kGates;
     const Tensor w_columns = persistent_backward_columns(w_hh_conj, G, s.H, kPersistentUnits<G>, kPersistentSubs<G>);
     const Tensor tables = device_step_tables(s, saved.device());
@@ -618,6 +625,7 @@ struct PersistentBackwardLoop {
     a.c0 = c0.defined() ? c0.const_data_ptr<T>() : nullptr;
     a.dgx = dgx.data_ptr<T>();
     a.dgh = dgh.data_ptr<T>();
+    a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
     a.K = s.saved_cols();
     a.H = s.H;
     a.P = s.P;
@@ -635,13 +643,15 @@ struct PersistentBackwardLoop {
 template <typename Cell>
 struct CudaCoreBackwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
-                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total, bool fuse, bool persistent) {
+                  const Tensor& peephole, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                  Tensor& dh_total, bool fuse, bool persistent) {
     if (persistent) {
-      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
+      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                                        dgh);
     } else {
-      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
-                              dh_total, fuse);
+      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                              dgh, dh_total, fuse);
     }
   }
 };
