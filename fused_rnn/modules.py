@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import functional, onnx_export
 
 _HiddenState = Union[Tensor, Tuple[Tensor, Tensor]]
 
@@ -164,13 +164,12 @@ def _peephole_parameters(module, suffixes: Sequence[str], hidden_size: int, devi
     return names
 
 
-def _refuse_peephole_export(module) -> None:
-    """ONNX export and tracing record torch.nn's forward, which has no peephole connections."""
-    if module.peephole:
-        raise NotImplementedError(
-            f"fused_rnn: a {type(module).__name__} with peephole connections cannot be exported or traced "
-            f"(ONNX export and torch.jit.trace record torch.nn's {type(module).__name__}, which has none; "
-            f"ONNX's LSTM with its P input is not written yet). torch.export and torch.compile hold it.")
+def _refuse_peephole_trace(module) -> None:
+    """torch.jit.trace records torch.nn's forward, which has no peephole connections."""
+    raise NotImplementedError(
+        f"fused_rnn: torch.jit.trace cannot record a {type(module).__name__} with peephole connections (a trace "
+        f"records torch.nn's {type(module).__name__}, which has none). torch.export, torch.compile and "
+        f"torch.onnx.export take it.")
 
 
 def _check_nonlinearity_dtype(name: str, mode: str, input: Tensor) -> None:
@@ -364,7 +363,10 @@ class _FusedRNNBase(nn.RNNBase):
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
-            _refuse_peephole_export(self)
+            if self.peephole:  # no torch.nn twin: ONNX's LSTM with its P input (onnx_export.py)
+                if not functional.onnx_exporting():
+                    _refuse_peephole_trace(self)
+                return onnx_export.peephole_lstm(self, input, hx)
             if self.proj_size > 0 and torch.onnx.is_in_onnx_export():
                 # torch's TorchScript-based exporter refuses it; its torch.export-based one writes an
                 # ONNX LSTM that ONNX Runtime rejects (initial_c of the projected width).
@@ -693,7 +695,10 @@ class _FusedCellBase(nn.RNNCellBase):
         if plain is not None:
             return plain
         if _exports_through_torch_nn():
-            _refuse_peephole_export(self)
+            if self.peephole:
+                if not functional.onnx_exporting():
+                    _refuse_peephole_trace(self)
+                return onnx_export.peephole_lstm_cell(self, input, hx)
             return self._torch_nn_class.forward(self, input, hx)
         try:
             mode, x, states = self._checked_step_input(input, hx, num_states)

@@ -111,3 +111,24 @@ def check_parity(fused, ref, x, hx=None, tol=None):
     out_r, grad_r = run(ref, x, hx)
     assert_close(out_f, out_r, rtol, atol, "outputs")
     assert_close(grad_f, grad_r, rtol, atol, "gradients")
+
+
+def onnx_bytes(module, args, dynamo):
+    """torch.onnx.export of module(*args) (args: (x,) or (x, (h0, c0))) to bytes, with the batch dynamic;
+    with the TorchScript-based exporter (dynamo=False) the length too (torch's torch.export-based
+    translation of the recurrent layers fixes the length it was given)."""
+    import io
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batch_dim = 0 if getattr(module, "batch_first", False) else 1
+        if dynamo:
+            batch = torch.export.Dim("batch", min=2)
+            shapes = ({batch_dim: batch},) + tuple(({1: batch}, {1: batch}) for _ in args[1:])
+            return torch.onnx.export(module, args, dynamo=True, dynamic_shapes=shapes).model_proto.SerializeToString()
+        buffer = io.BytesIO()
+        names = ["x"] + (["h0", "c0"] if len(args) > 1 else [])
+        axes = {"x": {0: "dim0", 1: "dim1"}, "h0": {1: "batch"}, "c0": {1: "batch"}}
+        torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
+                          dynamic_axes={n: axes[n] for n in names})
+        return buffer.getvalue()

@@ -15,7 +15,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.nn.utils.rnn import pack_sequence
 
 import fused_rnn
-from helpers import make_pair
+from helpers import make_pair, onnx_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,20 +113,6 @@ ONNX_CASES = [("LSTM", dict(num_layers=2, bidirectional=True, batch_first=True))
               ("RNN", dict(nonlinearity="relu", bidirectional=True)), ("RNN", dict(num_layers=2))]
 
 
-def _onnx_bytes(module, x, dynamo):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            batch = torch.export.Dim("batch", min=2)
-            batch_dim = 0 if getattr(module, "batch_first", False) else 1
-            program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=({batch_dim: batch},))
-            return program.model_proto.SerializeToString()
-        buffer = io.BytesIO()
-        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"],
-                          dynamic_axes={"x": {0: "dim0", 1: "dim1"}})
-        return buffer.getvalue()
-
-
 # Every case with torch's TorchScript-based exporter; the torch.export-based one (about 20 s a model
 # here) on the first two.
 ONNX_RUNS = [(kind, kwargs, False) for kind, kwargs in ONNX_CASES] + [(k, kw, True) for k, kw in ONNX_CASES[:2]]
@@ -145,7 +131,7 @@ def test_onnx_export_runs_in_onnxruntime_as_torch_nn(kind, kwargs, dynamo):
         pytest.importorskip("onnxscript")
     fused, ref = make_pair(kind, 3, 4, dtype=torch.float32, **kwargs)
     fused.eval(), ref.eval()
-    model = _onnx_bytes(fused, torch.randn(5, 2, 3), dynamo)  # [T, B] = [5, 2], or [B, T] with batch_first
+    model = onnx_bytes(fused, (torch.randn(5, 2, 3),), dynamo)  # [T, B] = [5, 2], or [B, T] with batch_first
     nodes = [node for node in onnx.load_from_string(model).graph.node if node.op_type == kind]
     assert nodes, f"no ONNX {kind} operator"
     if kind == "GRU":  # torch.nn's form: the reset gate scales (W_hn h + b_hn)

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import testing
-from helpers import TOLERANCE, assert_close, leaves, run, to_leaf
+from helpers import TOLERANCE, assert_close, leaves, onnx_bytes, run, to_leaf
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
 cuda_half = pytest.mark.skipif(not fused_rnn.built_with_cuda, reason="a CPU-only build has no CUDA path")
@@ -356,10 +356,10 @@ def test_bad_arguments_and_unsupported_transforms():
     with pytest.raises(ValueError, match="peephole connections"):
         fused_rnn.convert(model, to="torch")
     assert type(lstm) is fused_rnn.LSTM
-    with pytest.raises(NotImplementedError, match="peephole"):
+    with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a LSTM with peephole"):
         torch.jit.trace(lstm, (torch.randn(2, 1, 3),))
     cell = fused_rnn.LSTMCell(3, 4, peephole=True)
-    with pytest.raises(NotImplementedError, match="peephole"):
+    with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a LSTMCell with peephole"):
         torch.jit.trace(cell, (torch.randn(2, 3),))
 
 
@@ -404,3 +404,59 @@ def test_the_cuda_path_with_a_projection_and_packed_input():
             out_gpu, grads_gpu = run(fused, inputs)
         assert_close(out_gpu, out_cpu, 1e-10, 1e-10, "outputs")
         assert_close(grads_gpu, grads_cpu, 1e-10, 1e-10, "gradients")
+
+
+@cpu_half
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_runs_in_onnxruntime(dynamo):
+    """TorchScript-based exporter: ONNX's LSTM operator with its P input, a node per layer and direction,
+    on any batch and length. torch.export-based exporter: the equations in standard operators."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(16)
+    fused = fused_rnn.LSTM(3, 4, 2, bidirectional=True, batch_first=not dynamo, peephole=True).eval()
+    random_peepholes(fused)
+    x = torch.randn((2, 5, 3) if fused.batch_first else (5, 2, 3))
+    hx = (torch.randn(4, 2, 4), torch.randn(4, 2, 4))
+    model = onnx_bytes(fused, (x, hx), dynamo)
+    nodes = [n for n in onnx.load_from_string(model).graph.node if n.op_type == "LSTM"]
+    if dynamo:
+        assert not nodes
+    else:
+        assert len(nodes) == 4 and all(len(n.input) == 8 and n.input[7] for n in nodes)  # P given
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = torch.randn((3, 7, 3) if fused.batch_first else (5, 3, 3))  # another batch (and length: TorchScript's)
+    hx = (torch.randn(4, 3, 4), torch.randn(4, 3, 4))
+    feeds = dict(zip([i.name for i in session.get_inputs()], (x.numpy(), hx[0].numpy(), hx[1].numpy())))
+    got = session.run(None, feeds)
+    want = torch.utils._pytree.tree_leaves(fused(x, hx))
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)
+
+
+@cpu_half
+def test_onnx_export_of_a_peephole_cell_and_what_is_refused():
+    import io
+    import warnings
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(17)
+    cell = fused_rnn.LSTMCell(3, 4, peephole=True)
+    random_peepholes(cell)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(cell, (torch.randn(2, 3),), buffer, dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3)
+    for g, w in zip(session.run(None, {session.get_inputs()[0].name: x.numpy()}), cell(x)):
+        torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)
+    lstm = fused_rnn.LSTM(3, 4, proj_size=2, peephole=True)
+    with pytest.raises(NotImplementedError, match="proj_size cannot be exported to ONNX"):
+        torch.onnx.export(lstm, (torch.randn(5, 2, 3),), io.BytesIO(), dynamo=False)
+    packed = pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        torch.onnx.export(fused_rnn.LSTM(3, 4, peephole=True), (packed,), io.BytesIO(), dynamo=False)

@@ -1,0 +1,111 @@
+"""ONNX export of what torch.nn's layers cannot record: fused_rnn's peephole LSTM.
+
+torch.onnx.export records our plain layers through torch.nn's forward (modules.py), which its
+exporters turn into ONNX's LSTM, GRU and RNN operators. A peephole LSTM has no torch.nn twin, so
+here each layer and direction becomes ONNX's own LSTM operator with its P input (the peepholes), as
+the TorchScript-based exporter (dynamo=False) writes it through _OnnxLSTM.symbolic. The
+torch.export-based exporter (dynamo=True) does not take symbolic functions: it records _OnnxLSTM's
+forward, the equations step by step in standard ONNX operators (for the traced sequence length).
+
+ONNX's LSTM orders the gates (i, o, f, c) and the peepholes (i, o, f); torch.nn's gates are
+(i, f, g, o) and ours (i, f, o) (csrc/cells.h): the weights are reordered by traced slices, which
+the exporter folds into the model's initializers.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _onnx_gates(w: Tensor, H: int) -> Tensor:
+    """torch.nn's gate blocks (i, f, g, o) along dim 0 -> ONNX's (i, o, f, c)."""
+    return torch.cat([w[:H], w[3 * H:4 * H], w[H:2 * H], w[2 * H:3 * H]])
+
+
+class _OnnxLSTM(torch.autograd.Function):
+    """One layer and direction, in ONNX's layouts: x [T, B, I], W [1, 4H, I], R [1, 4H, H], Bias [1, 8H],
+    h0 and c0 [1, B, H], P [1, 3H] -> Y [T, 1, B, H], Y_h and Y_c [1, B, H]."""
+
+    @staticmethod
+    def forward(ctx, x, w, r, bias, h0, c0, p, hidden_size: int, reverse: bool):
+        H = hidden_size
+        h, c = h0[0], c0[0]
+        p_i, p_o, p_f = p[0, :H], p[0, H:2 * H], p[0, 2 * H:]
+        ys = [None] * x.size(0)
+        for t in (range(x.size(0) - 1, -1, -1) if reverse else range(x.size(0))):
+            gates = x[t] @ w[0].T + h @ r[0].T + bias[0, :4 * H] + bias[0, 4 * H:]
+            i, o, f, g = gates.chunk(4, 1)
+            c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
+            h = torch.sigmoid(o + p_o * c) * torch.tanh(c)
+            ys[t] = h
+        return torch.stack(ys).unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
+
+    @staticmethod
+    def symbolic(g, x, w, r, bias, h0, c0, p, hidden_size: int, reverse: bool):
+        no_sequence_lens = g.op("prim::Constant")  # an absent optional input: every sequence is whole
+        no_sequence_lens.setType(torch._C.OptionalType.ofTensor())
+        return g.op("LSTM", x, w, r, bias, no_sequence_lens, h0, c0, p, hidden_size_i=hidden_size,
+                    direction_s="reverse" if reverse else "forward", outputs=3)
+
+
+def peephole_lstm(module, input, hx) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """A peephole fused_rnn.LSTM's forward as ONNX export records it (see the module docstring)."""
+    name = type(module).__name__
+    if not isinstance(input, Tensor):
+        raise NotImplementedError(f"fused_rnn: exporting a peephole {name} to ONNX takes a padded Tensor input "
+                                  f"(a PackedSequence is not supported there)")
+    if module.proj_size > 0:
+        raise NotImplementedError(f"fused_rnn: a {name} with proj_size cannot be exported to ONNX: ONNX's LSTM "
+                                  f"operator has no projection of the hidden state")
+    H, D = module.hidden_size, 2 if module.bidirectional else 1
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if batched and module.batch_first:
+        x = x.transpose(0, 1)
+    if hx is None:
+        zeros = x.new_zeros(module.num_layers * D, x.size(1), H)
+        h0, c0 = zeros, zeros
+    else:
+        h0, c0 = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+    h_n: List[Tensor] = []
+    c_n: List[Tensor] = []
+    for layer in range(module.num_layers):
+        outputs = []
+        for d in range(D):
+            k, suffix = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
+            w = _onnx_gates(getattr(module, "weight_ih" + suffix), H).unsqueeze(0)
+            r = _onnx_gates(getattr(module, "weight_hh" + suffix), H).unsqueeze(0)
+            if module.bias:
+                bias = torch.cat([_onnx_gates(getattr(module, "bias_ih" + suffix), H),
+                                  _onnx_gates(getattr(module, "bias_hh" + suffix), H)]).unsqueeze(0)
+            else:
+                bias = x.new_zeros(1, 8 * H)
+            peephole: Tensor = getattr(module, "weight_peephole" + suffix)
+            p = torch.cat([peephole[:H], peephole[2 * H:], peephole[H:2 * H]]).unsqueeze(0)  # (i, f, o) -> (i, o, f)
+            y, h, c = _OnnxLSTM.apply(x, w, r, bias, h0[k:k + 1], c0[k:k + 1], p, H, d == 1)
+            outputs.append(y.squeeze(1))
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if D == 1 else torch.cat(outputs, 2)
+        if module.training and module.dropout > 0 and layer < module.num_layers - 1:
+            x = torch.nn.functional.dropout(x, module.dropout, True)
+    output = x.transpose(0, 1) if batched and module.batch_first else x
+    h_last, c_last = torch.cat(h_n), torch.cat(c_n)
+    if not batched:
+        output, h_last, c_last = output.squeeze(1), h_last.squeeze(1), c_last.squeeze(1)
+    return output, (h_last, c_last)
+
+
+def peephole_lstm_cell(cell, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """A peephole fused_rnn.LSTMCell's step in standard ONNX operators (matrix products, activations)."""
+    from .functional import _peephole_lstm_step
+
+    batched = input.dim() == 2
+    x = input if batched else input.unsqueeze(0)
+    if hx is None:
+        zeros = x.new_zeros(x.size(0), cell.hidden_size)
+        hx = (zeros, zeros)
+    h, c = hx if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+    h, c = _peephole_lstm_step(x, h, c, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, None,
+                               cell.weight_peephole)
+    return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
