@@ -460,3 +460,33 @@ def test_onnx_export_of_a_peephole_cell_and_what_is_refused():
     packed = pack_padded_sequence(torch.randn(5, 2, 3), torch.tensor([5, 3]))
     with pytest.raises(NotImplementedError, match="PackedSequence"):
         torch.onnx.export(fused_rnn.LSTM(3, 4, peephole=True), (packed,), io.BytesIO(), dynamo=False)
+
+
+def test_quantizing_a_peephole_layer_is_refused():
+    """Neither int8 layer has peepholes: quantize_dynamic must not drop them silently."""
+    for module in (fused_rnn.LSTM(3, 4, peephole=True), fused_rnn.LSTMCell(3, 4, peephole=True)):
+        for dtype in (torch.qint8, torch.float16):
+            with pytest.raises(NotImplementedError, match="peephole connections cannot be dynamically quantized"):
+                torch.ao.quantization.quantize_dynamic(nn.Sequential(module), dtype=dtype)
+
+
+@cpu_half
+def test_autocast_and_whole_model_pickling(tmp_path):
+    torch.manual_seed(18)
+    fused = fused_rnn.LSTM(3, 8, peephole=True)
+    random_peepholes(fused)
+    x = torch.randn(5, 2, 3)
+    want = fused(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(x)[0]
+    # the plain LSTM's autocast rule (functional._autocast_dtypes), the peepholes cast along
+    plain = fused_rnn.LSTM(3, 8)
+    plain.load_state_dict(fused.state_dict(), strict=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert got.dtype == plain(x)[0].dtype
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    path = tmp_path / "model.pt"
+    torch.save(nn.Sequential(fused), path)
+    with torch.serialization.safe_globals([nn.Sequential, fused_rnn.LSTM]):
+        loaded = torch.load(path)
+    assert loaded[0].peephole and torch.equal(loaded[0](x)[0], want)
