@@ -6,9 +6,17 @@ import torch
 from torch import nn
 
 
-def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None):
+def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None, keep_h=None, keep_c=None):
     """One step from the input projection x_proj (with b_ih) and the previous state; an LSTM's
-    peephole weights (p_i, p_f, p_o) where given."""
+    peephole weights (p_i, p_f, p_o) where given; zoneout where keep_h (and LSTM's keep_c) is given,
+    the share of the previous state each unit keeps (a 0/1 mask, or z)."""
+    h_own, c_own = _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole)
+    if keep_h is None:
+        return h_own, c_own
+    return keep_h * h + (1 - keep_h) * h_own, (None if c is None else keep_c * c + (1 - keep_c) * c_own)
+
+
+def _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole):
     gh = h @ w_hh.t()
     if b_hh is not None:
         gh = gh + b_hh
@@ -31,8 +39,9 @@ def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None):
 
 
 class LoopRNN(nn.Module):
-    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection, or fused_rnn's, peephole
-    LSTM included) in a plain loop; with compile_step, each step through torch.compile."""
+    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection, or fused_rnn's, peephole and
+    zoneout included: in training its masks drawn at each step) in a plain loop; with compile_step,
+    each step through torch.compile."""
 
     def __init__(self, ref: nn.RNNBase, compile_step: bool = False):
         super().__init__()
@@ -60,9 +69,14 @@ class LoopRNN(nn.Module):
                 if b_ih is not None:
                     x_proj = x_proj + b_ih
                 peephole = getattr(ref, "weight_peephole" + sfx, None)
-                h, c, ys = zeros, zeros, [None] * steps
+                zoneout = getattr(ref, "zoneout", 0.0)
+                keep_h = keep_c = zoneout if zoneout else None
+                h, c, ys = zeros, zeros if ref.mode == "LSTM" else None, [None] * steps
                 for t in (range(steps - 1, -1, -1) if d else range(steps)):
-                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole)
+                    if zoneout and self.training:
+                        keep_h = torch.bernoulli(torch.full_like(zeros, zoneout))
+                        keep_c = torch.bernoulli(torch.full_like(zeros, zoneout)) if c is not None else None
+                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole, keep_h, keep_c)
                     ys[t] = h
                 outputs.append(torch.stack(ys))
                 finals.append(h)

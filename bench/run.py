@@ -78,7 +78,8 @@ SHORT_CASES = [(1, 1, 256, 256, 1, False), (4, 8, 256, 256, 1, False)]
 # Variants beyond torch.nn (#41): fused_rnn's LSTM with the variant's arguments beside its plain layer (the
 # variant's cost), torch.nn's plain layer and the variant's equations as a loop whose step is compiled
 # by torch.compile (what a user would otherwise write). The targets are for B >= 8, H >= 256.
-VARIANTS = {"peephole": ("LSTM", {"peephole": True})}
+VARIANTS = {("LSTM", "peephole"): {"peephole": True}, ("LSTM", "zoneout=0.1"): {"zoneout": 0.1},
+            ("GRU", "zoneout=0.1"): {"zoneout": 0.1}}
 QUICK_VARIANT_CASES = [(100, 8, 256, 256, 1, False)]
 FULL_VARIANT_CASES = [(100, 8, 256, 256, 1, False), (100, 8, 512, 512, 1, False), (100, 64, 512, 512, 1, False)]
 FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),
@@ -309,11 +310,11 @@ def int8_contenders(cell, case, device, errors):
             "int8": make_step(theirs, xs, "inference")}
 
 
-def variant_contenders(variant, case, dtype, mode, device):
+def variant_contenders(cell, variant, case, dtype, mode, device):
     """A variant row: the variant, fused_rnn's plain layer, torch.nn's, and the variant's loop with its
     step compiled (compiling the whole loop unrolls it: 48 s for T = 100 inference on a 2-core Zen 5,
     too long for the main job; bench/NOTES.md has its timings)."""
-    cell, arguments = VARIANTS[variant]
+    arguments = VARIANTS[(cell, variant)]
     steps, batch, inputs, hidden, layers, bidirectional = case
     fused_cls, ref_cls = CELLS[cell]
     torch.manual_seed(0)
@@ -325,13 +326,16 @@ def variant_contenders(variant, case, dtype, mode, device):
     ours.load_state_dict(ref.state_dict(), strict=False)  # and the variant's own parameters, as initialised
     xs = [torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=(mode == "training"))
           for _ in range(ROTATION)]
+    loop = LoopRNN(ours, compile_step=True).train(mode == "training")
+    for module in (ref, plain, ours):
+        module.train(mode == "training")  # zoneout draws its masks in training
     return {"fused": make_step(ours, xs, mode), PLAIN: make_step(plain, xs, mode), REFERENCE: make_step(ref, xs, mode),
-            COMPILED_LOOP: make_step(LoopRNN(ours, compile_step=True), xs, mode)}
+            COMPILED_LOOP: make_step(loop, xs, mode)}
 
 
 def contenders_for(cell, case, dtype, mode, device, lengths, with_loop, notes, variant=None):
     if variant is not None:
-        return variant_contenders(variant, case, dtype, mode, device)
+        return variant_contenders(cell, variant, case, dtype, mode, device)
     steps, batch, inputs, hidden, layers, bidirectional = case
     fused_cls, ref_cls = CELLS[cell]
     torch.manual_seed(0)
@@ -659,7 +663,7 @@ def main(argv=None):
             for m in args.modes.split(",")]
     if not args.shapes and "float32" in dtypes:  # the variants' rows (float32), for the layers they extend
         variant_cases = FULL_VARIANT_CASES if args.full else QUICK_VARIANT_CASES
-        grid += [(c, s, "float32", m, "full", v) for v, (c, _) in VARIANTS.items() if c in layer_kinds
+        grid += [(c, s, "float32", m, "full", v) for (c, v) in VARIANTS if c in layer_kinds
                  for s in variant_cases for m in args.modes.split(",")]
     grid += [(c, s, d, m, "full") for c in kinds if c in CELL_KINDS for s in cell_loop_cases for d in dtypes
              if d != INT8 for m in args.modes.split(",")]

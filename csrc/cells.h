@@ -77,23 +77,54 @@ C10_HOST_DEVICE inline typename M::V gate_sum(const UnitGateSums<T, G>& gh, int 
   return gh.value[g];
 }
 
+// Zoneout of one row of one step (fused_rnn's zoneout=z): the share m of the previous state each
+// unit keeps, c_t = m c_{t-1} + (1 - m) ĉ_t and h_t = m h_{t-1} + (1 - m) ĥ_t, where ĉ_t and ĥ_t are
+// the cell's own. m is a 0/1 mask per unit, fresh at every step (training), or z for every unit (the
+// expectation, eval). `on` false: the plain cell.
+template <typename T>
+struct Zoneout {
+  const T* c = nullptr;  // LSTM's cell-state mask [H], or null: `keep` for every unit
+  const T* h = nullptr;  // the output's mask [H], or null: `keep`
+  T keep = T(0);
+  bool on = false;
+
+  template <typename M>
+  C10_HOST_DEVICE typename M::V of(const T* mask, int64_t j) const {
+    return mask ? M::load(mask + j) : typename M::V(keep);
+  }
+
+  // Of packed row `row`: z > 0 turns it on; masks [2, N, H] (LSTM: c_t's, then h_t's) or [1, N, H]
+  // (GRU, RNN: h_t's), or null for the expectation z.
+  C10_HOST_DEVICE static Zoneout of_row(double z, const T* masks, bool lstm, int64_t N, int64_t H, int64_t row) {
+    Zoneout zone;
+    zone.on = z > 0;
+    zone.keep = T(z);
+    if (masks && zone.on) {
+      zone.c = lstm ? masks + row * H : nullptr;
+      zone.h = masks + ((lstm ? N : 0) + row) * H;
+    }
+    return zone;
+  }
+};
+
 // Pointers into one batch row of one timestep. Rows are [G*H] for gate tensors, [H] otherwise.
 template <typename T, typename GateSums = const T*>
 struct StepForward {
   const T* gx;      // input projection with biases, [G*H]
   GateSums gh;      // recurrent projection: a [G*H] row, or the unit's UnitGateSums
   const T* b_hn;    // GRU: the n gate's hidden bias, [H]; may be null
-  const T* h_prev;  // GRU: h_{t-1}, [H]
+  const T* h_prev;  // h_{t-1}, [H] (GRU's cell, and zoneout)
   T* c;             // LSTM: cell state, c_{t-1} in, c_t out (in place)
   T* h;             // the cell's output h_t (LSTM: before the projection), [H]
   T* saved;         // what backward needs, [kSaved*H]; null when no gradient is wanted
   const T* peephole = nullptr;  // LSTM: peephole weights (p_i, p_f, p_o) [3*H], or null
+  Zoneout<T> zoneout = {};
 };
 
 template <typename T>
 struct StepBackward {
   const T* dy;      // gradient of the layer's output at this step (no projection: added to dh_carry)
-  T* dh_carry;      // in: gradient flowing into h_t; GRU out: the direct part of dL/dh_{t-1}
+  T* dh_carry;      // in: gradient flowing into h_t; GRU and zoneout out: the direct part of dL/dh_{t-1}
   T* dc_carry;      // LSTM: dL/dc_t in, dL/dc_{t-1} out (in place)
   const T* saved;   // as written by forward, [kSaved*H]
   const T* h_prev;  // GRU: h_{t-1}, [H]
@@ -103,20 +134,25 @@ struct StepBackward {
   const T* peephole = nullptr;  // LSTM: peephole weights [3*H], or null
   T* d_peephole = nullptr;      // and their gradient [3*H], added to (one caller per unit: no races),
                                 // or null where the caller sums it from dgx afterwards (CUDA)
+  Zoneout<T> zoneout = {};      // as forward's; dh_carry out then holds m·dL/dh_t, the direct part
 };
 
 // LSTM: i, f, o = σ(·), g = tanh(·); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
 // With peephole weights p (Gers and Schmidhuber's connections, as fused_rnn.LSTM(peephole=True)):
 // i = σ(· + p_i c_{t-1}), f = σ(· + p_f c_{t-1}), o = σ(· + p_o c_t). Without, the operations are
-// exactly those of the plain cell (the same bits as before the peephole existed).
+// exactly those of the plain cell (the same bits as before the peephole existed). With zoneout the
+// cell's own ĉ_t and ĥ_t = o tanh(ĉ_t) are mixed with the previous state (Zoneout); o sees ĉ_t.
 template <typename T>
 struct LSTMCell {
   using scalar_t = T;
   static constexpr int kGates = 4;
   // i, f, g, o, c_t. c_{t-1} is the step before's c_t (or c_0), so it is not saved again; tanh(c_t)
-  // is computed again in backward, cheaper than writing and reading one more value per unit.
+  // is computed again in backward, cheaper than writing and reading one more value per unit. With
+  // zoneout c_t is the mixed state and ĉ_t one more slot.
   static constexpr int kSaved = 5;
   static constexpr int kCellStateSlot = 4;
+  static constexpr int kZoneoutSlot = 5;
+  static constexpr bool kHasCellState = true;
   static constexpr bool kSeparateRecurrentGrad = false;
 
   template <typename M = ScalarMath<T>, typename GateSums>
@@ -137,14 +173,21 @@ struct LSTMCell {
     if (s.peephole) o_in = o_in + M::load(s.peephole + 2 * H + j) * c;
     const V o = M::sigmoid(o_in);
     const V tc = M::tanh(c);
-    M::store(s.c + j, c);
-    M::store(s.h + j, o * tc);
+    V c_t = c, h_t = o * tc;
+    if (s.zoneout.on) {
+      const V keep_c = s.zoneout.template of<M>(s.zoneout.c, j), keep_h = s.zoneout.template of<M>(s.zoneout.h, j);
+      c_t = keep_c * c_prev + (V(1) - keep_c) * c;
+      h_t = keep_h * M::load(s.h_prev + j) + (V(1) - keep_h) * h_t;
+    }
+    M::store(s.c + j, c_t);
+    M::store(s.h + j, h_t);
     if (s.saved) {
       M::store(s.saved + j, i);
       M::store(s.saved + H + j, f);
       M::store(s.saved + 2 * H + j, g);
       M::store(s.saved + 3 * H + j, o);
-      M::store(s.saved + kCellStateSlot * H + j, c);
+      M::store(s.saved + kCellStateSlot * H + j, c_t);
+      if (s.zoneout.on) M::store(s.saved + kZoneoutSlot * H + j, c);
     }
   }
 
@@ -154,23 +197,38 @@ struct LSTMCell {
     using V = typename M::V;
     const V i = M::load(s.saved + j), f = M::load(s.saved + H + j);
     const V g = M::load(s.saved + 2 * H + j), o = M::load(s.saved + 3 * H + j);
-    const V tc = M::tanh(M::load(s.saved + kCellStateSlot * H + j)), c_prev = M::load(s.c_prev + j);
-    const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
-    V dc = M::load(s.dc_carry + j) + dh * M::cj(o * (V(1) - tc * tc));
+    const int slot = s.zoneout.on ? kZoneoutSlot : kCellStateSlot;  // ĉ_t, the cell's own state
+    const V tc = M::tanh(M::load(s.saved + slot * H + j)), c_prev = M::load(s.c_prev + j);
+    V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    V dc_in = M::load(s.dc_carry + j);
+    V keep_c = V(0);
+    if (s.zoneout.on) {  // m of h_t and c_t passes straight to h_{t-1} and c_{t-1}; 1 - m to the cell
+      const V keep_h = s.zoneout.template of<M>(s.zoneout.h, j);
+      keep_c = s.zoneout.template of<M>(s.zoneout.c, j);
+      M::store(s.dh_carry + j, dh * keep_h);
+      dh = dh * (V(1) - keep_h);
+      dc_in = dc_in * (V(1) - keep_c);
+    }
+    V dc = dc_in + dh * M::cj(o * (V(1) - tc * tc));
     const V d_o = dh * M::cj(tc);
     const V do_in = d_o * M::cj(o * (V(1) - o));
     if (s.peephole) dc = dc + do_in * M::cj(M::load(s.peephole + 2 * H + j));  // o saw c_t
     const V d_i = dc * M::cj(g), d_f = dc * M::cj(c_prev), d_g = dc * M::cj(i);
     const V di_in = d_i * M::cj(i * (V(1) - i)), df_in = d_f * M::cj(f * (V(1) - f));
+    // the direct part of c_{t-1}'s gradient under zoneout: m · dL/dc_t
+    const V dc_kept = s.zoneout.on ? keep_c * M::load(s.dc_carry + j) : V(0);
     if (s.peephole) {  // i and f saw c_{t-1}; the weights' gradients summed over rows and steps
-      M::store(s.dc_carry + j, dc * M::cj(f) + di_in * M::cj(M::load(s.peephole + j)) +
-                                   df_in * M::cj(M::load(s.peephole + H + j)));
+      V dc_prev = dc * M::cj(f) + di_in * M::cj(M::load(s.peephole + j)) + df_in * M::cj(M::load(s.peephole + H + j));
+      if (s.zoneout.on) dc_prev = dc_prev + dc_kept;
+      M::store(s.dc_carry + j, dc_prev);
       if (s.d_peephole) {
-        const V c = M::load(s.saved + kCellStateSlot * H + j);
+        const V c = M::load(s.saved + slot * H + j);
         M::store(s.d_peephole + j, M::load(s.d_peephole + j) + di_in * M::cj(c_prev));
         M::store(s.d_peephole + H + j, M::load(s.d_peephole + H + j) + df_in * M::cj(c_prev));
         M::store(s.d_peephole + 2 * H + j, M::load(s.d_peephole + 2 * H + j) + do_in * M::cj(c));
       }
+    } else if (s.zoneout.on) {
+      M::store(s.dc_carry + j, dc * M::cj(f) + dc_kept);
     } else {
       M::store(s.dc_carry + j, dc * M::cj(f));
     }
@@ -187,6 +245,7 @@ struct GRUCell {
   using scalar_t = T;
   static constexpr int kGates = 3;
   static constexpr int kSaved = 4;  // r, z, n, gh_n + b_hn
+  static constexpr bool kHasCellState = false;
   static constexpr bool kSeparateRecurrentGrad = true;
 
   template <typename M = ScalarMath<T>, typename GateSums>
@@ -196,7 +255,13 @@ struct GRUCell {
     const V z = M::sigmoid(M::load(s.gx + H + j) + gate_sum<M>(s.gh, 1, H, j));
     const V hn = gate_sum<M>(s.gh, 2, H, j) + (s.b_hn ? M::load(s.b_hn + j) : V(0));
     const V n = M::tanh(M::load(s.gx + 2 * H + j) + r * hn);
-    M::store(s.h + j, (V(1) - z) * n + z * M::load(s.h_prev + j));
+    const V h_prev = M::load(s.h_prev + j);
+    V h_t = (V(1) - z) * n + z * h_prev;
+    if (s.zoneout.on) {
+      const V keep = s.zoneout.template of<M>(s.zoneout.h, j);
+      h_t = keep * h_prev + (V(1) - keep) * h_t;
+    }
+    M::store(s.h + j, h_t);
     if (s.saved) {
       M::store(s.saved + j, r);
       M::store(s.saved + H + j, z);
@@ -210,11 +275,17 @@ struct GRUCell {
     using V = typename M::V;
     const V r = M::load(s.saved + j), z = M::load(s.saved + H + j);
     const V n = M::load(s.saved + 2 * H + j), hn = M::load(s.saved + 3 * H + j);
-    const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    V dh_kept = V(0);
+    if (s.zoneout.on) {  // m of h_t passes straight to h_{t-1}
+      const V keep = s.zoneout.template of<M>(s.zoneout.h, j);
+      dh_kept = dh * keep;
+      dh = dh * (V(1) - keep);
+    }
     const V dn = dh * M::cj(V(1) - z) * M::cj(V(1) - n * n);
     const V dz = dh * M::cj(M::load(s.h_prev + j) - n) * M::cj(z * (V(1) - z));
     const V dr = dn * M::cj(hn) * M::cj(r * (V(1) - r));
-    M::store(s.dh_carry + j, dh * M::cj(z));
+    M::store(s.dh_carry + j, s.zoneout.on ? dh * M::cj(z) + dh_kept : dh * M::cj(z));
     M::store(s.dgx + j, dr);
     M::store(s.dgx + H + j, dz);
     M::store(s.dgx + 2 * H + j, dn);
@@ -224,12 +295,13 @@ struct GRUCell {
   }
 };
 
-// Elman RNN: h_t = tanh(·) or relu(·).
+// Elman RNN: h_t = tanh(·) or relu(·) (with zoneout, that is ĥ_t, which `saved` keeps).
 template <typename T, bool kRelu>
 struct ElmanCell {
   using scalar_t = T;
   static constexpr int kGates = 1;
-  static constexpr int kSaved = 1;  // h_t
+  static constexpr int kSaved = 1;  // h_t (ĥ_t)
+  static constexpr bool kHasCellState = false;
   static constexpr bool kSeparateRecurrentGrad = false;
 
   template <typename M = ScalarMath<T>, typename GateSums>
@@ -242,15 +314,24 @@ struct ElmanCell {
     } else {
       h = M::tanh(pre);
     }
-    M::store(s.h + j, h);
     if (s.saved) M::store(s.saved + j, h);
+    if (s.zoneout.on) {
+      const V keep = s.zoneout.template of<M>(s.zoneout.h, j);
+      h = keep * M::load(s.h_prev + j) + (V(1) - keep) * h;
+    }
+    M::store(s.h + j, h);
   }
 
   template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t /*H*/, int64_t j) {
     using V = typename M::V;
     const V h = M::load(s.saved + j);
-    const V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    if (s.zoneout.on) {  // m of h_t passes straight to h_{t-1}
+      const V keep = s.zoneout.template of<M>(s.zoneout.h, j);
+      M::store(s.dh_carry + j, dh * keep);
+      dh = dh * (V(1) - keep);
+    }
     if constexpr (kRelu) {
       M::store(s.dgx + j, M::relu_grad(h, dh));
     } else {

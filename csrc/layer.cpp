@@ -144,7 +144,8 @@ std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
 LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                          const optional<Tensor>& w_hr, const optional<Tensor>& w_peephole) {
+                          const optional<Tensor>& w_hr, const optional<Tensor>& w_peephole, double zoneout,
+                          const optional<Tensor>& zoneout_masks) {
   LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr, h0.dim() == 2 ? h0.size(0) : 0);
   check_states_and_biases(s, x, h0, c0, b_ih, b_hh);
   s.peephole = w_peephole.has_value() && w_peephole->defined();
@@ -154,6 +155,23 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
                 "fused_rnn: weight_peephole must have shape [", 3 * s.H, "] (i, f, o), got ", w_peephole->sizes());
     check_same_kind(*w_peephole, x, "weight_peephole");
   }
+  TORCH_CHECK(zoneout >= 0 && zoneout <= 1, "fused_rnn: zoneout must be a probability in [0, 1], got ", zoneout);
+  s.zoneout = zoneout;
+  s.zoneout_masks = zoneout_masks.has_value() && zoneout_masks->defined();
+  TORCH_CHECK(!s.zoneout_masks || zoneout > 0, "fused_rnn: zoneout_masks are given but zoneout is 0");
+  if (zoneout > 0) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!s.proj, "fused_rnn: zoneout with proj_size is not supported yet (zoneout of the "
+                                         "projected state is not built)");
+    if (s.cell == CellKind::LSTM) s.saved_per_unit = LSTMCell<float>::kSaved + 1;  // and ĉ_t
+  }
+  if (s.zoneout_masks) {
+    const int64_t masks = s.cell == CellKind::LSTM ? 2 : 1;
+    TORCH_CHECK(zoneout_masks->dim() == 3 && zoneout_masks->size(0) == masks && zoneout_masks->size(1) == s.N &&
+                    zoneout_masks->size(2) == s.H,
+                "fused_rnn: zoneout_masks must have shape [", masks, ", ", s.N, ", ", s.H, "], got ",
+                zoneout_masks->sizes());
+    check_same_kind(*zoneout_masks, x, "zoneout_masks");
+  }
   return s;
 }
 
@@ -161,10 +179,11 @@ LayerShape describe_layer_backward(int64_t cell, const Tensor& x, at::IntArrayRe
                                    const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                                    const optional<Tensor>& w_hr, const Tensor& y, const Tensor& saved,
                                    const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                                   const optional<Tensor>& dc_n, const optional<Tensor>& w_peephole) {
+                                   const optional<Tensor>& dc_n, const optional<Tensor>& w_peephole,
+                                   double zoneout, const optional<Tensor>& zoneout_masks) {
   // Checked in the caller's dtypes, as forward: the same shape, hence the same layout of `saved`.
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, optional<Tensor>(),
-                                      optional<Tensor>(), w_hr, w_peephole);
+                                      optional<Tensor>(), w_hr, w_peephole, zoneout, zoneout_masks);
   check_matrix(y, "y", s.N, s.P);
   check_same_kind(y, x, "y");
   check_matrix(saved, "saved", s.N, s.saved_cols());
@@ -222,7 +241,8 @@ Tensor gru_hidden_bias_n(const LayerShape& s, const Tensor& b_hh) {
 ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                                  const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                                 const optional<Tensor>& w_peephole, at::ScalarType operand_type) {
+                                 const optional<Tensor>& w_peephole, const optional<Tensor>& zoneout_masks,
+                                 at::ScalarType operand_type) {
   const at::ScalarType type = compute_type(x);
   ForwardOperands op;
   op.x = contiguous_as(x, operand_type), op.w_ih = contiguous_as(w_ih, operand_type);
@@ -232,6 +252,7 @@ ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Ten
   op.b_hn = gru_hidden_bias_n(s, bias_hh);
   op.w_hr = contiguous_as(w_hr, type);
   op.peephole = contiguous_as(w_peephole, type);
+  op.zoneout_masks = contiguous_as(zoneout_masks, type);
   op.h = contiguous_as(h0, type).clone();
   if (s.cell == CellKind::LSTM) op.c = contiguous_as(c0, type).clone();
   return op;
@@ -247,7 +268,8 @@ LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const Ten
 
 BackwardOperands backward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                    const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& w_hr,
-                                   const optional<Tensor>& w_peephole, const Tensor& y, const Tensor& saved,
+                                   const optional<Tensor>& w_peephole, const optional<Tensor>& zoneout_masks,
+                                   const Tensor& y, const Tensor& saved,
                                    const optional<Tensor>& dy, const optional<Tensor>& dh_n,
                                    const optional<Tensor>& dc_n) {
   const at::ScalarType type = compute_type(x);
@@ -255,6 +277,7 @@ BackwardOperands backward_operands(const LayerShape& s, const Tensor& x, const T
   op.x = contiguous_as(x, type), op.saved = saved.contiguous();
   op.w_ih = contiguous_as(w_ih, type), op.w_hh = contiguous_as(w_hh, type), op.w_hr = contiguous_as(w_hr, type);
   op.peephole = contiguous_as(w_peephole, type);
+  op.zoneout_masks = contiguous_as(zoneout_masks, type);
   op.h0 = contiguous_as(h0, type), op.c0 = contiguous_as(c0, type);
   op.outputs = s.outputs_in_saved ? op.saved.narrow(1, s.outputs_col(), s.P) : y.contiguous();
   op.dy = contiguous_as(dy, type);

@@ -33,6 +33,8 @@ struct LayerShape {
   int64_t saved_per_unit;  // the cell's kSaved
   bool proj;       // LSTM with proj_size
   bool peephole = false;  // LSTM with peephole weights (cells.h)
+  double zoneout = 0;     // cells.h's Zoneout: the probability z, 0 for none
+  bool zoneout_masks = false;  // zoneout by masks (training), else by z (eval)
   bool outputs_in_saved;  // half types: a float32 copy of y is kept in `saved` (y itself is rounded)
   std::vector<int64_t> batch_sizes;
   std::vector<int64_t> offsets;  // first row of each step
@@ -124,7 +126,8 @@ LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef bat
                           const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
                           const at::Tensor& w_ih, const at::Tensor& w_hh,
                           const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
-                          const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_peephole);
+                          const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_peephole,
+                          double zoneout = 0, const c10::optional<at::Tensor>& zoneout_masks = c10::nullopt);
 
 // h0 [B, P], LSTM's c0 [B, H] and the biases [G*H], in x's dtype and on its device.
 void check_states_and_biases(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
@@ -139,7 +142,8 @@ LayerShape describe_layer_backward(int64_t cell, const at::Tensor& x, at::IntArr
                                    const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
                                    const at::Tensor& saved, const c10::optional<at::Tensor>& dy,
                                    const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
-                                   const c10::optional<at::Tensor>& w_peephole);
+                                   const c10::optional<at::Tensor>& w_peephole, double zoneout = 0,
+                                   const c10::optional<at::Tensor>& zoneout_masks = c10::nullopt);
 
 // The ops' results, as their schemas (csrc/ops.cpp) list them.
 using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, h_n, c_n, saved
@@ -166,15 +170,16 @@ inline at::Tensor contiguous_as(const c10::optional<at::Tensor>& t, at::ScalarTy
 // operand_type (the matrix products' operands: the compute type, or a half type that the device
 // multiplies itself), the rest in the compute type; the folded bias and GRU's b_hn (folded_bias,
 // gru_hidden_bias_n); h and c fresh copies of h0 and c0 (c undefined unless LSTM), which the loops
-// turn into h_n and c_n; the peephole weights in the compute type (undefined without).
+// turn into h_n and c_n; the peephole weights and zoneout masks in the compute type (undefined
+// without).
 struct ForwardOperands {
-  at::Tensor x, w_ih, w_hh, bias, b_hn, w_hr, h, c, peephole;
+  at::Tensor x, w_ih, w_hh, bias, b_hn, w_hr, h, c, peephole, zoneout_masks;
 };
 ForwardOperands forward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
                                  const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
                                  const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_peephole,
-                                 at::ScalarType operand_type);
+                                 const c10::optional<at::Tensor>& zoneout_masks, at::ScalarType operand_type);
 // The forward's results from what the loop wrote (y, op.h, op.c, saved, in the compute type): half
 // types keep a float32 copy of y in `saved`; y, h_n and c_n in x's type `type`; empty placeholders
 // for the absent c_n and saved.
@@ -186,12 +191,13 @@ LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const at:
 // stride); dy undefined if not given; dh and dc the gradients at h_n and c_n as fresh tensors (zeros
 // where not given; dc undefined unless LSTM), which the loops turn into those at h_0 and c_0.
 struct BackwardOperands {
-  at::Tensor x, h0, c0, w_ih, w_hh, w_hr, peephole, saved, outputs, dy, dh, dc;
+  at::Tensor x, h0, c0, w_ih, w_hh, w_hr, peephole, zoneout_masks, saved, outputs, dy, dh, dc;
 };
 BackwardOperands backward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
                                    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
-                                   const c10::optional<at::Tensor>& w_peephole, const at::Tensor& y,
+                                   const c10::optional<at::Tensor>& w_peephole,
+                                   const c10::optional<at::Tensor>& zoneout_masks, const at::Tensor& y,
                                    const at::Tensor& saved, const c10::optional<at::Tensor>& dy,
                                    const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n);
 // Each of the 9 gradients cast to `type` (x's: the half types' results are computed in float32).

@@ -124,7 +124,7 @@ def _computes_in_float(x: torch.Tensor) -> bool:
 
 @torch.library.register_fake("fused_rnn::layer_forward")
 def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                        w_peephole=None):
+                        w_peephole=None, zoneout=0.0, zoneout_masks=None):
     hidden = w_ih.size(0) // GATES[cell]
     out_size = w_hr.size(0) if w_hr is not None else hidden
     y = x.new_empty(x.size(0), out_size)
@@ -132,19 +132,20 @@ def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
     c_n = x.new_empty(c0.shape) if cell == LSTM_ID else x.new_empty(0)
     if not need_saved:
         return y, h_n, c_n, x.new_empty(0)
-    return y, h_n, c_n, x.new_empty(x.size(0), _saved_cols(cell, x, hidden, out_size, w_hr is not None),
+    return y, h_n, c_n, x.new_empty(x.size(0), _saved_cols(cell, x, hidden, out_size, w_hr is not None, zoneout),
                                     dtype=torch.float32 if _computes_in_float(x) else x.dtype)
 
 
-def _saved_cols(cell, x, hidden, out_size, has_proj):
-    """As LayerShape::saved_cols in csrc/layer.h: cell values | projection input | half types: y."""
-    return (_SAVED_PER_UNIT[cell] * hidden + (hidden if has_proj else 0)
-            + (out_size if _computes_in_float(x) else 0))
+def _saved_cols(cell, x, hidden, out_size, has_proj, zoneout):
+    """As LayerShape::saved_cols in csrc/layer.h: cell values (LSTM under zoneout: and its own ĉ_t) |
+    projection input | half types: y."""
+    per_unit = _SAVED_PER_UNIT[cell] + (1 if zoneout > 0 and cell == LSTM_ID else 0)
+    return per_unit * hidden + (hidden if has_proj else 0) + (out_size if _computes_in_float(x) else 0)
 
 
 @torch.library.register_fake("fused_rnn::layer_backward")
 def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y,
-                         grad_h_n, grad_c_n, need_input_grad, w_peephole=None):
+                         grad_h_n, grad_c_n, need_input_grad, w_peephole=None, zoneout=0.0, zoneout_masks=None):
     # None where the op returns an undefined tensor, as the op itself does.
     bias = x.new_empty(w_ih.size(0)) if has_bias else None
     return (torch.empty_like(x) if need_input_grad else None,

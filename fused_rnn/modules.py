@@ -5,6 +5,7 @@ initialisation, repr, state_dict and the constructor checks are torch.nn's own. 
 forward: it puts the input in packed layout and runs functional.stacked_rnn over our compiled ops.
 """
 import math
+import numbers
 import operator
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
@@ -149,6 +150,16 @@ def _check_flag(owner: str, arg: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{owner}: {arg} should be of type bool, got: {type(value).__name__}")
     return value
+
+
+def _check_probability(owner: str, arg: str, value) -> float:
+    """A probability of fused_rnn's own keyword arguments, in [0, 1) (1 would freeze the state)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Number) or isinstance(value, complex):
+        raise TypeError(f"{owner}: {arg} should be a number in range [0, 1), got: {type(value).__name__}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{owner}: {arg} should be a number in range [0, 1) representing the probability of a unit "
+                         f"keeping its previous state, got {value}")
+    return float(value)
 
 
 def _peephole_parameters(module, suffixes: Sequence[str], hidden_size: int, device, dtype) -> List[str]:
@@ -352,6 +363,7 @@ class _FusedRNNBase(nn.RNNBase):
 
     peephole = False  # LSTM(peephole=True) sets its own; a converted torch.nn layer has none
     _peephole_names: Sequence[str] = ()
+    zoneout = 0.0
 
     def _peepholes(self) -> Optional[List[Tensor]]:
         """The peephole weights per layer and direction (through getattr: a parametrization or
@@ -359,10 +371,16 @@ class _FusedRNNBase(nn.RNNBase):
         return [getattr(self, name) for name in self._peephole_names] if self.peephole else None
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", peephole=True" if self.peephole else "")
+        return (super().extra_repr() + (", peephole=True" if self.peephole else "")
+                + (f", zoneout={self.zoneout}" if self.zoneout else ""))
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
+            if self.zoneout:
+                raise NotImplementedError(
+                    f"fused_rnn: a {type(self).__name__} with zoneout cannot be exported to ONNX or traced yet "
+                    f"(torch.nn's {type(self).__name__}, which those record, has none); torch.export and "
+                    f"torch.compile take it")
             if self.peephole:  # no torch.nn twin: ONNX's LSTM with its P input (onnx_export.py)
                 if not functional.onnx_exporting():
                     _refuse_peephole_trace(self)
@@ -391,7 +409,7 @@ class _FusedRNNBase(nn.RNNBase):
     def _run_stack(self, x, batch_sizes, h0, c0):
         return functional.stacked_rnn(
             self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
-            self.bidirectional, self.dropout, self.training, self.proj_size > 0, self._peepholes())
+            self.bidirectional, self.dropout, self.training, self.proj_size > 0, self._peepholes(), self.zoneout)
 
     def _plain_forward(self, input, hx):
         """The common call for the price of a few attribute reads (a short sequence's Python costs
@@ -508,11 +526,14 @@ class LSTM(_FusedRNNBase):
 
     peephole (keyword, default False): peephole connections, i = σ(· + p_i ⊙ c_{t-1}),
     f = σ(· + p_f ⊙ c_{t-1}), o = σ(· + p_o ⊙ c_t), with weights weight_peephole_l{k} (and _reverse)
-    of 3 * hidden_size (p_i, p_f, p_o) after torch.nn's parameters."""
+    of 3 * hidden_size (p_i, p_f, p_o) after torch.nn's parameters.
+    zoneout (keyword, default 0): the probability z that a unit keeps its previous state, c_t and h_t
+    (README: its equations; masks drawn in training, the expectation in eval)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False) -> None:
+                 proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
+                 zoneout: float = 0.0) -> None:
         def checks():
             _check_int_arg("LSTM", "num_layers", num_layers, 1)
             _check_dtype_arg("LSTM", dtype)
@@ -521,8 +542,14 @@ class LSTM(_FusedRNNBase):
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
                              dropout, bidirectional, proj_size, dtype=dtype)
         _check_flag("LSTM", "peephole", peephole)
+        zoneout = _check_probability("LSTM", "zoneout", zoneout)
+        if zoneout and proj_size:
+            raise NotImplementedError("LSTM: zoneout with proj_size is not supported yet (zoneout of the projected "
+                                      "state is not built)")
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
+        if zoneout:
+            self.zoneout = zoneout
         if peephole:  # after torch.nn's parameters, which are then initialised as torch.nn's from the same seed
             self.peephole = True
             self._peephole_names = _peephole_parameters(
@@ -537,11 +564,12 @@ class LSTM(_FusedRNNBase):
 
 
 class GRU(_FusedRNNBase):
-    """Drop-in for torch.nn.GRU, with torch.nn's equations (b_hn inside the reset gate)."""
+    """Drop-in for torch.nn.GRU, with torch.nn's equations (b_hn inside the reset gate). zoneout
+    (keyword, default 0): as fused_rnn.LSTM's, on h_t."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, **kwargs) -> None:
+                 device=None, dtype=None, *, zoneout: float = 0.0, **kwargs) -> None:
         def checks():
             _refuse_extra_arguments("GRU", kwargs)
             _check_int_arg("GRU", "num_layers", num_layers, 1)
@@ -549,18 +577,23 @@ class GRU(_FusedRNNBase):
 
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
                              dropout, bidirectional, dtype=dtype, **kwargs)
+        zoneout = _check_probability("GRU", "zoneout", zoneout)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
+        if zoneout:
+            self.zoneout = zoneout
 
     _torch_nn_class = nn.GRU
 
 
 class RNN(_FusedRNNBase):
-    """Drop-in for torch.nn.RNN (nonlinearity 'tanh' or 'relu')."""
+    """Drop-in for torch.nn.RNN (nonlinearity 'tanh' or 'relu'). zoneout (keyword, default 0): as
+    fused_rnn.LSTM's, on h_t."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
+                 zoneout: float = 0.0, **kwargs) -> None:
         def checks():
             _refuse_extra_arguments("RNN", kwargs)
             _elman_mode(nonlinearity)
@@ -569,9 +602,12 @@ class RNN(_FusedRNNBase):
 
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, nonlinearity, bias,
                              batch_first, dropout, bidirectional, dtype=dtype, **kwargs)
+        zoneout = _check_probability("RNN", "zoneout", zoneout)
         self.nonlinearity = nonlinearity
         super().__init__(_elman_mode(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
+        if zoneout:
+            self.zoneout = zoneout
 
     _torch_nn_class = nn.RNN
 

@@ -196,11 +196,11 @@ class _FusedQuantizedRNN:
 def _refuse_peephole(mod):
     """Neither fused_rnn's int8 layers nor torch's quantized ones have peephole connections: quantizing
     such a layer would drop them."""
-    if getattr(mod, "peephole", False):
+    if getattr(mod, "peephole", False) or getattr(mod, "zoneout", 0):
         raise NotImplementedError(
-            f"fused_rnn: a {type(mod).__name__} with peephole connections cannot be dynamically quantized: "
-            f"neither fused_rnn's int8 layers nor torch's quantized ones have them (they would be dropped); "
-            f"leave this layer in float32 (leave its type out of quantize_dynamic's qconfig_spec)")
+            f"fused_rnn: a {type(mod).__name__} with peephole connections or zoneout cannot be dynamically "
+            f"quantized: neither fused_rnn's int8 layers nor torch's quantized ones have them (they would be "
+            f"dropped); leave this layer in float32 (leave its type out of quantize_dynamic's qconfig_spec)")
 
 
 def _as_torch_twin(mod):

@@ -50,3 +50,12 @@ def _overrides_restored():
     before = fused_rnn.overrides()
     yield
     fused_rnn.set_overrides(**before)
+
+
+@pytest.fixture
+def exact_float32():
+    """float32 exactly on the CUDA path (cuDNN's policy, which it follows, would take TF32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old

@@ -132,3 +132,22 @@ def onnx_bytes(module, args, dynamo):
         torch.onnx.export(module, args, buffer, dynamo=False, input_names=names,
                           dynamic_axes={n: axes[n] for n in names})
         return buffer.getvalue()
+
+
+def runs_at_thread_counts(module, x, counts, seed=None):
+    """run(module, x)'s outputs and gradients (one list) with torch's threads set to each of
+    `counts` in turn (and torch.manual_seed(seed) before each, where given), gradients zeroed
+    between runs."""
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            if seed is not None:
+                torch.manual_seed(seed)
+            module.zero_grad()
+            out, grads = run(module, x)
+            results.append(out + grads)
+    finally:
+        torch.set_num_threads(before)
+    return results

@@ -192,6 +192,12 @@ def test_loop_reference_of_a_peephole_lstm_matches_it():
         torch.testing.assert_close(out_loop, out)
         torch.testing.assert_close(h_loop, h)
     assert all(case[1] >= 8 and case[3] >= 256 for case in run.QUICK_VARIANT_CASES + run.FULL_VARIANT_CASES)
+    for cls in (fused_rnn.LSTM, fused_rnn.GRU):  # zoneout, in eval: its expectation
+        zoned = cls(4, 5, num_layers=2, dtype=torch.float64, zoneout=0.3).eval()
+        out, h = zoned(x)
+        out_loop, h_loop = LoopRNN(zoned).eval()(x)
+        torch.testing.assert_close(out_loop, out)
+        torch.testing.assert_close(h_loop, h[0] if isinstance(h, tuple) else h)
 
 
 def test_quick_grid_on_a_gpu_has_the_issue_shapes():

@@ -14,20 +14,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import testing
-from helpers import TOLERANCE, assert_close, leaves, onnx_bytes, run, to_leaf
+from helpers import TOLERANCE, assert_close, leaves, onnx_bytes, run, runs_at_thread_counts, to_leaf
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
 cuda_half = pytest.mark.skipif(not fused_rnn.built_with_cuda, reason="a CPU-only build has no CUDA path")
 cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
-
-
-@pytest.fixture
-def exact_float32():
-    """float32 exactly on the CUDA path (cuDNN's policy, which it follows, would take TF32)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
 
 
 def reference_step(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, p):
@@ -275,16 +266,7 @@ def test_same_bits_for_any_number_of_threads():
     fused = fused_rnn.LSTM(32, 200, 2, peephole=True)
     random_peepholes(fused)
     x = torch.randn(12, 9, 32)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            fused.zero_grad()
-            out, grads = run(fused, x)
-            results.append(out + grads)
-    finally:
-        torch.set_num_threads(before)
+    results = runs_at_thread_counts(fused, x, (1, 2, 3))
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
 
@@ -353,7 +335,7 @@ def test_bad_arguments_and_unsupported_transforms():
         fused_rnn.GRUCell(3, 4, peephole=True)
     lstm = fused_rnn.LSTM(3, 4, peephole=True)
     model = nn.Sequential(lstm)
-    with pytest.raises(ValueError, match="peephole connections"):
+    with pytest.raises(ValueError, match="peephole connections or zoneout"):
         fused_rnn.convert(model, to="torch")
     assert type(lstm) is fused_rnn.LSTM
     with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a LSTM with peephole"):
@@ -466,7 +448,7 @@ def test_quantizing_a_peephole_layer_is_refused():
     """Neither int8 layer has peepholes: quantize_dynamic must not drop them silently."""
     for module in (fused_rnn.LSTM(3, 4, peephole=True), fused_rnn.LSTMCell(3, 4, peephole=True)):
         for dtype in (torch.qint8, torch.float16):
-            with pytest.raises(NotImplementedError, match="peephole connections cannot be dynamically quantized"):
+            with pytest.raises(NotImplementedError, match="peephole connections or zoneout cannot be dynamically quantized"):
                 torch.ao.quantization.quantize_dynamic(nn.Sequential(module), dtype=dtype)
 
 

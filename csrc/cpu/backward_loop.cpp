@@ -44,11 +44,11 @@ class BackwardLoop {
 
  public:
   static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& outputs,
-                  const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
-                  Tensor& dh_total, LayerGrads& grads) {
-    const BackwardLoop loop(plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh,
-                            dc, dh_total, grads);
+                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole,
+                  const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total, LayerGrads& grads) {
+    const BackwardLoop loop(plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0,
+                            saved, dy, dh, dc, dh_total, grads);
     Team(2.0 * s.B * loop.GH * (2 * s.P + 2 * s.I)).run([&](const Member& me) { loop.walk(me); });
   }
 
@@ -63,9 +63,9 @@ class BackwardLoop {
   };
 
   BackwardLoop(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-               const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& outputs,
-               const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc,
-               Tensor& dh_total, LayerGrads& grads)
+               const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole,
+               const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+               const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total, LayerGrads& grads)
       : s(s), reverse(reverse), H(s.H), P(s.P), I(s.I), GH(s.gates * s.H), K(s.saved_cols()) {
     // dG·W_hh and dX on AMX take k in ranges of kAmxRange, so that the rows' part of a range stays
     // in L2 while the weights pass (a split row of dG is 6 bytes a k: 3 KB a range).
@@ -120,6 +120,10 @@ class BackwardLoop {
     dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
     peephole_p = peephole.defined() ? peephole.data_ptr<T>() : nullptr;
     d_peephole_p = grads.d_peephole.defined() ? grads.d_peephole.data_ptr<T>() : nullptr;
+    zoneout_p = zoneout_masks.defined() ? zoneout_masks.data_ptr<T>() : nullptr;
+    // GRU's cell, and any cell under zoneout, leaves the direct part of dL/dh_{t-1} in dh for the
+    // step's dG·W_hh to add to
+    direct_dh = Cell::kSeparateRecurrentGrad || s.zoneout > 0;
     w_hr_p = s.proj ? w_hr_conj.data_ptr<T>() : nullptr;
     dh_p = dh.data_ptr<T>();
     dc_p = dc.defined() ? dc.data_ptr<T>() : nullptr;
@@ -175,7 +179,8 @@ class BackwardLoop {
         const StepBackward<T> io{step_dy ? step_dy + b * P : nullptr, cell_dh + b * dh_stride,
                                  dc_p ? dc_p + b * H : nullptr, saved_p + (off + b) * K, h_prev, c_prev,
                                  dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH, peephole_p,
-                                 d_peephole_p};
+                                 d_peephole_p,
+                                 Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, off + b)};
         cell_units<Cell, false>(io, H, j, lanes, wide_cells);
       }
     };
@@ -209,12 +214,12 @@ class BackwardLoop {
   }
 
   // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients are
-  // pending (GRU's cell has already written its direct z-path into dh: accumulate).
+  // pending (GRU's cell, and any under zoneout, has already written the direct part into dh: accumulate).
   void propagate(const Share& share, int64_t u) const {
     if (amx_steps) return;  // propagate_amx did it
     const int64_t j0 = panels.first_column(u, 0);
     rows_product<T, C>(panels, u, share.pending_rows, [&](int64_t r) { return share.pending_dg + r * GH; },
-                       [&](int64_t r) { return dh_p + r * P + j0; }, 0, Cell::kSeparateRecurrentGrad);
+                       [&](int64_t r) { return dh_p + r * P + j0; }, 0, direct_dh);
   }
 
   // The same on AMX for all of this thread's blocks at once: the pending rows split by the team,
@@ -227,7 +232,7 @@ class BackwardLoop {
     const int64_t q1 = std::min(dh_split.groups(), panels.first_column(share.u1, 0) / kAmxTile);
     for (int64_t k0 = 0; k0 < GH && q0 < q1; k0 += kAmxRange) {
       dh_split.product(0, share.pending_rows, q0, q1, dh_p, P, k0, std::min(GH, k0 + kAmxRange),
-                       k0 > 0 || Cell::kSeparateRecurrentGrad);
+                       k0 > 0 || direct_dh);
     }
   }
 
@@ -354,7 +359,8 @@ class BackwardLoop {
   Tensor d_proj_input, dgx_buffers, dgh_buffers, chunk_panels, strips;
   int64_t chunk_cap = 0, buffer_rows = 0, x_groups = 0, h_groups = 0, x_panels_size = 0, strip_columns = 0, dx_rows = 0;
   std::vector<PreviousRun> runs;  // of h_{t-1}, for dW_hh
-  const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p, *peephole_p;
+  const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p, *peephole_p, *zoneout_p;
+  bool direct_dh = false;
   int64_t out_ld = 0;
   T *d_peephole_p;  // each unit's sums added by the thread that owns the unit, in the walk's order
   T *dh_p, *dc_p, *dgx_buffers_p, *dgh_buffers_p, *dh_total_p, *d_proj_p, *dx_p, *dw_ih_p, *dw_hh_p, *db_ih_p, *db_hh_p;
@@ -366,12 +372,12 @@ class BackwardLoop {
 
 void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x,
                        const at::Tensor& w_ih, const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj,
-                       const at::Tensor& peephole, const at::Tensor& outputs, const at::Tensor& h0,
-                       const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy, at::Tensor& dh,
-                       at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads) {
+                       const at::Tensor& peephole, const at::Tensor& zoneout_masks, const at::Tensor& outputs,
+                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
+                       at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads) {
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
     dispatch_cell<cpu::BackwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole,
-                                               outputs, h0, c0, saved, dy, dh, dc, dh_total, grads);
+                                               zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dh_total, grads);
   });
 }
 

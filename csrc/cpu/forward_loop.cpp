@@ -42,8 +42,8 @@ struct ForwardLoop {
   static constexpr int G = Cell::kGates, C = kVectorsPerGate<G>;
 
   static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
-                  const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole, Tensor& y,
-                  Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole,
+                  const Tensor& zoneout_masks, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     // The plan's kernels (kernel_plan.h). The AVX-512 steps read W_hh in panels; the row dots and
@@ -84,6 +84,7 @@ struct ForwardLoop {
     const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
     const T* peephole_p = peephole.defined() ? peephole.data_ptr<T>() : nullptr;
+    const T* zoneout_p = zoneout_masks.defined() ? zoneout_masks.data_ptr<T>() : nullptr;
     T* gx_buffer_p = gx_buffer.data_ptr<T>();
     T* gh_p = gh.data_ptr<T>();
     T* y_p = y.data_ptr<T>();
@@ -195,7 +196,8 @@ struct ForwardLoop {
             T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
             T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
             const StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
-                                    c_p ? c_p + b * H : nullptr, out_row, saved_row, peephole_p};
+                                    c_p ? c_p + b * H : nullptr, out_row, saved_row, peephole_p,
+                                    Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, off + b)};
             cell_units<Cell, true>(io, H, j_begin, j_end - j_begin, plan.wide_cells);
           }
           if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ once every unit is done, by output features
@@ -219,11 +221,11 @@ struct ForwardLoop {
 
 void forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x,
                       const at::Tensor& w_ih, const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
-                      const at::Tensor& w_hr, const at::Tensor& peephole, at::Tensor& y, at::Tensor& h,
-                      at::Tensor& c, at::Tensor& saved) {
+                      const at::Tensor& w_hr, const at::Tensor& peephole, const at::Tensor& zoneout_masks,
+                      at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved) {
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(x.scalar_type(), "fused_rnn_forward_cpu", [&] {
-    dispatch_cell<cpu::ForwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, bias, w_hh, b_hn, w_hr, peephole, y,
-                                              h, c, saved);
+    dispatch_cell<cpu::ForwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, bias, w_hh, b_hn, w_hr, peephole,
+                                              zoneout_masks, y, h, c, saved);
   });
 }
 

@@ -23,12 +23,13 @@ void empty_cpu_cache();
 //   b_hn   [H]       GRU's n-gate hidden bias, or undefined
 //   y      [N, P]    output, written
 //   peephole [3*H]   LSTM's peephole weights, or undefined
+//   zoneout_masks [2 or 1, N, H]  the training masks of zoneout (s.zoneout), or undefined
 //   h, c   [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
 //   saved  [N, saved_cols] written when defined (a gradient is wanted)
 void forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
                       const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
-                      const at::Tensor& w_hr, const at::Tensor& peephole, at::Tensor& y, at::Tensor& h, at::Tensor& c,
-                      at::Tensor& saved);
+                      const at::Tensor& w_hr, const at::Tensor& peephole, const at::Tensor& zoneout_masks,
+                      at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
 
 // One int8 weight matrix of the quantized inference path, w [G*H, K] with a scale per row
 // (w ≈ scale[r] · q[r, k]): q laid out in panels by pack_int8_panels, the scales, and the row
@@ -63,6 +64,7 @@ struct LayerGrads {
 
 //   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)
 //   peephole [3*H]   LSTM's peephole weights, or undefined
+//   zoneout_masks    as forward's
 //   outputs  [N, P] the forward's outputs, h_t of every row (a view with row stride ≥ P)
 //   h0, c0   [B, P], [B, H] the initial state (c0 undefined unless LSTM)
 //   dy       [N, P] or undefined
@@ -72,7 +74,7 @@ struct LayerGrads {
 // gradients out a chunk of steps at a time, while they are in cache.
 void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
                        const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, const at::Tensor& peephole,
-                       const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
+                       const at::Tensor& zoneout_masks, const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
                        at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads);
 
 }  // namespace fused_rnn

@@ -65,8 +65,8 @@ Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs
 
 // The forward step loop the plan names.
 void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh,
-                  const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c,
-                  Tensor& saved) {
+                  const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks,
+                  Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
   using cuda::Recurrent;
   const auto loop = plan.recurrent == Recurrent::kHalf       ? &forward_loop_cuda_half
                     : plan.recurrent == Recurrent::kBFloat16 ? &forward_loop_cuda_bfloat16
@@ -80,13 +80,14 @@ void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse,
   TORCH_CHECK(gx.scalar_type() == state_type && w_hh.scalar_type() == weight_type, "fused_rnn: the ",
               cuda::recurrent_name(plan.recurrent), " step loop takes gx in ", state_type, " and weight_hh in ",
               weight_type, ", got ", gx.scalar_type(), " and ", w_hh.scalar_type());
-  loop(s, reverse, gx, w_hh, b_hn, w_hr, peephole, y, h, c, saved, plan.persistent);
+  loop(s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h, c, saved, plan.persistent);
 }
 
 void refuse_complex(const Tensor& x) {
   TORCH_CHECK(!x.is_complex(), "fused_rnn: complex inputs are not supported on CUDA (the CUDA kernels handle ",
               "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
 }
+
 
 
 }  // namespace
@@ -148,45 +149,50 @@ namespace {
 LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse, const Tensor& h0,
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                           bool need_saved, const optional<Tensor>& w_peephole) {
+                           bool need_saved, const optional<Tensor>& w_peephole, double zoneout,
+                           const optional<Tensor>& zoneout_masks) {
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
-  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole);
+  const LayerShape s =
+      describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout, zoneout_masks);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(false, s, x.scalar_type(), x.device());
-  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, plan.products);
+  ForwardOperands op =
+      forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, plan.products);
   const auto opts = op.h.options();
   Tensor y = at::empty({s.N, s.P}, opts);
   Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, op.peephole, y,
-               op.h, op.c, saved);
+  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, op.peephole,
+               op.zoneout_masks, y, op.h, op.c, saved);
   return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
 // The backward step loop the plan names (half types reach it as float32).
 void backward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& w_hh_conj,
-                   const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& outputs, const Tensor& h0,
-                   const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
-                   Tensor& dgh, Tensor& dh_total) {
+                   const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& zoneout_masks,
+                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
+                   const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
   const bool float64 = plan.recurrent == cuda::Recurrent::kDouble;
   TORCH_CHECK(saved.scalar_type() == (float64 ? at::kDouble : at::kFloat), "fused_rnn: the ",
               cuda::recurrent_name(plan.recurrent), " backward loop does not take dtype ", saved.scalar_type());
   const auto loop = float64 ? &backward_loop_cuda_double : &backward_loop_cuda_float;
-  loop(s, reverse, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total,
-       plan.fused_backward, plan.persistent);
+  loop(s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
+       dh_total, plan.fused_backward, plan.persistent);
 }
 
 LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
                               const Tensor& h0, const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                               const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
                               const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                              const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole) {
-  const LayerShape s =
-      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, w_peephole);
+                              const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole,
+                              double zoneout, const optional<Tensor>& zoneout_masks) {
+  const LayerShape s = describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n,
+                                               dc_n, w_peephole, zoneout, zoneout_masks);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(true, s, x.scalar_type(), x.device());
-  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, w_peephole, y, saved, dy, dh_n, dc_n);
+  BackwardOperands op =
+      backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, w_peephole, zoneout_masks, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
   Tensor dh_total = s.proj ? at::empty({s.N, s.P}, opts) : Tensor();
@@ -195,8 +201,8 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // real types here are the weights.
   Tensor dgx = at::empty({s.N, GH}, opts);
   Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
-  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.peephole, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh,
-                op.dc, dgx, dgh, dh_total);
+  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.peephole, op.zoneout_masks, op.outputs, op.h0, op.c0, op.saved,
+                op.dy, op.dh, op.dc, dgx, dgh, dh_total);
 
   // The once-per-sequence products and sums; plain reductions, so results are reproducible.
   const Tensor h_prev = previous_outputs(s, reverse, op.outputs, op.h0);
@@ -224,14 +230,16 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   }
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H));
-  // The peepholes' gradient from the gate gradients: p_i and p_f saw c_{t-1}, p_o saw c_t (cells.h).
+  // The peepholes' gradient from the gate gradients: p_i and p_f saw c_{t-1}, p_o the cell's own c_t
+  // (under zoneout ĉ_t, in its own slot; c_{t-1} is then the mixed state) (cells.h).
   Tensor dw_peephole;
   if (s.peephole) {
     const int64_t H = s.H;
     const Tensor c_t = op.saved.narrow(1, s.cell_state_col(), H);
+    const Tensor c_own = s.zoneout > 0 ? op.saved.narrow(1, LSTMCell<float>::kZoneoutSlot * H, H) : c_t;
     const Tensor c_prev = previous_outputs(s, reverse, c_t, op.c0);
     dw_peephole = at::cat({(dgx.narrow(1, 0, H) * c_prev).sum(0), (dgx.narrow(1, H, H) * c_prev).sum(0),
-                           (dgx.narrow(1, 3 * H, H) * c_t).sum(0)});
+                           (dgx.narrow(1, 3 * H, H) * c_own).sum(0)});
   }
   return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole}, x.scalar_type());
 }

@@ -75,7 +75,9 @@ struct PersistentArgs {
   T* c;                        // LSTM: [B, H] in place, else null
   T* saved;                    // [N, K] or null
   const T* peephole;           // LSTM: [3*H] or null
-  int64_t K, H, P;
+  double zoneout;              // cells.h's Zoneout: z, and the masks [2 or 1, N, H] or null
+  const T* zoneout_masks;
+  int64_t K, H, P, N;
   PersistentSteps walk;
 
   // What finish_unit (step_loops.cuh) needs of step t, for a cell of G gates.
@@ -91,6 +93,10 @@ struct PersistentArgs {
     cell.saved = saved ? saved + off * K : nullptr;
     cell.saved_stride = K;
     cell.peephole = peephole;
+    cell.zoneout = zoneout;
+    cell.zoneout_masks = zoneout_masks;
+    cell.rows_all = N;
+    cell.first_row = off;
     cell.n = walk.rows(t);
     cell.H = H;
     cell.P = P;
@@ -330,7 +336,9 @@ struct PersistentBackwardArgs {
   T* dgx;                      // [N, G*H]
   T* dgh;                      // [N, G*H] (the same as dgx except for GRU)
   const T* peephole;           // LSTM: [3*H] or null
-  int64_t K, H, P;
+  double zoneout;              // as PersistentArgs'
+  const T* zoneout_masks;
+  int64_t K, H, P, N;
   PersistentSteps walk;
 };
 
@@ -391,7 +399,7 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
           for (int q = 0; q < S; ++q) total += part_s[(w * R + r) * kTileUnits + q * U + u];  // subs, then warps
         }
         T* dh = cell.dh + b * cell.dh_stride + j;
-        *dh = Cell::kSeparateRecurrentGrad ? *dh + total : total;  // GRU: after its direct path
+        *dh = cell.template direct_dh<Cell>() ? *dh + total : total;  // GRU, zoneout: after the direct path
       }
       if (b < cell.n) backward_unit<Cell>(cell, b, j);
     }
@@ -431,6 +439,9 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
   cell.h0 = a.h0;
   cell.c0 = a.c0;
   cell.peephole = a.peephole;
+  cell.zoneout = a.zoneout;
+  cell.zoneout_masks = a.zoneout_masks;
+  cell.rows_all = a.N;
   cell.H = H;
   cell.P = P;
   cell.K = a.K;
@@ -443,6 +454,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
     cell.dy = a.dy ? a.dy + off * P : nullptr;
     cell.saved = a.saved + off * a.K;
     cell.before = a.walk.before(t);
+    cell.first_row = off;
     cell.dgx = a.dgx + off * GH;
     cell.dgh = a.dgh + off * GH;
     cell.n = n;
@@ -537,7 +549,7 @@ struct PersistentForwardLoop {
   static constexpr int kUnits = kTensorCores ? kMmaUnits : kPersistentUnits<Cell::kGates>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnits);  // in W_hh's type: the operand's
     const Tensor tables = device_step_tables(s, gx.device());
@@ -550,6 +562,9 @@ struct PersistentForwardLoop {
     a.c = c.defined() ? c.data_ptr<T>() : nullptr;
     a.saved = saved.defined() ? saved.data_ptr<T>() : nullptr;
     a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+    a.zoneout = s.zoneout;
+    a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.N = s.N;
     a.K = saved.defined() ? s.saved_cols() : 0;
     a.H = H;
     a.P = P;
@@ -571,12 +586,12 @@ struct PersistentForwardLoop {
 template <typename Cell>
 struct CudaCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved,
-                  bool persistent) {
+                  const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h,
+                  Tensor& c, Tensor& saved, bool persistent) {
     if (persistent) {
-      PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, peephole, y, h, c, saved);
+      PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, peephole, zoneout_masks, y, h, c, saved);
     } else {
-      StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, y, h, c, saved);
+      StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h, c, saved);
     }
   }
 };
@@ -586,12 +601,12 @@ struct CudaCoreForwardLoop {
 template <typename Cell, typename Op>
 struct TensorCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved,
-                  bool persistent) {
+                  const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h,
+                  Tensor& c, Tensor& saved, bool persistent) {
     if (persistent) {
-      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, peephole, y, h, c, saved);
+      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, peephole, zoneout_masks, y, h, c, saved);
     } else {
-      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, y, h, c, saved);
+      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h, c, saved);
     }
   }
 };
@@ -607,8 +622,8 @@ struct PersistentBackwardLoop {
   using T = typename Cell::scalar_t;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& peephole,
-                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
-                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
+                  const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
     constexpr int G = Cell::kGates;
     const Tensor w_columns = persistent_backward_columns(w_hh_conj, G, s.H, kPersistentUnits<G>, kPersistentSubs<G>);
     const Tensor tables = device_step_tables(s, saved.device());
@@ -626,6 +641,9 @@ struct PersistentBackwardLoop {
     a.dgx = dgx.data_ptr<T>();
     a.dgh = dgh.data_ptr<T>();
     a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+    a.zoneout = s.zoneout;
+    a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.N = s.N;
     a.K = s.saved_cols();
     a.H = s.H;
     a.P = s.P;
@@ -643,15 +661,15 @@ struct PersistentBackwardLoop {
 template <typename Cell>
 struct CudaCoreBackwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& peephole, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                  Tensor& dh_total, bool fuse, bool persistent) {
+                  const Tensor& peephole, const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0,
+                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
+                  Tensor& dgh, Tensor& dh_total, bool fuse, bool persistent) {
     if (persistent) {
-      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx,
-                                        dgh);
+      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy,
+                                        dh, dc, dgx, dgh);
     } else {
-      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx,
-                              dgh, dh_total, fuse);
+      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy,
+                              dh, dc, dgx, dgh, dh_total, fuse);
     }
   }
 };

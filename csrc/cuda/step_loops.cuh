@@ -420,6 +420,11 @@ struct ForwardArgs {
   T* saved;         // this step's first row of saved, or null
   int64_t saved_stride;
   const T* peephole;  // LSTM: [3*H] or null
+  // Zoneout (cells.h): z, and the masks of the whole sequence [2 or 1, rows_all, H] or null; the
+  // step's first row in them
+  double zoneout;
+  const T* zoneout_masks;
+  int64_t rows_all, first_row;
   int64_t n, H, P;
 };
 
@@ -435,7 +440,9 @@ __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::sca
   FUSED_RNN_UNROLL
   for (int g = 0; g < Cell::kGates; ++g) own.value[g] = sum[g];
   StepForward<T, Sums> io{a.gx + b * GH, own, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
-                          a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr, a.peephole};
+                          a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr, a.peephole,
+                          Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H,
+                                             a.first_row + b)};
   Cell::forward(io, H, j);
 }
 
@@ -749,7 +756,8 @@ struct ForwardLoop {
   using W = typename StoredWeight<Op, T>::type;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, const Tensor& peephole, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h,
+                  Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P, GH = s.gates * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     if (s.T == 0 || s.B == 0) return;
@@ -793,6 +801,10 @@ struct ForwardLoop {
         a.saved = saved_p ? saved_p + off * K : nullptr;
         a.saved_stride = K;
         a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+        a.zoneout = s.zoneout;
+        a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+        a.rows_all = s.N;
+        a.first_row = off;
         a.n = n;
         a.H = H;
         a.P = P;
@@ -843,7 +855,14 @@ struct BackwardArgs {
   T* dgx;            // this step's first row of dgx
   T* dgh;            // this step's first row of dgh (the same as dgx except for GRU)
   const T* peephole;  // LSTM: [3*H] or null (their gradient is summed from dgx after the walk)
+  double zoneout;     // as ForwardArgs'; under zoneout every cell leaves a direct part of dh_{t-1} in dh
+  const T* zoneout_masks;
+  int64_t rows_all, first_row;
   int64_t n, H, P, K;
+
+  // Whether the cell leaves the direct part of dL/dh_{t-1} in dh for the product to add to.
+  template <typename Cell>
+  __host__ __device__ bool direct_dh() const { return Cell::kSeparateRecurrentGrad || zoneout > 0; }
 };
 
 // The cell's backward for row b, unit j of the step.
@@ -854,7 +873,9 @@ __device__ __forceinline__ void backward_unit(const BackwardArgs<typename Cell::
   const T* h_prev = a.before.row(b, a.outputs, a.out_stride, a.h0, a.P);
   const T* c_prev = a.c0 ? a.before.row(b, a.saved_c, a.K, a.c0, H) : nullptr;
   StepBackward<T> io{a.dy ? a.dy + b * a.P : nullptr, a.dh + b * a.dh_stride, a.dc ? a.dc + b * H : nullptr,
-                     a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH, a.peephole};
+                     a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH, a.peephole, nullptr,
+                     Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H,
+                                        a.first_row + b)};
   Cell::backward(io, H, j);
 }
 
@@ -922,7 +943,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row0 + Tile::first(ty) + r;
     if (r >= Tile::count(ty) || b >= rows) break;
     T* dh = cell.dh + b * cell.dh_stride + j;
-    if (b < before) *dh = Cell::kSeparateRecurrentGrad ? *dh + acc[r][0] : acc[r][0];
+    if (b < before) *dh = cell.template direct_dh<Cell>() ? *dh + acc[r][0] : acc[r][0];
     if (b < cell.n) backward_unit<Cell>(cell, b, j);
   }
 }
@@ -954,24 +975,24 @@ struct BackwardLoop {
   // fuse: one launch per step where the shape allows (no projection); else the cell backward and
   // cuBLAS's dh product as two launches per step.
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& peephole, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                  Tensor& dh_total, bool fuse) {
+                  const Tensor& peephole, const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0,
+                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
+                  Tensor& dgh, Tensor& dh_total, bool fuse) {
     if (s.T == 0 || s.B == 0 || s.H == 0) return;  // H = 0: every gradient is empty or stays as it is
     if (fuse && !s.proj) {
-      run_fused(s, reverse, w_hh_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
+      run_fused(s, reverse, w_hh_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
     } else {
-      run_unfused(s, reverse, w_hh_conj, w_hr_conj, peephole, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
-                  dh_total);
+      run_unfused(s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                  dgh, dh_total);
     }
   }
 
   // The cell backward's arguments for step t (n rows from row `off`), reading the gradient at h_t
   // from `cell_dh` (row stride cell_dh_stride) plus `step_dy` when given.
   static BackwardArgs<T> cell_args(const LayerShape& s, bool reverse, int64_t t, const Tensor& peephole,
-                                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
-                                   const T* step_dy, T* cell_dh, int64_t cell_dh_stride, Tensor& dc, Tensor& dgx,
-                                   Tensor& dgh) {
+                                   const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0,
+                                   const Tensor& c0, const Tensor& saved, const T* step_dy, T* cell_dh,
+                                   int64_t cell_dh_stride, Tensor& dc, Tensor& dgx, Tensor& dgh) {
     const int64_t off = s.offsets[t], GH = s.gates * s.H, K = s.saved_cols();
     const T* saved_p = saved.data_ptr<T>();
     BackwardArgs<T> a;
@@ -989,6 +1010,10 @@ struct BackwardLoop {
     a.dgx = dgx.data_ptr<T>() + off * GH;
     a.dgh = dgh.data_ptr<T>() + off * GH;
     a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+    a.zoneout = s.zoneout;
+    a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.rows_all = s.N;
+    a.first_row = off;
     a.n = s.batch_sizes[t];
     a.H = s.H;
     a.P = s.P;
@@ -997,10 +1022,11 @@ struct BackwardLoop {
   }
 
   // dh[0:n) = dG_h·W_hh of the n rows from row `off` (GRU: added to the direct path already in dh).
-  static void propagate(const Tensor& w_hh_conj, const Tensor& dgh, int64_t off, int64_t n, Tensor& dh) {
+  static void propagate(const LayerShape& s, const Tensor& w_hh_conj, const Tensor& dgh, int64_t off, int64_t n,
+                        Tensor& dh) {
     Tensor dh_rows = dh.narrow(0, 0, n);
     const Tensor dg_rows = dgh.narrow(0, off, n);
-    if (Cell::kSeparateRecurrentGrad) {
+    if (Cell::kSeparateRecurrentGrad || s.zoneout > 0) {
       at::addmm_out(dh_rows, dh_rows, dg_rows, w_hh_conj);
     } else {
       at::mm_out(dh_rows, dg_rows, w_hh_conj);
@@ -1008,8 +1034,8 @@ struct BackwardLoop {
   }
 
   static void run_fused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& peephole,
-                        const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
-                        const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
+                        const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                        const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
     const int64_t GH = s.gates * s.H, P = s.P;
     const Tensor w_tiles = column_tiles(w_hh_conj, P, kTileUnits);
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles.const_data_ptr()) % 16 == 0,
@@ -1025,19 +1051,19 @@ struct BackwardLoop {
       a.w_tiles = w_tiles.const_data_ptr<T>();
       a.dg_before = rows_before > 0 ? dgh.const_data_ptr<T>() + off_before * GH : nullptr;
       a.rows_before = rows_before;
-      a.cell = cell_args(s, reverse, t, peephole, outputs, h0, c0, saved, dy_p ? dy_p + off * P : nullptr,
-                         dh.data_ptr<T>(), P, dc, dgx, dgh);
+      a.cell = cell_args(s, reverse, t, peephole, zoneout_masks, outputs, h0, c0, saved,
+                         dy_p ? dy_p + off * P : nullptr, dh.data_ptr<T>(), P, dc, dgx, dgh);
       launch_fused_backward_step<Cell>(a, sms);
       rows_before = n;
       off_before = off;
     }
-    if (rows_before > 0) propagate(w_hh_conj, dgh, off_before, rows_before, dh);  // to h_0
+    if (rows_before > 0) propagate(s, w_hh_conj, dgh, off_before, rows_before, dh);  // to h_0
   }
 
   static void run_unfused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                          const Tensor& peephole, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                          const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
-                          Tensor& dh_total) {
+                          const Tensor& peephole, const Tensor& zoneout_masks, const Tensor& outputs,
+                          const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh,
+                          Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
     const int64_t H = s.H, P = s.P;
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
@@ -1063,11 +1089,12 @@ struct BackwardLoop {
         cell_dh_stride = H;
       }
       const BackwardArgs<T> a =
-          cell_args(s, reverse, t, peephole, outputs, h0, c0, saved, step_dy, cell_dh, cell_dh_stride, dc, dgx, dgh);
+          cell_args(s, reverse, t, peephole, zoneout_masks, outputs, h0, c0, saved, step_dy, cell_dh, cell_dh_stride,
+                    dc, dgx, dgh);
       const int64_t blocks = std::min<int64_t>((n * H + kBackwardThreads - 1) / kBackwardThreads,
                                                static_cast<int64_t>(sms) * 32);
       device::launch(&backward_step_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kBackwardThreads), a);
-      propagate(w_hh_conj, dgh, off, n, dh);  // dL/dh_{t-1}
+      propagate(s, w_hh_conj, dgh, off, n, dh);  // dL/dh_{t-1}
     }
   }
 };
