@@ -252,3 +252,19 @@ def test_the_cuda_path_matches_the_cpu(persistent, unfused_backward, mode, dtype
         fused.zero_grad()
         assert_close(out_gpu, out_cpu, tol, tol, "outputs")
         assert_close(grads_gpu, grads_cpu, tol, tol, "gradients")
+
+
+def test_torch_func_and_export_in_eval():
+    fused = _module("GRU", 0.2, num_layers=2).eval()
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    params = dict(fused.named_parameters())
+
+    def loss(p):
+        return torch.func.functional_call(fused, p, (x,))[0].square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    fused(x)[0].square().sum().backward()
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
+    exported = torch.export.export(fused, (x,))
+    torch.testing.assert_close(exported.module()(x)[0], fused(x)[0], rtol=0, atol=0)
