@@ -446,7 +446,8 @@ def case_label(r):
     if r["cell"] in CELL_KINDS:
         return f"{r['cell']} x{r['T']} calls B{r['B']} H{r['H']} {r['dtype']}"
     return (f"{r['cell']} T{r['T']} B{r['B']} H{r['H']}" + (f" L{r['layers']}" if r["layers"] > 1 else "")
-            + (" bi" if r["bidirectional"] else "") + f" {r['dtype']}" + (f" {r['variant']}" if r.get("variant") else ""))
+            + (" bi" if r["bidirectional"] else "") + f" {r['dtype']}"
+            + (f" {r['variant']}" if r.get("variant") else ""))
 
 
 def marks(r):

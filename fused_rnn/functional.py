@@ -77,9 +77,10 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
             ended_c.append(c[n:] if c is not None else None)
             h, c = h[:n], (c[:n] if c is not None else None)
         rows = n
-        h_new, c_new = _torch_cell_step(cell, x[starts[t]:starts[t] + n], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
+        rows_t = slice(starts[t], starts[t] + n)
+        h_new, c_new = _torch_cell_step(cell, x[rows_t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
         if zoneout > 0:
-            keep = (zoneout,) * 2 if zoneout_masks is None else tuple(m[starts[t]:starts[t] + n] for m in zoneout_masks)
+            keep = (zoneout,) * 2 if zoneout_masks is None else tuple(m[rows_t] for m in zoneout_masks)
             h_new = keep[-1] * h + (1 - keep[-1]) * h_new
             if c is not None:
                 c_new = keep[0] * c + (1 - keep[0]) * c_new
@@ -171,9 +172,10 @@ def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, zoneout=(0.0, 
 
 
 def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n, zoneout):
-    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) as a graph, None where
-    not needed. torch.func.vjp rather than autograd.grad: under torch.func's transforms the saved
-    inputs are not autograd leaves of this level, and vjp differentiates them all the same."""
+    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) as a graph, None
+    where not needed; zoneout (z, masks or None) as the forward's. torch.func.vjp rather than
+    autograd.grad: under torch.func's transforms the saved inputs are not autograd leaves of this
+    level, and vjp differentiates them all the same."""
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
     grads = [None] * len(inputs)
     if not wanted:

@@ -552,10 +552,9 @@ class LSTM(_FusedRNNBase):
             self.zoneout = zoneout
         if peephole:  # after torch.nn's parameters, which are then initialised as torch.nn's from the same seed
             self.peephole = True
-            self._peephole_names = _peephole_parameters(
-                self, [f"_l{layer}{suffix}" for layer in range(num_layers)
-                               for suffix in ([""] + (["_reverse"] if bidirectional else []))],
-                hidden_size, device, dtype)
+            directions = [""] + (["_reverse"] if bidirectional else [])
+            suffixes = [f"_l{layer}{direction}" for layer in range(num_layers) for direction in directions]
+            self._peephole_names = _peephole_parameters(self, suffixes, hidden_size, device, dtype)
 
     _torch_nn_class = nn.LSTM  # the twin: its forward is asked of input we reject, and records exports
     get_expected_cell_size = nn.LSTM.get_expected_cell_size

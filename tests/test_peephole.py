@@ -448,7 +448,7 @@ def test_quantizing_a_peephole_layer_is_refused():
     """Neither int8 layer has peepholes: quantize_dynamic must not drop them silently."""
     for module in (fused_rnn.LSTM(3, 4, peephole=True), fused_rnn.LSTMCell(3, 4, peephole=True)):
         for dtype in (torch.qint8, torch.float16):
-            with pytest.raises(NotImplementedError, match="peephole connections or zoneout cannot be dynamically quantized"):
+            with pytest.raises(NotImplementedError, match="peephole connections or zoneout cannot be dynamically"):
                 torch.ao.quantization.quantize_dynamic(nn.Sequential(module), dtype=dtype)
 
 
@@ -469,6 +469,8 @@ def test_autocast_and_whole_model_pickling(tmp_path):
     torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
     path = tmp_path / "model.pt"
     torch.save(nn.Sequential(fused), path)
-    with torch.serialization.safe_globals([nn.Sequential, fused_rnn.LSTM]):
+    # fused_rnn's classes are allowed since `import fused_rnn` (and naming them here would take them
+    # off torch's list again when the context ends)
+    with torch.serialization.safe_globals([nn.Sequential]):
         loaded = torch.load(path)
     assert loaded[0].peephole and torch.equal(loaded[0](x)[0], want)
