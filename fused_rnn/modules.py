@@ -175,12 +175,13 @@ def _peephole_parameters(module, suffixes: Sequence[str], hidden_size: int, devi
     return names
 
 
-def _refuse_peephole_trace(module) -> None:
-    """torch.jit.trace records torch.nn's forward, which has no peephole connections."""
+def _refuse_variant_trace(module) -> None:
+    """torch.jit.trace records torch.nn's forward, which has no peephole connections or zoneout."""
+    what = "peephole connections" if module.peephole else "zoneout"
     raise NotImplementedError(
-        f"fused_rnn: torch.jit.trace cannot record a {type(module).__name__} with peephole connections (a trace "
-        f"records torch.nn's {type(module).__name__}, which has none). torch.export, torch.compile and "
-        f"torch.onnx.export take it.")
+        f"fused_rnn: torch.jit.trace cannot record a {type(module).__name__} with {what} (a trace records "
+        f"torch.nn's {type(module).__name__}, which has none). torch.export, torch.compile and torch.onnx.export "
+        f"take it.")
 
 
 def _check_nonlinearity_dtype(name: str, mode: str, input: Tensor) -> None:
@@ -376,15 +377,10 @@ class _FusedRNNBase(nn.RNNBase):
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
-            if self.zoneout:
-                raise NotImplementedError(
-                    f"fused_rnn: a {type(self).__name__} with zoneout cannot be exported to ONNX or traced yet "
-                    f"(torch.nn's {type(self).__name__}, which those record, has none); torch.export and "
-                    f"torch.compile take it")
-            if self.peephole:  # no torch.nn twin: ONNX's LSTM with its P input (onnx_export.py)
+            if self.peephole or self.zoneout:  # no torch.nn twin: onnx_export.py
                 if not functional.onnx_exporting():
-                    _refuse_peephole_trace(self)
-                return onnx_export.peephole_lstm(self, input, hx)
+                    _refuse_variant_trace(self)
+                return onnx_export.variant_layers(self, input, hx)
             if self.proj_size > 0 and torch.onnx.is_in_onnx_export():
                 # torch's TorchScript-based exporter refuses it; its torch.export-based one writes an
                 # ONNX LSTM that ONNX Runtime rejects (initial_c of the projected width).
@@ -732,7 +728,7 @@ class _FusedCellBase(nn.RNNCellBase):
         if _exports_through_torch_nn():
             if self.peephole:
                 if not functional.onnx_exporting():
-                    _refuse_peephole_trace(self)
+                    _refuse_variant_trace(self)
                 return onnx_export.peephole_lstm_cell(self, input, hx)
             return self._torch_nn_class.forward(self, input, hx)
         try:

@@ -1,4 +1,4 @@
-"""ONNX export of what torch.nn's layers cannot record: fused_rnn's peephole LSTM.
+"""ONNX export of what torch.nn's layers cannot record: fused_rnn's peephole LSTM, and zoneout.
 
 torch.onnx.export records our plain layers through torch.nn's forward (modules.py), which its
 exporters turn into ONNX's LSTM, GRU and RNN operators. A peephole LSTM has no torch.nn twin, so
@@ -6,6 +6,8 @@ here each layer and direction becomes ONNX's own LSTM operator with its P input 
 the TorchScript-based exporter (dynamo=False) writes it through _OnnxLSTM.symbolic. The
 torch.export-based exporter (dynamo=True) does not take symbolic functions: it records _OnnxLSTM's
 forward, the equations step by step in standard ONNX operators (for the traced sequence length).
+Zoneout exports in eval mode, its expectation, as the equations step by step (ONNX's recurrent
+operators have no such term), with either exporter.
 
 ONNX's LSTM orders the gates (i, o, f, c) and the peepholes (i, o, f); torch.nn's gates are
 (i, f, g, o) and ours (i, f, o) (csrc/cells.h): the weights are reordered by traced slices, which
@@ -48,15 +50,23 @@ class _OnnxLSTM(torch.autograd.Function):
                     direction_s="reverse" if reverse else "forward", outputs=3)
 
 
-def peephole_lstm(module, input, hx) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """A peephole fused_rnn.LSTM's forward as ONNX export records it (see the module docstring)."""
+def variant_layers(module, input, hx):
+    """The forward of a fused_rnn.LSTM / GRU / RNN with peepholes or zoneout as ONNX export records it:
+    a peephole LSTM's layers as ONNX's LSTM operator (_OnnxLSTM); under zoneout (eval: the
+    expectation z) the equations step by step in standard operators, for the traced length."""
     name = type(module).__name__
     if not isinstance(input, Tensor):
-        raise NotImplementedError(f"fused_rnn: exporting a peephole {name} to ONNX takes a padded Tensor input "
-                                  f"(a PackedSequence is not supported there)")
+        raise NotImplementedError(f"fused_rnn: exporting a {name} with peepholes or zoneout to ONNX takes a padded "
+                                  f"Tensor input (a PackedSequence is not supported there)")
     if module.proj_size > 0:
         raise NotImplementedError(f"fused_rnn: a {name} with proj_size cannot be exported to ONNX: ONNX's LSTM "
                                   f"operator has no projection of the hidden state")
+    if module.zoneout and module.training:
+        raise NotImplementedError(f"fused_rnn: a {name} with zoneout exports in eval mode (its expectation); "
+                                  f"call .eval() first (training draws random masks)")
+    from .functional import CELL_IDS, _layer_with_torch_cells
+
+    lstm = module.mode == "LSTM"
     H, D = module.hidden_size, 2 if module.bidirectional else 1
     batched = input.dim() == 3
     x = input if batched else input.unsqueeze(1)
@@ -65,35 +75,53 @@ def peephole_lstm(module, input, hx) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     if hx is None:
         zeros = x.new_zeros(module.num_layers * D, x.size(1), H)
         h0, c0 = zeros, zeros
-    else:
+    elif lstm:
         h0, c0 = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+    else:
+        h0, c0 = (hx if batched else hx.unsqueeze(1)), None
     h_n: List[Tensor] = []
     c_n: List[Tensor] = []
     for layer in range(module.num_layers):
         outputs = []
         for d in range(D):
             k, suffix = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
-            w = _onnx_gates(getattr(module, "weight_ih" + suffix), H).unsqueeze(0)
-            r = _onnx_gates(getattr(module, "weight_hh" + suffix), H).unsqueeze(0)
-            if module.bias:
-                bias = torch.cat([_onnx_gates(getattr(module, "bias_ih" + suffix), H),
-                                  _onnx_gates(getattr(module, "bias_hh" + suffix), H)]).unsqueeze(0)
+            weight = lambda kind: getattr(module, kind + suffix, None)  # noqa: E731
+            if module.zoneout:
+                T, B = x.shape[:2]
+                y, h, c = _layer_with_torch_cells(
+                    CELL_IDS[module.mode], x.reshape(T * B, x.size(2)), [], d == 1, h0[k], c0[k] if lstm else None,
+                    weight("weight_ih"), weight("weight_hh"), weight("bias_ih"), weight("bias_hh"), None,
+                    weight("weight_peephole"), module.zoneout, None)
+                y = y.view(T, B, H)
             else:
-                bias = x.new_zeros(1, 8 * H)
-            peephole: Tensor = getattr(module, "weight_peephole" + suffix)
-            p = torch.cat([peephole[:H], peephole[2 * H:], peephole[H:2 * H]]).unsqueeze(0)  # (i, f, o) -> (i, o, f)
-            y, h, c = _OnnxLSTM.apply(x, w, r, bias, h0[k:k + 1], c0[k:k + 1], p, H, d == 1)
-            outputs.append(y.squeeze(1))
+                y, h, c = _peephole_onnx_layer(x, weight, module.bias, H, h0[k], c0[k], d == 1)
+            outputs.append(y)
             h_n.append(h)
             c_n.append(c)
         x = outputs[0] if D == 1 else torch.cat(outputs, 2)
         if module.training and module.dropout > 0 and layer < module.num_layers - 1:
             x = torch.nn.functional.dropout(x, module.dropout, True)
     output = x.transpose(0, 1) if batched and module.batch_first else x
-    h_last, c_last = torch.cat(h_n), torch.cat(c_n)
+    h_last = torch.stack(h_n)
+    c_last = torch.stack(c_n) if lstm else None
     if not batched:
-        output, h_last, c_last = output.squeeze(1), h_last.squeeze(1), c_last.squeeze(1)
-    return output, (h_last, c_last)
+        output, h_last = output.squeeze(1), h_last.squeeze(1)
+        c_last = c_last.squeeze(1) if lstm else None
+    return output, ((h_last, c_last) if lstm else h_last)
+
+
+def _peephole_onnx_layer(x, weight, has_bias, H, h0, c0, reverse):
+    """One peephole LSTM layer and direction as ONNX's LSTM operator: x [T, B, I] -> y [T, B, H], h, c."""
+    w = _onnx_gates(weight("weight_ih"), H).unsqueeze(0)
+    r = _onnx_gates(weight("weight_hh"), H).unsqueeze(0)
+    if has_bias:
+        bias = torch.cat([_onnx_gates(weight("bias_ih"), H), _onnx_gates(weight("bias_hh"), H)]).unsqueeze(0)
+    else:
+        bias = x.new_zeros(1, 8 * H)
+    peephole = weight("weight_peephole")
+    p = torch.cat([peephole[:H], peephole[2 * H:], peephole[H:2 * H]]).unsqueeze(0)  # (i, f, o) -> (i, o, f)
+    y, h, c = _OnnxLSTM.apply(x, w, r, bias, h0.unsqueeze(0), c0.unsqueeze(0), p, H, reverse)
+    return y.squeeze(1), h.squeeze(0), c.squeeze(0)
 
 
 def peephole_lstm_cell(cell, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:

@@ -7,13 +7,15 @@ with m ~ Bernoulli(z) fresh at every step, row and unit in training (each layer 
 [2, N, H] uniform numbers for LSTM, c's then h's, or [1, N, H], from torch's generator: m = u < z),
 and m = z in eval.
 """
+import io
+
 import pytest
 import torch
 from torch import nn
 
 import fused_rnn
 from fused_rnn import functional, testing
-from helpers import assert_close, run, runs_at_thread_counts
+from helpers import assert_close, onnx_bytes, run, runs_at_thread_counts
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
 cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
@@ -223,8 +225,11 @@ def test_arguments_and_what_is_refused():
     assert "zoneout=0.1" in repr(on) and list(on.state_dict()) == list(nn.RNN(3, 4).state_dict())
     with pytest.raises(ValueError, match="peephole connections or zoneout"):
         fused_rnn.convert(nn.Sequential(on), to="torch")
-    with pytest.raises(NotImplementedError, match="zoneout cannot be exported"):
+    with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a RNN with zoneout"):
         torch.jit.trace(on.eval(), (torch.randn(2, 1, 3),))
+    with pytest.raises(NotImplementedError, match="exports in eval mode"):  # torch's exporter's default is eval
+        torch.onnx.export(on.train(), (torch.randn(2, 1, 3),), io.BytesIO(), dynamo=False,
+                          training=torch.onnx.TrainingMode.TRAINING)
 
 
 @cuda_half
@@ -268,3 +273,25 @@ def test_torch_func_and_export_in_eval():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
     exported = torch.export.export(fused, (x,))
     torch.testing.assert_close(exported.module()(x)[0], fused(x)[0], rtol=0, atol=0)
+
+
+@cpu_half
+@pytest.mark.parametrize("mode,dynamo", [("LSTM", False), ("GRU", False), ("RNN", False), ("LSTM", True)])
+def test_onnx_export_in_eval_runs_in_onnxruntime(mode, dynamo):
+    """Zoneout exports in eval mode (its expectation) as the equations in standard operators, for the
+    traced length and any batch; an LSTM with peepholes too."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(9)
+    extra = dict(peephole=True) if mode == "LSTM" else {}
+    fused = MODES[mode](3, 4, 2, bidirectional=True, zoneout=0.25, **extra).eval()
+    model = onnx_bytes(fused, (torch.randn(5, 2, 3),), dynamo)
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 3)  # another batch, the same length
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    want = torch.utils._pytree.tree_leaves(fused(x))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)
