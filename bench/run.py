@@ -75,7 +75,7 @@ FULL_CELL_LOOP_CASES = [(CELL_LOOP_STEPS, b, h, h, 1, False) for b in (1, 8, 64)
 QUICK_CELL_LOOP_CASES = [(CELL_LOOP_STEPS, 1, 64, 64, 1, False), (CELL_LOOP_STEPS, 1, 256, 256, 1, False),
                          (CELL_LOOP_STEPS, 8, 256, 256, 1, False), (CELL_LOOP_STEPS, 64, 512, 512, 1, False)]
 SHORT_CASES = [(1, 1, 256, 256, 1, False), (4, 8, 256, 256, 1, False)]
-# Variants beyond torch.nn (#41): fused_rnn's LSTM with the variant's arguments beside its plain layer (the
+# Variants beyond torch.nn (#41): fused_rnn's layer with the variant's arguments beside its plain layer (the
 # variant's cost), torch.nn's plain layer and the variant's equations as a loop whose step is compiled
 # by torch.compile (what a user would otherwise write). The targets are for B >= 8, H >= 256.
 VARIANTS = {("LSTM", "peephole"): {"peephole": True}, ("LSTM", "zoneout=0.1"): {"zoneout": 0.1},
