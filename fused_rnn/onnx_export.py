@@ -24,21 +24,29 @@ def _onnx_gates(w: Tensor, H: int) -> Tensor:
     return torch.cat([w[:H], w[3 * H:4 * H], w[H:2 * H], w[2 * H:3 * H]])
 
 
+def _torch_gates(w: Tensor, H: int) -> Tensor:
+    """ONNX's gate blocks (i, o, f, c) along dim 0 -> torch.nn's (i, f, g, o): _onnx_gates undone."""
+    return torch.cat([w[:H], w[2 * H:3 * H], w[3 * H:4 * H], w[H:2 * H]])
+
+
 class _OnnxLSTM(torch.autograd.Function):
     """One layer and direction, in ONNX's layouts: x [T, B, I], W [1, 4H, I], R [1, 4H, H], Bias [1, 8H],
     h0 and c0 [1, B, H], P [1, 3H] -> Y [T, 1, B, H], Y_h and Y_c [1, B, H]."""
 
     @staticmethod
     def forward(ctx, x, w, r, bias, h0, c0, p, hidden_size: int, reverse: bool):
+        # The numbers, by functional's peephole step on the weights back in torch.nn's order (what the
+        # torch.export-based exporter records; the TorchScript-based one writes the symbolic).
+        from .functional import _peephole_lstm_step
+
         H = hidden_size
+        w_ih, w_hh = _torch_gates(w[0], H), _torch_gates(r[0], H)
+        b_ih, b_hh = _torch_gates(bias[0, :4 * H], H), _torch_gates(bias[0, 4 * H:], H)
+        peephole = torch.cat([p[0, :H], p[0, 2 * H:], p[0, H:2 * H]])  # (i, o, f) -> (i, f, o)
         h, c = h0[0], c0[0]
-        p_i, p_o, p_f = p[0, :H], p[0, H:2 * H], p[0, 2 * H:]
         ys = [None] * x.size(0)
         for t in (range(x.size(0) - 1, -1, -1) if reverse else range(x.size(0))):
-            gates = x[t] @ w[0].T + h @ r[0].T + bias[0, :4 * H] + bias[0, 4 * H:]
-            i, o, f, g = gates.chunk(4, 1)
-            c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
-            h = torch.sigmoid(o + p_o * c) * torch.tanh(c)
+            h, c = _peephole_lstm_step(x[t], h, c, w_ih, w_hh, b_ih, b_hh, None, peephole)
             ys[t] = h
         return torch.stack(ys).unsqueeze(1), h.unsqueeze(0), c.unsqueeze(0)
 
