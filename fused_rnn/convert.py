@@ -42,7 +42,7 @@ def convert(model: nn.Module, to: str = "fused") -> nn.Module:
     twins = _twins(to)
     if to == "torch":  # all or nothing: refused before any layer changes
         for name, module in model.named_modules():
-            if type(module) in twins and (getattr(module, "peephole", False) or getattr(module, "zoneout", 0)):
+            if type(module) in twins and modules.has_variants(module):
                 raise ValueError(f"convert: {name or 'the model'} ({type(module).__name__}) has peephole connections "
                                  f"or zoneout, which torch.nn's {twins[type(module)].__name__} does not have")
     for module in model.modules():

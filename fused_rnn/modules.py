@@ -152,6 +152,12 @@ def _check_flag(owner: str, arg: str, value) -> bool:
     return value
 
 
+def has_variants(module) -> bool:
+    """Whether a module uses an option beyond torch.nn (peephole connections, zoneout), so that no
+    torch.nn or quantized twin can stand for it (convert, quantize_dynamic, tracing refuse it)."""
+    return bool(getattr(module, "peephole", False) or getattr(module, "zoneout", 0))
+
+
 def _check_probability(owner: str, arg: str, value) -> float:
     """A probability of fused_rnn's own keyword arguments, in [0, 1) (1 would freeze the state)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Number) or isinstance(value, complex):
@@ -377,7 +383,7 @@ class _FusedRNNBase(nn.RNNBase):
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
-            if self.peephole or self.zoneout:  # no torch.nn twin: onnx_export.py
+            if has_variants(self):  # no torch.nn twin: onnx_export.py
                 if not functional.onnx_exporting():
                     _refuse_variant_trace(self)
                 return onnx_export.variant_layers(self, input, hx)

@@ -163,7 +163,7 @@ class _FusedQuantizedRNN:
             raise TypeError(f"{cls.__name__}.from_float takes one of "
                             f"{[c.__module__ + '.' + c.__name__ for c in cls._float_classes]}, "
                             f"got {type(mod).__name__}")
-        _refuse_peephole(mod)
+        _refuse_variants(mod)
         qconfig = getattr(mod, "qconfig", None)
         dtype = qconfig.weight().dtype if qconfig is not None and qconfig.weight is not None else torch.qint8
         if dtype == torch.float16:
@@ -193,10 +193,10 @@ class _FusedQuantizedRNN:
         return qmod
 
 
-def _refuse_peephole(mod):
-    """Neither fused_rnn's int8 layers nor torch's quantized ones have peephole connections: quantizing
-    such a layer would drop them."""
-    if getattr(mod, "peephole", False) or getattr(mod, "zoneout", 0):
+def _refuse_variants(mod):
+    """Neither fused_rnn's int8 layers nor torch's quantized ones have peephole connections or
+    zoneout: quantizing such a layer would drop them."""
+    if modules.has_variants(mod):
         raise NotImplementedError(
             f"fused_rnn: a {type(mod).__name__} with peephole connections or zoneout cannot be dynamically "
             f"quantized: neither fused_rnn's int8 layers nor torch's quantized ones have them (they would be "
@@ -206,7 +206,7 @@ def _refuse_peephole(mod):
 def _as_torch_twin(mod):
     """A fused layer or cell as its torch.nn twin (a shallow copy: the same parameters), for torch's
     own from_float, which takes torch.nn's exact classes only; a torch.nn module as it is."""
-    _refuse_peephole(mod)
+    _refuse_variants(mod)
     torch_class = getattr(mod, "_torch_nn_class", None)
     if torch_class is None or type(mod) is torch_class:
         return mod

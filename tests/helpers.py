@@ -151,3 +151,20 @@ def runs_at_thread_counts(module, x, counts, seed=None):
     finally:
         torch.set_num_threads(before)
     return results
+
+
+def check_func_grad_and_export(module, x):
+    """torch.func.grad of a loss through functional_call gives autograd's gradients, and
+    torch.export's program computes the module's output bit for bit."""
+    params = dict(module.named_parameters())
+
+    def loss(p):
+        return torch.func.functional_call(module, p, (x,))[0].square().sum()
+
+    grads = torch.func.grad(loss)(params)
+    module.zero_grad()
+    module(x)[0].square().sum().backward()
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
+    exported = torch.export.export(module, (x,))
+    torch.testing.assert_close(exported.module()(x)[0], module(x)[0], rtol=0, atol=0)

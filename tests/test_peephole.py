@@ -14,7 +14,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fused_rnn
 from fused_rnn import testing
-from helpers import TOLERANCE, assert_close, leaves, onnx_bytes, run, runs_at_thread_counts, to_leaf
+from helpers import (TOLERANCE, assert_close, check_func_grad_and_export, leaves, onnx_bytes, run,
+                     runs_at_thread_counts, to_leaf)
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
 cuda_half = pytest.mark.skipif(not fused_rnn.built_with_cuda, reason="a CPU-only build has no CUDA path")
@@ -295,19 +296,9 @@ def test_torch_func_and_compile():
     fused = fused_rnn.LSTM(3, 4, peephole=True, dtype=torch.float64)
     random_peepholes(fused)
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    params = dict(fused.named_parameters())
-
-    def loss(p):
-        return torch.func.functional_call(fused, p, (x,))[0].square().sum()
-
-    grads = torch.func.grad(loss)(params)
-    fused(x)[0].square().sum().backward()
-    for name, p in params.items():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
+    check_func_grad_and_export(fused, x)
     compiled = torch.compile(fused, fullgraph=True, dynamic=True)
     torch.testing.assert_close(compiled(x)[0], fused(x)[0], rtol=0, atol=0)
-    exported = torch.export.export(fused, (x,))
-    torch.testing.assert_close(exported.module()(x)[0], fused(x)[0], rtol=0, atol=0)
 
 
 def test_an_optimizer_step_on_the_peepholes_is_seen():

@@ -15,7 +15,7 @@ from torch import nn
 
 import fused_rnn
 from fused_rnn import functional, testing
-from helpers import assert_close, onnx_bytes, run, runs_at_thread_counts
+from helpers import assert_close, check_func_grad_and_export, onnx_bytes, run, runs_at_thread_counts
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
 cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
@@ -261,18 +261,7 @@ def test_the_cuda_path_matches_the_cpu(persistent, unfused_backward, mode, dtype
 
 def test_torch_func_and_export_in_eval():
     fused = _module("GRU", 0.2, num_layers=2).eval()
-    x = torch.randn(5, 2, 4, dtype=torch.float64)
-    params = dict(fused.named_parameters())
-
-    def loss(p):
-        return torch.func.functional_call(fused, p, (x,))[0].square().sum()
-
-    grads = torch.func.grad(loss)(params)
-    fused(x)[0].square().sum().backward()
-    for name, p in params.items():
-        torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
-    exported = torch.export.export(fused, (x,))
-    torch.testing.assert_close(exported.module()(x)[0], fused(x)[0], rtol=0, atol=0)
+    check_func_grad_and_export(fused, torch.randn(5, 2, 4, dtype=torch.float64))
 
 
 @cpu_half
