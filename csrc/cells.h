@@ -107,6 +107,22 @@ struct Zoneout {
   }
 };
 
+// Recurrent dropout of one row (fused_rnn's recurrent_dropout=p): the next step's recurrent product
+// takes h'_t = h_t ⊙ m, where m is the mask of the row's sequence (0 or 1/(1 - p) per unit, drawn once
+// per call: the same at every step). Only the product sees it; the cell's own h_{t-1} (GRU's mix,
+// zoneout) is h_t. Its backward is the transpose: the product's part of dL/dh_{t-1} is m ⊙ (dG_t·W_hh),
+// which the loops scale by `mask` where they add it to the direct part. Off (`into` null): nothing.
+template <typename T>
+struct RecurrentDropout {
+  const T* mask = nullptr;  // [P], of the row's sequence
+  T* into = nullptr;        // where h'_t goes, [P]
+
+  template <typename M>
+  C10_HOST_DEVICE void write(const typename M::V& h, int64_t j) const {
+    if (into) M::store(into + j, h * M::load(mask + j));
+  }
+};
+
 // Pointers into one batch row of one timestep. Rows are [G*H] for gate tensors, [H] otherwise.
 template <typename T, typename GateSums = const T*>
 struct StepForward {
@@ -119,6 +135,7 @@ struct StepForward {
   T* saved;         // what backward needs, [kSaved*H]; null when no gradient is wanted
   const T* peephole = nullptr;  // LSTM: peephole weights (p_i, p_f, p_o) [3*H], or null
   Zoneout<T> zoneout = {};
+  RecurrentDropout<T> dropout = {};  // h'_t for the next product; off where a projection follows the cell
 };
 
 template <typename T>
@@ -181,6 +198,7 @@ struct LSTMCell {
     }
     M::store(s.c + j, c_t);
     M::store(s.h + j, h_t);
+    s.dropout.template write<M>(h_t, j);
     if (s.saved) {
       M::store(s.saved + j, i);
       M::store(s.saved + H + j, f);
@@ -262,6 +280,7 @@ struct GRUCell {
       h_t = keep * h_prev + (V(1) - keep) * h_t;
     }
     M::store(s.h + j, h_t);
+    s.dropout.template write<M>(h_t, j);
     if (s.saved) {
       M::store(s.saved + j, r);
       M::store(s.saved + H + j, z);
@@ -320,6 +339,7 @@ struct ElmanCell {
       h = keep * M::load(s.h_prev + j) + (V(1) - keep) * h;
     }
     M::store(s.h + j, h);
+    s.dropout.template write<M>(h, j);
   }
 
   template <typename M = ScalarMath<T>>

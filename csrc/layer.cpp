@@ -144,10 +144,10 @@ std::vector<PreviousRun> previous_runs(const LayerShape& s, bool reverse) {
 LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, const Tensor& h0,
                           const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                           const optional<Tensor>& b_ih, const optional<Tensor>& b_hh,
-                          const optional<Tensor>& w_hr, const optional<Tensor>& w_peephole, double zoneout,
-                          const optional<Tensor>& zoneout_masks) {
+                          const optional<Tensor>& w_hr, const VariantArgs& variants) {
   LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr, h0.dim() == 2 ? h0.size(0) : 0);
   check_states_and_biases(s, x, h0, c0, b_ih, b_hh);
+  const auto& [w_peephole, zoneout, zoneout_masks, recurrent_masks] = variants;
   s.peephole = w_peephole.has_value() && w_peephole->defined();
   if (s.peephole) {
     TORCH_CHECK(s.cell == CellKind::LSTM, "fused_rnn: only LSTM has peephole weights");
@@ -172,6 +172,11 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
                 zoneout_masks->sizes());
     check_same_kind(*zoneout_masks, x, "zoneout_masks");
   }
+  s.recurrent_dropout = recurrent_masks.has_value() && recurrent_masks->defined();
+  if (s.recurrent_dropout) {
+    check_matrix(*recurrent_masks, "recurrent_masks", s.B, s.P);
+    check_same_kind(*recurrent_masks, x, "recurrent_masks");
+  }
   return s;
 }
 
@@ -179,11 +184,10 @@ LayerShape describe_layer_backward(int64_t cell, const Tensor& x, at::IntArrayRe
                                    const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                                    const optional<Tensor>& w_hr, const Tensor& y, const Tensor& saved,
                                    const optional<Tensor>& dy, const optional<Tensor>& dh_n,
-                                   const optional<Tensor>& dc_n, const optional<Tensor>& w_peephole,
-                                   double zoneout, const optional<Tensor>& zoneout_masks) {
+                                   const optional<Tensor>& dc_n, const VariantArgs& variants) {
   // Checked in the caller's dtypes, as forward: the same shape, hence the same layout of `saved`.
-  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, optional<Tensor>(),
-                                      optional<Tensor>(), w_hr, w_peephole, zoneout, zoneout_masks);
+  const LayerShape s =
+      describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, optional<Tensor>(), optional<Tensor>(), w_hr, variants);
   check_matrix(y, "y", s.N, s.P);
   check_same_kind(y, x, "y");
   check_matrix(saved, "saved", s.N, s.saved_cols());
@@ -238,11 +242,30 @@ Tensor gru_hidden_bias_n(const LayerShape& s, const Tensor& b_hh) {
   return s.cell == CellKind::GRU && b_hh.defined() ? b_hh.narrow(0, 2 * s.H, s.H) : Tensor();
 }
 
+namespace {
+
+Variants variant_operands(const VariantArgs& v, at::ScalarType type) {
+  return {contiguous_as(v.w_peephole, type), contiguous_as(v.zoneout_masks, type),
+          contiguous_as(v.recurrent_masks, type)};
+}
+
+// per_sequence [B, cols] -> [N, cols]: row r of the packed layout gets its sequence's row (step t's
+// rows are sequences 0 .. batch_sizes[t] - 1).
+Tensor sequence_rows(const LayerShape& s, const Tensor& per_sequence) {
+  if (s.T == 0) return per_sequence.new_empty({0, per_sequence.size(1)});
+  if (s.batch_sizes.back() == s.B) return per_sequence.repeat({s.T, 1});  // padded: every step has all rows
+  std::vector<Tensor> steps;
+  steps.reserve(s.T);
+  for (int64_t t = 0; t < s.T; ++t) steps.push_back(per_sequence.narrow(0, 0, s.batch_sizes[t]));
+  return at::cat(steps);
+}
+
+}  // namespace
+
 ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                  const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& b_ih,
                                  const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
-                                 const optional<Tensor>& w_peephole, const optional<Tensor>& zoneout_masks,
-                                 at::ScalarType operand_type) {
+                                 const VariantArgs& variants, at::ScalarType operand_type) {
   const at::ScalarType type = compute_type(x);
   ForwardOperands op;
   op.x = contiguous_as(x, operand_type), op.w_ih = contiguous_as(w_ih, operand_type);
@@ -251,8 +274,7 @@ ForwardOperands forward_operands(const LayerShape& s, const Tensor& x, const Ten
   op.bias = folded_bias(s, contiguous_as(b_ih, type), bias_hh);
   op.b_hn = gru_hidden_bias_n(s, bias_hh);
   op.w_hr = contiguous_as(w_hr, type);
-  op.peephole = contiguous_as(w_peephole, type);
-  op.zoneout_masks = contiguous_as(zoneout_masks, type);
+  op.variants = variant_operands(variants, type);
   op.h = contiguous_as(h0, type).clone();
   if (s.cell == CellKind::LSTM) op.c = contiguous_as(c0, type).clone();
   return op;
@@ -268,18 +290,22 @@ LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const Ten
 
 BackwardOperands backward_operands(const LayerShape& s, const Tensor& x, const Tensor& h0, const optional<Tensor>& c0,
                                    const Tensor& w_ih, const Tensor& w_hh, const optional<Tensor>& w_hr,
-                                   const optional<Tensor>& w_peephole, const optional<Tensor>& zoneout_masks,
-                                   const Tensor& y, const Tensor& saved,
+                                   const VariantArgs& variants, const Tensor& y, const Tensor& saved,
                                    const optional<Tensor>& dy, const optional<Tensor>& dh_n,
                                    const optional<Tensor>& dc_n) {
   const at::ScalarType type = compute_type(x);
   BackwardOperands op;
   op.x = contiguous_as(x, type), op.saved = saved.contiguous();
   op.w_ih = contiguous_as(w_ih, type), op.w_hh = contiguous_as(w_hh, type), op.w_hr = contiguous_as(w_hr, type);
-  op.peephole = contiguous_as(w_peephole, type);
-  op.zoneout_masks = contiguous_as(zoneout_masks, type);
+  op.variants = variant_operands(variants, type);
   op.h0 = contiguous_as(h0, type), op.c0 = contiguous_as(c0, type);
   op.outputs = s.outputs_in_saved ? op.saved.narrow(1, s.outputs_col(), s.P) : y.contiguous();
+  op.product_outputs = op.outputs, op.product_h0 = op.h0;
+  if (s.recurrent_dropout) {
+    const Tensor& masks = op.variants.recurrent_masks;
+    op.product_outputs = op.outputs * sequence_rows(s, masks);
+    op.product_h0 = op.h0 * masks;
+  }
   op.dy = contiguous_as(dy, type);
   const auto given_or_zeros = [&](const optional<Tensor>& grad, int64_t cols) {
     return grad.has_value() && grad->defined() ? contiguous_as(grad, type).clone()

@@ -35,6 +35,7 @@ struct LayerShape {
   bool peephole = false;  // LSTM with peephole weights (cells.h)
   double zoneout = 0;     // cells.h's Zoneout: the probability z, 0 for none
   bool zoneout_masks = false;  // zoneout by masks (training), else by z (eval)
+  bool recurrent_dropout = false;  // cells.h's RecurrentDropout (training)
   bool outputs_in_saved;  // half types: a float32 copy of y is kept in `saved` (y itself is rounded)
   std::vector<int64_t> batch_sizes;
   std::vector<int64_t> offsets;  // first row of each step
@@ -121,13 +122,28 @@ void describe_steps(LayerShape& s, at::IntArrayRef batch_sizes, int64_t padded_b
 // emulation's queries).
 LayerShape padded_layer(int64_t cell, int64_t T, int64_t B, int64_t I, int64_t H, int64_t proj);
 
+// The ops' arguments for the options torch.nn lacks, as the ops receive them (csrc/ops.cpp says
+// what each is): LSTM's peephole weights, zoneout's z and masks, recurrent dropout's masks.
+struct VariantArgs {
+  const c10::optional<at::Tensor>& w_peephole;
+  double zoneout;
+  const c10::optional<at::Tensor>& zoneout_masks;
+  const c10::optional<at::Tensor>& recurrent_masks;
+};
+
+// The same as every step loop takes them: contiguous, in the compute type, undefined when off.
+struct Variants {
+  at::Tensor peephole;         // [3*H] (p_i, p_f, p_o)
+  at::Tensor zoneout_masks;    // [2 or 1, N, H], training (LayerShape::zoneout is z)
+  at::Tensor recurrent_masks;  // [B, P], per sequence and unit: 0 or 1/(1 - p), training
+};
+
 // Validates the forward op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
 LayerShape describe_layer(int64_t cell, const at::Tensor& x, at::IntArrayRef batch_sizes,
                           const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
                           const at::Tensor& w_ih, const at::Tensor& w_hh,
                           const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
-                          const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_peephole,
-                          double zoneout = 0, const c10::optional<at::Tensor>& zoneout_masks = c10::nullopt);
+                          const c10::optional<at::Tensor>& w_hr, const VariantArgs& variants);
 
 // h0 [B, P], LSTM's c0 [B, H] and the biases [G*H], in x's dtype and on its device.
 void check_states_and_biases(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
@@ -142,8 +158,7 @@ LayerShape describe_layer_backward(int64_t cell, const at::Tensor& x, at::IntArr
                                    const c10::optional<at::Tensor>& w_hr, const at::Tensor& y,
                                    const at::Tensor& saved, const c10::optional<at::Tensor>& dy,
                                    const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n,
-                                   const c10::optional<at::Tensor>& w_peephole, double zoneout = 0,
-                                   const c10::optional<at::Tensor>& zoneout_masks = c10::nullopt);
+                                   const VariantArgs& variants);
 
 // The ops' results, as their schemas (csrc/ops.cpp) list them.
 using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, h_n, c_n, saved
@@ -170,16 +185,16 @@ inline at::Tensor contiguous_as(const c10::optional<at::Tensor>& t, at::ScalarTy
 // operand_type (the matrix products' operands: the compute type, or a half type that the device
 // multiplies itself), the rest in the compute type; the folded bias and GRU's b_hn (folded_bias,
 // gru_hidden_bias_n); h and c fresh copies of h0 and c0 (c undefined unless LSTM), which the loops
-// turn into h_n and c_n; the peephole weights and zoneout masks in the compute type (undefined
-// without).
+// turn into h_n and c_n; the variants' operands.
 struct ForwardOperands {
-  at::Tensor x, w_ih, w_hh, bias, b_hn, w_hr, h, c, peephole, zoneout_masks;
+  at::Tensor x, w_ih, w_hh, bias, b_hn, w_hr, h, c;
+  Variants variants;
 };
 ForwardOperands forward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
                                  const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih, const at::Tensor& w_hh,
                                  const c10::optional<at::Tensor>& b_ih, const c10::optional<at::Tensor>& b_hh,
-                                 const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& w_peephole,
-                                 const c10::optional<at::Tensor>& zoneout_masks, at::ScalarType operand_type);
+                                 const c10::optional<at::Tensor>& w_hr, const VariantArgs& variants,
+                                 at::ScalarType operand_type);
 // The forward's results from what the loop wrote (y, op.h, op.c, saved, in the compute type): half
 // types keep a float32 copy of y in `saved`; y, h_n and c_n in x's type `type`; empty placeholders
 // for the absent c_n and saved.
@@ -190,14 +205,17 @@ LayerOutputs forward_outputs(const LayerShape& s, at::ScalarType type, const at:
 // backward reads h_{t-1} (y, or for half types its float32 copy in `saved`, a view with saved's row
 // stride); dy undefined if not given; dh and dc the gradients at h_n and c_n as fresh tensors (zeros
 // where not given; dc undefined unless LSTM), which the loops turn into those at h_0 and c_0.
+// product_outputs and product_h0: what the recurrent products took, h'_t = h_t ⊙ m under recurrent
+// dropout (the rows of outputs and h0 times their sequences' masks: dW_hh's right factor), else
+// outputs and h0 themselves.
 struct BackwardOperands {
-  at::Tensor x, h0, c0, w_ih, w_hh, w_hr, peephole, zoneout_masks, saved, outputs, dy, dh, dc;
+  at::Tensor x, h0, c0, w_ih, w_hh, w_hr, saved, outputs, dy, dh, dc, product_outputs, product_h0;
+  Variants variants;
 };
 BackwardOperands backward_operands(const LayerShape& s, const at::Tensor& x, const at::Tensor& h0,
                                    const c10::optional<at::Tensor>& c0, const at::Tensor& w_ih,
                                    const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr,
-                                   const c10::optional<at::Tensor>& w_peephole,
-                                   const c10::optional<at::Tensor>& zoneout_masks, const at::Tensor& y,
+                                   const VariantArgs& variants, const at::Tensor& y,
                                    const at::Tensor& saved, const c10::optional<at::Tensor>& dy,
                                    const c10::optional<at::Tensor>& dh_n, const c10::optional<at::Tensor>& dc_n);
 // Each of the 9 gradients cast to `type` (x's: the half types' results are computed in float32).

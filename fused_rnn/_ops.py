@@ -124,7 +124,7 @@ def _computes_in_float(x: torch.Tensor) -> bool:
 
 @torch.library.register_fake("fused_rnn::layer_forward")
 def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                        w_peephole=None, zoneout=0.0, zoneout_masks=None):
+                        w_peephole=None, zoneout=0.0, zoneout_masks=None, recurrent_masks=None):
     hidden = w_ih.size(0) // GATES[cell]
     out_size = w_hr.size(0) if w_hr is not None else hidden
     y = x.new_empty(x.size(0), out_size)
@@ -145,7 +145,8 @@ def _saved_cols(cell, x, hidden, out_size, has_proj, zoneout):
 
 @torch.library.register_fake("fused_rnn::layer_backward")
 def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y,
-                         grad_h_n, grad_c_n, need_input_grad, w_peephole=None, zoneout=0.0, zoneout_masks=None):
+                         grad_h_n, grad_c_n, need_input_grad, w_peephole=None, zoneout=0.0, zoneout_masks=None,
+                         recurrent_masks=None):
     # None where the op returns an undefined tensor, as the op itself does.
     bias = x.new_empty(w_ih.size(0)) if has_bias else None
     return (torch.empty_like(x) if need_input_grad else None,

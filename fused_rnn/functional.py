@@ -23,11 +23,16 @@ from torch._decomp import decompositions as _torch_cells
 
 from ._ops import CELL_IDS, LSTM_ID, _C
 
-def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None):
+def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None, h_product=None):
     """One step of the cell by torch's own out-of-place formulas (the decompositions that
     torch.compile uses for its recurrent layers): differentiable to any order and in forward mode,
     and safe under vmap, which torch._VF's cells are not (they add the gates in place). A peephole
-    LSTM, which torch has no formula for, by _peephole_lstm_step."""
+    LSTM, which torch has no formula for, by _peephole_lstm_step. h_product: what the recurrent
+    product takes instead of h (recurrent dropout's h ⊙ m); LSTM and RNN use h nowhere else."""
+    if h_product is not None and cell == CELL_IDS["GRU"]:
+        return _gru_step_apart(x_t, h, h_product, w_ih, w_hh, b_ih, b_hh), None
+    if h_product is not None:
+        h = h_product
     if w_peephole is not None:
         return _peephole_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
     if cell == LSTM_ID:
@@ -36,6 +41,16 @@ def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=N
         return _torch_cells.gru_cell_data(x_t, h, w_ih, b_ih, w_hh, b_hh), None
     nonlinearity = torch.tanh if cell == CELL_IDS["RNN_TANH"] else torch.relu
     return _torch_cells.rnn_cell_data(nonlinearity)(x_t, h, w_ih, b_ih, w_hh, b_hh), None
+
+
+def _gru_step_apart(x_t, h, h_product, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn's GRU step whose recurrent product takes h_product while the mix keeps h (recurrent
+    dropout), out of place as _torch_cell_step."""
+    x_r, x_z, x_n = F.linear(x_t, w_ih, b_ih).chunk(3, 1)
+    h_r, h_z, h_n = F.linear(h_product, w_hh, b_hh).chunk(3, 1)
+    r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    return (1 - z) * n + z * h
 
 
 def _peephole_lstm_step(x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole):
@@ -53,11 +68,12 @@ def _wants_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
 
 
 def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None,
-                            zoneout=0.0, zoneout_masks=None):
+                            zoneout=0.0, zoneout_masks=None, recurrent_masks=None):
     """The layer of layer_forward, recomputed step by step with torch's cell formulas over the
     same packed layout: the forward direction drops the rows whose sequences have ended, the
     reverse direction adds each row at its sequence's last step. Zoneout as csrc/cells.h's: the
-    rows' masks (c_t's, then h_t's for LSTM), or z for every unit."""
+    rows' masks (c_t's, then h_t's for LSTM), or z for every unit. Recurrent dropout: the product
+    takes h ⊙ recurrent_masks[b] for the step's row b (sequence b)."""
     if not batch_sizes:  # padded: every step has h0's rows
         batch_sizes = [h0.size(0)] * (x.size(0) // h0.size(0)) if h0.size(0) else []
     starts = [0]
@@ -78,7 +94,8 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
             h, c = h[:n], (c[:n] if c is not None else None)
         rows = n
         rows_t = slice(starts[t], starts[t] + n)
-        h_new, c_new = _torch_cell_step(cell, x[rows_t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
+        h_product = None if recurrent_masks is None else h * recurrent_masks[:n]
+        h_new, c_new = _torch_cell_step(cell, x[rows_t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, h_product)
         if zoneout > 0:
             keep = (zoneout,) * 2 if zoneout_masks is None else tuple(m[rows_t] for m in zoneout_masks)
             h_new = keep[-1] * h + (1 - keep[-1]) * h_new
@@ -94,19 +111,20 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
 
 def _setup_layer_context(ctx, inputs, output):
     (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved, w_peephole, zoneout,
-     zoneout_masks) = _with_defaults(inputs)
+     zoneout_masks, recurrent_masks) = _with_defaults(inputs)
     ctx.cell, ctx.batch_sizes, ctx.reverse, ctx.zoneout = cell, batch_sizes, reverse, zoneout
     # All references, no copies. Backward reads h_{t-1} from y (the step before's output) or h0, and
     # c_{t-1} from saved or c0; the biases serve the differentiable recomputation. Saving y means
     # that changing it in place before backward is an error, as with torch.nn on cuDNN.
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, output[0], output[3])
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks,
+                          output[0], output[3])
     # Outputs the loss does not reach get None, not zeros: autograd would otherwise fill a tensor
     # of zeros for `saved` at every backward (262 MB for LSTM T50 B256 H1024, about 5% of the
     # backward's time) and for y or h_n where the loss leaves them out. The op takes None for any.
     ctx.set_materialize_grads(False)
 
 
-_DEFAULTS = (None, 0.0, None)  # layer_forward's w_peephole, zoneout, zoneout_masks
+_DEFAULTS = (None, 0.0, None, None)  # layer_forward's w_peephole, zoneout, zoneout_masks, recurrent_masks
 
 
 def _with_defaults(inputs):
@@ -131,7 +149,7 @@ def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
     exists. That path is step by step, hence slow: meant for gradient penalties, gradgradcheck and
     torch.func, not for training.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, y, saved = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks, y, saved = ctx.saved_tensors
     if ctx.cell != LSTM_ID:
         grad_c_n = None  # c_n is an empty placeholder for the other cells
     if torch.is_grad_enabled():
@@ -139,15 +157,16 @@ def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
         needs = _needs_of_inputs(ctx.needs_input_grad)  # those of `inputs`
         with torch.autocast(x.device.type, enabled=False):  # torch's cell formulas, as the forward ran
             grads = _differentiable_grads(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, needs,
-                                          grad_y, grad_h_n, grad_c_n, (ctx.zoneout, zoneout_masks))
+                                          grad_y, grad_h_n, grad_c_n, (ctx.zoneout, zoneout_masks, recurrent_masks))
     else:  # the op has no autocast rule: none to turn off
         grads = fused_backward(
             ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
-            saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1], w_peephole, ctx.zoneout, zoneout_masks)
+            saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1], w_peephole, ctx.zoneout, zoneout_masks,
+            recurrent_masks)
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole = grads
     # one for each argument the call had (those with defaults may have been left out)
     return (None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None,
-            dw_peephole, None, None)[:len(ctx.needs_input_grad)]
+            dw_peephole, None, None, None)[:len(ctx.needs_input_grad)]
 
 
 def _needs_of_inputs(needs_input_grad):
@@ -157,30 +176,31 @@ def _needs_of_inputs(needs_input_grad):
     return needs[1:2] + needs[4:11] + (needs[12:13] or (False,))
 
 
-def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, zoneout=(0.0, None)):
+def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, variants=(0.0, None, None)):
     """(the layer as a function of inputs[i] for i in wanted, those inputs): for torch.func.
-    zoneout: (z, masks or None), which no derivative is taken of."""
+    variants: (zoneout's z, its masks or None, recurrent dropout's masks or None), which no derivative
+    is taken of."""
     inputs = tuple(inputs) + (None,) * (9 - len(inputs))  # w_peephole, where the call had none
 
     def layer_of(*chosen):
         args = list(inputs)
         for i, t in zip(wanted, chosen):
             args[i] = t
-        y, h_n, c_n = _layer_with_torch_cells(cell, args[0], batch_sizes, reverse, *args[1:], *zoneout)
+        y, h_n, c_n = _layer_with_torch_cells(cell, args[0], batch_sizes, reverse, *args[1:], *variants)
         return (y, h_n) if c_n is None else (y, h_n, c_n)
     return layer_of, tuple(inputs[i] for i in wanted)
 
 
-def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n, zoneout):
+def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n, variants):
     """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) as a graph, None
-    where not needed; zoneout (z, masks or None) as the forward's. torch.func.vjp rather than
+    where not needed; variants as _recomputed_layer's, the forward's. torch.func.vjp rather than
     autograd.grad: under torch.func's transforms the saved inputs are not autograd leaves of this
     level, and vjp differentiates them all the same."""
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if t is not None and need]
     grads = [None] * len(inputs)
     if not wanted:
         return grads
-    layer_of, primals = _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, zoneout)
+    layer_of, primals = _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, variants)
     outputs, pullback = torch.func.vjp(layer_of, *primals)
     cotangents = [g if g is not None else torch.zeros_like(o)
                   for g, o in zip((grad_y, grad_h_n, grad_c_n), outputs)]
@@ -202,7 +222,7 @@ def _layer_tangents(ctx, *input_tangents):
     wanted = [i for i, (t, d) in enumerate(zip(inputs, tangents)) if t is not None and d is not None]
     with torch.autocast(inputs[0].device.type, enabled=False):
         layer_of, primals = _recomputed_layer(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, wanted,
-                                              (ctx.zoneout, ctx.zoneout_masks))
+                                              (ctx.zoneout, ctx.zoneout_masks, ctx.recurrent_masks))
         outputs, pullback = torch.func.vjp(layer_of, *primals)
         _, transpose = torch.func.vjp(pullback, tuple(torch.zeros_like(o) for o in outputs))
         (out_tangents,) = transpose(tuple(tangents[i] for i in wanted))
@@ -224,9 +244,9 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                zoneout, zoneout_masks):
+                zoneout, zoneout_masks, recurrent_masks):
         return torch.ops.fused_rnn.layer_forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks)
+                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks, recurrent_masks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -236,7 +256,7 @@ class _Layer(torch.autograd.Function):
         primals = inputs[1:2] + inputs[4:11] + inputs[12:13]
         ctx.present = [t is not None for t in primals]
         ctx.save_for_forward(*(t for t in primals if t is not None))
-        ctx.zoneout_masks = inputs[14]  # for jvp's recomputation; no derivative is taken of them
+        ctx.zoneout_masks, ctx.recurrent_masks = inputs[14:16]  # for jvp's recomputation; no derivative
         # saved, and c_n of the cells without one (an empty placeholder), carry no derivative.
         ctx.mark_non_differentiable(*output[2 if inputs[0] != LSTM_ID else 3:])
 
@@ -255,11 +275,11 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                zoneout, zoneout_masks):
+                zoneout, zoneout_masks, recurrent_masks):
         output = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks)
+                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks, recurrent_masks)
         _setup_layer_context(ctx, (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                                   w_peephole, zoneout, zoneout_masks), output)
+                                   w_peephole, zoneout, zoneout_masks, recurrent_masks), output)
         return output
 
     @staticmethod
@@ -328,24 +348,25 @@ def step(cell: int, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor, w_h
     layer()'s work for a one-step padded sequence less its decisions. The same op, so the same bits."""
     need_saved = _wants_grad((x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole))
     h_1, _, c_1 = _run_plain_layer(cell, x, [], False, h, c, w_ih, w_hh, b_ih, b_hh, None, need_saved, w_peephole,
-                                   0.0, None)
+                                   0.0, None, None)
     return h_1, c_1
 
 
 def _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                     zoneout, zoneout_masks):
+                     zoneout, zoneout_masks, recurrent_masks):
     """layer_forward below autograd, its backward recorded by _EagerLayer where one is wanted."""
     if need_saved:
         y, h_n, c_n, _ = _EagerLayer.apply(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True,
-                                           w_peephole, zoneout, zoneout_masks)
+                                           w_peephole, zoneout, zoneout_masks, recurrent_masks)
     else:
         y, h_n, c_n, _ = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
-                                                         b_hh, w_hr, False, w_peephole, zoneout, zoneout_masks)
+                                                         b_hh, w_hr, False, w_peephole, zoneout, zoneout_masks,
+                                                         recurrent_masks)
     return y, h_n, c_n
 
 
 def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout,
-               zoneout_masks):
+               zoneout_masks, recurrent_masks):
     need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole))
     # Under a torch.func transform or a forward-mode level, eager calls go through _Layer, which
     # adds forward mode and torch.func's transforms (its apply costs about 0.5 ms a call:
@@ -359,20 +380,22 @@ def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
         run = _Layer.apply
     elif plain_call((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
         return _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                                w_peephole, zoneout, zoneout_masks)
+                                w_peephole, zoneout, zoneout_masks, recurrent_masks)
     y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                         zoneout, zoneout_masks)
+                         zoneout, zoneout_masks, recurrent_masks)
     return y, h_n, c_n
 
 
 def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tensor,
           c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
           b_hh: Optional[Tensor], w_hr: Optional[Tensor], w_peephole: Optional[Tensor] = None,
-          zoneout: float = 0.0, zoneout_masks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+          zoneout: float = 0.0, zoneout_masks: Optional[Tensor] = None,
+          recurrent_masks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer and direction through the compiled op (differentiable through its registration).
     w_peephole: an LSTM's peephole weights [3H] (i, f, o), or None for torch.nn's LSTM. zoneout: the
     probability z, with zoneout_masks (training: 1 where a unit keeps its state, [2, N, H] for LSTM's
-    c_t and h_t, [1, N, H] else) or without (eval: the expectation); csrc/ops.cpp says the same.
+    c_t and h_t, [1, N, H] else) or without (eval: the expectation). recurrent_masks [B, P]: recurrent
+    dropout's mask per sequence (0 or 1/(1 - p)), or None; csrc/ops.cpp says the same.
 
     Under autocast the inputs are cast as torch.nn's layers would be (see _autocast_dtypes) and the
     op runs with autocast off: the op handles half types itself (float32 state and gate math), and
@@ -382,12 +405,12 @@ def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tenso
     if not (_autocast_eligible(x) and torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
         return _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout,
-                          zoneout_masks)
+                          zoneout_masks, recurrent_masks)
     compute, out = _autocast_dtypes(cell, device_type, h0, w_hr is not None)
     tensors = [t.to(compute) if _autocast_eligible(t) else t
-               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks)]
+               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks)]
     with torch.autocast(device_type, enabled=False):
-        y, h_n, c_n = _run_layer(cell, tensors[0], batch_sizes, reverse, *tensors[1:9], zoneout, tensors[9])
+        y, h_n, c_n = _run_layer(cell, tensors[0], batch_sizes, reverse, *tensors[1:9], zoneout, *tensors[9:])
     return y.to(out), h_n.to(out), c_n
 
 
@@ -411,7 +434,7 @@ def group_weights(flat_weights: Sequence[Optional[Tensor]], num_layers: int, num
 def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Optional[Tensor],
                 flat_weights: Sequence[Optional[Tensor]], has_bias: bool, num_layers: int,
                 bidirectional: bool, dropout: float, training: bool, has_proj: bool,
-                peepholes: Optional[Sequence[Tensor]] = None, zoneout: float = 0.0):
+                peepholes: Optional[Sequence[Tensor]] = None, zoneout: float = 0.0, recurrent_dropout: float = 0.0):
     """A stack of layers over packed-layout `x` [N, I].
 
     hx: [L*D, B, P]; cx: [L*D, B, H] for LSTM, else None. Returns (y [N, D*P], h_n, c_n or None).
@@ -419,6 +442,9 @@ def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Op
     peepholes: a peephole LSTM's weights, one [3H] per layer and direction in torch.nn's order.
     zoneout: the probability z; in training each layer and direction draws its masks from torch's
     generator of x's device (torch.manual_seed makes a call reproducible), in eval the expectation.
+    recurrent_dropout: the probability p of dropping a unit of h_{t-1} from the recurrent product; in
+    training each layer and direction draws a mask per sequence and unit for the whole call (the same
+    at every step), from the same generator.
     """
     cell = CELL_IDS[mode]
     weights = group_weights(flat_weights, num_layers, 2 if bidirectional else 1, has_bias, has_proj)
@@ -430,8 +456,13 @@ def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Op
             real = layer_input.real.dtype if layer_input.is_complex() else layer_input.dtype
             # Bernoulli(z) as uniform < z: on the CPU 2.7x faster than torch.bernoulli of a tensor of z
             masks = (torch.rand(shape, dtype=real, device=layer_input.device) < zoneout).to(layer_input.dtype)
+        recurrent = None
+        if recurrent_dropout > 0 and training:  # kept with probability 1 - p, scaled by 1/(1 - p) as F.dropout
+            real = h0.real.dtype if h0.is_complex() else h0.dtype
+            kept = torch.rand(h0.shape, dtype=real, device=h0.device) < 1 - recurrent_dropout
+            recurrent = kept.to(h0.dtype) * (1 / (1 - recurrent_dropout))
         return layer(cell, layer_input, batch_sizes, reverse, h0, c0, *weights[k],
-                     peepholes[k] if peepholes else None, zoneout, masks)
+                     peepholes[k] if peepholes else None, zoneout, masks, recurrent)
 
     return stack_layers(run_layer, x, hx, cx, num_layers, bidirectional, dropout if training else 0.0)
 

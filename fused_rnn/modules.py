@@ -153,18 +153,32 @@ def _check_flag(owner: str, arg: str, value) -> bool:
 
 
 def has_variants(module) -> bool:
-    """Whether a module uses an option beyond torch.nn (peephole connections, zoneout), so that no
-    torch.nn or quantized twin can stand for it (convert, quantize_dynamic, tracing refuse it)."""
-    return bool(getattr(module, "peephole", False) or getattr(module, "zoneout", 0))
+    """Whether a module uses an option beyond torch.nn (peephole connections, zoneout, recurrent
+    dropout), so that no torch.nn or quantized twin can stand for it (convert, quantize_dynamic,
+    tracing refuse it)."""
+    return bool(getattr(module, "peephole", False) or getattr(module, "zoneout", 0)
+                or getattr(module, "recurrent_dropout", 0))
+
+
+def _variants_in_eval_are_torch_nns(module) -> bool:
+    """Whether the module computes as its torch.nn twin now: recurrent dropout is the only option it
+    uses beyond torch.nn, and it is in eval mode, where that is the identity."""
+    return (not module.training and not getattr(module, "peephole", False)
+            and not getattr(module, "zoneout", 0))
+
+
+_PROBABILITY_MEANINGS = {"zoneout": "a unit keeping its previous state",
+                         "recurrent_dropout": "a unit of h_{t-1} being dropped from the recurrent product"}
 
 
 def _check_probability(owner: str, arg: str, value) -> float:
-    """A probability of fused_rnn's own keyword arguments, in [0, 1) (1 would freeze the state)."""
+    """A probability of fused_rnn's own keyword arguments, in [0, 1) (1 would freeze the state, or drop
+    the whole recurrence)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Number) or isinstance(value, complex):
         raise TypeError(f"{owner}: {arg} should be a number in range [0, 1), got: {type(value).__name__}")
     if not 0 <= value < 1:
-        raise ValueError(f"{owner}: {arg} should be a number in range [0, 1) representing the probability of a unit "
-                         f"keeping its previous state, got {value}")
+        raise ValueError(f"{owner}: {arg} should be a number in range [0, 1) representing the probability of "
+                         f"{_PROBABILITY_MEANINGS[arg]}, got {value}")
     return float(value)
 
 
@@ -182,8 +196,10 @@ def _peephole_parameters(module, suffixes: Sequence[str], hidden_size: int, devi
 
 
 def _refuse_variant_trace(module) -> None:
-    """torch.jit.trace records torch.nn's forward, which has no peephole connections or zoneout."""
-    what = "peephole connections" if module.peephole else "zoneout"
+    """torch.jit.trace records torch.nn's forward, which has no peephole connections, zoneout or
+    recurrent dropout."""
+    what = ("peephole connections" if module.peephole else "zoneout" if module.zoneout
+            else "recurrent dropout in training mode")
     raise NotImplementedError(
         f"fused_rnn: torch.jit.trace cannot record a {type(module).__name__} with {what} (a trace records "
         f"torch.nn's {type(module).__name__}, which has none). torch.export, torch.compile and torch.onnx.export "
@@ -371,6 +387,7 @@ class _FusedRNNBase(nn.RNNBase):
     peephole = False  # LSTM(peephole=True) sets its own; a converted torch.nn layer has none
     _peephole_names: Sequence[str] = ()
     zoneout = 0.0
+    recurrent_dropout = 0.0
 
     def _peepholes(self) -> Optional[List[Tensor]]:
         """The peephole weights per layer and direction (through getattr: a parametrization or
@@ -379,11 +396,12 @@ class _FusedRNNBase(nn.RNNBase):
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + (", peephole=True" if self.peephole else "")
-                + (f", zoneout={self.zoneout}" if self.zoneout else ""))
+                + (f", zoneout={self.zoneout}" if self.zoneout else "")
+                + (f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else ""))
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
-            if has_variants(self):  # no torch.nn twin: onnx_export.py
+            if has_variants(self) and not _variants_in_eval_are_torch_nns(self):  # no torch.nn twin: onnx_export.py
                 if not functional.onnx_exporting():
                     _refuse_variant_trace(self)
                 return onnx_export.variant_layers(self, input, hx)
@@ -411,7 +429,8 @@ class _FusedRNNBase(nn.RNNBase):
     def _run_stack(self, x, batch_sizes, h0, c0):
         return functional.stacked_rnn(
             self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
-            self.bidirectional, self.dropout, self.training, self.proj_size > 0, self._peepholes(), self.zoneout)
+            self.bidirectional, self.dropout, self.training, self.proj_size > 0, self._peepholes(), self.zoneout,
+            self.recurrent_dropout)
 
     def _plain_forward(self, input, hx):
         """The common call for the price of a few attribute reads (a short sequence's Python costs
@@ -530,12 +549,14 @@ class LSTM(_FusedRNNBase):
     f = σ(· + p_f ⊙ c_{t-1}), o = σ(· + p_o ⊙ c_t), with weights weight_peephole_l{k} (and _reverse)
     of 3 * hidden_size (p_i, p_f, p_o) after torch.nn's parameters.
     zoneout (keyword, default 0): the probability z that a unit keeps its previous state, c_t and h_t
-    (README: its equations; masks drawn in training, the expectation in eval)."""
+    (README: its equations; masks drawn in training, the expectation in eval).
+    recurrent_dropout (keyword, default 0): the probability p that a unit of h_{t-1} is dropped from
+    the recurrent product, in training, with a mask per sequence drawn once per call (README)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
-                 zoneout: float = 0.0) -> None:
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0) -> None:
         def checks():
             _check_int_arg("LSTM", "num_layers", num_layers, 1)
             _check_dtype_arg("LSTM", dtype)
@@ -545,6 +566,7 @@ class LSTM(_FusedRNNBase):
                              dropout, bidirectional, proj_size, dtype=dtype)
         _check_flag("LSTM", "peephole", peephole)
         zoneout = _check_probability("LSTM", "zoneout", zoneout)
+        recurrent_dropout = _check_probability("LSTM", "recurrent_dropout", recurrent_dropout)
         if zoneout and proj_size:
             raise NotImplementedError("LSTM: zoneout with proj_size is not supported yet (zoneout of the projected "
                                       "state is not built)")
@@ -552,6 +574,8 @@ class LSTM(_FusedRNNBase):
                          bidirectional, proj_size, device, dtype)
         if zoneout:
             self.zoneout = zoneout
+        if recurrent_dropout:
+            self.recurrent_dropout = recurrent_dropout
         if peephole:  # after torch.nn's parameters, which are then initialised as torch.nn's from the same seed
             self.peephole = True
             directions = [""] + (["_reverse"] if bidirectional else [])
@@ -566,11 +590,13 @@ class LSTM(_FusedRNNBase):
 
 class GRU(_FusedRNNBase):
     """Drop-in for torch.nn.GRU, with torch.nn's equations (b_hn inside the reset gate). zoneout
-    (keyword, default 0): as fused_rnn.LSTM's, on h_t."""
+    (keyword, default 0): as fused_rnn.LSTM's, on h_t. recurrent_dropout (keyword, default 0): as
+    fused_rnn.LSTM's (the reset and update gates' product; the mix with h_{t-1} keeps every unit)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 device=None, dtype=None, *, zoneout: float = 0.0, **kwargs) -> None:
+                 device=None, dtype=None, *, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                 **kwargs) -> None:
         def checks():
             _refuse_extra_arguments("GRU", kwargs)
             _check_int_arg("GRU", "num_layers", num_layers, 1)
@@ -579,22 +605,25 @@ class GRU(_FusedRNNBase):
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
                              dropout, bidirectional, dtype=dtype, **kwargs)
         zoneout = _check_probability("GRU", "zoneout", zoneout)
+        recurrent_dropout = _check_probability("GRU", "recurrent_dropout", recurrent_dropout)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
         if zoneout:
             self.zoneout = zoneout
+        if recurrent_dropout:
+            self.recurrent_dropout = recurrent_dropout
 
     _torch_nn_class = nn.GRU
 
 
 class RNN(_FusedRNNBase):
-    """Drop-in for torch.nn.RNN (nonlinearity 'tanh' or 'relu'). zoneout (keyword, default 0): as
-    fused_rnn.LSTM's, on h_t."""
+    """Drop-in for torch.nn.RNN (nonlinearity 'tanh' or 'relu'). zoneout and recurrent_dropout
+    (keywords, default 0): as fused_rnn.LSTM's, on h_t."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 zoneout: float = 0.0, **kwargs) -> None:
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0, **kwargs) -> None:
         def checks():
             _refuse_extra_arguments("RNN", kwargs)
             _elman_mode(nonlinearity)
@@ -604,11 +633,14 @@ class RNN(_FusedRNNBase):
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, nonlinearity, bias,
                              batch_first, dropout, bidirectional, dtype=dtype, **kwargs)
         zoneout = _check_probability("RNN", "zoneout", zoneout)
+        recurrent_dropout = _check_probability("RNN", "recurrent_dropout", recurrent_dropout)
         self.nonlinearity = nonlinearity
         super().__init__(_elman_mode(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
         if zoneout:
             self.zoneout = zoneout
+        if recurrent_dropout:
+            self.recurrent_dropout = recurrent_dropout
 
     _torch_nn_class = nn.RNN
 

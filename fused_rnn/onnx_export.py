@@ -61,17 +61,21 @@ class _OnnxLSTM(torch.autograd.Function):
 def variant_layers(module, input, hx):
     """The forward of a fused_rnn.LSTM / GRU / RNN with peepholes or zoneout as ONNX export records it:
     a peephole LSTM's layers as ONNX's LSTM operator (_OnnxLSTM); under zoneout (eval: the
-    expectation z) the equations step by step in standard operators, for the traced length."""
+    expectation z) the equations step by step in standard operators, for the traced length. Eval
+    mode only where zoneout or recurrent dropout draw masks in training (recurrent dropout is then
+    the identity: alone, the layer exports as torch.nn's, modules.py)."""
     name = type(module).__name__
+    for option, value in (("zoneout", module.zoneout), ("recurrent dropout", module.recurrent_dropout)):
+        if value and module.training:
+            raise NotImplementedError(f"fused_rnn: a {name} with {option} exports in eval mode (zoneout: its "
+                                      f"expectation; recurrent dropout: the identity); call .eval() first (training "
+                                      f"draws random masks)")
     if not isinstance(input, Tensor):
         raise NotImplementedError(f"fused_rnn: exporting a {name} with peepholes or zoneout to ONNX takes a padded "
                                   f"Tensor input (a PackedSequence is not supported there)")
     if module.proj_size > 0:
         raise NotImplementedError(f"fused_rnn: a {name} with proj_size cannot be exported to ONNX: ONNX's LSTM "
                                   f"operator has no projection of the hidden state")
-    if module.zoneout and module.training:
-        raise NotImplementedError(f"fused_rnn: a {name} with zoneout exports in eval mode (its expectation); "
-                                  f"call .eval() first (training draws random masks)")
     from .functional import CELL_IDS, _layer_with_torch_cells
 
     lstm = module.mode == "LSTM"

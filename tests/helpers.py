@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import fused_rnn
+from fused_rnn import testing
 
 TOLERANCE = {  # (rtol, atol) against torch.nn in the same dtype
     torch.float64: (1e-10, 1e-10),
@@ -168,3 +169,31 @@ def check_func_grad_and_export(module, x):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-12, atol=1e-12)
     exported = torch.export.export(module, (x,))
     torch.testing.assert_close(exported.module()(x)[0], module(x)[0], rtol=0, atol=0)
+
+
+def check_seeded_masks_reproducible(module, x):
+    """A module that draws random masks in training: the same seed gives the same bits, outputs and
+    gradients, at 1, 2 and 3 threads (under the emulated CUDA path at one: its products are ATen's on
+    the CPU, whose bits follow the thread count); another seed, other outputs."""
+    counts = (1, 1) if testing.emulating_cuda() else (1, 2, 3)
+    results = runs_at_thread_counts(module, x, counts, seed=3)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+    torch.manual_seed(4)
+    assert not torch.equal(module(x)[0], results[0][0])  # other masks
+
+
+def gradcheck_with_seeded_masks(module, x):
+    """gradcheck of every input and parameter, and gradgradcheck of x and the second parameter, of a
+    module that draws random masks in training: the same seed before every evaluation, so that each
+    sees the same masks."""
+    names = [n for n, _ in module.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in module.parameters())
+
+    def f(x, *weights):
+        torch.manual_seed(5)
+        y, h = torch.func.functional_call(module, dict(zip(names, weights)), (x,))
+        return (y,) + (h if isinstance(h, tuple) else (h,))
+
+    assert torch.autograd.gradcheck(f, (x,) + params)
+    assert torch.autograd.gradgradcheck(lambda x, w: f(x, *params[:1], w, *params[2:]), (x, params[1]))

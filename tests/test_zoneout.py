@@ -15,75 +15,15 @@ from torch import nn
 
 import fused_rnn
 from fused_rnn import functional, testing
-from helpers import assert_close, check_func_grad_and_export, onnx_bytes, run, runs_at_thread_counts
+from helpers import (assert_close, check_func_grad_and_export, check_parity, check_seeded_masks_reproducible,
+                     gradcheck_with_seeded_masks, onnx_bytes, run)
+from variant_reference import Reference
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
 cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
 cuda_half = pytest.mark.skipif(not fused_rnn.built_with_cuda, reason="a CPU-only build has no CUDA path")
 
 MODES = {"LSTM": fused_rnn.LSTM, "GRU": fused_rnn.GRU, "RNN": fused_rnn.RNN}
-
-
-def reference_step(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, keep_h, keep_c):
-    gx = x @ w_ih.T + (b_ih if b_ih is not None else 0)
-    gh = h @ w_hh.T + (b_hh if b_hh is not None else 0)
-    H = h.shape[-1]
-    if mode == "LSTM":
-        i, f, g, o = (gx + gh).split(H, 1)
-        c_own = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_own = torch.sigmoid(o) * torch.tanh(c_own)
-        c = keep_c * c + (1 - keep_c) * c_own
-    elif mode == "GRU":
-        r = torch.sigmoid(gx[:, :H] + gh[:, :H])
-        z = torch.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
-        n = torch.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
-        h_own = (1 - z) * n + z * h
-    else:
-        h_own = torch.tanh(gx + gh)
-    return keep_h * h + (1 - keep_h) * h_own, c
-
-
-class Reference(nn.Module):
-    """The equations over a padded batch, with the fused module's parameters; `keeps(k, T, B, H)`
-    gives layer-direction k's (m_c, m_h), each [T, B, H] or a number."""
-
-    def __init__(self, fused, keeps):
-        super().__init__()
-        self.mode = "RNN" if fused.mode.startswith("RNN") else fused.mode
-        self.config = (fused.num_layers, fused.bidirectional, fused.batch_first, fused.hidden_size)
-        self.keeps = keeps
-        for name, p in fused.named_parameters():
-            self.register_parameter(name, nn.Parameter(p.detach().clone()))
-
-    def forward(self, x, hx=None):
-        layers, bidirectional, batch_first, H = self.config
-        D = 2 if bidirectional else 1
-        x = x.transpose(0, 1) if batch_first else x
-        T, B = x.shape[:2]
-        lstm = self.mode == "LSTM"
-        if hx is None:
-            zeros = x.new_zeros(layers * D, B, H)
-            hx = (zeros, zeros) if lstm else zeros
-        h0, c0 = hx if lstm else (hx, torch.zeros_like(hx))
-        h_n, c_n = [], []
-        for layer in range(layers):
-            outputs = []
-            for d in range(D):
-                k = layer * D + d
-                get = lambda name: getattr(self, name + f"_l{layer}" + ("_reverse" if d else ""), None)  # noqa: E731
-                keep_c, keep_h = self.keeps(k, T, B, H)
-                h, c, ys = h0[k], c0[k], [None] * T
-                for t in (range(T - 1, -1, -1) if d else range(T)):
-                    at = lambda keep: keep[t] if torch.is_tensor(keep) else keep  # noqa: E731
-                    h, c = reference_step(self.mode, x[t], h, c, get("weight_ih"), get("weight_hh"), get("bias_ih"),
-                                          get("bias_hh"), at(keep_h), at(keep_c))
-                    ys[t] = h
-                outputs.append(torch.stack(ys))
-                h_n.append(h)
-                c_n.append(c)
-            x = torch.cat(outputs, 2)
-        y = x.transpose(0, 1) if batch_first else x
-        return (y, (torch.stack(h_n), torch.stack(c_n))) if lstm else (y, torch.stack(h_n))
 
 
 def _module(mode, z, **kwargs):
@@ -95,12 +35,9 @@ def _module(mode, z, **kwargs):
 @pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True, batch_first=True)])
 def test_eval_is_the_expectation(mode, kwargs):
     fused = _module(mode, 0.3, **kwargs).eval()
-    ref = Reference(fused, lambda k, T, B, H: (0.3, 0.3))
+    ref = Reference(fused, keeps=lambda k, t: (0.3, 0.3))
     x = torch.randn((3, 5, 4) if kwargs.get("batch_first") else (5, 3, 4), dtype=torch.float64)
-    out_f, grad_f = run(fused, x)
-    out_r, grad_r = run(ref, x)
-    assert_close(out_f, out_r, 1e-10, 1e-10, "outputs")
-    assert_close(grad_f, grad_r, 1e-10, 1e-10, "gradients")
+    check_parity(fused, ref, x, tol=(1e-10, 1e-10))
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -109,27 +46,15 @@ def test_training_uses_the_masks_torch_draws(mode):
     ([2, N, H]: c's then h's for LSTM; [1, N, H] else): the reference draws the same ones."""
     fused = _module(mode, 0.4, num_layers=2, bidirectional=True).train()
     T, B, H = 5, 3, 6
-    drawn = {}
-
-    def keeps(k, T, B, H):
-        if k not in drawn:
-            masks = (torch.rand(2 if mode == "LSTM" else 1, T * B, H, dtype=torch.float64) < 0.4).double()
-            drawn[k] = masks.view(masks.size(0), T, B, H)
-        masks = drawn[k]
-        return (masks[0], masks[-1])
-
-    ref = Reference(fused, keeps)
+    torch.manual_seed(7)  # the module's order of draws: layer 0 forward, reverse, layer 1 ...
+    drawn = [(torch.rand(2 if mode == "LSTM" else 1, T * B, H, dtype=torch.float64) < 0.4).double().view(-1, T, B, H)
+             for _ in range(4)]
+    ref = Reference(fused, keeps=lambda k, t: (drawn[k][0, t], drawn[k][-1, t]))
     x = torch.randn(T, B, 4, dtype=torch.float64)
     hx = torch.randn(4, B, H, dtype=torch.float64)
     hx = (hx, torch.randn(4, B, H, dtype=torch.float64)) if mode == "LSTM" else hx
     torch.manual_seed(7)
-    out_f, grad_f = run(fused, x, hx)
-    torch.manual_seed(7)
-    for k in range(4):  # the module's order of draws: layer 0 forward, reverse, layer 1 ...
-        keeps(k, T, B, H)
-    out_r, grad_r = run(ref, x, hx)
-    assert_close(out_f, out_r, 1e-10, 1e-10, "outputs")
-    assert_close(grad_f, grad_r, 1e-10, 1e-10, "gradients")
+    check_parity(fused, ref, x, hx, tol=(1e-10, 1e-10))
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
@@ -158,29 +83,13 @@ def test_masks_of_zeros_are_the_plain_layer_and_of_ones_keep_the_state(mode):
 
 
 def test_same_seed_same_bits_and_any_thread_count():
-    fused = _module("LSTM", 0.25, num_layers=2).float().train()
-    x = torch.randn(7, 4, 4)
-    results = runs_at_thread_counts(fused, x, (1, 2, 1), seed=3)
-    for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
-    torch.manual_seed(4)
-    assert not torch.equal(fused(x)[0], results[0][0])  # other masks
+    check_seeded_masks_reproducible(_module("LSTM", 0.25, num_layers=2).float().train(), torch.randn(7, 4, 4))
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 def test_gradcheck_and_double_backward_with_seeded_masks(mode):
-    fused = MODES[mode](2, 3, 2, dtype=torch.float64, zoneout=0.5).train()
-    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in fused.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_() for p in fused.parameters())
-
-    def f(x, *weights):  # the same masks at every evaluation
-        torch.manual_seed(5)
-        y, h = torch.func.functional_call(fused, dict(zip(names, weights)), (x,))
-        return (y,) + (h if isinstance(h, tuple) else (h,))
-
-    assert torch.autograd.gradcheck(f, (x,) + params)
-    assert torch.autograd.gradgradcheck(lambda x, w: f(x, *params[:1], w, *params[2:]), (x, params[1]))
+    gradcheck_with_seeded_masks(MODES[mode](2, 3, 2, dtype=torch.float64, zoneout=0.5).train(),
+                                torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True))
 
 
 def test_packed_input_matches_each_sequence_alone_in_eval():
@@ -223,7 +132,7 @@ def test_arguments_and_what_is_refused():
     assert off.zoneout == 0 and "zoneout" not in repr(off)
     on = fused_rnn.RNN(3, 4, zoneout=0.1)
     assert "zoneout=0.1" in repr(on) and list(on.state_dict()) == list(nn.RNN(3, 4).state_dict())
-    with pytest.raises(ValueError, match="peephole connections or zoneout"):
+    with pytest.raises(ValueError, match="peephole connections, zoneout or recurrent dropout"):
         fused_rnn.convert(nn.Sequential(on), to="torch")
     with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a RNN with zoneout"):
         torch.jit.trace(on.eval(), (torch.randn(2, 1, 3),))

@@ -5,7 +5,8 @@
 // runs the cell backward on them. Once a chunk of steps is done, each thread adds its share of the
 // rows of dW_ih, dW_hh and the bias gradients while the chunk's gate gradients are in cache, and
 // computes its share of the chunk's rows of dX. h_{t-1} is read from the outputs (or h_0), c_{t-1}
-// from the step before's saved c_t (or c_0): neither is saved twice. Which kernel takes each
+// from the step before's saved c_t (or c_0): neither is saved twice (under recurrent dropout dW_hh
+// takes h'_{t-1}, which the op computes from them, and m scales dG·W_hh). Which kernel takes each
 // product is the plan's (kernel_plan.h). Chunks are added in a fixed order, nothing across
 // threads: reproducible, as the forward.
 #include <ATen/Dispatch.h>
@@ -43,12 +44,9 @@ class BackwardLoop {
   static constexpr int C = kVectorsPerGate<1>;
 
  public:
-  static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole,
-                  const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total, LayerGrads& grads) {
-    const BackwardLoop loop(plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0,
-                            saved, dy, dh, dc, dh_total, grads);
+  static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const BackwardOperands& op,
+                  const Tensor& w_hh_conj, const Tensor& w_hr_conj, Tensor& dh_total, LayerGrads& grads) {
+    const BackwardLoop loop(plan, s, reverse, op, w_hh_conj, w_hr_conj, dh_total, grads);
     Team(2.0 * s.B * loop.GH * (2 * s.P + 2 * s.I)).run([&](const Member& me) { loop.walk(me); });
   }
 
@@ -62,11 +60,10 @@ class BackwardLoop {
     int64_t pending_rows = 0;
   };
 
-  BackwardLoop(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih,
-               const Tensor& w_hh_conj, const Tensor& w_hr_conj, const Tensor& peephole,
-               const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-               const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dh_total, LayerGrads& grads)
+  BackwardLoop(const CpuPlan& plan, const LayerShape& s, bool reverse, const BackwardOperands& op,
+               const Tensor& w_hh_conj, const Tensor& w_hr_conj, Tensor& dh_total, LayerGrads& grads)
       : s(s), reverse(reverse), H(s.H), P(s.P), I(s.I), GH(s.gates * s.H), K(s.saved_cols()) {
+    const Tensor &x = op.x, &w_ih = op.w_ih, &saved = op.saved, &dh = op.dh, &dc = op.dc;
     // dG·W_hh and dX on AMX take k in ranges of kAmxRange, so that the rows' part of a range stays
     // in L2 while the weights pass (a split row of dG is 6 bytes a k: 3 KB a range).
     amx_steps = plan.steps == Kernel::kAmx;
@@ -79,6 +76,8 @@ class BackwardLoop {
                                                           s.T <= kStepsInPlace)
                                   : Panels<T>::of_columns(w_hh_conj, C);
     d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
+    // Recurrent dropout: dG·W_hh lands here, and m ⊙ it in dh (propagate).
+    dh_product = s.recurrent_dropout ? at::empty({s.B, P}, dh.options()) : Tensor();
     // The gate gradients, a chunk of steps at a time (chunks.h), in two buffers taken in turn: a
     // chunk's first step still propagates the last step of the chunk before. A buffer is written
     // again two chunks later, past the step barriers of the chunk between, so every thread has
@@ -112,15 +111,21 @@ class BackwardLoop {
     x_p = x.data_ptr<T>();
     w_ih_p = w_ih.data_ptr<T>();
     saved_p = saved.data_ptr<T>();
-    out_p = outputs.data_ptr<T>();
-    out_ld = outputs.stride(0);
-    h0_p = h0.data_ptr<T>();
-    c0_p = c0.defined() ? c0.data_ptr<T>() : nullptr;
+    out_p = op.outputs.data_ptr<T>();
+    out_ld = op.outputs.stride(0);
+    h0_p = op.h0.data_ptr<T>();
+    product_out_p = op.product_outputs.data_ptr<T>();
+    product_out_ld = op.product_outputs.stride(0);
+    product_h0_p = op.product_h0.data_ptr<T>();
+    c0_p = op.c0.defined() ? op.c0.data_ptr<T>() : nullptr;
     runs = previous_runs(s, reverse);
-    dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
-    peephole_p = peephole.defined() ? peephole.data_ptr<T>() : nullptr;
+    dy_p = op.dy.defined() ? op.dy.data_ptr<T>() : nullptr;
+    const Variants& v = op.variants;
+    peephole_p = v.peephole.defined() ? v.peephole.data_ptr<T>() : nullptr;
     d_peephole_p = grads.d_peephole.defined() ? grads.d_peephole.data_ptr<T>() : nullptr;
-    zoneout_p = zoneout_masks.defined() ? zoneout_masks.data_ptr<T>() : nullptr;
+    zoneout_p = v.zoneout_masks.defined() ? v.zoneout_masks.data_ptr<T>() : nullptr;
+    dropout_mask_p = s.recurrent_dropout ? v.recurrent_masks.data_ptr<T>() : nullptr;
+    dh_product_p = s.recurrent_dropout ? dh_product.data_ptr<T>() : nullptr;
     // GRU's cell, and any cell under zoneout, leaves the direct part of dL/dh_{t-1} in dh for the
     // step's dG·W_hh to add to
     direct_dh = Cell::kSeparateRecurrentGrad || s.zoneout > 0;
@@ -218,8 +223,20 @@ class BackwardLoop {
   void propagate(const Share& share, int64_t u) const {
     if (amx_steps) return;  // propagate_amx did it
     const int64_t j0 = panels.first_column(u, 0);
+    T* into = dh_product_p ? dh_product_p : dh_p;
     rows_product<T, C>(panels, u, share.pending_rows, [&](int64_t r) { return share.pending_dg + r * GH; },
-                       [&](int64_t r) { return dh_p + r * P + j0; }, 0, direct_dh);
+                       [&](int64_t r) { return into + r * P + j0; }, 0, direct_dh && !dh_product_p);
+    drop_product_grad(share.pending_rows, j0, std::min(P, panels.first_column(u + 1, 0)));
+  }
+
+  // Recurrent dropout: the product's part of dL/dh_{t-1} is m ⊙ (dG_t·W_hh) (cells.h's
+  // RecurrentDropout), on columns [p0, p1) of rows [0, rows), added to the direct part where there is one.
+  void drop_product_grad(int64_t rows, int64_t p0, int64_t p1) const {
+    for (int64_t b = 0; b < rows && dh_product_p; ++b) {
+      T* dh_row = dh_p + b * P;
+      const T *product = dh_product_p + b * P, *mask = dropout_mask_p + b * P;
+      for (int64_t p = p0; p < p1; ++p) dh_row[p] = (direct_dh ? dh_row[p] : T(0)) + mask[p] * product[p];
+    }
   }
 
   // The same on AMX for all of this thread's blocks at once: the pending rows split by the team,
@@ -230,21 +247,25 @@ class BackwardLoop {
     share.me.barrier();  // every row split before anyone multiplies
     const int64_t q0 = panels.first_column(share.u0, 0) / kAmxTile;
     const int64_t q1 = std::min(dh_split.groups(), panels.first_column(share.u1, 0) / kAmxTile);
+    T* into = dh_product_p ? dh_product_p : dh_p;
     for (int64_t k0 = 0; k0 < GH && q0 < q1; k0 += kAmxRange) {
-      dh_split.product(0, share.pending_rows, q0, q1, dh_p, P, k0, std::min(GH, k0 + kAmxRange),
-                       k0 > 0 || direct_dh);
+      dh_split.product(0, share.pending_rows, q0, q1, into, P, k0, std::min(GH, k0 + kAmxRange),
+                       k0 > 0 || (direct_dh && !dh_product_p));
     }
+    if (q0 < q1) drop_product_grad(share.pending_rows, q0 * kAmxTile, std::min(P, q1 * kAmxTile));
   }
 
   // f(lo, hi, h_prev, ld) for each part [lo, hi) of a run of h_{t-1} that lies in the chunk's rows:
-  // h_prev is row lo's h_{t-1} (from h_0 or the outputs), ld its row stride.
+  // h_prev is row lo's h_{t-1} as the product took it (h'_{t-1} under recurrent dropout; from h_0 or
+  // the outputs), ld its row stride.
   template <typename F>
   void previous_runs_in(const StepChunk& chunk, const F& f) const {
     for (const PreviousRun& run : runs) {
       const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
       if (lo >= hi) continue;
       const int64_t source = run.source + lo - run.row;
-      f(lo, hi, run.from_h0 ? h0_p + source * P : out_p + source * out_ld, run.from_h0 ? P : out_ld);
+      f(lo, hi, run.from_h0 ? product_h0_p + source * P : product_out_p + source * product_out_ld,
+        run.from_h0 ? P : product_out_ld);
     }
   }
 
@@ -356,12 +377,14 @@ class BackwardLoop {
   bool amx_steps = false, amx_dx = false, tiled_dx = false, tiled_dw = false, wide_cells = false;
   Panels<T> panels, input_panels;
   AmxSplit dh_split, dx_split;
-  Tensor d_proj_input, dgx_buffers, dgh_buffers, chunk_panels, strips;
+  Tensor d_proj_input, dh_product, dgx_buffers, dgh_buffers, chunk_panels, strips;
   int64_t chunk_cap = 0, buffer_rows = 0, x_groups = 0, h_groups = 0, x_panels_size = 0, strip_columns = 0, dx_rows = 0;
   std::vector<PreviousRun> runs;  // of h_{t-1}, for dW_hh
   const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p, *peephole_p, *zoneout_p;
+  const T *product_out_p, *product_h0_p, *dropout_mask_p;  // h'_{t-1} for dW_hh, and m (recurrent dropout)
+  T* dh_product_p;  // recurrent dropout: dG·W_hh before m, [B, P]; else null
   bool direct_dh = false;
-  int64_t out_ld = 0;
+  int64_t out_ld = 0, product_out_ld = 0;
   T *d_peephole_p;  // each unit's sums added by the thread that owns the unit, in the walk's order
   T *dh_p, *dc_p, *dgx_buffers_p, *dgh_buffers_p, *dh_total_p, *d_proj_p, *dx_p, *dw_ih_p, *dw_hh_p, *db_ih_p, *db_hh_p;
   T *x_panels_p, *h_panels_p, *strips_p;
@@ -370,14 +393,11 @@ class BackwardLoop {
 }  // namespace
 }  // namespace cpu
 
-void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x,
-                       const at::Tensor& w_ih, const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj,
-                       const at::Tensor& peephole, const at::Tensor& zoneout_masks, const at::Tensor& outputs,
-                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
-                       at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads) {
-  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
-    dispatch_cell<cpu::BackwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, w_hh_conj, w_hr_conj, peephole,
-                                               zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dh_total, grads);
+void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const BackwardOperands& op,
+                       const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, at::Tensor& dh_total,
+                       LayerGrads& grads) {
+  AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(op.saved.scalar_type(), "fused_rnn_backward_cpu", [&] {
+    dispatch_cell<cpu::BackwardLoop, scalar_t>(s.cell, plan, s, reverse, op, w_hh_conj, w_hr_conj, dh_total, grads);
   });
 }
 

@@ -7,7 +7,8 @@
 // math on it while it is in cache; a barrier ends the step. x·W_ihᵀ is computed a chunk of steps at
 // a time (chunks.h), each thread its share of the columns. Which kernel takes each product is the
 // plan's (kernel_plan.h). A projection (LSTM proj_size) needs every unit first: one more barrier
-// per step, and BLAS.
+// per step, and BLAS. Under recurrent dropout the cells (or the projection) also write h'_t = h_t ⊙ m
+// into rows of their own, which the next step's product reads instead of the outputs.
 //
 // Blocks are aligned to the vector width, so which units take the scalar tail does not depend on
 // the number of threads, and nothing is accumulated across threads: results are reproducible, and
@@ -42,8 +43,8 @@ struct ForwardLoop {
   static constexpr int G = Cell::kGates, C = kVectorsPerGate<G>;
 
   static void run(const CpuPlan& plan, const LayerShape& s, bool reverse, const Tensor& x, const Tensor& w_ih, const Tensor& bias,
-                  const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole,
-                  const Tensor& zoneout_masks, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& w_hh, const Tensor& b_hn, const Tensor& w_hr, const Variants& variants, Tensor& y,
+                  Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P, GH = G * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     // The plan's kernels (kernel_plan.h). The AVX-512 steps read W_hh in panels; the row dots and
@@ -77,21 +78,34 @@ struct ForwardLoop {
     Tensor gh = at::empty({s.B, GH}, x.options());
     // The LSTM's o*tanh(c_t) before the projection: kept in `saved` when training, else here.
     Tensor proj_buffer = s.proj && !saved.defined() ? at::empty({s.B, H}, x.options()) : Tensor();
+    // Recurrent dropout: the products take h'_{t-1} = h_{t-1} ⊙ m (cells.h's RecurrentDropout), which
+    // each step writes beside its outputs, from h_0 ⊙ m at the first.
+    const bool dropout = s.recurrent_dropout;
+    Tensor product_rows = dropout ? empty_large({s.N, P}, x.options()) : Tensor();
+    Tensor product_h0 = dropout ? h * variants.recurrent_masks : Tensor();
 
     const T* x_p = x.data_ptr<T>();
     const T* w_ih_p = w_ih.data_ptr<T>();
     const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
     const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
-    const T* peephole_p = peephole.defined() ? peephole.data_ptr<T>() : nullptr;
-    const T* zoneout_p = zoneout_masks.defined() ? zoneout_masks.data_ptr<T>() : nullptr;
+    const T* peephole_p = variants.peephole.defined() ? variants.peephole.data_ptr<T>() : nullptr;
+    const T* zoneout_p = variants.zoneout_masks.defined() ? variants.zoneout_masks.data_ptr<T>() : nullptr;
     T* gx_buffer_p = gx_buffer.data_ptr<T>();
     T* gh_p = gh.data_ptr<T>();
     T* y_p = y.data_ptr<T>();
     T* h_p = h.data_ptr<T>();  // h_0 until the end, when it becomes h_n
+    const T* dropout_mask_p = dropout ? variants.recurrent_masks.data_ptr<T>() : nullptr;
+    T* product_rows_p = dropout ? product_rows.data_ptr<T>() : nullptr;
+    const T* product_y_p = dropout ? product_rows_p : y_p;  // the rows the products read, and h_0's
+    const T* product_h0_p = dropout ? product_h0.data_ptr<T>() : h_p;
     T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
     T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
     T* proj_buffer_p = proj_buffer.defined() ? proj_buffer.data_ptr<T>() : nullptr;
+
+    // The cells write h'_t where the next step's product reads it, except where a projection follows
+    // them (the projected rows are masked after it).
+    const bool dropout_in_cells = dropout && !s.proj;
 
     Team(2.0 * s.B * GH * (P + s.I)).run([&](const Member& me) {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's blocks of hidden units
@@ -153,11 +167,13 @@ struct ForwardLoop {
           // h_{t-1}: the step before's output, or h_0, which h keeps until the end.
           const Predecessor before = predecessor(s, reverse, t);
           const auto h_prev_row = [&](int64_t b) { return before.row<T>(b, y_p, P, h_p, P); };
+          // what the product takes: h'_{t-1} under recurrent dropout, else h_{t-1}
+          const auto product_row = [&](int64_t b) { return before.row<T>(b, product_y_p, P, product_h0_p, P); };
           T* proj_in = s.proj ? (saved_p ? saved_p + off * K + s.proj_input_col() : proj_buffer_p) : nullptr;
           const int64_t proj_in_stride = saved_p ? K : H;
 
           if (amx_steps) {
-            h_split.split_rows(me, n, h_prev_row);
+            h_split.split_rows(me, n, product_row);
             me.barrier();  // every row of h_{t-1} split before anyone multiplies
           }
           for (int64_t u = u0; u < u1; ++u) {
@@ -173,12 +189,12 @@ struct ForwardLoop {
               if constexpr (std::is_same_v<T, float>) {
                 const int64_t units = std::min(panels.C * panels.width, H - j0);
                 for (int g = 0; g < G; ++g) {
-                  wide_row_dots(w_hh_p + (g * H + j0) * P, P, P, h_prev_row(0), units, gh_p + g * H + j0);
+                  wide_row_dots(w_hh_p + (g * H + j0) * P, P, P, product_row(0), units, gh_p + g * H + j0);
                 }
               }
             } else {
-              rows_product<T, G * C>(panels, u, n, h_prev_row, [&](int64_t b) { return gh_p + b * GH + j0; }, H,
-                                     false);
+              rows_product<T, G * C>(panels, u, n, product_row, [&](int64_t b) { return gh_p + b * GH + j0; },
+                                     H, false);
             }
           }
           // The cells on all of this thread's units of a row at once (the gate sums of its blocks
@@ -195,15 +211,24 @@ struct ForwardLoop {
             const T* h_prev = h_prev_row(b);
             T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
             T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
-            const StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
-                                    c_p ? c_p + b * H : nullptr, out_row, saved_row, peephole_p,
-                                    Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, off + b)};
-            cell_units<Cell, true>(io, H, j_begin, j_end - j_begin, plan.wide_cells);
+            StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
+                              c_p ? c_p + b * H : nullptr, out_row, saved_row, peephole_p,
+                              Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, off + b)};
+            if (dropout_in_cells) {
+              io.dropout = {dropout_mask_p + b * P, product_rows_p + (off + b) * P};
+              cell_units<Cell, true>(io, H, j_begin, j_end - j_begin, plan.wide_cells);
+            } else {  // a call of its own, where the compiler sees no h'_t to write: the plain cell's code
+              cell_units<Cell, true>(io, H, j_begin, j_end - j_begin, plan.wide_cells);
+            }
           }
           if (s.proj) {  // y_t = (o*tanh c_t) · W_hrᵀ once every unit is done, by output features
             me.barrier();
             gemm_rows<T>(n, p1 - p0, H, {proj_in, proj_in_stride}, {w_hr_p + p0 * H, H, true}, false, y_p + off * P + p0,
                          P);
+            for (int64_t b = 0; b < n && dropout; ++b) {  // h'_t of this thread's output features
+              const RecurrentDropout<T> drop{dropout_mask_p + b * P, product_rows_p + (off + b) * P};
+              for (int64_t p = p0; p < p1; ++p) drop.template write<ScalarMath<T>>(y_p[(off + b) * P + p], p);
+            }
           }
           me.barrier();  // h_t complete before anyone starts step t+1
         }
@@ -221,11 +246,11 @@ struct ForwardLoop {
 
 void forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x,
                       const at::Tensor& w_ih, const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
-                      const at::Tensor& w_hr, const at::Tensor& peephole, const at::Tensor& zoneout_masks,
-                      at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved) {
+                      const at::Tensor& w_hr, const Variants& variants, at::Tensor& y, at::Tensor& h,
+                      at::Tensor& c, at::Tensor& saved) {
   AT_DISPATCH_FLOATING_AND_COMPLEX_TYPES(x.scalar_type(), "fused_rnn_forward_cpu", [&] {
-    dispatch_cell<cpu::ForwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, bias, w_hh, b_hn, w_hr, peephole,
-                                              zoneout_masks, y, h, c, saved);
+    dispatch_cell<cpu::ForwardLoop, scalar_t>(s.cell, plan, s, reverse, x, w_ih, bias, w_hh, b_hn, w_hr, variants, y,
+                                              h, c, saved);
   });
 }
 

@@ -22,14 +22,13 @@ void empty_cpu_cache();
 //                    x·W_ihᵀ + bias a chunk of steps at a time
 //   b_hn   [H]       GRU's n-gate hidden bias, or undefined
 //   y      [N, P]    output, written
-//   peephole [3*H]   LSTM's peephole weights, or undefined
-//   zoneout_masks [2 or 1, N, H]  the training masks of zoneout (s.zoneout), or undefined
+//   variants         the operands of the options torch.nn lacks (layer.h), each undefined when off
 //   h, c   [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
 //   saved  [N, saved_cols] written when defined (a gradient is wanted)
 void forward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
                       const at::Tensor& bias, const at::Tensor& w_hh, const at::Tensor& b_hn,
-                      const at::Tensor& w_hr, const at::Tensor& peephole, const at::Tensor& zoneout_masks,
-                      at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved);
+                      const at::Tensor& w_hr, const Variants& variants, at::Tensor& y, at::Tensor& h, at::Tensor& c,
+                      at::Tensor& saved);
 
 // One int8 weight matrix of the quantized inference path, w [G*H, K] with a scale per row
 // (w ≈ scale[r] · q[r, k]): q laid out in panels by pack_int8_panels, the scales, and the row
@@ -62,19 +61,14 @@ struct LayerGrads {
   at::Tensor d_peephole;    // [3*H] for an LSTM with peephole weights, else undefined
 };
 
+// op: the backward's operands (layer.h's BackwardOperands; the loop turns op.dh and op.dc, the
+// gradients at h_n and c_n, into those at h_0 and c_0), and
 //   w_hh_conj, w_hr_conj  conj of the weights (the same tensors for real types)
-//   peephole [3*H]   LSTM's peephole weights, or undefined
-//   zoneout_masks    as forward's
-//   outputs  [N, P] the forward's outputs, h_t of every row (a view with row stride ≥ P)
-//   h0, c0   [B, P], [B, H] the initial state (c0 undefined unless LSTM)
-//   dy       [N, P] or undefined
-//   dh, dc   [B, P], [B, H]  gradient at h_n, c_n in; at h_0, c_0 out
 //   dh_total [N, P] written with the full gradient at each h_t when the LSTM has a projection
-// The CPU loop also delivers `grads`, from x [N, I] and w_ih [G*H, I]: it multiplies the gate
-// gradients out a chunk of steps at a time, while they are in cache.
-void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const at::Tensor& x, const at::Tensor& w_ih,
-                       const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, const at::Tensor& peephole,
-                       const at::Tensor& zoneout_masks, const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,
-                       at::Tensor& dh, at::Tensor& dc, at::Tensor& dh_total, LayerGrads& grads);
+// The CPU loop also delivers `grads`: it multiplies the gate gradients out a chunk of steps at a
+// time, while they are in cache.
+void backward_loop_cpu(const cpu::CpuPlan& plan, const LayerShape& s, bool reverse, const BackwardOperands& op,
+                       const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj, at::Tensor& dh_total,
+                       LayerGrads& grads);
 
 }  // namespace fused_rnn

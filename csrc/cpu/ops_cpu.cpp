@@ -16,18 +16,17 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                            bool need_saved, const optional<Tensor>& w_peephole, double zoneout,
-                           const optional<Tensor>& zoneout_masks) {
+                           const optional<Tensor>& zoneout_masks, const optional<Tensor>& recurrent_masks) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
-  const LayerShape s =
-      describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout, zoneout_masks);
-  ForwardOperands op =
-      forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, compute_type(x));
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants);
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants, compute_type(x));
   const auto opts = op.h.options();
   Tensor y = empty_large({s.N, s.P}, opts);
   Tensor saved = need_saved ? empty_large({s.N, s.saved_cols()}, opts) : Tensor();
   const cpu::CpuPlan plan = cpu::plan_cpu(cpu::Pass::kForward, s, op.x.scalar_type());
-  forward_loop_cpu(plan, s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, op.peephole,
-                   op.zoneout_masks, y, op.h, op.c, saved);
+  forward_loop_cpu(plan, s, reverse, op.x, op.w_ih, op.bias, op.w_hh, op.b_hn, op.w_hr, op.variants, y, op.h, op.c,
+                   saved);
   return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
@@ -36,11 +35,12 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
                               const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
                               const optional<Tensor>& dy, const optional<Tensor>& dh_n,
                               const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole,
-                              double zoneout, const optional<Tensor>& zoneout_masks) {
-  const LayerShape s = describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n,
-                                               dc_n, w_peephole, zoneout, zoneout_masks);
-  BackwardOperands op =
-      backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, w_peephole, zoneout_masks, y, saved, dy, dh_n, dc_n);
+                              double zoneout, const optional<Tensor>& zoneout_masks,
+                              const optional<Tensor>& recurrent_masks) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
+  const LayerShape s =
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, variants);
+  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, variants, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
   LayerGrads g;
@@ -66,8 +66,7 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // resolve_conj makes a real copy for complex types and is free for real ones.
   const Tensor w_hh_conj = op.w_hh.conj().resolve_conj();
   const Tensor w_proj_conj = s.proj ? op.w_hr.conj().resolve_conj() : Tensor();
-  backward_loop_cpu(plan, s, reverse, op.x, op.w_ih, w_hh_conj, w_proj_conj, op.peephole, op.zoneout_masks,
-                    op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh, op.dc, dh_total, g);
+  backward_loop_cpu(plan, s, reverse, op, w_hh_conj, w_proj_conj, dh_total, g);
   // Both biases add to the same pre-activations, except GRU's b_hn (scaled by r): same gradient.
   if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);
   Tensor dw_hr;

@@ -25,12 +25,12 @@ bool persistent_backward_chosen(cuda::Recurrent recurrent, const LayerShape& s) 
 }
 
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_float) {
-  dispatch_cell<CudaCoreBackwardLoop, float>(s.cell, s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks,
+  dispatch_cell<CudaCoreBackwardLoop, float>(s.cell, s, reverse, w_hh_conj, w_hr_conj, variants,
                                              outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total, fuse, persistent);
 }
 
 FUSED_RNN_DECLARE_BACKWARD_LOOP(backward_loop_cuda_double) {
-  dispatch_cell<CudaCoreBackwardLoop, double>(s.cell, s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks,
+  dispatch_cell<CudaCoreBackwardLoop, double>(s.cell, s, reverse, w_hh_conj, w_hr_conj, variants,
                                               outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total, fuse, persistent);
 }
 

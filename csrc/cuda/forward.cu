@@ -37,27 +37,26 @@ bool persistent_forward_chosen(cuda::Recurrent recurrent, const LayerShape& s) {
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_float) {
-  dispatch_cell<CudaCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h,
+  dispatch_cell<CudaCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h,
                                             c, saved, persistent);
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_double) {
-  dispatch_cell<CudaCoreForwardLoop, double>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h,
+  dispatch_cell<CudaCoreForwardLoop, double>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h,
                                              c, saved, persistent);
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_half) {
-  dispatch_cell<HalfTensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks,
+  dispatch_cell<HalfTensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants,
                                                   y, h, c, saved, persistent);
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_bfloat16) {
-  dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, peephole,
-                                                      zoneout_masks, y, h, c, saved, persistent);
+  dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c, saved, persistent);
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_tf32) {
-  dispatch_cell<Tf32TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks,
+  dispatch_cell<Tf32TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants,
                                                   y, h, c, saved, persistent);
 }
 

@@ -3,8 +3,7 @@
 //   gx       [N, G*H]  x·W_ihᵀ plus the folded biases
 //   w_hh     [G*H, P]  in gx's type, or float16 / bfloat16 (the tensor cores) with everything else float32
 //   b_hn     [H]       GRU's n-gate hidden bias, or undefined
-//   peephole [3*H]     LSTM's peephole weights (cells.h), or undefined (both loops)
-//   zoneout_masks [2 or 1, N, H]  zoneout's masks (cells.h; s.zoneout its z), or undefined (both loops)
+//   variants the operands of the options torch.nn lacks (layer.h), undefined when off (both loops)
 //   y        [N, P]    output, written
 //   h, c     [B, P], [B, H]  state: initial in, final out (c undefined unless LSTM)
 //   saved    [N, saved_cols] written when defined (a gradient is wanted)
@@ -29,15 +28,13 @@ namespace fused_rnn {
 
 #define FUSED_RNN_DECLARE_FORWARD_LOOP(name)                                                                    \
   void name(const LayerShape& s, bool reverse, const at::Tensor& gx, const at::Tensor& w_hh,                   \
-            const at::Tensor& b_hn, const at::Tensor& w_hr, const at::Tensor& peephole,                        \
-            const at::Tensor& zoneout_masks, at::Tensor& y, at::Tensor& h, at::Tensor& c, at::Tensor& saved,   \
-            bool persistent)
+            const at::Tensor& b_hn, const at::Tensor& w_hr, const Variants& variants, at::Tensor& y,           \
+            at::Tensor& h, at::Tensor& c, at::Tensor& saved, bool persistent)
 #define FUSED_RNN_DECLARE_BACKWARD_LOOP(name)                                                                   \
   void name(const LayerShape& s, bool reverse, const at::Tensor& w_hh_conj, const at::Tensor& w_hr_conj,       \
-            const at::Tensor& peephole, const at::Tensor& zoneout_masks, const at::Tensor& outputs,            \
-            const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& saved, const at::Tensor& dy,         \
-            at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx, at::Tensor& dgh, at::Tensor& dh_total, bool fuse, \
-            bool persistent)
+            const Variants& variants, const at::Tensor& outputs, const at::Tensor& h0, const at::Tensor& c0,   \
+            const at::Tensor& saved, const at::Tensor& dy, at::Tensor& dh, at::Tensor& dc, at::Tensor& dgx,    \
+            at::Tensor& dgh, at::Tensor& dh_total, bool fuse, bool persistent)
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_float);
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_double);

@@ -65,8 +65,8 @@ Tensor previous_outputs(const LayerShape& s, bool reverse, const Tensor& outputs
 
 // The forward step loop the plan names.
 void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh,
-                  const Tensor& b_hn, const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks,
-                  Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Tensor& b_hn, const Tensor& w_hr, const Variants& variants, Tensor& y, Tensor& h, Tensor& c,
+                  Tensor& saved) {
   using cuda::Recurrent;
   const auto loop = plan.recurrent == Recurrent::kHalf       ? &forward_loop_cuda_half
                     : plan.recurrent == Recurrent::kBFloat16 ? &forward_loop_cuda_bfloat16
@@ -80,7 +80,7 @@ void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse,
   TORCH_CHECK(gx.scalar_type() == state_type && w_hh.scalar_type() == weight_type, "fused_rnn: the ",
               cuda::recurrent_name(plan.recurrent), " step loop takes gx in ", state_type, " and weight_hh in ",
               weight_type, ", got ", gx.scalar_type(), " and ", w_hh.scalar_type());
-  loop(s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h, c, saved, plan.persistent);
+  loop(s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c, saved, plan.persistent);
 }
 
 void refuse_complex(const Tensor& x) {
@@ -150,34 +150,33 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                            bool need_saved, const optional<Tensor>& w_peephole, double zoneout,
-                           const optional<Tensor>& zoneout_masks) {
+                           const optional<Tensor>& zoneout_masks, const optional<Tensor>& recurrent_masks) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
-  const LayerShape s =
-      describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout, zoneout_masks);
+  const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(false, s, x.scalar_type(), x.device());
-  ForwardOperands op =
-      forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, plan.products);
+  ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants, plan.products);
   const auto opts = op.h.options();
   Tensor y = at::empty({s.N, s.P}, opts);
   Tensor saved = need_saved ? at::empty({s.N, s.saved_cols()}, opts) : Tensor();
-  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, op.peephole,
-               op.zoneout_masks, y, op.h, op.c, saved);
+  forward_loop(plan, s, reverse, input_projection(op.x, op.w_ih, op.bias), op.w_hh, op.b_hn, op.w_hr, op.variants,
+               y, op.h, op.c, saved);
   return forward_outputs(s, x.scalar_type(), y, op, saved);
 }
 
 // The backward step loop the plan names (half types reach it as float32).
 void backward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse, const Tensor& w_hh_conj,
-                   const Tensor& w_hr_conj, const Tensor& peephole, const Tensor& zoneout_masks,
-                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
+                   const Tensor& w_hr_conj, const Variants& variants, const Tensor& outputs, const Tensor& h0,
+                   const Tensor& c0, const Tensor& saved,
                    const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
   const bool float64 = plan.recurrent == cuda::Recurrent::kDouble;
   TORCH_CHECK(saved.scalar_type() == (float64 ? at::kDouble : at::kFloat), "fused_rnn: the ",
               cuda::recurrent_name(plan.recurrent), " backward loop does not take dtype ", saved.scalar_type());
   const auto loop = float64 ? &backward_loop_cuda_double : &backward_loop_cuda_float;
-  loop(s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh,
-       dh_total, plan.fused_backward, plan.persistent);
+  loop(s, reverse, w_hh_conj, w_hr_conj, variants, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total,
+       plan.fused_backward, plan.persistent);
 }
 
 LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef batch_sizes, bool reverse,
@@ -185,14 +184,15 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
                               const optional<Tensor>& w_hr, bool has_bias, const Tensor& y, const Tensor& saved,
                               const optional<Tensor>& dy, const optional<Tensor>& dh_n,
                               const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole,
-                              double zoneout, const optional<Tensor>& zoneout_masks) {
-  const LayerShape s = describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n,
-                                               dc_n, w_peephole, zoneout, zoneout_masks);
+                              double zoneout, const optional<Tensor>& zoneout_masks,
+                              const optional<Tensor>& recurrent_masks) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
+  const LayerShape s =
+      describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, variants);
   refuse_complex(x);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(true, s, x.scalar_type(), x.device());
-  BackwardOperands op =
-      backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, w_peephole, zoneout_masks, y, saved, dy, dh_n, dc_n);
+  BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, variants, y, saved, dy, dh_n, dc_n);
   const auto opts = op.x.options();
   const int64_t GH = s.gates * s.H;
   Tensor dh_total = s.proj ? at::empty({s.N, s.P}, opts) : Tensor();
@@ -201,11 +201,11 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   // real types here are the weights.
   Tensor dgx = at::empty({s.N, GH}, opts);
   Tensor dgh = s.cell == CellKind::GRU ? at::empty({s.N, GH}, opts) : dgx;
-  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.peephole, op.zoneout_masks, op.outputs, op.h0, op.c0, op.saved,
-                op.dy, op.dh, op.dc, dgx, dgh, dh_total);
+  backward_loop(plan, s, reverse, op.w_hh, op.w_hr, op.variants, op.outputs, op.h0, op.c0, op.saved, op.dy, op.dh,
+                op.dc, dgx, dgh, dh_total);
 
   // The once-per-sequence products and sums; plain reductions, so results are reproducible.
-  const Tensor h_prev = previous_outputs(s, reverse, op.outputs, op.h0);
+  const Tensor h_prev = previous_outputs(s, reverse, op.product_outputs, op.product_h0);  // as the products took them
   Tensor dx, dw_ih, dw_hh;
   const at::ScalarType product_type = plan.products;
   if (product_type == op.x.scalar_type()) {

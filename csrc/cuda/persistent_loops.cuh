@@ -77,6 +77,11 @@ struct PersistentArgs {
   const T* peephole;           // LSTM: [3*H] or null
   double zoneout;              // cells.h's Zoneout: z, and the masks [2 or 1, N, H] or null
   const T* zoneout_masks;
+  // Recurrent dropout (cells.h): the masks [B, P], the rows h'_t [N, P] that the cells write and
+  // h'_0 [B, P], which the products take; null without
+  const T* dropout_masks;
+  T* product_rows;
+  const T* product_h0;
   int64_t K, H, P, N;
   PersistentSteps walk;
 
@@ -85,6 +90,7 @@ struct PersistentArgs {
     const int64_t off = walk.first_row(t);
     ForwardArgs<T, W> cell;
     cell.h_prev = StateRows<T>{walk.before(t), y, h0, P};
+    cell.h_product = product_rows ? StateRows<T>{walk.before(t), product_rows, product_h0, P} : cell.h_prev;
     cell.gx = gx + off * G * H;
     cell.b_hn = b_hn;
     cell.c = c;
@@ -97,6 +103,8 @@ struct PersistentArgs {
     cell.zoneout_masks = zoneout_masks;
     cell.rows_all = N;
     cell.first_row = off;
+    cell.dropout_masks = dropout_masks;
+    cell.product_out = product_rows ? product_rows + off * P : nullptr;
     cell.n = walk.rows(t);
     cell.H = H;
     cell.P = P;
@@ -153,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const P
     const int64_t n = cell.n;
 
     for (int64_t row0 = 0; row0 < n; row0 += R) {  // the same for the whole block
-      stage_rows_grouped<R, kPersistentInFlight, kThreads>(h_s, static_cast<int>(Pk), cell.h_prev, row0, n, 0,
+      stage_rows_grouped<R, kPersistentInFlight, kThreads>(h_s, static_cast<int>(Pk), cell.h_product, row0, n, 0,
                                                           static_cast<int>(Pk), P, tid,
                                                           [](T v) { return v; });
       __syncthreads();
@@ -255,7 +263,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     const int64_t n = cell.n;
 
     for (int64_t row0 = 0; row0 < n; row0 += R) {  // the same for the whole block
-      stage_rows_grouped<R, kPersistentInFlight, kBlockThreads>(h_s, h_pitch, cell.h_prev, row0, n, 0,
+      stage_rows_grouped<R, kPersistentInFlight, kBlockThreads>(h_s, h_pitch, cell.h_product, row0, n, 0,
                                                                static_cast<int>(Pk), P, tid,
                                                                [](float v) { return Operand::round(v); });
       __syncthreads();
@@ -338,6 +346,7 @@ struct PersistentBackwardArgs {
   const T* peephole;           // LSTM: [3*H] or null
   double zoneout;              // as PersistentArgs'
   const T* zoneout_masks;
+  const T* dropout_masks;      // recurrent dropout [B, P], or null (BackwardArgs::add_product_grad)
   int64_t K, H, P, N;
   PersistentSteps walk;
 };
@@ -398,8 +407,7 @@ __device__ __forceinline__ void persistent_backward_step(const BackwardArgs<type
           FUSED_RNN_UNROLL
           for (int q = 0; q < S; ++q) total += part_s[(w * R + r) * kTileUnits + q * U + u];  // subs, then warps
         }
-        T* dh = cell.dh + b * cell.dh_stride + j;
-        *dh = cell.template direct_dh<Cell>() ? *dh + total : total;  // GRU, zoneout: after the direct path
+        cell.template add_product_grad<Cell>(cell.dh + b * cell.dh_stride + j, b, j, total);  // after the direct path
       }
       if (b < cell.n) backward_unit<Cell>(cell, b, j);
     }
@@ -441,6 +449,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // as persistent_forward_kernel
   cell.peephole = a.peephole;
   cell.zoneout = a.zoneout;
   cell.zoneout_masks = a.zoneout_masks;
+  cell.dropout_masks = a.dropout_masks;
   cell.rows_all = a.N;
   cell.H = H;
   cell.P = P;
@@ -549,8 +558,9 @@ struct PersistentForwardLoop {
   static constexpr int kUnits = kTensorCores ? kMmaUnits : kPersistentUnits<Cell::kGates>;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
+                  const Variants& variants, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P;
+    const DroppedProducts<T> dropped = DroppedProducts<T>::of(s, h, variants);
     const Tensor w_tiles = gate_interleaved(w_hh, s.gates, H, P, kUnits);  // in W_hh's type: the operand's
     const Tensor tables = device_step_tables(s, gx.device());
     PersistentArgs<T, W> a;
@@ -561,9 +571,12 @@ struct PersistentForwardLoop {
     a.y = y.data_ptr<T>();
     a.c = c.defined() ? c.data_ptr<T>() : nullptr;
     a.saved = saved.defined() ? saved.data_ptr<T>() : nullptr;
-    a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+    a.peephole = variants.peephole.defined() ? variants.peephole.const_data_ptr<T>() : nullptr;
     a.zoneout = s.zoneout;
-    a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.zoneout_masks = variants.zoneout_masks.defined() ? variants.zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.dropout_masks = s.recurrent_dropout ? variants.recurrent_masks.const_data_ptr<T>() : nullptr;
+    a.product_rows = s.recurrent_dropout ? dropped.rows.template data_ptr<T>() : nullptr;
+    a.product_h0 = s.recurrent_dropout ? dropped.h0.template const_data_ptr<T>() : nullptr;
     a.N = s.N;
     a.K = saved.defined() ? s.saved_cols() : 0;
     a.H = H;
@@ -586,12 +599,12 @@ struct PersistentForwardLoop {
 template <typename Cell>
 struct CudaCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h,
-                  Tensor& c, Tensor& saved, bool persistent) {
+                  const Tensor& w_hr, const Variants& variants, Tensor& y, Tensor& h, Tensor& c, Tensor& saved,
+                  bool persistent) {
     if (persistent) {
-      PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, peephole, zoneout_masks, y, h, c, saved);
+      PersistentForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, variants, y, h, c, saved);
     } else {
-      StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h, c, saved);
+      StepForwardLoop<Cell>::run(s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c, saved);
     }
   }
 };
@@ -601,12 +614,12 @@ struct CudaCoreForwardLoop {
 template <typename Cell, typename Op>
 struct TensorCoreForwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h,
-                  Tensor& c, Tensor& saved, bool persistent) {
+                  const Tensor& w_hr, const Variants& variants, Tensor& y, Tensor& h, Tensor& c, Tensor& saved,
+                  bool persistent) {
     if (persistent) {
-      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, peephole, zoneout_masks, y, h, c, saved);
+      PersistentForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, variants, y, h, c, saved);
     } else {
-      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, peephole, zoneout_masks, y, h, c, saved);
+      ForwardLoop<Cell, Op>::run(s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c, saved);
     }
   }
 };
@@ -621,9 +634,9 @@ template <typename Cell>
 struct PersistentBackwardLoop {
   using T = typename Cell::scalar_t;
 
-  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& peephole,
-                  const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
+  static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Variants& variants,
+                  const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy,
+                  Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
     constexpr int G = Cell::kGates;
     const Tensor w_columns = persistent_backward_columns(w_hh_conj, G, s.H, kPersistentUnits<G>, kPersistentSubs<G>);
     const Tensor tables = device_step_tables(s, saved.device());
@@ -640,9 +653,10 @@ struct PersistentBackwardLoop {
     a.c0 = c0.defined() ? c0.const_data_ptr<T>() : nullptr;
     a.dgx = dgx.data_ptr<T>();
     a.dgh = dgh.data_ptr<T>();
-    a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+    a.peephole = variants.peephole.defined() ? variants.peephole.const_data_ptr<T>() : nullptr;
     a.zoneout = s.zoneout;
-    a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.zoneout_masks = variants.zoneout_masks.defined() ? variants.zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.dropout_masks = s.recurrent_dropout ? variants.recurrent_masks.const_data_ptr<T>() : nullptr;
     a.N = s.N;
     a.K = s.saved_cols();
     a.H = s.H;
@@ -661,15 +675,15 @@ struct PersistentBackwardLoop {
 template <typename Cell>
 struct CudaCoreBackwardLoop {
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& peephole, const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0,
-                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
-                  Tensor& dgh, Tensor& dh_total, bool fuse, bool persistent) {
+                  const Variants& variants, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                  Tensor& dh_total, bool fuse, bool persistent) {
     if (persistent) {
-      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy,
-                                        dh, dc, dgx, dgh);
+      PersistentBackwardLoop<Cell>::run(s, reverse, w_hh_conj, variants, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                                        dgh);
     } else {
-      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy,
-                              dh, dc, dgx, dgh, dh_total, fuse);
+      BackwardLoop<Cell>::run(s, reverse, w_hh_conj, w_hr_conj, variants, outputs, h0, c0, saved, dy, dh, dc, dgx,
+                              dgh, dh_total, fuse);
     }
   }
 };

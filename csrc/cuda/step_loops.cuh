@@ -412,6 +412,7 @@ template <typename T, typename W>
 struct ForwardArgs {
   const W* w_tiles; // W_hh gate-interleaved (gate_interleaved), in T or, on the tensor cores, a half type
   StateRows<T> h_prev;  // where row b's h_{t-1} lies: the step before's outputs, or h_0
+  StateRows<T> h_product;  // what the product takes: h_prev, or h'_{t-1} under recurrent dropout
   const T* gx;      // this step's first row of gx, rows of G*H
   const T* b_hn;    // GRU: [H] or null
   T* c;             // LSTM: [B, H] in place, else null
@@ -425,7 +426,30 @@ struct ForwardArgs {
   double zoneout;
   const T* zoneout_masks;
   int64_t rows_all, first_row;
+  // Recurrent dropout (cells.h): the masks [B, P], and where the cell writes h'_t for row 0 of the
+  // step (row stride P); null without, or where a projection follows the cell
+  const T* dropout_masks;
+  T* product_out;
   int64_t n, H, P;
+
+  __host__ __device__ RecurrentDropout<T> dropout(int64_t b) const {
+    return product_out ? RecurrentDropout<T>{dropout_masks + b * P, product_out + b * P} : RecurrentDropout<T>{};
+  }
+};
+
+// Recurrent dropout's buffers for a forward walk: the rows h'_t that the cells write [N, P], and
+// h'_0 = h_0 ⊙ m [B, P]; undefined without. product_rows(): where a step's product reads h'_{t-1}.
+template <typename T>
+struct DroppedProducts {
+  Tensor rows, h0;
+
+  static DroppedProducts of(const LayerShape& s, const Tensor& h0, const Variants& v) {
+    if (!s.recurrent_dropout) return {};
+    return {at::empty({s.N, s.P}, h0.options()), h0 * v.recurrent_masks};
+  }
+  StateRows<T> product_rows(Predecessor before, const StateRows<T>& h_prev) const {
+    return rows.defined() ? StateRows<T>{before, rows.const_data_ptr<T>(), h0.const_data_ptr<T>(), h_prev.P} : h_prev;
+  }
 };
 
 // The epilogue for row b, unit j, given its G gate sums, which stay in the thread's registers
@@ -442,7 +466,8 @@ __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::sca
   StepForward<T, Sums> io{a.gx + b * GH, own, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
                           a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr, a.peephole,
                           Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H,
-                                             a.first_row + b)};
+                                             a.first_row + b),
+                          a.dropout(b)};
   Cell::forward(io, H, j);
 }
 
@@ -475,7 +500,7 @@ __global__ void __launch_bounds__(kThreads)
     FUSED_RNN_UNROLL
     for (int g = 0; g < G; ++g) acc[r][g] = T(0);
   }
-  accumulate_tile_product<G, kRows, kSplit>(acc, &w_s[0][0], &h_s[0][0], slab, a.h_prev, row0, n, P);
+  accumulate_tile_product<G, kRows, kSplit>(acc, &w_s[0][0], &h_s[0][0], slab, a.h_product, row0, n, P);
 
   const int64_t j = unit0 + tx;
   if (j >= a.H) return;
@@ -682,7 +707,7 @@ __global__ void __launch_bounds__(32 * Cell::kGates)
     w_chunk.store(w_s, tid);
     // h, rounded to the operand type as it is staged, 8 loads a thread in flight (a whole chunk's
     // would take 128 registers a thread in the 32-thread Elman kernels).
-    stage_rows_grouped<kRows, 8, kBlockThreads>(h_s, kHPitch, a.h_prev, row0, n, k0, kChunk, P, tid,
+    stage_rows_grouped<kRows, 8, kBlockThreads>(h_s, kHPitch, a.h_product, row0, n, k0, kChunk, P, tid,
                                                 [](float v) { return Operand::round(v); });
     __syncthreads();
     // Zero padding past P in both operands adds exact zeros; the k order is fixed.
@@ -756,8 +781,7 @@ struct ForwardLoop {
   using W = typename StoredWeight<Op, T>::type;
 
   static void run(const LayerShape& s, bool reverse, const Tensor& gx, const Tensor& w_hh, const Tensor& b_hn,
-                  const Tensor& w_hr, const Tensor& peephole, const Tensor& zoneout_masks, Tensor& y, Tensor& h,
-                  Tensor& c, Tensor& saved) {
+                  const Tensor& w_hr, const Variants& variants, Tensor& y, Tensor& h, Tensor& c, Tensor& saved) {
     const int64_t H = s.H, P = s.P, GH = s.gates * H;
     const int64_t K = saved.defined() ? s.saved_cols() : 0;
     if (s.T == 0 || s.B == 0) return;
@@ -775,6 +799,7 @@ struct ForwardLoop {
     const T* h0_p = h.data_ptr<T>();  // h holds h_0 until the walk is over
     T* c_p = c.defined() ? c.data_ptr<T>() : nullptr;
     T* saved_p = saved.defined() ? saved.data_ptr<T>() : nullptr;
+    const DroppedProducts<T> dropped = DroppedProducts<T>::of(s, h, variants);
 
     for (int64_t step = 0; step < s.T; ++step) {
       const int64_t t = reverse ? s.T - 1 - step : step;
@@ -785,6 +810,7 @@ struct ForwardLoop {
         ForwardArgs<T, W> a;
         a.w_tiles = w_tiles_p;
         a.h_prev = StateRows<T>{predecessor(s, reverse, t), y_p, h0_p, P};
+        a.h_product = dropped.product_rows(predecessor(s, reverse, t), a.h_prev);
         a.gx = gx_p + off * GH;
         a.b_hn = b_hn_p;
         a.c = c_p;
@@ -800,11 +826,13 @@ struct ForwardLoop {
         }
         a.saved = saved_p ? saved_p + off * K : nullptr;
         a.saved_stride = K;
-        a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+        a.peephole = variants.peephole.defined() ? variants.peephole.const_data_ptr<T>() : nullptr;
         a.zoneout = s.zoneout;
-        a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+        a.zoneout_masks = variants.zoneout_masks.defined() ? variants.zoneout_masks.const_data_ptr<T>() : nullptr;
         a.rows_all = s.N;
         a.first_row = off;
+        a.dropout_masks = s.recurrent_dropout ? variants.recurrent_masks.const_data_ptr<T>() : nullptr;
+        a.product_out = s.recurrent_dropout && !s.proj ? dropped.rows.template data_ptr<T>() + off * P : nullptr;
         a.n = n;
         a.H = H;
         a.P = P;
@@ -820,6 +848,10 @@ struct ForwardLoop {
         const Tensor r = saved_p ? saved.narrow(0, off, n).narrow(1, s.proj_input_col(), H)
                                  : proj_input.narrow(0, 0, n);
         at::mm_out(y_rows, r, w_hr_t);
+        if (s.recurrent_dropout) {  // h'_t of the projected rows
+          Tensor product_rows = dropped.rows.narrow(0, off, n);
+          at::mul_out(product_rows, y_rows, variants.recurrent_masks.narrow(0, 0, n));
+        }
       }
     }
     copy_final_state(s, reverse, y, h);
@@ -858,7 +890,15 @@ struct BackwardArgs {
   double zoneout;     // as ForwardArgs'; under zoneout every cell leaves a direct part of dh_{t-1} in dh
   const T* zoneout_masks;
   int64_t rows_all, first_row;
+  const T* dropout_masks;  // recurrent dropout [B, P]: the product's part of dh is m ⊙ (dG·W_hh); or null
   int64_t n, H, P, K;
+
+  // dh[b, j] from the product's part of it (cells.h's RecurrentDropout; after the cell's direct part)
+  template <typename Cell>
+  __host__ __device__ void add_product_grad(T* dh, int64_t b, int64_t j, T product) const {
+    const T mask = dropout_masks ? dropout_masks[b * P + j] : T(1);  // x·1 is x: the plain bits
+    *dh = direct_dh<Cell>() ? *dh + product * mask : product * mask;
+  }
 
   // Whether the cell leaves the direct part of dL/dh_{t-1} in dh for the product to add to.
   template <typename Cell>
@@ -943,7 +983,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t b = row0 + Tile::first(ty) + r;
     if (r >= Tile::count(ty) || b >= rows) break;
     T* dh = cell.dh + b * cell.dh_stride + j;
-    if (b < before) *dh = cell.template direct_dh<Cell>() ? *dh + acc[r][0] : acc[r][0];
+    if (b < before) cell.template add_product_grad<Cell>(dh, b, j, acc[r][0]);
     if (b < cell.n) backward_unit<Cell>(cell, b, j);
   }
 }
@@ -975,24 +1015,23 @@ struct BackwardLoop {
   // fuse: one launch per step where the shape allows (no projection); else the cell backward and
   // cuBLAS's dh product as two launches per step.
   static void run(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                  const Tensor& peephole, const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0,
-                  const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx,
-                  Tensor& dgh, Tensor& dh_total, bool fuse) {
+                  const Variants& variants, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                  const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                  Tensor& dh_total, bool fuse) {
     if (s.T == 0 || s.B == 0 || s.H == 0) return;  // H = 0: every gradient is empty or stays as it is
     if (fuse && !s.proj) {
-      run_fused(s, reverse, w_hh_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
+      run_fused(s, reverse, w_hh_conj, variants, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh);
     } else {
-      run_unfused(s, reverse, w_hh_conj, w_hr_conj, peephole, zoneout_masks, outputs, h0, c0, saved, dy, dh, dc, dgx,
-                  dgh, dh_total);
+      run_unfused(s, reverse, w_hh_conj, w_hr_conj, variants, outputs, h0, c0, saved, dy, dh, dc, dgx, dgh, dh_total);
     }
   }
 
   // The cell backward's arguments for step t (n rows from row `off`), reading the gradient at h_t
   // from `cell_dh` (row stride cell_dh_stride) plus `step_dy` when given.
-  static BackwardArgs<T> cell_args(const LayerShape& s, bool reverse, int64_t t, const Tensor& peephole,
-                                   const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0,
-                                   const Tensor& c0, const Tensor& saved, const T* step_dy, T* cell_dh,
-                                   int64_t cell_dh_stride, Tensor& dc, Tensor& dgx, Tensor& dgh) {
+  static BackwardArgs<T> cell_args(const LayerShape& s, bool reverse, int64_t t, const Variants& variants,
+                                   const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
+                                   const T* step_dy, T* cell_dh, int64_t cell_dh_stride, Tensor& dc, Tensor& dgx,
+                                   Tensor& dgh) {
     const int64_t off = s.offsets[t], GH = s.gates * s.H, K = s.saved_cols();
     const T* saved_p = saved.data_ptr<T>();
     BackwardArgs<T> a;
@@ -1009,11 +1048,12 @@ struct BackwardLoop {
     a.c0 = c0.defined() ? c0.data_ptr<T>() : nullptr;
     a.dgx = dgx.data_ptr<T>() + off * GH;
     a.dgh = dgh.data_ptr<T>() + off * GH;
-    a.peephole = peephole.defined() ? peephole.const_data_ptr<T>() : nullptr;
+    a.peephole = variants.peephole.defined() ? variants.peephole.const_data_ptr<T>() : nullptr;
     a.zoneout = s.zoneout;
-    a.zoneout_masks = zoneout_masks.defined() ? zoneout_masks.const_data_ptr<T>() : nullptr;
+    a.zoneout_masks = variants.zoneout_masks.defined() ? variants.zoneout_masks.const_data_ptr<T>() : nullptr;
     a.rows_all = s.N;
     a.first_row = off;
+    a.dropout_masks = s.recurrent_dropout ? variants.recurrent_masks.const_data_ptr<T>() : nullptr;
     a.n = s.batch_sizes[t];
     a.H = s.H;
     a.P = s.P;
@@ -1021,21 +1061,29 @@ struct BackwardLoop {
     return a;
   }
 
-  // dh[0:n) = dG_h·W_hh of the n rows from row `off` (GRU: added to the direct path already in dh).
-  static void propagate(const LayerShape& s, const Tensor& w_hh_conj, const Tensor& dgh, int64_t off, int64_t n,
-                        Tensor& dh) {
+  // dh[0:n) = dG_h·W_hh of the n rows from row `off` (GRU, zoneout: added to the direct path already
+  // in dh), times the masks under recurrent dropout (add_product_grad's rule).
+  static void propagate(const LayerShape& s, const Variants& variants, const Tensor& w_hh_conj, const Tensor& dgh,
+                        int64_t off, int64_t n, Tensor& dh) {
     Tensor dh_rows = dh.narrow(0, 0, n);
     const Tensor dg_rows = dgh.narrow(0, off, n);
-    if (Cell::kSeparateRecurrentGrad || s.zoneout > 0) {
+    if (s.recurrent_dropout) {
+      const Tensor product = at::mm(dg_rows, w_hh_conj).mul_(variants.recurrent_masks.narrow(0, 0, n));
+      if (Cell::kSeparateRecurrentGrad || s.zoneout > 0) {
+        dh_rows.add_(product);
+      } else {
+        dh_rows.copy_(product);
+      }
+    } else if (Cell::kSeparateRecurrentGrad || s.zoneout > 0) {
       at::addmm_out(dh_rows, dh_rows, dg_rows, w_hh_conj);
     } else {
       at::mm_out(dh_rows, dg_rows, w_hh_conj);
     }
   }
 
-  static void run_fused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& peephole,
-                        const Tensor& zoneout_masks, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
-                        const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
+  static void run_fused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Variants& variants,
+                        const Tensor& outputs, const Tensor& h0, const Tensor& c0, const Tensor& saved,
+                        const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh) {
     const int64_t GH = s.gates * s.H, P = s.P;
     const Tensor w_tiles = column_tiles(w_hh_conj, P, kTileUnits);
     TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(w_tiles.const_data_ptr()) % 16 == 0,
@@ -1051,19 +1099,19 @@ struct BackwardLoop {
       a.w_tiles = w_tiles.const_data_ptr<T>();
       a.dg_before = rows_before > 0 ? dgh.const_data_ptr<T>() + off_before * GH : nullptr;
       a.rows_before = rows_before;
-      a.cell = cell_args(s, reverse, t, peephole, zoneout_masks, outputs, h0, c0, saved,
-                         dy_p ? dy_p + off * P : nullptr, dh.data_ptr<T>(), P, dc, dgx, dgh);
+      a.cell = cell_args(s, reverse, t, variants, outputs, h0, c0, saved, dy_p ? dy_p + off * P : nullptr,
+                         dh.data_ptr<T>(), P, dc, dgx, dgh);
       launch_fused_backward_step<Cell>(a, sms);
       rows_before = n;
       off_before = off;
     }
-    if (rows_before > 0) propagate(s, w_hh_conj, dgh, off_before, rows_before, dh);  // to h_0
+    if (rows_before > 0) propagate(s, variants, w_hh_conj, dgh, off_before, rows_before, dh);  // to h_0
   }
 
   static void run_unfused(const LayerShape& s, bool reverse, const Tensor& w_hh_conj, const Tensor& w_hr_conj,
-                          const Tensor& peephole, const Tensor& zoneout_masks, const Tensor& outputs,
-                          const Tensor& h0, const Tensor& c0, const Tensor& saved, const Tensor& dy, Tensor& dh,
-                          Tensor& dc, Tensor& dgx, Tensor& dgh, Tensor& dh_total) {
+                          const Variants& variants, const Tensor& outputs, const Tensor& h0, const Tensor& c0,
+                          const Tensor& saved, const Tensor& dy, Tensor& dh, Tensor& dc, Tensor& dgx, Tensor& dgh,
+                          Tensor& dh_total) {
     const int64_t H = s.H, P = s.P;
     Tensor d_proj_input = s.proj ? at::empty({s.B, H}, dh.options()) : Tensor();
     const T* dy_p = dy.defined() ? dy.data_ptr<T>() : nullptr;
@@ -1089,12 +1137,11 @@ struct BackwardLoop {
         cell_dh_stride = H;
       }
       const BackwardArgs<T> a =
-          cell_args(s, reverse, t, peephole, zoneout_masks, outputs, h0, c0, saved, step_dy, cell_dh, cell_dh_stride,
-                    dc, dgx, dgh);
+          cell_args(s, reverse, t, variants, outputs, h0, c0, saved, step_dy, cell_dh, cell_dh_stride, dc, dgx, dgh);
       const int64_t blocks = std::min<int64_t>((n * H + kBackwardThreads - 1) / kBackwardThreads,
                                                static_cast<int64_t>(sms) * 32);
       device::launch(&backward_step_kernel<Cell>, dim3(static_cast<unsigned>(blocks)), dim3(kBackwardThreads), a);
-      propagate(s, w_hh_conj, dgh, off, n, dh);  // dL/dh_{t-1}
+      propagate(s, variants, w_hh_conj, dgh, off, n, dh);  // dL/dh_{t-1}
     }
   }
 };
