@@ -6,18 +6,19 @@ import torch
 from torch import nn
 
 
-def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None, keep_h=None, keep_c=None):
+def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None, keep_h=None, keep_c=None, drop=None):
     """One step from the input projection x_proj (with b_ih) and the previous state; an LSTM's
     peephole weights (p_i, p_f, p_o) where given; zoneout where keep_h (and LSTM's keep_c) is given,
-    the share of the previous state each unit keeps (a 0/1 mask, or z)."""
-    h_own, c_own = _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole)
+    the share of the previous state each unit keeps (a 0/1 mask, or z); recurrent dropout where drop
+    (the mask scaled by 1/(1 - p)) is given, for the recurrent product only."""
+    h_own, c_own = _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole, drop)
     if keep_h is None:
         return h_own, c_own
     return keep_h * h + (1 - keep_h) * h_own, (None if c is None else keep_c * c + (1 - keep_c) * c_own)
 
 
-def _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole):
-    gh = h @ w_hh.t()
+def _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole, drop):
+    gh = (h if drop is None else h * drop) @ w_hh.t()
     if b_hh is not None:
         gh = gh + b_hh
     if mode == "LSTM":
@@ -39,9 +40,10 @@ def _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole):
 
 
 class LoopRNN(nn.Module):
-    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection, or fused_rnn's, peephole and
-    zoneout included: in training its masks drawn at each step) in a plain loop; with compile_step,
-    each step through torch.compile."""
+    """Runs `ref`'s parameters (an nn.LSTM/GRU/RNN without projection, or fused_rnn's, peephole,
+    zoneout and recurrent dropout included: in training zoneout's masks drawn at each step, recurrent
+    dropout's once per layer and direction) in a plain loop; with compile_step, each step through
+    torch.compile."""
 
     def __init__(self, ref: nn.RNNBase, compile_step: bool = False):
         super().__init__()
@@ -71,12 +73,15 @@ class LoopRNN(nn.Module):
                 peephole = getattr(ref, "weight_peephole" + sfx, None)
                 zoneout = getattr(ref, "zoneout", 0.0)
                 keep_h = keep_c = zoneout if zoneout else None
+                p = getattr(ref, "recurrent_dropout", 0.0)
+                # as fused_rnn draws them (functional.stacked_rnn): the same seed, the same masks
+                drop = (torch.rand_like(zeros) < 1 - p).to(zeros.dtype) * (1 / (1 - p)) if p and self.training else None
                 h, c, ys = zeros, zeros if ref.mode == "LSTM" else None, [None] * steps
                 for t in (range(steps - 1, -1, -1) if d else range(steps)):
                     if zoneout and self.training:
                         keep_h = torch.bernoulli(torch.full_like(zeros, zoneout))
                         keep_c = torch.bernoulli(torch.full_like(zeros, zoneout)) if c is not None else None
-                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole, keep_h, keep_c)
+                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole, keep_h, keep_c, drop)
                     ys[t] = h
                 outputs.append(torch.stack(ys))
                 finals.append(h)

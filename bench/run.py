@@ -13,7 +13,7 @@ RNNCell) time what a decoder does: a loop of 20 calls from Python, then backward
 in training; the grid also holds short layer calls (T = 1 and 4).
 
 Timing: warm-up first; on a GPU CUDA events around each call, on the CPU perf_counter. The
-contenders run interleaved, round after round (the order rotating), so that a drift of the machine
+contenders run interleaved, round after round (the order alternating or shuffled), so that a drift of the machine
 hits all alike; each row reports every contender's median and quartiles, and each speedup is the
 median (and quartiles) of the per-round ratios. Rows whose spread is wide (`~`) or that ran while
 the load average exceeded the cores (`!`) are marked. Inputs rotate among a few tensors so that
@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -79,7 +80,9 @@ SHORT_CASES = [(1, 1, 256, 256, 1, False), (4, 8, 256, 256, 1, False)]
 # variant's cost), torch.nn's plain layer and the variant's equations as a loop whose step is compiled
 # by torch.compile (what a user would otherwise write). The targets are for B >= 8, H >= 256.
 VARIANTS = {("LSTM", "peephole"): {"peephole": True}, ("LSTM", "zoneout=0.1"): {"zoneout": 0.1},
-            ("GRU", "zoneout=0.1"): {"zoneout": 0.1}}
+            ("GRU", "zoneout=0.1"): {"zoneout": 0.1},
+            ("LSTM", "recurrent_dropout=0.25"): {"recurrent_dropout": 0.25},
+            ("GRU", "recurrent_dropout=0.25"): {"recurrent_dropout": 0.25}}
 QUICK_VARIANT_CASES = [(100, 8, 256, 256, 1, False)]
 FULL_VARIANT_CASES = [(100, 8, 256, 256, 1, False), (100, 8, 512, 512, 1, False), (100, 64, 512, 512, 1, False)]
 FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),
@@ -326,9 +329,12 @@ def variant_contenders(cell, variant, case, dtype, mode, device):
     ours.load_state_dict(ref.state_dict(), strict=False)  # and the variant's own parameters, as initialised
     xs = [torch.randn(steps, batch, inputs, device=device, dtype=dtype, requires_grad=(mode == "training"))
           for _ in range(ROTATION)]
+    # A fresh compilation cache per row: Dynamo recompiles the step for each shape and grad mode, and
+    # past its recompile_limit (8) runs it uncompiled; a full grid's later rows then timed an eager loop.
+    torch._dynamo.reset()
     loop = LoopRNN(ours, compile_step=True).train(mode == "training")
     for module in (ref, plain, ours):
-        module.train(mode == "training")  # zoneout draws its masks in training
+        module.train(mode == "training")  # zoneout and recurrent dropout draw their masks in training
     return {"fused": make_step(ours, xs, mode), PLAIN: make_step(plain, xs, mode), REFERENCE: make_step(ref, xs, mode),
             COMPILED_LOOP: make_step(loop, xs, mode)}
 
@@ -382,9 +388,15 @@ def time_interleaved(contenders, device, repeats):
     budget_ms = ROUND_BUDGET_S["cuda" if device.type == "cuda" else "cpu"] * 1e3
     round_ = 0
     while True:
-        # The order rotates, so that no contender always runs right after the same other one (after
-        # the slow loop, say, whose allocations leave the allocator and the caches in another state).
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        # No contender may always run right after the same other one (after the slow loop, say, whose
+        # allocations leave the allocator and the caches in another state): two alternate, more are
+        # shuffled, seeded by the round. (Rotating three or more keeps each one's predecessor: the
+        # variant rows' fused layer ran after the compiled loop in 3 rounds of 4, and lost 5% to its
+        # twin, the plain layer, on identical work.)
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        if len(order) > 2:
+            random.Random(round_).shuffle(order)
+        for name in order:
             samples[name].append(time_call(contenders[name], device))
         round_ += 1
         if repeats is not None:

@@ -198,6 +198,15 @@ def test_loop_reference_of_a_peephole_lstm_matches_it():
         out_loop, h_loop = LoopRNN(zoned).eval()(x)
         torch.testing.assert_close(out_loop, out)
         torch.testing.assert_close(h_loop, h[0] if isinstance(h, tuple) else h)
+    for cls in (fused_rnn.LSTM, fused_rnn.GRU):  # recurrent dropout in training: the same seed, the same masks
+        dropped = cls(4, 5, num_layers=2, bidirectional=True, dtype=torch.float64, recurrent_dropout=0.5).train()
+        torch.manual_seed(3)
+        out, h = dropped(x)
+        torch.manual_seed(3)
+        out_loop, h_loop = LoopRNN(dropped).train()(x)
+        torch.testing.assert_close(out_loop, out)
+        torch.testing.assert_close(h_loop, h[0] if isinstance(h, tuple) else h)
+        assert not torch.allclose(out, dropped.eval()(x)[0])  # the masks made a difference
 
 
 def test_quick_grid_on_a_gpu_has_the_issue_shapes():
