@@ -78,30 +78,39 @@ C10_HOST_DEVICE inline typename M::V gate_sum(const UnitGateSums<T, G>& gh, int 
 }
 
 // Zoneout of one row of one step (fused_rnn's zoneout=z): the share m of the previous state each
-// unit keeps, c_t = m c_{t-1} + (1 - m) ĉ_t and h_t = m h_{t-1} + (1 - m) ĥ_t, where ĉ_t and ĥ_t are
-// the cell's own. m is a 0/1 mask per unit, fresh at every step (training), or z for every unit (the
-// expectation, eval). `on` false: the plain cell.
+// unit keeps, c_t = m c_{t-1} + (1 - m) ĉ_t and h_t = m h_{t-1} + (1 - m) ĥ_t (mix), where ĉ_t and ĥ_t
+// are the cell's own. m is a 0/1 mask per unit, fresh at every step (training), or z for every unit
+// (the expectation, eval). `on` false: the plain cell. With a projection (LSTM's proj_size) ĥ_t is
+// the projected output: the cell mixes c_t only (mixes_h false) and the projection's epilogue h_t.
 template <typename T>
 struct Zoneout {
   const T* c = nullptr;  // LSTM's cell-state mask [H], or null: `keep` for every unit
-  const T* h = nullptr;  // the output's mask [H], or null: `keep`
+  const T* h = nullptr;  // the output's mask [P], or null: `keep`
   T keep = T(0);
   bool on = false;
+  bool mixes_h = true;  // whether the cell mixes h_t (not where a projection follows it)
 
   template <typename M>
   C10_HOST_DEVICE typename M::V of(const T* mask, int64_t j) const {
     return mask ? M::load(mask + j) : typename M::V(keep);
   }
+  template <typename V>
+  C10_HOST_DEVICE static V mix(const V& keep, const V& previous, const V& own) {
+    return keep * previous + (V(1) - keep) * own;
+  }
 
-  // Of packed row `row`: z > 0 turns it on; masks [2, N, H] (LSTM: c_t's, then h_t's) or [1, N, H]
-  // (GRU, RNN: h_t's), or null for the expectation z.
-  C10_HOST_DEVICE static Zoneout of_row(double z, const T* masks, bool lstm, int64_t N, int64_t H, int64_t row) {
+  // Of packed row `row` of N, H units and P outputs: z > 0 turns it on; masks (1 where a unit keeps
+  // its state) of every row, LSTM's c_t's [N, H] then h_t's [N, P], one block after the other (GRU and
+  // RNN: h_t's only), or null for the expectation z.
+  C10_HOST_DEVICE static Zoneout of_row(double z, const T* masks, bool lstm, int64_t N, int64_t H, int64_t P,
+                                        int64_t row) {
     Zoneout zone;
     zone.on = z > 0;
     zone.keep = T(z);
+    zone.mixes_h = P == H;
     if (masks && zone.on) {
       zone.c = lstm ? masks + row * H : nullptr;
-      zone.h = masks + ((lstm ? N : 0) + row) * H;
+      zone.h = masks + (lstm ? N * H : 0) + row * P;
     }
     return zone;
   }
@@ -192,9 +201,10 @@ struct LSTMCell {
     const V tc = M::tanh(c);
     V c_t = c, h_t = o * tc;
     if (s.zoneout.on) {
-      const V keep_c = s.zoneout.template of<M>(s.zoneout.c, j), keep_h = s.zoneout.template of<M>(s.zoneout.h, j);
-      c_t = keep_c * c_prev + (V(1) - keep_c) * c;
-      h_t = keep_h * M::load(s.h_prev + j) + (V(1) - keep_h) * h_t;
+      c_t = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.c, j), c_prev, c);
+      if (s.zoneout.mixes_h) {
+        h_t = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.h, j), M::load(s.h_prev + j), h_t);
+      }
     }
     M::store(s.c + j, c_t);
     M::store(s.h + j, h_t);
@@ -221,10 +231,12 @@ struct LSTMCell {
     V dc_in = M::load(s.dc_carry + j);
     V keep_c = V(0);
     if (s.zoneout.on) {  // m of h_t and c_t passes straight to h_{t-1} and c_{t-1}; 1 - m to the cell
-      const V keep_h = s.zoneout.template of<M>(s.zoneout.h, j);
+      if (s.zoneout.mixes_h) {  // (else the projection's backward has split dL/dh_t)
+        const V keep_h = s.zoneout.template of<M>(s.zoneout.h, j);
+        M::store(s.dh_carry + j, dh * keep_h);
+        dh = dh * (V(1) - keep_h);
+      }
       keep_c = s.zoneout.template of<M>(s.zoneout.c, j);
-      M::store(s.dh_carry + j, dh * keep_h);
-      dh = dh * (V(1) - keep_h);
       dc_in = dc_in * (V(1) - keep_c);
     }
     V dc = dc_in + dh * M::cj(o * (V(1) - tc * tc));
@@ -275,10 +287,7 @@ struct GRUCell {
     const V n = M::tanh(M::load(s.gx + 2 * H + j) + r * hn);
     const V h_prev = M::load(s.h_prev + j);
     V h_t = (V(1) - z) * n + z * h_prev;
-    if (s.zoneout.on) {
-      const V keep = s.zoneout.template of<M>(s.zoneout.h, j);
-      h_t = keep * h_prev + (V(1) - keep) * h_t;
-    }
+    if (s.zoneout.on) h_t = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.h, j), h_prev, h_t);
     M::store(s.h + j, h_t);
     s.dropout.template write<M>(h_t, j);
     if (s.saved) {
@@ -334,10 +343,7 @@ struct ElmanCell {
       h = M::tanh(pre);
     }
     if (s.saved) M::store(s.saved + j, h);
-    if (s.zoneout.on) {
-      const V keep = s.zoneout.template of<M>(s.zoneout.h, j);
-      h = keep * M::load(s.h_prev + j) + (V(1) - keep) * h;
-    }
+    if (s.zoneout.on) h = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.h, j), M::load(s.h_prev + j), h);
     M::store(s.h + j, h);
     s.dropout.template write<M>(h, j);
   }

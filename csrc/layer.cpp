@@ -159,16 +159,12 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
   s.zoneout = zoneout;
   s.zoneout_masks = zoneout_masks.has_value() && zoneout_masks->defined();
   TORCH_CHECK(!s.zoneout_masks || zoneout > 0, "fused_rnn: zoneout_masks are given but zoneout is 0");
-  if (zoneout > 0) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!s.proj, "fused_rnn: zoneout with proj_size is not supported yet (zoneout of the "
-                                         "projected state is not built)");
-    if (s.cell == CellKind::LSTM) s.saved_per_unit = LSTMCell<float>::kSaved + 1;  // and ĉ_t
-  }
-  if (s.zoneout_masks) {
-    const int64_t masks = s.cell == CellKind::LSTM ? 2 : 1;
-    TORCH_CHECK(zoneout_masks->dim() == 3 && zoneout_masks->size(0) == masks && zoneout_masks->size(1) == s.N &&
-                    zoneout_masks->size(2) == s.H,
-                "fused_rnn: zoneout_masks must have shape [", masks, ", ", s.N, ", ", s.H, "], got ",
+  if (zoneout > 0 && s.cell == CellKind::LSTM) s.saved_per_unit = LSTMCell<float>::kSaved + 1;  // and ĉ_t
+  if (s.zoneout_masks) {  // cells.h's Zoneout::of_row: LSTM's c_t's [N, H], then h_t's [N, P]
+    const int64_t count = (s.cell == CellKind::LSTM ? s.N * s.H : 0) + s.N * s.P;
+    TORCH_CHECK(zoneout_masks->dim() == 1 && zoneout_masks->size(0) == count,
+                "fused_rnn: zoneout_masks must have shape [", count, "] (",
+                s.cell == CellKind::LSTM ? "N·H masks of c_t, then " : "", "N·P of h_t), got ",
                 zoneout_masks->sizes());
     check_same_kind(*zoneout_masks, x, "zoneout_masks");
   }

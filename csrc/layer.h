@@ -134,7 +134,7 @@ struct VariantArgs {
 // The same as every step loop takes them: contiguous, in the compute type, undefined when off.
 struct Variants {
   at::Tensor peephole;         // [3*H] (p_i, p_f, p_o)
-  at::Tensor zoneout_masks;    // [2 or 1, N, H], training (LayerShape::zoneout is z)
+  at::Tensor zoneout_masks;    // [N·H + N·P] (LSTM) or [N·H], training (LayerShape::zoneout is z)
   at::Tensor recurrent_masks;  // [B, P], per sequence and unit: 0 or 1/(1 - p), training
 };
 

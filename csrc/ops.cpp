@@ -7,9 +7,9 @@
 // batch_sizes: rows per step in packed layout (non-increasing), or empty for a padded input, whose
 // steps all have h0's rows. w_peephole: an LSTM's peephole weights [3*H] in the order (i, f, o)
 // (cells.h), or None for torch.nn's LSTM. zoneout: the probability z of keeping a unit's previous
-// state (cells.h's Zoneout), 0 for none; zoneout_masks [2, N, H] for LSTM (c_t's, then h_t's) or
-// [1, N, H] for GRU and RNN, 1 where a unit keeps its previous state (training), or None for the
-// expectation z (eval). recurrent_masks [B, P]: recurrent dropout's mask of each sequence, 0 or
+// state (cells.h's Zoneout), 0 for none; zoneout_masks [N·H + N·P] for LSTM (c_t's [N, H], then h_t's
+// [N, P]) or [N·H] for GRU and RNN, 1 where a unit keeps its previous state (training), or None for
+// the expectation z (eval). recurrent_masks [B, P]: recurrent dropout's mask of each sequence, 0 or
 // 1/(1 - p) per unit, which scales h_{t-1} where the recurrent product takes it (cells.h's
 // RecurrentDropout; training), or None.
 TORCH_LIBRARY(fused_rnn, m) {

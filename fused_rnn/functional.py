@@ -72,7 +72,8 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
     """The layer of layer_forward, recomputed step by step with torch's cell formulas over the
     same packed layout: the forward direction drops the rows whose sequences have ended, the
     reverse direction adds each row at its sequence's last step. Zoneout as csrc/cells.h's: the
-    rows' masks (c_t's, then h_t's for LSTM), or z for every unit. Recurrent dropout: the product
+    rows' masks (c_t's, then h_t's for LSTM; with a projection, of the projected h_t), or z for every
+    unit. Recurrent dropout: the product
     takes h ⊙ recurrent_masks[b] for the step's row b (sequence b)."""
     if not batch_sizes:  # padded: every step has h0's rows
         batch_sizes = [h0.size(0)] * (x.size(0) // h0.size(0)) if h0.size(0) else []
@@ -82,6 +83,9 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
     steps = range(len(batch_sizes) - 1, -1, -1) if reverse else range(len(batch_sizes))
     rows = 0 if reverse else h0.size(0)
     h, c = h0[:rows], (c0[:rows] if cell == LSTM_ID else None)
+    if zoneout_masks is not None:  # (c_t's [N, H] then) h_t's [N, P], as csrc/cells.h's Zoneout::of_row
+        N, P, H = x.size(0), h0.size(1), (c0.size(1) if cell == LSTM_ID else 0)
+        zoneout_rows = ((zoneout_masks[:N * H].view(N, H),) if H else ()) + (zoneout_masks[N * H:].view(N, P),)
     ended_h, ended_c, ys = [], [], [None] * len(batch_sizes)
     for t in steps:
         n = batch_sizes[t]
@@ -97,7 +101,7 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
         h_product = None if recurrent_masks is None else h * recurrent_masks[:n]
         h_new, c_new = _torch_cell_step(cell, x[rows_t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, h_product)
         if zoneout > 0:
-            keep = (zoneout,) * 2 if zoneout_masks is None else tuple(m[rows_t] for m in zoneout_masks)
+            keep = (zoneout,) * 2 if zoneout_masks is None else tuple(m[rows_t] for m in zoneout_rows)
             h_new = keep[-1] * h + (1 - keep[-1]) * h_new
             if c is not None:
                 c_new = keep[0] * c + (1 - keep[0]) * c_new
@@ -393,8 +397,8 @@ def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tenso
           recurrent_masks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer and direction through the compiled op (differentiable through its registration).
     w_peephole: an LSTM's peephole weights [3H] (i, f, o), or None for torch.nn's LSTM. zoneout: the
-    probability z, with zoneout_masks (training: 1 where a unit keeps its state, [2, N, H] for LSTM's
-    c_t and h_t, [1, N, H] else) or without (eval: the expectation). recurrent_masks [B, P]: recurrent
+    probability z, with zoneout_masks (training: 1 where a unit keeps its state, [N·H + N·P] for LSTM's
+    c_t and h_t, [N·H] else) or without (eval: the expectation). recurrent_masks [B, P]: recurrent
     dropout's mask per sequence (0 or 1/(1 - p)), or None; csrc/ops.cpp says the same.
 
     Under autocast the inputs are cast as torch.nn's layers would be (see _autocast_dtypes) and the
@@ -452,19 +456,27 @@ def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Op
     def run_layer(k, layer_input, reverse, h0, c0):
         masks = None
         if zoneout > 0 and training:  # 1: the unit keeps its previous state; LSTM: c_t's, then h_t's
-            shape = (2 if cell == LSTM_ID else 1, layer_input.size(0), c0.size(1) if c0 is not None else h0.size(1))
-            real = layer_input.real.dtype if layer_input.is_complex() else layer_input.dtype
-            # Bernoulli(z) as uniform < z: on the CPU 2.7x faster than torch.bernoulli of a tensor of z
-            masks = (torch.rand(shape, dtype=real, device=layer_input.device) < zoneout).to(layer_input.dtype)
+            rows = layer_input.size(0)
+            shape = (rows * (c0.size(1) if c0 is not None else 0) + rows * h0.size(1),)
+            # Bernoulli(z) as uniform < z, compared in place (0. or 1. in the uniform numbers' tensor): on
+            # the CPU 2.7x faster than torch.bernoulli of a tensor of z, and the drawing is most of it
+            masks = _uniform_below(shape, zoneout, layer_input)
         recurrent = None
         if recurrent_dropout > 0 and training:  # kept with probability 1 - p, scaled by 1/(1 - p) as F.dropout
-            real = h0.real.dtype if h0.is_complex() else h0.dtype
-            kept = torch.rand(h0.shape, dtype=real, device=h0.device) < 1 - recurrent_dropout
-            recurrent = kept.to(h0.dtype) * (1 / (1 - recurrent_dropout))
+            recurrent = _uniform_below(h0.shape, 1 - recurrent_dropout, h0).mul_(1 / (1 - recurrent_dropout))
         return layer(cell, layer_input, batch_sizes, reverse, h0, c0, *weights[k],
                      peepholes[k] if peepholes else None, zoneout, masks, recurrent)
 
     return stack_layers(run_layer, x, hx, cx, num_layers, bidirectional, dropout if training else 0.0)
+
+
+def _uniform_below(shape, probability: float, like: Tensor) -> Tensor:
+    """1 where a uniform number from torch's generator of like's device is below `probability`, else
+    0, in like's dtype. The numbers are drawn in float32 for the half types (whose own are too coarse:
+    bfloat16's carry 8 bits), else in like's real type."""
+    real = like.real.dtype if like.is_complex() else like.dtype
+    real = torch.float32 if real in (torch.float16, torch.bfloat16) else real
+    return torch.rand(shape, dtype=real, device=like.device).lt_(probability).to(like.dtype)
 
 
 def stack_layers(run_layer, x: Tensor, hx: Tensor, cx: Optional[Tensor], num_layers: int, bidirectional: bool,

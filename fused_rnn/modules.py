@@ -567,9 +567,6 @@ class LSTM(_FusedRNNBase):
         _check_flag("LSTM", "peephole", peephole)
         zoneout = _check_probability("LSTM", "zoneout", zoneout)
         recurrent_dropout = _check_probability("LSTM", "recurrent_dropout", recurrent_dropout)
-        if zoneout and proj_size:
-            raise NotImplementedError("LSTM: zoneout with proj_size is not supported yet (zoneout of the projected "
-                                      "state is not built)")
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
         if zoneout:

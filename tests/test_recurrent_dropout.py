@@ -237,11 +237,12 @@ def test_onnx_export_in_eval_is_the_plain_layers(dynamo):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_types_against_float32(dtype):
-    """A half-type layer (computed in float32 inside) draws the same masks as a float32 one whose
-    weights and input are the half type's numbers: the same outputs to the half type's precision."""
+    """A half-type layer (computed in float32 inside) draws the same masks (its uniform numbers in
+    float32) as a float32 one whose weights and input are the half type's numbers: the same outputs
+    to the half type's precision. With zoneout too."""
     torch.manual_seed(11)
-    half = fused_rnn.LSTM(8, 16, 2, recurrent_dropout=0.3, dtype=dtype).train()
-    reference = fused_rnn.LSTM(8, 16, 2, recurrent_dropout=0.3).train()
+    half = fused_rnn.LSTM(8, 16, 2, recurrent_dropout=0.3, zoneout=0.2, dtype=dtype).train()
+    reference = fused_rnn.LSTM(8, 16, 2, recurrent_dropout=0.3, zoneout=0.2).train()
     reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     x = torch.randn(6, 3, 8).to(dtype)
     torch.manual_seed(12)
@@ -256,8 +257,9 @@ def test_half_types_against_float32(dtype):
 @cuda_half
 @cpu_half
 @pytest.mark.parametrize("persistent,unfused_backward", [("0", 0), ("0", 1), ("1", 0)])
-@pytest.mark.parametrize("mode,extra", [("LSTM", dict(peephole=True, zoneout=0.2)), ("LSTM", dict(proj_size=8)),
-                                        ("GRU", dict(zoneout=0.2)), ("RNN", dict())])
+@pytest.mark.parametrize("mode,extra", [("LSTM", dict(peephole=True, zoneout=0.2)),
+                                        ("LSTM", dict(proj_size=8, zoneout=0.2)), ("GRU", dict(zoneout=0.2)),
+                                        ("RNN", dict())])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_the_cuda_path_matches_the_cpu(persistent, unfused_backward, mode, extra, dtype, exact_float32):
     """The CUDA kernels under the emulation (per-step or persistent, fused or unfused backward; a

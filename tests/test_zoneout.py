@@ -57,6 +57,25 @@ def test_training_uses_the_masks_torch_draws(mode):
     check_parity(fused, ref, x, hx, tol=(1e-10, 1e-10))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_with_a_projection_the_projected_output_is_mixed(training):
+    """LSTM with proj_size: c_t mixes as without one, h_t = m_h h_{t-1} + (1 - m_h) ĥ_t with ĥ_t the
+    projected output (masks [N·H] of c_t, then [N·P] of h_t); in eval z for both."""
+    fused = _module("LSTM", 0.35, num_layers=2, proj_size=4).train(training)
+    T, B, H, P = 5, 3, 6, 4
+    torch.manual_seed(7)
+    drawn = []
+    for _ in range(2):
+        masks = (torch.rand(T * B * (H + P), dtype=torch.float64) < 0.35).double()
+        drawn.append((masks[:T * B * H].view(T, B, H), masks[T * B * H:].view(T, B, P)))
+    keeps = (lambda k, t: (drawn[k][0][t], drawn[k][1][t])) if training else (lambda k, t: (0.35, 0.35))
+    ref = Reference(fused, keeps=keeps)
+    x = torch.randn(T, B, 4, dtype=torch.float64)
+    hx = (torch.randn(2, B, P, dtype=torch.float64), torch.randn(2, B, H, dtype=torch.float64))
+    torch.manual_seed(7)
+    check_parity(fused, ref, x, hx, tol=(1e-10, 1e-10))
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
 def test_masks_of_zeros_are_the_plain_layer_and_of_ones_keep_the_state(mode):
     """At the op: masks of zeros give the plain layer's bits; masks of ones keep h_0 (and c_0)."""
@@ -72,11 +91,11 @@ def test_masks_of_zeros_are_the_plain_layer_and_of_ones_keep_the_state(mode):
     count = 2 if mode == "LSTM" else 1
     plain = functional.layer(cell, x, [], False, h0, c0, w_ih, w_hh, b_ih, b_hh, None)
     zeros = functional.layer(cell, x, [], False, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, 0.5,
-                             torch.zeros(count, T * B, H))
+                             torch.zeros(count * T * B * H))
     for a, b in zip(plain, zeros):
         assert (a is None and b is None) or a.numel() == 0 or torch.equal(a, b)
     y, h_n, c_n = functional.layer(cell, x, [], False, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None, 0.5,
-                                   torch.ones(count, T * B, H))
+                                   torch.ones(count * T * B * H))
     assert torch.equal(h_n, h0) and torch.equal(y.view(T, B, H)[-1], h0)
     if mode == "LSTM":
         assert torch.equal(c_n, c0)
@@ -86,9 +105,9 @@ def test_same_seed_same_bits_and_any_thread_count():
     check_seeded_masks_reproducible(_module("LSTM", 0.25, num_layers=2).float().train(), torch.randn(7, 4, 4))
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_gradcheck_and_double_backward_with_seeded_masks(mode):
-    gradcheck_with_seeded_masks(MODES[mode](2, 3, 2, dtype=torch.float64, zoneout=0.5).train(),
+@pytest.mark.parametrize("mode,extra", [("LSTM", {}), ("LSTM", dict(proj_size=2)), ("GRU", {})])
+def test_gradcheck_and_double_backward_with_seeded_masks(mode, extra):
+    gradcheck_with_seeded_masks(MODES[mode](2, 3, 2, dtype=torch.float64, zoneout=0.5, **extra).train(),
                                 torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True))
 
 
@@ -126,8 +145,6 @@ def test_arguments_and_what_is_refused():
     for bad in (True, "0.1", None):
         with pytest.raises(TypeError, match="zoneout should be a number"):
             fused_rnn.GRU(3, 4, zoneout=bad)
-    with pytest.raises(NotImplementedError, match="zoneout with proj_size"):
-        fused_rnn.LSTM(3, 4, proj_size=2, zoneout=0.1)
     off = fused_rnn.RNN(3, 4, zoneout=0.0)
     assert off.zoneout == 0 and "zoneout" not in repr(off)
     on = fused_rnn.RNN(3, 4, zoneout=0.1)

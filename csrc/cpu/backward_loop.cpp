@@ -185,7 +185,7 @@ class BackwardLoop {
                                  dc_p ? dc_p + b * H : nullptr, saved_p + (off + b) * K, h_prev, c_prev,
                                  dgx_chunk + (first + b) * GH, dgh_chunk + (first + b) * GH, peephole_p,
                                  d_peephole_p,
-                                 Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, off + b)};
+                                 Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, P, off + b)};
         cell_units<Cell, false>(io, H, j, lanes, wide_cells);
       }
     };
@@ -201,10 +201,18 @@ class BackwardLoop {
       for (int64_t u = share.u0; u < share.u1; ++u) {
         propagate(share, u);
         const int64_t p_begin = panels.first_column(u, 0), p_end = std::min(P, panels.first_column(u + 1, 0));
-        for (int64_t b = 0; b < n; ++b) {  // the full gradient at h_t, kept for dW_hr
+        for (int64_t b = 0; b < n; ++b) {  // the gradient at the projection's output, kept for dW_hr
           T* total = dh_total_p + (off + b) * P;
           for (int64_t p = p_begin; p < p_end; ++p) {
             total[p] = dh_p[b * P + p] + (dy_p ? dy_p[(off + b) * P + p] : T(0));
+          }
+          if (s.zoneout > 0) {  // of dL/dh_t, m passes straight to h_{t-1} (the direct part), 1 - m to ĥ_t
+            const Zoneout<T> zone = Zoneout<T>::of_row(s.zoneout, zoneout_p, true, s.N, H, P, off + b);
+            for (int64_t p = p_begin; p < p_end; ++p) {
+              const T keep = zone.template of<ScalarMath<T>>(zone.h, p);
+              dh_p[b * P + p] = keep * total[p];
+              total[p] = (T(1) - keep) * total[p];
+            }
           }
         }
       }

@@ -213,7 +213,7 @@ struct ForwardLoop {
             T* out_row = s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P;
             StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev,
                               c_p ? c_p + b * H : nullptr, out_row, saved_row, peephole_p,
-                              Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, off + b)};
+                              Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, P, off + b)};
             if (dropout_in_cells) {
               io.dropout = {dropout_mask_p + b * P, product_rows_p + (off + b) * P};
               cell_units<Cell, true>(io, H, j_begin, j_end - j_begin, plan.wide_cells);
@@ -225,9 +225,19 @@ struct ForwardLoop {
             me.barrier();
             gemm_rows<T>(n, p1 - p0, H, {proj_in, proj_in_stride}, {w_hr_p + p0 * H, H, true}, false, y_p + off * P + p0,
                          P);
-            for (int64_t b = 0; b < n && dropout; ++b) {  // h'_t of this thread's output features
-              const RecurrentDropout<T> drop{dropout_mask_p + b * P, product_rows_p + (off + b) * P};
-              for (int64_t p = p0; p < p1; ++p) drop.template write<ScalarMath<T>>(y_p[(off + b) * P + p], p);
+            for (int64_t b = 0; b < n && (s.zoneout > 0 || dropout); ++b) {  // this thread's output features:
+              T* y_row = y_p + (off + b) * P;
+              if (s.zoneout > 0) {  // h_t = m h_{t-1} + (1 - m) ĥ_t, ĥ_t the projected output
+                const Zoneout<T> zone = Zoneout<T>::of_row(s.zoneout, zoneout_p, true, s.N, H, P, off + b);
+                const T* h_prev = h_prev_row(b);
+                for (int64_t p = p0; p < p1; ++p) {
+                  y_row[p] = Zoneout<T>::mix(zone.template of<ScalarMath<T>>(zone.h, p), h_prev[p], y_row[p]);
+                }
+              }
+              if (dropout) {  // h'_t for the next product
+                const RecurrentDropout<T> drop{dropout_mask_p + b * P, product_rows_p + (off + b) * P};
+                for (int64_t p = p0; p < p1; ++p) drop.template write<ScalarMath<T>>(y_row[p], p);
+              }
             }
           }
           me.barrier();  // h_t complete before anyone starts step t+1

@@ -75,7 +75,7 @@ struct PersistentArgs {
   T* c;                        // LSTM: [B, H] in place, else null
   T* saved;                    // [N, K] or null
   const T* peephole;           // LSTM: [3*H] or null
-  double zoneout;              // cells.h's Zoneout: z, and the masks [2 or 1, N, H] or null
+  double zoneout;              // cells.h's Zoneout: z, and the masks of every row (Zoneout::of_row) or null
   const T* zoneout_masks;
   // Recurrent dropout (cells.h): the masks [B, P], the rows h'_t [N, P] that the cells write and
   // h'_0 [B, P], which the products take; null without

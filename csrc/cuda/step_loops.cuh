@@ -421,8 +421,8 @@ struct ForwardArgs {
   T* saved;         // this step's first row of saved, or null
   int64_t saved_stride;
   const T* peephole;  // LSTM: [3*H] or null
-  // Zoneout (cells.h): z, and the masks of the whole sequence [2 or 1, rows_all, H] or null; the
-  // step's first row in them
+  // Zoneout (cells.h): z, and the masks of the whole sequence (Zoneout::of_row) or null; the step's
+  // first row in them
   double zoneout;
   const T* zoneout_masks;
   int64_t rows_all, first_row;
@@ -465,7 +465,7 @@ __device__ __forceinline__ void finish_unit(const ForwardArgs<typename Cell::sca
   for (int g = 0; g < Cell::kGates; ++g) own.value[g] = sum[g];
   StepForward<T, Sums> io{a.gx + b * GH, own, a.b_hn, a.h_prev(b), a.c ? a.c + b * H : nullptr,
                           a.out + b * a.out_stride, a.saved ? a.saved + b * a.saved_stride : nullptr, a.peephole,
-                          Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H,
+                          Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H, a.P,
                                              a.first_row + b),
                           a.dropout(b)};
   Cell::forward(io, H, j);
@@ -771,6 +771,20 @@ struct StoredWeight<T, T> {
   using type = T;
 };
 
+// Zoneout where a projection follows the cell (cells.h's Zoneout: mixes_h false), on the host: the
+// keep of the projected rows [off, off + n) of the step (their masks, after the N·H of c_t, or z), in
+// `like`'s type and device.
+inline Tensor projected_keep(const LayerShape& s, const Variants& v, int64_t off, int64_t n, const Tensor& like) {
+  if (!v.zoneout_masks.defined()) return at::full({}, s.zoneout, like.options());
+  return v.zoneout_masks.narrow(0, s.N * s.H + off * s.P, n * s.P).view({n, s.P});
+}
+// m h_{t-1} + (1 - m) ĥ_t of the projected rows.
+inline Tensor projected_zoneout_mix(const LayerShape& s, const Variants& v, int64_t off, int64_t n,
+                                    const Tensor& h_prev, const Tensor& own) {
+  const Tensor keep = projected_keep(s, v, off, n, own);
+  return keep * h_prev + (1 - keep) * own;
+}
+
 // Op: how W_hh is multiplied. The cell's own type: the CUDA-core kernel. A half type or Tf32 (the
 // cell in float): the tensor-core kernel, W_hh in the half type or in float32.
 template <typename Cell, typename Op>
@@ -848,6 +862,12 @@ struct ForwardLoop {
         const Tensor r = saved_p ? saved.narrow(0, off, n).narrow(1, s.proj_input_col(), H)
                                  : proj_input.narrow(0, 0, n);
         at::mm_out(y_rows, r, w_hr_t);
+        if (s.zoneout > 0) {  // h_t = m h_{t-1} + (1 - m) ĥ_t of the projected rows (cells.h's Zoneout)
+          const Predecessor before = predecessor(s, reverse, t);
+          const Tensor h_prev = at::cat({y.narrow(0, before.first, before.carried),
+                                         h.narrow(0, before.carried, n - before.carried)});
+          y_rows.copy_(projected_zoneout_mix(s, variants, off, n, h_prev, y_rows));
+        }
         if (s.recurrent_dropout) {  // h'_t of the projected rows
           Tensor product_rows = dropped.rows.narrow(0, off, n);
           at::mul_out(product_rows, y_rows, variants.recurrent_masks.narrow(0, 0, n));
@@ -914,7 +934,7 @@ __device__ __forceinline__ void backward_unit(const BackwardArgs<typename Cell::
   const T* c_prev = a.c0 ? a.before.row(b, a.saved_c, a.K, a.c0, H) : nullptr;
   StepBackward<T> io{a.dy ? a.dy + b * a.P : nullptr, a.dh + b * a.dh_stride, a.dc ? a.dc + b * H : nullptr,
                      a.saved + b * a.K, h_prev, c_prev, a.dgx + b * GH, a.dgh + b * GH, a.peephole, nullptr,
-                     Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H,
+                     Zoneout<T>::of_row(a.zoneout, a.zoneout_masks, Cell::kHasCellState, a.rows_all, H, a.P,
                                         a.first_row + b)};
   Cell::backward(io, H, j);
 }
@@ -1129,6 +1149,11 @@ struct BackwardLoop {
           at::add_out(total, dh.narrow(0, 0, n), dy.narrow(0, off, n));
         } else {
           total.copy_(dh.narrow(0, 0, n));
+        }
+        if (s.zoneout > 0) {  // of dL/dh_t, m passes straight to h_{t-1} (the direct part), 1 - m to ĥ_t
+          const Tensor keep = projected_keep(s, variants, off, n, total);
+          dh.narrow(0, 0, n).copy_(keep * total);
+          total.mul_(1 - keep);
         }
         Tensor d_proj_rows = d_proj_input.narrow(0, 0, n);
         at::mm_out(d_proj_rows, total, w_hr_conj);
