@@ -4,7 +4,7 @@ equations, written out here independently of the library: the cell's own ĉ_t an
     c_t = m_c ⊙ c_{t-1} + (1 - m_c) ⊙ ĉ_t        h_t = m_h ⊙ h_{t-1} + (1 - m_h) ⊙ ĥ_t
 
 with m ~ Bernoulli(z) fresh at every step, row and unit in training (each layer and direction draws
-[2, N, H] uniform numbers for LSTM, c's then h's, or [1, N, H], from torch's generator: m = u < z),
+N·H + N·P uniform numbers for LSTM, c's then h's, or N·H, from torch's generator: m = u < z),
 and m = z in eval.
 """
 import io
@@ -43,7 +43,7 @@ def test_eval_is_the_expectation(mode, kwargs):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_training_uses_the_masks_torch_draws(mode):
     """In training the masks are drawn from torch's generator (u < z), layer by layer and direction by direction
-    ([2, N, H]: c's then h's for LSTM; [1, N, H] else): the reference draws the same ones."""
+    (N·H of c's then N·H of h's for LSTM; N·H else): the reference draws the same ones."""
     fused = _module(mode, 0.4, num_layers=2, bidirectional=True).train()
     T, B, H = 5, 3, 6
     torch.manual_seed(7)  # the module's order of draws: layer 0 forward, reverse, layer 1 ...
