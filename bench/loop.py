@@ -1,34 +1,35 @@
 """The plain PyTorch reference: the same cells as a Python loop of torch ops over time, layers and
 directions, reading the parameters of a torch.nn module or of fused_rnn's (so all contenders share
-weights), fused_rnn's peephole LSTM included; optionally with the step compiled by torch.compile, as
+weights), fused_rnn's variants included; optionally with the step compiled by torch.compile, as
 a user who writes the loop would."""
 import torch
 from torch import nn
 
 
-def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None, keep_h=None, keep_c=None, drop=None):
+def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None, keep_h=None, keep_c=None, drop=None, norm=None):
     """One step from the input projection x_proj (with b_ih) and the previous state; an LSTM's
     peephole weights (p_i, p_f, p_o) where given; zoneout where keep_h (and LSTM's keep_c) is given,
     the share of the previous state each unit keeps (a 0/1 mask, or z); recurrent dropout where drop
-    (the mask scaled by 1/(1 - p)) is given, for the recurrent product only."""
-    h_own, c_own = _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole, drop)
+    (the mask scaled by 1/(1 - p)) is given, for the recurrent product only; layer norm where norm
+    (ln_hh weight, LSTM's ln_c weight and bias) is given (x_proj is then LN(x·W_ihᵀ) ⊙ ln_ih + b_ih)."""
+    h_own, c_own = _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole, drop, norm)
     if keep_h is None:
         return h_own, c_own
     return keep_h * h + (1 - keep_h) * h_own, (None if c is None else keep_c * c + (1 - keep_c) * c_own)
 
 
-def _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole, drop):
+def _own_step(mode, x_proj, h, c, w_hh, b_hh, peephole, drop, norm):
     gh = (h if drop is None else h * drop) @ w_hh.t()
+    if norm is not None:
+        gh = torch.nn.functional.layer_norm(gh, gh.shape[-1:], norm[0], None, 1e-5)
     if b_hh is not None:
         gh = gh + b_hh
     if mode == "LSTM":
         i, f, g, o = (x_proj + gh).chunk(4, dim=1)
-        if peephole is None:
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            return torch.sigmoid(o) * torch.tanh(c), c
-        p_i, p_f, p_o = peephole.chunk(3)
+        p_i, p_f, p_o = peephole.chunk(3) if peephole is not None else (0, 0, 0)
         c = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
-        return torch.sigmoid(o + p_o * c) * torch.tanh(c), c
+        y = c if norm is None else torch.nn.functional.layer_norm(c, c.shape[-1:], norm[1], norm[2], 1e-5)
+        return torch.sigmoid(o + p_o * c) * torch.tanh(y), c
     if mode == "GRU":
         xr, xz, xn = x_proj.chunk(3, dim=1)
         hr, hz, hn = gh.chunk(3, dim=1)
@@ -68,6 +69,12 @@ class LoopRNN(nn.Module):
                 b_ih = getattr(ref, "bias_ih" + sfx) if ref.bias else None
                 b_hh = getattr(ref, "bias_hh" + sfx) if ref.bias else None
                 x_proj = layer_input @ w_ih.t()
+                norm = None
+                if getattr(ref, "layer_norm", False):
+                    ln_ih = getattr(ref, "ln_ih_weight" + sfx)
+                    x_proj = torch.nn.functional.layer_norm(x_proj, x_proj.shape[-1:], ln_ih, None, 1e-5)
+                    norm = tuple(getattr(ref, name + sfx, None)
+                                 for name in ("ln_hh_weight", "ln_c_weight", "ln_c_bias"))
                 if b_ih is not None:
                     x_proj = x_proj + b_ih
                 peephole = getattr(ref, "weight_peephole" + sfx, None)
@@ -81,7 +88,7 @@ class LoopRNN(nn.Module):
                     if zoneout and self.training:
                         keep_h = torch.bernoulli(torch.full_like(zeros, zoneout))
                         keep_c = torch.bernoulli(torch.full_like(zeros, zoneout)) if c is not None else None
-                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole, keep_h, keep_c, drop)
+                    h, c = self.step(ref.mode, x_proj[t], h, c, w_hh, b_hh, peephole, keep_h, keep_c, drop, norm)
                     ys[t] = h
                 outputs.append(torch.stack(ys))
                 finals.append(h)

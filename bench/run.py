@@ -82,7 +82,8 @@ SHORT_CASES = [(1, 1, 256, 256, 1, False), (4, 8, 256, 256, 1, False)]
 VARIANTS = {("LSTM", "peephole"): {"peephole": True}, ("LSTM", "zoneout=0.1"): {"zoneout": 0.1},
             ("GRU", "zoneout=0.1"): {"zoneout": 0.1},
             ("LSTM", "recurrent_dropout=0.25"): {"recurrent_dropout": 0.25},
-            ("GRU", "recurrent_dropout=0.25"): {"recurrent_dropout": 0.25}}
+            ("GRU", "recurrent_dropout=0.25"): {"recurrent_dropout": 0.25},
+            ("LSTM", "layer_norm"): {"layer_norm": True}, ("GRU", "layer_norm"): {"layer_norm": True}}
 QUICK_VARIANT_CASES = [(100, 8, 256, 256, 1, False)]
 FULL_VARIANT_CASES = [(100, 8, 256, 256, 1, False), (100, 8, 512, 512, 1, False), (100, 64, 512, 512, 1, False)]
 FULL_PACKED_CASES = [(100, 64, 256, 256, 1, False), (100, 64, 512, 512, 1, False), (100, 8, 256, 256, 1, False),

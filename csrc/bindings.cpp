@@ -70,7 +70,8 @@ fused_rnn::LayerOutputs layer_forward_below_autograd(int64_t cell, const at::Ten
                                                      const c10::optional<at::Tensor>& w_hr, bool need_saved,
                                                      const c10::optional<at::Tensor>& w_peephole, double zoneout,
                                                      const c10::optional<at::Tensor>& zoneout_masks,
-                                                     const c10::optional<at::Tensor>& recurrent_masks) {
+                                                     const c10::optional<at::Tensor>& recurrent_masks,
+                                                     const c10::optional<at::Tensor>& layer_norm) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fused_rnn::layer_forward", "")
@@ -79,17 +80,18 @@ fused_rnn::LayerOutputs layer_forward_below_autograd(int64_t cell, const at::Ten
                                          const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                                          const c10::optional<at::Tensor>&, bool,
                                          const c10::optional<at::Tensor>&, double,
-                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
+                                         const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                         const c10::optional<at::Tensor>&)>();
   // Devices first: a meta tensor among CPU ones would take the op's meta kernel, which checks none.
   for (const c10::optional<at::Tensor>& t : {c10::optional<at::Tensor>(h0), c0, c10::optional<at::Tensor>(w_ih),
                                              c10::optional<at::Tensor>(w_hh), b_ih, b_hh, w_hr, w_peephole,
-                                             zoneout_masks, recurrent_masks}) {
+                                             zoneout_masks, recurrent_masks, layer_norm}) {
     TORCH_CHECK(!t.has_value() || !t->defined() || t->device() == x.device(), "fused_rnn: the operands of ",
                 "layer_forward must be on the input's device ", x.device(), ", found one on ", t->device());
   }
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole, zoneout,
-                 zoneout_masks, recurrent_masks);
+                 zoneout_masks, recurrent_masks, layer_norm);
 }
 
 // torch.ops.fused_rnn.layer_backward the same way (it has no autograd kernel of its own: the
@@ -100,7 +102,8 @@ fused_rnn::LayerGradients layer_backward_below_autograd(
     const c10::optional<at::Tensor>& w_hr, bool has_bias, const at::Tensor& y, const at::Tensor& saved,
     const c10::optional<at::Tensor>& grad_y, const c10::optional<at::Tensor>& grad_h_n,
     const c10::optional<at::Tensor>& grad_c_n, bool need_input_grad, const c10::optional<at::Tensor>& w_peephole,
-    double zoneout, const c10::optional<at::Tensor>& zoneout_masks, const c10::optional<at::Tensor>& recurrent_masks) {
+    double zoneout, const c10::optional<at::Tensor>& zoneout_masks, const c10::optional<at::Tensor>& recurrent_masks,
+    const c10::optional<at::Tensor>& layer_norm) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fused_rnn::layer_backward", "")
@@ -109,10 +112,10 @@ fused_rnn::LayerGradients layer_backward_below_autograd(
               const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, bool, const at::Tensor&,
               const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
               const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&, double,
-              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
+              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&)>();
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y, grad_h_n,
-                 grad_c_n, need_input_grad, w_peephole, zoneout, zoneout_masks, recurrent_masks);
+                 grad_c_n, need_input_grad, w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm);
 }
 
 }  // namespace
@@ -152,6 +155,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }
   m.attr("GATES") = gates;           // gate blocks of W_ih / W_hh per cell id
   m.attr("SAVED_PER_UNIT") = saved;  // values saved for backward per hidden unit
+  m.attr("LAYER_NORM_STATS") = fused_rnn::LayerShape::kLayerNormStats;  // statistics saved per row (layer norm)
   m.attr("INT8_GROUP_ROWS") = fused_rnn::kInt8GroupRows;  // the int8 panels: rows per group,
   m.attr("INT8_QUAD") = fused_rnn::kInt8Quad;             //   k per quad,
   m.attr("INT8_PANEL_BYTES") = fused_rnn::kInt8PanelBytes;  // bytes per (group, quad)

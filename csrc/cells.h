@@ -132,6 +132,66 @@ struct RecurrentDropout {
   }
 };
 
+// Layer norm of a row (fused_rnn's layer_norm=True): LN(v) = (v - mean) / sqrt(var + 1e-5) over the
+// row's n entries, biased variance. The statistics take a pass over the whole row in a fixed order
+// (the same bits for any thread count), so a row is normalized by one caller: the loops give each
+// thread whole rows. The input and recurrent projections are normalized this way before the cell
+// sees them (gx, gh hold LN(·) ⊙ weight, plus the biases); LSTM's ĉ_t inside the cell (CellNorm).
+template <typename T>
+struct RowNorm {
+  T mean = T(0), rstd = T(0);
+
+  static constexpr double kEpsilon = 1e-5;
+  C10_HOST_DEVICE static RowNorm of(const T* v, int64_t n) {
+    RowNorm r;
+    r.mean = mean_of(n, [&](int64_t j) { return v[j]; });
+    const T variance = mean_of(n, [&](int64_t j) { return (v[j] - r.mean) * (v[j] - r.mean); });
+    r.rstd = T(1) / std::sqrt(variance + T(kEpsilon));
+    return r;
+  }
+  C10_HOST_DEVICE T normalized(T v) const { return (v - mean) * rstd; }
+
+  // The gradient of the row's normalized values x̂ = LN(v) from g = dL/dx̂ (x̂ given): dL/dv =
+  // rstd (g - mean(g) - x̂ mean(g x̂)). `into` may be g.
+  C10_HOST_DEVICE void backward(const T* g, const T* x_hat, int64_t n, T* into) const {
+    const T mean_g = mean_of(n, [&](int64_t j) { return g[j]; });
+    const T mean_gx = mean_of(n, [&](int64_t j) { return g[j] * x_hat[j]; });
+    for (int64_t j = 0; j < n; ++j) into[j] = rstd * (g[j] - mean_g - x_hat[j] * mean_gx);
+  }
+
+  // The mean of term(j) over [0, n): kLanes sums of every kLanes-th term, added in order at the end. A
+  // fixed order, hence fixed bits; and kLanes independent chains of additions instead of one, which
+  // the compiler keeps in a vector register (a row of 1024 took 4 µs as one chain on the Zen 5).
+  static constexpr int kLanes = 16;
+  template <typename Term>
+  C10_HOST_DEVICE static T mean_of(int64_t n, const Term& term) {
+    T lanes[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lanes[l] += term(j + l);
+    }
+    for (int l = 0; j < n; ++j, ++l) lanes[l] += term(j);
+    T sum = T(0);
+    for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+    return n > 0 ? sum / T(n) : T(0);
+  }
+};
+
+// LSTM's layer norm of ĉ_t: ĥ_t = o ⊙ tanh(LN(ĉ_t) ⊙ weight + bias). LN needs the whole row's ĉ_t, so
+// the cell runs in two passes over the row's units: the gates (ĉ_t and o kept in `own`), the caller's
+// RowNorm of ĉ_t, then ĥ_t (output_pass). The backward likewise: its first pass leaves dL/dy
+// (y = LN(ĉ_t) ⊙ weight + bias) in `dy`, the caller sums the row, the second finishes the cell.
+template <typename T>
+struct CellNorm {
+  const T* weight = nullptr;  // [H]; null: off
+  const T* bias = nullptr;    // [H]
+  T* own = nullptr;           // the row's ĉ_t [H], then o [H]
+  T* dy = nullptr;            // backward: dL/dy of the row [H]
+  RowNorm<T> norm = {};       // of ĉ_t's row (the output pass, and the backward)
+  T mean_g = T(0), mean_gx = T(0);  // backward's second pass: the row's means of g = dy ⊙ weight, g x̂
+  bool output_pass = false;
+};
+
 // Pointers into one batch row of one timestep. Rows are [G*H] for gate tensors, [H] otherwise.
 template <typename T, typename GateSums = const T*>
 struct StepForward {
@@ -145,6 +205,7 @@ struct StepForward {
   const T* peephole = nullptr;  // LSTM: peephole weights (p_i, p_f, p_o) [3*H], or null
   Zoneout<T> zoneout = {};
   RecurrentDropout<T> dropout = {};  // h'_t for the next product; off where a projection follows the cell
+  CellNorm<T> norm = {};             // LSTM with layer norm: its two passes
 };
 
 template <typename T>
@@ -161,6 +222,7 @@ struct StepBackward {
   T* d_peephole = nullptr;      // and their gradient [3*H], added to (one caller per unit: no races),
                                 // or null where the caller sums it from dgx afterwards (CUDA)
   Zoneout<T> zoneout = {};      // as forward's; dh_carry out then holds m·dL/dh_t, the direct part
+  CellNorm<T> norm = {};        // LSTM with layer norm: its two passes
 };
 
 // LSTM: i, f, o = σ(·), g = tanh(·); c_t = f c_{t-1} + i g; h_t = o tanh(c_t).
@@ -174,16 +236,23 @@ struct LSTMCell {
   static constexpr int kGates = 4;
   // i, f, g, o, c_t. c_{t-1} is the step before's c_t (or c_0), so it is not saved again; tanh(c_t)
   // is computed again in backward, cheaper than writing and reading one more value per unit. With
-  // zoneout c_t is the mixed state and ĉ_t one more slot.
+  // zoneout c_t is the mixed state and ĉ_t one more slot; layer norm needs ĉ_t there too.
   static constexpr int kSaved = 5;
   static constexpr int kCellStateSlot = 4;
-  static constexpr int kZoneoutSlot = 5;
+  static constexpr int kOwnStateSlot = 5;  // ĉ_t, under zoneout or layer norm
   static constexpr bool kHasCellState = true;
   static constexpr bool kSeparateRecurrentGrad = false;
 
   template <typename M = ScalarMath<T>, typename GateSums>
   C10_HOST_DEVICE static void forward(const StepForward<T, GateSums>& s, int64_t H, int64_t j) {
     using V = typename M::V;
+    if (s.norm.output_pass) {  // layer norm's second pass: ĥ_t = o tanh(LN(ĉ_t) ⊙ weight + bias)
+      const V c = M::load(s.norm.own + j), o = M::load(s.norm.own + H + j);
+      const V y = (c - V(s.norm.norm.mean)) * V(s.norm.norm.rstd) * M::load(s.norm.weight + j) +
+                  M::load(s.norm.bias + j);
+      output<M>(s, o * M::tanh(y), j);
+      return;
+    }
     const V c_prev = M::load(s.c + j);
     V i_in = M::load(s.gx + j) + gate_sum<M>(s.gh, 0, H, j);
     V f_in = M::load(s.gx + H + j) + gate_sum<M>(s.gh, 1, H, j);
@@ -198,51 +267,85 @@ struct LSTMCell {
     V o_in = M::load(s.gx + 3 * H + j) + gate_sum<M>(s.gh, 3, H, j);
     if (s.peephole) o_in = o_in + M::load(s.peephole + 2 * H + j) * c;
     const V o = M::sigmoid(o_in);
-    const V tc = M::tanh(c);
-    V c_t = c, h_t = o * tc;
-    if (s.zoneout.on) {
-      c_t = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.c, j), c_prev, c);
-      if (s.zoneout.mixes_h) {
-        h_t = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.h, j), M::load(s.h_prev + j), h_t);
-      }
-    }
+    const V c_t = s.zoneout.on ? Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.c, j), c_prev, c) : c;
     M::store(s.c + j, c_t);
-    M::store(s.h + j, h_t);
-    s.dropout.template write<M>(h_t, j);
     if (s.saved) {
       M::store(s.saved + j, i);
       M::store(s.saved + H + j, f);
       M::store(s.saved + 2 * H + j, g);
       M::store(s.saved + 3 * H + j, o);
       M::store(s.saved + kCellStateSlot * H + j, c_t);
-      if (s.zoneout.on) M::store(s.saved + kZoneoutSlot * H + j, c);
+      if (s.zoneout.on || s.norm.weight) M::store(s.saved + kOwnStateSlot * H + j, c);
     }
+    if (s.norm.weight) {  // ĥ_t waits for the statistics of the row's ĉ_t: the second pass
+      M::store(s.norm.own + j, c);
+      M::store(s.norm.own + H + j, o);
+      return;
+    }
+    output<M>(s, o * M::tanh(c), j);
   }
 
   // dh_carry[j] is the full gradient at h_t (the caller has added dy and applied the projection).
+  // With layer norm, two passes (CellNorm): the first leaves dL/dy in norm.dy and o's gradient in
+  // dgx, the second (norm.output_pass) the rest.
   template <typename M = ScalarMath<T>>
   C10_HOST_DEVICE static void backward(const StepBackward<T>& s, int64_t H, int64_t j) {
     using V = typename M::V;
     const V i = M::load(s.saved + j), f = M::load(s.saved + H + j);
     const V g = M::load(s.saved + 2 * H + j), o = M::load(s.saved + 3 * H + j);
-    const int slot = s.zoneout.on ? kZoneoutSlot : kCellStateSlot;  // ĉ_t, the cell's own state
-    const V tc = M::tanh(M::load(s.saved + slot * H + j)), c_prev = M::load(s.c_prev + j);
-    V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    const bool own_slot = s.zoneout.on || s.norm.weight;
+    const V c_own = M::load(s.saved + (own_slot ? kOwnStateSlot : kCellStateSlot) * H + j);  // ĉ_t
+    const V c_prev = M::load(s.c_prev + j);
     V dc_in = M::load(s.dc_carry + j);
-    V keep_c = V(0);
-    if (s.zoneout.on) {  // m of h_t and c_t passes straight to h_{t-1} and c_{t-1}; 1 - m to the cell
-      if (s.zoneout.mixes_h) {  // (else the projection's backward has split dL/dh_t)
-        const V keep_h = s.zoneout.template of<M>(s.zoneout.h, j);
-        M::store(s.dh_carry + j, dh * keep_h);
-        dh = dh * (V(1) - keep_h);
-      }
-      keep_c = s.zoneout.template of<M>(s.zoneout.c, j);
-      dc_in = dc_in * (V(1) - keep_c);
+    const V keep_c = s.zoneout.on ? s.zoneout.template of<M>(s.zoneout.c, j) : V(0);
+    if (s.zoneout.on) dc_in = dc_in * (V(1) - keep_c);  // m of c_t passes straight to c_{t-1}; 1 - m to ĉ_t
+    if (s.norm.output_pass) {  // layer norm's second pass: LN's gradient from the row's means
+      const V x_hat = (c_own - V(s.norm.norm.mean)) * V(s.norm.norm.rstd);
+      const V grad = M::load(s.norm.dy + j) * M::load(s.norm.weight + j);
+      const V dc_own = V(s.norm.norm.rstd) * (grad - V(s.norm.mean_g) - x_hat * V(s.norm.mean_gx));
+      gates_backward<M>(s, H, j, i, f, g, c_own, c_prev, keep_c, dc_in + dc_own, M::load(s.dgx + 3 * H + j));
+      return;
     }
-    V dc = dc_in + dh * M::cj(o * (V(1) - tc * tc));
+    V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
+    if (s.zoneout.on && s.zoneout.mixes_h) {  // m of h_t passes straight to h_{t-1}; 1 - m to the cell
+      const V keep_h = s.zoneout.template of<M>(s.zoneout.h, j);  // (with a projection, its backward split it)
+      M::store(s.dh_carry + j, dh * keep_h);
+      dh = dh * (V(1) - keep_h);
+    }
+    if (s.norm.weight) {  // layer norm's first pass: h_t = o tanh(y), y = LN(ĉ_t) ⊙ weight + bias
+      const V y = (c_own - V(s.norm.norm.mean)) * V(s.norm.norm.rstd) * M::load(s.norm.weight + j) +
+                  M::load(s.norm.bias + j);
+      const V ty = M::tanh(y);
+      M::store(s.norm.dy + j, dh * M::cj(o * (V(1) - ty * ty)));
+      M::store(s.dgx + 3 * H + j, dh * M::cj(ty) * M::cj(o * (V(1) - o)));
+      return;
+    }
+    const V tc = M::tanh(c_own);
+    const V dc = dc_in + dh * M::cj(o * (V(1) - tc * tc));
     const V d_o = dh * M::cj(tc);
-    const V do_in = d_o * M::cj(o * (V(1) - o));
-    if (s.peephole) dc = dc + do_in * M::cj(M::load(s.peephole + 2 * H + j));  // o saw c_t
+    gates_backward<M>(s, H, j, i, f, g, c_own, c_prev, keep_c, dc, d_o * M::cj(o * (V(1) - o)));
+  }
+
+ private:
+  // h_t from ĥ_t (zoneout), stored with its h'_t (recurrent dropout).
+  template <typename M, typename GateSums>
+  C10_HOST_DEVICE static void output(const StepForward<T, GateSums>& s, typename M::V h_t, int64_t j) {
+    if (s.zoneout.on && s.zoneout.mixes_h) {
+      h_t = Zoneout<T>::mix(s.zoneout.template of<M>(s.zoneout.h, j), M::load(s.h_prev + j), h_t);
+    }
+    M::store(s.h + j, h_t);
+    s.dropout.template write<M>(h_t, j);
+  }
+
+  // The gates' gradients from dL/dĉ_t (dc: through tanh or LN, and from c_t) and o's pre-activation
+  // gradient do_in; dL/dc_{t-1} into dc_carry, the peepholes' gradients.
+  template <typename M>
+  C10_HOST_DEVICE static void gates_backward(const StepBackward<T>& s, int64_t H, int64_t j, typename M::V i,
+                                             typename M::V f, typename M::V g, typename M::V c_own,
+                                             typename M::V c_prev, typename M::V keep_c, typename M::V dc,
+                                             typename M::V do_in) {
+    using V = typename M::V;
+    if (s.peephole) dc = dc + do_in * M::cj(M::load(s.peephole + 2 * H + j));  // o saw ĉ_t
     const V d_i = dc * M::cj(g), d_f = dc * M::cj(c_prev), d_g = dc * M::cj(i);
     const V di_in = d_i * M::cj(i * (V(1) - i)), df_in = d_f * M::cj(f * (V(1) - f));
     // the direct part of c_{t-1}'s gradient under zoneout: m · dL/dc_t
@@ -252,10 +355,9 @@ struct LSTMCell {
       if (s.zoneout.on) dc_prev = dc_prev + dc_kept;
       M::store(s.dc_carry + j, dc_prev);
       if (s.d_peephole) {
-        const V c = M::load(s.saved + slot * H + j);
         M::store(s.d_peephole + j, M::load(s.d_peephole + j) + di_in * M::cj(c_prev));
         M::store(s.d_peephole + H + j, M::load(s.d_peephole + H + j) + df_in * M::cj(c_prev));
-        M::store(s.d_peephole + 2 * H + j, M::load(s.d_peephole + 2 * H + j) + do_in * M::cj(c));
+        M::store(s.d_peephole + 2 * H + j, M::load(s.d_peephole + 2 * H + j) + do_in * M::cj(c_own));
       }
     } else if (s.zoneout.on) {
       M::store(s.dc_carry + j, dc * M::cj(f) + dc_kept);

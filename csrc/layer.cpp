@@ -147,7 +147,7 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
                           const optional<Tensor>& w_hr, const VariantArgs& variants) {
   LayerShape s = describe_weights(cell, x, batch_sizes, w_ih, w_hh, w_hr, h0.dim() == 2 ? h0.size(0) : 0);
   check_states_and_biases(s, x, h0, c0, b_ih, b_hh);
-  const auto& [w_peephole, zoneout, zoneout_masks, recurrent_masks] = variants;
+  const auto& [w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm] = variants;
   s.peephole = w_peephole.has_value() && w_peephole->defined();
   if (s.peephole) {
     TORCH_CHECK(s.cell == CellKind::LSTM, "fused_rnn: only LSTM has peephole weights");
@@ -159,7 +159,19 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
   s.zoneout = zoneout;
   s.zoneout_masks = zoneout_masks.has_value() && zoneout_masks->defined();
   TORCH_CHECK(!s.zoneout_masks || zoneout > 0, "fused_rnn: zoneout_masks are given but zoneout is 0");
-  if (zoneout > 0 && s.cell == CellKind::LSTM) s.saved_per_unit = LSTMCell<float>::kSaved + 1;  // and ĉ_t
+  s.layer_norm = layer_norm.has_value() && layer_norm->defined();
+  if (s.layer_norm) {
+    const int64_t count = 2 * s.gates * s.H + (s.cell == CellKind::LSTM ? 2 * s.H : 0);
+    TORCH_CHECK(layer_norm->dim() == 1 && layer_norm->size(0) == count, "fused_rnn: layer_norm must have shape [",
+                count, "] (ln_ih and ln_hh weights of G·H", s.cell == CellKind::LSTM ? ", ln_c's weight and bias of H" : "",
+                "), got ", layer_norm->sizes());
+    check_same_kind(*layer_norm, x, "layer_norm");
+    TORCH_CHECK_NOT_IMPLEMENTED(!x.is_complex(), "fused_rnn: layer norm is not defined for complex inputs (as "
+                                                 "torch.nn.functional.layer_norm)");
+  }
+  if ((zoneout > 0 || s.layer_norm) && s.cell == CellKind::LSTM) {
+    s.saved_per_unit = LSTMCell<float>::kSaved + 1;  // and ĉ_t (LSTMCell::kOwnStateSlot)
+  }
   if (s.zoneout_masks) {  // cells.h's Zoneout::of_row: LSTM's c_t's [N, H], then h_t's [N, P]
     const int64_t count = (s.cell == CellKind::LSTM ? s.N * s.H : 0) + s.N * s.P;
     TORCH_CHECK(zoneout_masks->dim() == 1 && zoneout_masks->size(0) == count,
@@ -204,10 +216,10 @@ LayerShape describe_layer_backward(int64_t cell, const Tensor& x, at::IntArrayRe
 }
 
 LayerGradients gradients_as(const LayerGradients& grads, at::ScalarType type) {
-  const auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole] = grads;
+  const auto& [dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole, d_layer_norm] = grads;
   return {to_type(dx, type),    to_type(dh, type),    to_type(dc, type),    to_type(dw_ih, type),
           to_type(dw_hh, type), to_type(db_ih, type), to_type(db_hh, type), to_type(dw_hr, type),
-          to_type(dw_peephole, type)};
+          to_type(dw_peephole, type), to_type(d_layer_norm, type)};
 }
 
 Tensor folded_bias(const LayerShape& s, const Tensor& b_ih, const Tensor& b_hh) {
@@ -242,7 +254,7 @@ namespace {
 
 Variants variant_operands(const VariantArgs& v, at::ScalarType type) {
   return {contiguous_as(v.w_peephole, type), contiguous_as(v.zoneout_masks, type),
-          contiguous_as(v.recurrent_masks, type)};
+          contiguous_as(v.recurrent_masks, type), contiguous_as(v.layer_norm, type)};
 }
 
 // per_sequence [B, cols] -> [N, cols]: row r of the packed layout gets its sequence's row (step t's

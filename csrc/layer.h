@@ -36,6 +36,7 @@ struct LayerShape {
   double zoneout = 0;     // cells.h's Zoneout: the probability z, 0 for none
   bool zoneout_masks = false;  // zoneout by masks (training), else by z (eval)
   bool recurrent_dropout = false;  // cells.h's RecurrentDropout (training)
+  bool layer_norm = false;         // cells.h's RowNorm of the projections (and LSTM's CellNorm)
   bool outputs_in_saved;  // half types: a float32 copy of y is kept in `saved` (y itself is rounded)
   std::vector<int64_t> batch_sizes;
   std::vector<int64_t> offsets;  // first row of each step
@@ -43,10 +44,15 @@ struct LayerShape {
   int64_t first_row(int64_t t) const { return offsets[t]; }
 
   // Columns of the [N, saved_cols] tensor that forward keeps for backward:
-  // [cell's saved values (kSaved*H) | LSTM with projection: o*tanh(c_t) (H) | half types: y (P)].
+  // [cell's saved values (kSaved*H, LSTM under zoneout or layer norm one H more) | layer norm: the
+  // normalized input projection x̂_x (G*H), the normalized recurrent one x̂_h (G*H), and the row's
+  // statistics (kLayerNormStats) | LSTM with projection: o*tanh(c_t) (H) | half types: y (P)].
   // h_{t-1} is not among them: it is the step before's output (or h_0), which backward reads there.
-  int64_t proj_input_col() const { return saved_per_unit * H; }
-  int64_t outputs_col() const { return saved_per_unit * H + (proj ? H : 0); }
+  static constexpr int64_t kLayerNormStats = 4;  // 1/σ of x·W_ihᵀ's row and of the product's; ĉ_t's mean and 1/σ
+  int64_t norm_col() const { return saved_per_unit * H; }
+  int64_t norm_cols() const { return layer_norm ? 2 * gates * H + kLayerNormStats : 0; }
+  int64_t proj_input_col() const { return saved_per_unit * H + norm_cols(); }
+  int64_t outputs_col() const { return proj_input_col() + (proj ? H : 0); }
   int64_t saved_cols() const { return outputs_col() + (outputs_in_saved ? P : 0); }
   int64_t cell_state_col() const { return LSTMCell<float>::kCellStateSlot * H; }  // LSTM's c_t
 };
@@ -129,6 +135,7 @@ struct VariantArgs {
   double zoneout;
   const c10::optional<at::Tensor>& zoneout_masks;
   const c10::optional<at::Tensor>& recurrent_masks;
+  const c10::optional<at::Tensor>& layer_norm;
 };
 
 // The same as every step loop takes them: contiguous, in the compute type, undefined when off.
@@ -136,6 +143,8 @@ struct Variants {
   at::Tensor peephole;         // [3*H] (p_i, p_f, p_o)
   at::Tensor zoneout_masks;    // [N·H + N·P] (LSTM) or [N·H], training (LayerShape::zoneout is z)
   at::Tensor recurrent_masks;  // [B, P], per sequence and unit: 0 or 1/(1 - p), training
+  // Layer norm's weights [ln_ih (G*H) | ln_hh (G*H) | LSTM: ln_c weight (H) | ln_c bias (H)]
+  at::Tensor layer_norm;
 };
 
 // Validates the forward op's arguments (shapes, dtypes, devices, batch_sizes) and describes the layer.
@@ -162,9 +171,9 @@ LayerShape describe_layer_backward(int64_t cell, const at::Tensor& x, at::IntArr
 
 // The ops' results, as their schemas (csrc/ops.cpp) list them.
 using LayerOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;  // y, h_n, c_n, saved
-// grad of x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole: undefined where not applicable
+// grad of x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, layer_norm: undefined where not applicable
 using LayerGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                  at::Tensor, at::Tensor, at::Tensor>;
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Half types (float16, bfloat16) compute in float32: the state (h, c), the gate math and `saved`
 // (which backward reads) are float32, and y, h_n, c_n and the gradients are cast back at the end.

@@ -11,20 +11,22 @@
 // [N, P]) or [N·H] for GRU and RNN, 1 where a unit keeps its previous state (training), or None for
 // the expectation z (eval). recurrent_masks [B, P]: recurrent dropout's mask of each sequence, 0 or
 // 1/(1 - p) per unit, which scales h_{t-1} where the recurrent product takes it (cells.h's
-// RecurrentDropout; training), or None.
+// RecurrentDropout; training), or None. layer_norm: the weights of a layer-normalized cell, [ln_ih (G·H)
+// | ln_hh (G·H) | LSTM: ln_c weight (H) | ln_c bias (H)] (cells.h's RowNorm and CellNorm), or None.
+// The backward's gradients are undefined where not applicable.
 TORCH_LIBRARY(fused_rnn, m) {
   m.def(
       "layer_forward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool need_saved, "
-      "Tensor? w_peephole=None, float zoneout=0., Tensor? zoneout_masks=None, Tensor? recurrent_masks=None) "
-      "-> (Tensor y, Tensor h_n, Tensor c_n, Tensor saved)");
+      "Tensor? w_peephole=None, float zoneout=0., Tensor? zoneout_masks=None, Tensor? recurrent_masks=None, "
+      "Tensor? layer_norm=None) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor saved)");
   m.def(
       "layer_backward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_hh, Tensor? w_hr, bool has_bias, Tensor y, Tensor saved, Tensor? grad_y, "
       "Tensor? grad_h_n, Tensor? grad_c_n, bool need_input_grad, Tensor? w_peephole=None, float zoneout=0., "
-      "Tensor? zoneout_masks=None, Tensor? recurrent_masks=None) "
+      "Tensor? zoneout_masks=None, Tensor? recurrent_masks=None, Tensor? layer_norm=None) "
       "-> (Tensor grad_x, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, "
-      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_w_peephole)");  // undefined where not applicable
+      "Tensor grad_b_ih, Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_w_peephole, Tensor grad_layer_norm)");
   m.def(
       "quantized_layer_forward(int cell, Tensor x, int[] batch_sizes, bool reverse, Tensor h0, Tensor? c0, "
       "Tensor w_ih, Tensor w_ih_scale, Tensor w_ih_row_sum, Tensor w_hh, Tensor w_hh_scale, "

@@ -124,7 +124,7 @@ def _computes_in_float(x: torch.Tensor) -> bool:
 
 @torch.library.register_fake("fused_rnn::layer_forward")
 def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                        w_peephole=None, zoneout=0.0, zoneout_masks=None, recurrent_masks=None):
+                        w_peephole=None, zoneout=0.0, zoneout_masks=None, recurrent_masks=None, layer_norm=None):
     hidden = w_ih.size(0) // GATES[cell]
     out_size = w_hr.size(0) if w_hr is not None else hidden
     y = x.new_empty(x.size(0), out_size)
@@ -132,21 +132,22 @@ def _layer_forward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
     c_n = x.new_empty(c0.shape) if cell == LSTM_ID else x.new_empty(0)
     if not need_saved:
         return y, h_n, c_n, x.new_empty(0)
-    return y, h_n, c_n, x.new_empty(x.size(0), _saved_cols(cell, x, hidden, out_size, w_hr is not None, zoneout),
-                                    dtype=torch.float32 if _computes_in_float(x) else x.dtype)
+    cols = _saved_cols(cell, x, hidden, out_size, w_hr is not None, zoneout, layer_norm is not None)
+    return y, h_n, c_n, x.new_empty(x.size(0), cols, dtype=torch.float32 if _computes_in_float(x) else x.dtype)
 
 
-def _saved_cols(cell, x, hidden, out_size, has_proj, zoneout):
-    """As LayerShape::saved_cols in csrc/layer.h: cell values (LSTM under zoneout: and its own ĉ_t) |
-    projection input | half types: y."""
-    per_unit = _SAVED_PER_UNIT[cell] + (1 if zoneout > 0 and cell == LSTM_ID else 0)
-    return per_unit * hidden + (hidden if has_proj else 0) + (out_size if _computes_in_float(x) else 0)
+def _saved_cols(cell, x, hidden, out_size, has_proj, zoneout, layer_norm):
+    """As LayerShape::saved_cols in csrc/layer.h: cell values (LSTM under zoneout or layer norm: and its
+    own ĉ_t) | layer norm: x̂ of both projections and 4 statistics | projection input | half types: y."""
+    per_unit = _SAVED_PER_UNIT[cell] + (1 if (zoneout > 0 or layer_norm) and cell == LSTM_ID else 0)
+    norm = 2 * GATES[cell] * hidden + _C.LAYER_NORM_STATS if layer_norm else 0
+    return per_unit * hidden + norm + (hidden if has_proj else 0) + (out_size if _computes_in_float(x) else 0)
 
 
 @torch.library.register_fake("fused_rnn::layer_backward")
 def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr, has_bias, y, saved, grad_y,
                          grad_h_n, grad_c_n, need_input_grad, w_peephole=None, zoneout=0.0, zoneout_masks=None,
-                         recurrent_masks=None):
+                         recurrent_masks=None, layer_norm=None):
     # None where the op returns an undefined tensor, as the op itself does.
     bias = x.new_empty(w_ih.size(0)) if has_bias else None
     return (torch.empty_like(x) if need_input_grad else None,
@@ -155,7 +156,8 @@ def _layer_backward_fake(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, w_hr
             torch.empty_like(w_ih), torch.empty_like(w_hh), bias,
             None if bias is None else torch.empty_like(bias),
             None if w_hr is None else torch.empty_like(w_hr),
-            None if w_peephole is None else torch.empty_like(w_peephole))
+            None if w_peephole is None else torch.empty_like(w_peephole),
+            None if layer_norm is None else torch.empty_like(layer_norm))
 
 
 @torch.library.register_fake("fused_rnn::quantized_layer_forward")

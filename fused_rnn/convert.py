@@ -43,9 +43,9 @@ def convert(model: nn.Module, to: str = "fused") -> nn.Module:
     if to == "torch":  # all or nothing: refused before any layer changes
         for name, module in model.named_modules():
             if type(module) in twins and modules.has_variants(module):
+                twin = twins[type(module)].__name__
                 raise ValueError(f"convert: {name or 'the model'} ({type(module).__name__}) has peephole connections, "
-                                 f"zoneout or recurrent dropout, which torch.nn's {twins[type(module)].__name__} "
-                                 f"does not have")
+                                 f"zoneout, recurrent dropout or layer norm, which torch.nn's {twin} does not have")
     for module in model.modules():
         twin = twins.get(type(module))
         if twin is None or (isinstance(module, (nnqd.LSTM, nnqd.GRU)) and module.dtype != torch.qint8):

@@ -23,12 +23,17 @@ from torch._decomp import decompositions as _torch_cells
 
 from ._ops import CELL_IDS, LSTM_ID, _C
 
-def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None, h_product=None):
+def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None, h_product=None,
+                     layer_norm=None):
     """One step of the cell by torch's own out-of-place formulas (the decompositions that
     torch.compile uses for its recurrent layers): differentiable to any order and in forward mode,
     and safe under vmap, which torch._VF's cells are not (they add the gates in place). A peephole
     LSTM, which torch has no formula for, by _peephole_lstm_step. h_product: what the recurrent
-    product takes instead of h (recurrent dropout's h ⊙ m); LSTM and RNN use h nowhere else."""
+    product takes instead of h (recurrent dropout's h ⊙ m); LSTM and RNN use h nowhere else. A
+    layer-normalized cell by _layer_normed_step."""
+    if layer_norm is not None:
+        return _layer_normed_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole,
+                                  h if h_product is None else h_product, layer_norm)
     if h_product is not None and cell == CELL_IDS["GRU"]:
         return _gru_step_apart(x_t, h, h_product, w_ih, w_hh, b_ih, b_hh), None
     if h_product is not None:
@@ -41,6 +46,35 @@ def _torch_cell_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=N
         return _torch_cells.gru_cell_data(x_t, h, w_ih, b_ih, w_hh, b_hh), None
     nonlinearity = torch.tanh if cell == CELL_IDS["RNN_TANH"] else torch.relu
     return _torch_cells.rnn_cell_data(nonlinearity)(x_t, h, w_ih, b_ih, w_hh, b_hh), None
+
+
+def _layer_normed_step(cell, x_t, h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, h_product, layer_norm):
+    """csrc/cells.h's layer-normalized cells in PyTorch, out of place: LN(x·W_ihᵀ) ⊙ ln_ih and
+    LN(h·W_hhᵀ) ⊙ ln_hh (over each row's G·H entries) before the biases; LSTM's ĥ = o ⊙ tanh(LN(ĉ) ⊙
+    ln_c_weight + ln_c_bias). layer_norm packs [ln_ih | ln_hh | LSTM: ln_c weight | ln_c bias]."""
+    gh_size = int(w_ih.shape[0])  # a constant for the exporters (layer_norm's shape; the weights' are fixed)
+    a_x = F.layer_norm(F.linear(x_t, w_ih), (gh_size,), layer_norm[:gh_size], None, 1e-5)
+    a_h = F.layer_norm(F.linear(h_product, w_hh), (gh_size,), layer_norm[gh_size:2 * gh_size], None, 1e-5)
+    if b_ih is not None:
+        a_x = a_x + b_ih
+    if cell == CELL_IDS["GRU"]:
+        if b_hh is not None:
+            a_h = a_h + b_hh
+        x_r, x_z, x_n = a_x.chunk(3, 1)
+        h_r, h_z, h_n = a_h.chunk(3, 1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        return (1 - z) * torch.tanh(x_n + r * h_n) + z * h, None
+    pre = a_x + a_h + (b_hh if b_hh is not None else 0)
+    if cell != LSTM_ID:
+        return (torch.tanh(pre) if cell == CELL_IDS["RNN_TANH"] else torch.relu(pre)), None
+    hidden = int(c.shape[1])
+    gate_i, gate_f, gate_g, gate_o = pre.chunk(4, 1)
+    p_i, p_f, p_o = w_peephole.chunk(3) if w_peephole is not None else (0, 0, 0)
+    c_t = torch.sigmoid(gate_f + p_f * c) * c + torch.sigmoid(gate_i + p_i * c) * torch.tanh(gate_g)
+    y = F.layer_norm(c_t, (hidden,), layer_norm[2 * gh_size:2 * gh_size + hidden], layer_norm[2 * gh_size + hidden:],
+                     1e-5)
+    h_t = torch.sigmoid(gate_o + p_o * c_t) * torch.tanh(y)
+    return (h_t if w_hr is None else F.linear(h_t, w_hr)), c_t
 
 
 def _gru_step_apart(x_t, h, h_product, w_ih, w_hh, b_ih, b_hh):
@@ -68,7 +102,7 @@ def _wants_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
 
 
 def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole=None,
-                            zoneout=0.0, zoneout_masks=None, recurrent_masks=None):
+                            layer_norm=None, zoneout=0.0, zoneout_masks=None, recurrent_masks=None):
     """The layer of layer_forward, recomputed step by step with torch's cell formulas over the
     same packed layout: the forward direction drops the rows whose sequences have ended, the
     reverse direction adds each row at its sequence's last step. Zoneout as csrc/cells.h's: the
@@ -99,7 +133,8 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
         rows = n
         rows_t = slice(starts[t], starts[t] + n)
         h_product = None if recurrent_masks is None else h * recurrent_masks[:n]
-        h_new, c_new = _torch_cell_step(cell, x[rows_t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, h_product)
+        h_new, c_new = _torch_cell_step(cell, x[rows_t], h, c, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, h_product,
+                                        layer_norm)
         if zoneout > 0:
             keep = (zoneout,) * 2 if zoneout_masks is None else tuple(m[rows_t] for m in zoneout_rows)
             h_new = keep[-1] * h + (1 - keep[-1]) * h_new
@@ -115,20 +150,21 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
 
 def _setup_layer_context(ctx, inputs, output):
     (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, _need_saved, w_peephole, zoneout,
-     zoneout_masks, recurrent_masks) = _with_defaults(inputs)
+     zoneout_masks, recurrent_masks, layer_norm) = _with_defaults(inputs)
     ctx.cell, ctx.batch_sizes, ctx.reverse, ctx.zoneout = cell, batch_sizes, reverse, zoneout
     # All references, no copies. Backward reads h_{t-1} from y (the step before's output) or h0, and
     # c_{t-1} from saved or c0; the biases serve the differentiable recomputation. Saving y means
     # that changing it in place before backward is an error, as with torch.nn on cuDNN.
     ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks,
-                          output[0], output[3])
+                          layer_norm, output[0], output[3])
     # Outputs the loss does not reach get None, not zeros: autograd would otherwise fill a tensor
     # of zeros for `saved` at every backward (262 MB for LSTM T50 B256 H1024, about 5% of the
     # backward's time) and for y or h_n where the loss leaves them out. The op takes None for any.
     ctx.set_materialize_grads(False)
 
 
-_DEFAULTS = (None, 0.0, None, None)  # layer_forward's w_peephole, zoneout, zoneout_masks, recurrent_masks
+_DEFAULTS = (None, 0.0, None, None, None)  # layer_forward's w_peephole, zoneout, zoneout_masks, recurrent_masks,
+# layer_norm
 
 
 def _with_defaults(inputs):
@@ -153,11 +189,12 @@ def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
     exists. That path is step by step, hence slow: meant for gradient penalties, gradgradcheck and
     torch.func, not for training.
     """
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks, y, saved = ctx.saved_tensors
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks, layer_norm, y, saved = \
+        ctx.saved_tensors
     if ctx.cell != LSTM_ID:
         grad_c_n = None  # c_n is an empty placeholder for the other cells
     if torch.is_grad_enabled():
-        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)
+        inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, layer_norm)
         needs = _needs_of_inputs(ctx.needs_input_grad)  # those of `inputs`
         with torch.autocast(x.device.type, enabled=False):  # torch's cell formulas, as the forward ran
             grads = _differentiable_grads(ctx.cell, ctx.batch_sizes, ctx.reverse, inputs, needs,
@@ -166,25 +203,25 @@ def _layer_grads(ctx, fused_backward, grad_y, grad_h_n, grad_c_n):
         grads = fused_backward(
             ctx.cell, x, ctx.batch_sizes, ctx.reverse, h0, c0, w_ih, w_hh, w_hr, b_ih is not None, y,
             saved, grad_y, grad_h_n, grad_c_n, ctx.needs_input_grad[1], w_peephole, ctx.zoneout, zoneout_masks,
-            recurrent_masks)
-    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole = grads
+            recurrent_masks, layer_norm)
+    dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole, d_layer_norm = grads
     # one for each argument the call had (those with defaults may have been left out)
     return (None, dx, None, None, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, None,
-            dw_peephole, None, None, None)[:len(ctx.needs_input_grad)]
+            dw_peephole, None, None, None, d_layer_norm)[:len(ctx.needs_input_grad)]
 
 
 def _needs_of_inputs(needs_input_grad):
     """Of layer_forward's arguments' needs_input_grad, those of its tensors (x, h0, c0, w_ih, w_hh,
-    b_ih, b_hh, w_hr, w_peephole); False for a w_peephole the call left to its default."""
+    b_ih, b_hh, w_hr, w_peephole, layer_norm); False for one the call left to its default."""
     needs = tuple(needs_input_grad)
-    return needs[1:2] + needs[4:11] + (needs[12:13] or (False,))
+    return needs[1:2] + needs[4:11] + (needs[12:13] or (False,)) + (needs[16:17] or (False,))
 
 
 def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, variants=(0.0, None, None)):
     """(the layer as a function of inputs[i] for i in wanted, those inputs): for torch.func.
     variants: (zoneout's z, its masks or None, recurrent dropout's masks or None), which no derivative
     is taken of."""
-    inputs = tuple(inputs) + (None,) * (9 - len(inputs))  # w_peephole, where the call had none
+    inputs = tuple(inputs) + (None,) * (10 - len(inputs))  # w_peephole, layer_norm, where the call had none
 
     def layer_of(*chosen):
         args = list(inputs)
@@ -196,7 +233,7 @@ def _recomputed_layer(cell, batch_sizes, reverse, inputs, wanted, variants=(0.0,
 
 
 def _differentiable_grads(cell, batch_sizes, reverse, inputs, needs, grad_y, grad_h_n, grad_c_n, variants):
-    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole) as a graph, None
+    """The gradients of `inputs` (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, layer_norm) as a graph, None
     where not needed; variants as _recomputed_layer's, the forward's. torch.func.vjp rather than
     autograd.grad: under torch.func's transforms the saved inputs are not autograd leaves of this
     level, and vjp differentiates them all the same."""
@@ -219,8 +256,9 @@ def _layer_tangents(ctx, *input_tangents):
     cotangent t is J·t. Reverse mode only, so it works under torch.autograd.forward_ad (where a
     nested forward-mode level is refused) and under every torch.func transform alike; step by step,
     hence slow, as the differentiable backward."""
-    # those of (x, h0, c0, w_ih, ..., w_hr, w_peephole)
-    tangents = [input_tangents[1]] + list(input_tangents[4:11]) + (list(input_tangents[12:13]) or [None])
+    # those of (x, h0, c0, w_ih, ..., w_hr, w_peephole, layer_norm)
+    tangents = ([input_tangents[1]] + list(input_tangents[4:11]) + (list(input_tangents[12:13]) or [None])
+                + (list(input_tangents[16:17]) or [None]))
     present = iter(ctx.saved_tensors)
     inputs = [next(present) if here else None for here in ctx.present]
     wanted = [i for i, (t, d) in enumerate(zip(inputs, tangents)) if t is not None and d is not None]
@@ -248,16 +286,17 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                zoneout, zoneout_masks, recurrent_masks):
+                zoneout, zoneout_masks, recurrent_masks, layer_norm):
         return torch.ops.fused_rnn.layer_forward(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks, recurrent_masks)
+                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks, recurrent_masks,
+                                                 layer_norm)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_layer_context(ctx, inputs, output)
-        # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole for jvp; save_for_forward takes no None
-        # (an absent c0, bias, w_hr or w_peephole), so the absent ones are remembered by position.
-        primals = inputs[1:2] + inputs[4:11] + inputs[12:13]
+        # x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, layer_norm for jvp; save_for_forward takes no
+        # None (an absent c0, bias, w_hr, ...), so the absent ones are remembered by position.
+        primals = inputs[1:2] + inputs[4:11] + inputs[12:13] + inputs[16:17]
         ctx.present = [t is not None for t in primals]
         ctx.save_for_forward(*(t for t in primals if t is not None))
         ctx.zoneout_masks, ctx.recurrent_masks = inputs[14:16]  # for jvp's recomputation; no derivative
@@ -279,11 +318,12 @@ class _EagerLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                zoneout, zoneout_masks, recurrent_masks):
+                zoneout, zoneout_masks, recurrent_masks, layer_norm):
         output = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks, recurrent_masks)
+                                                 w_hr, need_saved, w_peephole, zoneout, zoneout_masks, recurrent_masks,
+                                                 layer_norm)
         _setup_layer_context(ctx, (cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                                   w_peephole, zoneout, zoneout_masks, recurrent_masks), output)
+                                   w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm), output)
         return output
 
     @staticmethod
@@ -352,26 +392,26 @@ def step(cell: int, x: Tensor, h: Tensor, c: Optional[Tensor], w_ih: Tensor, w_h
     layer()'s work for a one-step padded sequence less its decisions. The same op, so the same bits."""
     need_saved = _wants_grad((x, h, c, w_ih, w_hh, b_ih, b_hh, w_peephole))
     h_1, _, c_1 = _run_plain_layer(cell, x, [], False, h, c, w_ih, w_hh, b_ih, b_hh, None, need_saved, w_peephole,
-                                   0.0, None, None)
+                                   0.0, None, None, None)
     return h_1, c_1
 
 
 def _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                     zoneout, zoneout_masks, recurrent_masks):
+                     zoneout, zoneout_masks, recurrent_masks, layer_norm):
     """layer_forward below autograd, its backward recorded by _EagerLayer where one is wanted."""
     if need_saved:
         y, h_n, c_n, _ = _EagerLayer.apply(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, True,
-                                           w_peephole, zoneout, zoneout_masks, recurrent_masks)
+                                           w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm)
     else:
         y, h_n, c_n, _ = _C.layer_forward_below_autograd(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih,
                                                          b_hh, w_hr, False, w_peephole, zoneout, zoneout_masks,
-                                                         recurrent_masks)
+                                                         recurrent_masks, layer_norm)
     return y, h_n, c_n
 
 
 def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout,
-               zoneout_masks, recurrent_masks):
-    need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole))
+               zoneout_masks, recurrent_masks, layer_norm):
+    need_saved = _wants_grad((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, layer_norm))
     # Under a torch.func transform or a forward-mode level, eager calls go through _Layer, which
     # adds forward mode and torch.func's transforms (its apply costs about 0.5 ms a call:
     # autograd.Function binds its arguments through inspect.signature when setup_context is
@@ -382,11 +422,11 @@ def _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_
     run = torch.ops.fused_rnn.layer_forward
     if not torch.compiler.is_compiling() and _transformed():
         run = _Layer.apply
-    elif plain_call((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole)):
+    elif plain_call((x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, layer_norm)):
         return _run_plain_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved,
-                                w_peephole, zoneout, zoneout_masks, recurrent_masks)
+                                w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm)
     y, h_n, c_n, _ = run(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, need_saved, w_peephole,
-                         zoneout, zoneout_masks, recurrent_masks)
+                         zoneout, zoneout_masks, recurrent_masks, layer_norm)
     return y, h_n, c_n
 
 
@@ -394,12 +434,14 @@ def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tenso
           c0: Optional[Tensor], w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor],
           b_hh: Optional[Tensor], w_hr: Optional[Tensor], w_peephole: Optional[Tensor] = None,
           zoneout: float = 0.0, zoneout_masks: Optional[Tensor] = None,
-          recurrent_masks: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+          recurrent_masks: Optional[Tensor] = None,
+          layer_norm: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One layer and direction through the compiled op (differentiable through its registration).
     w_peephole: an LSTM's peephole weights [3H] (i, f, o), or None for torch.nn's LSTM. zoneout: the
     probability z, with zoneout_masks (training: 1 where a unit keeps its state, [N·H + N·P] for LSTM's
     c_t and h_t, [N·H] else) or without (eval: the expectation). recurrent_masks [B, P]: recurrent
-    dropout's mask per sequence (0 or 1/(1 - p)), or None; csrc/ops.cpp says the same.
+    dropout's mask per sequence (0 or 1/(1 - p)), or None. layer_norm: the layer norm's weights [ln_ih |
+    ln_hh | LSTM: ln_c weight | ln_c bias], or None; csrc/ops.cpp says the same.
 
     Under autocast the inputs are cast as torch.nn's layers would be (see _autocast_dtypes) and the
     op runs with autocast off: the op handles half types itself (float32 state and gate math), and
@@ -409,10 +451,11 @@ def layer(cell: int, x: Tensor, batch_sizes: List[int], reverse: bool, h0: Tenso
     if not (_autocast_eligible(x) and torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
         return _run_layer(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout,
-                          zoneout_masks, recurrent_masks)
+                          zoneout_masks, recurrent_masks, layer_norm)
     compute, out = _autocast_dtypes(cell, device_type, h0, w_hr is not None)
     tensors = [t.to(compute) if _autocast_eligible(t) else t
-               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks)]
+               for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, w_peephole, zoneout_masks, recurrent_masks,
+                         layer_norm)]
     with torch.autocast(device_type, enabled=False):
         y, h_n, c_n = _run_layer(cell, tensors[0], batch_sizes, reverse, *tensors[1:9], zoneout, *tensors[9:])
     return y.to(out), h_n.to(out), c_n
@@ -438,7 +481,8 @@ def group_weights(flat_weights: Sequence[Optional[Tensor]], num_layers: int, num
 def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Optional[Tensor],
                 flat_weights: Sequence[Optional[Tensor]], has_bias: bool, num_layers: int,
                 bidirectional: bool, dropout: float, training: bool, has_proj: bool,
-                peepholes: Optional[Sequence[Tensor]] = None, zoneout: float = 0.0, recurrent_dropout: float = 0.0):
+                peepholes: Optional[Sequence[Tensor]] = None, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                layer_norms: Optional[Sequence[Tensor]] = None):
     """A stack of layers over packed-layout `x` [N, I].
 
     hx: [L*D, B, P]; cx: [L*D, B, H] for LSTM, else None. Returns (y [N, D*P], h_n, c_n or None).
@@ -448,7 +492,8 @@ def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Op
     generator of x's device (torch.manual_seed makes a call reproducible), in eval the expectation.
     recurrent_dropout: the probability p of dropping a unit of h_{t-1} from the recurrent product; in
     training each layer and direction draws a mask per sequence and unit for the whole call (the same
-    at every step), from the same generator.
+    at every step), from the same generator. layer_norms: a layer-normalized cell's weights, one
+    packed tensor per layer and direction (layer()'s layer_norm).
     """
     cell = CELL_IDS[mode]
     weights = group_weights(flat_weights, num_layers, 2 if bidirectional else 1, has_bias, has_proj)
@@ -465,7 +510,8 @@ def stacked_rnn(mode: str, x: Tensor, batch_sizes: List[int], hx: Tensor, cx: Op
         if recurrent_dropout > 0 and training:  # kept with probability 1 - p, scaled by 1/(1 - p) as F.dropout
             recurrent = _uniform_below(h0.shape, 1 - recurrent_dropout, h0).mul_(1 / (1 - recurrent_dropout))
         return layer(cell, layer_input, batch_sizes, reverse, h0, c0, *weights[k],
-                     peepholes[k] if peepholes else None, zoneout, masks, recurrent)
+                     peepholes[k] if peepholes else None, zoneout, masks, recurrent,
+                     layer_norms[k] if layer_norms else None)
 
     return stack_layers(run_layer, x, hx, cx, num_layers, bidirectional, dropout if training else 0.0)
 

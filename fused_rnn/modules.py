@@ -157,14 +157,14 @@ def has_variants(module) -> bool:
     dropout), so that no torch.nn or quantized twin can stand for it (convert, quantize_dynamic,
     tracing refuse it)."""
     return bool(getattr(module, "peephole", False) or getattr(module, "zoneout", 0)
-                or getattr(module, "recurrent_dropout", 0))
+                or getattr(module, "recurrent_dropout", 0) or getattr(module, "layer_norm", False))
 
 
 def _variants_in_eval_are_torch_nns(module) -> bool:
     """Whether the module computes as its torch.nn twin now: recurrent dropout is the only option it
     uses beyond torch.nn, and it is in eval mode, where that is the identity."""
     return (not module.training and not getattr(module, "peephole", False)
-            and not getattr(module, "zoneout", 0))
+            and not getattr(module, "zoneout", 0) and not getattr(module, "layer_norm", False))
 
 
 _PROBABILITY_MEANINGS = {"zoneout": "a unit keeping its previous state",
@@ -195,11 +195,29 @@ def _peephole_parameters(module, suffixes: Sequence[str], hidden_size: int, devi
     return names
 
 
+def _layer_norm_parameters(module, suffixes: Sequence[str], gates: int, hidden_size: int, lstm: bool, device,
+                           dtype) -> List[List[str]]:
+    """Registers a layer-normalized cell's weights per name suffix, after torch.nn's parameters (and
+    the peepholes): ln_ih_weight and ln_hh_weight of gates * hidden_size, initialised to 1; an
+    LSTM's ln_c_weight (1) and ln_c_bias (0) of hidden_size. Returns their names per suffix, in the
+    order the op packs them (functional.layer's layer_norm)."""
+    names = []
+    for suffix in suffixes:
+        shapes = [("ln_ih_weight", gates, 1.0), ("ln_hh_weight", gates, 1.0)]
+        if lstm:
+            shapes += [("ln_c_weight", 1, 1.0), ("ln_c_bias", 1, 0.0)]
+        for name, size, value in shapes:
+            module.register_parameter(name + suffix, nn.Parameter(
+                torch.full((size * hidden_size,), value, device=device, dtype=dtype)))
+        names.append([name + suffix for name, _, _ in shapes])
+    return names
+
+
 def _refuse_variant_trace(module) -> None:
     """torch.jit.trace records torch.nn's forward, which has no peephole connections, zoneout or
     recurrent dropout."""
     what = ("peephole connections" if module.peephole else "zoneout" if module.zoneout
-            else "recurrent dropout in training mode")
+            else "layer norm" if module.layer_norm else "recurrent dropout in training mode")
     raise NotImplementedError(
         f"fused_rnn: torch.jit.trace cannot record a {type(module).__name__} with {what} (a trace records "
         f"torch.nn's {type(module).__name__}, which has none). torch.export, torch.compile and torch.onnx.export "
@@ -388,6 +406,34 @@ class _FusedRNNBase(nn.RNNBase):
     _peephole_names: Sequence[str] = ()
     zoneout = 0.0
     recurrent_dropout = 0.0
+    layer_norm = False
+    _layer_norm_names: Sequence[Sequence[str]] = ()
+
+    def _add_variants(self, device, dtype, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
+                      peephole: bool = False, layer_norm: bool = False) -> None:
+        """The options beyond torch.nn, checked by the constructor: their parameters come after torch.nn's
+        (which are then initialised as torch.nn's from the same seed), peepholes first."""
+        if zoneout:
+            self.zoneout = zoneout
+        if recurrent_dropout:
+            self.recurrent_dropout = recurrent_dropout
+        directions = [""] + (["_reverse"] if self.bidirectional else [])
+        suffixes = [f"_l{layer}{direction}" for layer in range(self.num_layers) for direction in directions]
+        if peephole:
+            self.peephole = True
+            self._peephole_names = _peephole_parameters(self, suffixes, self.hidden_size, device, dtype)
+        if layer_norm:
+            self.layer_norm = True
+            gates = {"LSTM": 4, "GRU": 3}.get(self.mode, 1)
+            self._layer_norm_names = _layer_norm_parameters(self, suffixes, gates, self.hidden_size,
+                                                            self.mode == "LSTM", device, dtype)
+
+    def _layer_norms(self) -> Optional[List[Tensor]]:
+        """A layer-normalized cell's weights per layer and direction, packed as the op takes them
+        (through getattr, as _peepholes), or None."""
+        if not self.layer_norm:
+            return None
+        return [torch.cat([getattr(self, name) for name in names]) for names in self._layer_norm_names]
 
     def _peepholes(self) -> Optional[List[Tensor]]:
         """The peephole weights per layer and direction (through getattr: a parametrization or
@@ -397,7 +443,8 @@ class _FusedRNNBase(nn.RNNBase):
     def extra_repr(self) -> str:
         return (super().extra_repr() + (", peephole=True" if self.peephole else "")
                 + (f", zoneout={self.zoneout}" if self.zoneout else "")
-                + (f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else ""))
+                + (f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else "")
+                + (", layer_norm=True" if self.layer_norm else ""))
 
     def forward(self, input, hx: Optional[_HiddenState] = None):
         if _exports_through_torch_nn():
@@ -430,7 +477,7 @@ class _FusedRNNBase(nn.RNNBase):
         return functional.stacked_rnn(
             self.mode, x, batch_sizes, h0, c0, self._flat_weights, self.bias, self.num_layers,
             self.bidirectional, self.dropout, self.training, self.proj_size > 0, self._peepholes(), self.zoneout,
-            self.recurrent_dropout)
+            self.recurrent_dropout, self._layer_norms())
 
     def _plain_forward(self, input, hx):
         """The common call for the price of a few attribute reads (a short sequence's Python costs
@@ -460,7 +507,7 @@ class _FusedRNNBase(nn.RNNBase):
             if type(hx) is not Tensor or hx.shape != shape:
                 return None
             states = (hx,)
-        weights = tuple(self._flat_weights) + tuple(self._peepholes() or ())
+        weights = tuple(self._flat_weights) + tuple(self._peepholes() or ()) + tuple(self._layer_norms() or ())
         if any(w is None for w in weights) or not functional.plain_call((input,) + (states or ()) + weights):
             return None
         try:
@@ -551,12 +598,15 @@ class LSTM(_FusedRNNBase):
     zoneout (keyword, default 0): the probability z that a unit keeps its previous state, c_t and h_t
     (README: its equations; masks drawn in training, the expectation in eval).
     recurrent_dropout (keyword, default 0): the probability p that a unit of h_{t-1} is dropped from
-    the recurrent product, in training, with a mask per sequence drawn once per call (README)."""
+    the recurrent product, in training, with a mask per sequence drawn once per call (README).
+    layer_norm (keyword, default False): layer-normalized projections and cell state, with weights
+    ln_ih_weight_l{k}, ln_hh_weight_l{k} (4 * hidden_size, 1), ln_c_weight_l{k} (hidden_size, 1) and
+    ln_c_bias_l{k} (hidden_size, 0) (README; CPU only so far)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, peephole: bool = False,
-                 zoneout: float = 0.0, recurrent_dropout: float = 0.0) -> None:
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0, layer_norm: bool = False) -> None:
         def checks():
             _check_int_arg("LSTM", "num_layers", num_layers, 1)
             _check_dtype_arg("LSTM", dtype)
@@ -565,19 +615,12 @@ class LSTM(_FusedRNNBase):
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
                              dropout, bidirectional, proj_size, dtype=dtype)
         _check_flag("LSTM", "peephole", peephole)
+        _check_flag("LSTM", "layer_norm", layer_norm)
         zoneout = _check_probability("LSTM", "zoneout", zoneout)
         recurrent_dropout = _check_probability("LSTM", "recurrent_dropout", recurrent_dropout)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, proj_size, device, dtype)
-        if zoneout:
-            self.zoneout = zoneout
-        if recurrent_dropout:
-            self.recurrent_dropout = recurrent_dropout
-        if peephole:  # after torch.nn's parameters, which are then initialised as torch.nn's from the same seed
-            self.peephole = True
-            directions = [""] + (["_reverse"] if bidirectional else [])
-            suffixes = [f"_l{layer}{direction}" for layer in range(num_layers) for direction in directions]
-            self._peephole_names = _peephole_parameters(self, suffixes, hidden_size, device, dtype)
+        self._add_variants(device, dtype, zoneout, recurrent_dropout, peephole, layer_norm)
 
     _torch_nn_class = nn.LSTM  # the twin: its forward is asked of input we reject, and records exports
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -588,12 +631,13 @@ class LSTM(_FusedRNNBase):
 class GRU(_FusedRNNBase):
     """Drop-in for torch.nn.GRU, with torch.nn's equations (b_hn inside the reset gate). zoneout
     (keyword, default 0): as fused_rnn.LSTM's, on h_t. recurrent_dropout (keyword, default 0): as
-    fused_rnn.LSTM's (the reset and update gates' product; the mix with h_{t-1} keeps every unit)."""
+    fused_rnn.LSTM's (the reset and update gates' product; the mix with h_{t-1} keeps every unit).
+    layer_norm (keyword, default False): as fused_rnn.LSTM's, on both projections (3 * hidden_size)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  device=None, dtype=None, *, zoneout: float = 0.0, recurrent_dropout: float = 0.0,
-                 **kwargs) -> None:
+                 layer_norm: bool = False, **kwargs) -> None:
         def checks():
             _refuse_extra_arguments("GRU", kwargs)
             _check_int_arg("GRU", "num_layers", num_layers, 1)
@@ -601,26 +645,26 @@ class GRU(_FusedRNNBase):
 
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, bias, batch_first,
                              dropout, bidirectional, dtype=dtype, **kwargs)
+        _check_flag("GRU", "layer_norm", layer_norm)
         zoneout = _check_probability("GRU", "zoneout", zoneout)
         recurrent_dropout = _check_probability("GRU", "recurrent_dropout", recurrent_dropout)
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first, dropout,
                          bidirectional, 0, device, dtype)
-        if zoneout:
-            self.zoneout = zoneout
-        if recurrent_dropout:
-            self.recurrent_dropout = recurrent_dropout
+        self._add_variants(device, dtype, zoneout, recurrent_dropout, layer_norm=layer_norm)
 
     _torch_nn_class = nn.GRU
 
 
 class RNN(_FusedRNNBase):
     """Drop-in for torch.nn.RNN (nonlinearity 'tanh' or 'relu'). zoneout and recurrent_dropout
-    (keywords, default 0): as fused_rnn.LSTM's, on h_t."""
+    (keywords, default 0): as fused_rnn.LSTM's, on h_t; layer_norm (keyword, default False) too, on
+    both projections (hidden_size)."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
                  dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None, *,
-                 zoneout: float = 0.0, recurrent_dropout: float = 0.0, **kwargs) -> None:
+                 zoneout: float = 0.0, recurrent_dropout: float = 0.0, layer_norm: bool = False,
+                 **kwargs) -> None:
         def checks():
             _refuse_extra_arguments("RNN", kwargs)
             _elman_mode(nonlinearity)
@@ -629,15 +673,13 @@ class RNN(_FusedRNNBase):
 
         _checked_constructor(self._torch_nn_class, checks, input_size, hidden_size, num_layers, nonlinearity, bias,
                              batch_first, dropout, bidirectional, dtype=dtype, **kwargs)
+        _check_flag("RNN", "layer_norm", layer_norm)
         zoneout = _check_probability("RNN", "zoneout", zoneout)
         recurrent_dropout = _check_probability("RNN", "recurrent_dropout", recurrent_dropout)
         self.nonlinearity = nonlinearity
         super().__init__(_elman_mode(nonlinearity), input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
-        if zoneout:
-            self.zoneout = zoneout
-        if recurrent_dropout:
-            self.recurrent_dropout = recurrent_dropout
+        self._add_variants(device, dtype, zoneout, recurrent_dropout, layer_norm=layer_norm)
 
     _torch_nn_class = nn.RNN
 

@@ -98,12 +98,13 @@ def variant_layers(module, input, hx):
         for d in range(D):
             k, suffix = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
             weight = lambda kind: getattr(module, kind + suffix, None)  # noqa: E731
-            if module.zoneout:
+            if module.zoneout or module.layer_norm:
                 T, B = x.shape[:2]
                 y, h, c = _layer_with_torch_cells(
                     CELL_IDS[module.mode], x.reshape(T * B, x.size(2)), [], d == 1, h0[k], c0[k] if lstm else None,
                     weight("weight_ih"), weight("weight_hh"), weight("bias_ih"), weight("bias_hh"), None,
-                    weight("weight_peephole"), module.zoneout, None)
+                    w_peephole=weight("weight_peephole"), zoneout=module.zoneout,
+                    layer_norm=module._layer_norms()[k] if module.layer_norm else None)
                 y = y.view(T, B, H)
             else:
                 y, h, c = _peephole_onnx_layer(x, weight, module.bias, H, h0[k], c0[k], d == 1)

@@ -194,11 +194,11 @@ class _FusedQuantizedRNN:
 
 
 def _refuse_variants(mod):
-    """Neither fused_rnn's int8 layers nor torch's quantized ones have peephole connections, zoneout
-    or recurrent dropout: quantizing such a layer would drop them."""
+    """Neither fused_rnn's int8 layers nor torch's quantized ones have peephole connections, zoneout,
+    recurrent dropout or layer norm: quantizing such a layer would drop them."""
     if modules.has_variants(mod):
         raise NotImplementedError(
-            f"fused_rnn: a {type(mod).__name__} with peephole connections, zoneout or recurrent dropout "
+            f"fused_rnn: a {type(mod).__name__} with peephole connections, zoneout, recurrent dropout or layer norm "
             f"cannot be dynamically "
             f"quantized: neither fused_rnn's int8 layers nor torch's quantized ones have them (they would be "
             f"dropped); leave this layer in float32 (leave its type out of quantize_dynamic's qconfig_spec)")

@@ -197,3 +197,19 @@ def gradcheck_with_seeded_masks(module, x):
 
     assert torch.autograd.gradcheck(f, (x,) + params)
     assert torch.autograd.gradgradcheck(lambda x, w: f(x, *params[:1], w, *params[2:]), (x, params[1]))
+
+
+def check_in_onnxruntime(module, example, x, dynamo):
+    """torch.onnx.export of module(example) (onnx_bytes), run in ONNX Runtime on x: the module's outputs
+    to 1e-5. Skips where onnx, onnxruntime (or, for dynamo, onnxscript) is absent."""
+    import pytest
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    session = ort.InferenceSession(onnx_bytes(module, (example,), dynamo), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    want = torch.utils._pytree.tree_leaves(module(x))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)

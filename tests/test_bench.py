@@ -207,6 +207,16 @@ def test_loop_reference_of_a_peephole_lstm_matches_it():
         torch.testing.assert_close(out_loop, out)
         torch.testing.assert_close(h_loop, h[0] if isinstance(h, tuple) else h)
         assert not torch.allclose(out, dropped.eval()(x)[0])  # the masks made a difference
+    for cls in (fused_rnn.LSTM, fused_rnn.GRU):  # layer norm, its weights away from 1 and 0
+        normed = cls(4, 5, num_layers=2, dtype=torch.float64, layer_norm=True)
+        with torch.no_grad():
+            for name, p in normed.named_parameters():
+                if name.startswith("ln_"):
+                    p.uniform_(0.5, 1.5)
+        out, h = normed(x)
+        out_loop, h_loop = LoopRNN(normed)(x)
+        torch.testing.assert_close(out_loop, out)
+        torch.testing.assert_close(h_loop, h[0] if isinstance(h, tuple) else h)
 
 
 def test_quick_grid_on_a_gpu_has_the_issue_shapes():

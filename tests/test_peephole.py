@@ -326,7 +326,7 @@ def test_bad_arguments_and_unsupported_transforms():
         fused_rnn.GRUCell(3, 4, peephole=True)
     lstm = fused_rnn.LSTM(3, 4, peephole=True)
     model = nn.Sequential(lstm)
-    with pytest.raises(ValueError, match="peephole connections, zoneout or recurrent dropout"):
+    with pytest.raises(ValueError, match="peephole connections, zoneout, recurrent dropout or layer norm"):
         fused_rnn.convert(model, to="torch")
     assert type(lstm) is fused_rnn.LSTM
     with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a LSTM with peephole"):
@@ -439,7 +439,7 @@ def test_quantizing_a_peephole_layer_is_refused():
     """Neither int8 layer has peepholes: quantize_dynamic must not drop them silently."""
     for module in (fused_rnn.LSTM(3, 4, peephole=True), fused_rnn.LSTMCell(3, 4, peephole=True)):
         for dtype in (torch.qint8, torch.float16):
-            with pytest.raises(NotImplementedError, match="zoneout or recurrent dropout cannot be dynamically"):
+            with pytest.raises(NotImplementedError, match="recurrent dropout or layer norm cannot be dynamically"):
                 torch.ao.quantization.quantize_dynamic(nn.Sequential(module), dtype=dtype)
 
 

@@ -16,8 +16,8 @@ from torch import nn
 
 import fused_rnn
 from fused_rnn import functional, testing
-from helpers import (assert_close, check_func_grad_and_export, check_parity, check_seeded_masks_reproducible,
-                     gradcheck_with_seeded_masks, onnx_bytes, run)
+from helpers import (assert_close, check_func_grad_and_export, check_in_onnxruntime, check_parity,
+                     check_seeded_masks_reproducible, gradcheck_with_seeded_masks, run)
 from variant_reference import Reference
 
 cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
@@ -203,7 +203,7 @@ def test_arguments_and_what_is_refused():
     on = fused_rnn.LSTM(3, 4, proj_size=2, recurrent_dropout=0.1)
     assert "recurrent_dropout=0.1" in repr(on)
     assert list(on.state_dict()) == list(nn.LSTM(3, 4, proj_size=2).state_dict())
-    with pytest.raises(ValueError, match="zoneout or recurrent dropout, which torch.nn's LSTM"):
+    with pytest.raises(ValueError, match="recurrent dropout or layer norm, which torch.nn's LSTM"):
         fused_rnn.convert(nn.Sequential(on), to="torch")
     with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a LSTM with recurrent dropout"):
         torch.jit.trace(on.train(), (torch.randn(2, 1, 3),))
@@ -219,20 +219,9 @@ def test_arguments_and_what_is_refused():
 @pytest.mark.parametrize("dynamo", [False, True])
 def test_onnx_export_in_eval_is_the_plain_layers(dynamo):
     """In eval recurrent dropout is the identity: the layer exports as torch.nn's (ONNX's LSTM)."""
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    if dynamo:
-        pytest.importorskip("onnxscript")
     torch.manual_seed(10)
     fused = fused_rnn.LSTM(3, 4, 2, bidirectional=True, recurrent_dropout=0.25).eval()
-    model = onnx_bytes(fused, (torch.randn(5, 2, 3),), dynamo)
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 3, 3)
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    want = torch.utils._pytree.tree_leaves(fused(x))
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)
+    check_in_onnxruntime(fused, torch.randn(5, 2, 3), torch.randn(5, 3, 3), dynamo)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -15,8 +15,8 @@ from torch import nn
 
 import fused_rnn
 from fused_rnn import functional, testing
-from helpers import (assert_close, check_func_grad_and_export, check_parity, check_seeded_masks_reproducible,
-                     gradcheck_with_seeded_masks, onnx_bytes, run)
+from helpers import (assert_close, check_func_grad_and_export, check_in_onnxruntime, check_parity,
+                     check_seeded_masks_reproducible, gradcheck_with_seeded_masks, run)
 from variant_reference import Reference
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
@@ -149,7 +149,7 @@ def test_arguments_and_what_is_refused():
     assert off.zoneout == 0 and "zoneout" not in repr(off)
     on = fused_rnn.RNN(3, 4, zoneout=0.1)
     assert "zoneout=0.1" in repr(on) and list(on.state_dict()) == list(nn.RNN(3, 4).state_dict())
-    with pytest.raises(ValueError, match="peephole connections, zoneout or recurrent dropout"):
+    with pytest.raises(ValueError, match="peephole connections, zoneout, recurrent dropout or layer norm"):
         fused_rnn.convert(nn.Sequential(on), to="torch")
     with pytest.raises(NotImplementedError, match="torch.jit.trace cannot record a RNN with zoneout"):
         torch.jit.trace(on.eval(), (torch.randn(2, 1, 3),))
@@ -195,18 +195,7 @@ def test_torch_func_and_export_in_eval():
 def test_onnx_export_in_eval_runs_in_onnxruntime(mode, dynamo):
     """Zoneout exports in eval mode (its expectation) as the equations in standard operators, for the
     traced length and any batch; an LSTM with peepholes too."""
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    if dynamo:
-        pytest.importorskip("onnxscript")
     torch.manual_seed(9)
     extra = dict(peephole=True) if mode == "LSTM" else {}
     fused = MODES[mode](3, 4, 2, bidirectional=True, zoneout=0.25, **extra).eval()
-    model = onnx_bytes(fused, (torch.randn(5, 2, 3),), dynamo)
-    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    x = torch.randn(5, 3, 3)  # another batch, the same length
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    want = torch.utils._pytree.tree_leaves(fused(x))
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)
+    check_in_onnxruntime(fused, torch.randn(5, 2, 3), torch.randn(5, 3, 3), dynamo)  # another batch, the same length

@@ -1,23 +1,36 @@
 """A plain PyTorch loop of the equations of fused_rnn's variants (issue #41), written out here
-independently of the library, for the variants' tests: peephole connections, zoneout and recurrent
-dropout, over torch.nn's LSTM (proj_size too), GRU and RNN (tanh or relu)."""
+independently of the library, for the variants' tests: peephole connections, zoneout, recurrent
+dropout and layer norm, over torch.nn's LSTM (proj_size too), GRU and RNN (tanh or relu)."""
 import torch
 from torch import nn
+
+
+def layer_norm(v, weight, bias=None):
+    """Over each row's entries: (v - mean) / sqrt(var + 1e-5) ⊙ weight (+ bias), biased variance."""
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    out = (v - mean) / torch.sqrt(var + 1e-5) * weight
+    return out if bias is None else out + bias
 
 
 def reference_step(mode, x, h, c, get, mask, keep):
     """One step of the cell; `mask` scales h where the recurrent product takes it; `keep` is zoneout's
     share (m_c, m_h) of the previous state, 0 without."""
     h_in = h * mask
-    gx = x @ get("weight_ih").T + (get("bias_ih") if get("bias_ih") is not None else 0)
-    gh = h_in @ get("weight_hh").T + (get("bias_hh") if get("bias_hh") is not None else 0)
+    a_x, a_h = x @ get("weight_ih").T, h_in @ get("weight_hh").T
+    normalized = get("ln_ih_weight") is not None
+    if normalized:
+        a_x, a_h = layer_norm(a_x, get("ln_ih_weight")), layer_norm(a_h, get("ln_hh_weight"))
+    gx = a_x + (get("bias_ih") if get("bias_ih") is not None else 0)
+    gh = a_h + (get("bias_hh") if get("bias_hh") is not None else 0)
     H = get("weight_hh").shape[0] // {"LSTM": 4, "GRU": 3}.get(mode, 1)
     keep_c, keep_h = keep
     if mode == "LSTM":
         i, f, g, o = (gx + gh).split(H, 1)
         p_i, p_f, p_o = get("weight_peephole").split(H) if get("weight_peephole") is not None else (0, 0, 0)
         c_own = torch.sigmoid(f + p_f * c) * c + torch.sigmoid(i + p_i * c) * torch.tanh(g)
-        h_own = torch.sigmoid(o + p_o * c_own) * torch.tanh(c_own)
+        y = layer_norm(c_own, get("ln_c_weight"), get("ln_c_bias")) if normalized else c_own
+        h_own = torch.sigmoid(o + p_o * c_own) * torch.tanh(y)
         if get("weight_hr") is not None:
             h_own = h_own @ get("weight_hr").T
         c = keep_c * c + (1 - keep_c) * c_own

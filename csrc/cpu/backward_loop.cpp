@@ -53,6 +53,13 @@ class BackwardLoop {
  private:
   // What one thread keeps from step to step: its columns of dh (blocks of P), with a projection
   // its hidden units (in vectors), and the gate gradients of the step before, still to propagate.
+  // A chunk's buffers of the gradients the products take (layer norm: their own; else dG's).
+  struct NormChunk {
+    T* dax;  // of x·W_ihᵀ: dW_ih and dX
+    T* dah;  // of the recurrent product: dG·W_hh and dW_hh
+    T* dyc;  // LSTM with layer norm: dL/dy of y = LN(ĉ_t) ⊙ weight + bias [rows, H]; else null
+  };
+
   struct Share {
     const Member& me;
     int64_t u0, u1, v0, v1;
@@ -86,6 +93,11 @@ class BackwardLoop {
     buffer_rows = std::min(s.N, chunk_cap);
     dgx_buffers = empty_large({2, buffer_rows, GH}, dh.options());
     dgh_buffers = Cell::kSeparateRecurrentGrad ? empty_large({2, buffer_rows, GH}, dh.options()) : dgx_buffers;
+    if (s.layer_norm) {  // two of each, as dG's
+      dax_buffers = empty_large({2, buffer_rows, GH}, dh.options());
+      dah_buffers = empty_large({2, buffer_rows, GH}, dh.options());
+      if (Cell::kHasCellState) dyc_buffers = empty_large({2, buffer_rows, H}, dh.options());
+    }
     // dX on the tiles takes panels of W_ih's columns, only where dX is asked for (not for a first
     // layer whose input needs no gradient: 16 MB packed for nothing at H = 1024).
     x_groups = wide_vectors_per_gate(1, I);
@@ -126,6 +138,11 @@ class BackwardLoop {
     zoneout_p = v.zoneout_masks.defined() ? v.zoneout_masks.data_ptr<T>() : nullptr;
     dropout_mask_p = s.recurrent_dropout ? v.recurrent_masks.data_ptr<T>() : nullptr;
     dh_product_p = s.recurrent_dropout ? dh_product.data_ptr<T>() : nullptr;
+    norm_p = s.layer_norm ? v.layer_norm.data_ptr<T>() : nullptr;
+    d_norm_p = s.layer_norm ? grads.d_layer_norm.data_ptr<T>() : nullptr;
+    dax_buffers_p = dax_buffers.defined() ? dax_buffers.data_ptr<T>() : nullptr;
+    dah_buffers_p = dah_buffers.defined() ? dah_buffers.data_ptr<T>() : nullptr;
+    dyc_buffers_p = dyc_buffers.defined() ? dyc_buffers.data_ptr<T>() : nullptr;
     // GRU's cell, and any cell under zoneout, leaves the direct part of dL/dh_{t-1} in dh for the
     // step's dG·W_hh to add to
     direct_dh = Cell::kSeparateRecurrentGrad || s.zoneout > 0;
@@ -154,16 +171,24 @@ class BackwardLoop {
     std::tie(share.v0, share.v1) = me.share((H + W - 1) / W);
     for (int64_t step = 0, chunk_index = 0; step < s.T; ++chunk_index) {
       const StepChunk chunk = next_chunk(s, !reverse, step, chunk_cap);
-      T* dgx_chunk = dgx_buffers_p + (chunk_index % 2) * buffer_rows * GH;
-      T* dgh_chunk = dgh_buffers_p + (chunk_index % 2) * buffer_rows * GH;
+      const int64_t half = chunk_index % 2;
+      T* dgx_chunk = dgx_buffers_p + half * buffer_rows * GH;
+      T* dgh_chunk = dgh_buffers_p + half * buffer_rows * GH;
+      // With layer norm the products take the gradients of the projections before their norm: of
+      // x·W_ihᵀ (dax) and of the recurrent product (dah); LSTM's dL/dy of LN(ĉ_t) (dyc) for its weights.
+      const NormChunk norm = s.layer_norm ? NormChunk{dax_buffers_p + half * buffer_rows * GH,
+                                                      dah_buffers_p + half * buffer_rows * GH,
+                                                      dyc_buffers_p ? dyc_buffers_p + half * buffer_rows * H : nullptr}
+                                          : NormChunk{dgx_chunk, dgh_chunk, nullptr};
       for (; step < chunk.end; ++step) {
         const int64_t t = reverse ? step : s.T - 1 - step;
         if (s.batch_sizes[t] == 0) continue;
-        backward_step(share, t, chunk, dgx_chunk, dgh_chunk);
+        backward_step(share, t, chunk, dgx_chunk, dgh_chunk, norm);
       }
-      weight_grads(share, chunk, chunk_index == 0, dgx_chunk, dgh_chunk);
+      weight_grads(share, chunk, chunk_index == 0, norm.dax, norm.dah);
       bias_grads(share, chunk, dgx_chunk, dgh_chunk);
-      input_grads(share, chunk, dgx_chunk);
+      if (s.layer_norm) norm_grads(share, chunk, dgx_chunk, dgh_chunk, norm.dyc);
+      input_grads(share, chunk, norm.dax);
     }
     propagate_amx(share);  // the first step's gate gradients reach h_0
     for (int64_t u = share.u0; u < share.u1; ++u) propagate(share, u);
@@ -171,7 +196,8 @@ class BackwardLoop {
 
   // Step t: the step after's gate gradients propagated into dh, then the cell backward on this
   // thread's units, writing dG_t into the chunk's buffers.
-  void backward_step(Share& share, int64_t t, const StepChunk& chunk, T* dgx_chunk, T* dgh_chunk) const {
+  void backward_step(Share& share, int64_t t, const StepChunk& chunk, T* dgx_chunk, T* dgh_chunk,
+                     const NormChunk& norm) const {
     const Member& me = share.me;
     const int64_t n = s.batch_sizes[t], off = s.offsets[t];
     const int64_t first = off - chunk.row0;  // the step's first row in the chunk buffers
@@ -195,8 +221,10 @@ class BackwardLoop {
                     // cell on all their units of a row at once (vectors for the gate math to interleave)
       for (int64_t u = share.u0; u < share.u1; ++u) propagate(share, u);
       const int64_t j_begin = std::min(H, panels.first_column(share.u0, 0));
-      cell_rows(j_begin, std::min(H, panels.first_column(share.u1, 0)) - j_begin, dy_p ? dy_p + off * P : nullptr,
-                dh_p, P);
+      if (!s.layer_norm) {
+        cell_rows(j_begin, std::min(H, panels.first_column(share.u1, 0)) - j_begin, dy_p ? dy_p + off * P : nullptr,
+                  dh_p, P);
+      }
     } else {  // dh over output features first; the projection's backward needs all of them
       for (int64_t u = share.u0; u < share.u1; ++u) {
         propagate(share, u);
@@ -219,11 +247,105 @@ class BackwardLoop {
       me.barrier();
       const int64_t j0 = std::min(H, share.v0 * W), j1 = std::min(H, share.v1 * W);
       gemm_rows<T>(n, j1 - j0, P, {dh_total_p + off * P, P}, {w_hr_p + j0, H}, false, d_proj_p + j0, H);
-      for (int64_t v = share.v0; v < share.v1; ++v) cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
+      for (int64_t v = share.v0; v < share.v1 && !s.layer_norm; ++v) {
+        cell_rows(v * W, std::min(W, H - v * W), nullptr, d_proj_p, H);
+      }
+    }
+    if (s.layer_norm) {  // a row's statistics need all its units: each thread takes whole rows
+      me.barrier();      // dL/dh_t complete on every unit
+      const auto [b0, b1] = me.share(n);
+      for (int64_t b = b0; b < b1; ++b) {
+        const bool projected = s.proj;
+        normalized_row_backward(t, b, first, projected ? nullptr : (dy_p ? dy_p + off * P : nullptr),
+                                projected ? d_proj_p + b * H : dh_p + b * P, dgx_chunk, dgh_chunk, norm);
+      }
     }
     me.barrier();  // dG_t complete before anyone propagates it
-    share.pending_dg = dgh_chunk + first * GH;
+    share.pending_dg = norm.dah + first * GH;
     share.pending_rows = n;
+  }
+
+  // Layer norm: the cell's backward on every unit of row b of step t (LSTM's two passes, cells.h's
+  // CellNorm), then the gradients of the normalized projections, dax and dah, from the gate
+  // gradients (RowNorm::backward of dG ⊙ ln weight, with the saved x̂ and 1/σ). The weights'
+  // gradients (peepholes, layer norm) are summed per column after the chunk (norm_grads): a row's
+  // thread depends on the thread count, a column's sum must not.
+  void normalized_row_backward(int64_t t, int64_t b, int64_t first, const T* row_dy, T* row_dh, T* dgx_chunk,
+                               T* dgh_chunk, const NormChunk& norm) const {
+    const int64_t off = s.offsets[t];
+    const Predecessor before = predecessor(s, reverse, t);
+    const T* saved_row = saved_p + (off + b) * K;
+    const T* saved_norm = saved_row + s.norm_col();  // x̂_x [GH], x̂_h [GH], statistics
+    T* dgx_row = dgx_chunk + (first + b) * GH;
+    T* dgh_row = dgh_chunk + (first + b) * GH;
+    StepBackward<T> io{row_dy ? row_dy + b * P : nullptr, row_dh, dc_p ? dc_p + b * H : nullptr, saved_row,
+                       before.row(b, out_p, out_ld, h0_p, P),
+                       c0_p ? before.row(b, saved_p + s.cell_state_col(), K, c0_p, H) : nullptr, dgx_row, dgh_row,
+                       peephole_p, nullptr, Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, P,
+                                                               off + b)};
+    if constexpr (Cell::kHasCellState) {
+      io.norm = {norm_p + 2 * GH, norm_p + 2 * GH + H, nullptr, norm.dyc + (first + b) * H,
+                 RowNorm<T>{saved_norm[2 * GH + 2], saved_norm[2 * GH + 3]}};
+    }
+    cell_units<Cell, false>(io, H, 0, H, wide_cells);
+    if (io.norm.weight) {  // LSTM's second pass, with the row's means of g = dy ⊙ weight and g x̂
+      const T* c_own = saved_row + LSTMCell<T>::kOwnStateSlot * H;
+      const T *dy = io.norm.dy, *weight = io.norm.weight;
+      const RowNorm<T>& c_norm = io.norm.norm;
+      io.norm.mean_g = RowNorm<T>::mean_of(H, [&](int64_t j) { return dy[j] * weight[j]; });
+      io.norm.mean_gx =
+          RowNorm<T>::mean_of(H, [&](int64_t j) { return dy[j] * weight[j] * c_norm.normalized(c_own[j]); });
+      io.norm.output_pass = true;
+      cell_units<Cell, false>(io, H, 0, H, wide_cells);
+    }
+    // dL/d(x·W_ihᵀ) and dL/d(h_{t-1}·W_hhᵀ): LN's backward of the gate gradients times the ln weights
+    T* dax_row = norm.dax + (first + b) * GH;
+    T* dah_row = norm.dah + (first + b) * GH;
+    for (int64_t j = 0; j < GH; ++j) dax_row[j] = dgx_row[j] * norm_p[j];
+    RowNorm<T>{T(0), saved_norm[2 * GH]}.backward(dax_row, saved_norm, GH, dax_row);
+    for (int64_t j = 0; j < GH; ++j) dah_row[j] = dgh_row[j] * norm_p[GH + j];
+    RowNorm<T>{T(0), saved_norm[2 * GH + 1]}.backward(dah_row, saved_norm + GH, GH, dah_row);
+  }
+
+  // Layer norm: this thread's columns of the chunk's sums for the ln weights (dG ⊙ x̂ of each
+  // projection; LSTM's dy ⊙ LN(ĉ_t) and dy), and for the peepholes (dG ⊙ c_{t-1}, dG_o ⊙ ĉ_t), row by
+  // row in order (the same bits for any thread count).
+  void norm_grads(const Share& share, const StepChunk& chunk, const T* dgx_chunk, const T* dgh_chunk,
+                  const T* dyc_chunk) const {
+    const auto [g0, g1] = share.me.share(GH, gemm_piece(GH));
+    for (int64_t r = 0; r < chunk.rows; ++r) {
+      const T* saved_norm = saved_p + (chunk.row0 + r) * K + s.norm_col();
+      for (int64_t j = g0; j < g1; ++j) {
+        d_norm_p[j] += dgx_chunk[r * GH + j] * saved_norm[j];
+        d_norm_p[GH + j] += dgh_chunk[r * GH + j] * saved_norm[GH + j];
+      }
+    }
+    if constexpr (!Cell::kHasCellState) return;
+    const auto [j0, j1] = share.me.share(H, W);
+    for (int64_t r = 0; r < chunk.rows; ++r) {
+      const T* saved_row = saved_p + (chunk.row0 + r) * K;
+      const RowNorm<T> c_norm{saved_row[s.norm_col() + 2 * GH + 2], saved_row[s.norm_col() + 2 * GH + 3]};
+      const T* c_own = saved_row + LSTMCell<T>::kOwnStateSlot * H;
+      for (int64_t j = j0; j < j1; ++j) {
+        const T dy = dyc_chunk[r * H + j];
+        d_norm_p[2 * GH + j] += dy * c_norm.normalized(c_own[j]);
+        d_norm_p[2 * GH + H + j] += dy;
+      }
+    }
+    if (!d_peephole_p) return;
+    rows_before_in(chunk, c0_p, H, saved_p + s.cell_state_col(), K, [&](int64_t lo, int64_t hi, const T* c_prev,
+                                                                       int64_t ld) {
+      for (int64_t r = lo; r < hi; ++r) {
+        const T* dg = dgx_chunk + (r - chunk.row0) * GH;
+        const T* prev = c_prev + (r - lo) * ld;
+        const T* c_own = saved_p + r * K + LSTMCell<T>::kOwnStateSlot * H;
+        for (int64_t j = j0; j < j1; ++j) {
+          d_peephole_p[j] += dg[j] * prev[j];
+          d_peephole_p[H + j] += dg[H + j] * prev[j];
+          d_peephole_p[2 * H + j] += dg[3 * H + j] * c_own[j];
+        }
+      }
+    });
   }
 
   // dL/dh_{t-1} (+)= dG_t · W_hh on the columns of block u, for the step whose gate gradients are
@@ -268,12 +390,19 @@ class BackwardLoop {
   // the outputs), ld its row stride.
   template <typename F>
   void previous_runs_in(const StepChunk& chunk, const F& f) const {
+    rows_before_in(chunk, product_h0_p, P, product_out_p, product_out_ld, f);
+  }
+  // The same for any state kept as h is: rows of `initial` (h_0, c_0) or of `before` (the outputs,
+  // saved's c_t), with their row strides.
+  template <typename F>
+  void rows_before_in(const StepChunk& chunk, const T* initial, int64_t initial_ld, const T* before,
+                      int64_t before_ld, const F& f) const {
     for (const PreviousRun& run : runs) {
       const int64_t lo = std::max(run.row, chunk.row0), hi = std::min(run.row + run.rows, chunk.row0 + chunk.rows);
       if (lo >= hi) continue;
       const int64_t source = run.source + lo - run.row;
-      f(lo, hi, run.from_h0 ? product_h0_p + source * P : product_out_p + source * product_out_ld,
-        run.from_h0 ? P : product_out_ld);
+      f(lo, hi, run.from_h0 ? initial + source * initial_ld : before + source * before_ld,
+        run.from_h0 ? initial_ld : before_ld);
     }
   }
 
@@ -385,12 +514,16 @@ class BackwardLoop {
   bool amx_steps = false, amx_dx = false, tiled_dx = false, tiled_dw = false, wide_cells = false;
   Panels<T> panels, input_panels;
   AmxSplit dh_split, dx_split;
+  Tensor dax_buffers, dah_buffers, dyc_buffers;
   Tensor d_proj_input, dh_product, dgx_buffers, dgh_buffers, chunk_panels, strips;
   int64_t chunk_cap = 0, buffer_rows = 0, x_groups = 0, h_groups = 0, x_panels_size = 0, strip_columns = 0, dx_rows = 0;
   std::vector<PreviousRun> runs;  // of h_{t-1}, for dW_hh
   const T *x_p, *w_ih_p, *saved_p, *out_p, *h0_p, *c0_p, *dy_p, *w_hr_p, *peephole_p, *zoneout_p;
   const T *product_out_p, *product_h0_p, *dropout_mask_p;  // h'_{t-1} for dW_hh, and m (recurrent dropout)
   T* dh_product_p;  // recurrent dropout: dG·W_hh before m, [B, P]; else null
+  const T* norm_p;  // layer norm's weights [ln_ih | ln_hh | LSTM: ln_c weight, bias], or null
+  T* d_norm_p;      // and their gradient, summed per column (norm_grads)
+  T *dax_buffers_p, *dah_buffers_p, *dyc_buffers_p;
   bool direct_dh = false;
   int64_t out_ld = 0, product_out_ld = 0;
   T *d_peephole_p;  // each unit's sums added by the thread that owns the unit, in the walk's order

@@ -69,7 +69,8 @@ struct ForwardLoop {
     // W_ih (and W_hh) split once per call; each chunk's x (each step's h_{t-1}) split by all
     // threads before any multiplies.
     const AmxSplit x_split =
-        amx ? AmxSplit::of_rows(w_ih, 1, GH, std::min(s.N, chunk_cap), bias.defined() ? bias.data_ptr<float>() : nullptr)
+        amx ? AmxSplit::of_rows(w_ih, 1, GH, std::min(s.N, chunk_cap),
+                                bias.defined() && !s.layer_norm ? bias.data_ptr<float>() : nullptr)
             : AmxSplit();
     const AmxSplit h_split = amx_steps ? AmxSplit::of_rows(w_hh, G, H, s.B, nullptr) : AmxSplit();
     // Rows per pass of the AMX product: whole 32-row blocks, about input_rows.
@@ -87,6 +88,8 @@ struct ForwardLoop {
     const T* x_p = x.data_ptr<T>();
     const T* w_ih_p = w_ih.data_ptr<T>();
     const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
+    // Layer norm normalizes x·W_ihᵀ before the biases add (normalize_projection): the products leave them out.
+    const T* projection_bias_p = s.layer_norm ? nullptr : bias_p;
     const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
     const T* peephole_p = variants.peephole.defined() ? variants.peephole.data_ptr<T>() : nullptr;
@@ -96,6 +99,11 @@ struct ForwardLoop {
     T* y_p = y.data_ptr<T>();
     T* h_p = h.data_ptr<T>();  // h_0 until the end, when it becomes h_n
     const T* dropout_mask_p = dropout ? variants.recurrent_masks.data_ptr<T>() : nullptr;
+    // Layer norm: its weights [ln_ih | ln_hh | LSTM's ln_c weight, bias], and LSTM's ĉ_t and o of each row
+    // between the cell's two passes (cells.h's CellNorm).
+    const T* norm_p = s.layer_norm ? variants.layer_norm.data_ptr<T>() : nullptr;
+    Tensor norm_scratch = s.layer_norm && Cell::kHasCellState ? at::empty({s.B, 2 * H}, x.options()) : Tensor();
+    T* norm_scratch_p = norm_scratch.defined() ? norm_scratch.data_ptr<T>() : nullptr;
     T* product_rows_p = dropout ? product_rows.data_ptr<T>() : nullptr;
     const T* product_y_p = dropout ? product_rows_p : y_p;  // the rows the products read, and h_0's
     const T* product_h0_p = dropout ? product_h0.data_ptr<T>() : h_p;
@@ -106,6 +114,17 @@ struct ForwardLoop {
     // The cells write h'_t where the next step's product reads it, except where a projection follows
     // them (the projected rows are masked after it).
     const bool dropout_in_cells = dropout && !s.proj;
+    // Layer norm of one row of G*H (cells.h's RowNorm): v ← LN(v) ⊙ weight (+ add); x̂ and 1/σ kept
+    // where given (training).
+    const auto normalize_row = [&](T* v, const T* weight, const T* add, T* x_hat, T* rstd) {
+      const RowNorm<T> norm = RowNorm<T>::of(v, GH);
+      for (int64_t j = 0; j < GH; ++j) {
+        const T normalized = norm.normalized(v[j]);
+        if (x_hat) x_hat[j] = normalized;
+        v[j] = normalized * weight[j] + (add ? add[j] : T(0));
+      }
+      if (rstd) *rstd = norm.rstd;
+    };
 
     Team(2.0 * s.B * GH * (P + s.I)).run([&](const Member& me) {
       const auto [u0, u1] = me.share(panels.blocks);  // this thread's blocks of hidden units
@@ -133,7 +152,8 @@ struct ForwardLoop {
                 const int64_t j = input_panels.first_column(u, v);
                 wide_rows_of_rows(w_ih_p, j, input_panels.lanes(u, v), s.I, rows,
                                   [&](int64_t r) { return x_p + (row0 + r) * s.I; },
-                                  [&](int64_t r) { return gx_buffer_p + r * GH + j; }, bias_p ? bias_p + j : nullptr,
+                                  [&](int64_t r) { return gx_buffer_p + r * GH + j; },
+                                  projection_bias_p ? projection_bias_p + j : nullptr,
                                   false);
               }
           }
@@ -144,21 +164,32 @@ struct ForwardLoop {
               const int64_t j0 = input_panels.first_column(u, 0);
               rows_product<T, G * C>(input_panels, u, std::min(input_rows, rows - r0),
                                      [&](int64_t r) { return x_p + (row0 + r0 + r) * s.I; },
-                                     [&](int64_t r) { return gx_buffer_p + (r0 + r) * GH + j0; }, 0, false, bias_p);
+                                     [&](int64_t r) { return gx_buffer_p + (r0 + r) * GH + j0; }, 0, false,
+                                     projection_bias_p);
             }
           }
         } else {
           const int64_t piece = gemm_piece(GH);
           const auto [c0, c1] = me.share(GH, piece);
           for_each_piece(c0, c1, piece, [&](int64_t j0, int64_t j1) {
-            if (bias_p) {
-              for (int64_t r = 0; r < rows; ++r) std::memcpy(gx_buffer_p + r * GH + j0, bias_p + j0, (j1 - j0) * sizeof(T));
+            if (projection_bias_p) {
+              for (int64_t r = 0; r < rows; ++r) {
+                std::memcpy(gx_buffer_p + r * GH + j0, projection_bias_p + j0, (j1 - j0) * sizeof(T));
+              }
             }
-            gemm_rows<T>(rows, j1 - j0, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + j0 * s.I, s.I, true}, bias_p != nullptr,
-                         gx_buffer_p + j0, GH);
+            gemm_rows<T>(rows, j1 - j0, s.I, {x_p + row0 * s.I, s.I}, {w_ih_p + j0 * s.I, s.I, true},
+                         projection_bias_p != nullptr, gx_buffer_p + j0, GH);
           });
         }
         me.barrier();
+        if (s.layer_norm) {  // LN(x·W_ihᵀ) ⊙ ln_ih + biases, each thread a share of the chunk's rows
+          const auto [r0, r1] = me.share(rows);
+          for (int64_t r = r0; r < r1; ++r) {
+            T* saved_norm = saved_p ? saved_p + (row0 + r) * K + s.norm_col() : nullptr;
+            normalize_row(gx_buffer_p + r * GH, norm_p, bias_p, saved_norm, saved_norm ? saved_norm + 2 * GH : nullptr);
+          }
+          me.barrier();
+        }
 
         for (; step < chunk.end; ++step) {
           const int64_t t = reverse ? s.T - 1 - step : step;
@@ -197,9 +228,32 @@ struct ForwardLoop {
                                      H, false);
             }
           }
+          if (s.layer_norm) {  // a row's statistics need all its units: each thread takes whole rows
+            me.barrier();      // every block's products done
+            const auto [b0, b1] = me.share(n);
+            for (int64_t b = b0; b < b1; ++b) {
+              T* saved_row = saved_p ? saved_p + (off + b) * K : nullptr;
+              T* saved_norm = saved_row ? saved_row + s.norm_col() : nullptr;  // x̂_x, x̂_h, statistics
+              normalize_row(gh_p + b * GH, norm_p + GH, nullptr, saved_norm ? saved_norm + GH : nullptr,
+                            saved_norm ? saved_norm + 2 * GH + 1 : nullptr);
+              StepForward<T> io{gx_buffer_p + (off - row0 + b) * GH, gh_p + b * GH, b_hn_p, h_prev_row(b),
+                                c_p ? c_p + b * H : nullptr,
+                                s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P, saved_row, peephole_p,
+                                Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, P, off + b)};
+              if (dropout_in_cells) io.dropout = {dropout_mask_p + b * P, product_rows_p + (off + b) * P};
+              if constexpr (Cell::kHasCellState) io.norm = {norm_p + 2 * GH, norm_p + 2 * GH + H, norm_scratch_p + b * 2 * H};
+              cell_units<Cell, true>(io, H, 0, H, plan.wide_cells);
+              if (io.norm.weight) {  // LSTM's second pass, with the statistics of the row's ĉ_t
+                io.norm.norm = RowNorm<T>::of(io.norm.own, H);
+                if (saved_norm) saved_norm[2 * GH + 2] = io.norm.norm.mean, saved_norm[2 * GH + 3] = io.norm.norm.rstd;
+                io.norm.output_pass = true;
+                cell_units<Cell, true>(io, H, 0, H, plan.wide_cells);
+              }
+            }
+          }
           // The cells on all of this thread's units of a row at once (the gate sums of its blocks
           // are in cache still), so that the gate math has several vectors to interleave.
-          for (int64_t b = 0; b < n && j_begin < j_end; ++b) {
+          for (int64_t b = 0; b < n && j_begin < j_end && !s.layer_norm; ++b) {
             // The rows of x's projection are 4·G·H bytes apart, which the hardware prefetcher
             // does not follow: ask for the gates of a row a few rows ahead.
             if (b + kPrefetchRows < n) {

@@ -59,6 +59,7 @@ struct LayerGrads {
   at::Tensor dw_ih, dw_hh;  // [G*H, I], [G*H, P]
   at::Tensor db_ih, db_hh;  // [G*H]; undefined without biases; db_hh written by the loops for GRU only
   at::Tensor d_peephole;    // [3*H] for an LSTM with peephole weights, else undefined
+  at::Tensor d_layer_norm;  // as the layer norm's weights (Variants::layer_norm), else undefined
 };
 
 // op: the backward's operands (layer.h's BackwardOperands; the loop turns op.dh and op.dc, the

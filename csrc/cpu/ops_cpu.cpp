@@ -16,8 +16,9 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                            bool need_saved, const optional<Tensor>& w_peephole, double zoneout,
-                           const optional<Tensor>& zoneout_masks, const optional<Tensor>& recurrent_masks) {
-  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
+                           const optional<Tensor>& zoneout_masks, const optional<Tensor>& recurrent_masks,
+                           const optional<Tensor>& layer_norm) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm};
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants);
   ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants, compute_type(x));
@@ -36,8 +37,8 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
                               const optional<Tensor>& dy, const optional<Tensor>& dh_n,
                               const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole,
                               double zoneout, const optional<Tensor>& zoneout_masks,
-                              const optional<Tensor>& recurrent_masks) {
-  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
+                              const optional<Tensor>& recurrent_masks, const optional<Tensor>& layer_norm) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm};
   const LayerShape s =
       describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, variants);
   BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, variants, y, saved, dy, dh_n, dc_n);
@@ -62,6 +63,7 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
     g.db_hh = at::zeros({GH}, opts);
   }
   if (s.peephole) g.d_peephole = at::zeros({3 * s.H}, opts);
+  if (s.layer_norm) g.d_layer_norm = at::zeros_like(op.variants.layer_norm);
   Tensor dh_total = s.proj ? empty_large({s.N, s.P}, opts) : Tensor();
   // resolve_conj makes a real copy for complex types and is free for real ones.
   const Tensor w_hh_conj = op.w_hh.conj().resolve_conj();
@@ -71,7 +73,8 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   if (has_bias && s.cell != CellKind::GRU) g.db_hh.copy_(g.db_ih);
   Tensor dw_hr;
   if (s.proj) dw_hr = at::mm(dh_total.t(), op.saved.narrow(1, s.proj_input_col(), s.H).conj());
-  return gradients_as({g.dx, op.dh, op.dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr, g.d_peephole}, x.scalar_type());
+  return gradients_as({g.dx, op.dh, op.dc, g.dw_ih, g.dw_hh, g.db_ih, g.db_hh, dw_hr, g.d_peephole, g.d_layer_norm},
+                      x.scalar_type());
 }
 
 }  // namespace

@@ -83,6 +83,12 @@ void forward_loop(const cuda::CudaPlan& plan, const LayerShape& s, bool reverse,
   loop(s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c, saved, plan.persistent);
 }
 
+// Layer norm's statistics span a row's units, which the CUDA kernels split over blocks: not built yet.
+void refuse_layer_norm(const LayerShape& s) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!s.layer_norm, "fused_rnn: layer norm runs on the CPU only so far (its CUDA kernels ",
+                              "are not built yet); run a layer_norm=True layer on the CPU");
+}
+
 void refuse_complex(const Tensor& x) {
   TORCH_CHECK(!x.is_complex(), "fused_rnn: complex inputs are not supported on CUDA (the CUDA kernels handle ",
               "float32, float64 and, computed in float32, float16/bfloat16); run complex layers on the CPU");
@@ -150,11 +156,13 @@ LayerOutputs layer_forward(int64_t cell, const Tensor& x, at::IntArrayRef batch_
                            const optional<Tensor>& c0, const Tensor& w_ih, const Tensor& w_hh,
                            const optional<Tensor>& b_ih, const optional<Tensor>& b_hh, const optional<Tensor>& w_hr,
                            bool need_saved, const optional<Tensor>& w_peephole, double zoneout,
-                           const optional<Tensor>& zoneout_masks, const optional<Tensor>& recurrent_masks) {
-  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
+                           const optional<Tensor>& zoneout_masks, const optional<Tensor>& recurrent_masks,
+                           const optional<Tensor>& layer_norm) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm};
   // Checked in the caller's dtypes, so that a mismatch is reported as such.
   const LayerShape s = describe_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants);
   refuse_complex(x);
+  refuse_layer_norm(s);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(false, s, x.scalar_type(), x.device());
   ForwardOperands op = forward_operands(s, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, variants, plan.products);
@@ -185,11 +193,12 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
                               const optional<Tensor>& dy, const optional<Tensor>& dh_n,
                               const optional<Tensor>& dc_n, bool need_input_grad, const optional<Tensor>& w_peephole,
                               double zoneout, const optional<Tensor>& zoneout_masks,
-                              const optional<Tensor>& recurrent_masks) {
-  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks};
+                              const optional<Tensor>& recurrent_masks, const optional<Tensor>& layer_norm) {
+  const VariantArgs variants{w_peephole, zoneout, zoneout_masks, recurrent_masks, layer_norm};
   const LayerShape s =
       describe_layer_backward(cell, x, batch_sizes, h0, c0, w_ih, w_hh, w_hr, y, saved, dy, dh_n, dc_n, variants);
   refuse_complex(x);
+  refuse_layer_norm(s);
   const c10::DeviceGuard guard(x.device());
   const cuda::CudaPlan plan = cuda::plan_cuda(true, s, x.scalar_type(), x.device());
   BackwardOperands op = backward_operands(s, x, h0, c0, w_ih, w_hh, w_hr, variants, y, saved, dy, dh_n, dc_n);
@@ -236,12 +245,13 @@ LayerGradients layer_backward(int64_t cell, const Tensor& x, at::IntArrayRef bat
   if (s.peephole) {
     const int64_t H = s.H;
     const Tensor c_t = op.saved.narrow(1, s.cell_state_col(), H);
-    const Tensor c_own = s.zoneout > 0 ? op.saved.narrow(1, LSTMCell<float>::kZoneoutSlot * H, H) : c_t;
+    const Tensor c_own = s.zoneout > 0 ? op.saved.narrow(1, LSTMCell<float>::kOwnStateSlot * H, H) : c_t;
     const Tensor c_prev = previous_outputs(s, reverse, c_t, op.c0);
     dw_peephole = at::cat({(dgx.narrow(1, 0, H) * c_prev).sum(0), (dgx.narrow(1, H, H) * c_prev).sum(0),
                            (dgx.narrow(1, 3 * H, H) * c_own).sum(0)});
   }
-  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole}, x.scalar_type());
+  return gradients_as({dx, op.dh, op.dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, dw_peephole, Tensor()},
+                      x.scalar_type());
 }
 
 }  // namespace
