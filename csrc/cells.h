@@ -296,14 +296,15 @@ struct LSTMCell {
     const bool own_slot = s.zoneout.on || s.norm.weight;
     const V c_own = M::load(s.saved + (own_slot ? kOwnStateSlot : kCellStateSlot) * H + j);  // ĉ_t
     const V c_prev = M::load(s.c_prev + j);
-    V dc_in = M::load(s.dc_carry + j);
+    // m of c_t passes straight to c_{t-1}; 1 - m to ĉ_t
     const V keep_c = s.zoneout.on ? s.zoneout.template of<M>(s.zoneout.c, j) : V(0);
-    if (s.zoneout.on) dc_in = dc_in * (V(1) - keep_c);  // m of c_t passes straight to c_{t-1}; 1 - m to ĉ_t
     if (s.norm.output_pass) {  // layer norm's second pass: LN's gradient from the row's means
       const V x_hat = (c_own - V(s.norm.norm.mean)) * V(s.norm.norm.rstd);
       const V grad = M::load(s.norm.dy + j) * M::load(s.norm.weight + j);
       const V dc_own = V(s.norm.norm.rstd) * (grad - V(s.norm.mean_g) - x_hat * V(s.norm.mean_gx));
-      gates_backward<M>(s, H, j, i, f, g, c_own, c_prev, keep_c, dc_in + dc_own, M::load(s.dgx + 3 * H + j));
+      const V dc_in = M::load(s.dc_carry + j);
+      gates_backward<M>(s, H, j, i, f, g, c_own, c_prev, keep_c,
+                        (s.zoneout.on ? dc_in * (V(1) - keep_c) : dc_in) + dc_own, M::load(s.dgx + 3 * H + j));
       return;
     }
     V dh = M::load(s.dh_carry + j) + (s.dy ? M::load(s.dy + j) : V(0));
@@ -321,6 +322,8 @@ struct LSTMCell {
       return;
     }
     const V tc = M::tanh(c_own);
+    V dc_in = M::load(s.dc_carry + j);
+    if (s.zoneout.on) dc_in = dc_in * (V(1) - keep_c);
     const V dc = dc_in + dh * M::cj(o * (V(1) - tc * tc));
     const V d_o = dh * M::cj(tc);
     gates_backward<M>(s, H, j, i, f, g, c_own, c_prev, keep_c, dc, d_o * M::cj(o * (V(1) - o)));
