@@ -163,8 +163,8 @@ LayerShape describe_layer(int64_t cell, const Tensor& x, at::IntArrayRef batch_s
   if (s.layer_norm) {
     const int64_t count = 2 * s.gates * s.H + (s.cell == CellKind::LSTM ? 2 * s.H : 0);
     TORCH_CHECK(layer_norm->dim() == 1 && layer_norm->size(0) == count, "fused_rnn: layer_norm must have shape [",
-                count, "] (ln_ih and ln_hh weights of G·H", s.cell == CellKind::LSTM ? ", ln_c's weight and bias of H" : "",
-                "), got ", layer_norm->sizes());
+                count, "] (ln_ih and ln_hh weights of G·H",
+                s.cell == CellKind::LSTM ? ", ln_c's weight and bias of H" : "", "), got ", layer_norm->sizes());
     check_same_kind(*layer_norm, x, "layer_norm");
     TORCH_CHECK_NOT_IMPLEMENTED(!x.is_complex(), "fused_rnn: layer norm is not defined for complex inputs (as "
                                                  "torch.nn.functional.layer_norm)");

@@ -88,7 +88,7 @@ struct ForwardLoop {
     const T* x_p = x.data_ptr<T>();
     const T* w_ih_p = w_ih.data_ptr<T>();
     const T* bias_p = bias.defined() ? bias.data_ptr<T>() : nullptr;
-    // Layer norm normalizes x·W_ihᵀ before the biases add (normalize_projection): the products leave them out.
+    // Layer norm normalizes x·W_ihᵀ before the biases add (normalize_row): the products leave them out.
     const T* projection_bias_p = s.layer_norm ? nullptr : bias_p;
     const T* w_hr_p = s.proj ? w_hr.data_ptr<T>() : nullptr;
     const T* b_hn_p = b_hn.defined() ? b_hn.data_ptr<T>() : nullptr;
@@ -241,7 +241,9 @@ struct ForwardLoop {
                                 s.proj ? proj_in + b * proj_in_stride : y_p + (off + b) * P, saved_row, peephole_p,
                                 Zoneout<T>::of_row(s.zoneout, zoneout_p, Cell::kHasCellState, s.N, H, P, off + b)};
               if (dropout_in_cells) io.dropout = {dropout_mask_p + b * P, product_rows_p + (off + b) * P};
-              if constexpr (Cell::kHasCellState) io.norm = {norm_p + 2 * GH, norm_p + 2 * GH + H, norm_scratch_p + b * 2 * H};
+              if constexpr (Cell::kHasCellState) {
+                io.norm = {norm_p + 2 * GH, norm_p + 2 * GH + H, norm_scratch_p + b * 2 * H};
+              }
               cell_units<Cell, true>(io, H, 0, H, plan.wide_cells);
               if (io.norm.weight) {  // LSTM's second pass, with the statistics of the row's ĉ_t
                 io.norm.norm = RowNorm<T>::of(io.norm.own, H);

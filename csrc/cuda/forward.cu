@@ -52,7 +52,8 @@ FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_half) {
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_bfloat16) {
-  dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c, saved, persistent);
+  dispatch_cell<BFloat16TensorCoreForwardLoop, float>(s.cell, s, reverse, gx, w_hh, b_hn, w_hr, variants, y, h, c,
+                                                      saved, persistent);
 }
 
 FUSED_RNN_DECLARE_FORWARD_LOOP(forward_loop_cuda_tf32) {
