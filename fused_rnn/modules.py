@@ -154,8 +154,8 @@ def _check_flag(owner: str, arg: str, value) -> bool:
 
 def has_variants(module) -> bool:
     """Whether a module uses an option beyond torch.nn (peephole connections, zoneout, recurrent
-    dropout), so that no torch.nn or quantized twin can stand for it (convert, quantize_dynamic,
-    tracing refuse it)."""
+    dropout, layer norm), so that no torch.nn or quantized twin can stand for it (convert,
+    quantize_dynamic, tracing refuse it)."""
     return bool(getattr(module, "peephole", False) or getattr(module, "zoneout", 0)
                 or getattr(module, "recurrent_dropout", 0) or getattr(module, "layer_norm", False))
 
@@ -214,8 +214,8 @@ def _layer_norm_parameters(module, suffixes: Sequence[str], gates: int, hidden_s
 
 
 def _refuse_variant_trace(module) -> None:
-    """torch.jit.trace records torch.nn's forward, which has no peephole connections, zoneout or
-    recurrent dropout."""
+    """torch.jit.trace records torch.nn's forward, which has no peephole connections, zoneout,
+    recurrent dropout or layer norm."""
     what = ("peephole connections" if module.peephole else "zoneout" if module.zoneout
             else "layer norm" if module.layer_norm else "recurrent dropout in training mode")
     raise NotImplementedError(

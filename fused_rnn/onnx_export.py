@@ -1,4 +1,4 @@
-"""ONNX export of what torch.nn's layers cannot record: fused_rnn's peephole LSTM, and zoneout.
+"""ONNX export of what torch.nn's layers cannot record: fused_rnn's peephole LSTM, zoneout and layer norm.
 
 torch.onnx.export records our plain layers through torch.nn's forward (modules.py), which its
 exporters turn into ONNX's LSTM, GRU and RNN operators. A peephole LSTM has no torch.nn twin, so
@@ -6,8 +6,8 @@ here each layer and direction becomes ONNX's own LSTM operator with its P input 
 the TorchScript-based exporter (dynamo=False) writes it through _OnnxLSTM.symbolic. The
 torch.export-based exporter (dynamo=True) does not take symbolic functions: it records _OnnxLSTM's
 forward, the equations step by step in standard ONNX operators (for the traced sequence length).
-Zoneout exports in eval mode, its expectation, as the equations step by step (ONNX's recurrent
-operators have no such term), with either exporter.
+Zoneout exports in eval mode, its expectation, and layer norm in either mode, as the equations step
+by step (ONNX's recurrent operators have no such terms), with either exporter.
 
 ONNX's LSTM orders the gates (i, o, f, c) and the peepholes (i, o, f); torch.nn's gates are
 (i, f, g, o) and ours (i, f, o) (csrc/cells.h): the weights are reordered by traced slices, which
@@ -59,9 +59,9 @@ class _OnnxLSTM(torch.autograd.Function):
 
 
 def variant_layers(module, input, hx):
-    """The forward of a fused_rnn.LSTM / GRU / RNN with peepholes or zoneout as ONNX export records it:
-    a peephole LSTM's layers as ONNX's LSTM operator (_OnnxLSTM); under zoneout (eval: the
-    expectation z) the equations step by step in standard operators, for the traced length. Eval
+    """The forward of a fused_rnn.LSTM / GRU / RNN with peepholes, zoneout or layer norm as ONNX export
+    records it: a peephole LSTM's layers as ONNX's LSTM operator (_OnnxLSTM); under zoneout (eval: the
+    expectation z) or layer norm the equations step by step in standard operators, for the traced length. Eval
     mode only where zoneout or recurrent dropout draw masks in training (recurrent dropout is then
     the identity: alone, the layer exports as torch.nn's, modules.py)."""
     name = type(module).__name__
