@@ -107,8 +107,8 @@ def _layer_with_torch_cells(cell, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b
     same packed layout: the forward direction drops the rows whose sequences have ended, the
     reverse direction adds each row at its sequence's last step. Zoneout as csrc/cells.h's: the
     rows' masks (c_t's, then h_t's for LSTM; with a projection, of the projected h_t), or z for every
-    unit. Recurrent dropout: the product
-    takes h ⊙ recurrent_masks[b] for the step's row b (sequence b)."""
+    unit. Recurrent dropout: the product takes h ⊙ recurrent_masks[b] for the step's row b (sequence b).
+    Layer norm: its packed weights, as layer()'s."""
     if not batch_sizes:  # padded: every step has h0's rows
         batch_sizes = [h0.size(0)] * (x.size(0) // h0.size(0)) if h0.size(0) else []
     starts = [0]
