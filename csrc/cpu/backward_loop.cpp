@@ -8,7 +8,9 @@
 // from the step before's saved c_t (or c_0): neither is saved twice (under recurrent dropout dW_hh
 // takes h'_{t-1}, which the op computes from them, and m scales dG·W_hh). Which kernel takes each
 // product is the plan's (kernel_plan.h). Chunks are added in a fixed order, nothing across
-// threads: reproducible, as the forward.
+// threads: reproducible, as the forward. Under layer norm, as in the forward, whole rows per thread
+// after dG·W_hh (normalized_row_backward), and the products take the normalized projections'
+// gradients (NormChunk).
 #include <ATen/Dispatch.h>
 
 #include <algorithm>

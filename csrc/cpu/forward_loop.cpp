@@ -8,7 +8,9 @@
 // a time (chunks.h), each thread its share of the columns. Which kernel takes each product is the
 // plan's (kernel_plan.h). A projection (LSTM proj_size) needs every unit first: one more barrier
 // per step, and BLAS. Under recurrent dropout the cells (or the projection) also write h'_t = h_t ⊙ m
-// into rows of their own, which the next step's product reads instead of the outputs.
+// into rows of their own, which the next step's product reads instead of the outputs. Under layer
+// norm a row's statistics need all its units: after the products one more barrier, then each thread
+// takes whole rows (normalized product, the cell on every unit); x·W_ihᵀ is normalized per chunk.
 //
 // Blocks are aligned to the vector width, so which units take the scalar tail does not depend on
 // the number of threads, and nothing is accumulated across threads: results are reproducible, and
