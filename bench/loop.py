@@ -5,6 +5,8 @@ a user who writes the loop would."""
 import torch
 from torch import nn
 
+from fused_rnn.functional import _uniform_below
+
 
 def _cell_step(mode, x_proj, h, c, w_hh, b_hh, peephole=None, keep_h=None, keep_c=None, drop=None, norm=None):
     """One step from the input projection x_proj (with b_ih) and the previous state; an LSTM's
@@ -81,8 +83,8 @@ class LoopRNN(nn.Module):
                 zoneout = getattr(ref, "zoneout", 0.0)
                 keep_h = keep_c = zoneout if zoneout else None
                 p = getattr(ref, "recurrent_dropout", 0.0)
-                # as fused_rnn draws them (functional.stacked_rnn): the same seed, the same masks
-                drop = (torch.rand_like(zeros) < 1 - p).to(zeros.dtype) * (1 / (1 - p)) if p and self.training else None
+                # drawn by fused_rnn's own rule (functional.stacked_rnn's): the same seed, the same masks
+                drop = _uniform_below(zeros.shape, 1 - p, zeros).mul_(1 / (1 - p)) if p and self.training else None
                 h, c, ys = zeros, zeros if ref.mode == "LSTM" else None, [None] * steps
                 for t in (range(steps - 1, -1, -1) if d else range(steps)):
                     if zoneout and self.training:

@@ -213,3 +213,18 @@ def check_in_onnxruntime(module, example, x, dynamo):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(g), w.detach(), rtol=1e-5, atol=1e-5)
+
+
+def check_probability_argument(arg, meaning):
+    """A probability keyword of fused_rnn's layers (zoneout, recurrent_dropout): outside [0, 1) a
+    ValueError naming what it is the probability of, not a number a TypeError; 0 is off, out of repr."""
+    import pytest
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"{arg} should be a number in range \[0, 1\) representing the "
+                                             rf"probability of {meaning}"):
+            fused_rnn.LSTM(3, 4, **{arg: bad})
+    for bad in (True, "0.1", None):
+        with pytest.raises(TypeError, match=f"{arg} should be a number"):
+            fused_rnn.GRU(3, 4, **{arg: bad})
+    off = fused_rnn.RNN(3, 4, **{arg: 0.0})
+    assert getattr(off, arg) == 0 and arg not in repr(off)

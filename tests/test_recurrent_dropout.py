@@ -17,7 +17,7 @@ from torch import nn
 import fused_rnn
 from fused_rnn import functional, testing
 from helpers import (assert_close, check_func_grad_and_export, check_in_onnxruntime, check_parity,
-                     check_seeded_masks_reproducible, gradcheck_with_seeded_masks, run)
+                     check_probability_argument, check_seeded_masks_reproducible, gradcheck_with_seeded_masks, run)
 from variant_reference import Reference
 
 cpu_half = pytest.mark.skipif(testing.emulating_cuda(), reason="FUSED_RNN_EMULATE_CUDA=1 leaves no CPU half")
@@ -191,15 +191,7 @@ def test_torch_func_and_compile():
 
 
 def test_arguments_and_what_is_refused():
-    for bad in (1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"recurrent_dropout should be a number in range \[0, 1\) representing "
-                                             r"the probability of a unit of h_\{t-1\} being dropped"):
-            fused_rnn.LSTM(3, 4, recurrent_dropout=bad)
-    for bad in (True, "0.1", None):
-        with pytest.raises(TypeError, match="recurrent_dropout should be a number"):
-            fused_rnn.GRU(3, 4, recurrent_dropout=bad)
-    off = fused_rnn.RNN(3, 4, recurrent_dropout=0.0)
-    assert off.recurrent_dropout == 0 and "recurrent_dropout" not in repr(off)
+    check_probability_argument("recurrent_dropout", r"a unit of h_\{t-1\} being dropped")
     on = fused_rnn.LSTM(3, 4, proj_size=2, recurrent_dropout=0.1)
     assert "recurrent_dropout=0.1" in repr(on)
     assert list(on.state_dict()) == list(nn.LSTM(3, 4, proj_size=2).state_dict())

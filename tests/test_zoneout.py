@@ -16,7 +16,7 @@ from torch import nn
 import fused_rnn
 from fused_rnn import functional, testing
 from helpers import (assert_close, check_func_grad_and_export, check_in_onnxruntime, check_parity,
-                     check_seeded_masks_reproducible, gradcheck_with_seeded_masks, run)
+                     check_probability_argument, check_seeded_masks_reproducible, gradcheck_with_seeded_masks, run)
 from variant_reference import Reference
 
 # Under FUSED_RNN_EMULATE_CUDA=1 (a stage of .ci/run) every module call takes the emulated CUDA path.
@@ -139,14 +139,7 @@ def test_compile_matches_eager_in_eval_and_training():
 
 
 def test_arguments_and_what_is_refused():
-    for bad in (1.0, -0.1, 1.5):
-        with pytest.raises(ValueError, match=r"zoneout should be a number in range \[0, 1\)"):
-            fused_rnn.LSTM(3, 4, zoneout=bad)
-    for bad in (True, "0.1", None):
-        with pytest.raises(TypeError, match="zoneout should be a number"):
-            fused_rnn.GRU(3, 4, zoneout=bad)
-    off = fused_rnn.RNN(3, 4, zoneout=0.0)
-    assert off.zoneout == 0 and "zoneout" not in repr(off)
+    check_probability_argument("zoneout", "a unit keeping its previous state")
     on = fused_rnn.RNN(3, 4, zoneout=0.1)
     assert "zoneout=0.1" in repr(on) and list(on.state_dict()) == list(nn.RNN(3, 4).state_dict())
     with pytest.raises(ValueError, match="peephole connections, zoneout, recurrent dropout or layer norm"):
